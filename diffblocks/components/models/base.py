@@ -1,0 +1,184 @@
+"""The model base: frozen params named like diffusers' config keys, diffusers-folder load and save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from abc import ABC
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+from typing_extensions import Self
+
+from diffblocks.components.hub import resolve_folder
+from diffblocks.components.models.loading import (
+    CONFIG_NAME,
+    CheckpointError,
+    find_weight_files,
+    hub_patterns,
+    load_weights,
+)
+from diffblocks.components.models.saving import save_config, save_weights
+
+logger = logging.getLogger(__name__)
+
+
+class AbstractParams(BaseModel):
+    """Architecture hyper-parameters of one model, frozen and validated once.
+
+    Field names equal the diffusers ``config.json`` keys; lists in JSON become tuples. Put the
+    invariants in a ``@model_validator(mode="after")`` that raises ``ValueError`` with the numbers.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+P = TypeVar("P", bound=AbstractParams)
+
+
+def _normalise(value: object) -> object:
+    """JSON lists compare equal to tuples (config values are read from JSON)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_normalise(v) for v in value)  # pyright: ignore[reportUnknownVariableType]
+    return value
+
+
+class AbstractModel(nn.Module, ABC, Generic[P]):
+    """A ``torch.nn.Module`` built from :class:`AbstractParams`, loadable from diffusers folders.
+
+    Subclasses set:
+        Params: the params class; its fields are the config keys the model reads.
+        diffusers_class_name: ``_class_name`` written to ``config.json``.
+        fixed_config: diffusers keys the model supports at one value only; another value raises.
+            Any other key that is not a Params field is ignored (it does not change the weights).
+    """
+
+    Params: ClassVar[type[AbstractParams]]
+    diffusers_class_name: ClassVar[str]
+    fixed_config: ClassVar[Mapping[str, object]] = {}
+
+    params: P
+
+    def __init__(self, params: P) -> None:
+        super().__init__()
+        if not isinstance(params, self.Params):
+            raise TypeError(f"{type(self).__name__} takes {self.Params.__name__}, got {type(params).__name__}.")
+        self.params = params
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Self:
+        """Build a randomly initialised model from a diffusers ``config.json`` mapping.
+
+        Raises:
+            ValueError: a key is set to a value this implementation does not support, or the
+                params fail validation.
+        """
+        fields = cls.Params.model_fields
+        values: dict[str, Any] = {}
+        for key, value in config.items():
+            if key.startswith("_"):
+                continue
+            if key in fields:
+                values[key] = value
+            elif key in cls.fixed_config:
+                if _normalise(value) != _normalise(cls.fixed_config[key]):
+                    raise ValueError(
+                        f"{cls.__name__} does not support {key}={value!r} "
+                        f"(only {cls.fixed_config[key]!r})."
+                    )
+            else:
+                logger.debug("%s ignores config key %s=%r", cls.__name__, key, value)
+        return cls(cls.Params.model_validate(values))  # pyright: ignore[reportArgumentType]
+
+    def to_config(self) -> dict[str, Any]:
+        """The diffusers-compatible ``config.json`` content (``_class_name`` included)."""
+        return {
+            "_class_name": self.diffusers_class_name,
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in self.fixed_config.items()},
+            **self.params.model_dump(mode="json"),
+        }
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo: str | os.PathLike[str],
+        *,
+        subfolder: str | None = None,
+        variant: str | None = None,
+        revision: str | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        allow_pickle: bool = False,
+    ) -> Self:
+        """Load a diffusers model folder (local, or a Hub id through the cache) without re-allocating.
+
+        The module is built on the meta device and the checkpoint tensors are assigned into it,
+        so weights are allocated once and never randomly initialised.
+
+        Args:
+            path_or_repo: a folder, or a Hub id such as ``"org/name"``.
+            subfolder: the model's folder inside a pipeline repository (``"unet"``, ``"vae"``).
+            variant: weight file variant, such as ``"fp16"``.
+            revision: Hub branch, tag or commit.
+            dtype: cast floating-point weights to this (default: float32, as built).
+            device: where the weights are read to (default: CPU).
+            allow_pickle: also accept ``.bin`` pickles, read with ``torch.load(weights_only=True)``.
+
+        Raises:
+            FileNotFoundError: the folder, ``config.json`` or the weights are missing.
+            CheckpointError: weights are corrupt, pickled without ``allow_pickle``, or mismatched.
+            ValueError: the config describes an architecture this class does not support.
+        """
+        stem = f"{subfolder}/" if subfolder else ""
+        patterns = [stem + name for name in hub_patterns(variant, allow_pickle=allow_pickle)]
+        folder = resolve_folder(path_or_repo, subfolder=subfolder, revision=revision, allow_patterns=patterns)
+        config_path = folder / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}; is it a diffusers model folder?")
+        config: dict[str, Any] = json.loads(config_path.read_text())
+        named = config.get("_class_name", cls.diffusers_class_name)
+        if named != cls.diffusers_class_name:
+            raise ValueError(
+                f"{config_path} is for {named}, not {cls.diffusers_class_name}; load it with the matching class."
+            )
+        files = find_weight_files(folder, variant=variant, allow_pickle=allow_pickle)
+        with torch.device("meta"):
+            model = cls.from_config(config)
+        load_weights(model, files, dtype=dtype, device=device or "cpu")
+        return model.eval()
+
+    def save_pretrained(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+    ) -> None:
+        """Write ``config.json`` and safetensors weights that diffusers and :meth:`from_pretrained` read.
+
+        Args:
+            folder: created if missing; earlier weights of the same variant are replaced.
+            variant: file name variant (``"fp16"`` -> ``diffusion_pytorch_model.fp16.safetensors``).
+            max_shard_size: bytes or a string such as ``"5GB"``; larger weights are sharded with
+                an index file. None writes a single file.
+        """
+        path = Path(folder)
+        save_config(self.to_config(), path)
+        save_weights(self.state_dict(), path, variant=variant, max_shard_size=max_shard_size)
+
+    def num_parameters(self) -> int:
+        """Number of parameter elements."""
+        return sum(p.numel() for p in self.parameters())
+
+    def memory_bytes(self) -> int:
+        """Bytes held by parameters and buffers (what the model costs on its device)."""
+        tensors = [*self.parameters(), *self.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+__all__ = ["AbstractModel", "AbstractParams", "CheckpointError"]
