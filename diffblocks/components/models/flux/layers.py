@@ -164,4 +164,5 @@ class JointAttention(nn.Module):
         k = apply_rope(torch.cat([self.norm_added_k(ck), self.norm_k(k)], dim=2), rope)
         out = rearrange(attention(q, k, torch.cat([cv, v], dim=2)), "b h s d -> b s (h d)")
         txt, img = out.split([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
-        return self.to_out[0](img), self.to_add_out(txt)
+        # Strided views take another half-precision GEMM path; contiguous inputs round like diffusers.
+        return self.to_out[0](img.contiguous()), self.to_add_out(txt.contiguous())

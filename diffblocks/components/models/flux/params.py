@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pydantic import model_validator
+from typing_extensions import Self
+
+from diffblocks.components.models.base import AbstractParams
 
 
-@dataclass(frozen=True)
-class FluxParams:
+class FluxParams(AbstractParams):
     """Shape of a Flux.1 rectified-flow transformer (Black Forest Labs, 2024), validated once.
 
     Field names are the keys of diffusers' ``FluxTransformer2DModel`` ``config.json``, so a config
@@ -40,9 +42,8 @@ class FluxParams:
     guidance_embeds: bool = False
     axes_dims_rope: tuple[int, ...] = (16, 56, 56)
 
-    def __post_init__(self) -> None:
-        # config.json stores the axes as a JSON list; keep the frozen value hashable.
-        object.__setattr__(self, "axes_dims_rope", tuple(int(d) for d in self.axes_dims_rope))
+    @model_validator(mode="after")
+    def _check(self) -> Self:
         positive = {
             "patch_size": self.patch_size,
             "in_channels": self.in_channels,
@@ -72,6 +73,7 @@ class FluxParams:
                 f"sum(axes_dims_rope) = {sum(self.axes_dims_rope)} {self.axes_dims_rope} must equal "
                 f"attention_head_dim {self.attention_head_dim}"
             )
+        return self
 
     @property
     def inner_dim(self) -> int:

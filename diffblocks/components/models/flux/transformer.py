@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import final
+
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from diffblocks.components.models.base import AbstractModel
 from diffblocks.components.models.flux.blocks import FluxSingleTransformerBlock, FluxTransformerBlock
 from diffblocks.components.models.flux.embeddings import RotaryEmbedding, TimeTextEmbedding
 from diffblocks.components.models.flux.layers import AdaLayerNormContinuous
@@ -17,12 +20,13 @@ _MSG_IDS = (
 )
 
 
-class FluxTransformer2DModel(nn.Module):
+@final
+class FluxTransformer2DModel(AbstractModel[FluxParams]):
     """Flux.1 rectified-flow transformer (Black Forest Labs 2024): double-stream then single-stream blocks.
 
-    Module and parameter names equal diffusers', so its checkpoints load with ``strict=True`` and
-    diffusers-style module paths (``transformer_blocks.0``, ``single_transformer_blocks.3.attn``)
-    address the same layers.
+    Module and parameter names equal diffusers', so its folders load through ``from_pretrained``
+    (and ``load_state_dict(strict=True)``), and diffusers-style module paths
+    (``transformer_blocks.0``, ``single_transformer_blocks.3.attn``) address the same layers.
 
     Args:
         params: the model's hyper-parameters.
@@ -40,9 +44,11 @@ class FluxTransformer2DModel(nn.Module):
         ```
     """
 
+    Params = FluxParams
+    diffusers_class_name = "FluxTransformer2DModel"
+
     def __init__(self, params: FluxParams) -> None:
-        super().__init__()
-        self.params = params
+        super().__init__(params)
         dim, heads, head_dim = params.inner_dim, params.num_attention_heads, params.attention_head_dim
         self.x_embedder = nn.Linear(params.in_channels, dim)
         self.time_text_embed = TimeTextEmbedding(
