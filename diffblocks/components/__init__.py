@@ -1,1 +1,16 @@
+"""Components: models, schedulers, guiders, attention, quantizers, and the manager that loads and shares them."""
 
+from diffblocks.components.hub import resolve_folder
+from diffblocks.components.manager import ComponentInfo, ComponentsManager
+from diffblocks.components.specs import ComponentSpec, PipelineIndex, parse_index, read_index, write_modular_index
+
+__all__ = [
+    "ComponentInfo",
+    "ComponentSpec",
+    "ComponentsManager",
+    "PipelineIndex",
+    "parse_index",
+    "read_index",
+    "resolve_folder",
+    "write_modular_index",
+]

@@ -1,0 +1,182 @@
+"""The leaf block: typed inputs and outputs, declared components, a config, one ``__call__``."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.fields import FieldInfo
+
+_MSG_UNBOUND = (
+    "block {block!r} has no component {name!r} bound: blocks get their components from a Pipeline. "
+    "Build one with Pipeline(blocks, components={{...}}) and call it, or bind a dict for a unit test "
+    "with block.bind({{{name!r}: obj}})."
+)
+
+
+class BlockIO(BaseModel):
+    """Base of every block's ``Inputs`` and ``Outputs``: fields are the block's signature."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", protected_namespaces=())
+
+
+class NoIO(BlockIO):
+    """Declares that a block takes no inputs or returns no outputs."""
+
+
+class BlockConfig(BaseModel):
+    """Base of a block's ``Config``: frozen settings fixed when the block is built."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+
+class ComponentDecl:
+    """A component a block needs, declared as an annotated class attribute: ``vae: AutoencoderKL = component()``.
+
+    Reading the attribute on a bound block returns the pipeline's component; the annotation is the
+    type the plan checks the component against.
+    """
+
+    __slots__ = ("name", "optional", "description", "owner")
+
+    def __init__(self, *, optional: bool = False, description: str = "") -> None:
+        self.name = ""
+        self.optional = optional
+        self.description = description
+        self.owner: type | None = None
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+        self.owner = owner
+
+    def __get__(self, block: Block | None, owner: type) -> Any:
+        if block is None:
+            return self
+        try:
+            return block._bound[self.name]
+        except KeyError:
+            if self.optional:
+                return None
+            raise LookupError(_MSG_UNBOUND.format(block=block.name, name=self.name)) from None
+
+    def annotation(self) -> Any:
+        """The declared component type, resolved from the owner's annotations."""
+        assert self.owner is not None
+        return _type_hints(self.owner).get(self.name, Any)
+
+
+def component(*, optional: bool = False, description: str = "") -> Any:
+    """Declare a component a block uses. ``optional=True`` lets the pipeline build without it (it reads as None)."""
+    return ComponentDecl(optional=optional, description=description)
+
+
+class AbstractBlock(ABC):
+    """Anything that can stand in a pipeline: a leaf :class:`Block` or a composite."""
+
+    name: str
+
+    def __repr__(self) -> str:
+        from diffblocks.blocks.introspect import render_tree
+
+        return render_tree(self)
+
+
+class Block(AbstractBlock):
+    """A single step: subclass it, declare ``Inputs``/``Outputs``/components, implement ``__call__``.
+
+    Example:
+        >>> import torch
+        >>> from diffblocks.blocks import Block, BlockIO, Float
+        >>> class Scale(Block):
+        ...     "Multiply latents by a constant."
+        ...     class Inputs(BlockIO):
+        ...         latents: Float["batch channels height width"]
+        ...         factor: float = 2.0
+        ...     class Outputs(BlockIO):
+        ...         latents: Float["batch channels height width"]
+        ...     def __call__(self, inputs: Inputs) -> Outputs:
+        ...         return self.Outputs(latents=inputs.latents * inputs.factor)
+        >>> Scale()(Scale.Inputs(latents=torch.ones(1, 1, 2, 2))).latents.sum().item()
+        8.0
+    """
+
+    Inputs: ClassVar[type[BlockIO]] = NoIO
+    Outputs: ClassVar[type[BlockIO]] = NoIO
+    Config: ClassVar[type[BlockConfig]] = BlockConfig
+    _bound: Mapping[str, Any]
+
+    def __init__(self, *, name: str | None = None, **config: Any) -> None:
+        self.name = name or default_block_name(type(self))
+        self.config = self.Config(**config)
+        self._bound = {}
+
+    @abstractmethod
+    def __call__(self, inputs: Any) -> Any:
+        """Run the step on validated ``Inputs`` and return ``Outputs``."""
+
+    def check(self, user_inputs: Mapping[str, Any]) -> None:
+        """Check user inputs once per call, before any block runs (override to add cross-field or component checks).
+
+        Raise ``ValueError`` with a message that names the field; the pipeline reports it with this block's path.
+        """
+
+    def bind(self, components: Mapping[str, Any]) -> Block:
+        """Give this block its components directly (pipelines do this; useful in unit tests)."""
+        self._bound = components
+        return self
+
+    @classmethod
+    def components(cls) -> dict[str, ComponentDecl]:
+        """The components this block declares, by attribute name."""
+        found: dict[str, ComponentDecl] = {}
+        for klass in reversed(cls.__mro__):
+            for attr, value in vars(klass).items():
+                if isinstance(value, ComponentDecl):
+                    found[attr] = value
+        return found
+
+    @classmethod
+    def input_fields(cls) -> dict[str, FieldInfo]:
+        return dict(cls.Inputs.model_fields)
+
+    @classmethod
+    def output_fields(cls) -> dict[str, FieldInfo]:
+        return dict(cls.Outputs.model_fields)
+
+    @classmethod
+    def declaration_site(cls) -> str:
+        """``file:line`` of the class statement, for error messages."""
+        try:
+            _, line = inspect.getsourcelines(cls)
+            return f"{inspect.getsourcefile(cls)}:{line}"
+        except (OSError, TypeError):
+            return cls.__module__
+
+
+def default_block_name(cls: type) -> str:
+    """``EncodePrompt`` -> ``encode_prompt``."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls, include_extras=True)
+    except NameError as err:
+        raise TypeError(
+            f"cannot resolve the annotations of {cls.__qualname__}: {err}. "
+            "Import the component and field types at module level (not only under TYPE_CHECKING)."
+        ) from err
+
+
+def field_type(field: FieldInfo) -> Any:
+    """The declared annotation of a pydantic field (with its metadata re-attached)."""
+    annotation = field.annotation
+    if field.metadata:
+        return typing.Annotated[(annotation, *field.metadata)]  # type: ignore[misc]
+    return annotation
+

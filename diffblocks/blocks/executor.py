@@ -1,0 +1,168 @@
+"""Run a compiled plan: a flat walk over steps, with nothing per step a hand-written loop would not do."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from diffblocks.blocks.block import BlockIO
+from diffblocks.blocks.plan import LoopStep, Step
+
+State = dict[str, Any]
+
+
+@dataclass(slots=True)
+class StepInfo:
+    """What a step callback sees after each loop iteration.
+
+    ``state`` is the live pipeline state (read it freely). Return a mapping from a callback to
+    replace state values; call :meth:`interrupt` to stop the loop cleanly (the blocks after the
+    loop still run, so a partial result is decoded).
+    """
+
+    step_index: int
+    num_steps: int
+    t: Any
+    state: Mapping[str, Any]
+    loop: str
+    _run: RunContext
+
+    def interrupt(self) -> None:
+        self._run.interrupted = True
+
+
+Callback = Callable[[StepInfo], Mapping[str, Any] | None]
+
+
+@dataclass
+class RunContext:
+    """Per-call options and flags."""
+
+    callbacks: tuple[Callback, ...] = ()
+    progress: bool = True
+    timings: dict[str, float] | None = None
+    interrupted: bool = False
+    sync: Callable[[], None] | None = None
+    current: str = field(default="", repr=False)
+
+
+def construct(cls: type[BlockIO], values: dict[str, Any]) -> BlockIO:
+    """Build already-valid block inputs without re-validating them (they were checked when built or on entry)."""
+    obj = cls.__new__(cls)
+    object.__setattr__(obj, "__dict__", values)
+    object.__setattr__(obj, "__pydantic_fields_set__", set(values))
+    object.__setattr__(obj, "__pydantic_extra__", None)
+    object.__setattr__(obj, "__pydantic_private__", None)
+    return obj
+
+
+def run_steps(steps: tuple[Step | LoopStep, ...], state: State, run: RunContext) -> None:
+    """Run steps in order, updating ``state`` in place."""
+    if run.timings is not None:
+        return _run_timed(steps, state, run)
+    for step in steps:
+        if type(step) is LoopStep:
+            _run_loop(step, state, run)
+            continue
+        run.current = step.path
+        out = step.block(construct(step.input_cls, {name: state[name] for name in step.inputs}))
+        if type(out) is not step.output_cls:
+            _bad_output(step, out)
+        state.update(out.__dict__)
+    return None
+
+
+def _run_loop(step: LoopStep, state: State, run: RunContext) -> None:
+    loop = step.loop
+    sequence = state[loop.over]
+    count = len(sequence)
+    state[loop.count] = count
+    body = step.body
+    nested = any(type(s) is LoopStep for s in body) or run.timings is not None
+    bar = tqdm(total=count, desc=step.path, leave=True) if run.progress else None
+    try:
+        for i in range(count):
+            if run.interrupted:
+                break
+            t = sequence[i]
+            state[loop.index] = i
+            state[loop.item] = t
+            if nested:
+                run_steps(body, state, run)
+            else:
+                for s in body:
+                    run.current = s.path  # type: ignore[union-attr]
+                    out = s.block(construct(s.input_cls, {name: state[name] for name in s.inputs}))  # type: ignore[union-attr]
+                    if type(out) is not s.output_cls:  # type: ignore[union-attr]
+                        _bad_output(s, out)  # type: ignore[arg-type]
+                    state.update(out.__dict__)
+            if run.callbacks:
+                _call_back(run, StepInfo(i, count, t, state, step.path, run), state)
+            if bar is not None:
+                bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _run_timed(steps: tuple[Step | LoopStep, ...], state: State, run: RunContext) -> None:
+    assert run.timings is not None
+    for step in steps:
+        if type(step) is LoopStep:
+            start = time.perf_counter()
+            _run_loop(step, state, run)
+            _add_time(run, step.path, start)
+            continue
+        run.current = step.path
+        start = time.perf_counter()
+        out = step.block(construct(step.input_cls, {name: state[name] for name in step.inputs}))
+        _add_time(run, step.path, start)
+        if type(out) is not step.output_cls:
+            _bad_output(step, out)
+        state.update(out.__dict__)
+
+
+def _add_time(run: RunContext, path: str, start: float) -> None:
+    if run.sync is not None:
+        run.sync()
+    assert run.timings is not None
+    run.timings[path] = run.timings.get(path, 0.0) + time.perf_counter() - start
+
+
+def _call_back(run: RunContext, info: StepInfo, state: State) -> None:
+    for callback in run.callbacks:
+        updates = callback(info)
+        if updates:
+            unknown = [name for name in updates if name not in state]
+            if unknown:
+                raise KeyError(
+                    f"step callback {getattr(callback, '__name__', callback)!r} returned unknown state names {unknown}; "
+                    f"it can replace: {sorted(state)}"
+                )
+            state.update(updates)
+
+
+def _bad_output(step: Step, out: object) -> None:
+    raise TypeError(
+        f"block {step.path!r} returned {type(out).__name__}, not its declared Outputs: "
+        f"end __call__ with `return self.Outputs(...)` ({step.block.declaration_site()})"
+    )
+
+
+def add_location_note(err: BaseException, run: RunContext, workflow: str) -> None:
+    """Say where in the pipeline a failure happened (Python 3.11+ exception notes)."""
+    if sys.version_info >= (3, 11) and run.current:
+        err.add_note(f"while running block {run.current!r} of workflow {workflow!r}")
+
+
+def cuda_sync() -> Callable[[], None] | None:
+    """A synchronising function for honest per-block timings when CUDA is in use."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.synchronize
+    return None

@@ -1,0 +1,67 @@
+"""Turn a :class:`ComponentSpec` into an object: our classes, transformers models and tokenizers."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from diffblocks.components.hub import resolve_folder
+from diffblocks.components.specs import ComponentSpec
+
+
+def load_component(cls: type, spec: ComponentSpec, *, device: torch.device | str | None = None) -> Any:
+    """Create ``cls`` from ``spec``: from its config when the spec carries one and no repository,
+    otherwise from the spec's repository folder (resolved through the Hub cache).
+    """
+    if spec.repo is None:
+        if spec.config is None:
+            raise ValueError(f"component {spec.name!r} has neither a repository nor a config to build it from")
+        return cls.from_config(spec.config)  # type: ignore[attr-defined]
+    if _is_transformers(cls):
+        return _load_transformers(cls, spec, device)
+    kwargs: dict[str, Any] = {"subfolder": spec.subfolder, "revision": spec.revision}
+    accepted = inspect.signature(cls.from_pretrained).parameters  # type: ignore[attr-defined]
+    if "variant" in accepted:
+        kwargs["variant"] = spec.variant
+    if "dtype" in accepted:
+        kwargs["dtype"] = spec.torch_dtype
+    if "device" in accepted and device is not None:
+        kwargs["device"] = device
+    return cls.from_pretrained(spec.repo, **kwargs)  # type: ignore[attr-defined]
+
+
+def _is_transformers(cls: type) -> bool:
+    return cls.__module__.split(".")[0] == "transformers"
+
+
+def _load_transformers(cls: type, spec: ComponentSpec, device: torch.device | str | None) -> Any:
+    # Resolve the folder ourselves so that Hub ids, revisions and offline mode behave as for every other component.
+    assert spec.repo is not None
+    folder = resolve_folder(spec.repo, subfolder=spec.subfolder, revision=spec.revision)
+    from transformers import PreTrainedModel
+
+    if issubclass(cls, PreTrainedModel):
+        kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": _has_safetensors(folder, spec.variant)}
+        if spec.variant:
+            kwargs["variant"] = spec.variant
+        if spec.torch_dtype is not None:
+            kwargs["dtype"] = spec.torch_dtype
+        model = cls.from_pretrained(folder, **kwargs)
+        model.eval()
+        return model.to(device) if device is not None else model
+    return cls.from_pretrained(folder, local_files_only=True)  # type: ignore[attr-defined]
+
+
+def _has_safetensors(folder: Any, variant: str | None) -> bool:
+    names = [p.name for p in folder.iterdir()]
+    suffix = f".{variant}.safetensors" if variant else ".safetensors"
+    found = any(name.endswith(suffix) or name.endswith(f"{suffix}.index.json") for name in names)
+    if not found:
+        raise FileNotFoundError(
+            f"{folder} has no safetensors weights{f' for variant {variant!r}' if variant else ''}; "
+            "diffblocks loads text encoders from safetensors only. Convert the checkpoint "
+            "(transformers: model.save_pretrained(folder, safe_serialization=True))."
+        )
+    return True

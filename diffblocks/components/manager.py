@@ -1,0 +1,201 @@
+"""The ComponentsManager: one place that resolves, loads, shares and unloads components."""
+
+from __future__ import annotations
+
+import gc
+import threading
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from diffblocks.components.loaders import load_component
+from diffblocks.components.specs import ComponentSpec, read_index
+from diffblocks.registry import COMPONENTS, Registry
+
+
+@dataclass
+class _Entry:
+    key: str
+    name: str
+    spec: ComponentSpec | None
+    obj: Any = None
+    users: set[str] = field(default_factory=set)
+    cls: type | None = None
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """One row of :meth:`ComponentsManager.table`."""
+
+    key: str
+    name: str
+    class_name: str
+    loaded: bool
+    device: str
+    dtype: str
+    memory_bytes: int
+    users: tuple[str, ...]
+
+
+class ComponentsManager:
+    """Resolves component specs through the registry, loads them on first use and shares them.
+
+    Two pipelines that ask for the same spec (same repository, subfolder, variant, revision and
+    dtype) get the same object. Objects added directly are shared by identity.
+
+    Args:
+        device: where loaded models are placed (default: CPU).
+        registry: the allowlist used to resolve type hints (default: :data:`diffblocks.registry.COMPONENTS`).
+
+    Example:
+        >>> import torch
+        >>> from diffblocks.components import ComponentsManager
+        >>> manager = ComponentsManager()
+        >>> key = manager.add("proj", torch.nn.Linear(4, 4))
+        >>> manager.get(key).in_features
+        4
+        >>> manager.table()[0].memory_bytes
+        80
+    """
+
+    def __init__(self, *, device: torch.device | str | None = None, registry: Registry | None = None) -> None:
+        self.device = torch.device(device) if device is not None else None
+        self.registry = registry if registry is not None else COMPONENTS
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.RLock()
+
+    def add(self, name: str, component: Any, *, user: str | None = None) -> str:
+        """Register a loaded object or a :class:`ComponentSpec` under ``name``; returns its key."""
+        with self._lock:
+            if isinstance(component, ComponentSpec):
+                if component.name != name:
+                    component = component.with_(name=name)
+                key = component.load_id
+                entry = self._entries.get(key)
+                if entry is None:
+                    entry = self._entries[key] = _Entry(key, name, component)
+            else:
+                key = f"{name}@{id(component):x}"
+                entry = self._entries.get(key)
+                if entry is None or entry.obj is not component:
+                    entry = self._entries[key] = _Entry(key, name, None, component, cls=type(component))
+            if user is not None:
+                entry.users.add(user)
+            return key
+
+    def add_from_index(self, path_or_repo: str, *, revision: str | None = None, dtype: str | None = None) -> dict[str, str]:
+        """Add every component listed in a repository's index file; returns name -> key."""
+        index = read_index(path_or_repo, revision=revision)
+        specs = index.components.values()
+        return {spec.name: self.add(spec.name, spec.with_(dtype=dtype) if dtype else spec) for spec in specs}
+
+    def get(self, key: str) -> Any:
+        """The object for ``key``, loading it now if it is not loaded yet."""
+        entry = self._entry(key)
+        if entry.obj is None:
+            with self._lock:
+                if entry.obj is None:
+                    assert entry.spec is not None
+                    entry.obj = load_component(self.component_type(key) or object, entry.spec, device=self.device)
+        return entry.obj
+
+    def component_type(self, key: str) -> type | None:
+        """The component's class, resolved without loading it (None when the spec has no type hint)."""
+        entry = self._entry(key)
+        if entry.cls is None and entry.spec is not None and entry.spec.type_hint is not None:
+            entry.cls = self.registry.resolve(entry.spec.type_hint)
+        return entry.cls
+
+    def spec(self, key: str) -> ComponentSpec | None:
+        return self._entry(key).spec
+
+    def is_loaded(self, key: str) -> bool:
+        return self._entry(key).obj is not None
+
+    def unload(self, key: str) -> None:
+        """Drop the loaded object (a spec-backed component reloads on next use) and free its memory."""
+        entry = self._entry(key)
+        if entry.spec is None:
+            raise ValueError(f"{key!r} was added as an object, not a spec, so it could not be reloaded: use remove()")
+        entry.obj = None
+        _free_memory()
+
+    def remove(self, key: str) -> None:
+        """Forget a component entirely."""
+        self._entries.pop(self._entry(key).key)
+        _free_memory()
+
+    def release(self, key: str, *, user: str) -> None:
+        """A user (pipeline) no longer needs ``key``; unused entries are forgotten."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return
+        entry.users.discard(user)
+        if not entry.users:
+            self._entries.pop(key)
+
+    def to(self, device: torch.device | str) -> ComponentsManager:
+        """Move every loaded module to ``device`` (and load later ones there)."""
+        self.device = torch.device(device)
+        for entry in self._entries.values():
+            if isinstance(entry.obj, torch.nn.Module):
+                entry.obj.to(self.device)
+        return self
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def table(self) -> list[ComponentInfo]:
+        """What is known, what is loaded, where, and how much memory it holds."""
+        rows = []
+        for entry in self._entries.values():
+            obj = entry.obj
+            cls = entry.cls or (type(obj) if obj is not None else None)
+            class_name = cls.__name__ if cls else (entry.spec.type_hint[1] if entry.spec and entry.spec.type_hint else "?")
+            device, dtype, size = _placement(obj)
+            rows.append(
+                ComponentInfo(entry.key, entry.name, class_name, obj is not None, device, dtype, size, tuple(sorted(entry.users)))
+            )
+        return rows
+
+    def __repr__(self) -> str:
+        lines = [f"{'name':<16} {'class':<32} {'loaded':<6} {'device':<8} {'dtype':<10} {'MiB':>9}  users"]
+        for row in self.table():
+            mib = f"{row.memory_bytes / 2**20:9.1f}"
+            lines.append(
+                f"{row.name:<16} {row.class_name:<32} {str(row.loaded):<6} {row.device:<8} {row.dtype:<10} {mib}  "
+                f"{', '.join(row.users)}"
+            )
+        return "\n".join(lines)
+
+    def _entry(self, key: str) -> _Entry:
+        entry = self._entries.get(key)
+        if entry is None:
+            matches = [e for e in self._entries.values() if e.name == key]
+            if len(matches) == 1:
+                return matches[0]
+            known = ", ".join(sorted({e.name for e in self._entries.values()}))
+            raise KeyError(f"no component {key!r} in the manager; known names: {known or 'none'}")
+        return entry
+
+
+def _placement(obj: Any) -> tuple[str, str, int]:
+    if not isinstance(obj, torch.nn.Module):
+        return "-", "-", 0
+    tensors = [*obj.parameters(), *obj.buffers()]
+    if not tensors:
+        return "-", "-", 0
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    devices = sorted({str(t.device) for t in tensors})
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors})
+    return ",".join(devices), ",".join(dtypes), size
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+

@@ -1,0 +1,167 @@
+"""Component specs and the index files that list them (diffusers' ``modular_model_index.json`` and ``model_index.json``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from diffblocks.components.hub import resolve_folder
+
+MODULAR_INDEX = "modular_model_index.json"
+CLASSIC_INDEX = "model_index.json"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class ComponentSpec(BaseModel):
+    """Where a component comes from and what it is, without loading it.
+
+    Example:
+        >>> from diffblocks.components import ComponentSpec
+        >>> spec = ComponentSpec(name="unet", type_hint=("diffusers", "UNet2DConditionModel"),
+        ...                      repo="org/model", subfolder="unet", variant="fp16")
+        >>> spec.load_id
+        'org/model|unet|fp16|main|default'
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    name: str
+    type_hint: tuple[str, str] | None = None
+    repo: str | None = None
+    subfolder: str | None = None
+    variant: str | None = None
+    revision: str | None = None
+    dtype: str | None = None
+    config: dict[str, Any] | None = None
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str | None) -> str | None:
+        if value is not None and value.removeprefix("torch.") not in _DTYPES:
+            raise ValueError(f"dtype {value!r} is not one of {sorted(_DTYPES)}")
+        return value.removeprefix("torch.") if value else value
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return _DTYPES[self.dtype] if self.dtype else None
+
+    @property
+    def load_id(self) -> str:
+        """Identifies one loaded object: specs with the same load id share it."""
+        if self.repo is None:
+            return f"{self.name}|config|{json.dumps(self.config, sort_keys=True, default=str)}"
+        parts = (self.repo, self.subfolder or "", self.variant or "", self.revision or "main", self.dtype or "default")
+        return "|".join(parts)
+
+    def with_(self, **changes: Any) -> ComponentSpec:
+        """A copy with some fields changed (dtype, revision, ...)."""
+        return self.model_copy(update=changes)
+
+    def to_index_entry(self) -> list[Any]:
+        """``[library, class_name, loading spec]`` as diffusers writes in ``modular_model_index.json``."""
+        library, class_name = self.type_hint or (None, None)
+        spec: dict[str, Any] = {
+            "pretrained_model_name_or_path": self.repo,
+            "revision": self.revision,
+            "subfolder": self.subfolder,
+            "type_hint": [library, class_name],
+            "variant": self.variant,
+        }
+        if self.dtype:
+            spec["dtype"] = self.dtype
+        if self.config is not None:
+            spec["config"] = self.config
+        return [library, class_name, spec]
+
+    @classmethod
+    def from_index_entry(cls, name: str, entry: Any, *, root: str | None = None) -> ComponentSpec | None:
+        """Read one index entry; None for entries that name no class (``[null, null]``).
+
+        ``root`` is the repository the index was read from: classic entries live in its subfolder
+        ``name``, and modular entries whose files are in that repository load from it.
+        """
+        if not isinstance(entry, (list, tuple)) or len(entry) not in (2, 3):
+            return None
+        library, class_name = entry[0], entry[1]
+        if library is None or class_name is None:
+            return None
+        if len(entry) == 2:
+            return cls(name=name, type_hint=(library, class_name), repo=root, subfolder=name)
+        spec = dict(entry[2] or {})
+        repo = spec.get("pretrained_model_name_or_path", spec.get("repo"))
+        hint = spec.get("type_hint") or (library, class_name)
+        return cls(
+            name=name,
+            type_hint=(hint[0] or library, hint[1] or class_name),
+            repo=repo if repo is not None else root,
+            subfolder=spec.get("subfolder"),
+            variant=spec.get("variant"),
+            revision=spec.get("revision"),
+            dtype=spec.get("dtype"),
+            config=spec.get("config"),
+        )
+
+
+class PipelineIndex(BaseModel):
+    """The contents of an index file: component specs plus the pipeline-level settings beside them."""
+
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
+
+    class_name: str | None = None
+    components: dict[str, ComponentSpec]
+    settings: dict[str, Any]
+    source: str
+
+
+def read_index(path_or_repo: str | os.PathLike[str], *, revision: str | None = None) -> PipelineIndex:
+    """Read ``modular_model_index.json`` (preferred) or ``model_index.json`` from a folder or a Hub id."""
+    root = resolve_folder(path_or_repo, revision=revision, allow_patterns=[MODULAR_INDEX, CLASSIC_INDEX])
+    for filename in (MODULAR_INDEX, CLASSIC_INDEX):
+        file = root / filename
+        if file.is_file():
+            return parse_index(json.loads(file.read_text()), root=str(path_or_repo), revision=revision, source=filename)
+    raise FileNotFoundError(f"{str(path_or_repo)!r} has neither {MODULAR_INDEX} nor {CLASSIC_INDEX} (looked in {root})")
+
+
+def parse_index(data: Mapping[str, Any], *, root: str, revision: str | None = None, source: str) -> PipelineIndex:
+    """Split an index's JSON into component specs and settings."""
+    components: dict[str, ComponentSpec] = {}
+    settings: dict[str, Any] = {}
+    for name, value in data.items():
+        if name.startswith("_"):
+            continue
+        if isinstance(value, (list, tuple)) and len(value) in (2, 3):
+            spec = ComponentSpec.from_index_entry(name, value, root=root)
+            if spec is not None:
+                if spec.repo == root and spec.revision is None and revision is not None:
+                    spec = spec.with_(revision=revision)
+                components[name] = spec
+            continue
+        settings[name] = value
+    return PipelineIndex(class_name=data.get("_class_name"), components=components, settings=settings, source=source)
+
+
+def write_modular_index(
+    folder: str | os.PathLike[str],
+    specs: Mapping[str, ComponentSpec],
+    *,
+    class_name: str,
+    settings: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``modular_model_index.json`` listing ``specs`` (and plain ``settings``)."""
+    from diffblocks import __version__
+
+    data: dict[str, Any] = {"_class_name": class_name, "_diffblocks_version": __version__}
+    data.update(settings or {})
+    for name in sorted(specs):
+        data[name] = specs[name].to_index_entry()
+    path = Path(folder) / MODULAR_INDEX
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    return path

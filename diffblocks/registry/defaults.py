@@ -1,0 +1,48 @@
+"""The default allowlists: our own components under diffusers' names, and transformers' text models."""
+
+from __future__ import annotations
+
+from diffblocks.registry.registry import Registry
+
+_OURS = {
+    # models
+    "UNet2DConditionModel": "diffblocks.components.models:UNet2DConditionModel",
+    "AutoencoderKL": "diffblocks.components.models:AutoencoderKL",
+    "FluxTransformer2DModel": "diffblocks.components.models:FluxTransformer2DModel",
+}
+_SCHEDULERS = (
+    "DDPMScheduler DDIMScheduler PNDMScheduler LMSDiscreteScheduler EulerDiscreteScheduler "
+    "EulerAncestralDiscreteScheduler HeunDiscreteScheduler DPMSolverMultistepScheduler "
+    "UniPCMultistepScheduler FlowMatchEulerDiscreteScheduler"
+).split()
+_GUIDERS = (
+    "ClassifierFreeGuidance ClassifierFreeZeroStarGuidance AdaptiveProjectedGuidance TangentialClassifierFreeGuidance "
+    "PerturbedAttentionGuidance SkipLayerGuidance SmoothedEnergyGuidance AutoGuidance FrequencyDecoupledGuidance "
+    "MagnitudeAwareGuidance"
+).split()
+_TRANSFORMERS = (
+    "CLIPTextModel CLIPTextModelWithProjection CLIPTokenizer CLIPTokenizerFast T5EncoderModel T5Tokenizer "
+    "T5TokenizerFast BertModel BertTokenizer BertTokenizerFast"
+).split()
+
+
+def default_component_registry() -> Registry:
+    """Components allowed by default; plugins add more under the ``diffblocks.components`` entry-point group."""
+    registry = Registry("component", entry_point_group="diffblocks.components")
+    for name, target in _OURS.items():
+        registry.register(("diffusers", name), target)
+        registry.register(("diffblocks", name), target)
+    for name in _SCHEDULERS:
+        registry.register(("diffusers", name), f"diffblocks.components.schedulers:{name}")
+        registry.register(("diffblocks", name), f"diffblocks.components.schedulers:{name}")
+    for name in _GUIDERS:
+        registry.register(("diffusers", name), f"diffblocks.components.guiders:{name}")
+        registry.register(("diffblocks", name), f"diffblocks.components.guiders:{name}")
+    for name in _TRANSFORMERS:
+        registry.register(("transformers", name), f"transformers:{name}")
+    return registry
+
+
+def default_block_registry() -> Registry:
+    """Blocks that saved pipelines may name; plugins add more under the ``diffblocks.blocks`` entry-point group."""
+    return Registry("block", entry_point_group="diffblocks.blocks")

@@ -1,0 +1,149 @@
+"""Running a pipeline: same result as a hand-written loop, validation once, callbacks, interrupt, timings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffblocks.blocks import InputError, Pipeline, StepInfo
+from tests.core.test_plan import COMPONENTS, img2img_switch, toy_blocks
+from tests.core.toy import Decoder, Denoiser, reference_run
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_run_matches_hand_written_loop() -> None:
+    pipe = Pipeline(toy_blocks(), COMPONENTS)
+    out = pipe(num_inference_steps=5, generator=seeded(3), progress=False)
+    assert torch.equal(out.images, reference_run(COMPONENTS["denoiser"], Decoder(), steps=5, seed=3))
+    assert out.workflow == "default" and not out.interrupted and out.timings is None
+
+
+def test_inference_mode_by_default_and_grad_on_request() -> None:
+    pipe = Pipeline(toy_blocks(), COMPONENTS)
+    assert pipe(progress=False).images.is_inference()
+    out = pipe(progress=False, grad=True)
+    assert out.images.requires_grad
+    out.images.sum().backward()
+    assert COMPONENTS["denoiser"].gain.grad is not None
+
+
+def test_switch_picks_workflow_from_given_inputs() -> None:
+    pipe = Pipeline(img2img_switch(), COMPONENTS)
+    assert pipe(progress=False).workflow == "text2img"
+    image = torch.rand(1, 4, 16, 16)
+    out = pipe(image=image, strength=0.25, progress=False)
+    assert out.workflow == "img2img"
+    assert out.images.shape == (1, 4, 4, 4)
+    assert pipe(image=None, progress=False).workflow == "text2img"  # None means not given
+
+
+def test_inputs_validated_once_with_errors_naming_block_and_field() -> None:
+    pipe = Pipeline(toy_blocks(), COMPONENTS)
+    with pytest.raises(InputError) as info:
+        pipe(num_inference_steps=0, height="big", promt="x", progress=False)
+    problems = {p.field: p for p in info.value.problems}
+    assert set(problems) == {"num_inference_steps", "height", "promt"}
+    assert problems["num_inference_steps"].block == "set_timesteps"
+    assert "greater than or equal to 1" in problems["num_inference_steps"].message
+    assert "(expected int, got 'big')" in problems["height"].message
+    assert str(info.value).startswith("3 input errors in call to 'toy'")
+
+
+def test_unknown_input_suggests_the_close_name() -> None:
+    pipe = Pipeline(toy_blocks(), COMPONENTS)
+    with pytest.raises(InputError, match="did you mean 'height'"):
+        pipe(heigth=16, progress=False)
+
+
+def test_block_checks_run_before_any_block() -> None:
+    calls = []
+
+    def spy(info: StepInfo) -> None:
+        calls.append(info.step_index)
+
+    pipe = Pipeline(toy_blocks(), COMPONENTS)
+    with pytest.raises(InputError, match=r"\[prepare_latents\] height: height 12 must be divisible by 8"):
+        pipe(height=12, callbacks=[spy], progress=False)
+    assert calls == []
+
+
+def test_tensor_inputs_are_checked_for_rank() -> None:
+    pipe = Pipeline(img2img_switch(), COMPONENTS)
+    with pytest.raises(InputError, match=r"expected a 4-d tensor \[batch channels height width\], got shape \(4, 16\)"):
+        pipe(image=torch.rand(4, 16), progress=False)
+
+
+def test_callback_reads_replaces_state_and_interrupts() -> None:
+    seen: list[tuple[int, int]] = []
+
+    def callback(info: StepInfo) -> dict[str, torch.Tensor] | None:
+        seen.append((info.step_index, info.num_steps))
+        if info.step_index == 1:
+            info.interrupt()
+            return {"latents": torch.zeros_like(info.state["latents"])}
+        return None
+
+    pipe = Pipeline(toy_blocks(), COMPONENTS)
+    out = pipe(num_inference_steps=5, callbacks=[callback], progress=False)
+    assert seen == [(0, 5), (1, 5)]
+    assert out.interrupted
+    assert torch.count_nonzero(out.images) == 0  # replaced latents were decoded after the loop stopped
+
+
+def test_callback_with_unknown_name_fails_clearly() -> None:
+    pipe = Pipeline(toy_blocks(), COMPONENTS)
+    with pytest.raises(KeyError, match="returned unknown state names \\['latent'\\]"):
+        pipe(callbacks=[lambda info: {"latent": 1}], progress=False)
+
+
+def test_timings_per_block() -> None:
+    pipe = Pipeline(toy_blocks(), COMPONENTS)
+    out = pipe(num_inference_steps=3, timings=True, progress=False)
+    assert out.timings is not None
+    assert set(out.timings) == {"set_timesteps", "prepare_latents", "denoise", "denoise.predict", "denoise.update", "decode"}
+    assert all(seconds >= 0 for seconds in out.timings.values())
+    assert out.timings["denoise"] >= out.timings["denoise.predict"]
+
+
+def test_progress_bar_over_the_loop(capsys: pytest.CaptureFixture[str]) -> None:
+    pipe = Pipeline(toy_blocks(), COMPONENTS)
+    pipe(num_inference_steps=3)
+    assert "3/3" in capsys.readouterr().err
+
+
+def test_failure_inside_a_block_says_where(monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = Denoiser()
+    monkeypatch.setattr(broken, "forward", lambda x, t: 1 / 0)
+    pipe = Pipeline(toy_blocks(), {"denoiser": broken, "decoder": Decoder()})
+    with pytest.raises(ZeroDivisionError) as info:
+        pipe(progress=False)
+    assert "while running block 'denoise.predict' of workflow 'default'" in "\n".join(getattr(info.value, "__notes__", []))
+
+
+def test_block_returning_wrong_type_is_named() -> None:
+    from tests.core.toy import Update
+
+    class Sloppy(Update):
+        def __call__(self, inputs: Update.Inputs) -> Update.Outputs:  # type: ignore[override]
+            return {"latents": inputs.latents}  # type: ignore[return-value]
+
+    pipe = Pipeline(toy_blocks(), COMPONENTS).replace_block("denoise.update", Sloppy())
+    with pytest.raises(TypeError, match="block 'denoise.update' returned dict, not its declared Outputs"):
+        pipe(progress=False)
+
+
+def test_output_lists_what_it_has() -> None:
+    out = Pipeline(toy_blocks(), COMPONENTS)(progress=False)
+    assert set(out) >= {"images", "latents", "timesteps"}
+    with pytest.raises(AttributeError, match="the output has no 'image'"):
+        _ = out.image
+
+
+def test_components_are_not_held_between_calls() -> None:
+    pipe = Pipeline(toy_blocks(), {"denoiser": Denoiser(), "decoder": Decoder()})
+    pipe(progress=False)
+    assert pipe._bound == {}
+    assert isinstance(Denoiser(), torch.nn.Module)

@@ -1,0 +1,154 @@
+"""Building a pipeline checks the whole data flow once and reports every problem together."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import Field
+
+from diffblocks.blocks import Block, BlockIO, Branch, Float, Loop, Pipeline, PlanError, Sequence, Switch
+from tests.core.toy import Decode, Decoder, Denoiser, EncodeImage, Predict, PrepareLatents, SetTimesteps, Update
+
+COMPONENTS = {"denoiser": Denoiser(), "decoder": Decoder()}
+
+
+def toy_blocks() -> Sequence:
+    return Sequence(SetTimesteps(), PrepareLatents(), Loop(Predict(), Update(), name="denoise"), Decode(), name="toy")
+
+
+def test_valid_pipeline_builds_and_lists_user_inputs() -> None:
+    pipe = Pipeline(toy_blocks(), COMPONENTS)
+    plan = pipe.plan()
+    assert set(plan.user_inputs) == {"num_inference_steps", "height", "width", "batch_size", "generator"}
+    assert plan.user_inputs["height"].consumers == ["prepare_latents"]
+    assert "images" in plan.produced
+
+
+def test_wrong_order_names_both_blocks_and_the_fix() -> None:
+    blocks = Sequence(SetTimesteps(), Loop(Update(), Predict(), name="denoise"), PrepareLatents(), Decode())
+    with pytest.raises(PlanError) as info:
+        Pipeline(blocks, COMPONENTS)
+    message = str(info.value)
+    assert "[denoise.update] latents: needs 'latents', which is only produced later by 'prepare_latents'" in message
+    assert "fix: move 'denoise.predict' before 'denoise.update'" in message
+    assert len(info.value.problems) == 2
+
+
+class WantsInt(Block):
+    """Consumes latents as an int tensor."""
+
+    class Inputs(BlockIO):
+        latents: torch.Tensor | int
+        noise_pred: str
+
+    def __call__(self, inputs: Inputs) -> BlockIO:
+        raise AssertionError
+
+
+def test_incompatible_types_report_expected_and_given() -> None:
+    blocks = Sequence(SetTimesteps(), PrepareLatents(), Predict(name="predict"), WantsInt())
+    with pytest.raises(PlanError) as info:
+        Pipeline(blocks, COMPONENTS)
+    (problem,) = info.value.problems
+    assert problem.block == "wants_int" and problem.field == "noise_pred"
+    assert "expects str but 'predict' produces float Tensor[batch channels height width]" in problem.message
+    assert "test_plan.py" in problem.where
+
+
+def test_missing_and_mistyped_components_are_reported_together() -> None:
+    with pytest.raises(PlanError) as info:
+        Pipeline(toy_blocks(), {"decoder": "not a decoder"})
+    problems = {p.field: p for p in info.value.problems}
+    assert set(problems) == {"denoiser", "decoder"}
+    assert "which the pipeline was not given" in problems["denoiser"].message
+    assert "components={'denoiser': ...}" in problems["denoiser"].fix
+    assert "needs a Decoder but component 'decoder' is a str" in problems["decoder"].message
+
+
+def test_rank_mismatch_between_tensor_fields_is_caught() -> None:
+    class Flat(Block):
+        class Inputs(BlockIO):
+            latents: Float["batch features"]
+
+        def __call__(self, inputs: Inputs) -> BlockIO:
+            raise AssertionError
+
+    with pytest.raises(PlanError, match=r"expects float Tensor\[batch features\]"):
+        Pipeline(Sequence(PrepareLatents(), Flat()), COMPONENTS)
+
+
+def test_reserved_input_names_are_rejected() -> None:
+    class Bad(Block):
+        class Inputs(BlockIO):
+            progress: int = 0
+
+        def __call__(self, inputs: Inputs) -> BlockIO:
+            raise AssertionError
+
+    with pytest.raises(PlanError, match="reserved for run options"):
+        Pipeline(Bad())
+
+
+def test_conflicting_user_input_types_between_blocks() -> None:
+    class A(Block):
+        class Inputs(BlockIO):
+            size: int = 1
+
+        def __call__(self, inputs: Inputs) -> BlockIO:
+            raise AssertionError
+
+    class B(Block):
+        class Inputs(BlockIO):
+            size: str = Field("x")
+
+        def __call__(self, inputs: Inputs) -> BlockIO:
+            raise AssertionError
+
+    with pytest.raises(PlanError, match="takes user input 'size' as str but 'a' takes it as int"):
+        Pipeline(Sequence(A(), B()))
+
+
+def img2img_switch() -> Sequence:
+    start = Switch(
+        Branch("img2img", EncodeImage(), when=("image",)),
+        Branch("text2img", PrepareLatents()),
+        name="start",
+    )
+    return Sequence(SetTimesteps(), start, Loop(Predict(), Update(), name="denoise"), Decode(), name="toy")
+
+
+def test_switch_expands_to_one_checked_plan_per_workflow() -> None:
+    pipe = Pipeline(img2img_switch(), COMPONENTS)
+    assert pipe.workflows == ("img2img", "text2img")
+    assert "image" in pipe.plan("img2img").user_inputs
+    assert "image" not in pipe.plan("text2img").user_inputs
+    paths = [path for path, _ in pipe.plan("img2img").blocks]
+    assert paths[1] == "start.img2img.encode_image"
+    assert isinstance(pipe.blocks.get("start.img2img"), EncodeImage)
+
+
+def test_switch_trigger_must_be_an_input() -> None:
+    start = Switch(Branch("odd", EncodeImage(), when=("picture",)), Branch("text2img", PrepareLatents()))
+    with pytest.raises(PlanError, match="triggered by 'picture', which no block takes as a user input"):
+        Pipeline(Sequence(start, Decode()), COMPONENTS)
+
+
+def test_switch_rejects_default_branch_before_others() -> None:
+    with pytest.raises(ValueError, match="put the default branch last"):
+        Switch(Branch("text2img", PrepareLatents()), Branch("img2img", EncodeImage(), when=("image",)))
+
+
+def test_switch_lists_workflows_and_hands_back_one() -> None:
+    switch = img2img_switch().get("start")
+    assert isinstance(switch, Switch)
+    assert switch.workflows == ("img2img", "text2img")
+    assert isinstance(switch.workflow("text2img"), PrepareLatents)
+    with pytest.raises(KeyError, match="has no workflow 'inpaint'"):
+        switch.workflow("inpaint")
+
+
+def test_pipeline_owns_a_copy_of_the_blocks() -> None:
+    blocks = toy_blocks()
+    pipe = Pipeline(blocks, COMPONENTS)
+    blocks.remove("decode")
+    assert "decode" in pipe.blocks.names  # type: ignore[attr-defined]
