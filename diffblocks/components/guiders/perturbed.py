@@ -1,0 +1,179 @@
+"""Bases of the guiders that guide away from a perturbed ("worse") version of the denoiser.
+
+Layers are given per model family (``family="sdxl"``) or as explicit diffusers module paths; the
+perturbation is built once, at construction. Diffusers configs that name layers by index
+(``skip_layer_guidance_layers=[7, 8]``) or by ``LayerSkipConfig`` dicts (``fqn`` and ``indices``)
+are read too; an index without ``fqn`` means ``transformer_blocks.<index>``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from collections.abc import Sequence
+from typing import Annotated, Any, ClassVar
+
+from pydantic import BeforeValidator, PrivateAttr, model_validator
+from torch import Tensor
+from typing_extensions import Self
+
+from diffblocks.components.guiders.base import (
+    COND,
+    UNCOND,
+    AbstractClassifierFreeGuider,
+    GuidancePass,
+    GuiderState,
+)
+from diffblocks.components.guiders.families import FAMILIES, Family
+from diffblocks.components.guiders.perturbations import AbstractPerturbation
+from diffblocks.components.guiders.rules import guide
+
+_DEFAULT_STACK = "transformer_blocks"  # diffusers' "auto" block list for DiTs
+
+
+def _as_paths(value: object) -> object:
+    """Accept one path, diffusers block indices, or a sequence of either."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, (str, int)) else list(value)  # pyright: ignore[reportArgumentType]
+    return tuple(f"{_DEFAULT_STACK}.{item}" if isinstance(item, int) else item for item in items)
+
+
+LayerPaths = Annotated[tuple[str, ...] | None, BeforeValidator(_as_paths)]
+
+
+def _paths_from_layer_configs(configs: object) -> tuple[tuple[str, ...], float | None]:
+    """Module paths (and dropout) from diffusers ``LayerSkipConfig``-style dicts."""
+    items = [configs] if isinstance(configs, dict) else list(configs)  # pyright: ignore[reportArgumentType]
+    paths: list[str] = []
+    dropouts: set[float] = set()
+    for item in items:
+        stack = item.get("fqn", "auto")
+        prefix = _DEFAULT_STACK if stack == "auto" else stack
+        indices = item["indices"]
+        paths += [f"{prefix}.{i}" for i in ([indices] if isinstance(indices, int) else indices)]
+        dropouts.add(float(item.get("dropout", 1.0)))
+    if len(dropouts) > 1:
+        raise ValueError(f"Layer configs with different dropouts {sorted(dropouts)} are not supported; use one.")
+    return tuple(paths), dropouts.pop() if dropouts else None
+
+
+class AbstractPerturbedGuider(AbstractClassifierFreeGuider):
+    """CFG settings plus a model perturbation on family-default or explicit layers.
+
+    Concrete classes name their layers field (``layers_field``), the diffusers key of its
+    ``LayerSkipConfig`` form (``layer_config_key``), the per-family defaults, and build the
+    perturbation from the resolved paths.
+
+    Args:
+        family: ``"sd15"``, ``"sdxl"`` or ``"flux"``: use that family's default layers.
+    """
+
+    layers_field: ClassVar[str]
+    layer_config_key: ClassVar[str]
+    default_layers: ClassVar[dict[str, tuple[str, ...]]]
+
+    family: Family | None = None
+    _perturbation: AbstractPerturbation = PrivateAttr()
+
+    @classmethod
+    def for_family(cls, family: Family, **settings: Any) -> Self:
+        """This guider with ``family``'s default layers and any other ``settings``."""
+        return cls(family=family, **settings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_layer_configs(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or cls.layer_config_key not in data:
+            return data
+        values: dict[str, Any] = dict(data)  # pyright: ignore[reportUnknownArgumentType]
+        configs = values.pop(cls.layer_config_key)
+        if configs is not None:
+            if values.get(cls.layers_field) is not None:
+                raise ValueError(f"Give {cls.layers_field} or {cls.layer_config_key}, not both.")
+            values[cls.layers_field], dropout = _paths_from_layer_configs(configs)
+            if dropout is not None and "dropout" in cls.model_fields:
+                values.setdefault("dropout", dropout)
+        return values
+
+    @model_validator(mode="after")
+    def _build_perturbation(self) -> Self:
+        layers: tuple[str, ...] | None = getattr(self, self.layers_field)
+        if layers is None:
+            if self.family is None:
+                raise ValueError(
+                    f"{type(self).__name__} needs family= (one of {list(FAMILIES)}) or explicit "
+                    f"{self.layers_field}= module paths, e.g. {type(self).__name__}.for_family('sdxl')."
+                )
+            layers = self.default_layers[self.family]
+        self._perturbation = self.make_perturbation(layers)
+        return self
+
+    @property
+    def perturbation(self) -> AbstractPerturbation:
+        """The perturbation applied to the guiding prediction."""
+        return self._perturbation
+
+    @abstractmethod
+    def make_perturbation(self, layers: tuple[str, ...]) -> AbstractPerturbation:
+        """The perturbation of ``layers`` with this guider's settings."""
+
+
+class AbstractPerturbedConditionGuider(AbstractPerturbedGuider):
+    """CFG plus guidance away from a perturbed conditional prediction (PAG, SLG, SEG).
+
+    ``uncond + s * (cond - uncond) + s_p * (cond - perturbed)`` when both act; the perturbed term
+    acts on steps ``int(start_p * n) < i < int(stop_p * n)``. The lower bound is exclusive, as in
+    diffusers, so the same settings give the same images.
+    """
+
+    _with_uncond: tuple[GuidancePass, ...] = PrivateAttr()
+    _without_uncond: tuple[GuidancePass, ...] = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _build_passes(self) -> Self:
+        scale, start, stop = self.perturbed_settings()
+        if not 0.0 <= start < 1.0 or not start <= stop <= 1.0:
+            raise ValueError(
+                f"The perturbed-guidance window needs 0 <= start < 1 and start <= stop <= 1, got [{start}, {stop}]."
+            )
+        perturbed = GuidancePass("cond", self.perturbation)
+        self._with_uncond = (COND, UNCOND, perturbed)
+        self._without_uncond = (COND, perturbed)
+        return self
+
+    @abstractmethod
+    def perturbed_settings(self) -> tuple[float, float, float]:
+        """``(scale, start, stop)`` of the perturbed-guidance term."""
+
+    def perturbs(self, step_index: int, num_steps: int) -> bool:
+        """Whether the perturbed-guidance term acts at this step."""
+        scale, start, stop = self.perturbed_settings()
+        return self.enabled and int(start * num_steps) < step_index < int(stop * num_steps) and not math.isclose(scale, 0.0)
+
+    def passes(self, step_index: int, num_steps: int) -> tuple[GuidancePass, ...]:
+        if not self.perturbs(step_index, num_steps):
+            return super().passes(step_index, num_steps)
+        return self._with_uncond if self.guides(step_index, num_steps) else self._without_uncond
+
+    def combine(
+        self, predictions: Sequence[Tensor], *, state: GuiderState | None, step_index: int, num_steps: int
+    ) -> Tensor:
+        scale, original = self.guidance_scale, self.use_original_formulation
+        cfg, perturbed = self.guides(step_index, num_steps), self.perturbs(step_index, num_steps)
+        if not perturbed:
+            if not cfg:
+                return predictions[0]
+            cond, uncond = predictions
+            guided = guide(cond, uncond, scale, use_original_formulation=original)
+        elif cfg:
+            cond, uncond, worse = predictions
+            guided = guide(cond, uncond, scale, use_original_formulation=original)
+            guided = guided + self.perturbed_settings()[0] * (cond - worse)
+        else:
+            cond, worse = predictions
+            guided = guide(cond, worse, self.perturbed_settings()[0], use_original_formulation=original)
+        return self._rescaled(guided, cond)
+
+
+__all__ = ["AbstractPerturbedConditionGuider", "AbstractPerturbedGuider", "LayerPaths"]
