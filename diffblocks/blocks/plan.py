@@ -110,8 +110,9 @@ class _FlowChecker:
         self.problems: list[Problem] = []
         self.blocks: list[tuple[str, Block]] = []
         self._position = 0
-        self._consumed_at: dict[str, tuple[int, str]] = {}
-        self._produced_at: dict[str, list[tuple[int, str]]] = {}
+        self._loop = ""
+        self._consumed_at: dict[str, tuple[int, str, str]] = {}
+        self._produced_at: dict[str, list[tuple[int, str, str, bool]]] = {}
 
     def visit_children(self, block: AbstractBlock, path: str) -> tuple[Step | LoopStep, ...]:
         if isinstance(block, Sequence) and not isinstance(block, Loop):
@@ -130,7 +131,9 @@ class _FlowChecker:
         self._consume(loop.over, Any, FieldInfo(annotation=Any), path, loop)
         for name, tp in ((loop.item, Any), (loop.index, int), (loop.count, int)):
             self.available[name] = (tp, path)
+        outer, self._loop = self._loop, path
         body = tuple(s for child in loop for s in self.visit(child, _join(path, child.name)))
+        self._loop = outer
         return LoopStep(path, loop, body)
 
     def _visit_leaf(self, block: Block, path: str) -> Step:
@@ -142,9 +145,10 @@ class _FlowChecker:
                     Problem(path, name, f"{name!r} is reserved for run options", "rename the input", block.declaration_site())
                 )
             self._consume(name, field_type(info), info, path, block)
+        inputs = block.input_fields()
         for name, info in block.output_fields().items():
             self.available[name] = (field_type(info), path)
-            self._produced_at.setdefault(name, []).append((self._position, path))
+            self._produced_at.setdefault(name, []).append((self._position, path, self._loop, name in inputs))
         return Step(path, block, tuple(block.input_fields()), block.Inputs, block.Outputs)
 
     def _consume(self, name: str, required: Any, info: FieldInfo, path: str, block: AbstractBlock) -> None:
@@ -164,7 +168,7 @@ class _FlowChecker:
         existing = self.user_inputs.get(name)
         if existing is None:
             self.user_inputs[name] = UserInput(name, required, info, [path])
-            self._consumed_at.setdefault(name, (self._position, path))
+            self._consumed_at.setdefault(name, (self._position, path, self._loop))
             return
         existing.consumers.append(path)
         if not (is_compatible(required, existing.annotation) or is_compatible(existing.annotation, required)):
@@ -182,8 +186,13 @@ class _FlowChecker:
             existing.info = info
 
     def check_order(self) -> None:
-        for name, (position, consumer) in self._consumed_at.items():
-            later = [path for pos, path in self._produced_at.get(name, ()) if pos > position]
+        for name, (position, consumer, loop) in self._consumed_at.items():
+            later = [
+                path
+                for pos, path, producer_loop, updates in self._produced_at.get(name, ())
+                # x <- f(x) later in the same loop is carried state: its first value is a user input
+                if pos > position and not (loop and producer_loop == loop and updates)
+            ]
             if later:
                 self.problems.append(
                     Problem(

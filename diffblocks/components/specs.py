@@ -99,7 +99,7 @@ class ComponentSpec(BaseModel):
         return cls(
             name=name,
             type_hint=(hint[0] or library, hint[1] or class_name),
-            repo=repo if repo is not None else root,
+            repo=repo if repo is not None or spec.get("config") is not None else root,
             subfolder=spec.get("subfolder"),
             variant=spec.get("variant"),
             revision=spec.get("revision"),
