@@ -1,0 +1,132 @@
+"""DDIM sampling (Song et al., 2020)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import ClassVar, final
+
+import torch
+from jaxtyping import Float
+from pydantic import Field
+from torch import Tensor
+
+from diffblocks.components.noise import Generator, randn_tensor
+from diffblocks.components.schedulers.base import SchedulerState, strength_begin
+from diffblocks.components.schedulers.betas import AbstractDiscreteScheduler, TimestepSpacing, diffuse
+from diffblocks.components.schedulers.prediction import PredictionType, data_prediction, dynamic_threshold
+from diffblocks.components.schedulers.schedule import spaced_timesteps
+
+
+@final
+class DDIMScheduler(AbstractDiscreteScheduler):
+    """Denoising diffusion implicit models: the non-Markovian sampler of Song et al. (2020), Eq. 12.
+
+    Fields are diffusers' ``DDIMScheduler`` config keys, plus ``eta``: the stochasticity of
+    Eq. 16 (0 is deterministic DDIM, 1 is DDPM-like). diffusers takes ``eta`` per pipeline call;
+    here it is part of the scheduler and written to the config only when set.
+
+    Example:
+        >>> s = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+        >>> s.set_timesteps(4).timesteps.tolist()
+        [751, 501, 251, 1]
+    """
+
+    extension_keys: ClassVar[frozenset[str]] = frozenset({"eta"})
+
+    clip_sample: bool = True
+    set_alpha_to_one: bool = True
+    prediction_type: PredictionType = "epsilon"
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = Field(0.995, gt=0.0, lt=1.0)
+    clip_sample_range: float = Field(1.0, gt=0.0)
+    sample_max_value: float = Field(1.0, gt=0.0)
+    timestep_spacing: TimestepSpacing = "leading"
+    rescale_betas_zero_snr: bool = False
+    eta: float = Field(0.0, ge=0.0)
+
+    def _zero_terminal_snr(self) -> bool:
+        return self.rescale_betas_zero_snr
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int,
+        *,
+        device: torch.device | str | None = None,
+        strength: float = 1.0,
+        mu: float | None = None,
+        sigmas: Sequence[float] | None = None,
+    ) -> SchedulerState:
+        self._check_request(num_inference_steps, limit=self.num_train_timesteps, mu=mu, sigmas=sigmas)
+        timesteps = spaced_timesteps(
+            self.timestep_spacing,
+            num_inference_steps,
+            num_train_timesteps=self.num_train_timesteps,
+            steps_offset=self.steps_offset,
+        )
+        return self._build_state(
+            torch.from_numpy(timesteps.astype("int64")),
+            None,
+            num_inference_steps=num_inference_steps,
+            begin_index=strength_begin(num_inference_steps, strength),
+            init_noise_sigma=1.0,
+            device=device,
+        )
+
+    def step(
+        self,
+        state: SchedulerState,
+        model_output: Float[Tensor, "batch *rest"],
+        step_index: int,
+        sample: Float[Tensor, "batch *rest"],
+        *,
+        generator: Generator | None = None,
+    ) -> Float[Tensor, "batch *rest"]:
+        """``x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s z`` (Song et al., 2020, Eq. 12)."""
+        t = int(state.full_timesteps[state.position(step_index)])
+        # the previous timestep is one stride back, whatever the spacing (diffusers' convention)
+        prev_t = t - self.num_train_timesteps // state.num_inference_steps
+        abar = self.training_noise.abar
+        abar_t = abar[t]
+        abar_prev = abar[prev_t] if prev_t >= 0 else self._final_abar()
+        alpha_t, sigma_t = math.sqrt(abar_t), math.sqrt(1 - abar_t)
+
+        if self.prediction_type == "epsilon":
+            x0, eps = (sample - sigma_t * model_output) / alpha_t, model_output
+        elif self.prediction_type == "sample":
+            x0 = model_output
+            eps = (sample - alpha_t * x0) / sigma_t
+        else:
+            x0 = data_prediction("v_prediction", model_output, sample, alpha=alpha_t, sigma=sigma_t)
+            eps = alpha_t * model_output + sigma_t * sample
+        if self.thresholding:
+            x0 = dynamic_threshold(x0, ratio=self.dynamic_thresholding_ratio, max_value=self.sample_max_value)
+        elif self.clip_sample:
+            x0 = x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+
+        variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+        std = self.eta * math.sqrt(variance)
+        prev_sample = math.sqrt(abar_prev) * x0 + math.sqrt(1 - abar_prev - std**2) * eps
+        if self.eta > 0:
+            noise = randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+            )
+            prev_sample = prev_sample + std * noise
+        return prev_sample
+
+    def _final_abar(self) -> float:
+        """Alpha-bar after the last step: 1 (fully clean) or that of timestep 0 (SD's configs)."""
+        return 1.0 if self.set_alpha_to_one else self.training_noise.abar[0]
+
+    def add_noise(
+        self,
+        state: SchedulerState,
+        original: Float[Tensor, "batch *rest"],
+        noise: Float[Tensor, "batch *rest"],
+        step_index: int,
+    ) -> Float[Tensor, "batch *rest"]:
+        abar_t = self.training_noise.abar[int(state.full_timesteps[state.position(step_index)])]
+        return diffuse(original, noise, alpha=math.sqrt(abar_t), sigma=math.sqrt(1 - abar_t))
+
+
+__all__ = ["DDIMScheduler"]

@@ -1,0 +1,90 @@
+"""Ancestral Euler sampling of the variance-exploding SDE (Karras et al., 2022; k-diffusion)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import ClassVar, Literal, final
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from diffblocks.components.noise import Generator, randn_tensor
+from diffblocks.components.schedulers.base import SchedulerState, strength_begin
+from diffblocks.components.schedulers.karras import AbstractKarrasScheduler, float32_tensor
+from diffblocks.components.schedulers.prediction import karras_data_prediction
+from diffblocks.components.schedulers.schedule import karras_init_noise_sigma
+
+
+@final
+class EulerAncestralDiscreteScheduler(AbstractKarrasScheduler):
+    """Euler step down to ``sigma_down``, then fresh noise up to ``sigma_next``.
+
+    The step splits ``sigma_next**2 = sigma_down**2 + sigma_up**2`` so that the added noise
+    ``sigma_up`` makes the marginal exact (ancestral sampling, as in k-diffusion's
+    ``sample_euler_ancestral``, on the ODE of Karras et al., 2022). Fields are diffusers'
+    ``EulerAncestralDiscreteScheduler`` config keys.
+
+    Example:
+        >>> s = EulerAncestralDiscreteScheduler()
+        >>> state = s.set_timesteps(3)
+        >>> state.timesteps.tolist()
+        [999.0, 499.5, 0.0]
+    """
+
+    terminal_abar: ClassVar[float | None] = 2.0**-24
+
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    rescale_betas_zero_snr: bool = False
+
+    def _zero_terminal_snr(self) -> bool:
+        return self.rescale_betas_zero_snr
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int,
+        *,
+        device: torch.device | str | None = None,
+        strength: float = 1.0,
+        mu: float | None = None,
+        sigmas: Sequence[float] | None = None,
+    ) -> SchedulerState:
+        self._check_request(num_inference_steps, limit=self.num_train_timesteps, mu=mu, sigmas=sigmas)
+        timesteps, levels = self._karras_schedule(num_inference_steps)
+        sigma_tensor = float32_tensor(np.concatenate([levels, [0.0]]))
+        return self._build_state(
+            float32_tensor(timesteps),
+            sigma_tensor,
+            num_inference_steps=num_inference_steps,
+            begin_index=strength_begin(num_inference_steps, strength),
+            init_noise_sigma=karras_init_noise_sigma(sigma_tensor, self.timestep_spacing),
+            device=device,
+        )
+
+    def step(
+        self,
+        state: SchedulerState,
+        model_output: Float[Tensor, "batch *rest"],
+        step_index: int,
+        sample: Float[Tensor, "batch *rest"],
+        *,
+        generator: Generator | None = None,
+    ) -> Float[Tensor, "batch *rest"]:
+        """Deterministic Euler step to ``sigma_down`` plus ``sigma_up`` of fresh noise."""
+        j = state.position(step_index)
+        sigma, sigma_next = state.full_sigmas[j], state.full_sigmas[j + 1]
+        sample = sample.to(torch.float32)
+        x0 = karras_data_prediction(self.prediction_type, model_output, sample, sigma=sigma)
+        sigma_up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
+        sigma_down = math.sqrt(max(sigma_next**2 - sigma_up**2, 0.0))
+        derivative = (sample - x0) / sigma
+        prev_sample = sample + derivative * (sigma_down - sigma)
+        # drawn at every step, the last included (sigma_up = 0), to consume the generator as diffusers does
+        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+        prev_sample = prev_sample + noise * sigma_up
+        return prev_sample.to(model_output.dtype)
+
+
+__all__ = ["EulerAncestralDiscreteScheduler"]

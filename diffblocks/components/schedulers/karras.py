@@ -1,0 +1,91 @@
+"""Base of the samplers that solve the variance-exploding ODE/SDE in sigma (Karras et al., 2022).
+
+A discrete-time model trained on ``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps`` is equivalently a
+denoiser of ``x = x0 + sigma eps`` with ``sigma = sqrt((1 - abar) / abar)`` whose input is scaled by
+``1 / sqrt(sigma**2 + 1)``; Euler, Heun, LMS and their ancestral variants step in that form.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from diffblocks.components.schedulers.base import SchedulerState
+from diffblocks.components.schedulers.betas import AbstractDiscreteScheduler, TimestepSpacing
+from diffblocks.components.schedulers.schedule import (
+    SigmaSpacing,
+    interpolate_sigmas,
+    respace_sigmas,
+    sigma_to_t,
+    spaced_timesteps,
+)
+
+
+class AbstractKarrasScheduler(AbstractDiscreteScheduler):
+    """A discrete-beta scheduler that steps in the variance-exploding sigma parameterisation."""
+
+    timestep_spacing: TimestepSpacing = "linspace"
+
+    def _karras_schedule(
+        self,
+        num_steps: int,
+        *,
+        respace: SigmaSpacing | None = None,
+        sigma_min: float | None = None,
+        sigma_max: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Model timesteps and their sigmas (no final sigma), as diffusers' sigma schedulers build them.
+
+        Timesteps are spaced per ``timestep_spacing`` and their sigmas interpolated from the training
+        table; with ``respace`` the sigmas are re-spaced over the same range (Karras et al., 2022,
+        Eq. 5, or log-uniform) and the timesteps recovered from them.
+        """
+        noise = self.training_noise
+        timesteps = spaced_timesteps(
+            self.timestep_spacing,
+            num_steps,
+            num_train_timesteps=self.num_train_timesteps,
+            steps_offset=self.steps_offset,
+            round_linspace=False,
+        ).astype(np.float32)
+        sigmas = interpolate_sigmas(timesteps, noise.sigmas)
+        if respace is not None:
+            sigmas = respace_sigmas(respace, sigmas, num_steps, sigma_min=sigma_min, sigma_max=sigma_max)
+            return sigma_to_t(sigmas, noise.log_sigmas), sigmas
+        return timesteps, sigmas
+
+    def scale_model_input(
+        self, state: SchedulerState, sample: Float[Tensor, "batch *rest"], step_index: int
+    ) -> Float[Tensor, "batch *rest"]:
+        """``sample / sqrt(sigma**2 + 1)``: the variance-preserving input the model was trained on."""
+        sigma = state.full_sigmas[state.position(step_index)]
+        return sample / (sigma**2 + 1) ** 0.5
+
+    def add_noise(
+        self,
+        state: SchedulerState,
+        original: Float[Tensor, "batch *rest"],
+        noise: Float[Tensor, "batch *rest"],
+        step_index: int,
+    ) -> Float[Tensor, "batch *rest"]:
+        """``original + sigma * noise`` at the sigma of step ``step_index``."""
+        return original + noise * state.full_sigmas[state.position(step_index)]
+
+
+def respacing(use_karras_sigmas: bool, use_exponential_sigmas: bool) -> SigmaSpacing | None:
+    """The sigma re-spacing named by diffusers' boolean config flags."""
+    if use_karras_sigmas and use_exponential_sigmas:
+        raise ValueError("use_karras_sigmas and use_exponential_sigmas are exclusive; set one.")
+    if use_karras_sigmas:
+        return "karras"
+    return "exponential" if use_exponential_sigmas else None
+
+
+def float32_tensor(values: np.ndarray) -> Tensor:
+    """A float32 CPU tensor of ``values`` (cast in numpy first, as diffusers does)."""
+    return torch.from_numpy(np.asarray(values).astype(np.float32))
+
+
+__all__ = ["AbstractKarrasScheduler", "float32_tensor", "respacing"]
