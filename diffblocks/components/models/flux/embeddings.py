@@ -10,6 +10,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 _FREQ_CHANNELS = 256  # width of the sinusoidal timestep features, fixed across Flux.1 checkpoints
+_NO_FLOAT64 = frozenset({"mps", "npu", "neuron"})
 
 
 def timestep_embedding(t: Float[Tensor, " batch"], dim: int, *, max_period: float = 10_000.0) -> Tensor:
@@ -91,8 +92,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, ids: Float[Tensor, "seq axes"]) -> tuple[Tensor, Tensor]:
         """Return ``(cos, sin)``, each ``(seq, head_dim)`` float32, every angle repeated for its channel pair."""
-        # float64 angles keep large positions exact; MPS has no float64.
-        freq_dtype = torch.float32 if ids.device.type == "mps" else torch.float64
+        # float64 angles keep large positions accurate, where the device has float64.
+        freq_dtype = torch.float32 if ids.device.type in _NO_FLOAT64 else torch.float64
         pos = ids.float()
         cos, sin = [], []
         for axis, dim in enumerate(self.axes_dims):

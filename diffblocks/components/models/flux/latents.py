@@ -65,9 +65,10 @@ def prepare_image_ids(
         grid_width: token columns (latent width / 2).
     """
     # Built in float32 and cast once, as diffusers does, so half-precision ids round identically.
-    rows, cols = torch.arange(grid_height, dtype=torch.float32), torch.arange(grid_width, dtype=torch.float32)
-    grid = torch.stack(torch.meshgrid(torch.zeros(1), rows, cols, indexing="ij"), dim=-1)
-    return rearrange(grid, "1 h w axes -> (h w) axes").to(device=device, dtype=dtype)
+    ids = torch.zeros(grid_height, grid_width, 3)
+    ids[..., 1] = torch.arange(grid_height)[:, None]
+    ids[..., 2] = torch.arange(grid_width)[None, :]
+    return rearrange(ids, "h w axes -> (h w) axes").to(device=device, dtype=dtype)
 
 
 def prepare_text_ids(

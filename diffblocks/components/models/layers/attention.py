@@ -1,0 +1,100 @@
+"""Multi-head attention layers with diffusers' parameter names, all going through the attention seam."""
+
+from __future__ import annotations
+
+from einops import rearrange
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from diffblocks.components.attention import attention
+
+
+def multihead(q: Tensor, k: Tensor, v: Tensor, *, heads: int, mask: Tensor | None = None) -> Tensor:
+    """Split ``(batch, seq, heads * dim)`` projections into heads, attend, and merge the heads back."""
+    q, k, v = (rearrange(t, "b s (h d) -> b h s d", h=heads) for t in (q, k, v))
+    return rearrange(attention(q, k, v, mask=mask), "b h s d -> b s (h d)")
+
+
+class Attention(nn.Module):
+    """Scaled dot-product multi-head attention (Vaswani et al. 2017), self or cross.
+
+    Args:
+        query_dim: channels of the queries (and of the output).
+        heads: number of heads.
+        head_dim: channels per head.
+        context_dim: channels of the keys/values source for cross-attention; None for self-attention.
+        bias: bias on the q/k/v projections.
+        dropout: dropout after the output projection.
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        *,
+        heads: int,
+        head_dim: int,
+        context_dim: int | None = None,
+        bias: bool = False,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.is_cross_attention = context_dim is not None
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(dropout)])
+
+    def forward(
+        self,
+        x: Float[Tensor, "batch seq dim"],
+        context: Float[Tensor, "batch seq_k ctx_dim"] | None = None,
+        *,
+        mask: Tensor | None = None,
+    ) -> Float[Tensor, "batch seq dim"]:
+        """Attend from ``x`` to ``context`` (``x`` itself when None); ``mask`` is an additive bias
+        or boolean keep-mask broadcastable to ``(batch, heads, seq, seq_k)``."""
+        source = x if context is None else context
+        out = multihead(self.to_q(x), self.to_k(source), self.to_v(source), heads=self.heads, mask=mask)
+        for layer in self.to_out:
+            out = layer(out)
+        return out
+
+
+class SpatialSelfAttention(nn.Module):
+    """Single-block self-attention over the pixels of a feature map, with GroupNorm and a residual.
+
+    The VAE's mid-block attention (Rombach et al. 2022, latent diffusion); parameter names match
+    diffusers' ``Attention`` built with ``norm_num_groups`` and ``residual_connection=True``.
+
+    Args:
+        channels: feature-map channels.
+        head_dim: channels per head (the VAE uses one head of all channels).
+        groups: GroupNorm groups.
+        eps: GroupNorm epsilon.
+    """
+
+    def __init__(self, channels: int, *, head_dim: int, groups: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        if channels % head_dim:
+            raise ValueError(f"head_dim {head_dim} does not divide channels {channels}")
+        self.heads = channels // head_dim
+        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(0.0)])
+
+    def forward(self, x: Float[Tensor, "batch c height width"]) -> Float[Tensor, "batch c height width"]:
+        height = x.shape[-2]
+        h = rearrange(self.group_norm(x), "b c y x -> b (y x) c")
+        h = multihead(self.to_q(h), self.to_k(h), self.to_v(h), heads=self.heads)
+        for layer in self.to_out:
+            h = layer(h)
+        # A transposed view (not a contiguous copy) as the sum's first operand: the result then takes
+        # diffusers' channels-last memory layout, on which the following convolutions' rounding depends.
+        return h.transpose(1, 2).unflatten(2, (height, -1)) + x
+
+
+__all__ = ["Attention", "SpatialSelfAttention", "multihead"]

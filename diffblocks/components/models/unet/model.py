@@ -1,0 +1,186 @@
+"""The text-conditioned UNet of Stable Diffusion 1.x/2.x and SDXL (Rombach et al. 2022; Podell et al. 2023)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from diffblocks.components.models.base import AbstractModel
+from diffblocks.components.models.unet.blocks import DownBlock, MidBlock, StageSpec, UpBlock
+from diffblocks.components.models.unet.embeddings import TimestepEmbedding, Timesteps
+from diffblocks.components.models.unet.params import UNET_FIXED_CONFIG, UNet2DConditionParams
+
+_MSG_TEXT_TIME = (
+    "this UNet uses SDXL's text-time conditioning: pass added_cond_kwargs={{'text_embeds': the pooled "
+    "text embedding (batch, dim), 'time_ids': (batch, 6) = original size, crop top-left, target size}}; "
+    "got {got}."
+)
+
+
+class UNet2DConditionModel(AbstractModel[UNet2DConditionParams]):
+    """Predict noise (or v) from a noisy latent, a timestep and text embeddings.
+
+    Module and parameter names equal diffusers' ``UNet2DConditionModel``, so diffusers folders load
+    unchanged and module paths such as ``mid_block.attentions.0.transformer_blocks.0.attn1`` address
+    the same layers.
+
+    Args:
+        params: the architecture; build from a diffusers config with :meth:`from_config`.
+
+    Example:
+        >>> params = UNet2DConditionParams(block_out_channels=(32, 64), layers_per_block=1,
+        ...     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        ...     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        ...     attention_head_dim=2)
+        >>> unet = UNet2DConditionModel(params)
+        >>> unet(torch.randn(1, 4, 16, 16), 10, torch.randn(1, 7, 32)).shape
+        torch.Size([1, 4, 16, 16])
+    """
+
+    Params = UNet2DConditionParams
+    diffusers_class_name = "UNet2DConditionModel"
+    fixed_config: ClassVar[Mapping[str, object]] = UNET_FIXED_CONFIG
+
+    def __init__(self, params: UNet2DConditionParams) -> None:
+        super().__init__(params)
+        p = params
+        chans = p.block_out_channels
+        spec = StageSpec(p.time_embed_dim, p.norm_num_groups, p.norm_eps, p.dropout, p.use_linear_projection)
+
+        self.conv_in = nn.Conv2d(p.in_channels, chans[0], p.conv_in_kernel, padding=p.conv_in_kernel // 2)
+        self.time_proj = Timesteps(chans[0], flip_sin_to_cos=p.flip_sin_to_cos, freq_shift=p.freq_shift)
+        self.time_embedding = TimestepEmbedding(chans[0], p.time_embed_dim)
+        self.add_time_proj: Timesteps | None = None
+        self.add_embedding: TimestepEmbedding | None = None
+        if p.addition_embed_type == "text_time":
+            assert p.addition_time_embed_dim is not None and p.projection_class_embeddings_input_dim is not None
+            self.add_time_proj = Timesteps(
+                p.addition_time_embed_dim, flip_sin_to_cos=p.flip_sin_to_cos, freq_shift=p.freq_shift
+            )
+            self.add_embedding = TimestepEmbedding(p.projection_class_embeddings_input_dim, p.time_embed_dim)
+
+        self.down_blocks = nn.ModuleList(
+            DownBlock(
+                chans[max(i - 1, 0)],
+                chans[i],
+                num_layers=p.layers[i],
+                attention=kind == "CrossAttnDownBlock2D",
+                heads=p.heads[i],
+                context_dim=p.cross_dims[i],
+                depth=p.transformer_layers[i],
+                add_downsample=i < p.num_blocks - 1,
+                downsample_padding=p.downsample_padding,
+                spec=spec,
+            )
+            for i, kind in enumerate(p.down_block_types)
+        )
+        self.mid_block = MidBlock(
+            chans[-1],
+            heads=p.heads[-1],
+            context_dim=p.cross_dims[-1],
+            depth=p.transformer_layers[-1],
+            scale=p.mid_block_scale_factor,
+            spec=spec,
+        )
+        # The up path mirrors the down path: stage i of the up path pairs with down stage n-1-i.
+        rev = p.num_blocks - 1
+        self.up_blocks = nn.ModuleList(
+            UpBlock(
+                chans[max(rev - i - 1, 0)],
+                chans[rev - i],
+                chans[min(rev - i + 1, rev)],
+                num_layers=p.layers[rev - i] + 1,
+                attention=kind == "CrossAttnUpBlock2D",
+                heads=p.heads[rev - i],
+                context_dim=p.cross_dims[rev - i],
+                depth=p.transformer_layers[rev - i],
+                add_upsample=i < rev,
+                spec=spec,
+            )
+            for i, kind in enumerate(p.up_block_types)
+        )
+        self.conv_norm_out = nn.GroupNorm(p.norm_num_groups, chans[0], eps=p.norm_eps)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(chans[0], p.out_channels, p.conv_out_kernel, padding=p.conv_out_kernel // 2)
+
+    def forward(
+        self,
+        sample: Float[Tensor, "batch c_in height width"],
+        timestep: Tensor | float | int,
+        encoder_hidden_states: Float[Tensor, "batch seq ctx"],
+        *,
+        added_cond_kwargs: Mapping[str, Tensor] | None = None,
+        encoder_attention_mask: Tensor | None = None,
+        down_block_additional_residuals: Sequence[Tensor] | None = None,
+        mid_block_additional_residual: Tensor | None = None,
+    ) -> Float[Tensor, "batch c_out height width"]:
+        """Run the UNet.
+
+        Args:
+            sample: noisy latents.
+            timestep: a number, a 0-d tensor, or one value per batch item.
+            encoder_hidden_states: text embeddings.
+            added_cond_kwargs: SDXL only: ``text_embeds`` (batch, pooled) and ``time_ids`` (batch, 6).
+            encoder_attention_mask: (batch, seq), 1/True to attend to a token, 0/False to ignore it.
+            down_block_additional_residuals: ControlNet residuals, one per skip connection.
+            mid_block_additional_residual: ControlNet residual for the mid block output.
+        """
+        if self.params.center_input_sample:
+            sample = 2 * sample - 1.0
+        emb = self.time_embedding(self.time_proj(_batch_timesteps(timestep, sample)).to(sample.dtype))
+        if self.add_embedding is not None:
+            emb = emb + self._text_time_embedding(added_cond_kwargs, dtype=emb.dtype)
+        mask = None
+        if encoder_attention_mask is not None:
+            # The additive bias diffusers uses (not -inf), so fully masked rows behave identically.
+            mask = ((1 - encoder_attention_mask.to(sample.dtype)) * -10000.0)[:, None, None, :]
+
+        h = self.conv_in(sample)
+        skips = [h]
+        for down in self.down_blocks:
+            h, res = down(h, emb, encoder_hidden_states, context_mask=mask)
+            skips += res
+        if down_block_additional_residuals is not None:
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals, strict=True)]
+        h = self.mid_block(h, emb, encoder_hidden_states, context_mask=mask)
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual
+        for up in self.up_blocks:
+            n = len(up.resnets)
+            res, skips = skips[-n:], skips[:-n]
+            # Upsample to the next skip's size so inputs not divisible by 2**stages still line up.
+            size = skips[-1].shape[-2:] if skips else None
+            h = up(h, res, emb, encoder_hidden_states, context_mask=mask, upsample_size=size)
+        return self.conv_out(self.conv_act(self.conv_norm_out(h)))
+
+    def _text_time_embedding(self, added: Mapping[str, Tensor] | None, *, dtype: torch.dtype) -> Tensor:
+        """SDXL micro-conditioning: pooled text embedding + sinusoidal features of the six size ids."""
+        assert self.add_time_proj is not None and self.add_embedding is not None
+        pooled = self.add_embedding.linear_1.in_features
+        if added is None or "text_embeds" not in added or "time_ids" not in added:
+            raise ValueError(_MSG_TEXT_TIME.format(got="None" if added is None else sorted(added)))
+        text, time_ids = added["text_embeds"], added["time_ids"]
+        time_feats = self.add_time_proj(time_ids.flatten()).reshape(text.shape[0], -1)
+        features = torch.cat([text, time_feats], dim=-1)
+        if features.shape[-1] != pooled:
+            raise ValueError(
+                f"text_embeds {tuple(text.shape)} and time_ids {tuple(time_ids.shape)} give "
+                f"{features.shape[-1]} features but projection_class_embeddings_input_dim is {pooled}."
+            )
+        return self.add_embedding(features.to(dtype))
+
+
+def _batch_timesteps(timestep: Tensor | float | int, sample: Tensor) -> Tensor:
+    """One timestep per batch item, on the sample's device."""
+    if not isinstance(timestep, Tensor):
+        timestep = torch.tensor([timestep], device=sample.device)
+    elif timestep.ndim == 0:
+        timestep = timestep[None].to(sample.device)
+    return timestep.expand(sample.shape[0])
+
+
+__all__ = ["UNet2DConditionModel"]
