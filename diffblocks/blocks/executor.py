@@ -15,6 +15,8 @@ from diffblocks.blocks.block import BlockIO
 from diffblocks.blocks.plan import LoopStep, Step
 
 State = dict[str, Any]
+_PROGRESS_INTERVAL = 0.1  # seconds between progress-bar refreshes; tqdm.update per step costs more than a block
+
 
 
 @dataclass(slots=True)
@@ -86,6 +88,7 @@ def _run_loop(step: LoopStep, state: State, run: RunContext) -> None:
     body = step.body
     nested = any(type(s) is LoopStep for s in body) or run.timings is not None
     bar = tqdm(total=count, desc=step.path, leave=True) if run.progress else None
+    shown, last = 0, time.monotonic()
     try:
         for i in range(count):
             if run.interrupted:
@@ -105,9 +108,13 @@ def _run_loop(step: LoopStep, state: State, run: RunContext) -> None:
             if run.callbacks:
                 _call_back(run, StepInfo(i, count, t, state, step.path, run), state)
             if bar is not None:
-                bar.update()
+                now = time.monotonic()
+                if now - last >= _PROGRESS_INTERVAL:
+                    bar.update(i + 1 - shown)
+                    shown, last = i + 1, now
     finally:
         if bar is not None:
+            bar.update(min(count, state[loop.index] + 1 if count else 0) - shown)
             bar.close()
 
 

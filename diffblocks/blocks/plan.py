@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, create_model
 from pydantic.fields import FieldInfo
 
 from diffblocks.blocks.block import AbstractBlock, Block, BlockIO, field_type
 from diffblocks.blocks.compat import describe_type, is_compatible
 from diffblocks.blocks.composites import Loop, Sequence, Switch
 from diffblocks.blocks.errors import Problem
+from diffblocks.blocks.types import TensorSpec
 
 RESERVED_INPUTS = frozenset({"callbacks", "progress", "timings", "grad"})
 
@@ -205,9 +208,21 @@ class _FlowChecker:
 
 
 def _input_model(workflow: str, user_inputs: dict[str, UserInput]) -> type[BaseModel]:
-    fields: dict[str, Any] = {name: (u.info.annotation, u.info) for name, u in user_inputs.items()}
+    fields: dict[str, Any] = {name: (_checked(u.annotation), u.info) for name, u in user_inputs.items()}
     model_name = "".join(part.capitalize() for part in workflow.replace("+", "_").split("_")) + "Inputs"
     return create_model(model_name, __base__=UserInputs, **fields)
+
+
+def _checked(annotation: Any) -> Any:
+    """Add rank/dtype checks to every tensor spec in a user-input annotation (blocks' own fields skip them)."""
+    if typing.get_origin(annotation) is Annotated:
+        base, *meta = typing.get_args(annotation)
+        checks = [AfterValidator(m.check) for m in meta if isinstance(m, TensorSpec)]
+        return Annotated[(_checked(base), *meta, *checks)]  # type: ignore[misc]
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (Union, types.UnionType) and args:
+        return Union[tuple(_checked(a) for a in args)]  # type: ignore[misc]
+    return annotation
 
 
 def _site(block: AbstractBlock) -> str:
