@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
-PAGES = sorted(p for p in DOCS.glob("*.md") if "```python" in p.read_text())
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = sorted(p for p in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")] if "```python" in p.read_text())
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[p.stem for p in PAGES])
