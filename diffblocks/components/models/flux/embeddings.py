@@ -105,15 +105,15 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rope(
-    x: Float[Tensor, "batch heads seq head_dim"], rope: tuple[Tensor, Tensor]
-) -> Float[Tensor, "batch heads seq head_dim"]:
+    x: Float[Tensor, "batch seq heads head_dim"], rope: tuple[Tensor, Tensor]
+) -> Float[Tensor, "batch seq heads head_dim"]:
     """Rotate each adjacent channel pair ``(x0, x1)`` of ``x`` by its position's angle, in float32.
 
     Args:
-        x: queries or keys.
+        x: queries or keys, sequence before heads (the layout the projections produce).
         rope: ``(cos, sin)`` from :class:`RotaryEmbedding`, each ``(seq, head_dim)``.
     """
-    cos, sin = rope
+    cos, sin = (t[:, None, :] for t in rope)  # broadcast over heads
     pairs = x.unflatten(-1, (-1, 2))
     # (x0, x1) -> (-x1, x0) is the 90-degree turn; cos/sin already repeat per pair.
     turned = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)

@@ -88,8 +88,16 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
-def _split_heads(x: Float[Tensor, "batch seq inner"], heads: int) -> Float[Tensor, "batch heads seq head_dim"]:
-    return rearrange(x, "b s (h d) -> b h s d", h=heads)
+def _split_heads(x: Float[Tensor, "batch seq inner"], heads: int) -> Float[Tensor, "batch seq heads head_dim"]:
+    # Heads stay behind the sequence axis until the attention call, so QK-norm and RoPE run on
+    # contiguous memory; the seam gets (batch, heads, seq, head_dim) views.
+    return rearrange(x, "b s (h d) -> b s h d", h=heads)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor) -> Float[Tensor, "batch seq inner"]:
+    """Attention over ``(batch, seq, heads, head_dim)`` tensors through the one attention seam."""
+    q, k, v = (rearrange(t, "b s h d -> b h s d") for t in (q, k, v))
+    return rearrange(attention(q, k, v), "b h s d -> b s (h d)")
 
 
 class SelfAttention(nn.Module):
@@ -116,8 +124,7 @@ class SelfAttention(nn.Module):
         self, hidden_states: Float[Tensor, "batch seq dim"], *, rope: tuple[Tensor, Tensor]
     ) -> Float[Tensor, "batch seq inner"]:
         q, k, v = (_split_heads(proj(hidden_states), self.heads) for proj in (self.to_q, self.to_k, self.to_v))
-        q, k = apply_rope(self.norm_q(q), rope), apply_rope(self.norm_k(k), rope)
-        return rearrange(attention(q, k, v), "b h s d -> b s (h d)")
+        return _attend(apply_rope(self.norm_q(q), rope), apply_rope(self.norm_k(k), rope), v)
 
 
 class JointAttention(nn.Module):
@@ -160,9 +167,9 @@ class JointAttention(nn.Module):
         q, k, v = (_split_heads(proj(hidden_states), self.heads) for proj in (self.to_q, self.to_k, self.to_v))
         txt_projs = (self.add_q_proj, self.add_k_proj, self.add_v_proj)
         cq, ck, cv = (_split_heads(proj(encoder_hidden_states), self.heads) for proj in txt_projs)
-        q = apply_rope(torch.cat([self.norm_added_q(cq), self.norm_q(q)], dim=2), rope)
-        k = apply_rope(torch.cat([self.norm_added_k(ck), self.norm_k(k)], dim=2), rope)
-        out = rearrange(attention(q, k, torch.cat([cv, v], dim=2)), "b h s d -> b s (h d)")
+        q = apply_rope(torch.cat([self.norm_added_q(cq), self.norm_q(q)], dim=1), rope)
+        k = apply_rope(torch.cat([self.norm_added_k(ck), self.norm_k(k)], dim=1), rope)
+        out = _attend(q, k, torch.cat([cv, v], dim=1))
         txt, img = out.split([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
         # Strided views take another half-precision GEMM path; contiguous inputs round like diffusers.
         return self.to_out[0](img.contiguous()), self.to_add_out(txt.contiguous())
