@@ -12,7 +12,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from diffblocks.components.noise import Generator, randn_tensor
-from diffblocks.components.schedulers.base import SchedulerState, strength_begin
+from diffblocks.components.schedulers.state import SchedulerState, strength_begin
 from diffblocks.components.schedulers.karras import AbstractKarrasScheduler, float32_tensor
 from diffblocks.components.schedulers.prediction import karras_data_prediction
 from diffblocks.components.schedulers.schedule import karras_init_noise_sigma

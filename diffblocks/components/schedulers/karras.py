@@ -12,7 +12,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from diffblocks.components.schedulers.base import SchedulerState
+from diffblocks.components.schedulers.state import SchedulerState
 from diffblocks.components.schedulers.betas import AbstractDiscreteScheduler, TimestepSpacing
 from diffblocks.components.schedulers.schedule import (
     SigmaSpacing,

@@ -12,7 +12,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from diffblocks.components.noise import Generator
-from diffblocks.components.schedulers.base import SchedulerState, StepRecord, strength_begin
+from diffblocks.components.schedulers.state import SchedulerState, StepRecord, strength_begin
 from diffblocks.components.schedulers.betas import AbstractDiscreteScheduler, TimestepSpacing, diffuse
 from diffblocks.components.schedulers.schedule import spaced_timesteps
 

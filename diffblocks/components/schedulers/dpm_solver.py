@@ -1,0 +1,194 @@
+"""DPM-Solver++ multistep, deterministic (2M/3M) and SDE (Lu et al., 2022)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal, final
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from pydantic import field_validator
+from torch import Tensor
+
+from diffblocks.components.noise import Generator, randn_tensor
+from diffblocks.components.schedulers.state import SchedulerState, StepRecord, strength_begin
+from diffblocks.components.schedulers.karras import float32_tensor
+from diffblocks.components.schedulers.multistep import (
+    AbstractMultistepScheduler,
+    half_log_snr,
+    int_timesteps,
+    vp_coefficients,
+)
+from diffblocks.components.schedulers.schedule import interpolate_sigmas, respace_sigmas, sigma_to_t
+
+# below this many steps the last steps drop to lower order, which stabilises few-step sampling
+_LOWER_ORDER_FINAL_BELOW = 15
+
+
+@final
+class DPMSolverMultistepScheduler(AbstractMultistepScheduler):
+    """DPM-Solver++: a multistep exponential integrator on the data prediction.
+
+    Implements Lu et al. (2022), "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+    Probabilistic Models": ``algorithm_type="dpmsolver++"`` with ``solver_order=2`` is DPM++ 2M
+    (Algorithm 2), ``"sde-dpmsolver++"`` its SDE variant (DPM++ 2M SDE), which draws fresh noise each
+    step. Fields are diffusers' ``DPMSolverMultistepScheduler`` config keys (the deprecated
+    noise-prediction ``dpmsolver`` variants and flow sigmas are not supported).
+
+    Example:
+        >>> s = DPMSolverMultistepScheduler(use_karras_sigmas=True)
+        >>> state = s.set_timesteps(20)
+        >>> len(state.timesteps), state.sigmas[-1].item()
+        (20, 0.0)
+    """
+
+    fixed_config: ClassVar[Mapping[str, object]] = {"use_beta_sigmas": False, "use_flow_sigmas": False}
+
+    algorithm_type: Literal["dpmsolver++", "sde-dpmsolver++"] = "dpmsolver++"
+    solver_type: Literal["midpoint", "heun"] = "midpoint"
+    euler_at_final: bool = False
+    use_lu_lambdas: bool = False
+    lambda_min_clipped: float = -math.inf
+    variance_type: Literal["learned", "learned_range"] | None = None
+
+    @field_validator("algorithm_type", mode="before")
+    @classmethod
+    def _map_deis(cls, value: Any) -> Any:
+        # a DEIS config loaded into this class: diffusers runs it as DPM-Solver++
+        return "dpmsolver++" if value == "deis" else value
+
+    @field_validator("solver_type", mode="before")
+    @classmethod
+    def _map_foreign_solver(cls, value: Any) -> Any:
+        # solver types of DEIS/UniPC configs: diffusers falls back to midpoint
+        return "midpoint" if value in ("logrho", "bh1", "bh2") else value
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int,
+        *,
+        device: torch.device | str | None = None,
+        strength: float = 1.0,
+        mu: float | None = None,
+        sigmas: Sequence[float] | None = None,
+    ) -> SchedulerState:
+        self._check_request(num_inference_steps, limit=self.num_train_timesteps, mu=mu, sigmas=sigmas)
+        noise = self.training_noise
+        # steps whose log-SNR falls below lambda_min_clipped are never visited (cosine schedules)
+        lambdas = torch.log(noise.alphas_cumprod.sqrt()) - torch.log((1 - noise.alphas_cumprod).sqrt())
+        clipped = int(torch.searchsorted(torch.flip(lambdas, [0]), self.lambda_min_clipped))
+        timesteps = self._spaced_timesteps(num_inference_steps, end=self.num_train_timesteps - clipped)
+        round_respaced = self.beta_schedule != "squaredcos_cap_v2"
+        if self.use_karras_sigmas:
+            levels = respace_sigmas("karras", noise.sigmas[::-1], num_inference_steps)
+            timesteps = sigma_to_t(levels, noise.log_sigmas)
+            timesteps = timesteps.round() if round_respaced else timesteps
+        elif self.use_lu_lambdas:
+            # uniform in log-SNR (Lu et al., 2022): lambda = -log(sigma)
+            high, low = float(noise.log_sigmas[-1]), float(noise.log_sigmas[0])
+            levels = np.exp(high + np.linspace(0, 1, num_inference_steps) * (low - high))
+            timesteps = sigma_to_t(levels, noise.log_sigmas)
+            timesteps = timesteps.round() if round_respaced else timesteps
+        elif self.use_exponential_sigmas:
+            levels = respace_sigmas("exponential", noise.sigmas[::-1], num_inference_steps)
+            timesteps = sigma_to_t(levels, noise.log_sigmas)
+        else:
+            levels = interpolate_sigmas(timesteps, noise.sigmas)
+        last = noise.sigmas[0] if self.final_sigmas_type == "sigma_min" else 0.0
+        return self._build_state(
+            int_timesteps(timesteps),
+            float32_tensor(np.concatenate([levels, [last]])),
+            num_inference_steps=num_inference_steps,
+            begin_index=strength_begin(num_inference_steps, strength),
+            init_noise_sigma=1.0,
+            device=device,
+        )
+
+    def step(
+        self,
+        state: SchedulerState,
+        model_output: Float[Tensor, "batch *rest"],
+        step_index: int,
+        sample: Float[Tensor, "batch *rest"],
+        *,
+        generator: Generator | None = None,
+    ) -> Float[Tensor, "batch *rest"]:
+        """One multistep update from ``sigma_i`` to ``sigma_{i+1}`` with the last ``order`` data predictions."""
+        j = state.position(step_index)
+        if self.variance_type is not None:
+            model_output = model_output[:, : sample.shape[1]]  # drop the learned variance channels
+        x0 = self._data_prediction(model_output, sample, state.full_sigmas[j])
+        state.remember(step_index, StepRecord(x0, sample), keep=self.solver_order)
+        order = self._order_at(state, step_index)
+        # newest first: D_0 = x0 of this step, then those of the steps before
+        predictions = [state.recall(step_index - k, needed_by=step_index).output for k in range(order)]
+        lambdas = [half_log_snr(state.full_sigmas[j + 1 - k]) for k in range(order + 1)]
+        noise = None
+        if self.algorithm_type == "sde-dpmsolver++":
+            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device)
+        prev_sample = self._update(
+            sample.to(torch.float32), predictions, lambdas, state.full_sigmas[j], state.full_sigmas[j + 1], noise
+        )
+        return prev_sample.to(model_output.dtype)
+
+    def _order_at(self, state: SchedulerState, step_index: int) -> int:
+        """The order of this step: warm-up from first order, and lower order at the end."""
+        steps = len(state.full_timesteps)
+        j = state.position(step_index)
+        few = self.lower_order_final and steps < _LOWER_ORDER_FINAL_BELOW
+        if j == steps - 1 and (self.euler_at_final or few or self.final_sigmas_type == "zero"):
+            return 1  # the last step to sigma 0 has infinite lambda: only first order is finite
+        if j == steps - 2 and few:
+            return min(self.solver_order, step_index + 1, 2)
+        return min(self.solver_order, step_index + 1)
+
+    def _update(
+        self,
+        sample: Tensor,
+        predictions: list[Tensor],
+        lambdas: list[float],
+        sigma: float,
+        sigma_next: float,
+        noise: Tensor | None,
+    ) -> Tensor:
+        """DPM-Solver++(k) in data prediction (Lu et al., 2022, Eqs. 8-9 and App. B)."""
+        alpha_t, sigma_t = vp_coefficients(sigma_next)
+        sigma_s = vp_coefficients(sigma)[1]
+        h = lambdas[0] - lambdas[1]
+        d0 = predictions[0]
+        d1 = d2 = None
+        if len(predictions) >= 2:
+            r0 = (lambdas[1] - lambdas[2]) / h
+            d1_0 = (1.0 / r0) * (predictions[0] - predictions[1])
+            d1 = d1_0
+            if len(predictions) == 3:
+                r1 = (lambdas[2] - lambdas[3]) / h
+                d1_1 = (1.0 / r1) * (predictions[1] - predictions[2])
+                d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+                d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
+
+        if noise is None:  # the diffusion ODE
+            phi_1 = math.exp(-h) - 1.0
+            x_t = (sigma_t / sigma_s) * sample - (alpha_t * phi_1) * d0
+            if d1 is not None and d2 is None and self.solver_type == "midpoint":
+                x_t = x_t - (0.5 * alpha_t * phi_1) * d1
+            elif d1 is not None:
+                x_t = x_t + (alpha_t * (phi_1 / h + 1.0)) * d1
+            if d2 is not None:
+                x_t = x_t - (alpha_t * ((phi_1 + h) / h**2 - 0.5)) * d2
+            return x_t
+        # the diffusion SDE: the same data terms over 2h, plus fresh noise
+        psi = 1.0 - math.exp(-2.0 * h)
+        x_t = (sigma_t / sigma_s * math.exp(-h)) * sample + (alpha_t * psi) * d0
+        if d1 is not None and d2 is None and self.solver_type == "midpoint":
+            x_t = x_t + (0.5 * alpha_t * psi) * d1
+        elif d1 is not None:
+            x_t = x_t + (alpha_t * (psi / (-2.0 * h) + 1.0)) * d1
+        if d2 is not None:
+            x_t = x_t + (alpha_t * ((psi - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * d2
+        return x_t + (sigma_t * math.sqrt(psi)) * noise
+
+
+__all__ = ["DPMSolverMultistepScheduler"]

@@ -1,0 +1,97 @@
+"""Base of the exponential-integrator multistep solvers (DPM-Solver++, UniPC) in log-SNR time.
+
+Both solve the diffusion ODE in ``lambda = log(alpha / sigma)`` for a variance-preserving model,
+reusing the data predictions of earlier steps; they share the schedule, the conversion of the
+model output and the forward noising defined here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from pydantic import Field, model_validator
+from torch import Tensor
+from typing_extensions import Self
+
+from diffblocks.components.schedulers.state import SchedulerState
+from diffblocks.components.schedulers.betas import AbstractDiscreteScheduler, TimestepSpacing, diffuse
+from diffblocks.components.schedulers.karras import respacing
+from diffblocks.components.schedulers.prediction import PredictionType, data_prediction, dynamic_threshold
+from diffblocks.components.schedulers.schedule import spaced_timesteps
+
+
+def vp_coefficients(sigma: float) -> tuple[float, float]:
+    """``(alpha_t, sigma_t)`` of the variance-preserving process whose Karras sigma is ``sigma``."""
+    alpha = 1 / math.sqrt(sigma**2 + 1)
+    return alpha, sigma * alpha
+
+
+def half_log_snr(sigma: float) -> float:
+    """``lambda = log(alpha_t / sigma_t)``; infinite at the clean end (``sigma = 0``)."""
+    alpha, sigma_t = vp_coefficients(sigma)
+    return math.log(alpha) - math.log(sigma_t) if sigma_t > 0 else math.inf
+
+
+class AbstractMultistepScheduler(AbstractDiscreteScheduler):
+    """A multistep solver in log-SNR time on a discrete beta schedule."""
+
+    terminal_abar: ClassVar[float | None] = 2.0**-24
+
+    solver_order: int = Field(2, ge=1, le=3)
+    prediction_type: PredictionType = "epsilon"
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = Field(0.995, gt=0.0, lt=1.0)
+    sample_max_value: float = Field(1.0, gt=0.0)
+    lower_order_final: bool = True
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    final_sigmas_type: Literal["zero", "sigma_min"] = "zero"
+    timestep_spacing: TimestepSpacing = "linspace"
+    rescale_betas_zero_snr: bool = False
+
+    @model_validator(mode="after")
+    def _check_respacing(self) -> Self:
+        respacing(self.use_karras_sigmas, self.use_exponential_sigmas)
+        return self
+
+    def _zero_terminal_snr(self) -> bool:
+        return self.rescale_betas_zero_snr
+
+    def _spaced_timesteps(self, num_steps: int, *, end: int | None = None) -> np.ndarray:
+        """Descending timesteps; ``linspace``/``leading`` space ``num_steps + 1`` points and drop 0's end."""
+        kwargs = {"num_train_timesteps": self.num_train_timesteps, "steps_offset": self.steps_offset, "end": end}
+        if self.timestep_spacing == "trailing":
+            return spaced_timesteps("trailing", num_steps, **kwargs)
+        return spaced_timesteps(self.timestep_spacing, num_steps + 1, **kwargs)[:-1]
+
+    def _data_prediction(
+        self, model_output: Float[Tensor, "batch *rest"], sample: Float[Tensor, "batch *rest"], sigma: float
+    ) -> Float[Tensor, "batch *rest"]:
+        """The model's estimate of ``x0`` at noise level ``sigma``, thresholded if configured."""
+        alpha_t, sigma_t = vp_coefficients(sigma)
+        x0 = data_prediction(self.prediction_type, model_output, sample, alpha=alpha_t, sigma=sigma_t)
+        if self.thresholding:
+            x0 = dynamic_threshold(x0, ratio=self.dynamic_thresholding_ratio, max_value=self.sample_max_value)
+        return x0
+
+    def add_noise(
+        self,
+        state: SchedulerState,
+        original: Float[Tensor, "batch *rest"],
+        noise: Float[Tensor, "batch *rest"],
+        step_index: int,
+    ) -> Float[Tensor, "batch *rest"]:
+        alpha_t, sigma_t = vp_coefficients(state.full_sigmas[state.position(step_index)])
+        return diffuse(original, noise, alpha=alpha_t, sigma=sigma_t)
+
+
+def int_timesteps(values: np.ndarray) -> Tensor:
+    """Timesteps as int64, truncating fractional ones as diffusers' ``.to(torch.int64)`` does."""
+    return torch.from_numpy(np.asarray(values)).to(torch.int64)
+
+
+__all__ = ["AbstractMultistepScheduler", "half_log_snr", "int_timesteps", "vp_coefficients"]
