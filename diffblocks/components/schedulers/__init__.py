@@ -5,7 +5,6 @@ A scheduler is a frozen config shared freely; :meth:`AbstractScheduler.set_times
 """
 
 from diffblocks.components.schedulers.base import CONFIG_NAME, AbstractScheduler
-from diffblocks.components.schedulers.state import SchedulerState, StepRecord, flow_strength_begin, strength_begin
 from diffblocks.components.schedulers.ddim import DDIMScheduler
 from diffblocks.components.schedulers.ddpm import DDPMScheduler
 from diffblocks.components.schedulers.dpm_solver import DPMSolverMultistepScheduler
@@ -16,6 +15,7 @@ from diffblocks.components.schedulers.heun import HeunDiscreteScheduler
 from diffblocks.components.schedulers.lms import LMSDiscreteScheduler
 from diffblocks.components.schedulers.pndm import PNDMScheduler
 from diffblocks.components.schedulers.registry import SCHEDULERS, scheduler_from_config, scheduler_from_pretrained
+from diffblocks.components.schedulers.state import SchedulerState, StepRecord, flow_strength_begin, strength_begin
 from diffblocks.components.schedulers.unipc import UniPCMultistepScheduler
 
 __all__ = [

@@ -24,11 +24,12 @@ from typing_extensions import Self
 
 from diffblocks.components.hub import resolve_folder
 from diffblocks.components.noise import Generator
-from diffblocks.components.schedulers.state import SchedulerState
+from diffblocks.components.schedulers.state import SchedulerState, StepRecord
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "scheduler_config.json"
+
 
 class AbstractScheduler(BaseModel, ABC):
     """A sampling algorithm configured by its diffusers ``scheduler_config.json``; holds no run state.
@@ -244,4 +245,4 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-__all__ = ["CONFIG_NAME", "AbstractScheduler", "read_config"]
+__all__ = ["CONFIG_NAME", "AbstractScheduler", "SchedulerState", "StepRecord", "read_config"]

@@ -15,8 +15,8 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
 from jaxtyping import Float
+from pydantic import Field, model_validator
 from torch import Tensor
 from typing_extensions import Self
 
@@ -43,9 +43,7 @@ def _alpha_bar_exp(t: float) -> float:
 
 def betas_from_alpha_bar(num_steps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999) -> Tensor:
     """Betas that make the cumulative product follow ``alpha_bar(t)`` on ``t`` in [0, 1]."""
-    betas = [
-        min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta) for i in range(num_steps)
-    ]
+    betas = [min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta) for i in range(num_steps)]
     return torch.tensor(betas, dtype=torch.float32)
 
 

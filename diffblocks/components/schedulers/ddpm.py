@@ -12,10 +12,10 @@ from pydantic import Field
 from torch import Tensor
 
 from diffblocks.components.noise import Generator, randn_tensor
-from diffblocks.components.schedulers.state import SchedulerState, strength_begin
 from diffblocks.components.schedulers.betas import AbstractDiscreteScheduler, TimestepSpacing, diffuse
 from diffblocks.components.schedulers.prediction import PredictionType, data_prediction, dynamic_threshold
 from diffblocks.components.schedulers.schedule import spaced_timesteps
+from diffblocks.components.schedulers.state import SchedulerState, strength_begin
 
 VarianceType = Literal["fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"]
 

@@ -13,7 +13,6 @@ from pydantic import field_validator
 from torch import Tensor
 
 from diffblocks.components.noise import Generator, randn_tensor
-from diffblocks.components.schedulers.state import SchedulerState, StepRecord, strength_begin
 from diffblocks.components.schedulers.karras import float32_tensor
 from diffblocks.components.schedulers.multistep import (
     AbstractMultistepScheduler,
@@ -22,6 +21,7 @@ from diffblocks.components.schedulers.multistep import (
     vp_coefficients,
 )
 from diffblocks.components.schedulers.schedule import interpolate_sigmas, respace_sigmas, sigma_to_t
+from diffblocks.components.schedulers.state import SchedulerState, StepRecord, strength_begin
 
 # below this many steps the last steps drop to lower order, which stabilises few-step sampling
 _LOWER_ORDER_FINAL_BELOW = 15

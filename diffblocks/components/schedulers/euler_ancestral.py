@@ -12,10 +12,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from diffblocks.components.noise import Generator, randn_tensor
-from diffblocks.components.schedulers.state import SchedulerState, strength_begin
 from diffblocks.components.schedulers.karras import AbstractKarrasScheduler, float32_tensor
 from diffblocks.components.schedulers.prediction import karras_data_prediction
 from diffblocks.components.schedulers.schedule import karras_init_noise_sigma
+from diffblocks.components.schedulers.state import SchedulerState, strength_begin
 
 
 @final
@@ -82,7 +82,9 @@ class EulerAncestralDiscreteScheduler(AbstractKarrasScheduler):
         derivative = (sample - x0) / sigma
         prev_sample = sample + derivative * (sigma_down - sigma)
         # drawn at every step, the last included (sigma_up = 0), to consume the generator as diffusers does
-        noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+        noise = randn_tensor(
+            model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+        )
         prev_sample = prev_sample + noise * sigma_up
         return prev_sample.to(model_output.dtype)
 

@@ -15,9 +15,9 @@ from typing_extensions import Self
 
 from diffblocks.components.noise import Generator, randn_tensor
 from diffblocks.components.schedulers.base import AbstractScheduler
-from diffblocks.components.schedulers.state import SchedulerState, flow_strength_begin
 from diffblocks.components.schedulers.karras import respacing
 from diffblocks.components.schedulers.schedule import respace_sigmas
+from diffblocks.components.schedulers.state import SchedulerState, flow_strength_begin
 
 
 def flux_sigmas(num_inference_steps: int) -> list[float]:

@@ -13,11 +13,11 @@ from torch import Tensor
 from typing_extensions import Self
 
 from diffblocks.components.noise import Generator
-from diffblocks.components.schedulers.state import SchedulerState, StepRecord, strength_begin
 from diffblocks.components.schedulers.betas import BetaSchedule
 from diffblocks.components.schedulers.karras import AbstractKarrasScheduler, float32_tensor, respacing
 from diffblocks.components.schedulers.prediction import PredictionType, karras_data_prediction
 from diffblocks.components.schedulers.schedule import karras_init_noise_sigma
+from diffblocks.components.schedulers.state import SchedulerState, StepRecord, strength_begin
 
 
 @final

@@ -12,7 +12,6 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from diffblocks.components.schedulers.state import SchedulerState
 from diffblocks.components.schedulers.betas import AbstractDiscreteScheduler, TimestepSpacing
 from diffblocks.components.schedulers.schedule import (
     SigmaSpacing,
@@ -21,6 +20,7 @@ from diffblocks.components.schedulers.schedule import (
     sigma_to_t,
     spaced_timesteps,
 )
+from diffblocks.components.schedulers.state import SchedulerState
 
 
 class AbstractKarrasScheduler(AbstractDiscreteScheduler):

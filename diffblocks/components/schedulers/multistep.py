@@ -17,11 +17,11 @@ from pydantic import Field, model_validator
 from torch import Tensor
 from typing_extensions import Self
 
-from diffblocks.components.schedulers.state import SchedulerState
 from diffblocks.components.schedulers.betas import AbstractDiscreteScheduler, TimestepSpacing, diffuse
 from diffblocks.components.schedulers.karras import respacing
 from diffblocks.components.schedulers.prediction import PredictionType, data_prediction, dynamic_threshold
 from diffblocks.components.schedulers.schedule import spaced_timesteps
+from diffblocks.components.schedulers.state import SchedulerState
 
 
 def vp_coefficients(sigma: float) -> tuple[float, float]:

@@ -12,9 +12,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from diffblocks.components.noise import Generator
-from diffblocks.components.schedulers.state import SchedulerState, StepRecord, strength_begin
 from diffblocks.components.schedulers.betas import AbstractDiscreteScheduler, TimestepSpacing, diffuse
 from diffblocks.components.schedulers.schedule import spaced_timesteps
+from diffblocks.components.schedulers.state import SchedulerState, StepRecord, strength_begin
 
 _PRK_STEPS = 12  # three Runge-Kutta steps of four model calls each
 _PRK_WEIGHTS = (1 / 6, 1 / 3, 1 / 3, 1 / 6)
@@ -121,9 +121,7 @@ class PNDMScheduler(AbstractDiscreteScheduler):
             candidates = [0, 4, 8, *range(_PRK_STEPS, step_index + 1)]
         return candidates[-4:]
 
-    def _prk_step(
-        self, state: SchedulerState, model_output: Tensor, step_index: int, t: int, stride: int
-    ) -> Tensor:
+    def _prk_step(self, state: SchedulerState, model_output: Tensor, step_index: int, t: int, stride: int) -> Tensor:
         """Sub-step ``step_index % 4`` of a classic fourth-order Runge-Kutta step over ``stride``."""
         group, sub = divmod(step_index, 4)
         start = state.recall(group * 4, needed_by=step_index)

@@ -13,7 +13,6 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from diffblocks.components.noise import Generator
-from diffblocks.components.schedulers.state import SchedulerState, StepRecord, strength_begin
 from diffblocks.components.schedulers.karras import float32_tensor
 from diffblocks.components.schedulers.multistep import (
     AbstractMultistepScheduler,
@@ -22,6 +21,7 @@ from diffblocks.components.schedulers.multistep import (
     vp_coefficients,
 )
 from diffblocks.components.schedulers.schedule import interpolate_sigmas, respace_sigmas, sigma_to_t
+from diffblocks.components.schedulers.state import SchedulerState, StepRecord, strength_begin
 
 
 @final
@@ -174,7 +174,7 @@ class UniPCMultistepScheduler(AbstractMultistepScheduler):
         else:
             x_t = (alpha_t / alpha_s0) * sample - (sigma_t * h_phi_1) * m0
             scale = sigma_t * b_h
-        terms = [rho * d for rho, d in zip(rhos, differences)]
+        terms = [rho * d for rho, d in zip(rhos, differences, strict=True)]
         if terms:
             x_t = x_t - scale * sum(terms[1:], terms[0])
         return x_t.to(sample.dtype)
