@@ -36,7 +36,10 @@ class MagnitudeAwareGuidance(AbstractClassifierFreeGuider):
         cond, uncond = predictions
         dims = list(range(1, cond.ndim))
         update = cond - uncond
-        damping = torch.exp(-self.alpha * update.norm(dim=dims, keepdim=True) / uncond.norm(dim=dims, keepdim=True))
+        ratio = torch.linalg.vector_norm(update, dim=dims, keepdim=True) / torch.linalg.vector_norm(
+            uncond, dim=dims, keepdim=True
+        )
+        damping = torch.exp(-self.alpha * ratio)
         if self.use_original_formulation:
             guided = cond + self.guidance_scale * damping * update
         else:

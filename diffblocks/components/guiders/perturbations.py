@@ -23,6 +23,7 @@ from diffblocks.components.guiders.blur import blur_tokens, token_grid
 
 Handles = list[RemovableHandle]
 _SELF_ATTENTION_NAMES = ("attn1", "attn")
+_FEED_FORWARD_NAMES = ("ff", "ff_context")
 
 _MSG_NO_MODULE = (
     "{who}: {model} has no submodule {path!r}. Top-level children are {children}; "
@@ -142,8 +143,9 @@ class IdentityAttention(AbstractPerturbation):
         for attn in modules:
             out = attn.get_submodule("to_out.0") if hasattr(attn, "to_out") else None
             _route_values(attn, attn.get_submodule("to_v"), out, handles)
-            if hasattr(attn, "add_v_proj") and hasattr(attn, "to_add_out"):
-                _route_values(attn, attn.get_submodule("add_v_proj"), attn.get_submodule("to_add_out"), handles)
+            context_values, context_out = getattr(attn, "add_v_proj", None), getattr(attn, "to_add_out", None)
+            if isinstance(context_values, nn.Module) and isinstance(context_out, nn.Module):
+                _route_values(attn, context_values, context_out, handles)
 
 
 def _route_values(owner: nn.Module, values: nn.Module, out_proj: nn.Module | None, handles: Handles) -> None:
@@ -174,9 +176,10 @@ def _route_values(owner: nn.Module, values: nn.Module, out_proj: nn.Module | Non
 class SkipBlocks(AbstractPerturbation):
     """Skip-layer guidance: each target block returns its input (``dropout=1``), or a dropped-out output.
 
-    With ``0 < dropout < 1`` the block output goes through ``F.dropout`` (random, rescaled by
-    ``1/(1-p)``), as diffusers emulates the weak model of auto-guidance (Karras et al. 2024).
-    A target that is a ``ModuleList`` stands for all of its blocks.
+    With ``0 < dropout < 1`` the outputs of the block and of its feed-forward layers (``ff``,
+    ``ff_context``) go through ``F.dropout`` (random, rescaled by ``1/(1-p)``): this is how diffusers
+    emulates the weak model of auto-guidance (Karras et al. 2024), and the same seed gives the same
+    result. A target that is a ``ModuleList`` stands for all of its blocks.
 
     Args:
         targets: block paths (``"transformer_blocks.7"``) or block lists
@@ -198,9 +201,14 @@ class SkipBlocks(AbstractPerturbation):
             yield module
 
     def _attach(self, model: nn.Module, modules: Sequence[nn.Module], handles: Handles) -> None:
-        hook = self._skip if math.isclose(self.dropout, 1.0) else self._drop
+        if math.isclose(self.dropout, 1.0):
+            handles.extend(block.register_forward_hook(self._skip, with_kwargs=True) for block in modules)
+            return
         for block in modules:
-            handles.append(block.register_forward_hook(hook, with_kwargs=True))
+            for name, layer in block.named_modules():
+                if name.rpartition(".")[2] in _FEED_FORWARD_NAMES:
+                    handles.append(layer.register_forward_hook(self._drop, with_kwargs=True))
+            handles.append(block.register_forward_hook(self._drop, with_kwargs=True))
 
     def _drop(self, _module: nn.Module, _args: Any, _kwargs: Any, output: Any) -> Any:
         if isinstance(output, Tensor):
