@@ -156,3 +156,12 @@ def _mermaid_steps(steps: tuple[Step | LoopStep, ...], lines: list[str], produce
 
 def _id(text: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in text)
+
+
+def component_names(block: AbstractBlock) -> set[str]:
+    """Names of every component the leaves of a block tree declare (all workflows)."""
+    if isinstance(block, Switch):
+        return {name for branch in block.branches for name in component_names(branch.block)}
+    if isinstance(block, Sequence):
+        return {name for child in block for name in component_names(child)}
+    return set(block.components()) if isinstance(block, Block) else set()

@@ -51,6 +51,13 @@ class Pipeline:
             self._keys[component_name] = self.manager.add(component_name, value, user=self.name)
         self._root, self._plans = self._compile(blocks, self._keys)
 
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str, **kwargs: Any) -> Pipeline:
+        """A ready pipeline for a repository in diffusers layout (see :func:`diffblocks.presets.from_pretrained`)."""
+        from diffblocks.presets.loading import from_pretrained
+
+        return from_pretrained(path_or_repo, **kwargs)
+
     # --- building -------------------------------------------------------------------------------------------
 
     def _compile(self, blocks: AbstractBlock, keys: Mapping[str, str]) -> tuple[AbstractBlock, dict[Choices, Plan]]:
@@ -228,7 +235,7 @@ class Pipeline:
 
     @property
     def workflows(self) -> tuple[str, ...]:
-        return tuple(plan.workflow for plan in self._plans.values())
+        return tuple(plan.workflow for plan in getattr(self, "_plans", {}).values())
 
     def plan(self, workflow: str | None = None) -> Plan:
         """The compiled plan of one workflow (the only one when there is no switch)."""
@@ -252,7 +259,9 @@ class Pipeline:
     def __repr__(self) -> str:
         from diffblocks.blocks.introspect import render_tree
 
-        return f"Pipeline {self.name!r} (workflows: {', '.join(self.workflows)})\n" + render_tree(self._root)
+        root = getattr(self, "_root", None)
+        tree = render_tree(root) if root is not None else "(not built)"
+        return f"Pipeline {self.name!r} (workflows: {', '.join(self.workflows)})\n" + tree
 
     def input_schema(self, workflow: str | None = None) -> dict[str, Any]:
         """JSON Schema of the inputs of a workflow."""

@@ -190,9 +190,12 @@ class _FlowChecker:
 
     def check_order(self) -> None:
         for name, (position, consumer, loop) in self._consumed_at.items():
+            producers = self._produced_at.get(name, ())
+            if any(pos <= position for pos, *_ in producers):
+                continue  # the consumer itself updates it (x <- f(x)): later producers update it again
             later = [
                 path
-                for pos, path, producer_loop, updates in self._produced_at.get(name, ())
+                for pos, path, producer_loop, updates in producers
                 # x <- f(x) later in the same loop is carried state: its first value is a user input
                 if pos > position and not (loop and producer_loop == loop and updates)
             ]

@@ -6,9 +6,9 @@ from diffblocks.registry.registry import Registry
 
 _OURS = {
     # models
-    "UNet2DConditionModel": "diffblocks.components.models:UNet2DConditionModel",
-    "AutoencoderKL": "diffblocks.components.models:AutoencoderKL",
-    "FluxTransformer2DModel": "diffblocks.components.models:FluxTransformer2DModel",
+    "UNet2DConditionModel": "diffblocks.components.models.unet:UNet2DConditionModel",
+    "AutoencoderKL": "diffblocks.components.models.autoencoder_kl:AutoencoderKL",
+    "FluxTransformer2DModel": "diffblocks.components.models.flux:FluxTransformer2DModel",
 }
 _SCHEDULERS = (
     "DDPMScheduler DDIMScheduler PNDMScheduler LMSDiscreteScheduler EulerDiscreteScheduler "

@@ -1,0 +1,90 @@
+"""CLIP prompt encoding for Stable Diffusion 1.x/2.x, with negative prompts and several images per prompt."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import Tensor
+from transformers import CLIPTextModel, PreTrainedTokenizerBase
+
+from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.errors import FieldError
+
+Prompt = str | list[str]
+
+
+def as_list(prompt: Prompt) -> list[str]:
+    return [prompt] if isinstance(prompt, str) else list(prompt)
+
+
+def check_prompts(user_inputs: Mapping[str, Any]) -> None:
+    """A negative prompt list must pair one-to-one with the prompt list."""
+    prompts = as_list(user_inputs["prompt"])
+    if not prompts:
+        raise FieldError("prompt", "prompt is an empty list; give at least one prompt")
+    negative = user_inputs.get("negative_prompt")
+    if isinstance(negative, list) and len(negative) != len(prompts):
+        raise FieldError(
+            "negative_prompt", f"negative_prompt has {len(negative)} entries but prompt has {len(prompts)}; give one per prompt"
+        )
+
+
+def clip_embeddings(
+    encoder: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], *, clip_skip: int | None, penultimate: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Token embeddings (and the encoder's pooled output) of ``texts``, padded to the tokenizer's length.
+
+    ``clip_skip`` takes the output of an earlier layer, through the final layer norm, as SD 1.x
+    does; ``penultimate`` takes the second-to-last layer without the norm, as SDXL does.
+    """
+    device = next(encoder.parameters()).device
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    if clip_skip is None and not penultimate:
+        out = encoder(ids.to(device))
+        return out[0], out[1]
+    out = encoder(ids.to(device), output_hidden_states=True)
+    if penultimate:
+        layer = -(2 + (clip_skip or 0))
+        return out.hidden_states[layer], out[0]
+    assert clip_skip is not None
+    hidden = out.hidden_states[-(clip_skip + 1)]
+    return encoder.text_model.final_layer_norm(hidden), out[1]
+
+
+class EncodePrompt(Block):
+    """Encode the prompt and the negative prompt with CLIP (SD 1.x/2.x)."""
+
+    class Inputs(BlockIO):
+        prompt: Prompt = Field(description="what to draw; a list makes a batch")
+        negative_prompt: Prompt | None = Field(None, description="what to steer away from (default: empty)")
+        num_images_per_prompt: int = Field(1, ge=1, le=64)
+        clip_skip: int | None = Field(None, ge=0, description="use the output of an earlier CLIP layer")
+
+    class Outputs(BlockIO):
+        conditioning: dict[str, Tensor]
+        negative_conditioning: dict[str, Tensor]
+        batch_size: int
+
+    text_encoder: CLIPTextModel = component()
+    tokenizer: PreTrainedTokenizerBase = component()
+
+    def check(self, user_inputs: Mapping[str, Any]) -> None:
+        check_prompts(user_inputs)
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        prompts = as_list(inputs.prompt)
+        negative = as_list(inputs.negative_prompt) if inputs.negative_prompt is not None else [""] * len(prompts)
+        if len(negative) == 1 and len(prompts) > 1:
+            negative = negative * len(prompts)
+        n = inputs.num_images_per_prompt
+        embeds, _ = clip_embeddings(self.text_encoder, self.tokenizer, prompts, clip_skip=inputs.clip_skip)
+        negative_embeds, _ = clip_embeddings(self.text_encoder, self.tokenizer, negative, clip_skip=inputs.clip_skip)
+        dtype = self.text_encoder.dtype
+        return self.Outputs(
+            conditioning={"encoder_hidden_states": embeds.to(dtype).repeat_interleave(n, dim=0)},
+            negative_conditioning={"encoder_hidden_states": negative_embeds.to(dtype).repeat_interleave(n, dim=0)},
+            batch_size=len(prompts) * n,
+        )

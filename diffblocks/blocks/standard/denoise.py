@@ -1,0 +1,92 @@
+"""The body of the denoising loop: scale the input, predict with guidance, take a scheduler step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.standard.guidance import Guidance
+from diffblocks.blocks.types import Float
+from diffblocks.components.guiders import guided_prediction
+from diffblocks.components.models.unet import UNet2DConditionModel
+from diffblocks.components.noise import Generator
+from diffblocks.components.schedulers.base import AbstractScheduler, SchedulerState
+
+
+class ScaleModelInput(Block):
+    """The latents as the model expects them at this step (Euler-type schedulers rescale)."""
+
+    class Inputs(BlockIO):
+        latents: Float["batch channels height width"]
+        schedule: SchedulerState
+        step_index: int
+
+    class Outputs(BlockIO):
+        model_input: Float["batch channels height width"]
+
+    scheduler: AbstractScheduler = component()
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        return self.Outputs(model_input=self.scheduler.scale_model_input(inputs.schedule, inputs.latents, inputs.step_index))
+
+
+class PredictNoise(Block):
+    """Run the UNet for every pass the guider asks for and combine them into one guided prediction."""
+
+    class Inputs(BlockIO):
+        model_input: Float["batch channels height width"]
+        t: Tensor
+        guidance: Guidance
+        step_index: int
+        num_steps: int
+
+    class Outputs(BlockIO):
+        noise_pred: Float["batch channels height width"]
+
+    unet: UNet2DConditionModel = component(description="the denoiser")
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        unet, t = self.unet, inputs.t
+
+        def predict(x: Tensor, encoder_hidden_states: Tensor, **added: Any) -> Tensor:
+            return unet(x, t, encoder_hidden_states, added_cond_kwargs=added or None)
+
+        guidance = inputs.guidance
+        noise_pred = guided_prediction(
+            guidance.guider,
+            state=guidance.state,
+            predict=predict,
+            latents=inputs.model_input,
+            conditions=guidance.conditions,
+            step_index=inputs.step_index,
+            num_steps=inputs.num_steps,
+            model=unet,
+            batched=guidance.batched,
+        )
+        return self.Outputs(noise_pred=noise_pred)
+
+
+class SchedulerStep(Block):
+    """Advance the latents one step with the scheduler."""
+
+    class Inputs(BlockIO):
+        latents: Float["batch channels height width"]
+        noise_pred: Float["batch channels height width"]
+        schedule: SchedulerState
+        step_index: int
+        generator: Generator | None = None
+
+    class Outputs(BlockIO):
+        latents: Float["batch channels height width"]
+
+    scheduler: AbstractScheduler = component()
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        latents = self.scheduler.step(
+            inputs.schedule, inputs.noise_pred, inputs.step_index, inputs.latents, generator=inputs.generator
+        )
+        return self.Outputs(latents=latents.to(inputs.latents.dtype))
+
+

@@ -1,0 +1,127 @@
+"""Starting latents: seeded noise for text-to-image, noised image latents for image-to-image."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.errors import FieldError
+from diffblocks.blocks.standard.images import ImageLike, image_size, normalize, snap_size, to_tensor
+from diffblocks.blocks.standard.vae import encode_latents, vae_scale_factor
+from diffblocks.blocks.types import Float
+from diffblocks.components.models.autoencoder_kl import AutoencoderKL
+from diffblocks.components.noise import Generator, check_generator_device, randn_tensor
+from diffblocks.components.schedulers.base import AbstractScheduler, SchedulerState
+
+
+def _placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    parameter = next(module.parameters())
+    return parameter.device, parameter.dtype
+
+
+def check_size(user_inputs: Mapping[str, Any], factor: int) -> None:
+    """Sizes must be positive multiples of the VAE's downsampling factor."""
+    for name in ("height", "width"):
+        value = user_inputs.get(name)
+        if value is not None and (value <= 0 or value % factor):
+            below, above = max(factor, value - value % factor), value - value % factor + factor
+            raise FieldError(name, f"{name} {value} is not a positive multiple of {factor} (the VAE factor); use {below} or {above}")
+
+
+def check_generator(user_inputs: Mapping[str, Any], device: torch.device) -> None:
+    try:
+        check_generator_device(user_inputs.get("generator"), device)
+    except ValueError as err:
+        raise FieldError("generator", str(err)) from None
+
+
+class PrepareLatents(Block):
+    """Seeded Gaussian latents scaled for the first timestep, drawn as diffusers draws them."""
+
+    class Inputs(BlockIO):
+        height: int | None = Field(None, description="image height in pixels (default: the model's native size)")
+        width: int | None = Field(None, description="image width in pixels (default: the model's native size)")
+        batch_size: int
+        generator: Generator | None = Field(None, description="a torch.Generator (or one per image) for reproducible noise")
+        latents: Float["batch channels height width"] | None = Field(None, description="start from these latents")
+        schedule: SchedulerState
+
+    class Outputs(BlockIO):
+        latents: Float["batch channels height width"]
+        height: int
+        width: int
+
+    vae: AutoencoderKL = component(description="gives the latent channels and the downsampling factor")
+    unet: torch.nn.Module = component(description="the denoiser; latents are made on its device, in its dtype")
+
+    def check(self, user_inputs: Mapping[str, Any]) -> None:
+        check_size(user_inputs, vae_scale_factor(self.vae))
+        check_generator(user_inputs, _placement(self.unet)[0])
+
+    def default_size(self) -> tuple[int, int]:
+        size = getattr(self.unet, "params").sample_size * vae_scale_factor(self.vae)
+        return size, size
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        default_height, default_width = self.default_size()
+        height, width = inputs.height or default_height, inputs.width or default_width
+        device, dtype = _placement(self.unet)
+        factor = vae_scale_factor(self.vae)
+        shape = (inputs.batch_size, self.vae.params.latent_channels, height // factor, width // factor)
+        if inputs.latents is not None:
+            if tuple(inputs.latents.shape) != shape:
+                raise ValueError(f"latents have shape {tuple(inputs.latents.shape)}, expected {shape}")
+            latents = inputs.latents.to(device=device, dtype=dtype)
+        else:
+            latents = randn_tensor(shape, generator=inputs.generator, device=device, dtype=dtype)
+        return self.Outputs(latents=latents * inputs.schedule.init_noise_sigma, height=height, width=width)
+
+
+class PrepareImageLatents(Block):
+    """Encode the input image and noise it to the first timestep of the (shortened) schedule."""
+
+    class Inputs(BlockIO):
+        image: ImageLike = Field(description="the image to start from")
+        height: int | None = Field(None, description="resize the image to this height (default: its own, snapped)")
+        width: int | None = Field(None, description="resize the image to this width (default: its own, snapped)")
+        batch_size: int
+        generator: Generator | None = None
+        schedule: SchedulerState
+
+    class Outputs(BlockIO):
+        latents: Float["batch channels height width"]
+        image_latents: Float["batch channels height width"]
+        noise: Float["batch channels height width"]
+        height: int
+        width: int
+
+    vae: AutoencoderKL = component()
+    scheduler: AbstractScheduler = component()
+    unet: torch.nn.Module = component()
+
+    def check(self, user_inputs: Mapping[str, Any]) -> None:
+        check_size(user_inputs, vae_scale_factor(self.vae))
+        check_generator(user_inputs, _placement(self.unet)[0])
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        device, dtype = _placement(self.unet)
+        height, width = snap_size(*image_size(inputs.image), vae_scale_factor(self.vae))
+        height, width = inputs.height or height, inputs.width or width
+        pixels = normalize(to_tensor(inputs.image, height=height, width=width)).to(device=device, dtype=dtype)
+        image_latents = encode_latents(self.vae, pixels, inputs.generator).to(dtype)
+        image_latents = _repeat_to(image_latents, inputs.batch_size)
+        noise = randn_tensor(tuple(image_latents.shape), generator=inputs.generator, device=device, dtype=dtype)
+        latents = self.scheduler.add_noise(inputs.schedule, image_latents, noise, 0)
+        return self.Outputs(latents=latents, image_latents=image_latents, noise=noise, height=height, width=width)
+
+
+def _repeat_to(latents: torch.Tensor, batch_size: int) -> torch.Tensor:
+    if latents.shape[0] == batch_size:
+        return latents
+    if batch_size % latents.shape[0]:
+        raise ValueError(f"cannot repeat {latents.shape[0]} images to a batch of {batch_size}; pass one image per prompt")
+    return latents.repeat_interleave(batch_size // latents.shape[0], dim=0)
