@@ -7,7 +7,7 @@ import torch
 
 from diffblocks.blocks import Block, BlockIO, Float, InputError, Pipeline, PlanError, Sequence
 from tests.core.test_plan import COMPONENTS, toy_blocks
-from tests.core.toy import Decoder, Denoiser, Update
+from tests.core.toy import Decode, Decoder, Denoiser, Update
 
 
 def test_update_components_swaps_by_value_and_rechecks() -> None:
@@ -66,7 +66,7 @@ def test_insert_and_remove_blocks() -> None:
 def test_an_edit_that_breaks_the_plan_changes_nothing() -> None:
     pipe = Pipeline(toy_blocks(), COMPONENTS)
     with pytest.raises(PlanError, match="needs 'latents', which is only produced later by 'prepare_latents'"):
-        pipe.insert_block(Clamp(), before="prepare_latents")
+        pipe.insert_block(Decode(name="early_decode"), before="prepare_latents")
     assert pipe.blocks.names == ("set_timesteps", "prepare_latents", "denoise", "decode")  # type: ignore[attr-defined]
     pipe(progress=False)
 
