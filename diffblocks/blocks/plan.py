@@ -190,9 +190,9 @@ class _FlowChecker:
 
     def check_order(self) -> None:
         for name, (position, consumer, loop) in self._consumed_at.items():
+            if not self.user_inputs[name].required:
+                continue  # an optional input is an override hook (e.g. user latents); later producers are fine
             producers = self._produced_at.get(name, ())
-            if any(pos <= position for pos, *_ in producers):
-                continue  # the consumer itself updates it (x <- f(x)): later producers update it again
             later = [
                 path
                 for pos, path, producer_loop, updates in producers
