@@ -118,7 +118,8 @@ def test_perturbed_passes_batched_vs_sequential_on_a_unet(guider: Any) -> None:
     out_batched, calls_batched, _ = unet_step(guider, batched=True)
     out_sequential, calls_sequential, _ = unet_step(guider, batched=False)
     assert calls_batched == [2, 1] and calls_sequential == [1, 1, 1]
-    assert (out_batched - out_sequential).abs().max().item() < 1e-5
+    # batch-2 and batch-1 convolutions round differently (~1e-6), amplified by the guidance scales
+    assert (out_batched - out_sequential).abs().max().item() < 1e-4
 
 
 def test_auto_guidance_on_flux_runs_the_weak_pass_perturbed() -> None:
