@@ -28,6 +28,7 @@ from diffblocks.components.models.buffers import materialize_computed_buffers, m
 WEIGHTS_STEM = "diffusion_pytorch_model"
 CONFIG_NAME = "config.json"
 _LIST_LIMIT = 10
+_ALIGNMENT = 64  # bytes; what PyTorch's CPU allocator guarantees
 
 _MSG_PICKLE = (
     "{folder} holds only pickle weights ({name}). diffblocks loads safetensors by default because "
@@ -188,8 +189,11 @@ def load_weights(
         if path.suffix == ".bin":
             found.update({k: tuple(v.shape) for k, v in state.items()})
         for key, tensor in state.items():
-            if key in declared and tensor.is_floating_point():
-                state[key] = tensor.to(dtype or declared[key])
+            target = (dtype or declared[key]) if key in declared and tensor.is_floating_point() else tensor.dtype
+            # safetensors hands out CPU buffers with arbitrary alignment; kernels then take unaligned code
+            # paths that are slower and round differently, so such tensors are copied (one at a time).
+            misaligned = tensor.device.type == "cpu" and tensor.data_ptr() % _ALIGNMENT != 0
+            state[key] = tensor.to(target, copy=misaligned)
         module.load_state_dict(
             {k: v for k, v in state.items() if k in expected and tuple(v.shape) == expected[k]},
             strict=False,

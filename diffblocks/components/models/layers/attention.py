@@ -88,7 +88,9 @@ class SpatialSelfAttention(nn.Module):
 
     def forward(self, x: Float[Tensor, "batch c height width"]) -> Float[Tensor, "batch c height width"]:
         height = x.shape[-2]
-        h = rearrange(self.group_norm(x), "b c y x -> b (y x) c")
+        # Normalise the flattened (b, c, pixels) view, as diffusers does: GroupNorm's rounding depends
+        # on the memory layout, and the encoder's outputs are channels-last.
+        h = self.group_norm(x.flatten(2)).transpose(1, 2)
         h = multihead(self.to_q(h), self.to_k(h), self.to_v(h), heads=self.heads)
         for layer in self.to_out:
             h = layer(h)
