@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffusers import guiders as dg
 import pytest
 import torch
+from diffusers import guiders as dg
 from torch import Tensor
 
 from diffblocks.components.guiders import (

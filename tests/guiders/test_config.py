@@ -89,15 +89,33 @@ def test_register_guider_refuses_another_class_of_the_same_name() -> None:
 
 
 DIFFUSERS_PAIRS: list[tuple[Any, AbstractGuider]] = [
-    (dg.ClassifierFreeGuidance(guidance_scale=5.0, guidance_rescale=0.3), ClassifierFreeGuidance(guidance_scale=5.0, guidance_rescale=0.3)),
-    (dg.AdaptiveProjectedGuidance(adaptive_projected_guidance_momentum=-0.5), AdaptiveProjectedGuidance(adaptive_projected_guidance_momentum=-0.5)),
+    (
+        dg.ClassifierFreeGuidance(guidance_scale=5.0, guidance_rescale=0.3),
+        ClassifierFreeGuidance(guidance_scale=5.0, guidance_rescale=0.3),
+    ),
+    (
+        dg.AdaptiveProjectedGuidance(adaptive_projected_guidance_momentum=-0.5),
+        AdaptiveProjectedGuidance(adaptive_projected_guidance_momentum=-0.5),
+    ),
     (dg.ClassifierFreeZeroStarGuidance(zero_init_steps=2), ClassifierFreeZeroStarGuidance(zero_init_steps=2)),
     (dg.MagnitudeAwareGuidance(alpha=3.0), MagnitudeAwareGuidance(alpha=3.0)),
     (dg.TangentialClassifierFreeGuidance(stop=0.5), TangentialClassifierFreeGuidance(stop=0.5)),
-    (dg.PerturbedAttentionGuidance(perturbed_guidance_layers=[1, 2]), PerturbedAttentionGuidance(perturbed_guidance_layers=("transformer_blocks.1", "transformer_blocks.2"))),
-    (dg.SkipLayerGuidance(skip_layer_guidance_layers=[7]), SkipLayerGuidance(skip_layer_guidance_layers=("transformer_blocks.7",))),
-    (dg.SmoothedEnergyGuidance(seg_guidance_layers=[1]), SmoothedEnergyGuidance(seg_guidance_layers=("transformer_blocks.1",))),
-    (dg.AutoGuidance(auto_guidance_layers=[0], dropout=0.5), AutoGuidance(auto_guidance_layers=("transformer_blocks.0",), dropout=0.5)),
+    (
+        dg.PerturbedAttentionGuidance(perturbed_guidance_layers=[1, 2]),
+        PerturbedAttentionGuidance(perturbed_guidance_layers=("transformer_blocks.1", "transformer_blocks.2")),
+    ),
+    (
+        dg.SkipLayerGuidance(skip_layer_guidance_layers=[7]),
+        SkipLayerGuidance(skip_layer_guidance_layers=("transformer_blocks.7",)),
+    ),
+    (
+        dg.SmoothedEnergyGuidance(seg_guidance_layers=[1]),
+        SmoothedEnergyGuidance(seg_guidance_layers=("transformer_blocks.1",)),
+    ),
+    (
+        dg.AutoGuidance(auto_guidance_layers=[0], dropout=0.5),
+        AutoGuidance(auto_guidance_layers=("transformer_blocks.0",), dropout=0.5),
+    ),
 ]
 
 

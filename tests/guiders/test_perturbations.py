@@ -168,7 +168,10 @@ def test_skipped_flux_blocks_pass_both_streams_through(flux: nn.Module) -> None:
     finally:
         for handle in handles:
             handle.remove()
-    (hidden_in, context_in), (hidden_out, context_out) = seen["transformer_blocks.1"], seen["single_transformer_blocks.0"]
+    (hidden_in, context_in), (hidden_out, context_out) = (
+        seen["transformer_blocks.1"],
+        seen["single_transformer_blocks.0"],
+    )
     assert torch.equal(hidden_in, hidden_out) and torch.equal(context_in, context_out)
 
 

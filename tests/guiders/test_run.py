@@ -45,7 +45,13 @@ def test_cfg_batched_is_one_forward_and_matches_sequential(wrap: bool) -> None:
     cfg = ClassifierFreeGuidance(guidance_scale=4.0, stop=0.5)
     latents, conditions = torch.randn(2, 4, 8, 8), toy_conditions()
     given = GuidanceConditions(conditions) if wrap else conditions
-    common: dict[str, Any] = {"state": None, "latents": latents, "conditions": given, "num_steps": 10, "model": nn.Identity()}
+    common: dict[str, Any] = {
+        "state": None,
+        "latents": latents,
+        "conditions": given,
+        "num_steps": 10,
+        "model": nn.Identity(),
+    }
     batched, sequential = Counting(), Counting()
     out_batched = guided_prediction(cfg, predict=batched, step_index=2, **common)
     out_sequential = guided_prediction(cfg, predict=sequential, step_index=2, batched=False, **common)
@@ -75,8 +81,15 @@ def test_apg_state_threads_through_steps() -> None:
         state = apg.new_state()
         outputs[batched] = [
             guided_prediction(
-                apg, state=state, predict=Counting(), latents=latents + step, conditions=conditions,
-                step_index=step, num_steps=4, model=nn.Identity(), batched=batched,
+                apg,
+                state=state,
+                predict=Counting(),
+                latents=latents + step,
+                conditions=conditions,
+                step_index=step,
+                num_steps=4,
+                model=nn.Identity(),
+                batched=batched,
             )
             for step in range(4)
         ]
@@ -99,8 +112,15 @@ def unet_step(guider: Any, *, batched: bool) -> tuple[Tensor, list[int], nn.Modu
     }
     hooks = hook_counts(model)
     out = guided_prediction(
-        guider, state=None, predict=predict, latents=inputs["sample"], conditions=conditions,
-        step_index=3, num_steps=20, model=model, batched=batched,
+        guider,
+        state=None,
+        predict=predict,
+        latents=inputs["sample"],
+        conditions=conditions,
+        step_index=3,
+        num_steps=20,
+        model=model,
+        batched=batched,
     )
     assert hook_counts(model) == hooks
     return out, calls, model
@@ -136,8 +156,14 @@ def test_auto_guidance_on_flux_runs_the_weak_pass_perturbed() -> None:
     conditions = {"cond": cond, "uncond": {k: torch.zeros_like(v) for k, v in cond.items()}}
     guider = AutoGuidance(auto_guidance_layers=("single_transformer_blocks",), guidance_scale=2.0)
     got = guided_prediction(
-        guider, state=None, predict=predict, latents=inputs["hidden_states"], conditions=conditions,
-        step_index=0, num_steps=4, model=model,
+        guider,
+        state=None,
+        predict=predict,
+        latents=inputs["hidden_states"],
+        conditions=conditions,
+        step_index=0,
+        num_steps=4,
+        model=model,
     )
     plain_cond = predict(inputs["hidden_states"], **conditions["cond"])
     guider.perturbation.inject(model)
@@ -151,7 +177,9 @@ def test_auto_guidance_on_flux_runs_the_weak_pass_perturbed() -> None:
 def test_perturbation_is_ejected_when_the_forward_fails() -> None:
     model = tiny_unet()
     hooks = hook_counts(model)
-    guider = SkipLayerGuidance(skip_layer_guidance_layers=("mid_block.attentions.0.transformer_blocks",), guidance_scale=1.0)
+    guider = SkipLayerGuidance(
+        skip_layer_guidance_layers=("mid_block.attentions.0.transformer_blocks",), guidance_scale=1.0
+    )
 
     def predict(latents: Tensor, **_: Tensor) -> Tensor:
         if hook_counts(model) != hooks:
@@ -160,8 +188,14 @@ def test_perturbation_is_ejected_when_the_forward_fails() -> None:
 
     with pytest.raises(RuntimeError, match="out of memory"):
         guided_prediction(
-            guider, state=None, predict=predict, latents=torch.zeros(1, 4, 8, 8),
-            conditions={"cond": {}, "uncond": {}}, step_index=2, num_steps=20, model=model,
+            guider,
+            state=None,
+            predict=predict,
+            latents=torch.zeros(1, 4, 8, 8),
+            conditions={"cond": {}, "uncond": {}},
+            step_index=2,
+            num_steps=20,
+            model=model,
         )
     assert hook_counts(model) == hooks
 
@@ -175,8 +209,14 @@ def test_overhead_per_step_is_small() -> None:
 
     def step() -> Tensor:
         return guided_prediction(
-            cfg, state=None, predict=predict, latents=latents, conditions=conditions,
-            step_index=1, num_steps=10, model=nn.Identity(),
+            cfg,
+            state=None,
+            predict=predict,
+            latents=latents,
+            conditions=conditions,
+            step_index=1,
+            num_steps=10,
+            model=nn.Identity(),
         )
 
     for _ in range(20):

@@ -79,9 +79,8 @@ class FrequencyDecoupledGuidance(AbstractGuider):
 
     def _level_guides(self, level: int, step_index: int, num_steps: int) -> bool:
         scale, _, _, start, stop = self._levels[level]
-        return (
-            int(start * num_steps) <= step_index < int(stop * num_steps)
-            and not is_noop_scale(scale, use_original_formulation=self.use_original_formulation)
+        return int(start * num_steps) <= step_index < int(stop * num_steps) and not is_noop_scale(
+            scale, use_original_formulation=self.use_original_formulation
         )
 
     def passes(self, step_index: int, num_steps: int) -> tuple[GuidancePass, ...]:
@@ -96,9 +95,8 @@ class FrequencyDecoupledGuidance(AbstractGuider):
             return predictions[0]
         cond, uncond = predictions
         if cond.ndim != 4:
-            raise ValueError(
-                f"FrequencyDecoupledGuidance needs (batch, channels, height, width) predictions, got {tuple(cond.shape)}."
-            )
+            shape = tuple(cond.shape)
+            raise ValueError(f"FrequencyDecoupledGuidance needs (batch, channels, height, width) inputs, got {shape}.")
         levels = len(self._levels)
         cond_bands, uncond_bands = laplacian_pyramid(cond, levels), laplacian_pyramid(uncond, levels)
         guided_bands: list[Tensor] = []

@@ -263,8 +263,8 @@ class SmoothedQueries(AbstractPerturbation):
         latent_hw: list[tuple[int, int]] = []
 
         def record_size(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)
-            latent_hw[:] = [tuple(first.shape[-2:])] if first is not None and first.ndim == 4 else []
+            image = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.ndim == 4), None)
+            latent_hw[:] = [(image.shape[-2], image.shape[-1])] if image is not None else []
 
         def blur(_module: nn.Module, _args: Any, queries: Tensor) -> Tensor:
             grid = token_grid(queries.shape[1], latent_hw[0] if latent_hw else None)

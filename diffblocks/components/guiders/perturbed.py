@@ -149,7 +149,11 @@ class AbstractPerturbedConditionGuider(AbstractPerturbedGuider):
     def perturbs(self, step_index: int, num_steps: int) -> bool:
         """Whether the perturbed-guidance term acts at this step."""
         scale, start, stop = self.perturbed_settings()
-        return self.enabled and int(start * num_steps) < step_index < int(stop * num_steps) and not math.isclose(scale, 0.0)
+        return (
+            self.enabled
+            and int(start * num_steps) < step_index < int(stop * num_steps)
+            and not math.isclose(scale, 0.0)
+        )
 
     def passes(self, step_index: int, num_steps: int) -> tuple[GuidancePass, ...]:
         if not self.perturbs(step_index, num_steps):
