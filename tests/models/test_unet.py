@@ -56,7 +56,10 @@ def _inputs(batch: int = 2, channels: int = 4, size: tuple[int, int] = (16, 16))
 
 def _sdxl_cond(batch: int = 2) -> dict[str, Tensor]:
     g = torch.Generator().manual_seed(2)
-    return {"text_embeds": torch.randn(batch, 24, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch)}
+    return {
+        "text_embeds": torch.randn(batch, 24, generator=g),
+        "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch),
+    }
 
 
 @torch.no_grad()
@@ -127,8 +130,13 @@ def test_module_paths_and_keys_match_diffusers() -> None:
     ours = UNet2DConditionModel.from_config(ref.config)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
     ours_modules = dict(ours.named_modules())
-    for path in ("mid_block.attentions.0.transformer_blocks.0.attn1", "down_blocks.1.attentions.0.transformer_blocks.1.attn2",
-                 "up_blocks.0.resnets.1.time_emb_proj", "add_embedding.linear_1"):  # fmt: skip
+    paths = (
+        "mid_block.attentions.0.transformer_blocks.0.attn1",
+        "down_blocks.1.attentions.0.transformer_blocks.1.attn2",
+        "up_blocks.0.resnets.1.time_emb_proj",
+        "add_embedding.linear_1",
+    )
+    for path in paths:
         assert path in ours_modules, path
         assert type(ours_modules[path]).__name__ in {"Attention", "Linear"}
 

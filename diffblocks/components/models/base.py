@@ -88,8 +88,7 @@ class AbstractModel(nn.Module, ABC, Generic[P]):
             elif key in cls.fixed_config:
                 if _normalise(value) != _normalise(cls.fixed_config[key]):
                     raise ValueError(
-                        f"{cls.__name__} does not support {key}={value!r} "
-                        f"(only {cls.fixed_config[key]!r})."
+                        f"{cls.__name__} does not support {key}={value!r} (only {cls.fixed_config[key]!r})."
                     )
             else:
                 logger.debug("%s ignores config key %s=%r", cls.__name__, key, value)

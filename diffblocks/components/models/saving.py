@@ -12,7 +12,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from torch import Tensor
 
-from diffblocks.components.models.loading import CONFIG_NAME, WEIGHTS_STEM, index_names, single_name
+from diffblocks.components.models.loading import CONFIG_NAME, index_names, single_name
 
 _SHARD = re.compile(r"-\d{5}-of-\d{5}")
 

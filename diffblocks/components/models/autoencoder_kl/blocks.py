@@ -57,7 +57,9 @@ class MidBlock(nn.Module):
 
     def __init__(self, channels: int, *, groups: int, add_attention: bool) -> None:
         super().__init__()
-        attentions = [SpatialSelfAttention(channels, head_dim=channels, groups=groups, eps=EPS)] if add_attention else []
+        attentions = (
+            [SpatialSelfAttention(channels, head_dim=channels, groups=groups, eps=EPS)] if add_attention else []
+        )
         self.attentions = nn.ModuleList(attentions)
         self.resnets = _resnets(channels, channels, 2, groups)
 

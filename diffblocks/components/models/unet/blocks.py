@@ -86,9 +86,7 @@ class DownBlock(nn.Module):
         self.resnets = nn.ModuleList(_resnet(c_in if i == 0 else c_out, c_out, spec) for i in range(num_layers))
         n_attn = num_layers if attention else 0
         self.attentions = _transformers(c_out, n_attn, heads=heads, context_dim=context_dim, depth=depth, spec=spec)
-        self.downsamplers = (
-            nn.ModuleList([Downsample2D(c_out, padding=downsample_padding)]) if add_downsample else None
-        )
+        self.downsamplers = nn.ModuleList([Downsample2D(c_out, padding=downsample_padding)]) if add_downsample else None
 
     def forward(
         self, x: Tensor, temb: Tensor, context: Tensor, *, context_mask: Tensor | None = None
@@ -109,7 +107,9 @@ class DownBlock(nn.Module):
 class MidBlock(nn.Module):
     """Resnet, spatial transformer, resnet at the lowest resolution (``UNetMidBlock2DCrossAttn``)."""
 
-    def __init__(self, channels: int, *, heads: int, context_dim: int, depth: int, scale: float, spec: StageSpec) -> None:
+    def __init__(
+        self, channels: int, *, heads: int, context_dim: int, depth: int, scale: float, spec: StageSpec
+    ) -> None:
         super().__init__()
         self.attentions = _transformers(channels, 1, heads=heads, context_dim=context_dim, depth=depth, spec=spec)
         self.resnets = nn.ModuleList(_resnet(channels, channels, spec, scale) for _ in range(2))

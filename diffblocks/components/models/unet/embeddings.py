@@ -44,9 +44,7 @@ class Timesteps(nn.Module):
         self.freq_shift = freq_shift
 
     def forward(self, timesteps: Float[Tensor, " n"]) -> Float[Tensor, "n dim"]:
-        return timestep_features(
-            timesteps, self.dim, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift
-        )
+        return timestep_features(timesteps, self.dim, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
 
 
 class TimestepEmbedding(nn.Module):

@@ -139,4 +139,4 @@ def _conv1x1(c_in: int, c_out: int) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, kernel_size=1)
 
 
-__all__ = ["BasicTransformerBlock", "FeedForward", "GEGLU", "SpatialTransformer"]
+__all__ = ["GEGLU", "BasicTransformerBlock", "FeedForward", "SpatialTransformer"]
