@@ -89,10 +89,9 @@ class AbstractAttentionBackend(ABC):
         if is_causal and rules.causal is CausalSupport.NONE:
             reasons.append(f"is_causal=True is not supported on {device.type}")
         elif is_causal and rules.causal is CausalSupport.EQUAL_LENGTHS and seq_q != seq_k:
-            reasons.append(
-                f"is_causal=True needs equal query and key lengths (this kernel aligns the causal "
-                f"mask bottom-right), got seq_q {seq_q} and seq_k {seq_k}"
-            )
+            reasons.append(f"is_causal=True needs seq_q == seq_k with this kernel, got seq_q {seq_q} and seq_k {seq_k}")
+        if seq_k % rules.key_length_multiple:
+            reasons.append(f"seq_k {seq_k} must be a multiple of {rules.key_length_multiple}")
         head_dim = q.shape[-1]
         if rules.max_head_dim is not None and head_dim > rules.max_head_dim:
             reasons.append(f"head_dim {head_dim} exceeds the maximum {rules.max_head_dim}")

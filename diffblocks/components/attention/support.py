@@ -25,7 +25,8 @@ class CausalSupport(Enum):
 
     The seam's causal mask is aligned top-left (query ``i`` sees keys ``0..i``), as in
     ``torch.nn.functional.scaled_dot_product_attention``. Kernels that align it bottom-right
-    (flash-attn, SageAttention) agree only when query and key lengths are equal.
+    (flash-attn, SageAttention) agree only when query and key lengths are equal, and some
+    (SDPA's CUDA flash kernel) refuse unequal lengths outright.
     """
 
     NONE = "none"
@@ -45,6 +46,8 @@ class DeviceSupport:
         max_head_dim: largest accepted head_dim, or None for no limit.
         distinct_value_head_dim: v's head_dim may differ from q's and k's.
         min_cuda_capability: smallest CUDA compute capability, (major, minor), or None.
+        key_length_multiple: seq_k must be a multiple of this (kernels that leave a partial
+            last key block unmasked).
     """
 
     dtypes: frozenset[torch.dtype]
@@ -54,6 +57,7 @@ class DeviceSupport:
     max_head_dim: int | None = None
     distinct_value_head_dim: bool = True
     min_cuda_capability: tuple[int, int] | None = None
+    key_length_multiple: int = 1
 
     def __post_init__(self) -> None:
         if not self.dtypes:
@@ -63,6 +67,8 @@ class DeviceSupport:
             raise ValueError(f"DeviceSupport dtypes must be floating point, got {not_float}")
         if self.max_head_dim is not None and self.max_head_dim < 1:
             raise ValueError(f"max_head_dim must be >= 1, got {self.max_head_dim}")
+        if self.key_length_multiple < 1:
+            raise ValueError(f"key_length_multiple must be >= 1, got {self.key_length_multiple}")
 
 
 BackendSupport = Mapping[str, DeviceSupport]

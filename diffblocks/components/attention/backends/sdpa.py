@@ -101,16 +101,7 @@ class SdpaCudnnBackend(AbstractForcedSdpaBackend):
 
     name = AttentionBackendName.SDPA_CUDNN.value
     kernel = SDPBackend.CUDNN_ATTENTION
-    support = {
-        "cuda": DeviceSupport(
-            dtypes=HALF_DTYPES,
-            bool_mask=False,
-            additive_mask=False,
-            max_head_dim=128,
-            distinct_value_head_dim=False,
-            min_cuda_capability=(8, 0),
-        ),
-    }
+    support = {"cuda": DeviceSupport(dtypes=HALF_DTYPES, max_head_dim=256, min_cuda_capability=(8, 0))}
 
 
 __all__ = [
