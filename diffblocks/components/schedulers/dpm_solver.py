@@ -52,6 +52,10 @@ class DPMSolverMultistepScheduler(AbstractMultistepScheduler):
     use_lu_lambdas: bool = False
     lambda_min_clipped: float = -math.inf
     variance_type: Literal["learned", "learned_range"] | None = None
+    # read and written for config fidelity; they only act together with flow sigmas
+    flow_shift: float = 1.0
+    use_dynamic_shifting: bool = False
+    time_shift_type: Literal["exponential"] = "exponential"
 
     @field_validator("algorithm_type", mode="before")
     @classmethod

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import ClassVar, Literal, final
 
@@ -16,6 +15,19 @@ from diffblocks.components.schedulers.karras import AbstractKarrasScheduler, flo
 from diffblocks.components.schedulers.prediction import karras_data_prediction
 from diffblocks.components.schedulers.schedule import karras_init_noise_sigma
 from diffblocks.components.schedulers.state import SchedulerState, strength_begin
+
+
+def _split_noise(sigma: float, sigma_next: float) -> tuple[float, float]:
+    """``(sigma_up, dt)``: the fresh noise, and the Euler step ``sigma_down - sigma``, where
+    ``sigma_down**2 + sigma_up**2 = sigma_next**2`` keeps the marginal exact.
+
+    Computed with float32 tensors, exactly as diffusers does: a step from sigma 4096 (zero terminal SNR) lands
+    near 0 after cancelling almost all digits, so the rounding of ``dt`` shows in the sample.
+    """
+    s, s_next = torch.tensor(sigma, dtype=torch.float32), torch.tensor(sigma_next, dtype=torch.float32)
+    sigma_up = (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5
+    sigma_down = (s_next**2 - sigma_up**2) ** 0.5
+    return float(sigma_up), float(sigma_down - s)
 
 
 @final
@@ -77,10 +89,9 @@ class EulerAncestralDiscreteScheduler(AbstractKarrasScheduler):
         sigma, sigma_next = state.full_sigmas[j], state.full_sigmas[j + 1]
         sample = sample.to(torch.float32)
         x0 = karras_data_prediction(self.prediction_type, model_output, sample, sigma=sigma)
-        sigma_up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2)
-        sigma_down = math.sqrt(max(sigma_next**2 - sigma_up**2, 0.0))
+        sigma_up, dt = _split_noise(sigma, sigma_next)
         derivative = (sample - x0) / sigma
-        prev_sample = sample + derivative * (sigma_down - sigma)
+        prev_sample = sample + derivative * dt
         # drawn at every step, the last included (sigma_up = 0), to consume the generator as diffusers does
         noise = randn_tensor(
             model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype

@@ -52,6 +52,9 @@ class UniPCMultistepScheduler(AbstractMultistepScheduler):
     disable_corrector: tuple[int, ...] = ()
     sigma_min: float | None = Field(None, gt=0.0)
     sigma_max: float | None = Field(None, gt=0.0)
+    # read and written for config fidelity; they only act together with flow sigmas
+    flow_shift: float = 1.0
+    time_shift_type: Literal["exponential", "linear"] = "exponential"
 
     @field_validator("solver_type", mode="before")
     @classmethod
