@@ -35,7 +35,10 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ),
     ("DDIMScheduler", {"timestep_spacing": "linspace", "prediction_type": "sample", "eta": 0.5}),
     ("PNDMScheduler", {**SD, "skip_prk_steps": True, "set_alpha_to_one": False}),
-    ("PNDMScheduler", {**SD, "skip_prk_steps": True, "prediction_type": "v_prediction", "timestep_spacing": "trailing"}),
+    (
+        "PNDMScheduler",
+        {**SD, "skip_prk_steps": True, "prediction_type": "v_prediction", "timestep_spacing": "linspace"},
+    ),
     ("PNDMScheduler", {}),  # the PRK warm-up
     ("LMSDiscreteScheduler", dict(SD)),
     ("LMSDiscreteScheduler", {**SD, "use_karras_sigmas": True, "prediction_type": "v_prediction"}),
