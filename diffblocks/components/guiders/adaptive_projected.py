@@ -78,7 +78,7 @@ class AdaptiveProjectedGuidance(AbstractClassifierFreeGuider):
         dims = self._norm_dims(update.ndim)
         threshold = self.adaptive_projected_guidance_rescale
         if threshold > 0:
-            norm = update.norm(p=2, dim=dims, keepdim=True)
+            norm: Tensor = update.norm(p=2, dim=dims, keepdim=True)
             update = update * torch.minimum(torch.ones_like(update), threshold / norm)
         parallel, orthogonal = project(update, cond, dims=dims)
         start = cond if self.use_original_formulation else uncond

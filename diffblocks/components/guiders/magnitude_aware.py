@@ -36,9 +36,8 @@ class MagnitudeAwareGuidance(AbstractClassifierFreeGuider):
         cond, uncond = predictions
         dims = list(range(1, cond.ndim))
         update = cond - uncond
-        ratio = torch.linalg.vector_norm(update, dim=dims, keepdim=True) / torch.linalg.vector_norm(
-            uncond, dim=dims, keepdim=True
-        )
+        norm = torch.linalg.vector_norm
+        ratio = norm(update, dim=dims, keepdim=True) / norm(uncond, dim=dims, keepdim=True)
         damping = torch.exp(-self.alpha * ratio)
         if self.use_original_formulation:
             guided = cond + self.guidance_scale * damping * update

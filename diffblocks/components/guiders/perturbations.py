@@ -49,10 +49,13 @@ class AbstractPerturbation(ABC):
 
     targets: tuple[str, ...]
     _handles: WeakKeyDictionary[nn.Module, Handles] = field(
-        default_factory=WeakKeyDictionary, init=False, repr=False, compare=False
+        default_factory=lambda: WeakKeyDictionary[nn.Module, Handles](), init=False, repr=False, compare=False
     )
     _resolved: WeakKeyDictionary[nn.Module, tuple[nn.Module, ...]] = field(
-        default_factory=WeakKeyDictionary, init=False, repr=False, compare=False
+        default_factory=lambda: WeakKeyDictionary[nn.Module, tuple[nn.Module, ...]](),
+        init=False,
+        repr=False,
+        compare=False,
     )
 
     def __post_init__(self) -> None:

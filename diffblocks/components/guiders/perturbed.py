@@ -31,26 +31,26 @@ from diffblocks.components.guiders.rules import guide
 _DEFAULT_STACK = "transformer_blocks"  # diffusers' "auto" block list for DiTs
 
 
-def _as_paths(value: object) -> object:
-    """Accept one path, diffusers block indices, or a sequence of either."""
+def _as_paths(value: Any) -> Any:
+    """Accept one path, diffusers block indices, or a sequence of either (pydantic checks the result)."""
     if value is None:
         return None
-    items = [value] if isinstance(value, (str, int)) else list(value)  # pyright: ignore[reportArgumentType]
+    items: list[Any] = [value] if isinstance(value, (str, int)) else list(value)
     return tuple(f"{_DEFAULT_STACK}.{item}" if isinstance(item, int) else item for item in items)
 
 
 LayerPaths = Annotated[tuple[str, ...] | None, BeforeValidator(_as_paths)]
 
 
-def _paths_from_layer_configs(configs: object) -> tuple[tuple[str, ...], float | None]:
+def _paths_from_layer_configs(configs: Any) -> tuple[tuple[str, ...], float | None]:
     """Module paths (and dropout) from diffusers ``LayerSkipConfig``-style dicts."""
-    items = [configs] if isinstance(configs, dict) else list(configs)  # pyright: ignore[reportArgumentType]
+    items: list[dict[str, Any]] = [configs] if isinstance(configs, dict) else list(configs)
     paths: list[str] = []
     dropouts: set[float] = set()
     for item in items:
-        stack = item.get("fqn", "auto")
+        stack = str(item.get("fqn", "auto"))
         prefix = _DEFAULT_STACK if stack == "auto" else stack
-        indices = item["indices"]
+        indices: int | list[int] = item["indices"]
         paths += [f"{prefix}.{i}" for i in ([indices] if isinstance(indices, int) else indices)]
         dropouts.add(float(item.get("dropout", 1.0)))
     if len(dropouts) > 1:
@@ -86,7 +86,7 @@ class AbstractPerturbedGuider(AbstractClassifierFreeGuider):
     def _read_layer_configs(cls, data: Any) -> Any:
         if not isinstance(data, dict) or cls.layer_config_key not in data:
             return data
-        values: dict[str, Any] = dict(data)  # pyright: ignore[reportUnknownArgumentType]
+        values: dict[str, Any] = dict(data)  # pyright: ignore[reportUnknownArgumentType] - pydantic's raw input
         configs = values.pop(cls.layer_config_key)
         if configs is not None:
             if values.get(cls.layers_field) is not None:
@@ -132,7 +132,7 @@ class AbstractPerturbedConditionGuider(AbstractPerturbedGuider):
 
     @model_validator(mode="after")
     def _build_passes(self) -> Self:
-        scale, start, stop = self.perturbed_settings()
+        _, start, stop = self.perturbed_settings()
         if not 0.0 <= start < 1.0 or not start <= stop <= 1.0:
             raise ValueError(
                 f"The perturbed-guidance window needs 0 <= start < 1 and start <= stop <= 1, got [{start}, {stop}]."

@@ -47,7 +47,7 @@ def project(
     """
     reduce = list(dims) if dims is not None else list(range(1, vector.ndim))
     v, u = (vector.double(), onto.double()) if upcast else (vector, onto)
-    u = torch.nn.functional.normalize(u, dim=reduce)
+    u = torch.nn.functional.normalize(u, dim=reduce)  # pyright: ignore[reportArgumentType] - takes a dim list
     parallel = (v * u).sum(dim=reduce, keepdim=True) * u
     orthogonal = v - parallel
     return parallel.to(vector.dtype), orthogonal.to(vector.dtype)

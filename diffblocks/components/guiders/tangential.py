@@ -15,10 +15,10 @@ from diffblocks.components.guiders.rules import guide
 def tangential_uncond(cond: Tensor, uncond: Tensor) -> Tensor:
     """TCFG eq. 9: keep only the part of ``uncond`` along the top right-singular vector of ``[cond; uncond]``."""
     stacked = torch.stack([cond, uncond], dim=1).float().flatten(2)  # (batch, 2, features)
-    _, _, vh = torch.linalg.svd(stacked, full_matrices=False)
+    vh: Tensor = torch.linalg.svd(stacked, full_matrices=False)[2]
     top = vh[:, :1]  # (batch, 1, features)
     flat = uncond.reshape(uncond.shape[0], 1, -1).float()
-    filtered = (flat @ top.transpose(-2, -1)) @ top
+    filtered: Tensor = (flat @ top.transpose(-2, -1)) @ top
     return filtered.reshape(uncond.shape).to(cond.dtype)
 
 
