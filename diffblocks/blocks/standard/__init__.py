@@ -4,20 +4,31 @@ from diffblocks.blocks.standard.decode import DecodeImages
 from diffblocks.blocks.standard.denoise import PredictNoise, ScaleModelInput, SchedulerStep
 from diffblocks.blocks.standard.guidance import Guidance, PrepareGuidance
 from diffblocks.blocks.standard.images import ImageLike, OutputType
+from diffblocks.blocks.standard.inpaint import PrepareInpaintImages, PrepareInpaintLatents, PrepareMaskLatents, SetInpaintTimesteps
+from diffblocks.blocks.standard.inpaint_loop import AddMaskChannels, BlendMaskedLatents, inpaint_mode
 from diffblocks.blocks.standard.latents import PrepareImageLatents, PrepareLatents
+from diffblocks.blocks.standard.masks import MaskLike
 from diffblocks.blocks.standard.timesteps import SetImageTimesteps, SetTimesteps
 
 __all__ = [
+    "AddMaskChannels",
+    "BlendMaskedLatents",
     "DecodeImages",
     "Guidance",
     "ImageLike",
+    "MaskLike",
     "OutputType",
     "PredictNoise",
     "PrepareGuidance",
     "PrepareImageLatents",
+    "PrepareInpaintImages",
+    "PrepareInpaintLatents",
     "PrepareLatents",
+    "PrepareMaskLatents",
     "ScaleModelInput",
     "SchedulerStep",
     "SetImageTimesteps",
+    "SetInpaintTimesteps",
     "SetTimesteps",
+    "inpaint_mode",
 ]
