@@ -8,7 +8,7 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from diffblocks.presets.tiny import Scene, make_batch, parse_prompt, render, sample_scene
+from diffblocks.presets.tiny import Scene, SceneObject, make_batch, parse_prompt, render, sample_scene
 from diffblocks.presets.tiny.vocabulary import BACKGROUNDS, MARGIN, MIN_GAP, PALETTE
 
 from .helpers import satisfies
@@ -39,9 +39,8 @@ def test_palette_is_well_separated_from_itself_and_the_backgrounds() -> None:
     assert min(np.linalg.norm(a - b) for a in colours for b in backgrounds) > 95
 
 
-def _box(obj: object) -> tuple[float, float, float, float]:
-    assert hasattr(obj, "center") and hasattr(obj, "extent")
-    (x, y), half = obj.center, obj.extent / 2  # type: ignore[attr-defined]
+def _box(obj: SceneObject) -> tuple[float, float, float, float]:
+    (x, y), half = obj.center, obj.extent / 2
     return x - half, y - half, x + half, y + half
 
 

@@ -5,6 +5,7 @@ from diffblocks.presets.tiny.checker import CheckResult, adherence, check, locat
 from diffblocks.presets.tiny.detect import Detection, detect
 from diffblocks.presets.tiny.eval_prompts import EVAL_PROMPTS
 from diffblocks.presets.tiny.parse import parse_prompt
+from diffblocks.presets.tiny.phrases import vocabulary_text
 from diffblocks.presets.tiny.scene import Background, ObjectSpec, PromptSpec, Scene, SceneObject, scene_spec
 from diffblocks.presets.tiny.text_encoder import (
     TEXT_MAX_LENGTH,
@@ -20,7 +21,6 @@ from diffblocks.presets.tiny.vocabulary import (
     RELATIONS,
     SHAPES,
     SIZES,
-    vocabulary_text,
 )
 from diffblocks.presets.tiny.world import make_batch, render, sample_scene
 

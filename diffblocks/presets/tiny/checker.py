@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import permutations
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -19,7 +20,9 @@ from diffblocks.presets.tiny.detect import Detection, detect
 from diffblocks.presets.tiny.parse import parse_prompt
 from diffblocks.presets.tiny.phrases import Position
 from diffblocks.presets.tiny.scene import ObjectSpec, PromptSpec
-from diffblocks.presets.tiny.vocabulary import BAND_HALF_WIDTH, BackgroundColour, Relation
+from diffblocks.presets.tiny.vocabulary import BAND_HALF_WIDTH, COLUMNS, ROWS, BackgroundColour, Relation
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -41,14 +44,14 @@ class CheckResult:
         return [name for name, ok in self.criteria.items() if not ok]
 
 
-def _band(value: float, names: tuple[str, str, str]) -> str:
+def _band(value: float, names: tuple[T, ...]) -> T:
     return names[0] if value < 0.5 - BAND_HALF_WIDTH else names[2] if value > 0.5 + BAND_HALF_WIDTH else names[1]
 
 
 def located(detection: Detection) -> Position:
     """The (row, column) cell of the 3 x 3 grid a detection's box centre falls in."""
     x, y = detection.center
-    return _band(y, ("top", "middle", "bottom")), _band(x, ("left", "center", "right"))  # type: ignore[return-value]
+    return _band(y, ROWS), _band(x, COLUMNS)
 
 
 def relation_holds(a: Detection, b: Detection, relation: Relation) -> bool:

@@ -153,11 +153,16 @@ def _trimmed(counts: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 
 def classify_shape(blob: np.ndarray) -> tuple[Shape | None, float, tuple[int, int, int, int]]:
-    """The world shape whose mask best overlaps ``blob`` (bool) when fitted to one of its candidate
-    boxes; returns (shape or None when no IoU reaches ``MIN_SHAPE_IOU``, IoU, (y0, y1, x0, x1))."""
+    """The world shape whose mask best overlaps a blob when fitted to one of the blob's candidate boxes.
+
+    Args:
+        blob: bool (S, S), true on the blob's pixels.
+
+    Returns:
+        ``(shape, iou, (y0, y1, x0, x1))``; shape is None when no IoU reaches ``MIN_SHAPE_IOU``.
+    """
     (y0s, y1s), (x0s, x1s) = _trimmed(blob.sum(1)), _trimmed(blob.sum(0))
-    region = blob[y0s[0] : y1s[0], x0s[0] : x1s[0]]
-    area = int(region.sum())
+    area = int(blob.sum())
     best: tuple[Shape | None, float, tuple[int, int, int, int]] = (None, 0.0, (y0s[0], y1s[0], x0s[0], x1s[0]))
     for y0, y1, x0, x1 in product(y0s, y1s, x0s, x1s):
         inside = int(blob[y0:y1, x0:x1].sum())

@@ -20,8 +20,9 @@ from diffblocks.presets.tiny.phrases import (
     PREFIXES,
     RELATION_PHRASES,
     SIZE_WORDS,
+    Position,
+    vocabulary_text,
 )
-from diffblocks.presets.tiny.phrases import Position
 from diffblocks.presets.tiny.scene import ObjectSpec, PromptSpec
 from diffblocks.presets.tiny.vocabulary import (
     BACKGROUNDS,
@@ -31,7 +32,6 @@ from diffblocks.presets.tiny.vocabulary import (
     Colour,
     Relation,
     Shape,
-    vocabulary_text,
 )
 
 Kind = Literal["prefix", "position", "relation", "background", "and", "object"]

@@ -6,7 +6,7 @@ every caption the world writes parses back (a round trip the tests run over thou
 
 from __future__ import annotations
 
-from diffblocks.presets.tiny.vocabulary import Column, Relation, Row, Size
+from diffblocks.presets.tiny.vocabulary import BACKGROUND_COLOURS, COLOURS, SHAPES, Column, Relation, Row, Size
 
 Position = tuple[Row, Column]
 
@@ -51,3 +51,15 @@ INVERSE_RELATION: dict[Relation, Relation] = {
 }
 
 BACKGROUND_TEMPLATES: tuple[str, ...] = ("on a {} background", "against a {} background", "with a {} background")
+
+
+def vocabulary_text() -> str:
+    """The whole vocabulary as one readable paragraph, for error messages and docs."""
+    positions = sorted({phrase for phrases in POSITION_PHRASES.values() for phrase in phrases})
+    relations = sorted({phrase for phrases in RELATION_PHRASES.values() for phrase in phrases})
+    sizes = sorted(word for words in SIZE_WORDS.values() for word in words)
+    return (
+        f"shapes: {', '.join(SHAPES)}; colours: {', '.join(COLOURS)}; sizes: {', '.join(sizes)}; "
+        f"positions: {', '.join(positions)}; relations: {', '.join(relations)}; "
+        f"backgrounds: {', '.join(BACKGROUND_COLOURS)} (as 'on a white background')"
+    )

@@ -2,6 +2,7 @@
 
 Every other module of the tiny world (sampler, renderer, captions, prompt parser, checker) reads its
 words and numbers from here, so the world, its captions and its evaluation can never disagree.
+The phrases that express them in English live in ``phrases``.
 """
 
 from __future__ import annotations
@@ -56,16 +57,3 @@ MIN_GAP = 4 / 64
 # Bounding-box centres further than this from the image centre (per axis) leave the middle band.
 BAND_HALF_WIDTH = 0.125
 
-
-def vocabulary_text() -> str:
-    """The whole vocabulary as one readable paragraph, for error messages and docs."""
-    from diffblocks.presets.tiny.phrases import POSITION_PHRASES, RELATION_PHRASES, SIZE_WORDS
-
-    positions = sorted({phrase for phrases in POSITION_PHRASES.values() for phrase in phrases})
-    relations = sorted({phrase for phrases in RELATION_PHRASES.values() for phrase in phrases})
-    sizes = sorted(word for words in SIZE_WORDS.values() for word in words)
-    return (
-        f"shapes: {', '.join(SHAPES)}; colours: {', '.join(COLOURS)}; sizes: {', '.join(sizes)}; "
-        f"positions: {', '.join(positions)}; relations: {', '.join(relations)}; "
-        f"backgrounds: {', '.join(BACKGROUND_COLOURS)} (as 'on a white background')"
-    )

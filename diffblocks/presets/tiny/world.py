@@ -14,7 +14,6 @@ from diffblocks.presets.tiny.captions import caption, choose
 from diffblocks.presets.tiny.scene import Background, ObjectSpec, PromptSpec, Scene, SceneObject
 from diffblocks.presets.tiny.shapes import shape_mask
 from diffblocks.presets.tiny.vocabulary import (
-    BackgroundColour,
     ANCHORS,
     BACKGROUND_COLOURS,
     BACKGROUNDS,
@@ -30,21 +29,23 @@ from diffblocks.presets.tiny.vocabulary import (
     SIZE_EXTENT,
     SIZE_JITTER,
     SIZES,
+    BackgroundColour,
 )
 
 DEFAULT_SIZE = 64
 _PALETTE_RGB = {name: np.asarray(rgb, dtype=np.float32) for name, rgb in PALETTE.items()}
+# Largest cross-axis offset between the two objects of a pair: small next to the main-axis
+# separation (>= 17/64), so 'above' never looks like 'left of'.
+_PAIR_WOBBLE = 3 / 64
 
 
 @lru_cache(maxsize=64)
 def _plain(colour: BackgroundColour, size: int) -> np.ndarray:
+    """A read-only plain background; copying it is far cheaper than broadcasting a colour into RGB."""
     image = np.empty((size, size, 3), dtype=np.float32)
     image[...] = np.asarray(BACKGROUNDS[colour], dtype=np.float32)
     image.setflags(write=False)
     return image
-# Largest cross-axis offset between the two objects of a pair: small next to the main-axis
-# separation (>= 17/64), so 'above' never looks like 'left of'.
-_PAIR_WOBBLE = 3 / 64
 
 
 def _random_spec(rng: np.random.Generator) -> PromptSpec:
