@@ -5,6 +5,8 @@ Attribute names match diffusers' ``DownEncoderBlock2D``, ``UpDecoderBlock2D`` an
 
 from __future__ import annotations
 
+from typing import final
+
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -20,6 +22,7 @@ def _resnets(c_in: int, c_out: int, n: int, groups: int) -> nn.ModuleList:
     )
 
 
+@final
 class EncoderBlock(nn.Module):
     """Resnets, then (except in the last stage) a stride-2 convolution padded right/bottom."""
 
@@ -36,6 +39,7 @@ class EncoderBlock(nn.Module):
         return x
 
 
+@final
 class DecoderBlock(nn.Module):
     """Resnets, then (except in the last stage) nearest-neighbour upsampling and a convolution."""
 
@@ -52,6 +56,7 @@ class DecoderBlock(nn.Module):
         return x
 
 
+@final
 class MidBlock(nn.Module):
     """Resnet, single-head self-attention over all pixels (optional), resnet."""
 

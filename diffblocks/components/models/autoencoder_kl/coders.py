@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import final
+
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -9,6 +11,7 @@ from diffblocks.components.models.autoencoder_kl.blocks import EPS, DecoderBlock
 from diffblocks.components.models.autoencoder_kl.params import AutoencoderKLParams
 
 
+@final
 class Encoder(nn.Module):
     """Image to Gaussian moments: ``2 * latent_channels`` maps (mean, log-variance) at 1/downscale size."""
 
@@ -35,6 +38,7 @@ class Encoder(nn.Module):
         return self.conv_out(self.conv_act(self.conv_norm_out(x)))
 
 
+@final
 class Decoder(nn.Module):
     """Latents to image, mirroring the encoder with one extra resnet per stage."""
 

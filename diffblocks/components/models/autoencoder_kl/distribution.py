@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import final
 
 import torch
 from jaxtyping import Float
@@ -11,6 +12,7 @@ from torch import Tensor
 from diffblocks.components.noise import Generator, randn_tensor
 
 
+@final
 @dataclass(frozen=True)
 class DiagonalGaussian:
     """Per-element mean and log-variance of the latent posterior ``q(z | x)``.

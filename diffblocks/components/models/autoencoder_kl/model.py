@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import ClassVar
+from typing import ClassVar, final
 
 import torch
 from jaxtyping import Float
@@ -17,6 +17,7 @@ from diffblocks.components.models.base import AbstractModel
 from diffblocks.components.noise import Generator
 
 
+@final
 class AutoencoderKL(AbstractModel[AutoencoderKLParams]):
     """Encode images to a latent Gaussian and decode latents to images.
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, final
 
 from pydantic import model_validator
 from typing_extensions import Self
@@ -12,6 +12,7 @@ from diffblocks.components.models.base import AbstractParams
 AUTOENCODER_KL_FIXED_CONFIG: dict[str, object] = {"act_fn": "silu"}
 
 
+@final
 class AutoencoderKLParams(AbstractParams):
     """AutoencoderKL architecture and latent statistics (SD1.x/2.x, SDXL, Flux configs).
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import final
 
 import torch
 from torch import Tensor
 
 
+@final
 @dataclass(frozen=True)
 class VaeTiling:
     """Tile settings.

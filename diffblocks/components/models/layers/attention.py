@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import final
+
 from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -15,6 +17,7 @@ def multihead(q: Tensor, k: Tensor, v: Tensor, *, heads: int, mask: Tensor | Non
     return rearrange(attention(q, k, v, mask=mask), "b h s d -> b s (h d)")
 
 
+@final
 class Attention(nn.Module):
     """Scaled dot-product multi-head attention (Vaswani et al. 2017), self or cross.
 
@@ -62,6 +65,7 @@ class Attention(nn.Module):
         return out
 
 
+@final
 class SpatialSelfAttention(nn.Module):
     """Single-block self-attention over the pixels of a feature map, with GroupNorm and a residual.
 

@@ -7,12 +7,14 @@ state-dict keys match theirs.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import final
 
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
 
+@final
 class ResnetBlock2D(nn.Module):
     """Pre-norm residual block with an optional additive timestep embedding (Ho et al. 2020, DDPM).
 
@@ -61,6 +63,7 @@ class ResnetBlock2D(nn.Module):
         return (skip + h) / self.output_scale_factor
 
 
+@final
 class Downsample2D(nn.Module):
     """Halve the resolution with a stride-2 3x3 convolution.
 
@@ -81,6 +84,7 @@ class Downsample2D(nn.Module):
         return self.conv(x)
 
 
+@final
 class Upsample2D(nn.Module):
     """Double the resolution (nearest neighbour), then a 3x3 convolution.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import final
 
 import torch
 from jaxtyping import Float
@@ -55,6 +56,7 @@ def _resnet(c_in: int, c_out: int, spec: StageSpec, scale: float = 1.0) -> Resne
     )
 
 
+@final
 class DownBlock(nn.Module):
     """Resnets (each optionally followed by a spatial transformer), then an optional stride-2 conv.
 
@@ -104,6 +106,7 @@ class DownBlock(nn.Module):
         return x, skips
 
 
+@final
 class MidBlock(nn.Module):
     """Resnet, spatial transformer, resnet at the lowest resolution (``UNetMidBlock2DCrossAttn``)."""
 
@@ -120,6 +123,7 @@ class MidBlock(nn.Module):
         return self.resnets[1](x, temb)
 
 
+@final
 class UpBlock(nn.Module):
     """Concatenate a skip connection before each resnet (and transformer), then optionally upsample.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import final
 
 import torch
 from jaxtyping import Float
@@ -34,6 +35,7 @@ def timestep_features(
     return nn.functional.pad(features, (0, dim % 2))
 
 
+@final
 class Timesteps(nn.Module):
     """Parameter-free sinusoidal features; see :func:`timestep_features`."""
 
@@ -47,6 +49,7 @@ class Timesteps(nn.Module):
         return timestep_features(timesteps, self.dim, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
 
 
+@final
 class TimestepEmbedding(nn.Module):
     """Two-layer SiLU MLP from features to the embedding every resnet block receives.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import ClassVar, final
 
 import torch
 from jaxtyping import Float
@@ -21,6 +21,7 @@ _MSG_TEXT_TIME = (
 )
 
 
+@final
 class UNet2DConditionModel(AbstractModel[UNet2DConditionParams]):
     """Predict noise (or v) from a noisy latent, a timestep and text embeddings.
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, final
 
 from pydantic import model_validator
 from typing_extensions import Self
@@ -45,6 +45,7 @@ def _per_block(value: T | tuple[T, ...], n: int) -> tuple[T, ...]:
     return value if isinstance(value, tuple) else (value,) * n
 
 
+@final
 class UNet2DConditionParams(AbstractParams):
     """UNet2DConditionModel architecture: SD1.x/2.x (incl. inpainting) and SDXL configs.
 

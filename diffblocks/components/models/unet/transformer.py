@@ -6,6 +6,8 @@ Rombach et al. 2022 (latent diffusion), section 3.3. Attribute names match diffu
 
 from __future__ import annotations
 
+from typing import final
+
 import torch.nn.functional as F
 from einops import rearrange
 from jaxtyping import Float
@@ -14,6 +16,7 @@ from torch import Tensor, nn
 from diffblocks.components.models.layers.attention import Attention
 
 
+@final
 class GEGLU(nn.Module):
     """Gated GELU projection (Shazeer 2020): ``a * gelu(b)`` for ``a, b = proj(x).chunk(2)``."""
 
@@ -26,6 +29,7 @@ class GEGLU(nn.Module):
         return value * F.gelu(gate)
 
 
+@final
 class FeedForward(nn.Module):
     """GEGLU MLP with a 4x hidden width; ``net`` indices match diffusers (0 GEGLU, 1 dropout, 2 out)."""
 
@@ -39,6 +43,7 @@ class FeedForward(nn.Module):
         return x
 
 
+@final
 class BasicTransformerBlock(nn.Module):
     """Pre-LayerNorm block: self-attention (``attn1``), cross-attention (``attn2``), feed-forward.
 
@@ -71,6 +76,7 @@ class BasicTransformerBlock(nn.Module):
         return x + self.ff(self.norm3(x))
 
 
+@final
 class SpatialTransformer(nn.Module):
     """Run transformer blocks over the pixels of a feature map, with a residual around them.
 
