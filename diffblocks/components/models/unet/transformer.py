@@ -135,7 +135,8 @@ class SpatialTransformer(nn.Module):
             h = block(h, context, context_mask=context_mask)
         if self.use_linear_projection:
             h = self.proj_out(h)
-        h = rearrange(h, "b (y x) c -> b c y x", y=height)
+        # Contiguous like diffusers': the residual sum and the next convolutions then round identically.
+        h = rearrange(h, "b (y x) c -> b c y x", y=height).contiguous()
         if not self.use_linear_projection:
             h = self.proj_out(h)
         return h + x
