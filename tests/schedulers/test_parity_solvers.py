@@ -76,7 +76,7 @@ FLUX_RUNS = [(4, 1.0, 4096), (28, 1.0, 4096), (28, 0.75, 1024), (20, 0.6, 256), 
 
 @pytest.mark.parametrize(("steps", "strength", "seq_len"), FLUX_RUNS)
 def test_flux_dynamic_shift_matches_diffusers(steps: int, strength: float, seq_len: int) -> None:
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # pyright: ignore[reportUnknownVariableType]
 
     mu = FlowMatchEulerDiscreteScheduler.from_config(FLUX_DEV).mu_for_image_seq_len(seq_len)
     assert mu == calculate_shift(seq_len, 256, 4096, 0.5, 1.15)

@@ -14,7 +14,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from jaxtyping import Float
@@ -24,7 +24,7 @@ from typing_extensions import Self
 
 from diffblocks.components.hub import resolve_folder
 from diffblocks.components.noise import Generator
-from diffblocks.components.schedulers.state import SchedulerState, StepRecord
+from diffblocks.components.schedulers.state import SchedulerState, StepRecord, as_floats
 
 logger = logging.getLogger(__name__)
 
@@ -150,8 +150,8 @@ class AbstractScheduler(BaseModel, ABC):
             init_noise_sigma=init_noise_sigma,
             num_inference_steps=num_inference_steps,
             begin_index=begin_index,
-            full_timesteps=tuple(timesteps.tolist()),
-            full_sigmas=() if sigmas is None else tuple(sigmas.tolist()),
+            full_timesteps=as_floats(timesteps),
+            full_sigmas=() if sigmas is None else as_floats(sigmas),
         )
 
     @classmethod
@@ -195,7 +195,7 @@ class AbstractScheduler(BaseModel, ABC):
         """
         unset = set(type(self).model_fields) - self.model_fields_set
         dump = self.model_dump(exclude=unset & self.extension_keys)
-        values = {k: list(v) if isinstance(v, tuple) else v for k, v in dump.items()}
+        values = {k: _json_value(v) for k, v in dump.items()}
         defaulted = sorted(unset - self.extension_keys)
         return {
             **self._hidden_config,
@@ -234,6 +234,11 @@ class AbstractScheduler(BaseModel, ABC):
         path.mkdir(parents=True, exist_ok=True)
         config = {k: v for k, v in self.to_config().items() if k != "_use_default_values"}
         (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _json_value(value: Any) -> Any:
+    """Tuples (frozen lists) back to JSON lists."""
+    return [_json_value(v) for v in cast(tuple[Any, ...], value)] if isinstance(value, tuple) else value
 
 
 def read_config(folder: Path) -> dict[str, Any]:

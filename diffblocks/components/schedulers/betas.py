@@ -21,6 +21,7 @@ from torch import Tensor
 from typing_extensions import Self
 
 from diffblocks.components.schedulers.base import AbstractScheduler
+from diffblocks.components.schedulers.state import as_floats
 
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace", "exp"]
 TimestepSpacing = Literal["linspace", "leading", "trailing"]
@@ -115,12 +116,12 @@ class AbstractDiscreteScheduler(AbstractScheduler):
     beta_schedules: ClassVar[frozenset[str]] = frozenset({"linear", "scaled_linear", "squaredcos_cap_v2"})
     terminal_abar: ClassVar[float | None] = None
 
-    num_train_timesteps: int = Field(1000, ge=2)
-    beta_start: float = Field(0.0001, gt=0.0, lt=1.0)
-    beta_end: float = Field(0.02, gt=0.0, lt=1.0)
+    num_train_timesteps: int = Field(default=1000, ge=2)
+    beta_start: float = Field(default=0.0001, gt=0.0, lt=1.0)
+    beta_end: float = Field(default=0.02, gt=0.0, lt=1.0)
     beta_schedule: BetaSchedule = "linear"
     trained_betas: tuple[float, ...] | None = None
-    steps_offset: int = Field(0, ge=0)
+    steps_offset: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _check_betas(self) -> Self:
@@ -159,7 +160,7 @@ class AbstractDiscreteScheduler(AbstractScheduler):
         sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
         with np.errstate(divide="ignore"):
             log_sigmas = np.log(sigmas)
-        return TrainingNoise(alphas_cumprod, tuple(alphas_cumprod.tolist()), sigmas, log_sigmas)
+        return TrainingNoise(alphas_cumprod, as_floats(alphas_cumprod), sigmas, log_sigmas)
 
 
 __all__ = [

@@ -38,12 +38,12 @@ class DDIMScheduler(AbstractDiscreteScheduler):
     set_alpha_to_one: bool = True
     prediction_type: PredictionType = "epsilon"
     thresholding: bool = False
-    dynamic_thresholding_ratio: float = Field(0.995, gt=0.0, lt=1.0)
-    clip_sample_range: float = Field(1.0, gt=0.0)
-    sample_max_value: float = Field(1.0, gt=0.0)
+    dynamic_thresholding_ratio: float = Field(default=0.995, gt=0.0, lt=1.0)
+    clip_sample_range: float = Field(default=1.0, gt=0.0)
+    sample_max_value: float = Field(default=1.0, gt=0.0)
     timestep_spacing: TimestepSpacing = "leading"
     rescale_betas_zero_snr: bool = False
-    eta: float = Field(0.0, ge=0.0)
+    eta: float = Field(default=0.0, ge=0.0)
 
     def _zero_terminal_snr(self) -> bool:
         return self.rescale_betas_zero_snr

@@ -42,9 +42,9 @@ class DDPMScheduler(AbstractDiscreteScheduler):
     clip_sample: bool = True
     prediction_type: PredictionType = "epsilon"
     thresholding: bool = False
-    dynamic_thresholding_ratio: float = Field(0.995, gt=0.0, lt=1.0)
-    clip_sample_range: float = Field(1.0, gt=0.0)
-    sample_max_value: float = Field(1.0, gt=0.0)
+    dynamic_thresholding_ratio: float = Field(default=0.995, gt=0.0, lt=1.0)
+    clip_sample_range: float = Field(default=1.0, gt=0.0)
+    sample_max_value: float = Field(default=1.0, gt=0.0)
     timestep_spacing: TimestepSpacing = "leading"
     rescale_betas_zero_snr: bool = False
 

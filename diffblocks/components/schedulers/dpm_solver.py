@@ -88,13 +88,13 @@ class DPMSolverMultistepScheduler(AbstractMultistepScheduler):
         if self.use_karras_sigmas:
             levels = respace_sigmas("karras", noise.sigmas[::-1], num_inference_steps)
             timesteps = sigma_to_t(levels, noise.log_sigmas)
-            timesteps = timesteps.round() if round_respaced else timesteps
+            timesteps = np.round(timesteps) if round_respaced else timesteps
         elif self.use_lu_lambdas:
             # uniform in log-SNR (Lu et al., 2022): lambda = -log(sigma)
             high, low = float(noise.log_sigmas[-1]), float(noise.log_sigmas[0])
             levels = np.exp(high + np.linspace(0, 1, num_inference_steps) * (low - high))
             timesteps = sigma_to_t(levels, noise.log_sigmas)
-            timesteps = timesteps.round() if round_respaced else timesteps
+            timesteps = np.round(timesteps) if round_respaced else timesteps
         elif self.use_exponential_sigmas:
             levels = respace_sigmas("exponential", noise.sigmas[::-1], num_inference_steps)
             timesteps = sigma_to_t(levels, noise.log_sigmas)

@@ -40,8 +40,8 @@ class EulerDiscreteScheduler(AbstractKarrasScheduler):
     prediction_type: PredictionType = "epsilon"
     use_karras_sigmas: bool = False
     use_exponential_sigmas: bool = False
-    sigma_min: float | None = Field(None, gt=0.0)
-    sigma_max: float | None = Field(None, gt=0.0)
+    sigma_min: float | None = Field(default=None, gt=0.0)
+    sigma_max: float | None = Field(default=None, gt=0.0)
     timestep_type: Literal["discrete", "continuous"] = "discrete"
     rescale_betas_zero_snr: bool = False
     final_sigmas_type: Literal["zero", "sigma_min"] = "zero"

@@ -46,15 +46,15 @@ class FlowMatchEulerDiscreteScheduler(AbstractScheduler):
 
     fixed_config: ClassVar[Mapping[str, object]] = {"use_beta_sigmas": False}
 
-    num_train_timesteps: int = Field(1000, ge=1)
-    shift: float = Field(1.0, gt=0.0)
+    num_train_timesteps: int = Field(default=1000, ge=1)
+    shift: float = Field(default=1.0, gt=0.0)
     use_dynamic_shifting: bool = False
     base_shift: float | None = 0.5
     max_shift: float | None = 1.15
-    base_image_seq_len: int = Field(256, ge=1)
-    max_image_seq_len: int = Field(4096, ge=1)
+    base_image_seq_len: int = Field(default=256, ge=1)
+    max_image_seq_len: int = Field(default=4096, ge=1)
     invert_sigmas: bool = False
-    shift_terminal: float | None = Field(None, ge=0.0, lt=1.0)
+    shift_terminal: float | None = Field(default=None, ge=0.0, lt=1.0)
     use_karras_sigmas: bool = False
     use_exponential_sigmas: bool = False
     time_shift_type: Literal["exponential", "linear"] = "exponential"

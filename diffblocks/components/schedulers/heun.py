@@ -39,14 +39,14 @@ class HeunDiscreteScheduler(AbstractKarrasScheduler):
     fixed_config: ClassVar[Mapping[str, object]] = {"use_beta_sigmas": False}
     beta_schedules: ClassVar[frozenset[str]] = frozenset({"linear", "scaled_linear", "squaredcos_cap_v2", "exp"})
 
-    beta_start: float = Field(0.00085, gt=0.0, lt=1.0)
-    beta_end: float = Field(0.012, gt=0.0, lt=1.0)
+    beta_start: float = Field(default=0.00085, gt=0.0, lt=1.0)
+    beta_end: float = Field(default=0.012, gt=0.0, lt=1.0)
     beta_schedule: BetaSchedule = "linear"
     prediction_type: PredictionType = "epsilon"
     use_karras_sigmas: bool = False
     use_exponential_sigmas: bool = False
     clip_sample: bool = False
-    clip_sample_range: float = Field(1.0, gt=0.0)
+    clip_sample_range: float = Field(default=1.0, gt=0.0)
 
     @model_validator(mode="after")
     def _check(self) -> Self:

@@ -41,11 +41,11 @@ class AbstractMultistepScheduler(AbstractDiscreteScheduler):
 
     terminal_abar: ClassVar[float | None] = 2.0**-24
 
-    solver_order: int = Field(2, ge=1, le=3)
+    solver_order: int = Field(default=2, ge=1, le=3)
     prediction_type: PredictionType = "epsilon"
     thresholding: bool = False
-    dynamic_thresholding_ratio: float = Field(0.995, gt=0.0, lt=1.0)
-    sample_max_value: float = Field(1.0, gt=0.0)
+    dynamic_thresholding_ratio: float = Field(default=0.995, gt=0.0, lt=1.0)
+    sample_max_value: float = Field(default=1.0, gt=0.0)
     lower_order_final: bool = True
     use_karras_sigmas: bool = False
     use_exponential_sigmas: bool = False
@@ -63,10 +63,15 @@ class AbstractMultistepScheduler(AbstractDiscreteScheduler):
 
     def _spaced_timesteps(self, num_steps: int, *, end: int | None = None) -> np.ndarray:
         """Descending timesteps; ``linspace``/``leading`` space ``num_steps + 1`` points and drop 0's end."""
-        kwargs = {"num_train_timesteps": self.num_train_timesteps, "steps_offset": self.steps_offset, "end": end}
-        if self.timestep_spacing == "trailing":
-            return spaced_timesteps("trailing", num_steps, **kwargs)
-        return spaced_timesteps(self.timestep_spacing, num_steps + 1, **kwargs)[:-1]
+        trailing = self.timestep_spacing == "trailing"
+        timesteps = spaced_timesteps(
+            self.timestep_spacing,
+            num_steps if trailing else num_steps + 1,
+            num_train_timesteps=self.num_train_timesteps,
+            steps_offset=self.steps_offset,
+            end=end,
+        )
+        return timesteps if trailing else timesteps[:-1]
 
     def _data_prediction(
         self, model_output: Float[Tensor, "batch *rest"], sample: Float[Tensor, "batch *rest"], sigma: float

@@ -7,7 +7,7 @@ here equals the diffusers one exactly, not just closely.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -39,14 +39,15 @@ def spaced_timesteps(
         round_linspace: round ``linspace`` timesteps to integers (the sigma-based schedulers don't).
     """
     end = num_train_timesteps if end is None else end
+    timesteps: np.ndarray
     if spacing == "linspace":
         timesteps = np.linspace(0, end - 1, num_steps)
-        timesteps = timesteps.round() if round_linspace else timesteps
+        timesteps = np.round(timesteps) if round_linspace else timesteps
     elif spacing == "leading":
-        timesteps = (np.arange(0, num_steps) * (end // num_steps)).round() + steps_offset
+        timesteps = np.round(np.arange(0, num_steps) * (end // num_steps)) + steps_offset
     else:
-        return np.arange(end, 0, -num_train_timesteps / num_steps).round() - 1
-    return timesteps[::-1].copy()
+        return np.round(np.arange(end, 0, -num_train_timesteps / num_steps)) - 1
+    return cast(np.ndarray, timesteps[::-1].copy())
 
 
 def interpolate_sigmas(timesteps: np.ndarray, train_sigmas: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ A scheduler is immutable and shared; everything a run accumulates lives in a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 from torch import Tensor
 
@@ -83,6 +84,11 @@ class SchedulerState:
         return record
 
 
+def as_floats(values: Tensor) -> tuple[float, ...]:
+    """The values of a 1-D tensor as Python numbers (cheap to read per step, no device sync)."""
+    return tuple(cast(list[float], values.tolist()))
+
+
 def strength_begin(num_inference_steps: int, strength: float) -> int:
     """First kept step for image-to-image, as diffusers' SD/SDXL pipelines compute it.
 
@@ -115,4 +121,4 @@ def _check_strength(strength: float) -> None:
         raise ValueError(f"strength must be in (0, 1], got {strength}.")
 
 
-__all__ = ["SchedulerState", "StepRecord", "flow_strength_begin", "strength_begin"]
+__all__ = ["SchedulerState", "StepRecord", "as_floats", "flow_strength_begin", "strength_begin"]

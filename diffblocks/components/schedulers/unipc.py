@@ -50,8 +50,8 @@ class UniPCMultistepScheduler(AbstractMultistepScheduler):
     predict_x0: bool = True
     solver_type: Literal["bh1", "bh2"] = "bh2"
     disable_corrector: tuple[int, ...] = ()
-    sigma_min: float | None = Field(None, gt=0.0)
-    sigma_max: float | None = Field(None, gt=0.0)
+    sigma_min: float | None = Field(default=None, gt=0.0)
+    sigma_max: float | None = Field(default=None, gt=0.0)
     # read and written for config fidelity; they only act together with flow sigmas
     flow_shift: float = 1.0
     time_shift_type: Literal["exponential", "linear"] = "exponential"
@@ -80,7 +80,7 @@ class UniPCMultistepScheduler(AbstractMultistepScheduler):
                 kind, noise.sigmas[::-1], num_inference_steps, sigma_min=self.sigma_min, sigma_max=self.sigma_max
             )
             timesteps = sigma_to_t(levels, noise.log_sigmas)
-            timesteps = timesteps.round() if self.use_karras_sigmas else timesteps
+            timesteps = np.round(timesteps) if self.use_karras_sigmas else timesteps
             last = levels[-1]
         else:
             levels = interpolate_sigmas(timesteps, noise.sigmas)
