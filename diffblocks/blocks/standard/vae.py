@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -14,7 +14,7 @@ from diffblocks.components.noise import Generator
 
 def vae_scale_factor(vae: AutoencoderKL) -> int:
     """How many pixels one latent spans per side (8 for SD, SDXL and Flux)."""
-    return 2 ** (len(vae.params.block_out_channels) - 1)
+    return vae.params.downscale
 
 
 @contextmanager
