@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import ClassVar, final
 
@@ -21,13 +22,19 @@ from diffblocks.components.schedulers.state import SchedulerState, StepRecord, s
 _MAX_ORDER = 4
 
 
+@functools.cache
+def _gauss_legendre(points: int) -> tuple[np.ndarray, np.ndarray]:
+    nodes, weights = np.polynomial.legendre.leggauss(points)
+    return nodes, weights
+
+
 def lms_coefficient(sigmas: Sequence[float], order: int, j: int, which: int) -> float:
     """Integral over ``[sigmas[j], sigmas[j + 1]]`` of the Lagrange basis polynomial of node ``j - which``.
 
     The nodes are ``sigmas[j], sigmas[j - 1], ..., sigmas[j - order + 1]``. The integrand is a
     polynomial of degree ``order - 1``, so ``order``-point Gauss-Legendre quadrature is exact.
     """
-    nodes, weights = np.polynomial.legendre.leggauss(order)
+    nodes, weights = _gauss_legendre(order)
     lo, hi = sigmas[j], sigmas[j + 1]
     taus = (hi + lo) / 2 + (hi - lo) / 2 * nodes
     basis = np.ones_like(taus)

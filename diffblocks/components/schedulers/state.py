@@ -62,8 +62,9 @@ class SchedulerState:
 
     def position(self, step_index: int) -> int:
         """Index into the untruncated schedule of step ``step_index`` of this run."""
-        if not 0 <= step_index < len(self.timesteps):
-            raise ValueError(f"step_index {step_index} is outside this schedule of {len(self.timesteps)} steps.")
+        steps = len(self.full_timesteps) - self.begin_index  # len(self.timesteps), without a tensor call
+        if not 0 <= step_index < steps:
+            raise ValueError(f"step_index {step_index} is outside this schedule of {steps} steps.")
         return self.begin_index + step_index
 
     def remember(self, step_index: int, record: StepRecord, *, keep: int = 4) -> None:
