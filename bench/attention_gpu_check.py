@@ -106,7 +106,7 @@ def time_ms(fn: Callable[[], object], *, warmup: int, iters: int) -> float:
     """Median milliseconds per call, timed with CUDA events."""
     for _ in range(warmup):
         fn()
-    times = []
+    times: list[float] = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -174,7 +174,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device)} ({capability})")
 
     print(f"| {'backend':<15} | {'case':<20} | {'status':<13} | {'max|diff|':>9} | {'ms':>8} | note")
-    rows = []
+    rows: list[Row] = []
     for name in names:
         for case in cases:
             row = check(name, case, device, warmup=args.warmup, iters=args.iters)

@@ -12,14 +12,17 @@ from diffblocks.components.attention import (
     attention_backend,
     get_attention_backend,
 )
+from diffblocks.components.attention.backends import AutoBackend
 from tests.attention.attention_helpers import qkv
 
 CPU_BACKENDS = ["sdpa", "sdpa_math", "sdpa_flash", "flex", "auto", "reference"]
 
 
-def _reference(q: Tensor, k: Tensor, v: Tensor, **kwargs: object) -> Tensor:
+def _reference(
+    q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None, scale: float | None = None, is_causal: bool = False
+) -> Tensor:
     with attention_backend("reference"):
-        return attention(q, k, v, **kwargs)  # type: ignore[arg-type]
+        return attention(q, k, v, mask=mask, scale=scale, is_causal=is_causal)
 
 
 def _textbook(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -56,14 +59,17 @@ def test_reference_zeroes_rows_that_see_no_key_like_sdpa() -> None:
 @pytest.mark.parametrize("name", CPU_BACKENDS)
 def test_backend_matches_reference(name: str) -> None:
     q, k, v = qkv(seq_q=6, seq_k=7)
-    cases: dict[str, dict[str, object]] = {
-        "plain": {},
-        "scale": {"scale": 0.3},
-        "causal": {"is_causal": True},
-        **{f"mask_{kind}": {"mask": mask} for kind, mask in _masks(q, k).items()},
+    cases: dict[str, tuple[Tensor | None, float | None, bool]] = {
+        "plain": (None, None, False),
+        "scale": (None, 0.3, False),
+        "causal": (None, None, True),
+        **{f"mask_{kind}": (mask, None, False) for kind, mask in _masks(q, k).items()},
     }
-    with attention_backend(name):
-        diffs = {case: (attention(q, k, v, **kw) - _reference(q, k, v, **kw)).abs().max().item() for case, kw in cases.items()}  # type: ignore[arg-type]
+    diffs: dict[str, float] = {}
+    for case, (mask, scale, is_causal) in cases.items():
+        with attention_backend(name):
+            out = attention(q, k, v, mask=mask, scale=scale, is_causal=is_causal)
+        diffs[case] = (out - _reference(q, k, v, mask=mask, scale=scale, is_causal=is_causal)).abs().max().item()
     assert max(diffs.values()) < 1e-5, diffs
 
 
@@ -96,7 +102,11 @@ def test_reference_keeps_float64() -> None:
 def test_auto_falls_back_to_sdpa_on_cpu() -> None:
     q, k, v = qkv()
     auto = get_attention_backend(AttentionBackendName.AUTO)
-    assert auto.choose(q, k, v, mask=None, is_causal=False).name == "sdpa"  # type: ignore[attr-defined]
+    assert isinstance(auto, AutoBackend)
+    assert auto.choose(q, k, v, mask=None, is_causal=False).name == "sdpa"  # flash-attn never runs on CPU
+    with attention_backend("auto"):
+        chosen = attention(q, k, v)
+    assert torch.equal(chosen, attention(q, k, v))
 
 
 def test_declared_support_is_consistent_with_cpu_reality() -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from typing import Any
 
 import pytest
 import torch
@@ -125,15 +126,12 @@ def test_forward_that_raises_still_restores_the_selection() -> None:
     assert current_attention_backend().name == "sdpa"
 
 
-def _hook_state(model: nn.Module) -> tuple[object, ...]:
-    return (
-        dict(model._forward_pre_hooks),
-        dict(model._forward_hooks),
-        dict(model._forward_hooks_always_called),
-        dict(model._forward_hooks_with_kwargs),
-        sorted(model.__dict__),
-        {name: t.clone() for name, t in model.state_dict().items()},
-    )
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_always_called", "_forward_hooks_with_kwargs")
+
+
+def _hook_state(model: nn.Module) -> tuple[dict[str, dict[Any, Any]], list[str], dict[str, Tensor]]:
+    hooks = {name: dict(getattr(model, name)) for name in _HOOK_DICTS}
+    return hooks, sorted(model.__dict__), {name: t.clone() for name, t in model.state_dict().items()}
 
 
 def test_reset_leaves_the_model_exactly_as_before() -> None:
@@ -141,12 +139,11 @@ def test_reset_leaves_the_model_exactly_as_before() -> None:
     before = _hook_state(model)
     set_attention_backend(model, "sdpa_math")
     set_attention_backend(model, "reference")  # replacing does not stack hooks
-    assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1
+    assert [len(getattr(model, name)) for name in _HOOK_DICTS[:3]] == [1, 1, 1]
     reset_attention_backend(model)
-    after = _hook_state(model)
-    assert before[:5] == after[:5]
-    assert before[5].keys() == after[5].keys()  # type: ignore[attr-defined]
-    assert all(torch.equal(before[5][n], after[5][n]) for n in before[5])  # type: ignore[index]
+    hooks, attributes, weights = _hook_state(model)
+    assert hooks == before[0] and attributes == before[1]
+    assert weights.keys() == before[2].keys() and all(torch.equal(weights[n], before[2][n]) for n in weights)
     assert model_attention_backend(model) is None
     reset_attention_backend(model)  # a second reset is a no-op
 

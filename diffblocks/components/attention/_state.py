@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from contextvars import ContextVar, Token
 from typing import Any
 
-from diffblocks.components.attention import backends as _backends  # noqa: F401  (registers the built-ins)
+import diffblocks.components.attention.backends  # noqa: F401  # pyright: ignore[reportUnusedImport]  (registers the built-ins)
 from diffblocks.components.attention.base import AbstractAttentionBackend
 from diffblocks.components.attention.checks import CheckedAttentionBackend
 from diffblocks.components.attention.registry import DEFAULT_BACKEND, backend_instance, resolve_attention_backend_name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import final
 
 import torch
@@ -14,7 +15,7 @@ from diffblocks.components.attention.errors import AttentionInputError, Unsuppor
 _LAYOUT = "(batch, heads, seq, head_dim)"
 
 
-def _describe(values: dict[str, object]) -> str:
+def _describe(values: Mapping[str, object]) -> str:
     return ", ".join(f"{name} {value}" for name, value in values.items())
 
 
@@ -63,10 +64,9 @@ def _mask_errors(mask: Tensor, q: Tensor, target: tuple[int, int, int, int], *, 
         errors.append(f"mask is on {mask.device} but q is on {q.device}")
     if mask.dtype != torch.bool and mask.dtype != q.dtype:
         errors.append(f"mask must be bool (True = attend) or q's dtype {q.dtype} (additive), got {mask.dtype}")
-    try:
-        fits = torch.broadcast_shapes(mask.shape, target) == target
-    except RuntimeError:
-        fits = False
+    # broadcastable *to* target: right-aligned, every mask dim is 1 or the target's
+    shape = tuple(mask.shape)
+    fits = len(shape) <= len(target) and all(m in (1, t) for m, t in zip(reversed(shape), reversed(target)))
     if not fits:
         errors.append(
             f"mask shape {tuple(mask.shape)} does not broadcast to (batch, heads, seq_q, seq_k) = {target}"

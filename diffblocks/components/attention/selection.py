@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ from diffblocks.components.attention.registry import (
 
 
 @contextmanager
-def attention_backend(backend: str | AttentionBackendName) -> Iterator[AbstractAttentionBackend]:
+def attention_backend(backend: str | AttentionBackendName) -> Generator[AbstractAttentionBackend, None, None]:
     """Run every ``attention()`` call inside the block on ``backend``, overriding per-model choices.
 
     Args:
@@ -55,7 +55,7 @@ def attention_backend(backend: str | AttentionBackendName) -> Iterator[AbstractA
 
 
 @contextmanager
-def attention_checks(enabled: bool = True) -> Iterator[None]:
+def attention_checks(enabled: bool = True) -> Generator[None, None, None]:
     """Validate devices, dtypes, shapes, mask and backend support before each call in the block.
 
     Off by default (or on with ``DIFFBLOCKS_ATTENTION_CHECKS=1``); when off, calls pay nothing.
@@ -108,7 +108,7 @@ _BINDINGS: weakref.WeakKeyDictionary[nn.Module, _ModelBinding] = weakref.WeakKey
 def _outside_compile(hook: Callable[..., None]) -> Callable[..., None]:
     # contextvars are opaque to dynamo; running the hooks eagerly lets a compiled model keep its
     # forward in one graph, which then reads the backend the hook just selected
-    return torch.compiler.disable(hook)
+    return cast(Callable[..., None], torch.compiler.disable(hook))
 
 
 def set_attention_backend(model: nn.Module, backend: str | AttentionBackendName) -> None:

@@ -42,7 +42,7 @@ class AutoBackend(AbstractAttentionBackend):
     def candidates(self) -> tuple[AbstractAttentionBackend, ...]:
         """The preferred backends whose packages are installed, in preference order."""
         if self._candidates is None:
-            found = []
+            found: list[AbstractAttentionBackend] = []
             for name in self.preference:
                 backend = backend_instance(name)
                 if backend.exact and backend.is_installed():

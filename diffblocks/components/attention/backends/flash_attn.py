@@ -29,8 +29,9 @@ class AbstractFlashAttnBackend(AbstractAttentionBackend):
     def _load(self) -> FlashKernel:
         assert self.requirement is not None, "flash-attn backends always name their package"
         module = self.requirement.load(backend=self.name)
-        self._function = getattr(module, self.function_name)
-        return self._function
+        function: FlashKernel = getattr(module, self.function_name)
+        self._function = function
+        return function
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, scale: float | None, is_causal: bool

@@ -13,8 +13,8 @@ from diffblocks.components.attention.base import AbstractAttentionBackend
 from diffblocks.components.attention.registry import AttentionBackendName, register_attention_backend
 from diffblocks.components.attention.support import HALF_DTYPES, DeviceSupport
 
+FlexCall = Callable[[Tensor, Tensor, Tensor, "Tensor | None", "float | None"], Tensor]
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
-FlexKernel = Callable[..., Tensor]
 
 # Device types where inductor emits flex's fused kernel. Elsewhere (CPU) we run flex's unfused
 # reference path, traced with the "eager" compile backend: inductor's CPU template costs tens
@@ -22,28 +22,44 @@ FlexKernel = Callable[..., Tensor]
 _FUSED_DEVICES = frozenset({"cuda", "xpu"})
 
 
-def _score_mod(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool) -> ScoreMod | None:
-    """A score_mod applying ``mask`` (boolean or additive) or the top-left causal mask."""
-    if mask is not None:
-        full = mask.expand(q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
-        if full.dtype == torch.bool:
+def _flex(q: Tensor, k: Tensor, v: Tensor, score_mod: ScoreMod | None, scale: float | None) -> Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
 
-            def masked(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-                return torch.where(full[b, h, q_idx, kv_idx], score, float("-inf"))
+    out = flex_attention(q, k, v, score_mod=score_mod, scale=scale)
+    assert isinstance(out, Tensor)
+    return out
 
-            return masked
 
-        def biased(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return score + full[b, h, q_idx, kv_idx]
+# One function per mask kind, each its own code object and so its own compile cache: one cache
+# shared by all kinds would reach dynamo's recompile limit and drop to flex's unfused path.
+# The mask is an argument, not a closure cell, so a new mask tensor never forces a recompile.
+def _plain(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
+    return _flex(q, k, v, None, scale)
 
-        return biased
-    if is_causal:
 
-        def causal(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return torch.where(q_idx >= kv_idx, score, float("-inf"))
+def _causal(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
+    def top_left(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return torch.where(q_idx >= kv_idx, score, float("-inf"))
 
-        return causal
-    return None
+    return _flex(q, k, v, top_left, scale)
+
+
+def _bool_mask(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
+    assert mask is not None
+
+    def keep(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return torch.where(mask[b, h, q_idx, kv_idx], score, float("-inf"))
+
+    return _flex(q, k, v, keep, scale)
+
+
+def _additive_mask(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float | None) -> Tensor:
+    assert mask is not None
+
+    def bias(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return score + mask[b, h, q_idx, kv_idx]
+
+    return _flex(q, k, v, bias, scale)
 
 
 @final
@@ -51,7 +67,7 @@ def _score_mod(q: Tensor, k: Tensor, mask: Tensor | None, is_causal: bool) -> Sc
 class FlexAttentionBackend(AbstractAttentionBackend):
     """``torch.nn.attention.flex_attention`` (Dong et al., 2024, "Flex Attention").
 
-    Outside ``torch.compile`` the call goes through a cached ``torch.compile(flex_attention)``
+    Outside ``torch.compile`` each mask kind goes through its own cached ``torch.compile``
     (fused on CUDA); inside a compiled region flex is traced in place. Masks are dense here,
     so no block sparsity is exploited.
     """
@@ -63,28 +79,26 @@ class FlexAttentionBackend(AbstractAttentionBackend):
     }
 
     def __init__(self) -> None:
-        self._kernels: dict[str, FlexKernel] = {}
+        self._compiled: dict[tuple[str, FlexCall], FlexCall] = {}
 
-    def _kernel(self, device_type: str) -> FlexKernel:
-        kernel = self._kernels.get(device_type)
-        if kernel is None:
-            from torch.nn.attention.flex_attention import flex_attention
-
+    def _compiled_call(self, device_type: str, call: FlexCall) -> FlexCall:
+        compiled = self._compiled.get((device_type, call))
+        if compiled is None:
             backend = "inductor" if device_type in _FUSED_DEVICES else "eager"
-            kernel = self._kernels[device_type] = torch.compile(flex_attention, backend=backend)
-        return kernel
+            compiled = self._compiled[(device_type, call)] = torch.compile(call, backend=backend)
+        return compiled
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, scale: float | None, is_causal: bool
     ) -> Tensor:
-        score_mod = _score_mod(q, k, mask, is_causal)
-        if is_dynamo_compiling():
-            from torch.nn.attention.flex_attention import flex_attention
-
-            kernel: FlexKernel = flex_attention
+        if mask is not None:
+            mask = mask.expand(q.shape[0], q.shape[1], q.shape[-2], k.shape[-2])
+            call: FlexCall = _bool_mask if mask.dtype == torch.bool else _additive_mask
         else:
-            kernel = self._kernel(q.device.type)
-        return kernel(q, k, v, score_mod=score_mod, scale=scale)
+            call = _causal if is_causal else _plain
+        if not is_dynamo_compiling():
+            call = self._compiled_call(q.device.type, call)
+        return call(q, k, v, mask, scale)
 
 
 __all__ = ["FlexAttentionBackend"]

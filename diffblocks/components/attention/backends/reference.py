@@ -28,10 +28,10 @@ class ReferenceBackend(AbstractAttentionBackend):
         self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, scale: float | None, is_causal: bool
     ) -> Tensor:
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        scores = torch.matmul(q.to(compute), k.to(compute).transpose(-2, -1)) * scale
+        factor = q.shape[-1] ** -0.5 if scale is None else scale
+        scores = torch.matmul(q.to(compute), k.to(compute).transpose(-2, -1)) * factor
         if is_causal:
-            seq_q, seq_k = scores.shape[-2], scores.shape[-1]
+            seq_q, seq_k = q.shape[-2], k.shape[-2]
             # top-left aligned: query i sees keys 0..i, as in F.scaled_dot_product_attention
             visible = torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device).tril()
             scores = scores.masked_fill(~visible, float("-inf"))

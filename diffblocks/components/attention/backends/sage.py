@@ -59,9 +59,10 @@ class SageAttentionBackend(AbstractAttentionBackend):
 
     def _load(self) -> SageKernel:
         assert self.requirement is not None, "the SageAttention backend always names its package"
-        self._sageattn = self.requirement.load(backend=self.name).sageattn
+        sageattn: SageKernel = self.requirement.load(backend=self.name).sageattn
         self._copy_k = _smooths_k_in_place()
-        return self._sageattn
+        self._sageattn = sageattn
+        return sageattn
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, scale: float | None, is_causal: bool
