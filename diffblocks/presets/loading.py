@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +14,8 @@ from diffblocks.blocks import Pipeline, Sequence
 from diffblocks.blocks.introspect import component_names
 from diffblocks.components import ComponentsManager, ComponentSpec, read_index
 from diffblocks.components.guiders import AbstractGuider
-from diffblocks.presets import sd15
+from diffblocks.presets import flux, sd15, sdxl
+from diffblocks.presets.tiny import preset as tiny
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # components that hold no weights keep their own precision
@@ -20,17 +23,60 @@ _NOT_CAST = frozenset({"tokenizer", "tokenizer_2", "scheduler", "guider", "featu
 
 
 class Family:
-    """A model family: its blocks, its default guider, and the index class names it reads."""
+    """A model family: its blocks, its default guider, and the index class names it reads.
+
+    ``settings`` names index settings (``model_index.json`` keys beside the components, such as
+    SDXL's ``force_zeros_for_empty_prompt``) that are passed to ``blocks`` as keyword arguments.
+    """
 
     def __init__(
-        self, name: str, blocks: Callable[[], Sequence], guider: Callable[[], AbstractGuider], classes: tuple[str, ...]
+        self,
+        name: str,
+        blocks: Callable[..., Sequence],
+        guider: Callable[[], AbstractGuider],
+        classes: tuple[str, ...],
+        *,
+        settings: tuple[str, ...] = (),
     ) -> None:
-        self.name, self.blocks, self.guider, self.classes = name, blocks, guider, classes
+        self.name, self.blocks, self.guider, self.classes, self.settings = name, blocks, guider, classes, settings
+
+    def build(self, settings: Mapping[str, Any]) -> Sequence:
+        """The family's blocks, configured by the index settings it reads."""
+        return self.blocks(**{key: settings[key] for key in self.settings if key in settings})
 
 
 FAMILIES: dict[str, Family] = {
     "sd15": Family("sd15", sd15.sd15_blocks, sd15.default_guider, sd15.PIPELINE_CLASSES),
+    "sdxl": Family("sdxl", sdxl.sdxl_blocks, sdxl.default_guider, sdxl.PIPELINE_CLASSES, settings=sdxl.SETTINGS),
+    "flux": Family("flux", flux.flux_blocks, flux.default_guider, flux.PIPELINE_CLASSES),
+    "tiny": Family("tiny", tiny.tiny_blocks, tiny.default_guider, tiny.PIPELINE_CLASSES),
 }
+
+PACKAGE_SCHEME = "package://"
+# How to install the packages that index files of built-in models refer to.
+_PACKAGE_INSTALL = {tiny.PACKAGE: 'pip install "diffblocks[tiny]"'}
+
+
+def resolve_package_reference(reference: str) -> Path:
+    """The folder that ``package://<module>/<path>`` names inside an installed Python package.
+
+    Index entries use this to share files that ship in a pip package (the tiny model's text
+    encoder) rather than copying them: ``pretrained_model_name_or_path`` is the reference, and the
+    folder is found on this machine when the pipeline is loaded. The package is located, not
+    imported, and the path may not leave it.
+    """
+    module, _, relative = reference.removeprefix(PACKAGE_SCHEME).partition("/")
+    parts = Path(relative).parts
+    if not module.isidentifier() or ".." in parts or Path(relative).is_absolute():
+        raise ValueError(f"{reference!r} is not of the form package://<top-level module>/<path inside it>")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        hint = _PACKAGE_INSTALL.get(module, f"install the distribution that provides {module!r}")
+        raise ModuleNotFoundError(f"{reference} needs the Python package {module!r}, which is not installed: {hint}")
+    folder = Path(next(iter(spec.submodule_search_locations)), *parts)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{reference}: package {module!r} has no folder {relative!r} (looked in {folder})")
+    return folder
 
 
 def family_of(class_name: str | None, settings: Mapping[str, Any]) -> Family:
@@ -75,14 +121,22 @@ def from_pretrained(
         changes: dict[str, Any] = {}
         if dtype is not None and name not in _NOT_CAST:
             changes["dtype"] = _DTYPE_NAMES[dtype]
-        if variant is not None and name not in _NOT_CAST:
+        if variant is not None and name not in _NOT_CAST and not _is_package(spec):
             changes["variant"] = variant
+        if _is_package(spec):
+            assert spec.repo is not None
+            changes["repo"] = str(resolve_package_reference(spec.repo))
         specs[name] = spec.with_(**changes) if changes else spec
     specs.setdefault("guider", family.guider())
     specs.update(components or {})
-    needed = component_names(family.blocks())
+    blocks = family.build(index.settings)
+    needed = component_names(blocks)
     chosen = {name: value for name, value in specs.items() if name in needed}
-    return Pipeline(family.blocks(), chosen, manager=manager, name=f"{family.name}:{os.fspath(path_or_repo)}")
+    return Pipeline(blocks, chosen, manager=manager, name=f"{family.name}:{os.fspath(path_or_repo)}")
 
 
-__all__ = ["FAMILIES", "ComponentSpec", "Family", "family_of", "from_pretrained"]
+def _is_package(spec: ComponentSpec) -> bool:
+    return spec.repo is not None and spec.repo.startswith(PACKAGE_SCHEME)
+
+
+__all__ = ["FAMILIES", "PACKAGE_SCHEME", "resolve_package_reference", "ComponentSpec", "Family", "family_of", "from_pretrained"]

@@ -1,0 +1,88 @@
+"""The body of Flux.1's denoising loop: predict the flow for the packed tokens, then take a scheduler step."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.standard.guidance import Guidance
+from diffblocks.blocks.types import Float
+from diffblocks.components.guiders import guided_prediction
+from diffblocks.components.models.flux import FluxTransformer2DModel
+from diffblocks.components.noise import Generator
+from diffblocks.components.schedulers.base import AbstractScheduler, SchedulerState
+
+
+class PredictFlow(Block):
+    """Run the transformer for every pass the guider asks for and combine them into one guided flow prediction.
+
+    The transformer takes ``t / 1000`` (a sigma in 0..1) and, for dev, the embedded guidance
+    scale, both per sample, as diffusers' ``FluxPipeline`` passes them.
+    """
+
+    class Inputs(BlockIO):
+        latents: Float["batch seq channels"]
+        t: Tensor
+        guidance: Guidance
+        embedded_guidance: Float["one"] | None
+        image_ids: Float["seq 3"]
+        text_ids: Float["seq 3"]
+        step_index: int
+        num_steps: int
+
+    class Outputs(BlockIO):
+        noise_pred: Float["batch seq channels"]
+
+    transformer: FluxTransformer2DModel = component(description="the denoiser")
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        transformer, t, embedded = self.transformer, inputs.t, inputs.embedded_guidance
+        image_ids, text_ids = inputs.image_ids, inputs.text_ids
+
+        def predict(x: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor) -> Tensor:
+            n = x.shape[0]
+            return transformer(
+                x,
+                encoder_hidden_states=encoder_hidden_states,
+                pooled_projections=pooled_projections,
+                timestep=t.expand(n).to(x.dtype) / 1000,
+                img_ids=image_ids,
+                txt_ids=text_ids,
+                guidance=None if embedded is None else embedded.expand(n),
+            )
+
+        guidance = inputs.guidance
+        noise_pred = guided_prediction(
+            guidance.guider,
+            state=guidance.state,
+            predict=predict,
+            latents=inputs.latents,
+            conditions=guidance.conditions,
+            step_index=inputs.step_index,
+            num_steps=inputs.num_steps,
+            model=transformer,
+            batched=guidance.batched,
+        )
+        return self.Outputs(noise_pred=noise_pred)
+
+
+class TokenSchedulerStep(Block):
+    """Advance packed latent tokens one step with the scheduler (for flow matching, ``x += (sigma' - sigma) v``)."""
+
+    class Inputs(BlockIO):
+        latents: Float["batch seq channels"]
+        noise_pred: Float["batch seq channels"]
+        schedule: SchedulerState
+        step_index: int
+        generator: Generator | None = None
+
+    class Outputs(BlockIO):
+        latents: Float["batch seq channels"]
+
+    scheduler: AbstractScheduler = component()
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        latents = self.scheduler.step(
+            inputs.schedule, inputs.noise_pred, inputs.step_index, inputs.latents, generator=inputs.generator
+        )
+        return self.Outputs(latents=latents.to(inputs.latents.dtype))

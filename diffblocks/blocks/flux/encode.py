@@ -1,0 +1,97 @@
+"""Flux.1 prompt encoding: the pooled CLIP vector plus T5 token embeddings, for the prompt and the negative."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import Field
+from torch import Tensor
+from transformers import CLIPTextModel, PreTrainedTokenizerBase, T5EncoderModel
+
+from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.errors import FieldError
+from diffblocks.blocks.sd.encode import Prompt, as_list, clip_embeddings
+
+
+def t5_embeddings(
+    encoder: T5EncoderModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], *, max_sequence_length: int
+) -> Tensor:
+    """T5 last hidden states of ``texts``, padded or truncated to ``max_sequence_length`` tokens, in the encoder's dtype.
+
+    No attention mask is passed, so pad tokens are encoded like words, as in Flux.1's training.
+    """
+    device = next(encoder.parameters()).device
+    ids = tokenizer(texts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt").input_ids
+    return encoder(ids.to(device))[0].to(encoder.dtype)
+
+
+def paired(texts: Prompt | None, fallback: list[str], count: int) -> list[str]:
+    """``texts`` as one entry per prompt: None takes ``fallback``, a single string is used for every prompt."""
+    if texts is None:
+        return fallback
+    items = as_list(texts)
+    return items * count if len(items) == 1 else items
+
+
+def check_flux_prompts(user_inputs: Mapping[str, Any]) -> None:
+    """Every prompt list must pair one-to-one with ``prompt`` (a single string is used for every prompt)."""
+    count = len(as_list(user_inputs["prompt"]))
+    if not count:
+        raise FieldError("prompt", "prompt is an empty list; give at least one prompt")
+    for name in ("prompt_2", "negative_prompt", "negative_prompt_2"):
+        value = user_inputs.get(name)
+        if isinstance(value, list) and len(value) not in (1, count):
+            raise FieldError(name, f"{name} has {len(value)} entries but prompt has {count}; give one per prompt (or one for all)")
+
+
+class FluxEncodePrompt(Block):
+    """Encode prompts for Flux.1: CLIP's pooled output (from ``prompt``) and T5's token embeddings (from ``prompt_2``).
+
+    The negative prompt is encoded only when given; it feeds true classifier-free guidance.
+    Conditions are ``{"encoder_hidden_states": (batch, max_sequence_length, t5_dim),
+    "pooled_projections": (batch, clip_dim)}``, with each prompt repeated ``num_images_per_prompt`` times.
+    """
+
+    class Inputs(BlockIO):
+        prompt: Prompt = Field(description="what to draw; a list makes a batch")
+        prompt_2: Prompt | None = Field(None, description="the T5 prompt (default: prompt)")
+        negative_prompt: Prompt | None = Field(None, description="what true CFG steers away from (see true_cfg_scale)")
+        negative_prompt_2: Prompt | None = Field(None, description="the negative T5 prompt (default: negative_prompt)")
+        num_images_per_prompt: int = Field(1, ge=1, le=64)
+        max_sequence_length: int
+
+    class Outputs(BlockIO):
+        conditioning: dict[str, Tensor]
+        negative_conditioning: dict[str, Tensor] | None
+        batch_size: int
+
+    text_encoder: CLIPTextModel = component(description="CLIP ViT-L/14 text tower; only its pooled output is used")
+    tokenizer: PreTrainedTokenizerBase = component()
+    text_encoder_2: T5EncoderModel = component(description="T5 v1.1 XXL encoder")
+    tokenizer_2: PreTrainedTokenizerBase = component()
+
+    def check(self, user_inputs: Mapping[str, Any]) -> None:
+        check_flux_prompts(user_inputs)
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        prompts = as_list(inputs.prompt)
+        count, length = len(prompts), inputs.max_sequence_length
+        conditioning = self._encode(prompts, paired(inputs.prompt_2, prompts, count), length, inputs.num_images_per_prompt)
+        negative = None
+        if inputs.negative_prompt is not None:
+            negatives = paired(inputs.negative_prompt, [], count)
+            negatives_2 = paired(inputs.negative_prompt_2, negatives, count)
+            negative = self._encode(negatives, negatives_2, length, inputs.num_images_per_prompt)
+        return self.Outputs(conditioning=conditioning, negative_conditioning=negative, batch_size=count * inputs.num_images_per_prompt)
+
+    def _encode(self, clip_texts: list[str], t5_texts: list[str], length: int, repeats: int) -> dict[str, Tensor]:
+        _, pooled = clip_embeddings(self.text_encoder, self.tokenizer, clip_texts, clip_skip=None)
+        tokens = t5_embeddings(self.text_encoder_2, self.tokenizer_2, t5_texts, max_sequence_length=length)
+        return {
+            "encoder_hidden_states": tokens.repeat_interleave(repeats, dim=0),
+            "pooled_projections": pooled.to(self.text_encoder.dtype).repeat_interleave(repeats, dim=0),
+        }
+
+
+__all__ = ["FluxEncodePrompt", "check_flux_prompts", "t5_embeddings"]

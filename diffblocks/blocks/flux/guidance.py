@@ -1,0 +1,90 @@
+"""Flux.1 guidance set-up, once per call: dev's embedded guidance, and optional true CFG through the guider."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.errors import FieldError
+from diffblocks.blocks.flux.defaults import placement, resolve_steps
+from diffblocks.blocks.standard.guidance import Guidance
+from diffblocks.blocks.types import Float
+from diffblocks.components.guiders import AbstractGuider, GuidanceConditions
+from diffblocks.components.models.flux import FluxTransformer2DModel, prepare_text_ids
+
+_MSG_NO_NEGATIVE = (
+    "{who} makes an unconditional prediction, which Flux makes from a negative prompt, and none was given: "
+    'pass negative_prompt ("" for the empty prompt), or leave true_cfg_scale at 1 (off)'
+)
+
+
+def needs_unconditional(guider: AbstractGuider, num_steps: int) -> bool:
+    """Whether ``guider`` asks for an unconditional pass at any of ``num_steps`` steps."""
+    return any(p.condition == "uncond" for i in range(num_steps) for p in guider.passes(i, num_steps))
+
+
+class PrepareFluxGuidance(Block):
+    """Put the conditions on the transformer, make dev's guidance input, and set the guider for true CFG.
+
+    ``guidance_scale`` is dev's distilled guidance: the transformer embeds it, one forward per step
+    (schnell has no guidance embedder and ignores it). True classifier-free guidance is the
+    guider's job: its scale is ``true_cfg_scale`` when given, and the default guider's scale of 1
+    runs no extra pass; above 1 each step also predicts from ``negative_prompt``, as diffusers'
+    ``FluxPipeline`` does with ``true_cfg_scale > 1``.
+    """
+
+    class Inputs(BlockIO):
+        conditioning: dict[str, Tensor]
+        negative_conditioning: dict[str, Tensor] | None
+        guidance_scale: float = Field(3.5, ge=0.0, description="dev's embedded guidance; schnell ignores it")
+        true_cfg_scale: float | None = Field(
+            None, ge=0.0, description="classifier-free guidance against negative_prompt; overrides the guider's scale"
+        )
+        guidance_batched: bool = Field(True, description="run the true CFG passes as one batched forward")
+
+    class Outputs(BlockIO):
+        guidance: Guidance
+        embedded_guidance: Float["one"] | None
+        text_ids: Float["seq 3"]
+
+    guider: AbstractGuider = component(description="true guidance (CFG, APG, PAG, ...); scale 1 turns CFG off")
+    transformer: FluxTransformer2DModel = component()
+
+    def check(self, user_inputs: Mapping[str, Any]) -> None:
+        scale = user_inputs.get("true_cfg_scale")
+        guider = self._guider(scale)
+        if user_inputs.get("negative_prompt") is None:
+            steps = resolve_steps(user_inputs.get("num_inference_steps"), user_inputs.get("sigmas"), self.transformer)
+            if needs_unconditional(guider, steps):
+                who = f"true_cfg_scale {scale}" if scale is not None else f"the guider {guider!r}"
+                raise FieldError("negative_prompt", _MSG_NO_NEGATIVE.format(who=who))
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        device, dtype = placement(self.transformer)
+        conditions = {"cond": _placed(inputs.conditioning, device, dtype)}
+        if inputs.negative_conditioning is not None:
+            conditions["uncond"] = _placed(inputs.negative_conditioning, device, dtype)
+        guider = self._guider(inputs.true_cfg_scale)
+        guidance = Guidance(guider, guider.new_state(), GuidanceConditions(conditions), inputs.guidance_batched)
+        embedded = None
+        if self.transformer.params.guidance_embeds:
+            embedded = torch.full([1], inputs.guidance_scale, device=device, dtype=torch.float32)
+        text_ids = prepare_text_ids(inputs.conditioning["encoder_hidden_states"].shape[1], device=device, dtype=dtype)
+        return self.Outputs(guidance=guidance, embedded_guidance=embedded, text_ids=text_ids)
+
+    def _guider(self, true_cfg_scale: float | None) -> AbstractGuider:
+        guider = self.guider
+        if true_cfg_scale is None or true_cfg_scale == getattr(guider, "guidance_scale", None):
+            return guider
+        if "guidance_scale" not in type(guider).model_fields:
+            raise FieldError("true_cfg_scale", f"{type(guider).__name__} has no guidance_scale to set from true_cfg_scale")
+        return type(guider).model_validate({**guider.model_dump(), "guidance_scale": true_cfg_scale})
+
+
+def _placed(conditioning: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+    return {name: tensor.to(device=device, dtype=dtype) for name, tensor in conditioning.items()}

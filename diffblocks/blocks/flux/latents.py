@@ -1,0 +1,181 @@
+"""Flux.1 latents: seeded noise or a noised image, packed into 2x2-patch tokens with their position ids, and back."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.errors import FieldError
+from diffblocks.blocks.flux.defaults import placement
+from diffblocks.blocks.standard.images import ImageLike, image_size, normalize, snap_size, to_tensor
+from diffblocks.blocks.standard.vae import encode_latents, vae_scale_factor
+from diffblocks.blocks.types import Float
+from diffblocks.components.models.autoencoder_kl import AutoencoderKL
+from diffblocks.components.models.flux import FluxTransformer2DModel, latent_grid, pack_latents, prepare_image_ids, unpack_latents
+from diffblocks.components.noise import Generator, check_generator_device, randn_tensor
+from diffblocks.components.schedulers.base import AbstractScheduler, SchedulerState
+
+DEFAULT_LATENT_SIZE = 128
+"""Latent cells per side of the default image (1024 pixels with the Flux VAE), as diffusers' Flux pipelines use."""
+
+_MSG_SIZE = (
+    "{name} {value} is not a positive multiple of {factor} (a token covers 2x2 latent cells of {vae} pixels); "
+    "use {below} or {above}"
+)
+
+
+def token_size(vae: AutoencoderKL) -> int:
+    """Pixels per side of one packed token: the VAE factor times the 2x2 patch (16 for Flux.1)."""
+    return 2 * vae_scale_factor(vae)
+
+
+def check_flux_size(user_inputs: Mapping[str, Any], vae: AutoencoderKL) -> None:
+    """Sizes must tile into whole tokens: rejected with the nearest valid sizes, not silently rounded down."""
+    factor = token_size(vae)
+    for name in ("height", "width"):
+        value = user_inputs.get(name)
+        if value is not None and (value <= 0 or value % factor):
+            below, above = max(factor, value - value % factor), value - value % factor + factor
+            raise FieldError(
+                name, _MSG_SIZE.format(name=name, value=value, factor=factor, vae=factor // 2, below=below, above=above)
+            )
+
+
+def check_generator(user_inputs: Mapping[str, Any], device: torch.device) -> None:
+    """Generators must be able to draw noise for ``device``."""
+    try:
+        check_generator_device(user_inputs.get("generator"), device)
+    except ValueError as err:
+        raise FieldError("generator", str(err)) from None
+
+
+class PrepareFluxLatents(Block):
+    """Seeded Gaussian latents ``(batch, 16, h/8, w/8)`` drawn as diffusers draws them, packed to tokens, with image ids."""
+
+    class Inputs(BlockIO):
+        height: int | None = Field(None, description="image height in pixels, a multiple of 16 (default: 1024)")
+        width: int | None = Field(None, description="image width in pixels, a multiple of 16 (default: 1024)")
+        batch_size: int
+        generator: Generator | None = Field(None, description="a torch.Generator (or one per image) for reproducible noise")
+        latents: Float["batch seq channels"] | None = Field(None, description="start from these packed latents")
+
+    class Outputs(BlockIO):
+        latents: Float["batch seq channels"]
+        image_ids: Float["seq 3"]
+        height: int
+        width: int
+
+    vae: AutoencoderKL = component(description="gives the downsampling factor")
+    transformer: FluxTransformer2DModel = component(description="latents are made on its device, in its dtype")
+
+    def check(self, user_inputs: Mapping[str, Any]) -> None:
+        check_flux_size(user_inputs, self.vae)
+        check_generator(user_inputs, placement(self.transformer)[0])
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        default = DEFAULT_LATENT_SIZE * vae_scale_factor(self.vae)
+        height, width = inputs.height or default, inputs.width or default
+        device, dtype = placement(self.transformer)
+        rows, cols = latent_grid(height, width, vae_scale_factor=vae_scale_factor(self.vae))
+        channels = self.transformer.params.in_channels
+        if inputs.latents is not None:
+            expected = (inputs.batch_size, rows * cols, channels)
+            if tuple(inputs.latents.shape) != expected:
+                raise ValueError(f"latents have shape {tuple(inputs.latents.shape)}, expected packed {expected}")
+            latents = inputs.latents.to(device=device, dtype=dtype)
+        else:
+            shape = (inputs.batch_size, channels // 4, 2 * rows, 2 * cols)
+            latents = pack_latents(randn_tensor(shape, generator=inputs.generator, device=device, dtype=dtype))
+        ids = prepare_image_ids(rows, cols, device=device, dtype=dtype)
+        return self.Outputs(latents=latents, image_ids=ids, height=height, width=width)
+
+
+class PreprocessFluxImage(Block):
+    """The image to start from as a ``(batch, 3, height, width)`` tensor in [-1, 1], sized to whole tokens."""
+
+    class Inputs(BlockIO):
+        image: ImageLike = Field(description="the image to start from")
+        height: int | None = Field(None, description="resize to this height, a multiple of 16 (default: the image's, rounded down)")
+        width: int | None = Field(None, description="resize to this width, a multiple of 16 (default: the image's, rounded down)")
+
+    class Outputs(BlockIO):
+        pixels: Float["batch 3 height width"]
+        height: int
+        width: int
+
+    vae: AutoencoderKL = component()
+
+    def check(self, user_inputs: Mapping[str, Any]) -> None:
+        check_flux_size(user_inputs, self.vae)
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        height, width = snap_size(*image_size(inputs.image), token_size(self.vae))
+        height, width = inputs.height or height, inputs.width or width
+        if height < 1 or width < 1:
+            raise ValueError(f"the image is {image_size(inputs.image)} pixels, smaller than one {token_size(self.vae)}-pixel token")
+        pixels = normalize(to_tensor(inputs.image, height=height, width=width))
+        return self.Outputs(pixels=pixels, height=height, width=width)
+
+
+class PrepareFluxImageLatents(Block):
+    """Encode the image, noise it to the first kept sigma (``sigma * noise + (1 - sigma) * x0``), and pack it."""
+
+    class Inputs(BlockIO):
+        pixels: Float["batch 3 height width"]
+        batch_size: int
+        generator: Generator | None = None
+        schedule: SchedulerState
+
+    class Outputs(BlockIO):
+        latents: Float["batch seq channels"]
+        image_latents: Float["batch channels height width"]
+        noise: Float["batch channels height width"]
+        image_ids: Float["seq 3"]
+
+    vae: AutoencoderKL = component()
+    scheduler: AbstractScheduler = component()
+    transformer: FluxTransformer2DModel = component()
+
+    def check(self, user_inputs: Mapping[str, Any]) -> None:
+        check_generator(user_inputs, placement(self.transformer)[0])
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        device, dtype = placement(self.transformer)
+        image_latents = encode_latents(self.vae, inputs.pixels.to(device=device, dtype=dtype), inputs.generator).to(dtype)
+        image_latents = repeat_images(image_latents, inputs.batch_size)
+        noise = randn_tensor(tuple(image_latents.shape), generator=inputs.generator, device=device, dtype=dtype)
+        latents = self.scheduler.add_noise(inputs.schedule, image_latents, noise, 0)
+        rows, cols = image_latents.shape[-2] // 2, image_latents.shape[-1] // 2
+        ids = prepare_image_ids(rows, cols, device=device, dtype=dtype)
+        return self.Outputs(latents=pack_latents(latents), image_latents=image_latents, noise=noise, image_ids=ids)
+
+
+class UnpackLatents(Block):
+    """Packed tokens back to VAE latents ``(batch, channels, height / 8, width / 8)``, ready to decode."""
+
+    class Inputs(BlockIO):
+        latents: Float["batch seq channels"]
+        height: int
+        width: int
+
+    class Outputs(BlockIO):
+        latents: Float["batch channels height width"]
+
+    vae: AutoencoderKL = component()
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        factor = vae_scale_factor(self.vae)
+        return self.Outputs(latents=unpack_latents(inputs.latents, inputs.height, inputs.width, vae_scale_factor=factor))
+
+
+def repeat_images(latents: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Repeat each image's latents for its prompt's images: image ``i`` goes with prompt ``i``."""
+    if latents.shape[0] == batch_size:
+        return latents
+    if batch_size % latents.shape[0]:
+        raise ValueError(f"cannot repeat {latents.shape[0]} images to a batch of {batch_size}; pass one image per prompt")
+    return latents.repeat_interleave(batch_size // latents.shape[0], dim=0)

@@ -1,0 +1,68 @@
+"""Flux.1 schedules: ``linspace(1, 1/n, n)`` sigmas, shifted by a ``mu`` that grows with the image's token count."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.flux.defaults import placement
+from diffblocks.blocks.flux.latents import token_size
+from diffblocks.blocks.types import Shaped
+from diffblocks.components.models.autoencoder_kl import AutoencoderKL
+from diffblocks.components.models.flux import FluxTransformer2DModel
+from diffblocks.components.schedulers.flow_match import FlowMatchEulerDiscreteScheduler, flux_sigmas
+from diffblocks.components.schedulers.state import SchedulerState
+
+
+class FluxSetTimesteps(Block):
+    """Make the run's schedule as diffusers' Flux pipelines do (Esser et al. 2024, resolution-dependent shift).
+
+    Sigmas are ``linspace(1, 1/n, n)`` (or the call's ``sigmas``). A scheduler with
+    ``use_dynamic_shifting`` (dev) shifts them by ``mu``, linear in the image's token count
+    ``(height // 16) * (width // 16)`` between the config's ``base_shift`` at ``base_image_seq_len``
+    and ``max_shift`` at ``max_image_seq_len``; otherwise (schnell) ``mu`` is None and the config's
+    fixed ``shift`` applies.
+    """
+
+    class Inputs(BlockIO):
+        num_inference_steps: int
+        sigmas: list[float] | None = None
+        height: int
+        width: int
+
+    class Outputs(BlockIO):
+        timesteps: Shaped["steps"]
+        schedule: SchedulerState
+        mu: float | None
+
+    scheduler: FlowMatchEulerDiscreteScheduler = component(description="flow-matching Euler, with Flux's shift")
+    vae: AutoencoderKL = component(description="gives the pixels per token")
+    transformer: FluxTransformer2DModel = component(description="the schedule lives on its device")
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        return self._schedule(inputs, 1.0)
+
+    def _schedule(self, inputs: Inputs, strength: float) -> Outputs:
+        steps, scheduler = inputs.num_inference_steps, self.scheduler
+        sigmas = inputs.sigmas if inputs.sigmas is not None else flux_sigmas(steps)
+        mu = None
+        if scheduler.use_dynamic_shifting:
+            size = token_size(self.vae)
+            mu = scheduler.mu_for_image_seq_len((inputs.height // size) * (inputs.width // size))
+        device = placement(self.transformer)[0]
+        state = scheduler.set_timesteps(steps, device=device, strength=strength, mu=mu, sigmas=sigmas)
+        return self.Outputs(timesteps=state.timesteps, schedule=state, mu=mu)
+
+
+class FluxSetImageTimesteps(FluxSetTimesteps):
+    """Make the schedule and keep its last ``strength`` part, as diffusers' ``FluxImg2ImgPipeline`` does.
+
+    ``int(n - n * strength)`` steps are skipped from the noisy end; every strength in (0, 1] keeps
+    at least one step.
+    """
+
+    class Inputs(FluxSetTimesteps.Inputs):
+        strength: float = Field(0.6, gt=0.0, le=1.0, description="how much of the schedule to run; 1 ignores the image")
+
+    def __call__(self, inputs: Inputs) -> FluxSetTimesteps.Outputs:  # type: ignore[override]
+        return self._schedule(inputs, inputs.strength)

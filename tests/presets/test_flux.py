@@ -1,0 +1,197 @@
+"""Flux.1 preset (dev and schnell) against diffusers on tiny random weights: same seed, same image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from diffblocks.blocks import InputError, Pipeline
+from diffblocks.blocks.flux import FluxDefaults, FluxSetImageTimesteps, FluxSetTimesteps
+from diffblocks.components.models.flux import pack_latents
+from diffblocks.presets import family_of
+from tests.presets.flux_fixtures import tiny_flux
+
+# float32 rounding: text2img matches bit for bit; img2img differs by ~1e-6 because diffusers hands
+# the VAE a channels-last-strided image tensor, which takes another convolution kernel
+TOLERANCE = 1e-5
+VARIANTS = ("dev", "schnell")
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("flux")
+    return {name: tiny_flux(root / name, guidance_embeds=name == "dev") for name in VARIANTS}
+
+
+@pytest.fixture(scope="module")
+def ours(repos: dict[str, Path]) -> dict[str, Pipeline]:
+    return {name: Pipeline.from_pretrained(str(repo)) for name, repo in repos.items()}
+
+
+@pytest.fixture(scope="module")
+def references(repos: dict[str, Path]) -> dict[str, Any]:
+    import diffusers
+
+    found: dict[str, Any] = {}
+    for name, repo in repos.items():
+        text2img = diffusers.FluxPipeline.from_pretrained(repo)
+        img2img = diffusers.FluxImg2ImgPipeline(**text2img.components)
+        for pipe in (text2img, img2img):
+            pipe.set_progress_bar_config(disable=True)
+        found[name], found[f"{name}-img2img"] = text2img, img2img
+    return found
+
+
+def seeded() -> torch.Generator:
+    return torch.Generator().manual_seed(7)
+
+
+def max_diff(ours: Any, expected: Any) -> float:
+    return float(np.abs(np.asarray(ours) - np.asarray(expected)).max())
+
+
+def test_index_class_names_pick_the_flux_preset(ours: dict[str, Pipeline]) -> None:
+    assert family_of("FluxPipeline", {}).name == family_of("FluxImg2ImgPipeline", {}).name == "flux"
+    assert ours["dev"].workflows == ("img2img", "text2img")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_text2img_matches_diffusers(variant: str, ours: dict[str, Pipeline], references: dict[str, Any]) -> None:
+    kwargs = dict(
+        prompt=["a red circle", "a blue square"], height=64, width=48, num_inference_steps=3, guidance_scale=4.0,
+        max_sequence_length=16, num_images_per_prompt=2,
+    )
+    expected = references[variant](**kwargs, generator=seeded(), output_type="np").images
+    out = ours[variant](**kwargs, generator=seeded(), output_type="np", progress=False)
+    assert out.workflow == "text2img"
+    assert out.images.shape == expected.shape == (4, 64, 48, 3)
+    assert max_diff(out.images, expected) < TOLERANCE  # measured: 0.0
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_true_cfg_and_second_prompts_match_diffusers(batched: bool, ours: dict[str, Pipeline], references: dict[str, Any]) -> None:
+    kwargs = dict(
+        prompt=["a red circle", "a blue square"], prompt_2=["round and red", "square and blue"],
+        negative_prompt=["blurry", ""], negative_prompt_2=["dark", "noisy"], true_cfg_scale=3.0,
+        height=32, width=32, num_inference_steps=2, max_sequence_length=16,
+    )
+    expected = references["dev"](**kwargs, generator=seeded(), output_type="np").images
+    out = ours["dev"](**kwargs, guidance_batched=batched, generator=seeded(), output_type="np", progress=False)
+    assert max_diff(out.images, expected) < TOLERANCE  # measured: 0.0 batched and sequential
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_img2img_matches_diffusers(variant: str, ours: dict[str, Pipeline], references: dict[str, Any]) -> None:
+    image = PIL.Image.fromarray((np.random.default_rng(0).random((48, 64, 3)) * 255).astype("uint8"))
+    kwargs = dict(
+        prompt="a red circle", image=image, strength=0.7, num_inference_steps=4, guidance_scale=3.5,
+        max_sequence_length=16, num_images_per_prompt=2,
+    )
+    # our img2img keeps the image's size by default; diffusers' resizes to 1024 unless told
+    expected = references[f"{variant}-img2img"](**kwargs, height=48, width=64, generator=seeded(), output_type="np").images
+    out = ours[variant](**kwargs, generator=seeded(), output_type="np", progress=False)
+    assert out.workflow == "img2img"
+    assert out.images.shape == expected.shape == (2, 48, 64, 3)
+    assert max_diff(out.images, expected) < TOLERANCE  # measured: 1.4e-6 (dev), 1.3e-6 (schnell)
+
+    resized = dict(kwargs, height=32, width=32, negative_prompt="grey", true_cfg_scale=2.0)
+    expected = references[f"{variant}-img2img"](**resized, generator=seeded(), output_type="np").images
+    out = ours[variant](**resized, generator=seeded(), output_type="np", progress=False)
+    assert out.images.shape == (2, 32, 32, 3)
+    assert max_diff(out.images, expected) < TOLERANCE  # measured: 1.7e-6 (dev), 1.3e-6 (schnell)
+
+
+def test_schnell_defaults_match_diffusers_called_as_the_model_card_says(
+    ours: dict[str, Pipeline], references: dict[str, Any]
+) -> None:
+    kwargs = dict(prompt="a cat", height=32, width=32)
+    expected = references["schnell"](**kwargs, num_inference_steps=4, max_sequence_length=256, guidance_scale=0.0, generator=seeded(), output_type="np").images
+    out = ours["schnell"](**kwargs, generator=seeded(), output_type="np", progress=False)
+    assert len(out.timesteps) == 4
+    assert out.conditioning["encoder_hidden_states"].shape[1] == 256
+    assert max_diff(out.images, expected) < TOLERANCE
+
+
+def test_given_latents_and_latent_output_match_diffusers(ours: dict[str, Pipeline], references: dict[str, Any]) -> None:
+    latents = torch.randn(1, 4 * 3, 64, generator=seeded())  # packed: a 4 x 3 token grid (64 x 48 pixels)
+    kwargs = dict(prompt="a dog", latents=latents, height=64, width=48, num_inference_steps=2, max_sequence_length=16)
+    expected = references["dev"](**kwargs, output_type="latent").images
+    out = ours["dev"](**kwargs, output_type="latent", progress=False)
+    assert out.images.shape == (1, 16, 8, 6)  # unpacked VAE latents, where diffusers returns the tokens
+    assert max_diff(pack_latents(out.images), expected) < TOLERANCE
+
+
+@pytest.mark.parametrize(("height", "width", "steps", "strength"), [(64, 48, 3, 1.0), (1024, 1024, 28, 1.0), (512, 768, 28, 0.6)])
+def test_schedule_and_mu_match_diffusers(
+    repos: dict[str, Path], ours: dict[str, Pipeline], height: int, width: int, steps: int, strength: float
+) -> None:
+    import diffusers
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    reference = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(repos["dev"], subfolder="scheduler")
+    config = reference.config
+    seq_len = (height // 16) * (width // 16)
+    mu = calculate_shift(seq_len, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
+    reference.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    begin = int(max(steps - steps * strength, 0))  # FluxImg2ImgPipeline.get_timesteps
+
+    block = FluxSetImageTimesteps() if strength < 1 else FluxSetTimesteps()
+    block.bind(ours["dev"].components)
+    inputs = dict(num_inference_steps=steps, height=height, width=width)
+    out = block(block.Inputs(**inputs, strength=strength) if strength < 1 else block.Inputs(**inputs))
+    assert out.mu == pytest.approx(mu, rel=1e-12)
+    assert torch.equal(out.timesteps, reference.timesteps[begin:])
+    assert torch.equal(torch.tensor(out.schedule.full_sigmas, dtype=torch.float32), reference.sigmas)
+
+
+def test_defaults_follow_the_transformer(ours: dict[str, Pipeline]) -> None:
+    for variant, (steps, length) in {"dev": (28, 512), "schnell": (4, 256)}.items():
+        block = FluxDefaults().bind(ours[variant].components)
+        resolved = block(FluxDefaults.Inputs())
+        assert (resolved.num_inference_steps, resolved.max_sequence_length) == (steps, length)
+        assert block(FluxDefaults.Inputs(sigmas=[1.0, 0.5])).num_inference_steps == 2
+    assert ours["dev"].input_schema()["properties"]["guidance_scale"]["default"] == 3.5
+
+
+def input_error(pipe: Pipeline, **kwargs: Any) -> str:
+    with pytest.raises(InputError) as caught:
+        pipe(**{"prompt": "a cat", "progress": False, **kwargs})
+    return str(caught.value)
+
+
+def test_sizes_that_do_not_tile_into_tokens_are_rejected(ours: dict[str, Pipeline]) -> None:
+    message = input_error(ours["dev"], height=40, width=48)
+    assert "[start.text2img.prepare_flux_latents] height: height 40 is not a positive multiple of 16" in message
+    assert "use 32 or 48" in message
+    image = PIL.Image.new("RGB", (48, 48))
+    message = input_error(ours["dev"], image=image, width=50)
+    assert "[start.img2img.preprocess_flux_image] width: width 50 is not a positive multiple of 16" in message
+
+
+def test_prompt_lists_must_pair_with_the_prompts(ours: dict[str, Pipeline]) -> None:
+    message = input_error(ours["dev"], prompt=["a", "b"], prompt_2=["x", "y", "z"])
+    assert "prompt_2 has 3 entries but prompt has 2" in message
+    message = input_error(ours["dev"], prompt=["a", "b", "c"], negative_prompt=["x", "y"], true_cfg_scale=2.0)
+    assert "negative_prompt has 2 entries but prompt has 3" in message
+    assert "empty list" in input_error(ours["dev"], prompt=[])
+
+
+def test_strength_out_of_range_is_rejected(ours: dict[str, Pipeline]) -> None:
+    image = PIL.Image.new("RGB", (32, 32))
+    for strength in (0.0, 1.5):
+        message = input_error(ours["dev"], image=image, strength=strength)
+        assert "[start.img2img.flux_set_image_timesteps] strength" in message
+
+
+def test_other_bad_inputs_are_rejected(ours: dict[str, Pipeline]) -> None:
+    message = input_error(ours["dev"], true_cfg_scale=4.0)
+    assert "negative_prompt: true_cfg_scale 4.0 makes an unconditional prediction" in message
+    assert "max_sequence_length" in input_error(ours["dev"], max_sequence_length=600)
+    assert "2 sigmas for num_inference_steps 3" in input_error(ours["dev"], sigmas=[1.0, 0.5], num_inference_steps=3)
+    with pytest.raises(ValueError, match=r"latents have shape \(1, 5, 64\), expected packed \(1, 4, 64\)"):
+        ours["dev"](prompt="a cat", height=32, width=32, latents=torch.zeros(1, 5, 64), progress=False)
