@@ -143,7 +143,9 @@ class DPMSolverMultistepScheduler(AbstractMultistepScheduler):
         j = state.position(step_index)
         few = self.lower_order_final and steps < _LOWER_ORDER_FINAL_BELOW
         if j == steps - 1 and (self.euler_at_final or few or self.final_sigmas_type == "zero"):
-            return 1  # the last step to sigma 0 has infinite lambda: only first order is finite
+            # first order at the end: the only finite one when sigma reaches 0 (lambda = inf),
+            # and steadier for few steps
+            return 1
         if j == steps - 2 and few:
             return min(self.solver_order, step_index + 1, 2)
         return min(self.solver_order, step_index + 1)

@@ -109,10 +109,10 @@ class UniPCMultistepScheduler(AbstractMultistepScheduler):
         if step_index > 0 and j - 1 not in self.disable_corrector:
             # this output was taken at the sample the last step predicted: use it to correct that step
             last = state.recall(step_index - 1, needed_by=step_index)
-            history = self._outputs(state, step_index - 1, self._order_at(state, step_index - 1))
+            history = self._outputs(state, step_index - 1, self._order_at(state, step_index - 1), step_index)
             sample = self._bh_update(last.sample, history, state, j - 1, corrector=converted)
         state.remember(step_index, StepRecord(converted, sample), keep=4)
-        history = self._outputs(state, step_index, self._order_at(state, step_index))
+        history = self._outputs(state, step_index, self._order_at(state, step_index), step_index)
         return self._bh_update(sample, history, state, j)
 
     def _convert(self, model_output: Tensor, sample: Tensor, sigma: float) -> Tensor:
@@ -134,9 +134,9 @@ class UniPCMultistepScheduler(AbstractMultistepScheduler):
         return min(order, step_index + 1)
 
     @staticmethod
-    def _outputs(state: SchedulerState, step_index: int, order: int) -> list[Tensor]:
+    def _outputs(state: SchedulerState, step_index: int, order: int, needed_by: int) -> list[Tensor]:
         """Converted outputs of ``step_index`` and the ``order - 1`` steps before it, newest first."""
-        return [state.recall(step_index - k, needed_by=step_index + 1).output for k in range(order)]
+        return [state.recall(step_index - k, needed_by=needed_by).output for k in range(order)]
 
     def _bh_update(
         self,
