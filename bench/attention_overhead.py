@@ -2,7 +2,8 @@
 
 Tiny CPU tensors, so the kernel is as cheap as it gets and the dispatch cost is visible. The
 candidates are timed in interleaved rounds and the best round of each is kept, which keeps
-noise from a busy machine out of the comparison.
+noise from a busy machine out of the comparison. A no-op backend isolates the seam's own cost
+(function call, one context-variable read, the backend call) from the kernel's.
 Run: python bench/attention_overhead.py [--calls 20000] [--rounds 9]
 """
 
@@ -15,7 +16,37 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from diffblocks.components.attention import attention, attention_backend
+from typing import final
+
+from torch import Tensor
+
+from diffblocks.components.attention import (
+    ANY_DEVICE,
+    AbstractAttentionBackend,
+    DeviceSupport,
+    attention,
+    attention_backend,
+    register_attention_backend,
+)
+from diffblocks.components.attention.support import FLOAT_DTYPES
+
+
+@final
+@register_attention_backend
+class NoopBackend(AbstractAttentionBackend):
+    """Returns q: what remains of a call's time is the seam's own."""
+
+    name = "bench_noop"
+    support = {ANY_DEVICE: DeviceSupport(dtypes=FLOAT_DTYPES)}
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, scale: float | None, is_causal: bool
+    ) -> Tensor:
+        return q
+
+
+def noop(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return q
 
 
 def best_times(candidates: dict[str, Callable[[], object]], *, calls: int, rounds: int) -> dict[str, float]:
@@ -43,12 +74,20 @@ def main() -> None:
     def seam() -> object:
         return attention(q, k, v)
 
-    with torch.inference_mode(), attention_backend("sdpa"):
-        times = best_times({"direct": direct, "seam": seam}, calls=args.calls, rounds=args.rounds)
+    def direct_noop() -> object:
+        return noop(q, k, v)
+
+    with torch.inference_mode():
+        with attention_backend("sdpa"):
+            times = best_times({"direct": direct, "seam": seam}, calls=args.calls, rounds=args.rounds)
+        with attention_backend("bench_noop"):
+            noops = best_times({"direct": direct_noop, "seam": seam}, calls=args.calls, rounds=args.rounds)
 
     extra = times["seam"] - times["direct"]
+    own = noops["seam"] - noops["direct"]
     print(f"F.scaled_dot_product_attention  {times['direct'] * 1e6:7.2f} us/call")
     print(f"attention() (sdpa)              {times['seam'] * 1e6:7.2f} us/call  (+{extra * 1e6:.2f} us)")
+    print(f"seam's own cost (no-op kernel)  {own * 1e6:7.2f} us/call")
     print(f"ratio attention() / direct: {times['seam'] / times['direct']:.3f}")
 
 
