@@ -227,3 +227,37 @@ def test_transformers_pickle_checkpoints_are_refused(tmp_path: Path, toy_registr
     key = manager.add("text_encoder", spec)
     with pytest.raises(FileNotFoundError, match="has no safetensors weights"):
         manager.get(key)
+
+
+def test_optional_component_may_be_missing() -> None:
+    from diffblocks.blocks import Block, BlockIO, Sequence, component
+
+    class MaybeRefine(Block):
+        """Uses a refiner when one is given."""
+
+        class Inputs(BlockIO):
+            x: int = 1
+
+        class Outputs(BlockIO):
+            y: int
+
+        refiner: torch.nn.Module = component(optional=True)
+
+        def __call__(self, inputs: Inputs) -> Outputs:
+            return self.Outputs(y=inputs.x if self.refiner is None else inputs.x * 10)
+
+    assert Pipeline(Sequence(MaybeRefine()))(progress=False).y == 1
+    assert Pipeline(Sequence(MaybeRefine()), {"refiner": torch.nn.Identity()})(progress=False).y == 10
+
+
+def test_manager_moves_removes_and_releases() -> None:
+    manager = ComponentsManager()
+    key = manager.add("proj", torch.nn.Linear(2, 2), user="a")
+    manager.to("cpu")
+    assert manager.table()[0].device == "cpu"
+    manager.release(key, user="a")
+    assert manager.keys() == []
+    key = manager.add("proj", torch.nn.Linear(2, 2))
+    manager.remove("proj")
+    with pytest.raises(KeyError, match="known names: none"):
+        manager.get(key)
