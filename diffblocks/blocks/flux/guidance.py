@@ -79,11 +79,14 @@ class PrepareFluxGuidance(Block):
 
     def _guider(self, true_cfg_scale: float | None) -> AbstractGuider:
         guider = self.guider
-        if true_cfg_scale is None or true_cfg_scale == getattr(guider, "guidance_scale", None):
+        if true_cfg_scale is None:
             return guider
         if "guidance_scale" not in type(guider).model_fields:
             raise FieldError("true_cfg_scale", f"{type(guider).__name__} has no guidance_scale to set from true_cfg_scale")
-        return type(guider).model_validate({**guider.model_dump(), "guidance_scale": true_cfg_scale})
+        settings = guider.model_dump()
+        if settings["guidance_scale"] == true_cfg_scale:
+            return guider
+        return type(guider).model_validate({**settings, "guidance_scale": true_cfg_scale})
 
 
 def _placed(conditioning: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ from pydantic import Field
 from diffblocks.blocks.block import Block, BlockIO, component
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.flux.defaults import placement
+from diffblocks.blocks.sd.encode import as_list
 from diffblocks.blocks.standard.images import ImageLike, image_size, normalize, snap_size, to_tensor
 from diffblocks.blocks.standard.vae import encode_latents, vae_scale_factor
 from diffblocks.blocks.types import Float
@@ -46,11 +47,20 @@ def check_flux_size(user_inputs: Mapping[str, Any], vae: AutoencoderKL) -> None:
 
 
 def check_generator(user_inputs: Mapping[str, Any], device: torch.device) -> None:
-    """Generators must be able to draw noise for ``device``."""
+    """Generators must draw noise for ``device``, and a list of them must have one per image."""
+    generator = user_inputs.get("generator")
     try:
-        check_generator_device(user_inputs.get("generator"), device)
+        check_generator_device(generator, device)
     except ValueError as err:
         raise FieldError("generator", str(err)) from None
+    if isinstance(generator, Sequence):
+        prompts, per_prompt = len(as_list(user_inputs["prompt"])), user_inputs.get("num_images_per_prompt", 1)
+        if len(generator) != prompts * per_prompt:
+            raise FieldError(
+                "generator",
+                f"{len(generator)} generators for {prompts * per_prompt} images ({prompts} prompts x "
+                f"num_images_per_prompt {per_prompt}); give one per image, or a single generator",
+            )
 
 
 class PrepareFluxLatents(Block):
@@ -145,7 +155,11 @@ class PrepareFluxImageLatents(Block):
 
     def __call__(self, inputs: Inputs) -> Outputs:
         device, dtype = placement(self.transformer)
-        image_latents = encode_latents(self.vae, inputs.pixels.to(device=device, dtype=dtype), inputs.generator).to(dtype)
+        pixels = inputs.pixels.to(device=device, dtype=dtype)
+        generator = inputs.generator
+        if isinstance(generator, Sequence):
+            generator = list(generator[: pixels.shape[0]])  # image i is encoded with generator i, as diffusers does
+        image_latents = encode_latents(self.vae, pixels, generator).to(dtype)
         image_latents = repeat_images(image_latents, inputs.batch_size)
         noise = randn_tensor(tuple(image_latents.shape), generator=inputs.generator, device=device, dtype=dtype)
         latents = self.scheduler.add_noise(inputs.schedule, image_latents, noise, 0)
