@@ -19,7 +19,7 @@ def t5_embeddings(
 ) -> Tensor:
     """T5 last hidden states of ``texts``, padded or truncated to ``max_sequence_length`` tokens, in the encoder's dtype.
 
-    No attention mask is passed, so pad tokens are encoded like words, as in Flux.1's training.
+    No attention mask is passed (pad tokens are encoded like words), as diffusers' Flux pipelines encode prompts.
     """
     device = next(encoder.parameters()).device
     ids = tokenizer(texts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt").input_ids
