@@ -1,0 +1,94 @@
+"""SDXL prompt encoding: two CLIP encoders side by side, and the pooled text embedding of the second."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import Tensor
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
+
+from diffblocks.blocks.block import Block, BlockConfig, BlockIO, component
+from diffblocks.blocks.errors import FieldError
+from diffblocks.blocks.sd.encode import Prompt, as_list, check_prompts, clip_embeddings
+
+
+def _paired(texts: Prompt | None, fallback: list[str], count: int) -> list[str]:
+    """``texts`` as one string per prompt: None takes ``fallback``, a single string is repeated."""
+    if texts is None:
+        return fallback
+    texts = as_list(texts)
+    return texts * count if len(texts) == 1 and count > 1 else texts
+
+
+class EncodePromptXL(Block):
+    """Encode prompts with SDXL's two CLIP encoders (Podell et al. 2023).
+
+    The penultimate hidden states of both encoders are concatenated along the features
+    (``encoder_hidden_states``, e.g. 768 + 1280 = 2048 wide); the projected pooled output of the
+    second encoder is ``text_embeds``. Without a negative prompt, the negative embeddings are zeros
+    when ``force_zeros_for_empty_prompt`` is set (SDXL base), else the encoding of ``""``.
+    """
+
+    class Inputs(BlockIO):
+        prompt: Prompt = Field(description="what to draw; a list makes a batch")
+        prompt_2: Prompt | None = Field(None, description="the second encoder's prompt (default: prompt)")
+        negative_prompt: Prompt | None = Field(None, description="what to steer away from")
+        negative_prompt_2: Prompt | None = Field(None, description="the second encoder's negative (default: negative_prompt)")
+        num_images_per_prompt: int = Field(1, ge=1, le=64)
+        clip_skip: int | None = Field(None, ge=0, description="skip this many more layers before the penultimate one")
+
+    class Outputs(BlockIO):
+        conditioning: dict[str, Tensor]
+        negative_conditioning: dict[str, Tensor]
+        batch_size: int
+
+    class Config(BlockConfig):
+        force_zeros_for_empty_prompt: bool = True
+
+    text_encoder: CLIPTextModel = component(optional=True, description="absent in the SDXL refiner")
+    tokenizer: PreTrainedTokenizerBase = component(optional=True)
+    text_encoder_2: CLIPTextModelWithProjection = component()
+    tokenizer_2: PreTrainedTokenizerBase = component()
+
+    def check(self, user_inputs: Mapping[str, Any]) -> None:
+        check_prompts(user_inputs)
+        count = len(as_list(user_inputs["prompt"]))
+        for name in ("prompt_2", "negative_prompt_2"):
+            value = user_inputs.get(name)
+            if isinstance(value, list) and len(value) != count and len(value) != 1:
+                raise FieldError(name, f"{name} has {len(value)} entries but prompt has {count}; give one per prompt")
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        prompts = as_list(inputs.prompt)
+        count, n = len(prompts), inputs.num_images_per_prompt
+        embeds, pooled = self._encode(prompts, _paired(inputs.prompt_2, prompts, count), clip_skip=inputs.clip_skip)
+        if inputs.negative_prompt is None and inputs.negative_prompt_2 is None and self.config.force_zeros_for_empty_prompt:
+            negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+        else:
+            negative = _paired(inputs.negative_prompt, [""] * count, count)
+            negative_embeds, negative_pooled = self._encode(negative, _paired(inputs.negative_prompt_2, negative, count))
+        dtype = self.text_encoder_2.dtype
+        return self.Outputs(
+            conditioning=_repeat({"encoder_hidden_states": embeds, "text_embeds": pooled}, n, dtype),
+            negative_conditioning=_repeat({"encoder_hidden_states": negative_embeds, "text_embeds": negative_pooled}, n, dtype),
+            batch_size=count * n,
+        )
+
+    def _encode(self, texts: list[str], texts_2: list[str], *, clip_skip: int | None = None) -> tuple[Tensor, Tensor]:
+        """Penultimate hidden states of both encoders side by side, and the second encoder's pooled output."""
+        hidden = []
+        if self.text_encoder is not None and self.tokenizer is not None:
+            hidden.append(clip_embeddings(self.text_encoder, self.tokenizer, texts, clip_skip=clip_skip, penultimate=True)[0])
+        states, pooled = clip_embeddings(self.text_encoder_2, self.tokenizer_2, texts_2, clip_skip=clip_skip, penultimate=True)
+        hidden.append(states.to(hidden[0].device) if hidden else states)
+        return torch.cat(hidden, dim=-1), pooled
+
+
+def _repeat(tensors: dict[str, Tensor], n: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    return {name: t.to(dtype).repeat_interleave(n, dim=0) for name, t in tensors.items()}
+
+
+__all__ = ["EncodePromptXL"]
