@@ -28,7 +28,7 @@ def sdxl_blocks(*, force_zeros_for_empty_prompt: bool = True, requires_aesthetic
             (the SDXL refiner).
     """
     return Sequence(
-        EncodePromptXL(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt),
+        EncodePromptXL(name="encode_prompt", force_zeros_for_empty_prompt=force_zeros_for_empty_prompt),
         unet_workflows(lambda: (PrepareTimeIds(requires_aesthetics_score=requires_aesthetics_score),)),
         DecodeImages(),
         name="sdxl",

@@ -12,7 +12,7 @@ import PIL.Image
 import pytest
 import torch
 
-from diffblocks.blocks import Pipeline
+from diffblocks.blocks import InputError, Pipeline
 from diffblocks.presets import sdxl
 from tests.presets.sd_fixtures import tiny_sdxl
 
@@ -138,3 +138,21 @@ def test_aesthetic_score_conditioning_for_refiner_style_models(ours: Pipeline) -
     refiner_like = Pipeline(blocks, ours.components)
     with pytest.raises(ValueError, match="expects 6 time ids: build the blocks with requires_aesthetics_score=False"):
         refiner_like(prompt="x", height=SIZE, width=SIZE, num_inference_steps=1, progress=False)
+
+
+def test_second_prompt_lists_must_pair(ours: Pipeline) -> None:
+    with pytest.raises(InputError, match=r"\[encode_prompt\] prompt_2: prompt_2 has 3 entries but prompt has 2"):
+        ours(prompt=["a", "b"], prompt_2=["a", "b", "c"], progress=False)
+
+
+def test_float16_runs_the_vae_in_float32_when_its_config_says_so(sdxl_repo: Path) -> None:
+    pipe = Pipeline.from_pretrained(str(sdxl_repo), dtype=torch.float16)
+    vae = pipe.components["vae"]
+    assert vae.force_upcast and next(vae.parameters()).dtype == torch.float16
+    seen: list[torch.dtype] = []
+    for part in (vae.encoder, vae.decoder):
+        part.register_forward_pre_hook(lambda _, args: seen.append(args[0].dtype))
+    out = pipe(prompt="a red circle", image=image(), strength=0.5, num_inference_steps=2, output_type="np", progress=False)
+    assert seen == [torch.float32, torch.float32]  # encode and decode upcast...
+    assert next(vae.parameters()).dtype == torch.float16  # ...and the VAE is back in float16 afterwards
+    assert out.latents.dtype == torch.float16 and np.isfinite(out.images).all()

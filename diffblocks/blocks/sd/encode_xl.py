@@ -58,7 +58,7 @@ class EncodePromptXL(Block):
         count = len(as_list(user_inputs["prompt"]))
         for name in ("prompt_2", "negative_prompt_2"):
             value = user_inputs.get(name)
-            if isinstance(value, list) and len(value) != count and len(value) != 1:
+            if isinstance(value, list) and len(value) != count:
                 raise FieldError(name, f"{name} has {len(value)} entries but prompt has {count}; give one per prompt")
 
     def __call__(self, inputs: Inputs) -> Outputs:
