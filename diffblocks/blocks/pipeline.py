@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import ValidationError
@@ -19,7 +22,30 @@ from diffblocks.blocks.output import PipelineOutput
 from diffblocks.blocks.plan import Plan, compile_plan, expand_workflows
 from diffblocks.components.manager import ComponentsManager
 
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
+
 Choices = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class PresetInfo:
+    """What saving needs to know about a preset pipeline: its family, index class name and settings.
+
+    ``Pipeline.from_pretrained`` records it; set it yourself (``Pipeline(..., preset=...)``) for a
+    preset built by hand whose family cannot be recognised from its blocks.
+
+    Args:
+        family: a key of :data:`diffblocks.presets.FAMILIES` (``"sd15"``, ``"sdxl"``, ...).
+        class_name: the index ``_class_name``; None means the family's first class name.
+        settings: the index's plain values beside the components (``requires_safety_checker``, ...).
+        sources: portable references (``package://...``) of local folders the index named, by folder.
+    """
+
+    family: str
+    class_name: str | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    sources: Mapping[str, str] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -30,6 +56,8 @@ class Pipeline:
         components: components by name: loaded objects or :class:`ComponentSpec` (loaded lazily).
         manager: a :class:`ComponentsManager` to share loaded components with other pipelines.
         name: a label for tables and errors.
+        preset: the preset family and settings the blocks come from (recorded by ``from_pretrained``;
+            used by :meth:`save_pretrained`).
 
     Raises:
         PlanError: every problem found (missing or mistyped inputs and components, wrong order), at once.
@@ -42,8 +70,10 @@ class Pipeline:
         *,
         manager: ComponentsManager | None = None,
         name: str | None = None,
+        preset: PresetInfo | None = None,
     ) -> None:
         self.name = name or blocks.name
+        self.preset = preset
         self.manager = manager if manager is not None else ComponentsManager()
         self._keys: dict[str, str] = {}
         self._bound: dict[str, Any] = {}
@@ -57,6 +87,21 @@ class Pipeline:
         from diffblocks.presets.loading import from_pretrained
 
         return from_pretrained(path_or_repo, **kwargs)
+
+    def save_pretrained(self, folder: str | os.PathLike[str], **options: Any) -> Path:
+        """Save components, guider and settings to a folder that :meth:`from_pretrained` (and diffusers) reads.
+
+        See :func:`diffblocks.presets.saving.save_pretrained` for the options and rules.
+        """
+        from diffblocks.presets.saving import save_pretrained
+
+        return save_pretrained(self, folder, **options)
+
+    def push_to_hub(self, repo_id: str, **options: Any) -> CommitInfo:
+        """Save to a temporary folder and upload it as one commit (see :func:`diffblocks.presets.publishing.push_to_hub`)."""
+        from diffblocks.presets.publishing import push_to_hub
+
+        return push_to_hub(self, repo_id, **options)
 
     # --- building -------------------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import torch
 
 from diffblocks.blocks import Pipeline, Sequence
 from diffblocks.blocks.introspect import component_names
+from diffblocks.blocks.pipeline import PresetInfo
 from diffblocks.components import ComponentsManager, ComponentSpec, read_index
 from diffblocks.components.guiders import AbstractGuider
 from diffblocks.presets import flux, sd15, sdxl
@@ -117,6 +118,7 @@ def from_pretrained(
     if device is not None:
         manager.device = torch.device(device)
     specs: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # so that saving writes the portable reference, not this machine's folder
     for name, spec in index.components.items():
         changes: dict[str, Any] = {}
         if dtype is not None and name not in _NOT_CAST:
@@ -126,13 +128,15 @@ def from_pretrained(
         if _is_package(spec):
             assert spec.repo is not None
             changes["repo"] = str(resolve_package_reference(spec.repo))
+            sources[changes["repo"]] = spec.repo
         specs[name] = spec.with_(**changes) if changes else spec
     specs.setdefault("guider", family.guider())
     specs.update(components or {})
     blocks = family.build(index.settings)
     needed = component_names(blocks)
     chosen = {name: value for name, value in specs.items() if name in needed}
-    return Pipeline(blocks, chosen, manager=manager, name=f"{family.name}:{os.fspath(path_or_repo)}")
+    preset = PresetInfo(family.name, index.class_name, dict(index.settings), sources)
+    return Pipeline(blocks, chosen, manager=manager, name=f"{family.name}:{os.fspath(path_or_repo)}", preset=preset)
 
 
 def _is_package(spec: ComponentSpec) -> bool:

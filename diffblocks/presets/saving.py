@@ -1,0 +1,246 @@
+"""Save a preset pipeline to a folder: one subfolder per component, both index files, written atomically.
+
+The folder holds ``modular_model_index.json`` (read first by :func:`~diffblocks.presets.from_pretrained`:
+type hints, dtypes, variants, the guider, the family and the settings) and a classic
+``model_index.json`` that diffusers' own pipelines read. Which components are copied:
+
+* objects (given or loaded) and specs of local folders are saved into ``<folder>/<name>``;
+* specs of Hub repositories that are still a reference (``ComponentSpec(repo="org/model", ...)``)
+  stay references in the modular index, with their revision, variant and dtype: the saved folder
+  is small and loads them from their own repository. ``copy_references=True`` copies them too.
+
+Everything is written into a hidden sibling folder and moved into place at the end, so a failure
+leaves the target as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffblocks.blocks import Pipeline
+from diffblocks.blocks.pipeline import PresetInfo
+from diffblocks.components import ComponentsManager, ComponentSpec, write_modular_index
+from diffblocks.components.guiders import AbstractGuider
+from diffblocks.components.models import AbstractModel
+from diffblocks.components.schedulers import AbstractScheduler
+from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX
+from diffblocks.presets.loading import FAMILIES
+from diffblocks.presets.structure import preset_of
+from diffblocks.registry import Registry, RegistryError
+
+_MSG_EXISTS = (
+    "{folder} exists, is not empty and is not a saved diffblocks pipeline; saving would replace everything "
+    "in it. Pass overwrite=True to replace it, or choose an empty or new folder."
+)
+_MSG_UNSAFE = (
+    "safe_serialization=False is not supported: diffblocks writes safetensors only, because pickled "
+    "weights can run code when they are loaded."
+)
+_MSG_UNSAVABLE = (
+    "component {name!r} is a {cls}, which diffblocks cannot save: it saves its models (AbstractModel), "
+    "transformers models and tokenizers, schedulers and guiders."
+)
+_CLASSIC_LIBRARIES = frozenset({"diffusers", "transformers"})
+_OUR_SETTINGS = frozenset({"family"})  # settings only diffblocks reads: kept out of diffusers' index
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One component to save: copied into its subfolder, or written as the reference ``spec``."""
+
+    name: str
+    key: str
+    cls: type
+    type_hint: tuple[str, str]
+    reference: ComponentSpec | None
+
+
+def save_pretrained(
+    pipe: Pipeline,
+    folder: str | os.PathLike[str],
+    *,
+    variant: str | None = None,
+    max_shard_size: int | str | None = None,
+    safe_serialization: bool = True,
+    overwrite: bool = False,
+    copy_references: bool = False,
+) -> Path:
+    """Save ``pipe``'s components, guider and settings so that ``Pipeline.from_pretrained(folder)`` rebuilds it.
+
+    Args:
+        pipe: a preset pipeline (from ``Pipeline.from_pretrained``, or built from a family's blocks).
+        folder: created if missing. An existing saved pipeline is replaced as a whole; another
+            non-empty folder only with ``overwrite=True``.
+        variant: weight file variant of the saved models (``"fp16"`` -> ``*.fp16.safetensors``),
+            recorded in the modular index so that loading picks it without being told.
+        max_shard_size: bytes or a string such as ``"5GB"``; larger model weights are sharded.
+        safe_serialization: must be True (safetensors only).
+        overwrite: replace a non-empty folder that is not a saved pipeline.
+        copy_references: also copy components that are still references to Hub repositories.
+
+    Returns:
+        The folder written.
+
+    Raises:
+        ValueError: the blocks are not a preset's, ``safe_serialization`` is False, or a setting is
+            not JSON.
+        RegistryError: a component's class is not in the manager's registry (nothing is written).
+        FileExistsError: ``folder`` is a file, or a foreign non-empty folder without ``overwrite``.
+    """
+    if not safe_serialization:
+        raise ValueError(_MSG_UNSAFE)
+    preset = preset_of(pipe)
+    settings = {**preset.settings, "family": preset.family}
+    json.dumps(settings)  # a setting that is not JSON fails here, before anything is written
+    items = [_plan(pipe, name, key, preset, copy_references) for name, key in sorted(pipe.component_keys().items())]
+    target = Path(folder).expanduser().absolute()
+    _check_target(target, overwrite=overwrite)
+    class_name = preset.class_name or FAMILIES[preset.family].classes[0]
+    with _staging(target) as staging:
+        specs = {item.name: _write(pipe.manager, item, staging, variant=variant, max_shard_size=max_shard_size) for item in items}
+        write_modular_index(staging, specs, class_name=class_name, settings=settings)
+        classic = classic_index(items, class_name=class_name, settings=settings)
+        if classic is not None:
+            (staging / CLASSIC_INDEX).write_text(json.dumps(classic, indent=2) + "\n")
+    return target
+
+
+def is_saved_pipeline(folder: Path) -> bool:
+    """Whether ``folder`` holds a pipeline saved by diffblocks (its modular index says so)."""
+    try:
+        data = json.loads((folder / MODULAR_INDEX).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "_diffblocks_version" in data
+
+
+def registry_key(registry: Registry, cls: type) -> tuple[str, str]:
+    """``registry.key_of(cls)``, after importing the allowlisted targets named like ``cls``.
+
+    Targets are registered by public module (``diffblocks.components.schedulers:EulerDiscreteScheduler``)
+    while classes live in private ones, and ``key_of`` matches only imported classes or exact paths.
+
+    Raises:
+        RegistryError: the registry's own message, when no allowlisted target is ``cls``.
+    """
+    try:
+        return registry.key_of(cls)
+    except RegistryError as err:
+        for key in registry:
+            if key[1] == cls.__name__:
+                with contextlib.suppress(RegistryError):
+                    registry.resolve(key)
+        try:
+            return registry.key_of(cls)
+        except RegistryError:
+            raise err from None
+
+
+def classic_index(items: list[_Item], *, class_name: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+    """diffusers' ``model_index.json`` for the saved components; None when some live in other repositories.
+
+    Guiders are left out (diffusers' classic pipelines take none), as are components of other libraries.
+    """
+    data: dict[str, Any] = {"_class_name": class_name}
+    data.update({key: value for key, value in settings.items() if key not in _OUR_SETTINGS})
+    for item in items:
+        if issubclass(item.cls, AbstractGuider) or item.type_hint[0] not in _CLASSIC_LIBRARIES:
+            continue
+        if item.reference is not None:
+            return None  # diffusers reads components from the repository itself only
+        data[item.name] = list(item.type_hint)
+    return data
+
+
+def _plan(pipe: Pipeline, name: str, key: str, preset: PresetInfo, copy_references: bool) -> _Item:
+    manager = pipe.manager
+    cls = manager.component_type(key) or type(manager.get(key))
+    hint = registry_key(manager.registry, cls)
+    spec = manager.spec(key)
+    if spec is not None and spec.repo is not None and not copy_references:
+        if spec.repo in preset.sources:
+            return _Item(name, key, cls, hint, spec.with_(repo=preset.sources[spec.repo], type_hint=hint))
+        if not Path(spec.repo).expanduser().is_dir():
+            return _Item(name, key, cls, hint, spec.with_(type_hint=hint))
+    if not issubclass(cls, _savable_classes()):
+        raise TypeError(_MSG_UNSAVABLE.format(name=name, cls=f"{cls.__module__}.{cls.__qualname__}"))
+    return _Item(name, key, cls, hint, None)
+
+
+def _write(
+    manager: ComponentsManager, item: _Item, root: Path, *, variant: str | None, max_shard_size: int | str | None
+) -> ComponentSpec:
+    if item.reference is not None:
+        return item.reference
+    was_loaded = manager.is_loaded(item.key)
+    obj = manager.get(item.key)
+    folder = root / item.name
+    spec = ComponentSpec(name=item.name, type_hint=item.type_hint, subfolder=item.name)
+    if isinstance(obj, torch.nn.Module):
+        shards = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
+        obj.save_pretrained(folder, variant=variant, **shards)  # type: ignore[operator]
+        spec = spec.with_(variant=variant, dtype=_dtype_name(obj))
+    else:
+        obj.save_pretrained(folder)
+    if not was_loaded and manager.spec(item.key) is not None:
+        manager.unload(item.key)  # saving should not keep a lazy component in memory
+    return spec
+
+
+def _savable_classes() -> tuple[type, ...]:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    return (AbstractModel, PreTrainedModel, PreTrainedTokenizerBase, AbstractScheduler, AbstractGuider)
+
+
+def _dtype_name(module: torch.nn.Module) -> str | None:
+    """The floating-point dtype of the weights, when they share one (recorded so that loading keeps it)."""
+    dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    return str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else None
+
+
+def _check_target(target: Path, *, overwrite: bool) -> None:
+    if target.is_file():
+        raise FileExistsError(f"{target} is a file; save a pipeline into a folder")
+    if target.is_dir() and not overwrite and any(target.iterdir()) and not is_saved_pipeline(target):
+        raise FileExistsError(_MSG_EXISTS.format(folder=target))
+
+
+@contextlib.contextmanager
+def _staging(target: Path) -> Iterator[Path]:
+    """A hidden sibling of ``target`` to write into; moved onto ``target`` on success, removed on failure."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.saving-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        yield staging
+        _move_into_place(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    old = target.with_name(f".{target.name}.replaced-{uuid.uuid4().hex[:8]}")
+    os.replace(target, old)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["classic_index", "is_saved_pipeline", "registry_key", "save_pretrained"]
