@@ -23,7 +23,9 @@ _MAX_BODY = 64 * 2**20
 # Best-effort client telemetry: answered 404, so that the client caches nothing in HF_HOME.
 _IGNORED = frozenset({"/api/agent-harnesses"})
 _UNSERVED = "the stand-in Hub does not serve"
-_REPO_OP = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/(?P<op>preupload|commit|branch|discussions)(?:/(?P<arg>.+))?$")
+_REPO_OP = re.compile(
+    r"^/api/models/(?P<repo>[^/]+/[^/]+)/(?P<op>preupload|commit|branch|discussions)(?:/(?P<arg>.+))?$"
+)
 
 
 @dataclass
@@ -128,7 +130,8 @@ class StandInHub:
         if repo_id in self.repos:
             return 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
         empty = _commit_id(repo_id.encode(), {})
-        self.repos[repo_id] = _Repo(private=request.get("visibility") == "private", refs={"main": empty}, commits={empty: {}})
+        private = request.get("visibility") == "private"
+        self.repos[repo_id] = _Repo(private=private, refs={"main": empty}, commits={empty: {}})
         return 200, {"url": f"{self.url}/{repo_id}", "name": repo_id}
 
     def _commit(self, repo_id: str, repo: _Repo, revision: str, body: bytes) -> tuple[int, Any]:

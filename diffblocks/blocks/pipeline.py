@@ -98,7 +98,10 @@ class Pipeline:
         return save_pretrained(self, folder, **options)
 
     def push_to_hub(self, repo_id: str, **options: Any) -> CommitInfo:
-        """Save to a temporary folder and upload it as one commit (see :func:`diffblocks.presets.publishing.push_to_hub`)."""
+        """Save to a temporary folder and upload it as one commit (see :func:`diffblocks.presets.publishing.push_to_hub`).
+
+        Returns huggingface_hub's ``CommitInfo``.
+        """
         from diffblocks.presets.publishing import push_to_hub
 
         return push_to_hub(self, repo_id, **options)

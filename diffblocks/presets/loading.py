@@ -136,7 +136,8 @@ def from_pretrained(
     needed = component_names(blocks)
     chosen = {name: value for name, value in specs.items() if name in needed}
     preset = PresetInfo(family.name, index.class_name, dict(index.settings), sources)
-    return Pipeline(blocks, chosen, manager=manager, name=f"{family.name}:{os.fspath(path_or_repo)}", preset=preset)
+    name = f"{family.name}:{os.fspath(path_or_repo)}"
+    return Pipeline(blocks, chosen, manager=manager, name=name, preset=preset)
 
 
 def _is_package(spec: ComponentSpec) -> bool:

@@ -107,9 +107,9 @@ def save_pretrained(
     _check_target(target, overwrite=overwrite)
     class_name = preset.class_name or FAMILIES[preset.family].classes[0]
     with _staging(target) as staging:
-        specs = {item.name: _write(pipe.manager, item, staging, variant=variant, max_shard_size=max_shard_size) for item in items}
+        specs = {item.name: _write(pipe.manager, item, staging, variant, max_shard_size) for item in items}
         write_modular_index(staging, specs, class_name=class_name, settings=settings)
-        classic = classic_index(items, class_name=class_name, settings=settings)
+        classic = _classic_index(items, class_name=class_name, settings=settings)
         if classic is not None:
             (staging / CLASSIC_INDEX).write_text(json.dumps(classic, indent=2) + "\n")
     return target
@@ -124,7 +124,7 @@ def is_saved_pipeline(folder: Path) -> bool:
     return isinstance(data, dict) and "_diffblocks_version" in data
 
 
-def registry_key(registry: Registry, cls: type) -> tuple[str, str]:
+def _registry_key(registry: Registry, cls: type) -> tuple[str, str]:
     """``registry.key_of(cls)``, after importing the allowlisted targets named like ``cls``.
 
     Targets are registered by public module (``diffblocks.components.schedulers:EulerDiscreteScheduler``)
@@ -146,7 +146,7 @@ def registry_key(registry: Registry, cls: type) -> tuple[str, str]:
             raise err from None
 
 
-def classic_index(items: list[_Item], *, class_name: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+def _classic_index(items: list[_Item], *, class_name: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
     """diffusers' ``model_index.json`` for the saved components; None when some live in other repositories.
 
     Guiders are left out (diffusers' classic pipelines take none), as are components of other libraries.
@@ -165,7 +165,7 @@ def classic_index(items: list[_Item], *, class_name: str, settings: Mapping[str,
 def _plan(pipe: Pipeline, name: str, key: str, preset: PresetInfo, copy_references: bool) -> _Item:
     manager = pipe.manager
     cls = manager.component_type(key) or type(manager.get(key))
-    hint = registry_key(manager.registry, cls)
+    hint = _registry_key(manager.registry, cls)
     spec = manager.spec(key)
     if spec is not None and spec.repo is not None and not copy_references:
         if spec.repo in preset.sources:
@@ -178,7 +178,7 @@ def _plan(pipe: Pipeline, name: str, key: str, preset: PresetInfo, copy_referenc
 
 
 def _write(
-    manager: ComponentsManager, item: _Item, root: Path, *, variant: str | None, max_shard_size: int | str | None
+    manager: ComponentsManager, item: _Item, root: Path, variant: str | None, max_shard_size: int | str | None
 ) -> ComponentSpec:
     if item.reference is not None:
         return item.reference
@@ -188,7 +188,7 @@ def _write(
     spec = ComponentSpec(name=item.name, type_hint=item.type_hint, subfolder=item.name)
     if isinstance(obj, torch.nn.Module):
         shards = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
-        obj.save_pretrained(folder, variant=variant, **shards)  # type: ignore[operator]
+        obj.save_pretrained(folder, variant=variant, **shards)
         spec = spec.with_(variant=variant, dtype=_dtype_name(obj))
     else:
         obj.save_pretrained(folder)
@@ -243,4 +243,4 @@ def _move_into_place(staging: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["classic_index", "is_saved_pipeline", "registry_key", "save_pretrained"]
+__all__ = ["is_saved_pipeline", "save_pretrained"]

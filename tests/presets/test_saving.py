@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from diffblocks.blocks import Pipeline
+from diffblocks.blocks.pipeline import PresetInfo
+from diffblocks.blocks.sd import EncodePrompt
 from diffblocks.blocks.standard import SchedulerStep
 from diffblocks.components.guiders import (
     AbstractClassifierFreeGuider,
@@ -22,12 +24,16 @@ from diffblocks.components.guiders import (
 )
 from diffblocks.components.models.autoencoder_kl import AutoencoderKL
 from diffblocks.components.schedulers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffblocks.presets.sd15 import sd15_blocks
+from diffblocks.presets.structure import preset_of
 from diffblocks.registry import RegistryError
 from tests.hub_server import StandInHub
 from tests.hubcache import add_cached_repo, use_hub_cache
 from tests.presets.sd_fixtures import tiny_sd15
 
-CALL = dict(prompt="a red circle", negative_prompt="blurry", height=32, width=32, num_inference_steps=3, output_type="np")
+CALL = dict(
+    prompt="a red circle", negative_prompt="blurry", height=32, width=32, num_inference_steps=3, output_type="np"
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +47,13 @@ def image(pipe: Pipeline, seed: int = 0) -> np.ndarray:
 
 def listing(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` with the hash of its bytes."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def config_of(scheduler: Any) -> dict[str, Any]:
+    """A scheduler's config without the keys left at default, which is not saved (as in diffusers)."""
+    return {k: v for k, v in scheduler.to_config().items() if k != "_use_default_values"}
 
 
 def modular_index(folder: Path) -> dict[str, Any]:
@@ -50,14 +62,19 @@ def modular_index(folder: Path) -> dict[str, Any]:
 
 GUIDERS = {
     "apg": AdaptiveProjectedGuidance(guidance_scale=6.0, adaptive_projected_guidance_momentum=-0.5, eta=0.3),
-    "pag": PerturbedAttentionGuidance.for_family("sd15", guidance_scale=5.0, perturbed_guidance_scale=2.0, perturbed_guidance_start=0.0),
+    "pag": PerturbedAttentionGuidance.for_family(
+        "sd15", guidance_scale=5.0, perturbed_guidance_scale=2.0, perturbed_guidance_start=0.0
+    ),
 }
 
 
 @pytest.mark.parametrize("guider", GUIDERS.values(), ids=GUIDERS.keys())
-def test_saved_pipeline_gives_the_same_image(sd15_repo: Path, tmp_path: Path, guider: AbstractClassifierFreeGuider) -> None:
+def test_saved_pipeline_gives_the_same_image(
+    sd15_repo: Path, tmp_path: Path, guider: AbstractClassifierFreeGuider
+) -> None:
     pipe = Pipeline.from_pretrained(str(sd15_repo))
-    scheduler = EulerDiscreteScheduler.from_config(pipe.components["scheduler"].to_config()).replace(use_karras_sigmas=True)
+    scheduler = EulerDiscreteScheduler.from_config(pipe.components["scheduler"].to_config())
+    scheduler = scheduler.replace(use_karras_sigmas=True)
     pipe.update_components(guider=guider, scheduler=scheduler)
     expected = image(pipe)
 
@@ -70,8 +87,7 @@ def test_saved_pipeline_gives_the_same_image(sd15_repo: Path, tmp_path: Path, gu
 
     back = Pipeline.from_pretrained(str(folder))
     assert back.components["guider"] == guider
-    values = [{k: v for k, v in s.to_config().items() if k != "_use_default_values"} for s in (back.components["scheduler"], scheduler)]
-    assert values[0] == values[1]  # which keys were defaulted is not saved (as in diffusers' scheduler_config.json)
+    assert config_of(back.components["scheduler"]) == config_of(scheduler)
     assert np.array_equal(image(back), expected)
 
 
@@ -82,7 +98,8 @@ def test_diffusers_reads_the_saved_folder(sd15_repo: Path, tmp_path: Path) -> No
     classic = json.loads((folder / "model_index.json").read_text())
     assert classic["_class_name"] == "StableDiffusionPipeline" and classic["requires_safety_checker"] is False
     assert "guider" not in classic and "family" not in classic
-    assert classic["unet"] == ["diffusers", "UNet2DConditionModel"] and classic["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert classic["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert classic["text_encoder"] == ["transformers", "CLIPTextModel"]
 
     reference = diffusers.StableDiffusionPipeline.from_pretrained(folder)
     reference.set_progress_bar_config(disable=True)
@@ -107,7 +124,8 @@ def test_hub_references_stay_references_unless_copied(
     assert np.array_equal(image(Pipeline.from_pretrained(str(small))), expected)
 
     full = pipe.save_pretrained(tmp_path / "full", copy_references=True)
-    assert {"unet/diffusion_pytorch_model.safetensors", "model_index.json", "tokenizer/tokenizer.json"} <= set(listing(full))
+    copied = {"unet/diffusion_pytorch_model.safetensors", "model_index.json", "tokenizer/tokenizer.json"}
+    assert copied <= listing(full).keys()
     assert modular_index(full)["unet"][2]["pretrained_model_name_or_path"] is None  # the folder itself
 
 
@@ -115,7 +133,8 @@ def test_variant_dtype_and_shards_round_trip(sd15_repo: Path, tmp_path: Path) ->
     pipe = Pipeline.from_pretrained(str(sd15_repo), dtype=torch.bfloat16)
     variant = pipe.save_pretrained(tmp_path / "variant", variant="bf16")
     sharded = pipe.save_pretrained(tmp_path / "sharded", max_shard_size="1MB")
-    assert {"unet/diffusion_pytorch_model.bf16.safetensors", "text_encoder/model.bf16.safetensors"} <= set(listing(variant))
+    named = {"unet/diffusion_pytorch_model.bf16.safetensors", "text_encoder/model.bf16.safetensors"}
+    assert named <= listing(variant).keys()
     assert len(list((sharded / "unet").glob("diffusion_pytorch_model-0000?-of-0000?.safetensors"))) > 1
     assert len(list((sharded / "text_encoder").glob("model-0000?-of-0000?.safetensors"))) > 1
     assert modular_index(variant)["unet"][2]["variant"] == "bf16"
@@ -188,9 +207,30 @@ def test_changed_blocks_are_refused(sd15_repo: Path, tmp_path: Path) -> None:
         """A research step: the preset would silently drop it on loading."""
 
     pipe.replace_block("workflow.text2img.denoise.step", MyStep(name="step"))
-    with pytest.raises(ValueError, match=r"block 'workflow.text2img.denoise.step' is a .*MyStep where the preset has a .*SchedulerStep"):
+    message = r"block 'workflow.text2img.denoise.step' is a .*MyStep where the preset has a .*SchedulerStep"
+    with pytest.raises(ValueError, match=message):
         pipe.save_pretrained(tmp_path / "saved")
     assert not (tmp_path / "saved").exists()
+
+
+def test_preset_is_recognised_named_or_refused(sd15_repo: Path, tmp_path: Path) -> None:
+    loaded = Pipeline.from_pretrained(str(sd15_repo))
+    hand_built = Pipeline(sd15_blocks(), loaded.components)
+    assert hand_built.preset is None and preset_of(hand_built) == PresetInfo("sd15")
+
+    class MyEncodePrompt(EncodePrompt):
+        """Prompt weighting, say: no preset has it."""
+
+    hand_built.replace_block("encode_prompt", MyEncodePrompt(name="encode_prompt"))
+    with pytest.raises(ValueError, match="its blocks are not those of any preset"):
+        preset_of(hand_built)
+
+    # a folder the index named by a package reference is saved as that reference, not copied
+    loaded.preset = PresetInfo("sd15", "StableDiffusionPipeline", {}, {str(sd15_repo): "package://somepackage/model"})
+    folder = loaded.save_pretrained(tmp_path / "saved")
+    assert sorted(listing(folder)) == ["guider/guider_config.json", "modular_model_index.json"]
+    unet = modular_index(folder)["unet"][2]
+    assert (unet["pretrained_model_name_or_path"], unet["subfolder"]) == ("package://somepackage/model", "unet")
 
 
 def test_push_to_hub_and_load_by_repo_id(sd15_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
