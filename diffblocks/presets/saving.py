@@ -95,6 +95,7 @@ def save_pretrained(
         ValueError: the blocks are not a preset's, ``safe_serialization`` is False, or a setting is
             not JSON.
         RegistryError: a component's class is not in the manager's registry (nothing is written).
+        TypeError: a component is of a kind diffblocks cannot save (nothing is written).
         FileExistsError: ``folder`` is a file, or a foreign non-empty folder without ``overwrite``.
     """
     if not safe_serialization:
