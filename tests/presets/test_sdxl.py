@@ -156,3 +156,33 @@ def test_float16_runs_the_vae_in_float32_when_its_config_says_so(sdxl_repo: Path
     assert seen == [torch.float32, torch.float32]  # encode and decode upcast...
     assert next(vae.parameters()).dtype == torch.float16  # ...and the VAE is back in float16 afterwards
     assert out.latents.dtype == torch.float16 and np.isfinite(out.images).all()
+
+
+def test_second_encoder_alone_encodes_like_the_refiner(ours: Pipeline) -> None:
+    from diffblocks.blocks.sd import EncodePromptXL, PrepareTimeIds
+
+    parts = ours.components
+    encode = EncodePromptXL().bind({"text_encoder_2": parts["text_encoder_2"], "tokenizer_2": parts["tokenizer_2"]})
+    out = encode(EncodePromptXL.Inputs(prompt=["a", "b"], negative_prompt="c", num_images_per_prompt=2))
+    assert out.conditioning["encoder_hidden_states"].shape == (4, 77, 32)  # the second encoder's width only
+    assert out.negative_conditioning["text_embeds"].shape == (4, 32) and out.batch_size == 4
+
+    ids = PrepareTimeIds(requires_aesthetics_score=True).bind({"unet": parts["unet"]})
+    with pytest.raises(ValueError, match="expects 6 time ids"):
+        ids(PrepareTimeIds.Inputs(conditioning=out.conditioning, negative_conditioning=out.negative_conditioning, height=8, width=8))
+
+
+def test_aesthetic_time_ids() -> None:
+    from diffblocks.blocks.sd import PrepareTimeIds
+    from diffblocks.components.models.unet import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_config({
+        "block_out_channels": (32,), "down_block_types": ("DownBlock2D",), "up_block_types": ("UpBlock2D",),
+        "layers_per_block": 1, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 5 * 8 + 4, "attention_head_dim": 2, "cross_attention_dim": 8,
+    })
+    block = PrepareTimeIds(requires_aesthetics_score=True).bind({"unet": unet})
+    pooled = {"text_embeds": torch.zeros(2, 4)}
+    out = block(PrepareTimeIds.Inputs(conditioning=pooled, negative_conditioning=pooled, height=64, width=48, crops_coords_top_left=(2, 3)))
+    assert out.conditioning["time_ids"].tolist() == [[64, 48, 2, 3, 6.0]] * 2
+    assert out.negative_conditioning["time_ids"].tolist() == [[64, 48, 2, 3, 2.5]] * 2
