@@ -55,9 +55,10 @@ def _load_transformers(cls: type, spec: ComponentSpec, device: torch.device | st
 
 
 def _has_safetensors(folder: Any, variant: str | None) -> bool:
-    names = [p.name for p in folder.iterdir()]
-    suffix = f".{variant}.safetensors" if variant else ".safetensors"
-    found = any(name.endswith(suffix) or name.endswith(f"{suffix}.index.json") for name in names)
+    # transformers names variants "model.fp16.safetensors", "model.fp16-00001-of-00002.safetensors" and
+    # "model.safetensors.index.fp16.json"; any safetensors file or index carrying the variant will do
+    names = [p.name for p in folder.iterdir() if ".safetensors" in p.name]
+    found = any(f".{variant}" in name for name in names) if variant else bool(names)
     if not found:
         raise FileNotFoundError(
             f"{folder} has no safetensors weights{f' for variant {variant!r}' if variant else ''}; "

@@ -67,6 +67,10 @@ class Registry:
         for key, target in self._targets.items():
             if target is cls or target == qualified:
                 return key
+        for key, target in self._targets.items():
+            # string targets may name a re-exporting module: import those whose name matches, then compare
+            if isinstance(target, str) and key[1] == cls.__name__ and self.resolve(key) is cls:
+                return key
         raise RegistryError(
             f"{cls.__module__}.{cls.__qualname__} is not a registered {self.kind}; register it to save it in an index."
         )

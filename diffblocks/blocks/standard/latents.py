@@ -63,12 +63,19 @@ class PrepareLatents(Block):
         check_generator(user_inputs, _placement(self.unet)[0])
 
     def default_size(self) -> tuple[int, int]:
-        size = getattr(self.unet, "params").sample_size * vae_scale_factor(self.vae)
+        """The model's native size: its ``sample_size`` in latents, times the VAE factor."""
+        params = getattr(self.unet, "params", None)
+        sample_size = getattr(params, "sample_size", None)
+        if not isinstance(sample_size, int):
+            raise ValueError(f"{type(self.unet).__name__} declares no sample_size: pass height= and width=")
+        size = sample_size * vae_scale_factor(self.vae)
         return size, size
 
     def __call__(self, inputs: Inputs) -> Outputs:
-        default_height, default_width = self.default_size()
-        height, width = inputs.height or default_height, inputs.width or default_width
+        height, width = inputs.height, inputs.width
+        if height is None or width is None:
+            default_height, default_width = self.default_size()
+            height, width = height or default_height, width or default_width
         device, dtype = _placement(self.unet)
         factor = vae_scale_factor(self.vae)
         shape = (inputs.batch_size, self.vae.params.latent_channels, height // factor, width // factor)
