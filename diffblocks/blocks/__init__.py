@@ -6,7 +6,7 @@ from diffblocks.blocks.errors import FieldError, InputError, PlanError, Problem
 from diffblocks.blocks.executor import StepInfo
 from diffblocks.blocks.introspect import block_doc
 from diffblocks.blocks.output import PipelineOutput
-from diffblocks.blocks.pipeline import Pipeline
+from diffblocks.blocks.pipeline import Pipeline, PresetInfo
 from diffblocks.blocks.types import Bool, Float, Int, Shaped, TensorSpec
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "Pipeline",
     "PipelineOutput",
     "PlanError",
+    "PresetInfo",
     "Problem",
     "Sequence",
     "Shaped",
