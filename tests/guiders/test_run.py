@@ -228,3 +228,24 @@ def test_overhead_per_step_is_small() -> None:
     # A cat, a chunk and the CFG arithmetic on tiny tensors; generous for a shared CI machine.
     assert per_step < 1e-3, f"{per_step * 1e6:.0f} µs per step"
     print(f"guided_prediction CFG step: {per_step * 1e6:.1f} µs")
+
+
+def test_batched_guidance_falls_back_to_sequential_when_out_of_memory() -> None:
+    from diffblocks.components.guiders import ClassifierFreeGuidance, GuidanceConditions, guided_prediction
+
+    calls: list[int] = []
+
+    def predict(x: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        if x.shape[0] > 1:
+            raise torch.OutOfMemoryError("simulated")
+        return x * encoder_hidden_states.mean()
+
+    guider = ClassifierFreeGuidance(guidance_scale=3.0)
+    conditions = GuidanceConditions({"cond": {"encoder_hidden_states": torch.ones(1, 2)}, "uncond": {"encoder_hidden_states": torch.zeros(1, 2)}})
+    latents = torch.ones(1, 4)
+    for step in range(2):
+        out = guided_prediction(guider, state=None, predict=predict, latents=latents, conditions=conditions,
+                                step_index=step, num_steps=2, model=torch.nn.Identity())
+        assert torch.allclose(out, torch.full((1, 4), 3.0))
+    assert calls == [2, 1, 1, 1, 1]  # one failed batched try, then sequential for the rest of the call

@@ -31,6 +31,7 @@ class GuidanceConditions(Mapping[str, Mapping[str, Tensor]]):
             raise ValueError(f"All conditions need the same tensor names, got {keys}.")
         self._conditions = {name: dict(tensors) for name, tensors in conditions.items()}
         self._batched: dict[tuple[str, ...], dict[str, Tensor]] = {}
+        self.sequential_after_oom = False
 
     def __getitem__(self, name: str) -> Mapping[str, Tensor]:
         return self._conditions[name]
@@ -88,13 +89,19 @@ def guided_prediction(
     passes = guider.passes(step_index, num_steps)
     predictions: list[Any] = [None] * len(passes)
     plain = [i for i, p in enumerate(passes) if p.perturbation is None]
-    if batched and len(plain) > 1:
+    sticky = isinstance(conditions, GuidanceConditions)
+    if batched and len(plain) > 1 and not (sticky and conditions.sequential_after_oom):
         names = tuple(passes[i].condition for i in plain)
-        if isinstance(conditions, GuidanceConditions):
-            inputs = conditions.batched(names)
-        else:
-            inputs = _concatenate(conditions, names)
-        output = predict(torch.cat([latents] * len(plain)), **inputs)
+        inputs = conditions.batched(names) if sticky else _concatenate(conditions, names)
+        try:
+            output = predict(torch.cat([latents] * len(plain)), **inputs)
+        except torch.OutOfMemoryError:
+            # batched guidance is a speed choice, not a requirement: out of memory, run the passes
+            # one by one, for the rest of the call when the conditions can remember it
+            if sticky:
+                conditions.sequential_after_oom = True
+            torch.cuda.empty_cache()
+            output = torch.cat([predict(latents, **conditions[passes[i].condition]) for i in plain])
         for i, chunk in zip(plain, output.chunk(len(plain))):
             predictions[i] = chunk
     else:
