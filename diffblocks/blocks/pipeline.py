@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import difflib
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -11,22 +9,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import ValidationError
 
-from diffblocks.blocks.block import AbstractBlock, Block
-from diffblocks.blocks.compat import describe_type
-from diffblocks.blocks.composites import Sequence, Switch
-from diffblocks.blocks.errors import FieldError, InputError, PlanError, Problem
+from diffblocks.blocks.block import AbstractBlock
+from diffblocks.blocks.checks import Choices, check_components, check_triggers, choose_workflow, copy_tree
+from diffblocks.blocks.composites import Sequence
+from diffblocks.blocks.errors import InputError, PlanError, Problem
 from diffblocks.blocks.executor import Callback, RunContext, add_location_note, cuda_sync, run_steps
 from diffblocks.blocks.output import PipelineOutput
 from diffblocks.blocks.plan import Plan, compile_plan, expand_workflows
+from diffblocks.blocks.validation import check_blocks, validate_inputs
 from diffblocks.components.manager import ComponentsManager
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
-
-Choices = tuple[tuple[str, str], ...]
-
 
 @dataclass(frozen=True)
 class PresetInfo:
@@ -109,49 +104,20 @@ class Pipeline:
     # --- building -------------------------------------------------------------------------------------------
 
     def _compile(self, blocks: AbstractBlock, keys: Mapping[str, str]) -> tuple[AbstractBlock, dict[Choices, Plan]]:
-        root = _copy_tree(blocks)
+        root = copy_tree(blocks)
         plans: dict[Choices, Plan] = {}
         problems: list[Problem] = []
         for choices, tree in expand_workflows(root):
             plans[choices], found = compile_plan(choices, tree)
             problems += [p for p in found if p not in problems]
-        problems += _check_triggers(root, plans)
-        problems += self._check_components(plans, keys)
+        problems += check_triggers(root, plans)
+        problems += check_components(plans, keys, self.manager)
         if problems:
             raise PlanError(problems, context=f"pipeline {self.name!r}")
         for plan in plans.values():
             for _, block in plan.blocks:
                 block._bound = self._bound
         return root, plans
-
-    def _check_components(self, plans: Mapping[Choices, Plan], keys: Mapping[str, str]) -> list[Problem]:
-        problems: list[Problem] = []
-        for name, (needed, optional, users) in _component_needs(plans).items():
-            site = users[0][1].declaration_site()
-            if name not in keys:
-                if not optional:
-                    problems.append(
-                        Problem(
-                            users[0][0],
-                            name,
-                            f"needs component {name!r} ({describe_type(needed)}), which the pipeline was not given",
-                            f"pass components={{{name!r}: ...}} (an object or a ComponentSpec), or load it from an index",
-                            site,
-                        )
-                    )
-                continue
-            actual = self.manager.component_type(keys[name])
-            if actual is not None and isinstance(needed, type) and not issubclass(actual, needed):
-                problems.append(
-                    Problem(
-                        users[0][0],
-                        name,
-                        f"needs a {needed.__name__} but component {name!r} is a {actual.__name__}",
-                        f"give a {needed.__name__} (or a subclass) as {name!r}",
-                        site,
-                    )
-                )
-        return problems
 
     # --- calling --------------------------------------------------------------------------------------------
 
@@ -175,12 +141,13 @@ class Pipeline:
             **inputs: the pipeline's inputs (see :meth:`input_schema`).
         """
         plan = self._select(frozenset(k for k, v in inputs.items() if v is not None))
-        state = self._validate(plan, inputs)
+        context = f"call to {self.name!r} (workflow {plan.workflow!r})"
+        state = validate_inputs(plan, inputs, known=self.input_names, context=context)
         run = RunContext(tuple(callbacks), progress, {} if timings else None, sync=cuda_sync() if timings else None)
         mode = torch.enable_grad() if grad else torch.inference_mode()
         try:
             self._bind()
-            self._check_blocks(plan, state)
+            check_blocks(plan, state, context=context)
             with mode:
                 run_steps(plan.steps, state, run)
         except Exception as err:
@@ -192,37 +159,14 @@ class Pipeline:
 
     def _select(self, given: frozenset[str]) -> Plan:
         choices: list[tuple[str, str]] = []
-        node_choices = _choose(self._root, given, "", choices)
+        node_choices = choose_workflow(self._root, given, "", choices)
         if node_choices is not None:
             raise InputError([node_choices])
         return self._plans[tuple(choices)]
 
-    def _validate(self, plan: Plan, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        known = self.input_names
-        unknown = [name for name in inputs if name not in known]
-        problems = [_unknown_input(name, known) for name in unknown]
-        try:
-            values = plan.input_model.model_validate(inputs).__dict__
-        except ValidationError as err:
-            values = {}
-            problems += [_input_problem(plan, e) for e in err.errors(include_url=False)]
-        if problems:
-            raise InputError(problems, context=f"call to {self.name!r} (workflow {plan.workflow!r})")
-        return dict(values)
-
     def _bind(self) -> None:
         for name, key in self._keys.items():
             self._bound[name] = self.manager.get(key)
-
-    def _check_blocks(self, plan: Plan, values: Mapping[str, Any]) -> None:
-        problems: list[Problem] = []
-        for path, block in plan.blocks:
-            try:
-                block.check(values)
-            except ValueError as err:
-                problems.append(Problem(path, _field_of(err), str(err)))
-        if problems:
-            raise InputError(problems, context=f"call to {self.name!r} (workflow {plan.workflow!r})")
 
     # --- changing -------------------------------------------------------------------------------------------
 
@@ -267,7 +211,7 @@ class Pipeline:
         return self._edit(lambda root: root.remove(path))
 
     def _edit(self, edit: Any) -> Pipeline:
-        root = _copy_tree(self._root)
+        root = copy_tree(self._root)
         if not isinstance(root, Sequence):
             raise TypeError("blocks can only be edited inside a Sequence root")
         edit(root)
@@ -336,104 +280,3 @@ class Pipeline:
         return mermaid(self.plan(workflow))
 
 
-def _copy_tree(block: AbstractBlock) -> AbstractBlock:
-    if isinstance(block, Switch):
-        clone = copy.copy(block)
-        clone.branches = tuple(type(b)(b.name, _copy_tree(b.block), b.when) for b in block.branches)
-        return clone
-    if isinstance(block, Sequence):
-        clone = copy.copy(block)
-        clone._blocks = {name: _copy_tree(child) for name, child in block._blocks.items()}
-        return clone
-    clone = copy.copy(block)
-    if isinstance(clone, Block):
-        clone._bound = {}
-    return clone
-
-
-def _choose(block: AbstractBlock, given: frozenset[str], path: str, choices: list[tuple[str, str]]) -> Problem | None:
-    if isinstance(block, Switch):
-        branch = block.select(given)
-        if branch is None:
-            options = "; ".join(f"{b.name} (give {', '.join(b.when)})" for b in block.branches)
-            return Problem(path or block.name, "inputs", f"no workflow matches the given inputs. Workflows: {options}")
-        choices.append((path, branch.name))
-        return _choose(branch.block, given, _join(path, branch.name), choices)
-    if isinstance(block, Sequence):
-        for child in block:
-            problem = _choose(child, given, _join(path, child.name), choices)
-            if problem is not None:
-                return problem
-    return None
-
-
-def _component_needs(plans: Mapping[Choices, Plan]) -> dict[str, tuple[Any, bool, list[tuple[str, Block]]]]:
-    needs: dict[str, tuple[Any, bool, list[tuple[str, Block]]]] = {}
-    for plan in plans.values():
-        for path, block in plan.blocks:
-            for name, decl in block.components().items():
-                needed = decl.annotation()
-                if name in needs:
-                    known, optional, users = needs[name]
-                    if (path, block) not in users:
-                        users.append((path, block))
-                    if isinstance(needed, type) and isinstance(known, type) and issubclass(needed, known):
-                        known = needed  # the most specific declaration is what every user can rely on
-                    needs[name] = (known, optional and decl.optional, users)
-                else:
-                    needs[name] = (needed, decl.optional, [(path, block)])
-    return needs
-
-
-def _check_triggers(root: AbstractBlock, plans: Mapping[Choices, Plan]) -> list[Problem]:
-    inputs = {name for plan in plans.values() for name in plan.user_inputs}
-    problems = []
-    for path, switch in _switches(root, ""):
-        for branch in switch.branches:
-            for name in branch.when:
-                if name not in inputs:
-                    problems.append(
-                        Problem(
-                            path,
-                            name,
-                            f"branch {branch.name!r} is triggered by {name!r}, which no block takes as a user input",
-                            "trigger on an input that a block of the branch declares",
-                        )
-                    )
-    return problems
-
-
-def _switches(block: AbstractBlock, path: str) -> Iterable[tuple[str, Switch]]:
-    if isinstance(block, Switch):
-        yield path or block.name, block
-        for branch in block.branches:
-            yield from _switches(branch.block, _join(path or block.name, branch.name))
-    elif isinstance(block, Sequence):
-        for child in block:
-            yield from _switches(child, _join(path, child.name))
-
-
-def _unknown_input(name: str, known: frozenset[str]) -> Problem:
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return Problem("pipeline", name, "is not an input of this pipeline", f"{hint}inputs: {', '.join(sorted(known))}")
-
-
-def _input_problem(plan: Plan, error: Any) -> Problem:
-    name = str(error["loc"][0]) if error["loc"] else "inputs"
-    user = plan.user_inputs.get(name)
-    block = user.consumers[0] if user else "pipeline"
-    if error["type"] == "missing":
-        return Problem(block, name, "is required but was not given", f"pass {name}=... to the pipeline")
-    expected = describe_type(user.annotation) if user else "?"
-    got = error.get("input")
-    shown = f"{type(got).__name__} {tuple(got.shape)}" if isinstance(got, torch.Tensor) else repr(got)[:80]
-    return Problem(block, name, f"{error['msg']} (expected {expected}, got {shown})")
-
-
-def _field_of(err: ValueError) -> str:
-    return err.field if isinstance(err, FieldError) else "inputs"
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
