@@ -24,7 +24,7 @@ from typing_extensions import Self
 
 from diffblocks.components.hub import resolve_folder
 from diffblocks.components.noise import Generator
-from diffblocks.components.schedulers.state import SchedulerState, StepRecord, as_floats
+from diffblocks.components.schedulers.state import SchedulerState, StepRecord, as_floats, strength_begin
 
 logger = logging.getLogger(__name__)
 
@@ -139,20 +139,28 @@ class AbstractScheduler(BaseModel, ABC):
         sigmas: Tensor | None,
         *,
         num_inference_steps: int,
-        begin_index: int,
-        init_noise_sigma: float,
+        strength: float,
         device: torch.device | str | None,
     ) -> SchedulerState:
-        """A state for the full schedule ``timesteps``/``sigmas`` (CPU), run from ``begin_index`` on."""
+        """A state for the full schedule ``timesteps``/``sigmas`` (CPU), run from :meth:`_begin_index` on."""
+        begin_index = self._begin_index(num_inference_steps, strength)
         return SchedulerState(
             timesteps=timesteps[begin_index:].to(device),
             sigmas=None if sigmas is None else sigmas[begin_index:],
-            init_noise_sigma=init_noise_sigma,
+            init_noise_sigma=1.0 if sigmas is None else self._init_noise_sigma(sigmas),
             num_inference_steps=num_inference_steps,
             begin_index=begin_index,
             full_timesteps=as_floats(timesteps),
             full_sigmas=() if sigmas is None else as_floats(sigmas),
         )
+
+    def _begin_index(self, num_inference_steps: int, strength: float) -> int:
+        """First position run for ``strength``, as diffusers' SD pipelines count: ``order`` calls per skipped step."""
+        return strength_begin(num_inference_steps, strength) * self.order
+
+    def _init_noise_sigma(self, sigmas: Tensor) -> float:
+        """Scale of the initial noise of the schedule ``sigmas``: 1 for a variance-preserving process."""
+        return 1.0
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Self:

@@ -15,7 +15,7 @@ from diffblocks.components.noise import Generator, randn_tensor
 from diffblocks.components.schedulers.betas import AbstractDiscreteScheduler, TimestepSpacing, diffuse
 from diffblocks.components.schedulers.prediction import PredictionType, data_prediction, dynamic_threshold
 from diffblocks.components.schedulers.schedule import spaced_timesteps
-from diffblocks.components.schedulers.state import SchedulerState, strength_begin
+from diffblocks.components.schedulers.state import SchedulerState
 
 VarianceType = Literal["fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"]
 
@@ -71,8 +71,7 @@ class DDPMScheduler(AbstractDiscreteScheduler):
             torch.from_numpy(timesteps.astype("int64")),
             None,
             num_inference_steps=num_inference_steps,
-            begin_index=strength_begin(num_inference_steps, strength),
-            init_noise_sigma=1.0,
+            strength=strength,
             device=device,
         )
 

@@ -15,8 +15,8 @@ from typing_extensions import Self
 from diffblocks.components.noise import Generator
 from diffblocks.components.schedulers.karras import AbstractKarrasScheduler, float32_tensor, respacing
 from diffblocks.components.schedulers.prediction import PredictionType, karras_data_prediction
-from diffblocks.components.schedulers.schedule import karras_init_noise_sigma, sigma_to_t
-from diffblocks.components.schedulers.state import SchedulerState, strength_begin
+from diffblocks.components.schedulers.schedule import sigma_to_t
+from diffblocks.components.schedulers.state import SchedulerState
 
 
 @final
@@ -93,8 +93,7 @@ class EulerDiscreteScheduler(AbstractKarrasScheduler):
             timestep_tensor,
             sigma_tensor,
             num_inference_steps=num_inference_steps,
-            begin_index=strength_begin(num_inference_steps, strength),
-            init_noise_sigma=karras_init_noise_sigma(sigma_tensor, self.timestep_spacing),
+            strength=strength,
             device=device,
         )
 

@@ -13,8 +13,7 @@ from torch import Tensor
 from diffblocks.components.noise import Generator, randn_tensor
 from diffblocks.components.schedulers.karras import AbstractKarrasScheduler, float32_tensor
 from diffblocks.components.schedulers.prediction import karras_data_prediction
-from diffblocks.components.schedulers.schedule import karras_init_noise_sigma
-from diffblocks.components.schedulers.state import SchedulerState, strength_begin
+from diffblocks.components.schedulers.state import SchedulerState
 
 
 def _split_noise(sigma: float, sigma_next: float) -> tuple[float, float]:
@@ -70,8 +69,7 @@ class EulerAncestralDiscreteScheduler(AbstractKarrasScheduler):
             float32_tensor(timesteps),
             sigma_tensor,
             num_inference_steps=num_inference_steps,
-            begin_index=strength_begin(num_inference_steps, strength),
-            init_noise_sigma=karras_init_noise_sigma(sigma_tensor, self.timestep_spacing),
+            strength=strength,
             device=device,
         )
 

@@ -125,10 +125,13 @@ class FlowMatchEulerDiscreteScheduler(AbstractScheduler):
             timesteps,
             torch.cat([sigma_tensor, end]),
             num_inference_steps=num_inference_steps,
-            begin_index=flow_strength_begin(num_inference_steps, strength),
-            init_noise_sigma=1.0,
+            strength=strength,
             device=device,
         )
+
+    def _begin_index(self, num_inference_steps: int, strength: float) -> int:
+        """First step run for ``strength``, as diffusers' flow-matching pipelines count it."""
+        return flow_strength_begin(num_inference_steps, strength)
 
     def _training_range(self) -> tuple[float, float]:
         """Largest and smallest training sigma, computed in float32 as diffusers does."""

@@ -16,6 +16,7 @@ from diffblocks.components.schedulers.betas import AbstractDiscreteScheduler, Ti
 from diffblocks.components.schedulers.schedule import (
     SigmaSpacing,
     interpolate_sigmas,
+    karras_init_noise_sigma,
     respace_sigmas,
     sigma_to_t,
     spaced_timesteps,
@@ -55,6 +56,10 @@ class AbstractKarrasScheduler(AbstractDiscreteScheduler):
             sigmas = respace_sigmas(respace, sigmas, num_steps, sigma_min=sigma_min, sigma_max=sigma_max)
             return sigma_to_t(sigmas, noise.log_sigmas), sigmas
         return timesteps, sigmas
+
+    def _init_noise_sigma(self, sigmas: Tensor) -> float:
+        """The largest sigma: a variance-exploding sampler starts from pure noise at that level."""
+        return karras_init_noise_sigma(sigmas, self.timestep_spacing)
 
     def scale_model_input(
         self, state: SchedulerState, sample: Float[Tensor, "batch *rest"], step_index: int

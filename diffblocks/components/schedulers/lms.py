@@ -16,8 +16,7 @@ from typing_extensions import Self
 from diffblocks.components.noise import Generator
 from diffblocks.components.schedulers.karras import AbstractKarrasScheduler, float32_tensor, respacing
 from diffblocks.components.schedulers.prediction import PredictionType, karras_data_prediction
-from diffblocks.components.schedulers.schedule import karras_init_noise_sigma
-from diffblocks.components.schedulers.state import SchedulerState, StepRecord, strength_begin
+from diffblocks.components.schedulers.state import SchedulerState, StepRecord
 
 _MAX_ORDER = 4
 
@@ -87,8 +86,7 @@ class LMSDiscreteScheduler(AbstractKarrasScheduler):
             float32_tensor(timesteps),
             sigma_tensor,
             num_inference_steps=num_inference_steps,
-            begin_index=strength_begin(num_inference_steps, strength),
-            init_noise_sigma=karras_init_noise_sigma(sigma_tensor, self.timestep_spacing),
+            strength=strength,
             device=device,
         )
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from diffblocks.components.noise import Generator
 from diffblocks.components.schedulers.betas import AbstractDiscreteScheduler, TimestepSpacing, diffuse
 from diffblocks.components.schedulers.schedule import spaced_timesteps
-from diffblocks.components.schedulers.state import SchedulerState, StepRecord, strength_begin
+from diffblocks.components.schedulers.state import SchedulerState, StepRecord
 
 _PRK_STEPS = 12  # three Runge-Kutta steps of four model calls each
 _PRK_WEIGHTS = (1 / 6, 1 / 3, 1 / 3, 1 / 6)
@@ -75,8 +75,7 @@ class PNDMScheduler(AbstractDiscreteScheduler):
             torch.from_numpy(timesteps.astype("int64")),
             None,
             num_inference_steps=num_inference_steps,
-            begin_index=strength_begin(num_inference_steps, strength),
-            init_noise_sigma=1.0,
+            strength=strength,
             device=device,
         )
 

@@ -21,7 +21,7 @@ from diffblocks.components.schedulers.multistep import (
     vp_coefficients,
 )
 from diffblocks.components.schedulers.schedule import interpolate_sigmas, respace_sigmas, sigma_to_t
-from diffblocks.components.schedulers.state import SchedulerState, StepRecord, strength_begin
+from diffblocks.components.schedulers.state import SchedulerState, StepRecord
 
 
 @final
@@ -89,8 +89,7 @@ class UniPCMultistepScheduler(AbstractMultistepScheduler):
             int_timesteps(timesteps),
             float32_tensor(np.concatenate([levels, [last if self.final_sigmas_type == "sigma_min" else 0.0]])),
             num_inference_steps=num_inference_steps,
-            begin_index=strength_begin(num_inference_steps, strength),
-            init_noise_sigma=1.0,
+            strength=strength,
             device=device,
         )
 
