@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import ClassVar, final
 
-import torch
 from jaxtyping import Float
 from pydantic import Field
 from torch import Tensor
 
 from diffblocks.components.noise import Generator, randn_tensor
-from diffblocks.components.schedulers.betas import AbstractDiscreteScheduler, TimestepSpacing, diffuse
+from diffblocks.components.schedulers.alpha_bar import AbstractAlphaBarScheduler
 from diffblocks.components.schedulers.prediction import PredictionType, data_prediction, dynamic_threshold
-from diffblocks.components.schedulers.schedule import spaced_timesteps
 from diffblocks.components.schedulers.state import SchedulerState
 
 
 @final
-class DDIMScheduler(AbstractDiscreteScheduler):
+class DDIMScheduler(AbstractAlphaBarScheduler):
     """Denoising diffusion implicit models: the non-Markovian sampler of Song et al. (2020), Eq. 12.
 
     Fields are diffusers' ``DDIMScheduler`` config keys, plus ``eta``: the stochasticity of
@@ -41,36 +38,11 @@ class DDIMScheduler(AbstractDiscreteScheduler):
     dynamic_thresholding_ratio: float = Field(default=0.995, gt=0.0, lt=1.0)
     clip_sample_range: float = Field(default=1.0, gt=0.0)
     sample_max_value: float = Field(default=1.0, gt=0.0)
-    timestep_spacing: TimestepSpacing = "leading"
     rescale_betas_zero_snr: bool = False
     eta: float = Field(default=0.0, ge=0.0)
 
     def _zero_terminal_snr(self) -> bool:
         return self.rescale_betas_zero_snr
-
-    def set_timesteps(
-        self,
-        num_inference_steps: int,
-        *,
-        device: torch.device | str | None = None,
-        strength: float = 1.0,
-        mu: float | None = None,
-        sigmas: Sequence[float] | None = None,
-    ) -> SchedulerState:
-        self._check_request(num_inference_steps, limit=self.num_train_timesteps, mu=mu, sigmas=sigmas)
-        timesteps = spaced_timesteps(
-            self.timestep_spacing,
-            num_inference_steps,
-            num_train_timesteps=self.num_train_timesteps,
-            steps_offset=self.steps_offset,
-        )
-        return self._build_state(
-            torch.from_numpy(timesteps.astype("int64")),
-            None,
-            num_inference_steps=num_inference_steps,
-            strength=strength,
-            device=device,
-        )
 
     def step(
         self,
@@ -116,16 +88,6 @@ class DDIMScheduler(AbstractDiscreteScheduler):
     def _final_abar(self) -> float:
         """Alpha-bar after the last step: 1 (fully clean) or that of timestep 0 (SD's configs)."""
         return 1.0 if self.set_alpha_to_one else self.training_noise.abar[0]
-
-    def add_noise(
-        self,
-        state: SchedulerState,
-        original: Float[Tensor, "batch *rest"],
-        noise: Float[Tensor, "batch *rest"],
-        step_index: int,
-    ) -> Float[Tensor, "batch *rest"]:
-        abar_t = self.training_noise.abar[int(state.full_timesteps[state.position(step_index)])]
-        return diffuse(original, noise, alpha=math.sqrt(abar_t), sigma=math.sqrt(1 - abar_t))
 
 
 __all__ = ["DDIMScheduler"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import ClassVar, Literal, final
 
 import torch
@@ -12,16 +11,15 @@ from pydantic import Field
 from torch import Tensor
 
 from diffblocks.components.noise import Generator, randn_tensor
-from diffblocks.components.schedulers.betas import AbstractDiscreteScheduler, TimestepSpacing, diffuse
+from diffblocks.components.schedulers.alpha_bar import AbstractAlphaBarScheduler
 from diffblocks.components.schedulers.prediction import PredictionType, data_prediction, dynamic_threshold
-from diffblocks.components.schedulers.schedule import spaced_timesteps
 from diffblocks.components.schedulers.state import SchedulerState
 
 VarianceType = Literal["fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range"]
 
 
 @final
-class DDPMScheduler(AbstractDiscreteScheduler):
+class DDPMScheduler(AbstractAlphaBarScheduler):
     """Denoising diffusion probabilistic models: sample the Gaussian posterior ``q(x_prev | x_t, x0)``.
 
     Implements Algorithm 2 of Ho et al. (2020), "Denoising Diffusion Probabilistic Models", on any
@@ -45,35 +43,10 @@ class DDPMScheduler(AbstractDiscreteScheduler):
     dynamic_thresholding_ratio: float = Field(default=0.995, gt=0.0, lt=1.0)
     clip_sample_range: float = Field(default=1.0, gt=0.0)
     sample_max_value: float = Field(default=1.0, gt=0.0)
-    timestep_spacing: TimestepSpacing = "leading"
     rescale_betas_zero_snr: bool = False
 
     def _zero_terminal_snr(self) -> bool:
         return self.rescale_betas_zero_snr
-
-    def set_timesteps(
-        self,
-        num_inference_steps: int,
-        *,
-        device: torch.device | str | None = None,
-        strength: float = 1.0,
-        mu: float | None = None,
-        sigmas: Sequence[float] | None = None,
-    ) -> SchedulerState:
-        self._check_request(num_inference_steps, limit=self.num_train_timesteps, mu=mu, sigmas=sigmas)
-        timesteps = spaced_timesteps(
-            self.timestep_spacing,
-            num_inference_steps,
-            num_train_timesteps=self.num_train_timesteps,
-            steps_offset=self.steps_offset,
-        )
-        return self._build_state(
-            torch.from_numpy(timesteps.astype("int64")),
-            None,
-            num_inference_steps=num_inference_steps,
-            strength=strength,
-            device=device,
-        )
 
     def step(
         self,
@@ -138,16 +111,6 @@ class DDPMScheduler(AbstractDiscreteScheduler):
             log_var = frac * math.log(beta_t) + (1 - frac) * math.log(posterior_var)
             return torch.exp(0.5 * log_var)
         return math.sqrt(posterior_var)
-
-    def add_noise(
-        self,
-        state: SchedulerState,
-        original: Float[Tensor, "batch *rest"],
-        noise: Float[Tensor, "batch *rest"],
-        step_index: int,
-    ) -> Float[Tensor, "batch *rest"]:
-        abar_t = self.training_noise.abar[int(state.full_timesteps[state.position(step_index)])]
-        return diffuse(original, noise, alpha=math.sqrt(abar_t), sigma=math.sqrt(1 - abar_t))
 
 
 __all__ = ["DDPMScheduler", "VarianceType"]

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Literal, final
 
 import numpy as np
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from diffblocks.components.noise import Generator
-from diffblocks.components.schedulers.betas import AbstractDiscreteScheduler, TimestepSpacing, diffuse
-from diffblocks.components.schedulers.schedule import spaced_timesteps
+from diffblocks.components.schedulers.alpha_bar import AbstractAlphaBarScheduler
 from diffblocks.components.schedulers.state import SchedulerState, StepRecord
 
 _PRK_STEPS = 12  # three Runge-Kutta steps of four model calls each
@@ -21,7 +18,7 @@ _PRK_WEIGHTS = (1 / 6, 1 / 3, 1 / 3, 1 / 6)
 
 
 @final
-class PNDMScheduler(AbstractDiscreteScheduler):
+class PNDMScheduler(AbstractAlphaBarScheduler):
     """PNDM: linear multistep (PLMS) on the DDIM transfer, after a pseudo Runge-Kutta warm-up.
 
     Implements Liu et al. (2022), "Pseudo Numerical Methods for Diffusion Models on Manifolds".
@@ -39,45 +36,23 @@ class PNDMScheduler(AbstractDiscreteScheduler):
     skip_prk_steps: bool = False
     set_alpha_to_one: bool = False
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-    timestep_spacing: TimestepSpacing = "leading"
 
-    def set_timesteps(
-        self,
-        num_inference_steps: int,
-        *,
-        device: torch.device | str | None = None,
-        strength: float = 1.0,
-        mu: float | None = None,
-        sigmas: Sequence[float] | None = None,
-    ) -> SchedulerState:
-        self._check_request(num_inference_steps, limit=self.num_train_timesteps, mu=mu, sigmas=sigmas)
-        ascending = spaced_timesteps(
-            self.timestep_spacing,
-            num_inference_steps,
-            num_train_timesteps=self.num_train_timesteps,
-            steps_offset=self.steps_offset,
-        )[::-1]
+    def _model_timesteps(self, num_inference_steps: int, *, strength: float) -> np.ndarray:
+        """The spaced timesteps with the first one repeated (PLMS), or with the PRK half-steps in front."""
+        ascending = super()._model_timesteps(num_inference_steps, strength=strength)[::-1]
         if self.skip_prk_steps:
             # the first timestep appears twice: PLMS evaluates it again to average two slopes
-            timesteps = np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1]
-        else:
-            if num_inference_steps < 4:
-                raise ValueError(f"the PRK warm-up needs num_inference_steps >= 4, got {num_inference_steps}.")
-            if strength < 1.0:
-                raise ValueError(
-                    f"the PRK warm-up cannot start part-way (strength {strength}); "
-                    "use skip_prk_steps=True for image-to-image."
-                )
-            half = self.num_train_timesteps // num_inference_steps // 2
-            prk = ascending[-4:].repeat(2) + np.tile(np.array([0, half]), 4)
-            timesteps = np.concatenate([prk[:-1].repeat(2)[1:-1][::-1], ascending[:-3][::-1]])
-        return self._build_state(
-            torch.from_numpy(timesteps.astype("int64")),
-            None,
-            num_inference_steps=num_inference_steps,
-            strength=strength,
-            device=device,
-        )
+            return np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1]
+        if num_inference_steps < 4:
+            raise ValueError(f"the PRK warm-up needs num_inference_steps >= 4, got {num_inference_steps}.")
+        if strength < 1.0:
+            raise ValueError(
+                f"the PRK warm-up cannot start part-way (strength {strength}); "
+                "use skip_prk_steps=True for image-to-image."
+            )
+        half = self.num_train_timesteps // num_inference_steps // 2
+        prk = ascending[-4:].repeat(2) + np.tile(np.array([0, half]), 4)
+        return np.concatenate([prk[:-1].repeat(2)[1:-1][::-1], ascending[:-3][::-1]])
 
     def step(
         self,
@@ -143,16 +118,6 @@ class PNDMScheduler(AbstractDiscreteScheduler):
             eps = math.sqrt(abar_t) * model_output + math.sqrt(1 - abar_t) * sample
         denominator = abar_t * math.sqrt(1 - abar_prev) + math.sqrt(abar_t * (1 - abar_t) * abar_prev)
         return math.sqrt(abar_prev / abar_t) * sample - (abar_prev - abar_t) / denominator * eps
-
-    def add_noise(
-        self,
-        state: SchedulerState,
-        original: Float[Tensor, "batch *rest"],
-        noise: Float[Tensor, "batch *rest"],
-        step_index: int,
-    ) -> Float[Tensor, "batch *rest"]:
-        abar_t = self.training_noise.abar[int(state.full_timesteps[state.position(step_index)])]
-        return diffuse(original, noise, alpha=math.sqrt(abar_t), sigma=math.sqrt(1 - abar_t))
 
 
 __all__ = ["PNDMScheduler"]
