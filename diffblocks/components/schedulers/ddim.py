@@ -11,7 +11,12 @@ from torch import Tensor
 
 from diffblocks.components.noise import Generator, randn_tensor
 from diffblocks.components.schedulers.alpha_bar import AbstractAlphaBarScheduler
-from diffblocks.components.schedulers.prediction import PredictionType, data_prediction, dynamic_threshold
+from diffblocks.components.schedulers.prediction import (
+    PredictionType,
+    data_prediction,
+    dynamic_threshold,
+    noise_prediction,
+)
 from diffblocks.components.schedulers.state import SchedulerState
 
 
@@ -62,14 +67,8 @@ class DDIMScheduler(AbstractAlphaBarScheduler):
         abar_prev = abar[prev_t] if prev_t >= 0 else self._final_abar()
         alpha_t, sigma_t = math.sqrt(abar_t), math.sqrt(1 - abar_t)
 
-        if self.prediction_type == "epsilon":
-            x0, eps = (sample - sigma_t * model_output) / alpha_t, model_output
-        elif self.prediction_type == "sample":
-            x0 = model_output
-            eps = (sample - alpha_t * x0) / sigma_t
-        else:
-            x0 = data_prediction("v_prediction", model_output, sample, alpha=alpha_t, sigma=sigma_t)
-            eps = alpha_t * model_output + sigma_t * sample
+        x0 = data_prediction(self.prediction_type, model_output, sample, alpha=alpha_t, sigma=sigma_t)
+        eps = noise_prediction(self.prediction_type, model_output, sample, alpha=alpha_t, sigma=sigma_t)
         if self.thresholding:
             x0 = dynamic_threshold(x0, ratio=self.dynamic_thresholding_ratio, max_value=self.sample_max_value)
         elif self.clip_sample:

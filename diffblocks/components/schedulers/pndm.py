@@ -11,6 +11,7 @@ from torch import Tensor
 
 from diffblocks.components.noise import Generator
 from diffblocks.components.schedulers.alpha_bar import AbstractAlphaBarScheduler
+from diffblocks.components.schedulers.prediction import noise_prediction
 from diffblocks.components.schedulers.state import SchedulerState, StepRecord
 
 _PRK_STEPS = 12  # three Runge-Kutta steps of four model calls each
@@ -113,9 +114,9 @@ class PNDMScheduler(AbstractAlphaBarScheduler):
         abar = self.training_noise.abar
         abar_t = abar[t]
         abar_prev = abar[prev_t] if prev_t >= 0 else (1.0 if self.set_alpha_to_one else abar[0])
-        eps = model_output
-        if self.prediction_type == "v_prediction":
-            eps = math.sqrt(abar_t) * model_output + math.sqrt(1 - abar_t) * sample
+        eps = noise_prediction(
+            self.prediction_type, model_output, sample, alpha=math.sqrt(abar_t), sigma=math.sqrt(1 - abar_t)
+        )
         denominator = abar_t * math.sqrt(1 - abar_prev) + math.sqrt(abar_t * (1 - abar_t) * abar_prev)
         return math.sqrt(abar_prev / abar_t) * sample - (abar_prev - abar_t) / denominator * eps
 

@@ -30,6 +30,22 @@ def data_prediction(
     return model_output
 
 
+def noise_prediction(
+    prediction_type: PredictionType,
+    model_output: Float[Tensor, "batch *rest"],
+    sample: Float[Tensor, "batch *rest"],
+    *,
+    alpha: float,
+    sigma: float,
+) -> Float[Tensor, "batch *rest"]:
+    """Estimate ``eps`` of ``sample = alpha * x0 + sigma * eps``: the counterpart of :func:`data_prediction`."""
+    if prediction_type == "sample":
+        return (sample - alpha * model_output) / sigma
+    if prediction_type == "v_prediction":
+        return alpha * model_output + sigma * sample
+    return model_output
+
+
 def karras_data_prediction(
     prediction_type: PredictionType,
     model_output: Float[Tensor, "batch *rest"],
@@ -67,4 +83,4 @@ def dynamic_threshold(
     return (torch.clamp(flat, -s, s) / s).reshape(x0.shape).to(dtype)
 
 
-__all__ = ["PredictionType", "data_prediction", "dynamic_threshold", "karras_data_prediction"]
+__all__ = ["PredictionType", "data_prediction", "dynamic_threshold", "karras_data_prediction", "noise_prediction"]

@@ -20,6 +20,7 @@ from diffblocks.components.schedulers.multistep import (
     int_timesteps,
     vp_coefficients,
 )
+from diffblocks.components.schedulers.prediction import noise_prediction
 from diffblocks.components.schedulers.schedule import interpolate_sigmas, respace_sigmas, sigma_to_t
 from diffblocks.components.schedulers.state import SchedulerState, StepRecord
 
@@ -119,11 +120,7 @@ class UniPCMultistepScheduler(AbstractMultistepScheduler):
         if self.predict_x0:
             return self._data_prediction(model_output, sample, sigma)
         alpha_t, sigma_t = vp_coefficients(sigma)
-        if self.prediction_type == "sample":
-            return (sample - alpha_t * model_output) / sigma_t
-        if self.prediction_type == "v_prediction":
-            return alpha_t * model_output + sigma_t * sample
-        return model_output
+        return noise_prediction(self.prediction_type, model_output, sample, alpha=alpha_t, sigma=sigma_t)
 
     def _order_at(self, state: SchedulerState, step_index: int) -> int:
         """Limited by the outputs stored so far and, with ``lower_order_final``, by the steps left."""
