@@ -50,8 +50,14 @@ class PredictNoise(Block):
     def __call__(self, inputs: Inputs) -> Outputs:
         unet, t = self.unet, inputs.t
 
-        def predict(x: Tensor, encoder_hidden_states: Tensor, **added: Any) -> Tensor:
-            return unet(x, t, encoder_hidden_states, added_cond_kwargs=added or None)
+        def predict(
+            x: Tensor, encoder_hidden_states: Tensor, encoder_attention_mask: Tensor | None = None, **added: Any
+        ) -> Tensor:
+            # A padding mask is a UNet argument of its own (text encoders with padded tokens, such as
+            # BERT); every other conditioning key is an added embedding (SDXL's text_embeds, time_ids).
+            return unet(
+                x, t, encoder_hidden_states, encoder_attention_mask=encoder_attention_mask, added_cond_kwargs=added or None
+            )
 
         guidance = inputs.guidance
         noise_pred = guided_prediction(
