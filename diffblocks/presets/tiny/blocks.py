@@ -1,0 +1,61 @@
+"""Prompt encoding for the tiny model: BERT token states plus their padding mask, for cross-attention."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import Field
+from torch import Tensor
+from transformers import BertModel, PreTrainedTokenizerBase
+
+from diffblocks.blocks.block import Block, BlockConfig, BlockIO, component
+from diffblocks.blocks.sd.encode import Prompt, as_list, check_prompts
+from diffblocks.presets.tiny.text_encoder import TEXT_MAX_LENGTH, encode_prompts
+
+
+class EncodeBertPrompt(Block):
+    """Encode the prompt and the negative prompt with a BERT encoder (all-MiniLM-L6-v2 for the tiny model).
+
+    The conditioning is the last hidden states ``(batch, max_length, hidden)`` and the boolean
+    attention mask of the padded tokens, which the UNet's cross-attention applies. The empty
+    prompt is the unconditional input, as in training (caption dropout replaced captions by "").
+    """
+
+    class Inputs(BlockIO):
+        prompt: Prompt = Field(description="what to draw; a list makes a batch")
+        negative_prompt: Prompt | None = Field(None, description="what to steer away from (default: empty)")
+        num_images_per_prompt: int = Field(1, ge=1, le=64)
+
+    class Outputs(BlockIO):
+        conditioning: dict[str, Tensor]
+        negative_conditioning: dict[str, Tensor]
+        batch_size: int
+
+    class Config(BlockConfig):
+        max_length: int = Field(TEXT_MAX_LENGTH, ge=2, description="tokens per prompt, [CLS] and [SEP] included")
+
+    text_encoder: BertModel = component()
+    tokenizer: PreTrainedTokenizerBase = component()
+
+    def check(self, user_inputs: Mapping[str, Any]) -> None:
+        check_prompts(user_inputs)
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        prompts = as_list(inputs.prompt)
+        negative = as_list(inputs.negative_prompt) if inputs.negative_prompt is not None else [""]
+        if len(negative) == 1:
+            negative = negative * len(prompts)
+        n = inputs.num_images_per_prompt
+        return self.Outputs(
+            conditioning=self._encode(prompts, n),
+            negative_conditioning=self._encode(negative, n),
+            batch_size=len(prompts) * n,
+        )
+
+    def _encode(self, texts: list[str], n: int) -> dict[str, Tensor]:
+        features = encode_prompts(texts, tokenizer=self.tokenizer, model=self.text_encoder, max_length=self.config.max_length)
+        return {
+            "encoder_hidden_states": features.tokens.repeat_interleave(n, dim=0),
+            "encoder_attention_mask": features.mask.repeat_interleave(n, dim=0),
+        }
