@@ -1,11 +1,15 @@
-"""The ``diffblocks`` command line."""
+"""The ``diffblocks`` command line: ``env`` (versions and a self-check) and ``generate`` (text to image)."""
 
 from __future__ import annotations
 
 import argparse
 import platform
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -73,11 +77,180 @@ def _self_check() -> str:
     return "ok (plan, validation, loop, components)" if ok else "FAILED"
 
 
+# --- generate ---------------------------------------------------------------------------------------------
+
+_MSG_MIXED_SAMPLERS = (
+    "{chosen} cannot sample this model: it was trained for {kind} ({current}); "
+    "pick a {kind} scheduler"
+)
+
+
+class CommandError(Exception):
+    """A problem with the command's arguments, reported as one line."""
+
+
+def _add_generate(commands: Any) -> None:
+    generate = commands.add_parser(
+        "generate",
+        help="make an image from a prompt (default: the built-in tiny model, offline, on the CPU)",
+        description="Generate images from a prompt with the built-in tiny model or any supported model.",
+    )
+    generate.add_argument("prompt", help='what to draw, e.g. "a red circle above a blue square"')
+    generate.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="image file (default: out.png)")
+    generate.add_argument("--model", default=None, help="a Hub id or a folder of any supported family (default: built-in tiny)")
+    generate.add_argument("--seed", type=int, default=0, help="image k of --num-images uses seed + k (default: 0)")
+    generate.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
+    generate.add_argument("--size", type=int, default=None, help="square size in pixels (sets --height and --width)")
+    generate.add_argument("--height", type=int, default=None, help="height in pixels (default: the model's own)")
+    generate.add_argument("--width", type=int, default=None, help="width in pixels (default: the model's own)")
+    generate.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's; 1 = off)")
+    generate.add_argument("--guider", default=None, help="guidance rule by class name, e.g. AdaptiveProjectedGuidance")
+    generate.add_argument("--scheduler", default=None, help="sampler by class name, configured from the model's config")
+    generate.add_argument("--num-images", type=int, default=1, help="writes OUT.png, OUT-1.png, OUT-2.png, ...")
+    generate.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    generate.add_argument("--image", type=Path, default=None, help="start from this image (image-to-image)")
+    generate.add_argument("--strength", type=float, default=None, help="with --image: how much to change it, in (0, 1]")
+    generate.add_argument("--device", default=None, help='where to run, e.g. "cuda" (default: cpu)')
+    generate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    generate.set_defaults(run=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """Run ``generate``; errors in the arguments, the model or the inputs print one line and return 2."""
+    from diffblocks.blocks import InputError, PlanError
+    from diffblocks.registry import RegistryError
+
+    try:
+        return _run_generate(args)
+    except InputError as error:
+        message = "; ".join(f"{p.field}: {p.message}" if p.field else p.message for p in error.problems)
+    except PlanError as error:
+        message = "; ".join(p.message for p in error.problems)
+    except (CommandError, ValueError, OSError, RegistryError, ModuleNotFoundError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    print(f"diffblocks generate: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    from diffblocks.components.guiders import GUIDERS
+    from diffblocks.components.schedulers import SCHEDULERS
+
+    if args.guider is not None and args.guider not in GUIDERS:
+        raise CommandError(f"unknown guider {args.guider!r}; known: {', '.join(sorted(GUIDERS))}")
+    if args.scheduler is not None and args.scheduler not in SCHEDULERS:
+        raise CommandError(f"unknown scheduler {args.scheduler!r}; known: {', '.join(sorted(SCHEDULERS))}")
+    if args.size is not None:
+        if args.height is not None or args.width is not None:
+            raise CommandError("give --size or --height/--width, not both")
+        args.height = args.width = args.size
+    for name in ("steps", "num_images", "height", "width"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CommandError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    if args.strength is not None and args.image is None:
+        raise CommandError("--strength needs --image")
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    _check_arguments(args)
+    from diffblocks.blocks import Pipeline
+
+    started = time.perf_counter()
+    model = args.model if args.model is not None else str(_builtin_model())
+    with _quiet_transformers():
+        pipe = Pipeline.from_pretrained(model, device=args.device)
+        _swap_components(pipe, args)
+        inputs = _call_inputs(args)
+        out = pipe(**inputs, progress=not args.no_progress)
+    paths = _output_paths(args.output, len(out.images))
+    for image, path in zip(out.images, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        print(f"wrote {path}")
+    print(f"{len(paths)} image{'s' if len(paths) > 1 else ''} in {time.perf_counter() - started:.1f}s ({out.workflow})")
+    return 0
+
+
+def _builtin_model() -> Path:
+    from diffblocks.presets.tiny.preset import builtin_model_dir
+
+    return builtin_model_dir()
+
+
+def _swap_components(pipe: Any, args: argparse.Namespace) -> None:
+    """Replace the guider and the scheduler as asked, keeping the model's settings where they apply."""
+    from diffblocks.components.guiders import GUIDERS
+    from diffblocks.components.schedulers import SCHEDULERS, FlowMatchEulerDiscreteScheduler
+
+    if args.scheduler is not None:
+        current = pipe.components["scheduler"]
+        chosen = SCHEDULERS[args.scheduler]
+        flow_model, flow_sampler = isinstance(current, FlowMatchEulerDiscreteScheduler), chosen is FlowMatchEulerDiscreteScheduler
+        if flow_model != flow_sampler:
+            kind = "flow matching" if flow_model else "noise prediction"
+            raise CommandError(_MSG_MIXED_SAMPLERS.format(chosen=args.scheduler, kind=kind, current=type(current).__name__))
+        pipe.update_components(scheduler=chosen.from_config(current.to_config()))
+    if args.guider is not None:
+        cls = GUIDERS[args.guider]
+        settings: dict[str, Any] = {}
+        scale = args.guidance if args.guidance is not None else getattr(pipe.components["guider"], "guidance_scale", None)
+        if scale is not None and "guidance_scale" in cls.model_fields:
+            settings["guidance_scale"] = scale
+        pipe.update_components(guider=cls(**settings))
+
+
+def _call_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    inputs: dict[str, Any] = {
+        "prompt": args.prompt,
+        "num_inference_steps": args.steps,
+        "num_images_per_prompt": args.num_images,
+        # one CPU generator per image: image k is the same as a single image made with seed + k, on any device
+        "generator": [torch.Generator().manual_seed(args.seed + k) for k in range(args.num_images)],
+    }
+    optional = {
+        "height": args.height,
+        "width": args.width,
+        "negative_prompt": args.negative_prompt,
+        "strength": args.strength,
+        "guidance_scale": args.guidance if args.guider is None else None,
+    }
+    inputs.update({name: value for name, value in optional.items() if value is not None})
+    if args.image is not None:
+        from PIL import Image
+
+        with Image.open(args.image) as image:
+            inputs["image"] = image.convert("RGB")
+    return inputs
+
+
+def _output_paths(output: Path, count: int) -> list[Path]:
+    """``out.png`` for the first image, then ``out-1.png``, ``out-2.png``, ..."""
+    return [output] + [output.with_name(f"{output.stem}-{k}{output.suffix}") for k in range(1, count)]
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' per-load progress bars (a second bar beside ours), restoring the setting after."""
+    from transformers.utils import logging
+
+    was_on = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            logging.enable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffblocks", description="Compose diffusion pipelines from typed blocks.")
     commands = parser.add_subparsers(dest="command", required=True)
     env = commands.add_parser("env", help="show versions and devices, and run a self-check")
     env.set_defaults(run=_env)
+    _add_generate(commands)
     args = parser.parse_args(argv)
     return int(args.run(args))
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
+from PIL import Image
 
 from diffblocks.cli import main
 
@@ -18,3 +22,82 @@ def test_unknown_command_exits_with_usage() -> None:
     with pytest.raises(SystemExit) as info:
         main(["paint"])
     assert info.value.code == 2
+
+
+# --- generate ------------------------------------------------------------------------------------------------
+
+FAST = ["--steps", "2", "--no-progress"]
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image)
+
+
+def _size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return image.size
+
+
+def test_generate_writes_an_image_with_the_builtin_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out.png"
+    assert main(["generate", "a red circle above a blue square", "-o", str(out), *FAST]) == 0
+    assert _size(out) == (64, 64)
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "1 image in" in printed and "(text2img)" in printed
+
+
+def test_generate_numbers_extra_images_and_seeds_them_one_by_one(tmp_path: Path) -> None:
+    out = tmp_path / "many.png"
+    assert main(["generate", "a green ring", "-o", str(out), "--num-images", "3", "--seed", "5", *FAST]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many-1.png", "many-2.png", "many.png"]
+    single = tmp_path / "single" / "one.png"
+    assert main(["generate", "a green ring", "-o", str(single), "--seed", "6", *FAST]) == 0
+    difference = np.abs(_pixels(single).astype(int) - _pixels(tmp_path / "many-1.png").astype(int)).max()
+    assert difference <= 2  # image k is seed + k (up to the rounding of another batch size)
+
+
+def test_generate_is_deterministic_for_a_seed(tmp_path: Path) -> None:
+    for name in ("a.png", "b.png"):
+        assert main(["generate", "a small cyan ring at the bottom", "-o", str(tmp_path / name), "--seed", "11", *FAST]) == 0
+    assert np.array_equal(_pixels(tmp_path / "a.png"), _pixels(tmp_path / "b.png"))
+
+
+def test_generate_swaps_guider_and_scheduler_and_sizes(tmp_path: Path) -> None:
+    out = tmp_path / "x.png"
+    args = ["generate", "a blue cross", "-o", str(out), "--size", "48", "--guider", "AdaptiveProjectedGuidance",
+            "--guidance", "2", "--scheduler", "FlowMatchEulerDiscreteScheduler", "--negative-prompt", "a red cross", *FAST]  # fmt: skip
+    assert main(args) == 0
+    assert _size(out) == (48, 48)
+    assert main(["generate", "a blue cross", "-o", str(out), "--height", "32", "--width", "64", *FAST]) == 0
+    assert _size(out) == (64, 32)
+
+
+def test_generate_from_an_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    start = tmp_path / "start.png"
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(start)
+    out = tmp_path / "edit.png"
+    assert main(["generate", "a red circle", "-o", str(out), "--image", str(start), "--strength", "0.5", *FAST]) == 0
+    assert "(img2img)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--guider", "Nope"], "unknown guider 'Nope'; known: AdaptiveProjectedGuidance, "),
+        (["--scheduler", "Nope"], "unknown scheduler 'Nope'; known: DDIMScheduler, "),
+        (["--size", "30"], "height: height 30 is not a positive multiple of 4 (the VAE factor); use 28 or 32"),
+        (["--size", "0"], "--height must be a positive number, got 0"),
+        (["--size", "32", "--width", "32"], "give --size or --height/--width, not both"),
+        (["--scheduler", "DDIMScheduler"], "DDIMScheduler cannot sample this model: it was trained for flow matching"),
+        (["--strength", "0.5"], "--strength needs --image"),
+        (["--image", "missing.png"], "No such file or directory"),
+        (["--model", "/no/such/folder"], "is neither a local folder nor a repository in the Hugging Face cache"),
+    ],
+)
+def test_generate_errors_are_one_line(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "o.png"), *FAST, *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("diffblocks generate: error: ") and captured.err.count("\n") == 1
+    assert message in captured.err
+    assert not (tmp_path / "o.png").exists()
