@@ -72,26 +72,22 @@ class EulerDiscreteScheduler(AbstractKarrasScheduler):
                     f"custom sigmas need num_inference_steps + 1 = {num_inference_steps + 1} values "
                     f"(the last is the final level), got {len(sigmas)}."
                 )
-            levels = np.array(sigmas).astype(np.float32)
-            timesteps = sigma_to_t(levels[:-1], self.training_noise.log_sigmas)
+            levels = float32_tensor(np.array(sigmas))
+            timesteps = float32_tensor(sigma_to_t(levels[:-1].numpy(), self.training_noise.log_sigmas))
         else:
             timesteps, levels = self._karras_schedule(
                 num_inference_steps,
                 respace=respacing(self.use_karras_sigmas, self.use_exponential_sigmas),
                 sigma_min=self.sigma_min,
                 sigma_max=self.sigma_max,
+                final_sigma=float(self.training_noise.sigmas[0]) if self.final_sigmas_type == "sigma_min" else 0.0,
             )
-            last = self.training_noise.sigmas[0] if self.final_sigmas_type == "sigma_min" else 0.0
-            levels = np.concatenate([levels, [last]])
-        sigma_tensor = float32_tensor(levels)
         if self.timestep_type == "continuous" and self.prediction_type == "v_prediction":
             # EDM-style conditioning: the model takes c_noise = log(sigma) / 4 (Karras et al., Table 1)
-            timestep_tensor = 0.25 * sigma_tensor[:-1].log()
-        else:
-            timestep_tensor = float32_tensor(timesteps)
+            timesteps = 0.25 * levels[:-1].log()
         return self._build_state(
-            timestep_tensor,
-            sigma_tensor,
+            timesteps,
+            levels,
             num_inference_steps=num_inference_steps,
             strength=strength,
             device=device,

@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar, Literal, final
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from diffblocks.components.noise import Generator, randn_tensor
-from diffblocks.components.schedulers.karras import AbstractKarrasScheduler, float32_tensor
+from diffblocks.components.schedulers.karras import AbstractKarrasScheduler
 from diffblocks.components.schedulers.prediction import karras_data_prediction
 from diffblocks.components.schedulers.state import SchedulerState
 
@@ -64,10 +63,9 @@ class EulerAncestralDiscreteScheduler(AbstractKarrasScheduler):
     ) -> SchedulerState:
         self._check_request(num_inference_steps, limit=self.num_train_timesteps, mu=mu, sigmas=sigmas)
         timesteps, levels = self._karras_schedule(num_inference_steps)
-        sigma_tensor = float32_tensor(np.concatenate([levels, [0.0]]))
         return self._build_state(
-            float32_tensor(timesteps),
-            sigma_tensor,
+            timesteps,
+            levels,
             num_inference_steps=num_inference_steps,
             strength=strength,
             device=device,

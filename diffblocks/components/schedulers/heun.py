@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import ClassVar, final
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from pydantic import Field, model_validator
@@ -14,7 +13,7 @@ from typing_extensions import Self
 
 from diffblocks.components.noise import Generator
 from diffblocks.components.schedulers.betas import BetaSchedule
-from diffblocks.components.schedulers.karras import AbstractKarrasScheduler, float32_tensor, respacing
+from diffblocks.components.schedulers.karras import AbstractKarrasScheduler, respacing
 from diffblocks.components.schedulers.prediction import PredictionType, karras_data_prediction
 from diffblocks.components.schedulers.state import SchedulerState, StepRecord
 
@@ -65,14 +64,10 @@ class HeunDiscreteScheduler(AbstractKarrasScheduler):
         timesteps, levels = self._karras_schedule(
             num_inference_steps, respace=respacing(self.use_karras_sigmas, self.use_exponential_sigmas)
         )
-        levels_t = float32_tensor(np.concatenate([levels, [0.0]]))
-        times_t = torch.from_numpy(np.asarray(timesteps))
         # every interior level is visited twice: once as a step's end, once as the next one's start
-        sigma_tensor = torch.cat([levels_t[:1], levels_t[1:-1].repeat_interleave(2), levels_t[-1:]])
-        timestep_tensor = torch.cat([times_t[:1], times_t[1:].repeat_interleave(2)]).to(torch.float32)
         return self._build_state(
-            timestep_tensor,
-            sigma_tensor,
+            torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)]),
+            torch.cat([levels[:1], levels[1:-1].repeat_interleave(2), levels[-1:]]),
             num_inference_steps=num_inference_steps,
             strength=strength,
             device=device,

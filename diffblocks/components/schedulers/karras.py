@@ -36,8 +36,9 @@ class AbstractKarrasScheduler(AbstractDiscreteScheduler):
         respace: SigmaSpacing | None = None,
         sigma_min: float | None = None,
         sigma_max: float | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Model timesteps and their sigmas (no final sigma), as diffusers' sigma schedulers build them.
+        final_sigma: float = 0.0,
+    ) -> tuple[Tensor, Tensor]:
+        """Float32 model timesteps and their sigmas, then ``final_sigma``, as diffusers' sigma schedulers build them.
 
         Timesteps are spaced per ``timestep_spacing`` and their sigmas interpolated from the training
         table; with ``respace`` the sigmas are re-spaced over the same range (Karras et al., 2022,
@@ -54,8 +55,8 @@ class AbstractKarrasScheduler(AbstractDiscreteScheduler):
         sigmas = interpolate_sigmas(timesteps, noise.sigmas)
         if respace is not None:
             sigmas = respace_sigmas(respace, sigmas, num_steps, sigma_min=sigma_min, sigma_max=sigma_max)
-            return sigma_to_t(sigmas, noise.log_sigmas), sigmas
-        return timesteps, sigmas
+            timesteps = sigma_to_t(sigmas, noise.log_sigmas)
+        return float32_tensor(timesteps), float32_tensor(np.concatenate([sigmas, [final_sigma]]))
 
     def _init_noise_sigma(self, sigmas: Tensor) -> float:
         """The largest sigma: a variance-exploding sampler starts from pure noise at that level."""

@@ -14,7 +14,7 @@ from torch import Tensor
 from typing_extensions import Self
 
 from diffblocks.components.noise import Generator
-from diffblocks.components.schedulers.karras import AbstractKarrasScheduler, float32_tensor, respacing
+from diffblocks.components.schedulers.karras import AbstractKarrasScheduler, respacing
 from diffblocks.components.schedulers.prediction import PredictionType, karras_data_prediction
 from diffblocks.components.schedulers.state import SchedulerState, StepRecord
 
@@ -81,10 +81,9 @@ class LMSDiscreteScheduler(AbstractKarrasScheduler):
         timesteps, levels = self._karras_schedule(
             num_inference_steps, respace=respacing(self.use_karras_sigmas, self.use_exponential_sigmas)
         )
-        sigma_tensor = float32_tensor(np.concatenate([levels, [0.0]]))
         return self._build_state(
-            float32_tensor(timesteps),
-            sigma_tensor,
+            timesteps,
+            levels,
             num_inference_steps=num_inference_steps,
             strength=strength,
             device=device,
