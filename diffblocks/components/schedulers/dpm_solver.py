@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, final
 
 import numpy as np
@@ -13,11 +13,9 @@ from pydantic import field_validator
 from torch import Tensor
 
 from diffblocks.components.noise import Generator, randn_tensor
-from diffblocks.components.schedulers.karras import float32_tensor
 from diffblocks.components.schedulers.multistep import (
     AbstractMultistepScheduler,
     half_log_snr,
-    int_timesteps,
     vp_coefficients,
 )
 from diffblocks.components.schedulers.schedule import interpolate_sigmas, respace_sigmas, sigma_to_t
@@ -69,45 +67,30 @@ class DPMSolverMultistepScheduler(AbstractMultistepScheduler):
         # solver types of DEIS/UniPC configs: diffusers falls back to midpoint
         return "midpoint" if value in ("logrho", "bh1", "bh2") else value
 
-    def set_timesteps(
-        self,
-        num_inference_steps: int,
-        *,
-        device: torch.device | str | None = None,
-        strength: float = 1.0,
-        mu: float | None = None,
-        sigmas: Sequence[float] | None = None,
-    ) -> SchedulerState:
-        self._check_request(num_inference_steps, limit=self.num_train_timesteps, mu=mu, sigmas=sigmas)
+    def _schedule(self, num_steps: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """Spaced timesteps above ``lambda_min_clipped``, or those of Karras, Lu or exponential sigmas."""
         noise = self.training_noise
         # steps whose log-SNR falls below lambda_min_clipped are never visited (cosine schedules)
         lambdas = torch.log(noise.alphas_cumprod.sqrt()) - torch.log((1 - noise.alphas_cumprod).sqrt())
         clipped = int(torch.searchsorted(torch.flip(lambdas, [0]), self.lambda_min_clipped))
-        timesteps = self._spaced_timesteps(num_inference_steps, end=self.num_train_timesteps - clipped)
+        timesteps = self._spaced_timesteps(num_steps, end=self.num_train_timesteps - clipped)
         round_respaced = self.beta_schedule != "squaredcos_cap_v2"
         if self.use_karras_sigmas:
-            levels = respace_sigmas("karras", noise.sigmas[::-1], num_inference_steps)
+            levels = respace_sigmas("karras", noise.sigmas[::-1], num_steps)
             timesteps = sigma_to_t(levels, noise.log_sigmas)
             timesteps = np.round(timesteps) if round_respaced else timesteps
         elif self.use_lu_lambdas:
             # uniform in log-SNR (Lu et al., 2022): lambda = -log(sigma)
             high, low = float(noise.log_sigmas[-1]), float(noise.log_sigmas[0])
-            levels = np.exp(high + np.linspace(0, 1, num_inference_steps) * (low - high))
+            levels = np.exp(high + np.linspace(0, 1, num_steps) * (low - high))
             timesteps = sigma_to_t(levels, noise.log_sigmas)
             timesteps = np.round(timesteps) if round_respaced else timesteps
         elif self.use_exponential_sigmas:
-            levels = respace_sigmas("exponential", noise.sigmas[::-1], num_inference_steps)
+            levels = respace_sigmas("exponential", noise.sigmas[::-1], num_steps)
             timesteps = sigma_to_t(levels, noise.log_sigmas)
         else:
             levels = interpolate_sigmas(timesteps, noise.sigmas)
-        last = noise.sigmas[0] if self.final_sigmas_type == "sigma_min" else 0.0
-        return self._build_state(
-            int_timesteps(timesteps),
-            float32_tensor(np.concatenate([levels, [last]])),
-            num_inference_steps=num_inference_steps,
-            strength=strength,
-            device=device,
-        )
+        return timesteps, levels, float(noise.sigmas[0])
 
     def step(
         self,

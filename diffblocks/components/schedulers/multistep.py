@@ -8,6 +8,8 @@ model output and the forward noising defined here.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -18,7 +20,7 @@ from torch import Tensor
 from typing_extensions import Self
 
 from diffblocks.components.schedulers.betas import AbstractDiscreteScheduler, TimestepSpacing, diffuse
-from diffblocks.components.schedulers.karras import respacing
+from diffblocks.components.schedulers.karras import float32_tensor, respacing
 from diffblocks.components.schedulers.prediction import PredictionType, data_prediction, dynamic_threshold
 from diffblocks.components.schedulers.schedule import spaced_timesteps
 from diffblocks.components.schedulers.state import SchedulerState
@@ -60,6 +62,33 @@ class AbstractMultistepScheduler(AbstractDiscreteScheduler):
 
     def _zero_terminal_snr(self) -> bool:
         return self.rescale_betas_zero_snr
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int,
+        *,
+        device: torch.device | str | None = None,
+        strength: float = 1.0,
+        mu: float | None = None,
+        sigmas: Sequence[float] | None = None,
+    ) -> SchedulerState:
+        self._check_request(num_inference_steps, limit=self.num_train_timesteps, mu=mu, sigmas=sigmas)
+        timesteps, levels, lowest = self._schedule(num_inference_steps)
+        final = lowest if self.final_sigmas_type == "sigma_min" else 0.0
+        return self._build_state(
+            int_timesteps(timesteps),
+            float32_tensor(np.concatenate([levels, [final]])),
+            num_inference_steps=num_inference_steps,
+            strength=strength,
+            device=device,
+        )
+
+    @abstractmethod
+    def _schedule(self, num_steps: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """Model timesteps (fractional ones are truncated), their sigmas, and the lowest level.
+
+        The lowest level ends the schedule with ``final_sigmas_type="sigma_min"``; otherwise it ends at 0.
+        """
 
     def _spaced_timesteps(self, num_steps: int, *, end: int | None = None) -> np.ndarray:
         """Descending timesteps; ``linspace``/``leading`` space ``num_steps + 1`` points and drop 0's end."""

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal, final
 
 import numpy as np
-import torch
 from jaxtyping import Float
 from pydantic import Field, field_validator
 from torch import Tensor
 
 from diffblocks.components.noise import Generator
-from diffblocks.components.schedulers.karras import float32_tensor
+from diffblocks.components.schedulers.karras import respacing
 from diffblocks.components.schedulers.multistep import (
     AbstractMultistepScheduler,
     half_log_snr,
-    int_timesteps,
     vp_coefficients,
 )
 from diffblocks.components.schedulers.prediction import noise_prediction
@@ -63,36 +61,18 @@ class UniPCMultistepScheduler(AbstractMultistepScheduler):
         # solver types of DPM-Solver/DEIS configs: diffusers falls back to bh2
         return "bh2" if value in ("midpoint", "heun", "logrho") else value
 
-    def set_timesteps(
-        self,
-        num_inference_steps: int,
-        *,
-        device: torch.device | str | None = None,
-        strength: float = 1.0,
-        mu: float | None = None,
-        sigmas: Sequence[float] | None = None,
-    ) -> SchedulerState:
-        self._check_request(num_inference_steps, limit=self.num_train_timesteps, mu=mu, sigmas=sigmas)
+    def _schedule(self, num_steps: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """Spaced timesteps, or those of Karras or exponential sigmas within ``[sigma_min, sigma_max]``."""
         noise = self.training_noise
-        timesteps = self._spaced_timesteps(num_inference_steps)
-        if self.use_karras_sigmas or self.use_exponential_sigmas:
-            kind = "karras" if self.use_karras_sigmas else "exponential"
-            levels = respace_sigmas(
-                kind, noise.sigmas[::-1], num_inference_steps, sigma_min=self.sigma_min, sigma_max=self.sigma_max
-            )
-            timesteps = sigma_to_t(levels, noise.log_sigmas)
-            timesteps = np.round(timesteps) if self.use_karras_sigmas else timesteps
-            last = levels[-1]
-        else:
-            levels = interpolate_sigmas(timesteps, noise.sigmas)
-            last = noise.sigmas[0]
-        return self._build_state(
-            int_timesteps(timesteps),
-            float32_tensor(np.concatenate([levels, [last if self.final_sigmas_type == "sigma_min" else 0.0]])),
-            num_inference_steps=num_inference_steps,
-            strength=strength,
-            device=device,
-        )
+        kind = respacing(self.use_karras_sigmas, self.use_exponential_sigmas)
+        if kind is None:
+            timesteps = self._spaced_timesteps(num_steps)
+            return timesteps, interpolate_sigmas(timesteps, noise.sigmas), float(noise.sigmas[0])
+        levels = respace_sigmas(kind, noise.sigmas[::-1], num_steps, sigma_min=self.sigma_min, sigma_max=self.sigma_max)
+        timesteps = sigma_to_t(levels, noise.log_sigmas)
+        if kind == "karras":
+            timesteps = np.round(timesteps)
+        return timesteps, levels, float(levels[-1])
 
     def step(
         self,
