@@ -65,6 +65,7 @@ class EulerDiscreteScheduler(AbstractKarrasScheduler):
         mu: float | None = None,
         sigmas: Sequence[float] | None = None,
     ) -> SchedulerState:
+        """The Karras schedule (re-spaced if configured), or custom ``sigmas`` ending with the final level."""
         self._check_request(num_inference_steps, limit=self.num_train_timesteps, mu=mu)
         if sigmas is not None:
             if len(sigmas) != num_inference_steps + 1:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import ClassVar, Literal, final
 
 import torch
@@ -51,25 +50,6 @@ class EulerAncestralDiscreteScheduler(AbstractKarrasScheduler):
 
     def _zero_terminal_snr(self) -> bool:
         return self.rescale_betas_zero_snr
-
-    def set_timesteps(
-        self,
-        num_inference_steps: int,
-        *,
-        device: torch.device | str | None = None,
-        strength: float = 1.0,
-        mu: float | None = None,
-        sigmas: Sequence[float] | None = None,
-    ) -> SchedulerState:
-        self._check_request(num_inference_steps, limit=self.num_train_timesteps, mu=mu, sigmas=sigmas)
-        timesteps, levels = self._karras_schedule(num_inference_steps)
-        return self._build_state(
-            timesteps,
-            levels,
-            num_inference_steps=num_inference_steps,
-            strength=strength,
-            device=device,
-        )
 
     def step(
         self,

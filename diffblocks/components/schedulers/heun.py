@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import ClassVar, final
 
 import torch
@@ -51,26 +51,14 @@ class HeunDiscreteScheduler(AbstractKarrasScheduler):
         respacing(self.use_karras_sigmas, self.use_exponential_sigmas)
         return self
 
-    def set_timesteps(
-        self,
-        num_inference_steps: int,
-        *,
-        device: torch.device | str | None = None,
-        strength: float = 1.0,
-        mu: float | None = None,
-        sigmas: Sequence[float] | None = None,
-    ) -> SchedulerState:
-        self._check_request(num_inference_steps, limit=self.num_train_timesteps, mu=mu, sigmas=sigmas)
+    def _model_schedule(self, num_steps: int) -> tuple[Tensor, Tensor]:
+        """Every interior level twice: once as a step's end, once as the next step's start."""
         timesteps, levels = self._karras_schedule(
-            num_inference_steps, respace=respacing(self.use_karras_sigmas, self.use_exponential_sigmas)
+            num_steps, respace=respacing(self.use_karras_sigmas, self.use_exponential_sigmas)
         )
-        # every interior level is visited twice: once as a step's end, once as the next one's start
-        return self._build_state(
+        return (
             torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)]),
             torch.cat([levels[:1], levels[1:-1].repeat_interleave(2), levels[-1:]]),
-            num_inference_steps=num_inference_steps,
-            strength=strength,
-            device=device,
         )
 
     def step(

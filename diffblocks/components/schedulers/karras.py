@@ -7,6 +7,8 @@ denoiser of ``x = x0 + sigma eps`` with ``sigma = sqrt((1 - abar) / abar)`` whos
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from jaxtyping import Float
@@ -28,6 +30,29 @@ class AbstractKarrasScheduler(AbstractDiscreteScheduler):
     """A discrete-beta scheduler that steps in the variance-exploding sigma parameterisation."""
 
     timestep_spacing: TimestepSpacing = "linspace"
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int,
+        *,
+        device: torch.device | str | None = None,
+        strength: float = 1.0,
+        mu: float | None = None,
+        sigmas: Sequence[float] | None = None,
+    ) -> SchedulerState:
+        self._check_request(num_inference_steps, limit=self.num_train_timesteps, mu=mu, sigmas=sigmas)
+        timesteps, levels = self._model_schedule(num_inference_steps)
+        return self._build_state(
+            timesteps,
+            levels,
+            num_inference_steps=num_inference_steps,
+            strength=strength,
+            device=device,
+        )
+
+    def _model_schedule(self, num_steps: int) -> tuple[Tensor, Tensor]:
+        """Timesteps of the model calls and their sigmas, then the final sigma; here the plain schedule."""
+        return self._karras_schedule(num_steps)
 
     def _karras_schedule(
         self,

@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 from typing import ClassVar, final
 
 import numpy as np
-import torch
 from jaxtyping import Float
 from pydantic import model_validator
 from torch import Tensor
@@ -68,26 +67,9 @@ class LMSDiscreteScheduler(AbstractKarrasScheduler):
         respacing(self.use_karras_sigmas, self.use_exponential_sigmas)
         return self
 
-    def set_timesteps(
-        self,
-        num_inference_steps: int,
-        *,
-        device: torch.device | str | None = None,
-        strength: float = 1.0,
-        mu: float | None = None,
-        sigmas: Sequence[float] | None = None,
-    ) -> SchedulerState:
-        self._check_request(num_inference_steps, limit=self.num_train_timesteps, mu=mu, sigmas=sigmas)
-        timesteps, levels = self._karras_schedule(
-            num_inference_steps, respace=respacing(self.use_karras_sigmas, self.use_exponential_sigmas)
-        )
-        return self._build_state(
-            timesteps,
-            levels,
-            num_inference_steps=num_inference_steps,
-            strength=strength,
-            device=device,
-        )
+    def _model_schedule(self, num_steps: int) -> tuple[Tensor, Tensor]:
+        """The schedule, re-spaced as ``use_karras_sigmas``/``use_exponential_sigmas`` ask."""
+        return self._karras_schedule(num_steps, respace=respacing(self.use_karras_sigmas, self.use_exponential_sigmas))
 
     def step(
         self,
