@@ -97,7 +97,7 @@ def _add_generate(commands: Any) -> None:
     )
     generate.add_argument("prompt", help='what to draw, e.g. "a red circle above a blue square"')
     generate.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="image file (default: out.png)")
-    generate.add_argument("--model", default=None, help="a Hub id or a folder of any supported family (default: built-in tiny)")
+    generate.add_argument("--model", default=None, help="a Hub id or folder of a supported family (default: built-in)")
     generate.add_argument("--seed", type=int, default=0, help="image k of --num-images uses seed + k (default: 0)")
     generate.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
     generate.add_argument("--size", type=int, default=None, help="square size in pixels (sets --height and --width)")
@@ -186,15 +186,18 @@ def _swap_components(pipe: Any, args: argparse.Namespace) -> None:
     if args.scheduler is not None:
         current = pipe.components["scheduler"]
         chosen = SCHEDULERS[args.scheduler]
-        flow_model, flow_sampler = isinstance(current, FlowMatchEulerDiscreteScheduler), chosen is FlowMatchEulerDiscreteScheduler
-        if flow_model != flow_sampler:
+        flow_model = isinstance(current, FlowMatchEulerDiscreteScheduler)
+        if flow_model != (chosen is FlowMatchEulerDiscreteScheduler):
             kind = "flow matching" if flow_model else "noise prediction"
-            raise CommandError(_MSG_MIXED_SAMPLERS.format(chosen=args.scheduler, kind=kind, current=type(current).__name__))
+            message = _MSG_MIXED_SAMPLERS.format(chosen=args.scheduler, kind=kind, current=type(current).__name__)
+            raise CommandError(message)
         pipe.update_components(scheduler=chosen.from_config(current.to_config()))
     if args.guider is not None:
         cls = GUIDERS[args.guider]
         settings: dict[str, Any] = {}
-        scale = args.guidance if args.guidance is not None else getattr(pipe.components["guider"], "guidance_scale", None)
+        scale = args.guidance
+        if scale is None:
+            scale = getattr(pipe.components["guider"], "guidance_scale", None)
         if scale is not None and "guidance_scale" in cls.model_fields:
             settings["guidance_scale"] = scale
         pipe.update_components(guider=cls(**settings))

@@ -144,4 +144,12 @@ def _is_package(spec: ComponentSpec) -> bool:
     return spec.repo is not None and spec.repo.startswith(PACKAGE_SCHEME)
 
 
-__all__ = ["FAMILIES", "PACKAGE_SCHEME", "resolve_package_reference", "ComponentSpec", "Family", "family_of", "from_pretrained"]
+__all__ = [
+    "FAMILIES",
+    "PACKAGE_SCHEME",
+    "ComponentSpec",
+    "Family",
+    "family_of",
+    "from_pretrained",
+    "resolve_package_reference",
+]

@@ -54,7 +54,8 @@ class EncodeBertPrompt(Block):
         )
 
     def _encode(self, texts: list[str], n: int) -> dict[str, Tensor]:
-        features = encode_prompts(texts, tokenizer=self.tokenizer, model=self.text_encoder, max_length=self.config.max_length)
+        max_length = self.config.max_length
+        features = encode_prompts(texts, tokenizer=self.tokenizer, model=self.text_encoder, max_length=max_length)
         return {
             "encoder_hidden_states": features.tokens.repeat_interleave(n, dim=0),
             "encoder_attention_mask": features.mask.repeat_interleave(n, dim=0),

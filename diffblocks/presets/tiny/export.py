@@ -20,7 +20,10 @@ from diffblocks.presets.tiny.preset import PIPELINE_CLASSES, TEXT_ENCODER_REFERE
 
 def _save_model(model: AbstractModel[object], folder: Path, dtype: torch.dtype) -> None:  # type: ignore[type-var]
     # Cast a copy of each tensor, never the model: training may go on after a checkpoint.
-    state = {key: value.detach().to("cpu", dtype if value.is_floating_point() else value.dtype) for key, value in model.state_dict().items()}
+    state = {
+        key: value.detach().to("cpu", dtype if value.is_floating_point() else value.dtype)
+        for key, value in model.state_dict().items()
+    }
     save_config(model.to_config(), folder)
     save_weights(state, folder)
 

@@ -39,5 +39,5 @@ def builtin_model_dir() -> Path:
     """The folder of the built-in tiny model, inside the installed package."""
     folder = Path(__file__).parent / "weights"
     if not (folder / "modular_model_index.json").is_file():
-        raise FileNotFoundError(f"{folder} has no modular_model_index.json: the package was installed without its weights")
+        raise FileNotFoundError(f"{folder} has no modular_model_index.json: diffblocks was installed without its weights")
     return folder

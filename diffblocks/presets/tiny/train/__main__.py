@@ -54,7 +54,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--checkpoint-every", type=float, default=120.0, help="seconds between exports during training")
     p.add_argument("--eval-scales", type=float, nargs="*", default=[1.0, 2.0, 3.0, 4.0, 5.0, 6.5, 8.0])
-    p.add_argument("--resume", type=Path, default=None, help="fine-tune this tiny model folder: keep its autoencoder, train its denoiser further")
+    p.add_argument("--resume", type=Path, default=None, help="fine-tune a tiny model folder (its autoencoder is kept)")
     p.add_argument("--eval-prompts", type=int, default=64, help="measure on the first N of EVAL_PROMPTS")
     p.add_argument("--text-encoder", type=Path, default=None, help="MiniLM folder (default: the packaged one)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast precision on CUDA")
@@ -90,7 +90,8 @@ def _autocast(args: argparse.Namespace, device: torch.device, log: Log) -> torch
             x = torch.randn(2, 4, 16, 16, device=device, dtype=torch.bfloat16)
             context = torch.randn(2, 8, 384, device=device, dtype=torch.bfloat16)
             mask = torch.ones(2, 8, dtype=torch.bool, device=device)
-            loss = unet(x, torch.tensor([10.0, 900.0], device=device), context, encoder_attention_mask=mask).float().mean()
+            t = torch.tensor([10.0, 900.0], device=device)
+            loss = unet(x, t, context, encoder_attention_mask=mask).float().mean()
             loss = loss + vae.decode(vae.encode(torch.randn(2, 3, 64, 64, device=device)).mode()).float().mean()
         loss.backward()
     except RuntimeError as error:  # an unsupported kernel or dtype mix: train in float32 rather than not at all
@@ -161,7 +162,8 @@ def main(argv: Sequence[str] | None = None, *, on_checkpoint: Callable[[Path], N
         vae = with_latent_stats(vae, raw)
         latents = vae.normalize_latents(raw).to(torch.float16)
         del raw
-        report["vae"] = {"steps": vae_budget.step, "latents_mean": vae.params.latents_mean, "latents_std": vae.params.latents_std}
+        stats = {"latents_mean": vae.params.latents_mean, "latents_std": vae.params.latents_std}
+        report["vae"] = {"steps": vae_budget.step, **stats}
     timings["autoencoder"] = time.monotonic() - stage
     log(f"autoencoder: {report['vae']}")
 
@@ -203,7 +205,8 @@ def main(argv: Sequence[str] | None = None, *, on_checkpoint: Callable[[Path], N
         )
         chosen = candidates[report["evaluation"]["weights"]]
         scale = report["evaluation"]["guidance_scale"]
-        save_tiny_model(folder, unet=chosen, vae=vae, scheduler=scheduler, guider=ClassifierFreeGuidance(guidance_scale=scale))
+        guider = ClassifierFreeGuidance(guidance_scale=scale)
+        save_tiny_model(folder, unet=chosen, vae=vae, scheduler=scheduler, guider=guider)
         write_pictures(folder, out, vae=vae, images=images[:16], device=device, scale=scale, count=min(32, args.eval_prompts))
         timings["evaluation"] = time.monotonic() - stage
     write_report(out, report)

@@ -58,7 +58,8 @@ def train_autoencoder(
     """
     device = images.device
     vae = new_vae().to(device).train()
-    optimizer = torch.optim.AdamW(param_groups(vae, 1e-4), lr=lr, betas=(0.9, 0.99), fused=device.type == "cuda")  # type: ignore[arg-type]
+    groups = param_groups(vae, 1e-4)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=device.type == "cuda")  # type: ignore[arg-type]
     while not budget.done():
         for group in optimizer.param_groups:
             group["lr"] = lr * budget.lr_factor()
@@ -76,7 +77,8 @@ def train_autoencoder(
         optimizer.step()
         budget.step += 1
         if budget.step % 200 == 0 or budget.step == 1:
-            log(f"vae step {budget.step} {budget.elapsed:.0f}s rec {rec.item():.4f} kl {kl.item():.2f} lr {optimizer.param_groups[0]['lr']:.2e}")
+            lr_now = optimizer.param_groups[0]["lr"]
+            log(f"vae step {budget.step} {budget.elapsed:.0f}s rec {rec.item():.4f} kl {kl.item():.2f} lr {lr_now:.2e}")
     return vae.eval()
 
 

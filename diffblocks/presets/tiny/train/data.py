@@ -30,7 +30,8 @@ class Dataset:
 def _shard(job: tuple[int, int, int, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n, seed, start, tokenizer_dir = job
     images, captions = make_batch(n, seed, start=start)
-    tokens = _tokenizer(tokenizer_dir)(captions, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True, return_tensors="np")
+    tokenize = _tokenizer(tokenizer_dir)
+    tokens = tokenize(captions, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True, return_tensors="np")
     return images, tokens["input_ids"].astype(np.int32), tokens["attention_mask"].astype(bool)
 
 
@@ -69,10 +70,16 @@ def make_dataset(n: int, *, seed: int, text_encoder_dir: Path, workers: int) -> 
 
 @torch.no_grad()
 def encode_tokens(
-    encoder: BertModel, input_ids: np.ndarray, attention_mask: np.ndarray, *, device: torch.device, batch_size: int = 4096
+    encoder: BertModel,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    *,
+    device: torch.device,
+    batch_size: int = 4096,
 ) -> Tensor:
     """MiniLM last hidden states (n, 32, 384) in float16 on ``device``, as ``encode_prompts`` computes them."""
-    out = torch.empty((len(input_ids), input_ids.shape[1], encoder.config.hidden_size), dtype=torch.float16, device=device)
+    shape = (len(input_ids), input_ids.shape[1], encoder.config.hidden_size)
+    out = torch.empty(shape, dtype=torch.float16, device=device)
     for start in range(0, len(input_ids), batch_size):
         ids = torch.from_numpy(input_ids[start : start + batch_size]).to(device, torch.long)
         mask = torch.from_numpy(attention_mask[start : start + batch_size]).to(device, torch.long)

@@ -34,7 +34,7 @@ class TextFeatures:
 
 
 def flow_interpolate(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
-    """The point at noise level ``sigma`` (one per batch item) of the straight path; ``add_noise`` of the scheduler per item."""
+    """The straight path's point at noise level ``sigma`` (one per item): the scheduler's ``add_noise``, per item."""
     sigma = sigma.view(-1, *([1] * (x0.ndim - 1)))
     return (1.0 - sigma) * x0 + sigma * noise
 
@@ -86,7 +86,8 @@ def train_denoiser(
     device = latents.device
     unet = (init if init is not None else new_unet()).to(device, torch.float32).train()
     ema = EMA(unet, decay=ema_decay)
-    optimizer = torch.optim.AdamW(param_groups(unet, 0.01), lr=lr, betas=(0.9, 0.99), fused=device.type == "cuda")  # type: ignore[arg-type]
+    groups = param_groups(unet, 0.01)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=device.type == "cuda")  # type: ignore[arg-type]
     compute = autocast or torch.float32
     last_checkpoint, running = budget.elapsed, 0.0
     while not budget.done():
@@ -114,7 +115,8 @@ def train_denoiser(
         if budget.step % 10 == 0 or budget.step == 1:  # reading the loss waits for the device: not every step
             running = loss.item() if budget.step == 1 else 0.9 * running + 0.1 * loss.item()
         if budget.step % 500 == 0 or budget.step == 1:
-            log(f"unet step {budget.step} {budget.elapsed:.0f}s loss {running:.4f} lr {optimizer.param_groups[0]['lr']:.2e}")
+            lr_now = optimizer.param_groups[0]["lr"]
+            log(f"unet step {budget.step} {budget.elapsed:.0f}s loss {running:.4f} lr {lr_now:.2e}")
         if checkpoint is not None and budget.elapsed - last_checkpoint > checkpoint_every:
             checkpoint(unet, ema)
             last_checkpoint = budget.elapsed

@@ -69,12 +69,19 @@ def select_and_measure(
             f"adherence_{EXTRA_SEED_ROUNDS}_seeds_per_prompt": many.score,
             "failures": many.failures(),
         }
-        log(f"{label} (scale {scale}): {canonical.score:.3f} with seed i for prompt i, {many.score:.3f} over {len(seeds)} images")
+        log(f"{label} (scale {scale}): {canonical.score:.3f} (seed i for prompt i), {many.score:.3f} ({len(seeds)} images)")
     return report
 
 
 def write_pictures(
-    folder: Path, out: Path, *, vae: AutoencoderKL, images: torch.Tensor, device: torch.device, scale: float, count: int = 32
+    folder: Path,
+    out: Path,
+    *,
+    vae: AutoencoderKL,
+    images: torch.Tensor,
+    device: torch.device,
+    scale: float,
+    count: int = 32,
 ) -> None:
     """``gallery.png`` (the first ``count`` eval prompts, seed i) and ``reconstructions.png`` (data over VAE output)."""
     pipe = Pipeline.from_pretrained(str(folder), device=device)
