@@ -10,7 +10,6 @@ import torch
 from diffblocks.components import ComponentSpec
 from diffblocks.components.guiders import AbstractGuider
 from diffblocks.components.models.autoencoder_kl import AutoencoderKL
-from diffblocks.components.models.base import AbstractModel
 from diffblocks.components.models.saving import save_config, save_weights
 from diffblocks.components.models.unet import UNet2DConditionModel
 from diffblocks.components.schedulers import AbstractScheduler
@@ -18,7 +17,7 @@ from diffblocks.components.specs import write_modular_index
 from diffblocks.presets.tiny.preset import PIPELINE_CLASSES, TEXT_ENCODER_REFERENCE
 
 
-def _save_model(model: AbstractModel[object], folder: Path, dtype: torch.dtype) -> None:  # type: ignore[type-var]
+def _save_model(model: UNet2DConditionModel | AutoencoderKL, folder: Path, dtype: torch.dtype) -> None:
     # Cast a copy of each tensor, never the model: training may go on after a checkpoint.
     state = {
         key: value.detach().to("cpu", dtype if value.is_floating_point() else value.dtype)

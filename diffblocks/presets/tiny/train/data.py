@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from transformers import AutoTokenizer, BertModel
+from transformers import AutoTokenizer, BertModel, PreTrainedTokenizerBase
 
 from diffblocks.presets.tiny.text_encoder import TEXT_MAX_LENGTH
 from diffblocks.presets.tiny.world import make_batch
@@ -35,13 +35,14 @@ def _shard(job: tuple[int, int, int, str]) -> tuple[np.ndarray, np.ndarray, np.n
     return images, tokens["input_ids"].astype(np.int32), tokens["attention_mask"].astype(bool)
 
 
-_TOKENIZERS: dict[str, object] = {}
+_TOKENIZERS: dict[str, PreTrainedTokenizerBase] = {}
 
 
-def _tokenizer(folder: str):  # type: ignore[no-untyped-def]
+def _tokenizer(folder: str) -> PreTrainedTokenizerBase:
+    """One tokenizer per folder and process (each renderer process loads its own)."""
     if folder not in _TOKENIZERS:
         _TOKENIZERS[folder] = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return _TOKENIZERS[folder]  # pyright: ignore[reportUnknownVariableType]
+    return _TOKENIZERS[folder]
 
 
 def make_dataset(n: int, *, seed: int, text_encoder_dir: Path, workers: int) -> Dataset:
