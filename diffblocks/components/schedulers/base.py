@@ -142,7 +142,10 @@ class AbstractScheduler(BaseModel, ABC):
         strength: float,
         device: torch.device | str | None,
     ) -> SchedulerState:
-        """A state for the full schedule ``timesteps``/``sigmas`` (CPU), run from :meth:`_begin_index` on."""
+        """A state for the full schedule ``timesteps``/``sigmas`` (CPU), run from :meth:`_begin_index` on.
+
+        The initial noise is unscaled without sigmas, else scaled by :meth:`_init_noise_sigma`.
+        """
         begin_index = self._begin_index(num_inference_steps, strength)
         return SchedulerState(
             timesteps=timesteps[begin_index:].to(device),
