@@ -18,10 +18,9 @@ from diffblocks.blocks.flux import (
     PrepareFluxImageLatents,
     PrepareFluxLatents,
     PreprocessFluxImage,
-    TokenSchedulerStep,
     UnpackLatents,
 )
-from diffblocks.blocks.standard import DecodeImages
+from diffblocks.blocks.standard import DecodeImages, SchedulerStep
 from diffblocks.components.guiders import ClassifierFreeGuidance
 
 PIPELINE_CLASSES = ("FluxPipeline", "FluxImg2ImgPipeline")
@@ -37,7 +36,7 @@ def default_guider() -> ClassifierFreeGuidance:
 
 def denoise_loop() -> Loop:
     """Predict the guided flow of the packed tokens, then step."""
-    return Loop(PredictFlow(name="predict"), TokenSchedulerStep(name="step"), name="denoise")
+    return Loop(PredictFlow(name="predict"), SchedulerStep(name="step"), name="denoise")
 
 
 def flux_blocks() -> Sequence:

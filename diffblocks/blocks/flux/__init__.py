@@ -1,7 +1,7 @@
 """Blocks specific to Flux.1 (dev and schnell): prompts, packed latents, shifted schedules, flow prediction."""
 
 from diffblocks.blocks.flux.defaults import DEV, SCHNELL, FluxDefaults, VariantDefaults, variant_defaults
-from diffblocks.blocks.flux.denoise import PredictFlow, TokenSchedulerStep
+from diffblocks.blocks.flux.denoise import PredictFlow
 from diffblocks.blocks.flux.encode import FluxEncodePrompt
 from diffblocks.blocks.flux.guidance import PrepareFluxGuidance
 from diffblocks.blocks.flux.latents import PrepareFluxImageLatents, PrepareFluxLatents, PreprocessFluxImage, UnpackLatents
@@ -19,7 +19,6 @@ __all__ = [
     "PrepareFluxImageLatents",
     "PrepareFluxLatents",
     "PreprocessFluxImage",
-    "TokenSchedulerStep",
     "UnpackLatents",
     "VariantDefaults",
     "variant_defaults",

@@ -1,4 +1,4 @@
-"""The body of Flux.1's denoising loop: predict the flow for the packed tokens, then take a scheduler step."""
+"""The flow prediction in Flux.1's denoising loop (the scheduler step is the standard one)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from diffblocks.blocks.standard.guidance import Guidance
 from diffblocks.blocks.types import Float
 from diffblocks.components.guiders import guided_prediction
 from diffblocks.components.models.flux import FluxTransformer2DModel
-from diffblocks.components.noise import Generator
-from diffblocks.components.schedulers.base import AbstractScheduler, SchedulerState
 
 
 class PredictFlow(Block):
@@ -64,25 +62,3 @@ class PredictFlow(Block):
             batched=guidance.batched,
         )
         return self.Outputs(noise_pred=noise_pred)
-
-
-class TokenSchedulerStep(Block):
-    """Advance packed latent tokens one step with the scheduler (for flow matching, ``x += (sigma' - sigma) v``)."""
-
-    class Inputs(BlockIO):
-        latents: Float["batch seq channels"]
-        noise_pred: Float["batch seq channels"]
-        schedule: SchedulerState
-        step_index: int
-        generator: Generator | None = None
-
-    class Outputs(BlockIO):
-        latents: Float["batch seq channels"]
-
-    scheduler: AbstractScheduler = component()
-
-    def __call__(self, inputs: Inputs) -> Outputs:
-        latents = self.scheduler.step(
-            inputs.schedule, inputs.noise_pred, inputs.step_index, inputs.latents, generator=inputs.generator
-        )
-        return self.Outputs(latents=latents.to(inputs.latents.dtype))

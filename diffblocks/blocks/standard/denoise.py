@@ -75,17 +75,17 @@ class PredictNoise(Block):
 
 
 class SchedulerStep(Block):
-    """Advance the latents one step with the scheduler."""
+    """Advance the latents one step with the scheduler (any layout: image latents or packed tokens)."""
 
     class Inputs(BlockIO):
-        latents: Float["batch channels height width"]
-        noise_pred: Float["batch channels height width"]
+        latents: Float["batch ..."]
+        noise_pred: Float["batch ..."]
         schedule: SchedulerState
         step_index: int
         generator: Generator | None = None
 
     class Outputs(BlockIO):
-        latents: Float["batch channels height width"]
+        latents: Float["batch ..."]
 
     scheduler: AbstractScheduler = component()
 
