@@ -26,7 +26,7 @@ class ComponentSpec(BaseModel):
         >>> spec = ComponentSpec(name="unet", type_hint=("diffusers", "UNet2DConditionModel"),
         ...                      repo="org/model", subfolder="unet", variant="fp16")
         >>> spec.load_id
-        'org/model|unet|fp16|main|default'
+        'org/model|unet|fp16|main|default|diffusers.UNet2DConditionModel'
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
@@ -54,10 +54,12 @@ class ComponentSpec(BaseModel):
     @property
     def load_id(self) -> str:
         """Identifies one loaded object: specs with the same load id share it."""
+        kind = ".".join(self.type_hint) if self.type_hint else "?"
         if self.repo is None:
-            return f"{self.name}|config|{json.dumps(self.config, sort_keys=True, default=str)}"
+            return f"{self.name}|config|{json.dumps(self.config, sort_keys=True, default=str)}|{kind}"
         parts = (self.repo, self.subfolder or "", self.variant or "", self.revision or "main", self.dtype or "default")
-        return "|".join(parts)
+        # the class is part of the identity: a tokenizer and a text encoder may read the same folder
+        return "|".join((*parts, kind))
 
     def with_(self, **changes: Any) -> ComponentSpec:
         """A copy with some fields changed (dtype, revision, ...)."""

@@ -104,7 +104,7 @@ def test_spec_validation_and_load_id() -> None:
         ComponentSpec(name="unet", dtype="float8")
     spec = ComponentSpec(name="unet", repo="a/b", subfolder="unet", dtype="torch.float16")
     assert spec.torch_dtype is torch.float16
-    assert spec.load_id == "a/b|unet||main|float16"
+    assert spec.load_id == "a/b|unet||main|float16|?"
 
 
 def test_index_from_hub_cache_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
