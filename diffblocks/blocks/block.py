@@ -89,20 +89,7 @@ class AbstractBlock(ABC):
 class Block(AbstractBlock):
     """A single step: subclass it, declare ``Inputs``/``Outputs``/components, implement ``__call__``.
 
-    Example:
-        >>> import torch
-        >>> from diffblocks.blocks import Block, BlockIO, Float
-        >>> class Scale(Block):
-        ...     "Multiply latents by a constant."
-        ...     class Inputs(BlockIO):
-        ...         latents: Float["batch channels height width"]
-        ...         factor: float = 2.0
-        ...     class Outputs(BlockIO):
-        ...         latents: Float["batch channels height width"]
-        ...     def __call__(self, inputs: Inputs) -> Outputs:
-        ...         return self.Outputs(latents=inputs.latents * inputs.factor)
-        >>> Scale()(Scale.Inputs(latents=torch.ones(1, 1, 2, 2))).latents.sum().item()
-        8.0
+    See docs/quickstart.md for a complete example (declaring, composing, running, subclassing).
     """
 
     Inputs: ClassVar[type[BlockIO]] = NoIO
