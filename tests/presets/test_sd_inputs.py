@@ -106,3 +106,9 @@ def test_every_output_type(pipe: Pipeline, output_type: str) -> None:
         assert 0.0 <= out.images.min() and out.images.max() <= 1.0
     else:
         assert out.images.shape == (1, 4, SIZE // 2, SIZE // 2)
+
+
+def test_inpainting_unet_without_a_mask_fails_before_any_work(tmp_path: Path) -> None:
+    pipe = Pipeline.from_pretrained(str(tiny_sd15(tmp_path / "inpaint", in_channels=9)))
+    with pytest.raises(InputError, match="the UNet takes 9 input channels, not the VAE's 4: it is an inpainting model"):
+        pipe(prompt="a cat", num_inference_steps=2, progress=False)

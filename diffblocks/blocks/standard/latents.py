@@ -32,6 +32,18 @@ def check_size(user_inputs: Mapping[str, Any], factor: int) -> None:
             raise FieldError(name, f"{name} {value} is not a positive multiple of {factor} (the VAE factor); use {below} or {above}")
 
 
+def check_plain_unet(unet: torch.nn.Module, vae: AutoencoderKL) -> None:
+    """Text-to-image and image-to-image need a UNet that takes the latents alone (not an inpainting UNet)."""
+    in_channels = getattr(getattr(unet, "params", None), "in_channels", None)
+    latent_channels = vae.params.latent_channels
+    if isinstance(in_channels, int) and in_channels != latent_channels:
+        raise FieldError(
+            "mask_image",
+            f"the UNet takes {in_channels} input channels, not the VAE's {latent_channels}: it is an inpainting "
+            "model, so give image= and mask_image= (or load a text-to-image UNet)",
+        )
+
+
 def check_generator(user_inputs: Mapping[str, Any], device: torch.device) -> None:
     try:
         check_generator_device(user_inputs.get("generator"), device)
@@ -61,6 +73,7 @@ class PrepareLatents(Block):
     def check(self, user_inputs: Mapping[str, Any]) -> None:
         check_size(user_inputs, vae_scale_factor(self.vae))
         check_generator(user_inputs, _placement(self.unet)[0])
+        check_plain_unet(self.unet, self.vae)
 
     def default_size(self) -> tuple[int, int]:
         """The model's native size: its ``sample_size`` in latents, times the VAE factor."""
@@ -113,6 +126,7 @@ class PrepareImageLatents(Block):
     def check(self, user_inputs: Mapping[str, Any]) -> None:
         check_size(user_inputs, vae_scale_factor(self.vae))
         check_generator(user_inputs, _placement(self.unet)[0])
+        check_plain_unet(self.unet, self.vae)
 
     def __call__(self, inputs: Inputs) -> Outputs:
         device, dtype = _placement(self.unet)
