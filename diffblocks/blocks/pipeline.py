@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,8 @@ class Pipeline:
         self.manager = manager if manager is not None else ComponentsManager()
         self._keys: dict[str, str] = {}
         self._bound: dict[str, Any] = {}
+        self._callers = 0  # calls in flight (threads) sharing the bound components
+        self._binding = threading.Lock()
         for component_name, value in (components or {}).items():
             self._keys[component_name] = self.manager.add(component_name, value, user=self.name)
         self._root, self._plans = self._compile(blocks, self._keys)
@@ -145,8 +148,8 @@ class Pipeline:
         state = validate_inputs(plan, inputs, known=self.input_names, context=context)
         run = RunContext(tuple(callbacks), progress, {} if timings else None, sync=cuda_sync() if timings else None)
         mode = torch.enable_grad() if grad else torch.inference_mode()
+        self._acquire()
         try:
-            self._bind()
             check_blocks(plan, state, context=context)
             with mode:
                 run_steps(plan.steps, state, run)
@@ -154,7 +157,7 @@ class Pipeline:
             add_location_note(err, run, plan.workflow)
             raise
         finally:
-            self._bound.clear()  # the manager, not the pipeline, keeps components alive between calls
+            self._release()
         return PipelineOutput(state, workflow=plan.workflow, timings=run.timings, interrupted=run.interrupted)
 
     def _select(self, given: frozenset[str]) -> Plan:
@@ -164,9 +167,23 @@ class Pipeline:
             raise InputError([node_choices])
         return self._plans[tuple(choices)]
 
-    def _bind(self) -> None:
-        for name, key in self._keys.items():
-            self._bound[name] = self.manager.get(key)
+    def _acquire(self) -> None:
+        """Bind the components (loading lazy ones) for a call; concurrent calls share one binding."""
+        with self._binding:
+            if self._callers == 0:
+                try:
+                    for name, key in self._keys.items():
+                        self._bound[name] = self.manager.get(key)
+                except BaseException:
+                    self._bound.clear()
+                    raise
+            self._callers += 1
+
+    def _release(self) -> None:
+        with self._binding:
+            self._callers -= 1
+            if self._callers == 0:
+                self._bound.clear()  # the manager, not the pipeline, keeps components alive between calls
 
     # --- changing -------------------------------------------------------------------------------------------
 

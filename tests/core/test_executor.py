@@ -147,3 +147,36 @@ def test_components_are_not_held_between_calls() -> None:
     pipe(progress=False)
     assert pipe._bound == {}
     assert isinstance(Denoiser(), torch.nn.Module)
+
+
+def test_concurrent_calls_share_the_components_safely() -> None:
+    import threading
+
+    started, finish = threading.Event(), threading.Event()
+
+    class Blocking(Denoiser):
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if threading.current_thread().name == "slow":
+                started.set()
+                assert finish.wait(timeout=10)  # stay inside the loop while another call starts and ends
+            return super().forward(x, t)
+
+    pipe = Pipeline(toy_blocks(), {"denoiser": Blocking(), "decoder": Decoder()})
+    results: list[torch.Tensor] = []
+    errors: list[BaseException] = []
+
+    def slow_call() -> None:
+        try:
+            results.append(pipe(num_inference_steps=2, progress=False).images)
+        except BaseException as err:  # noqa: BLE001 - asserted below
+            errors.append(err)
+
+    thread = threading.Thread(target=slow_call, name="slow")
+    thread.start()
+    assert started.wait(timeout=10)
+    quick = pipe(num_inference_steps=1, progress=False).images  # starts and ends while the slow call runs
+    finish.set()
+    thread.join(timeout=30)
+    assert not errors, errors
+    assert len(results) == 1 and quick.shape == results[0].shape
+    assert pipe._bound == {}
