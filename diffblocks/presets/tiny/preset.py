@@ -21,7 +21,7 @@ from diffblocks.presets.tiny.text_encoder import PACKAGE
 PIPELINE_CLASSES = ("DiffblocksTinyPipeline",)
 TEXT_ENCODER_REFERENCE = f"package://{PACKAGE}/model"
 """How the index names the packaged all-MiniLM-L6-v2 folder (the text encoder and its tokenizer)."""
-DEFAULT_GUIDANCE_SCALE = 3.0
+DEFAULT_GUIDANCE_SCALE = 2.0
 DEFAULT_STEPS = 20
 
 
