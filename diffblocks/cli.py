@@ -117,6 +117,8 @@ def _add_generate(commands: Any) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     """Run ``generate``; errors in the arguments, the model or the inputs print one line and return 2."""
+    from pydantic import ValidationError
+
     from diffblocks.blocks import InputError, PlanError
     from diffblocks.registry import RegistryError
 
@@ -126,6 +128,8 @@ def _generate(args: argparse.Namespace) -> int:
         message = "; ".join(f"{p.field}: {p.message}" if p.field else p.message for p in error.problems)
     except PlanError as error:
         message = "; ".join(p.message for p in error.problems)
+    except ValidationError as error:  # settings a component refused, e.g. a guider without a layer default
+        message = f"{error.title}: " + "; ".join(problem["msg"] for problem in error.errors())
     except (CommandError, ValueError, OSError, RegistryError, ModuleNotFoundError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     print(f"diffblocks generate: error: {message}", file=sys.stderr)
@@ -182,6 +186,7 @@ def _swap_components(pipe: Any, args: argparse.Namespace) -> None:
     """Replace the guider and the scheduler as asked, keeping the model's settings where they apply."""
     from diffblocks.components.guiders import GUIDERS
     from diffblocks.components.schedulers import SCHEDULERS, FlowMatchEulerDiscreteScheduler
+    from diffblocks.presets.loading import FAMILIES as PRESET_FAMILIES
 
     if args.scheduler is not None:
         current = pipe.components["scheduler"]
@@ -195,11 +200,16 @@ def _swap_components(pipe: Any, args: argparse.Namespace) -> None:
     if args.guider is not None:
         cls = GUIDERS[args.guider]
         settings: dict[str, Any] = {}
+        if "guidance_scale" not in cls.model_fields and args.guidance is not None:
+            raise CommandError(f"--guidance: {args.guider} has no guidance scale")
         scale = args.guidance
         if scale is None:
             scale = getattr(pipe.components["guider"], "guidance_scale", None)
         if scale is not None and "guidance_scale" in cls.model_fields:
             settings["guidance_scale"] = scale
+        if "family" in cls.model_fields and pipe.preset is not None:
+            # guiders that perturb the denoiser take their default layers from the model's layout
+            settings["family"] = PRESET_FAMILIES[pipe.preset.family].guider_family
         pipe.update_components(guider=cls(**settings))
 
 

@@ -91,6 +91,7 @@ def test_generate_from_an_image(tmp_path: Path, capsys: pytest.CaptureFixture[st
         (["--size", "32", "--width", "32"], "give --size or --height/--width, not both"),
         (["--scheduler", "DDIMScheduler"], "DDIMScheduler cannot sample this model: it was trained for flow matching"),
         (["--strength", "0.5"], "--strength needs --image"),
+        (["--guider", "FrequencyDecoupledGuidance", "--guidance", "3"], "FrequencyDecoupledGuidance has no guidance scale"),
         (["--image", "missing.png"], "No such file or directory"),
         (["--model", "/no/such/folder"], "is neither a local folder nor a repository in the Hugging Face cache"),
     ],
@@ -101,3 +102,21 @@ def test_generate_errors_are_one_line(args: list[str], message: str, tmp_path: P
     assert captured.err.startswith("diffblocks generate: error: ") and captured.err.count("\n") == 1
     assert message in captured.err
     assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("guider", ["PerturbedAttentionGuidance", "SkipLayerGuidance", "SmoothedEnergyGuidance", "AutoGuidance"])
+def test_generate_gives_perturbing_guiders_the_models_layers(guider: str, tmp_path: Path) -> None:
+    out = tmp_path / "out.png"
+    assert main(["generate", "a red circle", "-o", str(out), "--guider", guider, *FAST]) == 0
+    assert _size(out) == (64, 64)
+
+
+def test_generate_reports_settings_a_guider_refuses_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diffblocks.presets.loading import FAMILIES
+
+    monkeypatch.setattr(FAMILIES["tiny"], "guider_family", None)  # a model whose layout no guider default knows
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "o.png"), "--guider", "SkipLayerGuidance", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffblocks generate: error: SkipLayerGuidance: ") and err.count("\n") == 1
