@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -91,13 +90,14 @@ class FeedForward(nn.Module):
 def _split_heads(x: Float[Tensor, "batch seq inner"], heads: int) -> Float[Tensor, "batch seq heads head_dim"]:
     # Heads stay behind the sequence axis until the attention call, so QK-norm and RoPE run on
     # contiguous memory; the seam gets (batch, heads, seq, head_dim) views.
-    return rearrange(x, "b s (h d) -> b s h d", h=heads)
+    return x.unflatten(-1, (heads, -1))
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor) -> Float[Tensor, "batch seq inner"]:
     """Attention over ``(batch, seq, heads, head_dim)`` tensors through the one attention seam."""
-    q, k, v = (rearrange(t, "b s h d -> b h s d") for t in (q, k, v))
-    return rearrange(attention(q, k, v), "b h s d -> b s (h d)")
+    # plain transposes rather than einops: this runs in every block at every step (see layers/attention.py)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    return attention(q, k, v).transpose(1, 2).flatten(2)
 
 
 class SelfAttention(nn.Module):

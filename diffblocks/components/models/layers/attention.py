@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import final
 
-from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -13,8 +12,11 @@ from diffblocks.components.attention import attention
 
 def multihead(q: Tensor, k: Tensor, v: Tensor, *, heads: int, mask: Tensor | None = None) -> Tensor:
     """Split ``(batch, seq, heads * dim)`` projections into heads, attend, and merge the heads back."""
-    q, k, v = (rearrange(t, "b s (h d) -> b h s d", h=heads) for t in (q, k, v))
-    return rearrange(attention(q, k, v, mask=mask), "b h s d -> b s (h d)")
+    # (b, s, h*d) -> (b, h, s, d) views and back with plain tensor methods: this runs in every
+    # attention layer at every step, where einops' per-call pattern handling costs more than the
+    # reshapes themselves.
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+    return attention(q, k, v, mask=mask).transpose(1, 2).flatten(2)
 
 
 @final

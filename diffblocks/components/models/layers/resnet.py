@@ -60,7 +60,10 @@ class ResnetBlock2D(nn.Module):
             h = h + self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None]
         h = self.conv2(self.dropout(self.nonlinearity(self.norm2(h))))
         skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
-        return (skip + h) / self.output_scale_factor
+        out = skip + h
+        # every SD, SDXL and VAE ResNet has factor 1: dividing by it would be one more kernel launch
+        # and a pass over the activations for an exact no-op
+        return out if self.output_scale_factor == 1.0 else out / self.output_scale_factor
 
 
 @final
