@@ -141,6 +141,39 @@ ROWS = {
 }
 
 
+@torch.inference_mode()
+def measure_row(title: str, build: Callable[[], tuple[Any, Any, Callable, Callable]], *, compile_mode: str | None, profile: bool) -> str:
+    """Build one row's models, check that they agree, time both (and profile them), as a table line."""
+    ref, ours, call_ref, call_ours = build()
+    a, b = call_ref(ref), call_ours(ours)
+    rel = ((a.float() - b.float()).norm() / a.float().norm()).item()
+    flops = count_flops(lambda: call_ours(ours))
+    if compile_mode is not None:
+        ref = torch.compile(ref, dynamic=False, mode=compile_mode)
+        ours = torch.compile(ours, dynamic=False, mode=compile_mode)
+    runs = {"diffusers": lambda: call_ref(ref), "ours": lambda: call_ours(ours)}
+    results = {}
+    for name, fn in runs.items():
+        torch.cuda.reset_peak_memory_stats()
+        ms = time_ms(fn)
+        results[name] = (ms, torch.cuda.max_memory_allocated() / 2**30)
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        for name, fn in runs.items():
+            with profiler(activities=[ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+            print(f"===== {title}: {name}")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+    (ref_ms, ref_mem), (ours_ms, ours_mem) = results["diffusers"], results["ours"]
+    return (
+        f"| {title} | {ref_ms:.1f} | {ours_ms:.1f} | {ref_ms / ours_ms:.2f} | {flops / (ours_ms / 1e3) / PEAK_FLOPS:.1%} "
+        f"| {ref_mem:.1f} | {ours_mem:.1f} | {rel:.1e} |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", default="flux,sdxl,sd15,vae")
@@ -155,40 +188,10 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, {setting}", flush=True)
     lines = []
     for key in args.rows.split(","):
-        title, build = ROWS[key]
         torch.cuda.empty_cache()
-        with torch.inference_mode():
-            ref, ours, call_ref, call_ours = build()
-            a, b = call_ref(ref), call_ours(ours)
-            rel = ((a.float() - b.float()).norm() / a.float().norm()).item()
-            flops = count_flops(lambda: call_ours(ours))
-            if args.compile:
-                ref_fn = torch.compile(ref, dynamic=False, mode=args.mode)
-                ours_fn = torch.compile(ours, dynamic=False, mode=args.mode)
-            else:
-                ref_fn, ours_fn = ref, ours
-            results = {}
-            for name, fn in (("diffusers", lambda: call_ref(ref_fn)), ("ours", lambda: call_ours(ours_fn))):
-                torch.cuda.reset_peak_memory_stats()
-                ms = time_ms(fn)
-                results[name] = (ms, torch.cuda.max_memory_allocated() / 2**30)
-            if args.profile:
-                from torch.profiler import ProfilerActivity, profile
-
-                for name, fn in (("diffusers", lambda: call_ref(ref_fn)), ("ours", lambda: call_ours(ours_fn))):
-                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                        fn()
-                        torch.cuda.synchronize()
-                    print(f"===== {title}: {name}")
-                    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=60))
-        (ref_ms, ref_mem), (ours_ms, ours_mem) = results["diffusers"], results["ours"]
-        line = (
-            f"| {title} | {ref_ms:.1f} | {ours_ms:.1f} | {ref_ms / ours_ms:.2f} | {flops / (ours_ms / 1e3) / PEAK_FLOPS:.1%} "
-            f"| {ref_mem:.1f} | {ours_mem:.1f} | {rel:.1e} |"
-        )
+        line = measure_row(*ROWS[key], compile_mode=args.mode if args.compile else None, profile=args.profile)
         lines.append(line)
         print(line, flush=True)
-        del ref, ours, ref_fn, ours_fn
     print("\n| row | diffusers ms | ours ms | speed-up | ours MFU | diffusers peak GiB | ours peak GiB | rel. diff |")
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(lines))
