@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+from cuda_timing import time_ms
 from torch import Tensor
 
 from diffblocks.components.attention import (
@@ -102,21 +101,6 @@ class Row:
     note: str = ""
 
 
-def time_ms(fn: Callable[[], object], *, warmup: int, iters: int) -> float:
-    """Median milliseconds per call, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def check(name: str, case: Case, device: torch.device, *, warmup: int, iters: int) -> Row:
     backend = backend_instance(name)
     if not backend.is_installed():
@@ -135,7 +119,7 @@ def check(name: str, case: Case, device: torch.device, *, warmup: int, iters: in
         with attention_backend(name):
             out = call()
             torch.cuda.synchronize()
-            ms = time_ms(call, warmup=warmup, iters=iters)
+            ms = time_ms(call, warmup=warmup, repeat=iters)
     except (UnsupportedAttentionError, AttentionBackendUnavailableError) as error:
         first = str(error).splitlines()[1].strip("- ") if "\n" in str(error) else str(error)
         return Row(name, case.name, "refused" if not declared else "FAILED", note=first)

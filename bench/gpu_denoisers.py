@@ -13,29 +13,14 @@ Run: python bench/gpu_denoisers.py [--compile [--mode reduce-overhead]] [--rows 
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from cuda_timing import time_ms
 from torch.utils.flop_counter import FlopCounterMode
 
 PEAK_FLOPS = 790e12
-
-
-def time_ms(fn: Callable[[], Any], *, warmup: int = 3, repeat: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def count_flops(fn: Callable[[], Any]) -> int:

@@ -17,11 +17,10 @@ Run: python bench/group_norm_gpu.py [--dtype float16]
 from __future__ import annotations
 
 import argparse
-import statistics
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import time_ms
 from torch import Tensor
 
 GROUPS, EPS = 32, 1e-6
@@ -48,20 +47,6 @@ def reference(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return native(x.float(), weight.float(), bias.float())
 
 
-def time_ms(fn: Callable[[], Tensor], *, warmup: int = 3, repeat: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
@@ -82,7 +67,7 @@ def main() -> None:
             cells = []
             for name, fn in candidates.items():
                 diff = (fn(x, weight, bias).float() - want).abs().max().item()
-                ms = time_ms(lambda fn=fn: fn(x, weight, bias))
+                ms = time_ms(lambda fn=fn: fn(x, weight, bias), repeat=20)
                 totals[name] += ms * calls
                 cells.append(f"{ms:.3f} ({diff:.1e})")
         print(f"| 1x{channels}x{side}x{side} | {calls} | " + " | ".join(cells) + " |", flush=True)

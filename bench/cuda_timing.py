@@ -1,0 +1,24 @@
+"""CUDA-event timing shared by the GPU benchmarks."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+import torch
+
+
+def time_ms(fn: Callable[[], object], *, warmup: int = 3, repeat: int = 10) -> float:
+    """Median milliseconds per call of ``fn``, each call between two CUDA events, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
