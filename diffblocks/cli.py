@@ -184,9 +184,9 @@ def _builtin_model() -> Path:
 
 def _swap_components(pipe: Any, args: argparse.Namespace) -> None:
     """Replace the guider and the scheduler as asked, keeping the model's settings where they apply."""
+    from diffblocks.components.guiders import FAMILIES as GUIDER_FAMILIES
     from diffblocks.components.guiders import GUIDERS
     from diffblocks.components.schedulers import SCHEDULERS, FlowMatchEulerDiscreteScheduler
-    from diffblocks.presets.loading import FAMILIES as PRESET_FAMILIES
 
     if args.scheduler is not None:
         current = pipe.components["scheduler"]
@@ -207,9 +207,9 @@ def _swap_components(pipe: Any, args: argparse.Namespace) -> None:
             scale = getattr(pipe.components["guider"], "guidance_scale", None)
         if scale is not None and "guidance_scale" in cls.model_fields:
             settings["guidance_scale"] = scale
-        if "family" in cls.model_fields and pipe.preset is not None:
-            # guiders that perturb the denoiser take their default layers from the model's layout
-            settings["family"] = PRESET_FAMILIES[pipe.preset.family].guider_family
+        if "family" in cls.model_fields and pipe.preset is not None and pipe.preset.family in GUIDER_FAMILIES:
+            # guiders that perturb the denoiser take their default layers from the model's family
+            settings["family"] = pipe.preset.family
         pipe.update_components(guider=cls(**settings))
 
 

@@ -6,7 +6,7 @@ import importlib.util
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
@@ -15,7 +15,6 @@ from diffblocks.blocks.introspect import component_names
 from diffblocks.blocks.pipeline import PresetInfo
 from diffblocks.components import ComponentsManager, ComponentSpec, read_index
 from diffblocks.components.guiders import AbstractGuider
-from diffblocks.components.guiders.families import Family as GuiderFamily
 from diffblocks.presets import flux, sd15, sdxl
 from diffblocks.presets.tiny import preset as tiny
 
@@ -29,8 +28,6 @@ class Family:
 
     ``settings`` names index settings (``model_index.json`` keys beside the components, such as
     SDXL's ``force_zeros_for_empty_prompt``) that are passed to ``blocks`` as keyword arguments.
-    ``guider_family`` is the denoiser layout whose default layers the perturbing guiders use
-    (``PerturbedAttentionGuidance(family=...)``); by default the family's own name.
     """
 
     def __init__(
@@ -41,10 +38,8 @@ class Family:
         classes: tuple[str, ...],
         *,
         settings: tuple[str, ...] = (),
-        guider_family: GuiderFamily | None = None,
     ) -> None:
         self.name, self.blocks, self.guider, self.classes, self.settings = name, blocks, guider, classes, settings
-        self.guider_family: GuiderFamily = guider_family or cast(GuiderFamily, name)
 
     def build(self, settings: Mapping[str, Any]) -> Sequence:
         """The family's blocks, configured by the index settings it reads."""
@@ -55,8 +50,7 @@ FAMILIES: dict[str, Family] = {
     "sd15": Family("sd15", sd15.sd15_blocks, sd15.default_guider, sd15.PIPELINE_CLASSES),
     "sdxl": Family("sdxl", sdxl.sdxl_blocks, sdxl.default_guider, sdxl.PIPELINE_CLASSES, settings=sdxl.SETTINGS),
     "flux": Family("flux", flux.flux_blocks, flux.default_guider, flux.PIPELINE_CLASSES),
-    # the tiny UNet keeps SD 1.x's module names, mid block included
-    "tiny": Family("tiny", tiny.tiny_blocks, tiny.default_guider, tiny.PIPELINE_CLASSES, guider_family="sd15"),
+    "tiny": Family("tiny", tiny.tiny_blocks, tiny.default_guider, tiny.PIPELINE_CLASSES),
 }
 
 PACKAGE_SCHEME = "package://"

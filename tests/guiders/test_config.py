@@ -29,6 +29,7 @@ from diffblocks.components.guiders import (
     register_guider,
 )
 from diffblocks.components.guiders.base import GUIDER_CONFIG_NAME
+from diffblocks.presets.tiny.architecture import UNET_CONFIG
 
 EXAMPLES: list[AbstractGuider] = [
     ClassifierFreeGuidance(guidance_scale=5.5, guidance_rescale=0.7, start=0.1, stop=0.9),
@@ -169,6 +170,7 @@ def _real_denoisers() -> dict[str, torch.nn.Module]:
             "sd15": UNet2DConditionModel(),
             "sdxl": UNet2DConditionModel(**sdxl),
             "flux": FluxTransformer2DModel(num_layers=19, num_single_layers=38, guidance_embeds=True),
+            "tiny": UNet2DConditionModel(**UNET_CONFIG),
         }
 
 

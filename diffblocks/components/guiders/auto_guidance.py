@@ -30,7 +30,7 @@ class AutoGuidance(AbstractPerturbedGuider):
         auto_guidance_layers: block paths, or block lists; defaults to the ``family``'s.
         dropout: 1.0 skips the blocks; below 1 drops that fraction of their outputs.
         weak_condition: inputs of the weak prediction, ``"uncond"`` (diffusers) or ``"cond"`` (paper).
-        family: ``"sd15"``, ``"sdxl"`` or ``"flux"``.
+        family: ``"sd15"``, ``"sdxl"``, ``"flux"`` or ``"tiny"``.
         (other fields): as :class:`~diffblocks.components.guiders.base.AbstractClassifierFreeGuider`.
     """
 

@@ -1,8 +1,10 @@
 """Default layers per model family for the guiders that perturb the denoiser.
 
 Paths are diffusers module names, which our models keep. UNet families perturb the mid block (the
-PAG and SEG papers' choice for SD and SDXL); Flux perturbs double-stream blocks, whose attention
-sees image tokens apart from text (needed by SEG's image-grid blur).
+PAG and SEG papers' choice for SD and SDXL; the built-in tiny model's UNet has SD 1.x's layout);
+Flux perturbs double-stream blocks, whose attention sees image tokens apart from text (needed by
+SEG's image-grid blur). The names are those of the preset families, so
+``PerturbedAttentionGuidance.for_family(pipe.preset.family)`` suits any built-in pipeline.
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Literal, get_args
 
-Family = Literal["sd15", "sdxl", "flux"]
+Family = Literal["sd15", "sdxl", "flux", "tiny"]
 FAMILIES: tuple[str, ...] = get_args(Family)
 
 _UNET_MID_BLOCKS = ("mid_block.attentions.0.transformer_blocks",)
 
 # Self-attention layers for perturbed-attention and smoothed-energy guidance.
 ATTENTION_LAYERS: Mapping[str, tuple[str, ...]] = MappingProxyType(
-    {"sd15": ("mid_block",), "sdxl": ("mid_block",), "flux": ("transformer_blocks.1",)}
+    {"sd15": ("mid_block",), "sdxl": ("mid_block",), "flux": ("transformer_blocks.1",), "tiny": ("mid_block",)}
 )
 
 # Whole blocks to skip for skip-layer guidance and auto-guidance; Flux follows the SD3.5
@@ -28,6 +30,7 @@ SKIP_LAYERS: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "sd15": _UNET_MID_BLOCKS,
         "sdxl": _UNET_MID_BLOCKS,
         "flux": ("transformer_blocks.7", "transformer_blocks.8", "transformer_blocks.9"),
+        "tiny": _UNET_MID_BLOCKS,
     }
 )
 

@@ -66,7 +66,7 @@ class AbstractPerturbedGuider(AbstractClassifierFreeGuider):
     perturbation from the resolved paths.
 
     Args:
-        family: ``"sd15"``, ``"sdxl"`` or ``"flux"``: use that family's default layers.
+        family: ``"sd15"``, ``"sdxl"``, ``"flux"`` or ``"tiny"``: use that family's default layers.
     """
 
     layers_field: ClassVar[str]

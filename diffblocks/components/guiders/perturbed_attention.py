@@ -23,7 +23,7 @@ class PerturbedAttentionGuidance(AbstractPerturbedConditionGuider):
         perturbed_guidance_stop: fraction of the steps at which PAG stops.
         perturbed_guidance_layers: attention layers, or blocks holding self-attention, as module
             paths; defaults to the ``family``'s (``mid_block`` for SD and SDXL).
-        family: ``"sd15"``, ``"sdxl"`` or ``"flux"``.
+        family: ``"sd15"``, ``"sdxl"``, ``"flux"`` or ``"tiny"``.
         (other fields): as :class:`~diffblocks.components.guiders.base.AbstractClassifierFreeGuider`.
 
     Example:

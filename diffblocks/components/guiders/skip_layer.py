@@ -22,7 +22,7 @@ class SkipLayerGuidance(AbstractPerturbedConditionGuider):
         skip_layer_guidance_stop: fraction of the steps at which SLG stops.
         skip_layer_guidance_layers: block paths, or block lists; defaults to the ``family``'s
             (Flux: ``transformer_blocks.7-9``; SD, SDXL: the mid-block transformer blocks).
-        family: ``"sd15"``, ``"sdxl"`` or ``"flux"``.
+        family: ``"sd15"``, ``"sdxl"``, ``"flux"`` or ``"tiny"``.
         (other fields): as :class:`~diffblocks.components.guiders.base.AbstractClassifierFreeGuider`.
     """
 

@@ -29,7 +29,7 @@ class SmoothedEnergyGuidance(AbstractPerturbedConditionGuider):
         seg_guidance_stop: fraction of the steps at which SEG stops.
         seg_guidance_layers: attention layers, or blocks holding self-attention; defaults to the
             ``family``'s (``mid_block`` for SD and SDXL).
-        family: ``"sd15"``, ``"sdxl"`` or ``"flux"``.
+        family: ``"sd15"``, ``"sdxl"``, ``"flux"`` or ``"tiny"``.
         (other fields): as :class:`~diffblocks.components.guiders.base.AbstractClassifierFreeGuider`.
     """
 
