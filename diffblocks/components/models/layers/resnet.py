@@ -55,9 +55,10 @@ class ResnetBlock2D(nn.Module):
     def forward(
         self, x: Float[Tensor, "batch c_in height width"], temb: Float[Tensor, "batch temb"] | None = None
     ) -> Float[Tensor, "batch c_out height width"]:
+        """``temb`` is the timestep embedding already passed through SiLU (the UNet applies it once)."""
         h = self.conv1(self.nonlinearity(self.norm1(x)))
         if self.time_emb_proj is not None and temb is not None:
-            h = h + self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None]
+            h = h + self.time_emb_proj(temb)[:, :, None, None]
         h = self.conv2(self.dropout(self.nonlinearity(self.norm2(h))))
         skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         out = skip + h

@@ -135,6 +135,8 @@ class UNet2DConditionModel(AbstractModel[UNet2DConditionParams]):
         emb = self.time_embedding(self.time_proj(_batch_timesteps(timestep, sample)).to(sample.dtype))
         if self.add_embedding is not None:
             emb = emb + self._text_time_embedding(added_cond_kwargs, dtype=emb.dtype)
+        # every ResNet reads the embedding through SiLU: apply it once here, not once per ResNet
+        emb = nn.functional.silu(emb)
         mask = None
         if encoder_attention_mask is not None:
             # The additive bias diffusers uses (not -inf), so fully masked rows behave identically.
