@@ -27,6 +27,23 @@ def _vae() -> Any:
     )
 
 
+def _unet(in_channels: int, **changes: Any) -> Any:
+    """Two levels, cross-attention in the lower-resolution one; ``changes`` set attention and conditioning."""
+    import diffusers
+
+    return diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=in_channels,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=32,
+        **changes,
+    )
+
+
 def _clip_config(**changes: Any) -> Any:
     from transformers import CLIPTextConfig
 
@@ -51,18 +68,7 @@ def tiny_sd15(folder: Path, *, scheduler: str = "PNDMScheduler", in_channels: in
     from transformers import CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=in_channels,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    unet = _unet(in_channels, cross_attention_dim=32, attention_head_dim=8)
     pipe = diffusers.StableDiffusionPipeline(
         vae=_vae(),
         text_encoder=CLIPTextModel(_clip_config()),
@@ -85,14 +91,8 @@ def tiny_sdxl(
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=in_channels,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    unet = _unet(
+        in_channels,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -100,7 +100,6 @@ def tiny_sdxl(
         transformer_layers_per_block=(1, 2),
         projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids of 8 features + the pooled text embedding
         cross_attention_dim=64,  # the two encoders' hidden states side by side
-        norm_num_groups=32,
     )
     tokenizer = CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR)
     pipe = diffusers.StableDiffusionXLPipeline(

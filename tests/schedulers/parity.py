@@ -24,6 +24,26 @@ from diffblocks.components.schedulers import AbstractScheduler, FlowMatchEulerDi
 SHAPE = (2, 4, 8, 8)
 RTOL = 1e-5  # float32 rounding, relative to the largest value compared
 
+SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
+STEPS = [(1, 1.0), (4, 1.0), (10, 1.0), (25, 1.0), (10, 0.6), (25, 0.3)]  # (steps, strength)
+FLUX_DEV = {  # FLUX.1-dev's scheduler_config.json as it is on the Hub
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "_diffusers_version": "0.30.0.dev0",
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+
+
+def case_id(case: tuple[str, Mapping[str, Any]]) -> str:
+    """A test id: the class name without ``Scheduler`` and the config keys beyond ``SD``."""
+    name, config = case
+    return name.removesuffix("Scheduler") + "-" + "-".join(f"{k}={v}" for k, v in config.items() if k not in SD)
+
 
 def fake_model(sample: Tensor, t: Tensor | float, *, out_channels: int | None = None) -> Tensor:
     """A fixed smooth function of the sample and the timestep, standing in for a denoiser."""
@@ -137,4 +157,16 @@ def run_side_by_side(
     return report
 
 
-__all__ = ["RTOL", "Report", "build_pair", "fake_model", "max_error", "run_side_by_side"]
+__all__ = [
+    "FLUX_DEV",
+    "RTOL",
+    "SD",
+    "SHAPE",
+    "STEPS",
+    "Report",
+    "build_pair",
+    "case_id",
+    "fake_model",
+    "max_error",
+    "run_side_by_side",
+]

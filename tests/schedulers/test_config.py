@@ -23,8 +23,9 @@ from diffblocks.components.schedulers import (
     scheduler_from_config,
     scheduler_from_pretrained,
 )
+from tests.schedulers.parity import FLUX_DEV
 
-# scheduler_config.json files as they are on the Hub
+# scheduler_config.json files as they are on the Hub (FLUX.1-dev's is in parity.py)
 SD15 = {  # stable-diffusion-v1-5
     "_class_name": "PNDMScheduler",
     "_diffusers_version": "0.6.0",
@@ -69,17 +70,6 @@ SDXL = {  # stable-diffusion-xl-base-1.0
     "timestep_spacing": "leading",
     "trained_betas": None,
     "use_karras_sigmas": False,
-}
-FLUX_DEV = {  # FLUX.1-dev
-    "_class_name": "FlowMatchEulerDiscreteScheduler",
-    "_diffusers_version": "0.30.0.dev0",
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "max_image_seq_len": 4096,
-    "max_shift": 1.15,
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
 }
 FLUX_SCHNELL = {
     "_class_name": "FlowMatchEulerDiscreteScheduler",

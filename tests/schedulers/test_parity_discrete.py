@@ -11,9 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.schedulers.parity import RTOL, run_side_by_side
-
-SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
+from tests.schedulers.parity import RTOL, SD, STEPS, case_id, run_side_by_side
 
 CASES: list[tuple[str, dict[str, Any]]] = [
     ("DDPMScheduler", {**SD, "clip_sample": False}),
@@ -63,16 +61,8 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("HeunDiscreteScheduler", {"timestep_spacing": "leading", "clip_sample": True, "beta_schedule": "exp"}),
 ]
 
-STEPS = [(1, 1.0), (4, 1.0), (10, 1.0), (25, 1.0), (10, 0.6), (25, 0.3)]
-
-
-def _case_id(case: tuple[str, dict[str, Any]]) -> str:
-    name, config = case
-    return name.removesuffix("Scheduler") + "-" + "-".join(f"{k}={v}" for k, v in config.items() if k not in SD)
-
-
 @pytest.mark.parametrize(("steps", "strength"), STEPS, ids=[f"{n}steps-s{s}" for n, s in STEPS])
-@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
 def test_matches_diffusers(case: tuple[str, dict[str, Any]], steps: int, strength: float) -> None:
     name, config = case
     if name == "PNDMScheduler" and not config.get("skip_prk_steps") and (steps < 4 or strength < 1.0):

@@ -11,23 +11,11 @@ from typing import Any
 import pytest
 
 from diffblocks.components.schedulers import FlowMatchEulerDiscreteScheduler, flux_sigmas
-from tests.schedulers.parity import RTOL, run_side_by_side
+from tests.schedulers.parity import FLUX_DEV, RTOL, SD, STEPS, case_id, run_side_by_side
 
-SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
 DPM = "DPMSolverMultistepScheduler"
 UNIPC = "UniPCMultistepScheduler"
 FLOW = "FlowMatchEulerDiscreteScheduler"
-FLUX_DEV = {
-    "_class_name": FLOW,
-    "_diffusers_version": "0.30.0.dev0",
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "max_image_seq_len": 4096,
-    "max_shift": 1.15,
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-}
 
 CASES: list[tuple[str, dict[str, Any]]] = [
     (DPM, dict(SD)),  # DPM++ 2M
@@ -55,16 +43,8 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     (FLOW, {"shift": 1.5, "use_exponential_sigmas": True, "invert_sigmas": True}),
 ]
 
-STEPS = [(1, 1.0), (4, 1.0), (10, 1.0), (25, 1.0), (10, 0.6), (25, 0.3)]
-
-
-def _case_id(case: tuple[str, dict[str, Any]]) -> str:
-    name, config = case
-    return name.removesuffix("Scheduler") + "-" + "-".join(f"{k}={v}" for k, v in config.items() if k not in SD)
-
-
 @pytest.mark.parametrize(("steps", "strength"), STEPS, ids=[f"{n}steps-s{s}" for n, s in STEPS])
-@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
 def test_matches_diffusers(case: tuple[str, dict[str, Any]], steps: int, strength: float) -> None:
     name, config = case
     report = run_side_by_side({"_class_name": name, **config}, steps, strength=strength)

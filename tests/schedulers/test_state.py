@@ -21,9 +21,8 @@ from diffblocks.components.schedulers import (
     UniPCMultistepScheduler,
     scheduler_from_config,
 )
-from tests.schedulers.parity import SHAPE, fake_model
+from tests.schedulers.parity import SD, SHAPE, fake_model
 
-SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
 MULTISTEP: list[dict[str, Any]] = [
     {"_class_name": "DPMSolverMultistepScheduler", **SD, "solver_order": 3},
     {"_class_name": "DPMSolverMultistepScheduler", **SD, "algorithm_type": "sde-dpmsolver++"},
