@@ -8,19 +8,18 @@ from typing import ClassVar, Literal, final
 import numpy as np
 import torch
 from jaxtyping import Float
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor
-from typing_extensions import Self
 
 from diffblocks.components.noise import Generator
-from diffblocks.components.schedulers.karras import AbstractKarrasScheduler, float32_tensor, respacing
+from diffblocks.components.schedulers.karras import AbstractKarrasScheduler, SigmaRespacingMixin, float32_tensor
 from diffblocks.components.schedulers.prediction import PredictionType, karras_data_prediction
 from diffblocks.components.schedulers.schedule import sigma_to_t
 from diffblocks.components.schedulers.state import SchedulerState
 
 
 @final
-class EulerDiscreteScheduler(AbstractKarrasScheduler):
+class EulerDiscreteScheduler(SigmaRespacingMixin, AbstractKarrasScheduler):
     """Deterministic Euler steps ``x += (x - x0) / sigma * (sigma_next - sigma)``.
 
     Implements Algorithm 2 of Karras et al. (2022), "Elucidating the Design Space of
@@ -48,11 +47,6 @@ class EulerDiscreteScheduler(AbstractKarrasScheduler):
 
     terminal_abar: ClassVar[float | None] = 2.0**-24
 
-    @model_validator(mode="after")
-    def _check(self) -> Self:
-        respacing(self.use_karras_sigmas, self.use_exponential_sigmas)
-        return self
-
     def _zero_terminal_snr(self) -> bool:
         return self.rescale_betas_zero_snr
 
@@ -78,7 +72,7 @@ class EulerDiscreteScheduler(AbstractKarrasScheduler):
         else:
             timesteps, levels = self._karras_schedule(
                 num_inference_steps,
-                respace=respacing(self.use_karras_sigmas, self.use_exponential_sigmas),
+                respace=self._sigma_respacing,
                 sigma_min=self.sigma_min,
                 sigma_max=self.sigma_max,
                 final_sigma=float(self.training_noise.sigmas[0]) if self.final_sigmas_type == "sigma_min" else 0.0,

@@ -9,13 +9,12 @@ from typing import ClassVar, Literal, final
 import numpy as np
 import torch
 from jaxtyping import Float
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor
-from typing_extensions import Self
 
 from diffblocks.components.noise import Generator, randn_tensor
 from diffblocks.components.schedulers.base import AbstractScheduler
-from diffblocks.components.schedulers.karras import respacing
+from diffblocks.components.schedulers.karras import SigmaRespacingMixin
 from diffblocks.components.schedulers.schedule import respace_sigmas
 from diffblocks.components.schedulers.state import SchedulerState, flow_strength_begin
 
@@ -26,7 +25,7 @@ def flux_sigmas(num_inference_steps: int) -> list[float]:
 
 
 @final
-class FlowMatchEulerDiscreteScheduler(AbstractScheduler):
+class FlowMatchEulerDiscreteScheduler(SigmaRespacingMixin, AbstractScheduler):
     """Euler steps ``x += (sigma_next - sigma) v`` along the straight path ``x = (1 - sigma) x0 + sigma eps``.
 
     The model predicts the velocity ``v = eps - x0`` of flow matching (Lipman et al., 2022, "Flow
@@ -59,11 +58,6 @@ class FlowMatchEulerDiscreteScheduler(AbstractScheduler):
     use_exponential_sigmas: bool = False
     time_shift_type: Literal["exponential", "linear"] = "exponential"
     stochastic_sampling: bool = False
-
-    @model_validator(mode="after")
-    def _check(self) -> Self:
-        respacing(self.use_karras_sigmas, self.use_exponential_sigmas)
-        return self
 
     def mu_for_image_seq_len(self, image_seq_len: int) -> float:
         """Flux's resolution-dependent shift: ``mu`` linear in the number of image tokens.
@@ -113,7 +107,7 @@ class FlowMatchEulerDiscreteScheduler(AbstractScheduler):
             # stretch so the last sigma lands on shift_terminal
             one_minus = 1 - levels
             levels = 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
-        kind = respacing(self.use_karras_sigmas, self.use_exponential_sigmas)
+        kind = self._sigma_respacing
         if kind is not None:
             levels = respace_sigmas(kind, levels, num_inference_steps)
         sigma_tensor = torch.from_numpy(np.asarray(levels)).to(torch.float32)

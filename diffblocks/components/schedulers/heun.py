@@ -7,19 +7,18 @@ from typing import ClassVar, final
 
 import torch
 from jaxtyping import Float
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor
-from typing_extensions import Self
 
 from diffblocks.components.noise import Generator
 from diffblocks.components.schedulers.betas import BetaSchedule
-from diffblocks.components.schedulers.karras import AbstractKarrasScheduler, respacing
+from diffblocks.components.schedulers.karras import AbstractKarrasScheduler, SigmaRespacingMixin
 from diffblocks.components.schedulers.prediction import PredictionType, karras_data_prediction
 from diffblocks.components.schedulers.state import SchedulerState, StepRecord
 
 
 @final
-class HeunDiscreteScheduler(AbstractKarrasScheduler):
+class HeunDiscreteScheduler(SigmaRespacingMixin, AbstractKarrasScheduler):
     """Heun steps: an Euler predictor, then the trapezoidal corrector at the next sigma.
 
     Implements Algorithm 1 of Karras et al. (2022), "Elucidating the Design Space of
@@ -46,16 +45,9 @@ class HeunDiscreteScheduler(AbstractKarrasScheduler):
     clip_sample: bool = False
     clip_sample_range: float = Field(default=1.0, gt=0.0)
 
-    @model_validator(mode="after")
-    def _check(self) -> Self:
-        respacing(self.use_karras_sigmas, self.use_exponential_sigmas)
-        return self
-
     def _model_schedule(self, num_steps: int) -> tuple[Tensor, Tensor]:
         """Every interior level twice: once as a step's end, once as the next step's start."""
-        timesteps, levels = self._karras_schedule(
-            num_steps, respace=respacing(self.use_karras_sigmas, self.use_exponential_sigmas)
-        )
+        timesteps, levels = self._karras_schedule(num_steps, respace=self._sigma_respacing)
         return (
             torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)]),
             torch.cat([levels[:1], levels[1:-1].repeat_interleave(2), levels[-1:]]),

@@ -8,11 +8,14 @@ denoiser of ``x = x0 + sigma eps`` with ``sigma = sqrt((1 - abar) / abar)`` whos
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from jaxtyping import Float
+from pydantic import model_validator
 from torch import Tensor
+from typing_extensions import Self
 
 from diffblocks.components.schedulers.betas import AbstractDiscreteScheduler, TimestepSpacing
 from diffblocks.components.schedulers.schedule import (
@@ -114,9 +117,32 @@ def respacing(use_karras_sigmas: bool, use_exponential_sigmas: bool) -> SigmaSpa
     return "exponential" if use_exponential_sigmas else None
 
 
+class SigmaRespacingMixin:
+    """The ``use_karras_sigmas``/``use_exponential_sigmas`` keys: checked once, read as one re-spacing.
+
+    The classes using it declare both keys themselves, where diffusers' signature puts them:
+    pydantic orders inherited fields first, and :meth:`AbstractScheduler.to_config` writes keys in
+    field order. List it first among the bases so that its check runs after the base's.
+    """
+
+    if TYPE_CHECKING:
+        use_karras_sigmas: bool
+        use_exponential_sigmas: bool
+
+    @model_validator(mode="after")
+    def _check_respacing(self) -> Self:
+        respacing(self.use_karras_sigmas, self.use_exponential_sigmas)
+        return self
+
+    @property
+    def _sigma_respacing(self) -> SigmaSpacing | None:
+        """The re-spacing the two keys name (Karras et al., 2022, Eq. 5, or log-uniform), or None."""
+        return respacing(self.use_karras_sigmas, self.use_exponential_sigmas)
+
+
 def float32_tensor(values: np.ndarray) -> Tensor:
     """A float32 CPU tensor of ``values`` (cast in numpy first, as diffusers does)."""
     return torch.from_numpy(np.asarray(values).astype(np.float32))
 
 
-__all__ = ["AbstractKarrasScheduler", "float32_tensor", "respacing"]
+__all__ = ["AbstractKarrasScheduler", "SigmaRespacingMixin", "float32_tensor", "respacing"]

@@ -8,12 +8,10 @@ from typing import ClassVar, final
 
 import numpy as np
 from jaxtyping import Float
-from pydantic import model_validator
 from torch import Tensor
-from typing_extensions import Self
 
 from diffblocks.components.noise import Generator
-from diffblocks.components.schedulers.karras import AbstractKarrasScheduler, respacing
+from diffblocks.components.schedulers.karras import AbstractKarrasScheduler, SigmaRespacingMixin
 from diffblocks.components.schedulers.prediction import PredictionType, karras_data_prediction
 from diffblocks.components.schedulers.state import SchedulerState, StepRecord
 
@@ -43,7 +41,7 @@ def lms_coefficient(sigmas: Sequence[float], order: int, j: int, which: int) -> 
 
 
 @final
-class LMSDiscreteScheduler(AbstractKarrasScheduler):
+class LMSDiscreteScheduler(SigmaRespacingMixin, AbstractKarrasScheduler):
     """Adams-Bashforth-style linear multistep over up to four past derivatives, with exact coefficients.
 
     The derivative ``d = (x - x0) / sigma`` is extrapolated by the Lagrange polynomial through the
@@ -62,14 +60,9 @@ class LMSDiscreteScheduler(AbstractKarrasScheduler):
     use_exponential_sigmas: bool = False
     prediction_type: PredictionType = "epsilon"
 
-    @model_validator(mode="after")
-    def _check(self) -> Self:
-        respacing(self.use_karras_sigmas, self.use_exponential_sigmas)
-        return self
-
     def _model_schedule(self, num_steps: int) -> tuple[Tensor, Tensor]:
         """The schedule, re-spaced as ``use_karras_sigmas``/``use_exponential_sigmas`` ask."""
-        return self._karras_schedule(num_steps, respace=respacing(self.use_karras_sigmas, self.use_exponential_sigmas))
+        return self._karras_schedule(num_steps, respace=self._sigma_respacing)
 
     def step(
         self,

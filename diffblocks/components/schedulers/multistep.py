@@ -15,12 +15,11 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 from jaxtyping import Float
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor
-from typing_extensions import Self
 
 from diffblocks.components.schedulers.betas import AbstractDiscreteScheduler, TimestepSpacing, diffuse
-from diffblocks.components.schedulers.karras import float32_tensor, respacing
+from diffblocks.components.schedulers.karras import SigmaRespacingMixin, float32_tensor
 from diffblocks.components.schedulers.prediction import PredictionType, data_prediction, dynamic_threshold
 from diffblocks.components.schedulers.schedule import spaced_timesteps
 from diffblocks.components.schedulers.state import SchedulerState
@@ -38,7 +37,7 @@ def half_log_snr(sigma: float) -> float:
     return math.log(alpha) - math.log(sigma_t) if sigma_t > 0 else math.inf
 
 
-class AbstractMultistepScheduler(AbstractDiscreteScheduler):
+class AbstractMultistepScheduler(SigmaRespacingMixin, AbstractDiscreteScheduler):
     """A multistep solver in log-SNR time on a discrete beta schedule."""
 
     terminal_abar: ClassVar[float | None] = 2.0**-24
@@ -54,11 +53,6 @@ class AbstractMultistepScheduler(AbstractDiscreteScheduler):
     final_sigmas_type: Literal["zero", "sigma_min"] = "zero"
     timestep_spacing: TimestepSpacing = "linspace"
     rescale_betas_zero_snr: bool = False
-
-    @model_validator(mode="after")
-    def _check_respacing(self) -> Self:
-        respacing(self.use_karras_sigmas, self.use_exponential_sigmas)
-        return self
 
     def _zero_terminal_snr(self) -> bool:
         return self.rescale_betas_zero_snr

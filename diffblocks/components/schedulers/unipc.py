@@ -12,7 +12,6 @@ from pydantic import Field, field_validator
 from torch import Tensor
 
 from diffblocks.components.noise import Generator
-from diffblocks.components.schedulers.karras import respacing
 from diffblocks.components.schedulers.multistep import (
     AbstractMultistepScheduler,
     half_log_snr,
@@ -64,7 +63,7 @@ class UniPCMultistepScheduler(AbstractMultistepScheduler):
     def _schedule(self, num_steps: int) -> tuple[np.ndarray, np.ndarray, float]:
         """Spaced timesteps, or those of Karras or exponential sigmas within ``[sigma_min, sigma_max]``."""
         noise = self.training_noise
-        kind = respacing(self.use_karras_sigmas, self.use_exponential_sigmas)
+        kind = self._sigma_respacing
         if kind is None:
             timesteps = self._spaced_timesteps(num_steps)
             return timesteps, interpolate_sigmas(timesteps, noise.sigmas), float(noise.sigmas[0])
