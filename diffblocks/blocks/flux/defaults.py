@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from pydantic import Field
 
 from diffblocks.blocks.block import Block, BlockIO, component
@@ -38,12 +37,6 @@ def resolve_steps(steps: int | None, sigmas: list[float] | None, transformer: Fl
     if steps is not None:
         return steps
     return len(sigmas) if sigmas is not None else variant_defaults(transformer).num_inference_steps
-
-
-def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and dtype of a module's first parameter: where a block puts the tensors it makes for it."""
-    parameter = next(module.parameters())
-    return parameter.device, parameter.dtype
 
 
 class FluxDefaults(Block):

@@ -11,8 +11,9 @@ from torch import Tensor
 
 from diffblocks.blocks.block import Block, BlockIO, component
 from diffblocks.blocks.errors import FieldError
-from diffblocks.blocks.flux.defaults import placement, resolve_steps
+from diffblocks.blocks.flux.defaults import resolve_steps
 from diffblocks.blocks.standard.guidance import Guidance
+from diffblocks.blocks.standard.latents import placement
 from diffblocks.blocks.types import Float
 from diffblocks.components.guiders import AbstractGuider, GuidanceConditions
 from diffblocks.components.models.flux import FluxTransformer2DModel, prepare_text_ids

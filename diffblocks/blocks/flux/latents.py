@@ -10,14 +10,14 @@ from pydantic import Field
 
 from diffblocks.blocks.block import Block, BlockIO, component
 from diffblocks.blocks.errors import FieldError
-from diffblocks.blocks.flux.defaults import placement
 from diffblocks.blocks.sd.encode import as_list
 from diffblocks.blocks.standard.images import ImageLike, image_size, normalize, snap_size, to_tensor
+from diffblocks.blocks.standard.latents import check_generator, placement, repeat_images
 from diffblocks.blocks.standard.vae import encode_latents, vae_scale_factor
 from diffblocks.blocks.types import Float
 from diffblocks.components.models.autoencoder_kl import AutoencoderKL
 from diffblocks.components.models.flux import FluxTransformer2DModel, latent_grid, pack_latents, prepare_image_ids, unpack_latents
-from diffblocks.components.noise import Generator, check_generator_device, randn_tensor
+from diffblocks.components.noise import Generator, randn_tensor
 from diffblocks.components.schedulers.base import AbstractScheduler, SchedulerState
 
 DEFAULT_LATENT_SIZE = 128
@@ -46,13 +46,10 @@ def check_flux_size(user_inputs: Mapping[str, Any], vae: AutoencoderKL) -> None:
             )
 
 
-def check_generator(user_inputs: Mapping[str, Any], device: torch.device) -> None:
+def check_flux_generator(user_inputs: Mapping[str, Any], device: torch.device) -> None:
     """Generators must draw noise for ``device``, and a list of them must have one per image."""
+    check_generator(user_inputs, device)
     generator = user_inputs.get("generator")
-    try:
-        check_generator_device(generator, device)
-    except ValueError as err:
-        raise FieldError("generator", str(err)) from None
     if isinstance(generator, Sequence):
         prompts, per_prompt = len(as_list(user_inputs["prompt"])), user_inputs.get("num_images_per_prompt", 1)
         if len(generator) != prompts * per_prompt:
@@ -84,7 +81,7 @@ class PrepareFluxLatents(Block):
 
     def check(self, user_inputs: Mapping[str, Any]) -> None:
         check_flux_size(user_inputs, self.vae)
-        check_generator(user_inputs, placement(self.transformer)[0])
+        check_flux_generator(user_inputs, placement(self.transformer)[0])
 
     def __call__(self, inputs: Inputs) -> Outputs:
         default = DEFAULT_LATENT_SIZE * vae_scale_factor(self.vae)
@@ -151,7 +148,7 @@ class PrepareFluxImageLatents(Block):
     transformer: FluxTransformer2DModel = component()
 
     def check(self, user_inputs: Mapping[str, Any]) -> None:
-        check_generator(user_inputs, placement(self.transformer)[0])
+        check_flux_generator(user_inputs, placement(self.transformer)[0])
 
     def __call__(self, inputs: Inputs) -> Outputs:
         device, dtype = placement(self.transformer)
@@ -184,12 +181,3 @@ class UnpackLatents(Block):
     def __call__(self, inputs: Inputs) -> Outputs:
         factor = vae_scale_factor(self.vae)
         return self.Outputs(latents=unpack_latents(inputs.latents, inputs.height, inputs.width, vae_scale_factor=factor))
-
-
-def repeat_images(latents: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Repeat each image's latents for its prompt's images: image ``i`` goes with prompt ``i``."""
-    if latents.shape[0] == batch_size:
-        return latents
-    if batch_size % latents.shape[0]:
-        raise ValueError(f"cannot repeat {latents.shape[0]} images to a batch of {batch_size}; pass one image per prompt")
-    return latents.repeat_interleave(batch_size // latents.shape[0], dim=0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pydantic import Field
 
 from diffblocks.blocks.block import Block, BlockIO, component
-from diffblocks.blocks.flux.defaults import placement
 from diffblocks.blocks.flux.latents import token_size
+from diffblocks.blocks.standard.latents import placement
 from diffblocks.blocks.types import Shaped
 from diffblocks.components.models.autoencoder_kl import AutoencoderKL
 from diffblocks.components.models.flux import FluxTransformer2DModel

@@ -18,7 +18,7 @@ from diffblocks.blocks.block import Block, BlockIO, component
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.standard.images import ImageLike, image_size, normalize, snap_size, to_tensor
 from diffblocks.blocks.standard.inpaint_loop import inpaint_mode
-from diffblocks.blocks.standard.latents import _placement, _repeat_to, check_generator, check_size
+from diffblocks.blocks.standard.latents import check_generator, check_size, placement, repeat_images
 from diffblocks.blocks.standard.masks import MaskLike, check_mask_shape, latent_mask, mask_size, mask_to_tensor
 from diffblocks.blocks.standard.timesteps import SetImageTimesteps
 from diffblocks.blocks.standard.vae import encode_latents, vae_scale_factor
@@ -103,14 +103,14 @@ class PrepareInpaintLatents(Block):
             inpaint_mode(self.unet, self.vae)
         except ValueError as err:
             raise FieldError("unet", str(err)) from None
-        check_generator(user_inputs, _placement(self.unet)[0])
+        check_generator(user_inputs, placement(self.unet)[0])
 
     def __call__(self, inputs: Inputs) -> Outputs:
-        device, dtype = _placement(self.unet)
+        device, dtype = placement(self.unet)
         pixels = inputs.pixels.to(device=device, dtype=dtype)
         image_latents = None
         if inpaint_mode(self.unet, self.vae) == "blend" or inputs.strength < 1.0:
-            image_latents = _repeat_to(_encode(self.vae, pixels, inputs.generator).to(dtype), inputs.batch_size)
+            image_latents = repeat_images(_encode(self.vae, pixels, inputs.generator).to(dtype), inputs.batch_size)
         factor = vae_scale_factor(self.vae)
         shape = (inputs.batch_size, self.vae.params.latent_channels, pixels.shape[-2] // factor, pixels.shape[-1] // factor)
         if inputs.latents is not None:
@@ -144,12 +144,12 @@ class PrepareMaskLatents(Block):
     unet: UNet2DConditionModel = component()
 
     def __call__(self, inputs: Inputs) -> Outputs:
-        device, dtype = _placement(self.unet)
+        device, dtype = placement(self.unet)
         mask = latent_mask(inputs.pixel_mask, factor=vae_scale_factor(self.vae)).to(device=device, dtype=dtype)
         masked = (inputs.pixels * (inputs.pixel_mask < 0.5)).to(device=device, dtype=dtype)
         masked_latents = _encode(self.vae, masked, inputs.generator).to(dtype)
         return self.Outputs(
-            mask=_repeat_to(mask, inputs.batch_size), masked_image_latents=_repeat_to(masked_latents, inputs.batch_size)
+            mask=repeat_images(mask, inputs.batch_size), masked_image_latents=repeat_images(masked_latents, inputs.batch_size)
         )
 
 

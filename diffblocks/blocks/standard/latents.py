@@ -18,7 +18,8 @@ from diffblocks.components.noise import Generator, check_generator_device, randn
 from diffblocks.components.schedulers.base import AbstractScheduler, SchedulerState
 
 
-def _placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of a module's first parameter: where a block puts the tensors it makes for it."""
     parameter = next(module.parameters())
     return parameter.device, parameter.dtype
 
@@ -45,6 +46,7 @@ def check_plain_unet(unet: torch.nn.Module, vae: AutoencoderKL) -> None:
 
 
 def check_generator(user_inputs: Mapping[str, Any], device: torch.device) -> None:
+    """Generators must draw noise for ``device``."""
     try:
         check_generator_device(user_inputs.get("generator"), device)
     except ValueError as err:
@@ -72,7 +74,7 @@ class PrepareLatents(Block):
 
     def check(self, user_inputs: Mapping[str, Any]) -> None:
         check_size(user_inputs, vae_scale_factor(self.vae))
-        check_generator(user_inputs, _placement(self.unet)[0])
+        check_generator(user_inputs, placement(self.unet)[0])
         check_plain_unet(self.unet, self.vae)
 
     def default_size(self) -> tuple[int, int]:
@@ -89,7 +91,7 @@ class PrepareLatents(Block):
         if height is None or width is None:
             default_height, default_width = self.default_size()
             height, width = height or default_height, width or default_width
-        device, dtype = _placement(self.unet)
+        device, dtype = placement(self.unet)
         factor = vae_scale_factor(self.vae)
         shape = (inputs.batch_size, self.vae.params.latent_channels, height // factor, width // factor)
         if inputs.latents is not None:
@@ -125,22 +127,23 @@ class PrepareImageLatents(Block):
 
     def check(self, user_inputs: Mapping[str, Any]) -> None:
         check_size(user_inputs, vae_scale_factor(self.vae))
-        check_generator(user_inputs, _placement(self.unet)[0])
+        check_generator(user_inputs, placement(self.unet)[0])
         check_plain_unet(self.unet, self.vae)
 
     def __call__(self, inputs: Inputs) -> Outputs:
-        device, dtype = _placement(self.unet)
+        device, dtype = placement(self.unet)
         height, width = snap_size(*image_size(inputs.image), vae_scale_factor(self.vae))
         height, width = inputs.height or height, inputs.width or width
         pixels = normalize(to_tensor(inputs.image, height=height, width=width)).to(device=device, dtype=dtype)
         image_latents = encode_latents(self.vae, pixels, inputs.generator).to(dtype)
-        image_latents = _repeat_to(image_latents, inputs.batch_size)
+        image_latents = repeat_images(image_latents, inputs.batch_size)
         noise = randn_tensor(tuple(image_latents.shape), generator=inputs.generator, device=device, dtype=dtype)
         latents = self.scheduler.add_noise(inputs.schedule, image_latents, noise, 0)
         return self.Outputs(latents=latents, image_latents=image_latents, noise=noise, height=height, width=width)
 
 
-def _repeat_to(latents: torch.Tensor, batch_size: int) -> torch.Tensor:
+def repeat_images(latents: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Repeat each image's latents for its prompt's images: image ``i`` goes with prompt ``i``."""
     if latents.shape[0] == batch_size:
         return latents
     if batch_size % latents.shape[0]:

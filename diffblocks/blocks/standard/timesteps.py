@@ -10,6 +10,7 @@ from pydantic import Field
 
 from diffblocks.blocks.block import Block, BlockIO, component
 from diffblocks.blocks.errors import FieldError
+from diffblocks.blocks.standard.latents import placement
 from diffblocks.blocks.types import Shaped
 from diffblocks.components.schedulers.base import AbstractScheduler, SchedulerState
 
@@ -31,8 +32,7 @@ class SetTimesteps(Block):
         return self._schedule(inputs.num_inference_steps, 1.0)
 
     def _schedule(self, steps: int, strength: float) -> Outputs:
-        device = next(self.unet.parameters()).device
-        state = self.scheduler.set_timesteps(steps, device=device, strength=strength)
+        state = self.scheduler.set_timesteps(steps, device=placement(self.unet)[0], strength=strength)
         return self.Outputs(timesteps=state.timesteps, schedule=state)
 
 
