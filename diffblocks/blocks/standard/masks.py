@@ -15,6 +15,8 @@ import PIL.Image
 import torch
 from torch import Tensor
 
+from diffblocks.blocks.standard.images import image_size
+
 MaskLike = Union[PIL.Image.Image, list[PIL.Image.Image], np.ndarray, Tensor]
 """A PIL image (any mode) or a list of them; an array ``(height, width)``, ``(height, width, 1)``,
 ``(batch, height, width)`` or ``(batch, height, width, 1)``; or a tensor ``(height, width)``,
@@ -23,12 +25,8 @@ MaskLike = Union[PIL.Image.Image, list[PIL.Image.Image], np.ndarray, Tensor]
 
 def mask_size(mask: MaskLike) -> tuple[int, int]:
     """``(height, width)`` of a mask input, before any resizing."""
-    if isinstance(mask, list):
-        mask = mask[0]
-    if isinstance(mask, PIL.Image.Image):
-        return mask.height, mask.width
-    if isinstance(mask, Tensor):
-        return int(mask.shape[-2]), int(mask.shape[-1])
+    if not isinstance(mask, np.ndarray):
+        return image_size(mask)  # PIL images and tensors are sized as images are; arrays have mask layouts
     if mask.ndim == 2 or (mask.ndim == 3 and mask.shape[-1] == 1):
         return int(mask.shape[0]), int(mask.shape[1])
     return int(mask.shape[1]), int(mask.shape[2])
