@@ -11,7 +11,7 @@ from transformers import CLIPTextModel, PreTrainedTokenizerBase, T5EncoderModel
 
 from diffblocks.blocks.block import Block, BlockIO, component
 from diffblocks.blocks.errors import FieldError
-from diffblocks.blocks.sd.encode import Prompt, as_list, clip_embeddings
+from diffblocks.blocks.sd.encode import Prompt, as_list, clip_embeddings, paired
 
 
 def t5_embeddings(
@@ -24,14 +24,6 @@ def t5_embeddings(
     device = next(encoder.parameters()).device
     ids = tokenizer(texts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt").input_ids
     return encoder(ids.to(device))[0].to(encoder.dtype)
-
-
-def paired(texts: Prompt | None, fallback: list[str], count: int) -> list[str]:
-    """``texts`` as one entry per prompt: None takes ``fallback``, a single string is used for every prompt."""
-    if texts is None:
-        return fallback
-    items = as_list(texts)
-    return items * count if len(items) == 1 else items
 
 
 def check_flux_prompts(user_inputs: Mapping[str, Any]) -> None:

@@ -20,6 +20,14 @@ def as_list(prompt: Prompt) -> list[str]:
     return [prompt] if isinstance(prompt, str) else list(prompt)
 
 
+def paired(texts: Prompt | None, fallback: list[str], count: int) -> list[str]:
+    """``texts`` as one string per prompt: None takes ``fallback``, a single string is used for every prompt."""
+    if texts is None:
+        return fallback
+    items = as_list(texts)
+    return items * count if len(items) == 1 and count > 1 else items
+
+
 def check_prompts(user_inputs: Mapping[str, Any]) -> None:
     """A negative prompt list must pair one-to-one with the prompt list."""
     prompts = as_list(user_inputs["prompt"])
@@ -76,9 +84,7 @@ class EncodePrompt(Block):
 
     def __call__(self, inputs: Inputs) -> Outputs:
         prompts = as_list(inputs.prompt)
-        negative = as_list(inputs.negative_prompt) if inputs.negative_prompt is not None else [""] * len(prompts)
-        if len(negative) == 1 and len(prompts) > 1:
-            negative = negative * len(prompts)
+        negative = paired(inputs.negative_prompt, [""] * len(prompts), len(prompts))
         n = inputs.num_images_per_prompt
         embeds, _ = clip_embeddings(self.text_encoder, self.tokenizer, prompts, clip_skip=inputs.clip_skip)
         negative_embeds, _ = clip_embeddings(self.text_encoder, self.tokenizer, negative, clip_skip=inputs.clip_skip)

@@ -12,15 +12,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedT
 
 from diffblocks.blocks.block import Block, BlockConfig, BlockIO, component
 from diffblocks.blocks.errors import FieldError
-from diffblocks.blocks.sd.encode import Prompt, as_list, check_prompts, clip_embeddings
-
-
-def _paired(texts: Prompt | None, fallback: list[str], count: int) -> list[str]:
-    """``texts`` as one string per prompt: None takes ``fallback``, a single string is repeated."""
-    if texts is None:
-        return fallback
-    texts = as_list(texts)
-    return texts * count if len(texts) == 1 and count > 1 else texts
+from diffblocks.blocks.sd.encode import Prompt, as_list, check_prompts, clip_embeddings, paired
 
 
 class EncodePromptXL(Block):
@@ -64,12 +56,12 @@ class EncodePromptXL(Block):
     def __call__(self, inputs: Inputs) -> Outputs:
         prompts = as_list(inputs.prompt)
         count, n = len(prompts), inputs.num_images_per_prompt
-        embeds, pooled = self._encode(prompts, _paired(inputs.prompt_2, prompts, count), clip_skip=inputs.clip_skip)
+        embeds, pooled = self._encode(prompts, paired(inputs.prompt_2, prompts, count), clip_skip=inputs.clip_skip)
         if inputs.negative_prompt is None and inputs.negative_prompt_2 is None and self.config.force_zeros_for_empty_prompt:
             negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
         else:
-            negative = _paired(inputs.negative_prompt, [""] * count, count)
-            negative_embeds, negative_pooled = self._encode(negative, _paired(inputs.negative_prompt_2, negative, count))
+            negative = paired(inputs.negative_prompt, [""] * count, count)
+            negative_embeds, negative_pooled = self._encode(negative, paired(inputs.negative_prompt_2, negative, count))
         dtype = self.text_encoder_2.dtype
         return self.Outputs(
             conditioning=_repeat({"encoder_hidden_states": embeds, "text_embeds": pooled}, n, dtype),

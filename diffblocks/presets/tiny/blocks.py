@@ -10,7 +10,7 @@ from torch import Tensor
 from transformers import BertModel, PreTrainedTokenizerBase
 
 from diffblocks.blocks.block import Block, BlockConfig, BlockIO, component
-from diffblocks.blocks.sd.encode import Prompt, as_list, check_prompts
+from diffblocks.blocks.sd.encode import Prompt, as_list, check_prompts, paired
 from diffblocks.presets.tiny.text_encoder import TEXT_MAX_LENGTH, encode_prompts
 
 
@@ -43,9 +43,7 @@ class EncodeBertPrompt(Block):
 
     def __call__(self, inputs: Inputs) -> Outputs:
         prompts = as_list(inputs.prompt)
-        negative = as_list(inputs.negative_prompt) if inputs.negative_prompt is not None else [""]
-        if len(negative) == 1:
-            negative = negative * len(prompts)
+        negative = paired(inputs.negative_prompt, [""] * len(prompts), len(prompts))
         n = inputs.num_images_per_prompt
         return self.Outputs(
             conditioning=self._encode(prompts, n),
