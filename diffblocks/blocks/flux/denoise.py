@@ -7,7 +7,6 @@ from torch import Tensor
 from diffblocks.blocks.block import Block, BlockIO, component
 from diffblocks.blocks.standard.guidance import Guidance
 from diffblocks.blocks.types import Float
-from diffblocks.components.guiders import guided_prediction
 from diffblocks.components.models.flux import FluxTransformer2DModel
 
 
@@ -34,8 +33,10 @@ class PredictFlow(Block):
     transformer: FluxTransformer2DModel = component(description="the denoiser")
 
     def __call__(self, inputs: Inputs) -> Outputs:
-        transformer, t, embedded = self.transformer, inputs.t, inputs.embedded_guidance
+        transformer, embedded = self.transformer, inputs.embedded_guidance
         image_ids, text_ids = inputs.image_ids, inputs.text_ids
+        # Once per step, not once per guidance pass; expanding the 0-d result to a batch is a view.
+        sigma = inputs.t.to(inputs.latents.dtype) / 1000
 
         def predict(x: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor) -> Tensor:
             n = x.shape[0]
@@ -43,22 +44,13 @@ class PredictFlow(Block):
                 x,
                 encoder_hidden_states=encoder_hidden_states,
                 pooled_projections=pooled_projections,
-                timestep=t.expand(n).to(x.dtype) / 1000,
+                timestep=sigma.expand(n),
                 img_ids=image_ids,
                 txt_ids=text_ids,
                 guidance=None if embedded is None else embedded.expand(n),
             )
 
-        guidance = inputs.guidance
-        noise_pred = guided_prediction(
-            guidance.guider,
-            state=guidance.state,
-            predict=predict,
-            latents=inputs.latents,
-            conditions=guidance.conditions,
-            step_index=inputs.step_index,
-            num_steps=inputs.num_steps,
-            model=transformer,
-            batched=guidance.batched,
+        noise_pred = inputs.guidance.prediction(
+            predict, latents=inputs.latents, step_index=inputs.step_index, num_steps=inputs.num_steps, model=transformer
         )
         return self.Outputs(noise_pred=noise_pred)

@@ -9,7 +9,6 @@ from torch import Tensor
 from diffblocks.blocks.block import Block, BlockIO, component
 from diffblocks.blocks.standard.guidance import Guidance
 from diffblocks.blocks.types import Float
-from diffblocks.components.guiders import guided_prediction
 from diffblocks.components.models.unet import UNet2DConditionModel
 from diffblocks.components.noise import Generator
 from diffblocks.components.schedulers.base import AbstractScheduler, SchedulerState
@@ -59,17 +58,8 @@ class PredictNoise(Block):
                 x, t, encoder_hidden_states, encoder_attention_mask=encoder_attention_mask, added_cond_kwargs=added or None
             )
 
-        guidance = inputs.guidance
-        noise_pred = guided_prediction(
-            guidance.guider,
-            state=guidance.state,
-            predict=predict,
-            latents=inputs.model_input,
-            conditions=guidance.conditions,
-            step_index=inputs.step_index,
-            num_steps=inputs.num_steps,
-            model=unet,
-            batched=guidance.batched,
+        noise_pred = inputs.guidance.prediction(
+            predict, latents=inputs.model_input, step_index=inputs.step_index, num_steps=inputs.num_steps, model=unet
         )
         return self.Outputs(noise_pred=noise_pred)
 

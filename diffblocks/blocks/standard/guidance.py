@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field
-from torch import Tensor
+from torch import Tensor, nn
 
 from diffblocks.blocks.block import Block, BlockIO, component
 from diffblocks.blocks.errors import FieldError
-from diffblocks.components.guiders import AbstractGuider, GuidanceConditions, GuiderState
+from diffblocks.components.guiders import AbstractGuider, GuidanceConditions, GuiderState, guided_prediction
+from diffblocks.components.guiders.run import Predict
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +23,28 @@ class Guidance:
     state: GuiderState | None
     conditions: GuidanceConditions
     batched: bool
+
+    def prediction(self, predict: Predict, *, latents: Tensor, step_index: int, num_steps: int, model: nn.Module) -> Tensor:
+        """The guided prediction at one step: :func:`guided_prediction` with this call's guider, state and conditions.
+
+        Args:
+            predict: the denoiser at this step, with the inputs every pass shares bound in.
+            latents: ``(batch, ...)`` model input at this step.
+            step_index: index of this step, from 0.
+            num_steps: number of denoising steps.
+            model: the module ``predict`` runs (perturbed passes hook into it).
+        """
+        return guided_prediction(
+            self.guider,
+            state=self.state,
+            predict=predict,
+            latents=latents,
+            conditions=self.conditions,
+            step_index=step_index,
+            num_steps=num_steps,
+            model=model,
+            batched=self.batched,
+        )
 
 
 class PrepareGuidance(Block):
