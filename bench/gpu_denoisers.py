@@ -6,13 +6,17 @@ weight tensors (ours is built on the meta device and assigned diffusers' state d
 are compared too. Times are CUDA-event medians after warm-up; MFU is counted FLOPs over the time,
 against the 790 TFLOP/s a large bf16 matmul reaches on an H100/H200 here. ``--compile`` wraps the
 timed callable (the denoiser, or the VAE's ``decode``) in ``torch.compile(dynamic=False)``.
+``--channels-last`` stores both models' weights channels-last, so cuDNN's convolutions run NHWC
+and skip their transposes (a row without convolutions, Flux, is unaffected). ``--cuda-graph``
+captures each eager forward in one CUDA graph and times its replay: what launch overhead costs.
 
-Run: python bench/gpu_denoisers.py [--compile [--mode reduce-overhead]] [--rows flux,sdxl,sd15,vae] [--profile]
+Run: python bench/gpu_denoisers.py [--compile [--mode reduce-overhead]] [--channels-last] [--cuda-graph] [--rows flux,sdxl,sd15,vae] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -126,10 +130,35 @@ ROWS = {
 }
 
 
+def captured(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` recorded once into a CUDA graph (after warm-up on a side stream, as capture requires); returns its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 @torch.inference_mode()
-def measure_row(title: str, build: Callable[[], tuple[Any, Any, Callable, Callable]], *, compile_mode: str | None, profile: bool) -> str:
+def measure_row(
+    title: str,
+    build: Callable[[], tuple[Any, Any, Callable, Callable]],
+    *,
+    compile_mode: str | None,
+    channels_last: bool,
+    cuda_graph: bool,
+    profile: bool,
+) -> str:
     """Build one row's models, check that they agree, time both (and profile them), as a table line."""
     ref, ours, call_ref, call_ours = build()
+    if channels_last:
+        for model in (ref, ours):  # the VAE row times a bound ``decode``: convert the module behind it
+            getattr(model, "__self__", model).to(memory_format=torch.channels_last)
     a, b = call_ref(ref), call_ours(ours)
     rel = ((a.float() - b.float()).norm() / a.float().norm()).item()
     flops = count_flops(lambda: call_ours(ours))
@@ -137,6 +166,8 @@ def measure_row(title: str, build: Callable[[], tuple[Any, Any, Callable, Callab
         ref = torch.compile(ref, dynamic=False, mode=compile_mode)
         ours = torch.compile(ours, dynamic=False, mode=compile_mode)
     runs = {"diffusers": lambda: call_ref(ref), "ours": lambda: call_ours(ours)}
+    if cuda_graph:
+        runs = {name: captured(fn) for name, fn in runs.items()}
     results = {}
     for name, fn in runs.items():
         torch.cuda.reset_peak_memory_stats()
@@ -167,14 +198,25 @@ def main() -> None:
         "--mode", default="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
         help="torch.compile mode (reduce-overhead replays CUDA graphs)",
     )
+    parser.add_argument("--channels-last", action="store_true", help="store both models' weights channels-last")
+    parser.add_argument("--cuda-graph", action="store_true", help="time the replay of each eager forward captured in a CUDA graph")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of ours and diffusers")
     args = parser.parse_args()
-    setting = f"compiled ({args.mode})" if args.compile else "eager"
+    setting = (f"compiled ({args.mode})" if args.compile else "eager") + (", channels-last" if args.channels_last else "") + (
+        ", CUDA graph" if args.cuda_graph else ""
+    )
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, {setting}", flush=True)
     lines = []
     for key in args.rows.split(","):
+        gc.collect()  # the previous row's models may sit in reference cycles: peak memory must not count them
         torch.cuda.empty_cache()
-        line = measure_row(*ROWS[key], compile_mode=args.mode if args.compile else None, profile=args.profile)
+        try:
+            line = measure_row(
+                *ROWS[key], compile_mode=args.mode if args.compile else None, channels_last=args.channels_last,
+                cuda_graph=args.cuda_graph, profile=args.profile,
+            )
+        except Exception as error:  # one row failing (a capture, a compile) must not cost the others
+            line = f"| {ROWS[key][0]} | failed: {type(error).__name__}: {str(error).splitlines()[0][:200]} |"
         lines.append(line)
         print(line, flush=True)
     print("\n| row | diffusers ms | ours ms | speed-up | ours MFU | diffusers peak GiB | ours peak GiB | rel. diff |")

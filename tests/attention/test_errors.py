@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import types
 
 import pytest
 import torch
@@ -164,3 +165,17 @@ def test_checks_mode_passes_valid_calls_through_unchanged() -> None:
     with attention_checks():
         checked = attention(q, k, v, mask=mask)
     assert torch.equal(checked, attention(q, k, v, mask=mask))
+
+
+def test_an_xformers_build_for_another_torch_is_refused_when_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """xFormers imports without its compiled kernels when built for another torch; every call would then fail."""
+    package, ops = types.ModuleType("xformers"), types.ModuleType("xformers.ops")
+    package._has_cpp_library = False  # type: ignore[attr-defined]
+    package.ops = ops  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "xformers", package)
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    expected = r"xformers: a build for torch .* \(the installed one's compiled kernels did not load"
+    with pytest.raises(AttentionBackendUnavailableError, match=expected):
+        with attention_backend("xformers"):
+            pass
+    assert current_attention_backend().name == "sdpa"

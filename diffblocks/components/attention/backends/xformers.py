@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from types import ModuleType
 from typing import final
 
@@ -9,12 +10,20 @@ import torch
 from torch import Tensor
 
 from diffblocks.components.attention.base import AbstractAttentionBackend
+from diffblocks.components.attention.errors import AttentionBackendUnavailableError
 from diffblocks.components.attention.registry import AttentionBackendName, register_attention_backend
 from diffblocks.components.attention.support import DeviceSupport, HALF_DTYPES, PackageRequirement
 
 # xFormers reads a tensor bias in 128-bit chunks: every stride but the last must be a multiple
 # of this many elements (8 for fp16/bf16, 4 for fp32)
 _BIAS_ALIGNMENT_BITS = 128
+
+# xFormers imports even when its compiled library was built for another torch or Python; every
+# call then fails with "No operator found". Said once, when the backend is chosen, instead.
+_MSG_KERNELS_NOT_LOADED = (
+    "a build for torch {torch} (the installed one's compiled kernels did not load; "
+    "`python -m xformers.info` shows what it was built for)"
+)
 
 
 def _aligned_bias(mask: Tensor, q: Tensor, seq_k: int) -> Tensor:
@@ -46,8 +55,17 @@ class XformersBackend(AbstractAttentionBackend):
 
     def _load(self) -> ModuleType:
         assert self.requirement is not None, "the xFormers backend always names its package"
-        self._ops = self.requirement.load(backend=self.name)
-        return self._ops
+        ops = self.requirement.load(backend=self.name)
+        if not getattr(sys.modules["xformers"], "_has_cpp_library", True):
+            hint = _MSG_KERNELS_NOT_LOADED.format(torch=torch.__version__)
+            raise AttentionBackendUnavailableError(backend=self.name, package=self.requirement.package, install=hint)
+        self._ops = ops
+        return ops
+
+    def ensure_available(self) -> None:
+        """Import xFormers now, failing by name when it is missing or its kernels did not load."""
+        if self._ops is None:
+            self._load()
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, scale: float | None, is_causal: bool

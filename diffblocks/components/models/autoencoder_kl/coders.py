@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from diffblocks.components.models.autoencoder_kl.blocks import EPS, DecoderBlock, EncoderBlock, MidBlock
 from diffblocks.components.models.autoencoder_kl.params import AutoencoderKLParams
+from diffblocks.components.models.layers.norm import GroupNorm
 
 
 @final
@@ -26,7 +27,7 @@ class Encoder(nn.Module):
             for i in range(n)
         )
         self.mid_block = MidBlock(chans[-1], groups=groups, add_attention=p.mid_block_add_attention)
-        self.conv_norm_out = nn.GroupNorm(groups, chans[-1], eps=EPS)
+        self.conv_norm_out = GroupNorm(groups, chans[-1], eps=EPS)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(chans[-1], 2 * p.latent_channels, kernel_size=3, padding=1)
 
@@ -53,7 +54,7 @@ class Decoder(nn.Module):
             )
             for i in range(n)
         )
-        self.conv_norm_out = nn.GroupNorm(groups, rev[-1], eps=EPS)
+        self.conv_norm_out = GroupNorm(groups, rev[-1], eps=EPS)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(rev[-1], p.out_channels, kernel_size=3, padding=1)
 

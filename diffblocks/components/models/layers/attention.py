@@ -8,6 +8,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from diffblocks.components.attention import attention
+from diffblocks.components.models.layers.norm import GroupNorm
 
 
 def multihead(q: Tensor, k: Tensor, v: Tensor, *, heads: int, mask: Tensor | None = None) -> Tensor:
@@ -86,7 +87,7 @@ class SpatialSelfAttention(nn.Module):
         if channels % head_dim:
             raise ValueError(f"head_dim {head_dim} does not divide channels {channels}")
         self.heads = channels // head_dim
-        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.group_norm = GroupNorm(groups, channels, eps=eps)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)

@@ -10,6 +10,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from diffblocks.components.models.base import AbstractModel
+from diffblocks.components.models.layers.norm import GroupNorm
 from diffblocks.components.models.unet.blocks import DownBlock, MidBlock, StageSpec, UpBlock
 from diffblocks.components.models.unet.embeddings import TimestepEmbedding, Timesteps
 from diffblocks.components.models.unet.params import UNET_FIXED_CONFIG, UNet2DConditionParams
@@ -104,7 +105,7 @@ class UNet2DConditionModel(AbstractModel[UNet2DConditionParams]):
             )
             for i, kind in enumerate(p.up_block_types)
         )
-        self.conv_norm_out = nn.GroupNorm(p.norm_num_groups, chans[0], eps=p.norm_eps)
+        self.conv_norm_out = GroupNorm(p.norm_num_groups, chans[0], eps=p.norm_eps)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(chans[0], p.out_channels, p.conv_out_kernel, padding=p.conv_out_kernel // 2)
 

@@ -14,6 +14,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from diffblocks.components.models.layers.attention import Attention
+from diffblocks.components.models.layers.norm import GroupNorm
 
 
 @final
@@ -105,7 +106,7 @@ class SpatialTransformer(nn.Module):
     ) -> None:
         super().__init__()
         self.use_linear_projection = use_linear_projection
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.norm = GroupNorm(groups, channels, eps=1e-6)
         project = nn.Linear if use_linear_projection else _conv1x1
         self.proj_in = project(channels, channels)
         self.transformer_blocks = nn.ModuleList(
