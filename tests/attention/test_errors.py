@@ -179,3 +179,12 @@ def test_an_xformers_build_for_another_torch_is_refused_when_chosen(monkeypatch:
         with attention_backend("xformers"):
             pass
     assert current_attention_backend().name == "sdpa"
+
+
+@pytest.mark.parametrize("name", ["sdpa", "sdpa_math", "flex", "reference", "auto"])
+def test_a_mask_with_is_causal_is_refused_by_every_backend(name: str) -> None:
+    """Some kernels would apply both and some only the mask: the pair is refused before any kernel runs."""
+    q, k, v = qkv(seq_k=6)
+    mask = torch.ones(1, 1, 6, 6, dtype=torch.bool)
+    with attention_backend(name), pytest.raises(AttentionInputError, match="not both"):
+        attention(q, k, v, mask=mask, is_causal=True)

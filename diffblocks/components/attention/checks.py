@@ -13,6 +13,7 @@ from diffblocks.components.attention.base import AbstractAttentionBackend
 from diffblocks.components.attention.errors import AttentionInputError, UnsupportedAttentionError
 
 _LAYOUT = "(batch, heads, seq, head_dim)"
+MASK_WITH_CAUSAL = "pass either mask or is_causal=True, not both (fold the causal mask into mask)"
 
 
 def _describe(values: Mapping[str, object]) -> str:
@@ -72,7 +73,7 @@ def _mask_errors(mask: Tensor, q: Tensor, target: tuple[int, int, int, int], *, 
             f"mask shape {tuple(mask.shape)} does not broadcast to (batch, heads, seq_q, seq_k) = {target}"
         )
     if is_causal:
-        errors.append("pass either mask or is_causal=True, not both (fold the causal mask into mask)")
+        errors.append(MASK_WITH_CAUSAL)
     return errors
 
 

@@ -6,8 +6,8 @@ from torch import Tensor
 from torch.compiler import is_dynamo_compiling
 
 from diffblocks.components.attention._state import ACTIVE, COMPILE_MIRROR, Kernel
-from diffblocks.components.attention.checks import CheckedAttentionBackend
-from diffblocks.components.attention.errors import ATTENTION_ERRORS, UnsupportedAttentionError
+from diffblocks.components.attention.checks import MASK_WITH_CAUSAL, CheckedAttentionBackend
+from diffblocks.components.attention.errors import ATTENTION_ERRORS, AttentionInputError, UnsupportedAttentionError
 
 
 def attention(
@@ -44,8 +44,11 @@ def attention(
     """
     if is_dynamo_compiling():
         # ContextVar.get would break the graph; the mirror is a plain global dynamo can guard on
-        return COMPILE_MIRROR[0].forward(q, k, v, mask=mask, scale=scale, is_causal=is_causal)
+        kernel = COMPILE_MIRROR[0]
+        _refuse_mask_with_causal(kernel, mask=mask, is_causal=is_causal)
+        return kernel.forward(q, k, v, mask=mask, scale=scale, is_causal=is_causal)
     kernel = ACTIVE.get()
+    _refuse_mask_with_causal(kernel, mask=mask, is_causal=is_causal)
     try:
         return kernel.forward(q, k, v, mask=mask, scale=scale, is_causal=is_causal)
     except ATTENTION_ERRORS:
@@ -55,6 +58,15 @@ def attention(
         if explained is None:
             raise
         raise explained from error
+
+
+def _refuse_mask_with_causal(kernel: Kernel, *, mask: Tensor | None, is_causal: bool) -> None:
+    """Backends disagree on a mask together with ``is_causal`` (some apply both, some only the mask).
+
+    Checks mode reports it among the call's other problems; otherwise it is refused here, alone.
+    """
+    if mask is not None and is_causal and not isinstance(kernel, CheckedAttentionBackend):
+        raise AttentionInputError(backend=kernel.name, reasons=[MASK_WITH_CAUSAL])
 
 
 def _explain_failure(
