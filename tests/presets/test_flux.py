@@ -253,3 +253,38 @@ def test_guidance_set_up_per_variant(ours: dict[str, Pipeline]) -> None:
     assert dev.embedded_guidance is not None and dev.embedded_guidance.tolist() == [5.0]
     assert list(dev.guidance.conditions) == ["cond"] and dev.text_ids.shape == (8, 3)
     assert PrepareFluxGuidance().bind(ours["schnell"].components)(inputs).embedded_guidance is None
+
+
+def test_text2img_in_bfloat16_matches_diffusers(repos: dict[str, Path]) -> None:
+    """bf16 rounds every step: the scheduler must do diffusers' arithmetic, not just the same maths."""
+    import diffusers
+
+    reference = diffusers.FluxPipeline.from_pretrained(repos["dev"], torch_dtype=torch.bfloat16)
+    reference.set_progress_bar_config(disable=True)
+    pipe = Pipeline.from_pretrained(str(repos["dev"]), dtype=torch.bfloat16)
+    kwargs = dict(
+        prompt=["a red circle", "a blue square"], height=64, width=48, num_inference_steps=4, max_sequence_length=16
+    )
+    expected = reference(**kwargs, generator=seeded(), output_type="np").images
+    out = pipe(**kwargs, generator=seeded(), output_type="np", progress=False)
+    assert max_diff(out.images, expected) == 0.0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_saved_pipelines_load_back_and_in_diffusers(variant: str, repos: dict[str, Path], tmp_path: Path) -> None:
+    """A changed scheduler travels with the saved pipeline; ours and diffusers read the folder alike."""
+    import diffusers
+
+    pipe = Pipeline.from_pretrained(str(repos[variant]))
+    pipe.update_components(scheduler=pipe.components["scheduler"].replace(shift_terminal=0.05))
+    folder = pipe.save_pretrained(tmp_path / "saved")
+    back = Pipeline.from_pretrained(str(folder))
+    assert back.preset.family == "flux" and back.components["scheduler"].shift_terminal == 0.05
+
+    kwargs = dict(prompt="a red circle", height=32, width=32, num_inference_steps=3, max_sequence_length=16)
+    image = pipe(**kwargs, generator=seeded(), output_type="np", progress=False).images
+    assert max_diff(back(**kwargs, generator=seeded(), output_type="np", progress=False).images, image) == 0.0
+    reference = diffusers.FluxPipeline.from_pretrained(folder)
+    reference.set_progress_bar_config(disable=True)
+    assert reference.scheduler.config.shift_terminal == 0.05
+    assert max_diff(reference(**kwargs, generator=seeded(), output_type="np").images, image) < TOLERANCE

@@ -152,7 +152,10 @@ class FlowMatchEulerDiscreteScheduler(SigmaRespacingMixin, AbstractScheduler):
             noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
             prev_sample = (1.0 - sigma_next) * x0 + sigma_next * noise
         else:
-            prev_sample = sample + (sigma_next - sigma) * model_output
+            # diffusers' arithmetic, so that bf16 runs match too: the step is a difference of float32
+            # sigmas, and as a 0-d tensor it is cast to the model output's dtype before the product
+            dt = torch.tensor(sigma_next, dtype=torch.float32) - torch.tensor(sigma, dtype=torch.float32)
+            prev_sample = sample + dt * model_output
         return prev_sample.to(model_output.dtype)
 
     def add_noise(
@@ -163,7 +166,8 @@ class FlowMatchEulerDiscreteScheduler(SigmaRespacingMixin, AbstractScheduler):
         step_index: int,
     ) -> Float[Tensor, "batch *rest"]:
         """``sigma * noise + (1 - sigma) * original``: the point of the straight path at this step."""
-        sigma = state.full_sigmas[state.position(step_index)]
+        # sigma in the latents' dtype, as diffusers casts its sigmas: in bf16 that is bf16 arithmetic
+        sigma = torch.tensor(state.full_sigmas[state.position(step_index)], dtype=original.dtype)
         return sigma * noise + (1.0 - sigma) * original
 
 
