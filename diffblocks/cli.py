@@ -165,7 +165,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     with _quiet_transformers():
         pipe = Pipeline.from_pretrained(model, device=args.device)
         _swap_components(pipe, args)
-        inputs = _call_inputs(args)
+        inputs = _call_inputs(args, embedded_guidance=_embeds_guidance(pipe))
         out = pipe(**inputs, progress=not args.no_progress)
     paths = _output_paths(args.output, len(out.images))
     for image, path in zip(out.images, paths):
@@ -180,6 +180,11 @@ def _builtin_model() -> Path:
     from diffblocks.presets.tiny.preset import builtin_model_dir
 
     return builtin_model_dir()
+
+
+def _embeds_guidance(pipe: Any) -> bool:
+    """Whether ``--guidance`` is the model's own guidance input (Flux) rather than the guider's scale."""
+    return pipe.preset is not None and pipe.preset.family == "flux"
 
 
 def _swap_components(pipe: Any, args: argparse.Namespace) -> None:
@@ -200,9 +205,10 @@ def _swap_components(pipe: Any, args: argparse.Namespace) -> None:
     if args.guider is not None:
         cls = GUIDERS[args.guider]
         settings: dict[str, Any] = {}
-        if "guidance_scale" not in cls.model_fields and args.guidance is not None:
+        embedded = _embeds_guidance(pipe)
+        if "guidance_scale" not in cls.model_fields and args.guidance is not None and not embedded:
             raise CommandError(f"--guidance: {args.guider} has no guidance scale")
-        scale = args.guidance
+        scale = None if embedded else args.guidance  # Flux: --guidance goes to the model, the guider keeps its own
         if scale is None:
             scale = getattr(pipe.components["guider"], "guidance_scale", None)
         if scale is not None and "guidance_scale" in cls.model_fields:
@@ -213,7 +219,7 @@ def _swap_components(pipe: Any, args: argparse.Namespace) -> None:
         pipe.update_components(guider=cls(**settings))
 
 
-def _call_inputs(args: argparse.Namespace) -> dict[str, Any]:
+def _call_inputs(args: argparse.Namespace, *, embedded_guidance: bool) -> dict[str, Any]:
     import torch
 
     inputs: dict[str, Any] = {
@@ -228,7 +234,7 @@ def _call_inputs(args: argparse.Namespace) -> dict[str, Any]:
         "width": args.width,
         "negative_prompt": args.negative_prompt,
         "strength": args.strength,
-        "guidance_scale": args.guidance if args.guider is None else None,
+        "guidance_scale": args.guidance if args.guider is None or embedded_guidance else None,
     }
     inputs.update({name: value for name, value in optional.items() if value is not None})
     if args.image is not None:

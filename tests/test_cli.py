@@ -119,3 +119,20 @@ def test_generate_reports_settings_a_guider_refuses_in_one_line(
     assert main(["generate", "a red circle", "-o", str(tmp_path / "o.png"), "--guider", "SkipLayerGuidance", *FAST]) == 2
     err = capsys.readouterr().err
     assert err.startswith("diffblocks generate: error: SkipLayerGuidance: ") and err.count("\n") == 1
+
+
+def test_generate_on_flux_gives_guidance_to_the_model_even_with_a_guider(tmp_path: Path) -> None:
+    """Flux-dev embeds its guidance: --guidance sets that, and a chosen guider keeps its own scale."""
+    from tests.presets.flux_fixtures import tiny_flux
+
+    repo = tiny_flux(tmp_path / "flux")
+
+    def generate(name: str, *args: str) -> None:
+        assert main(["generate", "a red circle", "--model", str(repo), "--size", "32", *FAST, "-o", str(tmp_path / name), *args]) == 0
+
+    generate("plain.png", "--guidance", "5.0")
+    generate("cfg.png", "--guidance", "5.0", "--guider", "ClassifierFreeGuidance")
+    generate("weak.png", "--guidance", "1.0")
+    plain = _pixels(tmp_path / "plain.png")
+    assert np.array_equal(_pixels(tmp_path / "cfg.png"), plain)
+    assert not np.array_equal(_pixels(tmp_path / "weak.png"), plain)  # the embedded guidance did change the image
