@@ -17,7 +17,7 @@ from diffusers.hooks.smoothed_energy_guidance_utils import (
 from torch import Tensor, nn
 
 from diffblocks.components.guiders import AbstractPerturbation, IdentityAttention, SkipBlocks, SmoothedQueries
-from diffblocks.components.guiders.blur import blur_tokens, gaussian_kernel_size, token_grid
+from diffblocks.components.guiders.blur import blur_tokens, gaussian_kernel_size, ids_grid, token_grid
 from tests.guiders.tiny_denoisers import flux_inputs, hook_counts, run, tiny_flux, tiny_unet, unet_inputs
 
 UNET_MID = "mid_block.attentions.0.transformer_blocks"
@@ -203,3 +203,39 @@ def test_token_grid_follows_the_unet_latent(unet: nn.Module) -> None:
     with pytest.raises(ValueError, match="24 query tokens"):
         token_grid(24, None)
     check_inject_eject(unet, unet_inputs(height=8, width=12), SmoothedQueries(("mid_block",), blur_sigma=1.0))
+
+
+def test_smoothed_queries_lay_flux_tokens_on_the_grid_of_their_img_ids(flux: nn.Module) -> None:
+    # a 4x3 token grid (64x48 pixels): the blur must run over 4 rows of 3 tokens, not a square
+    inputs = flux_inputs(rows=4, cols=3)
+    assert ids_grid(inputs["img_ids"]) == (4, 3)
+    assert ids_grid(inputs["img_ids"].to(torch.bfloat16)[None]) == (4, 3)  # batched and low-precision ids too
+    target = "transformer_blocks.1.attn"
+
+    def blurred_on(grid: tuple[int, int]) -> Tensor:
+        def blur(_m: nn.Module, _args: Any, queries: Tensor) -> Tensor:
+            return blur_tokens(queries, grid, sigma=1.0, threshold_inf=9999.0)
+
+        handle = flux.get_submodule(f"{target}.to_q").register_forward_hook(blur)
+        try:
+            return run(flux, inputs)
+        finally:
+            handle.remove()
+
+    got = with_ours(flux, SmoothedQueries((target,), blur_sigma=1.0), inputs)
+    assert torch.equal(got, blurred_on((4, 3)))
+    assert (got - blurred_on((3, 4))).abs().max().item() > 1e-4  # the orientation matters
+    check_inject_eject(flux, inputs, SmoothedQueries((target,), blur_sigma=1.0))
+
+
+def test_smoothed_queries_on_single_stream_blocks_fail_with_the_reason(flux: nn.Module) -> None:
+    # single-stream queries hold text and image tokens: 6 + 12 tokens fit no image grid
+    with pytest.raises(ValueError, match=r"18 query tokens.*'transformer_blocks.N', not 'single_transformer_blocks.N'"):
+        with_ours(flux, SmoothedQueries(("single_transformer_blocks.0",)), flux_inputs(rows=4, cols=3))
+
+
+def test_wrong_paths_name_the_nearest_existing_module(flux: nn.Module) -> None:
+    with pytest.raises(ValueError, match=r"no submodule 'transformer_blocks.9'; 'transformer_blocks' has children \['0', '1'\]"):
+        SkipBlocks(("transformer_blocks.9",)).resolve(flux)
+    with pytest.raises(ValueError, match=r"no submodule 'blocks.1'; the model has children \[.*'transformer_blocks'"):
+        SkipBlocks(("blocks.1",)).resolve(flux)

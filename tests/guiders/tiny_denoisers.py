@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 from torch import Tensor, nn
@@ -51,12 +53,14 @@ def tiny_flux() -> FluxTransformer2DModel:
     ).eval()
 
 
-def flux_inputs(batch: int = 1, side: int = 4) -> dict[str, Tensor]:
+def flux_inputs(batch: int = 1, side: int = 4, *, rows: int | None = None, cols: int | None = None) -> dict[str, Tensor]:
+    """Inputs for a ``rows`` x ``cols`` token grid (``side`` x ``side`` unless given), ids as prepare_image_ids makes them."""
+    rows, cols = rows or side, cols or side
     g = torch.Generator().manual_seed(2)
-    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
+    grid_rows, grid_cols = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(grid_rows), grid_rows, grid_cols], dim=-1).reshape(-1, 3).float()
     return {
-        "hidden_states": torch.randn(batch, side * side, 8, generator=g),
+        "hidden_states": torch.randn(batch, rows * cols, 8, generator=g),
         "encoder_hidden_states": torch.randn(batch, TXT_LEN, 16, generator=g),
         "pooled_projections": torch.randn(batch, 8, generator=g),
         "timestep": torch.full((batch,), 0.5),
@@ -72,5 +76,29 @@ def run(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
 
 def hook_counts(model: nn.Module) -> list[tuple[str, int]]:
     """Number of registered hooks of every kind on every submodule."""
-    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_forward_hooks_with_kwargs")
-    return [(name, sum(len(getattr(m, k)) for k in kinds)) for name, m in model.named_modules()]
+    return [(name, sum(len(hooks) for hooks in _hook_dicts(m).values())) for name, m in model.named_modules()]
+
+
+def _hook_dicts(module: nn.Module) -> dict[str, dict[Any, Any]]:
+    # every hook registry torch keeps on a module (forward, pre, with-kwargs, always-called, backward, state-dict)
+    return {k: v for k, v in vars(module).items() if "hooks" in k and isinstance(v, dict)}
+
+
+def snapshot(model: nn.Module) -> dict[str, Any]:
+    """Everything an adapter could leave behind: parameters and buffers, every hook dict, every attribute name."""
+    return {
+        "tensors": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
+        "hooks": {name: {k: list(v.items()) for k, v in _hook_dicts(m).items()} for name, m in model.named_modules()},
+        "attributes": {name: (type(m), sorted(vars(m))) for name, m in model.named_modules()},
+        "parameter_ids": [id(p) for p in model.parameters()],
+    }
+
+
+def assert_same(model: nn.Module, before: dict[str, Any]) -> None:
+    """``model`` is exactly as :func:`snapshot` found it."""
+    after = snapshot(model)
+    assert after["hooks"] == before["hooks"]
+    assert after["attributes"] == before["attributes"]
+    assert after["parameter_ids"] == before["parameter_ids"]
+    assert after["tensors"].keys() == before["tensors"].keys()
+    assert all(torch.equal(after["tensors"][k], v) for k, v in before["tensors"].items())

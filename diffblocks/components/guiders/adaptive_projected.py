@@ -10,7 +10,7 @@ from pydantic import model_validator
 from torch import Tensor
 from typing_extensions import Self
 
-from diffblocks.components.guiders.base import AbstractClassifierFreeGuider, GuiderState
+from diffblocks.components.guiders.base import AbstractClassifierFreeGuider, GuiderState, describe_shape
 from diffblocks.components.guiders.rules import project
 
 _MSG_NO_STATE = (
@@ -57,7 +57,31 @@ class AdaptiveProjectedGuidance(AbstractClassifierFreeGuider):
             raise ValueError(
                 f"adaptive_projected_guidance_rescale must be >= 0, got {self.adaptive_projected_guidance_rescale}."
             )
+        if self.adaptive_projected_guidance_norm_dim == ():
+            raise ValueError(
+                "adaptive_projected_guidance_norm_dim is empty: give the dims to reduce, or None for all but the batch."
+            )
         return self
+
+    def check_predictions(self, shape: Sequence[int | None]) -> None:
+        """Every dim of ``adaptive_projected_guidance_norm_dim`` must exist in predictions of ``shape``.
+
+        Raises:
+            ValueError: a dim out of range, naming the prediction layout and the valid range.
+        """
+        dims = self.adaptive_projected_guidance_norm_dim
+        if dims is None:
+            return
+        ndim = len(shape)
+        bad = [d for d in ((dims,) if isinstance(dims, int) else dims) if not -ndim <= d < ndim]
+        if bad:
+            shown = describe_shape(shape)
+            sizes = "" if shown.endswith("-D") else f" {shown}"
+            raise ValueError(
+                f"AdaptiveProjectedGuidance adaptive_projected_guidance_norm_dim {dims} names dim {bad[0]}, but this "
+                f"model's predictions{sizes} have {ndim} dims: use dims in [-{ndim}, {ndim - 1}], e.g. "
+                f"{tuple(range(1, ndim))}, or None for all but the batch."
+            )
 
     def new_state(self) -> MomentumState | None:
         return MomentumState() if self.adaptive_projected_guidance_momentum is not None else None
@@ -75,6 +99,7 @@ class AdaptiveProjectedGuidance(AbstractClassifierFreeGuider):
             if state.average is not None:
                 update = update + self.adaptive_projected_guidance_momentum * state.average
             state.average = update
+        self.check_predictions(tuple(update.shape))
         dims = self._norm_dims(update.ndim)
         threshold = self.adaptive_projected_guidance_rescale
         if threshold > 0:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, Literal, final
 
 from pydantic import PrivateAttr, model_validator
@@ -10,7 +10,7 @@ from torch import Tensor
 from typing_extensions import Self
 
 from diffblocks.components.guiders.base import COND, COND_ONLY, GuidancePass, GuiderState
-from diffblocks.components.guiders.families import SKIP_LAYERS
+from diffblocks.components.guiders.families import AUTO_GUIDANCE_SETTINGS, SKIP_LAYERS
 from diffblocks.components.guiders.perturbations import SkipBlocks
 from diffblocks.components.guiders.perturbed import AbstractPerturbedGuider, LayerPaths
 from diffblocks.components.guiders.rules import guide
@@ -26,6 +26,9 @@ class AutoGuidance(AbstractPerturbedGuider):
     (``weak_condition="uncond"``: CFG and auto-guidance in one term). ``weak_condition="cond"`` is
     the paper's form, where both predictions share the prompt.
 
+    ``family="flux"`` implies ``weak_condition="cond"`` and ``guidance_scale=2.8`` unless given:
+    Flux.1-dev runs without a negative prompt, and auto-guidance is then its only guidance term.
+
     Args:
         auto_guidance_layers: block paths, or block lists; defaults to the ``family``'s.
         dropout: 1.0 skips the blocks; below 1 drops that fraction of their outputs.
@@ -37,6 +40,7 @@ class AutoGuidance(AbstractPerturbedGuider):
     layers_field: ClassVar[str] = "auto_guidance_layers"
     layer_config_key: ClassVar[str] = "auto_guidance_config"
     default_layers: ClassVar[dict[str, tuple[str, ...]]] = dict(SKIP_LAYERS)
+    family_settings: ClassVar[Mapping[str, Mapping[str, object]]] = AUTO_GUIDANCE_SETTINGS
 
     auto_guidance_layers: LayerPaths = None
     dropout: float = 1.0

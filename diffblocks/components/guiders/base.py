@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, final
 
 from pydantic import BaseModel, ConfigDict, model_validator
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import Self
 
 from diffblocks.components.guiders.perturbations import AbstractPerturbation
@@ -53,6 +53,13 @@ class GuiderState(ABC):  # noqa: B024 - a marker base: states share no behaviour
     """Mutable state of one generation call (momentum, running averages), made by ``new_state``."""
 
 
+def describe_shape(shape: Sequence[int | None]) -> str:
+    """``shape`` for messages: ``(1, 4, 64, 64)``, ``(1, ?, 64)``, or ``4-D`` when no size is known."""
+    if all(size is None for size in shape):
+        return f"{len(shape)}-D"
+    return "(" + ", ".join("?" if size is None else str(size) for size in shape) + ")"
+
+
 def in_window(start: float, stop: float, step_index: int, num_steps: int) -> bool:
     """Whether ``step_index`` lies in the steps ``[int(start * num_steps), int(stop * num_steps))``."""
     return int(start * num_steps) <= step_index < int(stop * num_steps)
@@ -84,6 +91,20 @@ class AbstractGuider(BaseModel, ABC):
         self, predictions: Sequence[Tensor], *, state: GuiderState | None, step_index: int, num_steps: int
     ) -> Tensor:
         """The guided prediction from ``predictions``, made in the order ``passes`` gave."""
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ValueError if this guider cannot run on ``model`` (a perturbed layer it lacks).
+
+        Called once per generation call, before any step, by the guidance blocks.
+        """
+
+    def check_predictions(self, shape: Sequence[int | None]) -> None:
+        """Raise ValueError if predictions of ``shape`` cannot be combined by this rule.
+
+        Args:
+            shape: ``(batch, ...)`` of one pass's prediction, e.g. ``(1, 4, 64, 64)`` for a UNet or
+                ``(1, 4096, 64)`` for Flux's packed tokens; ``None`` marks a size not known yet.
+        """
 
     def to_config(self) -> dict[str, Any]:
         """JSON-ready settings with ``_class_name``."""
@@ -189,5 +210,6 @@ __all__ = [
     "GuidancePass",
     "GuiderState",
     "UNCOND",
+    "describe_shape",
     "in_window",
 ]

@@ -11,9 +11,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 _MSG_GRID = (
-    "Smoothed-energy guidance cannot lay {tokens} query tokens on an image grid: the model input is "
-    "not 4-D and {tokens} is not a square number. Target attention layers that see only image "
-    "tokens of a square image (Flux: 'transformer_blocks.N', not 'single_transformer_blocks.N')."
+    "Smoothed-energy guidance cannot lay {tokens} query tokens on an image grid: {known}, and "
+    "{tokens} is not a square number. Target attention layers that see only the image tokens "
+    "(Flux: 'transformer_blocks.N', not 'single_transformer_blocks.N', whose queries include the text)."
 )
 
 
@@ -21,7 +21,12 @@ def token_grid(tokens: int, latent_hw: tuple[int, int] | None) -> tuple[int, int
     """The ``(height, width)`` grid of ``tokens`` image tokens.
 
     A UNet halves its latent (rounding up) at each level, so the grid is the latent size halved
-    until it holds ``tokens``; without a latent size the grid must be square.
+    until it holds ``tokens`` (a Flux token grid holds them at once); without a size the grid must
+    be square.
+
+    Args:
+        tokens: number of query tokens.
+        latent_hw: the model input's ``(height, width)``, or Flux's token grid (:func:`ids_grid`).
 
     Raises:
         ValueError: no grid fits.
@@ -34,8 +39,19 @@ def token_grid(tokens: int, latent_hw: tuple[int, int] | None) -> tuple[int, int
             return height, width
     side = math.isqrt(tokens)
     if side * side != tokens:
-        raise ValueError(_MSG_GRID.format(tokens=tokens))
+        known = f"no {latent_hw[0]}x{latent_hw[1]} grid halved holds them" if latent_hw else "the grid size is unknown"
+        raise ValueError(_MSG_GRID.format(tokens=tokens, known=known))
     return side, side
+
+
+def ids_grid(ids: Float[Tensor, "... seq axes"]) -> tuple[int, int]:
+    """The ``(rows, columns)`` of Flux image position ids ``(index, row, column)`` (``prepare_image_ids``).
+
+    Reads the ids once (a device sync); the caller keeps the result while the ids stay the same.
+    """
+    rows_cols = ids.reshape(-1, ids.shape[-1])[:, 1:3].float()
+    low, high = rows_cols.amin(dim=0).tolist(), rows_cols.amax(dim=0).tolist()
+    return round(high[0] - low[0]) + 1, round(high[1] - low[1]) + 1
 
 
 def gaussian_kernel_size(sigma: float, grid: tuple[int, int]) -> int:
@@ -77,4 +93,4 @@ def blur_tokens(
     return rearrange(blurred, "b c h w -> b (h w) c")
 
 
-__all__ = ["blur_tokens", "gaussian_kernel_size", "token_grid"]
+__all__ = ["blur_tokens", "gaussian_kernel_size", "ids_grid", "token_grid"]

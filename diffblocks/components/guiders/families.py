@@ -5,6 +5,10 @@ PAG and SEG papers' choice for SD and SDXL; the built-in tiny model's UNet has S
 Flux perturbs double-stream blocks, whose attention sees image tokens apart from text (needed by
 SEG's image-grid blur). The names are those of the preset families, so
 ``PerturbedAttentionGuidance.for_family(pipe.preset.family)`` suits any built-in pipeline.
+
+A family may also imply settings other than layers (:data:`CONDITION_SETTINGS`, :data:`AUTO_GUIDANCE_SETTINGS`):
+Flux.1-dev is guidance-distilled and runs without a negative prompt, so on Flux the perturbing
+guiders leave classifier-free guidance off and guide with the perturbation alone.
 """
 
 from __future__ import annotations
@@ -34,4 +38,14 @@ SKIP_LAYERS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     }
 )
 
-__all__ = ["ATTENTION_LAYERS", "FAMILIES", "Family", "SKIP_LAYERS"]
+# Settings a family implies unless given. PAG, SLG and SEG on Flux: CFG off (scale 1), the
+# perturbed term only, so no negative prompt is needed and each step makes two forwards, not three.
+CONDITION_SETTINGS: Mapping[str, Mapping[str, object]] = MappingProxyType({"flux": {"guidance_scale": 1.0}})
+
+# Auto-guidance's scale is its only term, so Flux keeps it on but makes the weak prediction from the
+# prompt (the paper's form, no negative prompt needed), weighted as PAG, SLG and SEG weigh theirs.
+AUTO_GUIDANCE_SETTINGS: Mapping[str, Mapping[str, object]] = MappingProxyType(
+    {"flux": {"guidance_scale": 2.8, "weak_condition": "cond"}}
+)
+
+__all__ = ["ATTENTION_LAYERS", "AUTO_GUIDANCE_SETTINGS", "CONDITION_SETTINGS", "FAMILIES", "Family", "SKIP_LAYERS"]

@@ -10,11 +10,28 @@ from pydantic import PrivateAttr, model_validator
 from torch import Tensor
 from typing_extensions import Self
 
-from diffblocks.components.guiders.base import COND_ONLY, COND_UNCOND, AbstractGuider, GuidancePass, GuiderState
-from diffblocks.components.guiders.pyramid import collapse, laplacian_pyramid
+from diffblocks.components.guiders.base import (
+    COND_ONLY,
+    COND_UNCOND,
+    AbstractGuider,
+    GuidancePass,
+    GuiderState,
+    describe_shape,
+)
+from diffblocks.components.guiders.pyramid import collapse, laplacian_pyramid, max_levels
 from diffblocks.components.guiders.rules import is_noop_scale, project, rescale
 
 PerLevel = float | tuple[float, ...]
+
+_MSG_NOT_IMAGE = (
+    "FrequencyDecoupledGuidance splits (batch, channels, height, width) predictions into frequency "
+    "levels, but this model's are {layout}. Use another guider with this model, e.g. "
+    "ClassifierFreeGuidance or AdaptiveProjectedGuidance."
+)
+_MSG_TOO_MANY_LEVELS = (
+    "FrequencyDecoupledGuidance guidance_scales has {levels} levels but a {height}x{width} latent splits into at most {fits} "
+    "(each level halves it; the coarsest needs 2x2): give at most {fits} scales, or make larger images."
+)
 
 
 @final
@@ -77,6 +94,25 @@ class FrequencyDecoupledGuidance(AbstractGuider):
                 )
         return self
 
+    def check_predictions(self, shape: Sequence[int | None]) -> None:
+        """Predictions must be 4-D, with a latent large enough for every level.
+
+        Raises:
+            ValueError: 3-D (packed Flux tokens) or other non-image predictions, or more levels
+                than the latent splits into.
+        """
+        if len(shape) != 4:
+            layout = describe_shape(shape)
+            if len(shape) == 3:
+                layout = f"{layout}: packed tokens (batch, tokens, channels), as Flux predicts"
+            raise ValueError(_MSG_NOT_IMAGE.format(layout=layout))
+        height, width = shape[2], shape[3]
+        if height is None or width is None:
+            return
+        fits, levels = max_levels(height, width), len(self._levels)
+        if levels > fits:
+            raise ValueError(_MSG_TOO_MANY_LEVELS.format(levels=levels, height=height, width=width, fits=fits))
+
     def _level_guides(self, level: int, step_index: int, num_steps: int) -> bool:
         scale, _, _, start, stop = self._levels[level]
         return int(start * num_steps) <= step_index < int(stop * num_steps) and not is_noop_scale(
@@ -94,9 +130,7 @@ class FrequencyDecoupledGuidance(AbstractGuider):
         if len(predictions) == 1:
             return predictions[0]
         cond, uncond = predictions
-        if cond.ndim != 4:
-            shape = tuple(cond.shape)
-            raise ValueError(f"FrequencyDecoupledGuidance needs (batch, channels, height, width) inputs, got {shape}.")
+        self.check_predictions(tuple(cond.shape))
         levels = len(self._levels)
         cond_bands, uncond_bands = laplacian_pyramid(cond, levels), laplacian_pyramid(uncond, levels)
         guided_bands: list[Tensor] = []

@@ -6,7 +6,9 @@ from collections.abc import Sequence
 from typing import final
 
 import torch
+from pydantic import model_validator
 from torch import Tensor
+from typing_extensions import Self
 
 from diffblocks.components.guiders.base import AbstractClassifierFreeGuider, GuiderState
 
@@ -21,12 +23,21 @@ class MagnitudeAwareGuidance(AbstractClassifierFreeGuider):
 
     Args:
         guidance_scale: the undamped CFG scale (default 10).
-        alpha: damping strength; larger suppresses large updates more.
+        alpha: damping strength, >= 0; larger suppresses large updates more (0 is plain CFG; a
+            negative alpha would amplify the large updates the method exists to damp).
         (other fields): as :class:`~diffblocks.components.guiders.base.AbstractClassifierFreeGuider`.
     """
 
     guidance_scale: float = 10.0
     alpha: float = 8.0
+
+    @model_validator(mode="after")
+    def _check_alpha(self) -> Self:
+        if self.alpha < 0.0:
+            raise ValueError(
+                f"alpha must be >= 0 (0 is plain CFG), got {self.alpha}: a negative alpha amplifies large updates."
+            )
+        return self
 
     def combine(
         self, predictions: Sequence[Tensor], *, state: GuiderState | None, step_index: int, num_steps: int

@@ -13,21 +13,26 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from weakref import WeakKeyDictionary
+from weakref import ReferenceType, WeakKeyDictionary, ref
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from diffblocks.components.guiders.blur import blur_tokens, token_grid
+from diffblocks.components.guiders.blur import blur_tokens, ids_grid, token_grid
 
 Handles = list[RemovableHandle]
 _SELF_ATTENTION_NAMES = ("attn1", "attn")
 _FEED_FORWARD_NAMES = ("ff", "ff_context")
 
 _MSG_NO_MODULE = (
-    "{who}: {model} has no submodule {path!r}. Top-level children are {children}; "
-    "paths use diffusers module names, e.g. 'mid_block.attentions.0' or 'transformer_blocks.3'."
+    "{who}: {model} has no submodule {path!r}; {parent} has children {children}. "
+    "Paths use diffusers module names, e.g. 'mid_block.attentions.0' or 'transformer_blocks.3'."
+)
+_MSG_INJECTED = (
+    "{who} is already injected into this model; eject it first. If another thread is running a "
+    "perturbed pass on the model: guided_prediction runs one perturbed pass per model at a time, so "
+    "inject perturbations through it, or give each thread its own model."
 )
 _MSG_NO_ATTENTION = (
     "{who}: {path!r} is not an attention module (no 'to_v'/'to_q') and holds no self-attention "
@@ -70,11 +75,8 @@ class AbstractPerturbation(ABC):
             RuntimeError: the perturbation is already injected into ``model``.
         """
         if model in self._handles:
-            raise RuntimeError(f"{type(self).__name__} is already injected into this model; eject it first.")
-        modules = self._resolved.get(model)
-        if modules is None:
-            modules = tuple(m for path in self.targets for m in self._select(path, _submodule(self, model, path)))
-            self._resolved[model] = modules
+            raise RuntimeError(_MSG_INJECTED.format(who=type(self).__name__))
+        modules = self.resolve(model)
         handles: Handles = []
         try:
             self._attach(model, modules, handles)
@@ -82,6 +84,18 @@ class AbstractPerturbation(ABC):
             _remove(handles)
             raise
         self._handles[model] = handles
+
+    def resolve(self, model: nn.Module) -> tuple[nn.Module, ...]:
+        """The submodules of ``model`` the targets stand for (looked up once per model).
+
+        Raises:
+            ValueError: a target path does not name a suitable submodule.
+        """
+        modules = self._resolved.get(model)
+        if modules is None:
+            modules = tuple(m for path in self.targets for m in self._select(path, _submodule(self, model, path)))
+            self._resolved[model] = modules
+        return modules
 
     def eject(self, model: nn.Module) -> None:
         """Remove every hook that :meth:`inject` added to ``model``.
@@ -113,10 +127,21 @@ def _submodule(who: AbstractPerturbation, model: nn.Module, path: str) -> nn.Mod
     try:
         return model.get_submodule(path)
     except AttributeError as err:
-        children = [name for name, _ in model.named_children()]
-        raise ValueError(
-            _MSG_NO_MODULE.format(who=type(who).__name__, model=type(model).__name__, path=path, children=children)
-        ) from err
+        walked: list[str] = []
+        found = model
+        for name in path.split("."):
+            child = dict(found.named_children()).get(name)
+            if child is None:
+                break
+            walked.append(name)
+            found = child
+        parent = repr(".".join(walked)) if walked else "the model"
+        names = [name for name, _ in found.named_children()]
+        children = names if len(names) <= 12 else [*names[:5], "...", *names[-3:]]
+        message = _MSG_NO_MODULE.format(
+            who=type(who).__name__, model=type(model).__name__, path=path, parent=parent, children=children
+        )
+        raise ValueError(message) from err
 
 
 def _self_attentions(who: AbstractPerturbation, path: str, module: nn.Module) -> Iterator[nn.Module]:
@@ -242,8 +267,9 @@ class SmoothedQueries(AbstractPerturbation):
 
     Blurring the queries blurs the attention energy ``QK^T`` (it is linear in Q). A Gaussian of
     ``blur_sigma`` (in tokens) is used, or the global mean of the queries when ``blur_sigma`` exceeds
-    ``blur_threshold_inf`` (the paper's infinite blur). The token grid comes from the model input's
-    height and width when it is 4-D (UNets), otherwise the tokens must form a square.
+    ``blur_threshold_inf`` (the paper's infinite blur). The token grid comes from the model input:
+    a 4-D input's height and width (UNets), else the rows and columns of the ``img_ids`` keyword
+    (Flux's packed tokens), else the tokens must form a square.
 
     Args:
         targets: attention layers, or blocks containing self-attention (``"mid_block"``).
@@ -263,17 +289,27 @@ class SmoothedQueries(AbstractPerturbation):
         return _self_attentions(self, path, module)
 
     def _attach(self, model: nn.Module, modules: Sequence[nn.Module], handles: Handles) -> None:
-        latent_hw: list[tuple[int, int]] = []
+        grid: list[tuple[int, int]] = []  # the image grid of the running forward
+        from_ids: list[tuple[ReferenceType[Tensor], tuple[int, int]]] = []  # the grid of the last ids seen
 
-        def record_size(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        def record_grid(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             image = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.ndim == 4), None)
-            latent_hw[:] = [(image.shape[-2], image.shape[-1])] if image is not None else []
+            ids = kwargs.get("img_ids")
+            if image is not None:
+                grid[:] = [(image.shape[-2], image.shape[-1])]
+            elif isinstance(ids, Tensor) and ids.ndim >= 2 and ids.shape[-1] >= 3:
+                # The same ids come back every step: read them (a device sync) once per tensor.
+                if not from_ids or from_ids[0][0]() is not ids:
+                    from_ids[:] = [(ref(ids), ids_grid(ids))]
+                grid[:] = [from_ids[0][1]]
+            else:
+                grid.clear()
 
         def blur(_module: nn.Module, _args: Any, queries: Tensor) -> Tensor:
-            grid = token_grid(queries.shape[1], latent_hw[0] if latent_hw else None)
-            return blur_tokens(queries, grid, sigma=self.blur_sigma, threshold_inf=self.blur_threshold_inf)
+            tokens = token_grid(queries.shape[1], grid[0] if grid else None)
+            return blur_tokens(queries, tokens, sigma=self.blur_sigma, threshold_inf=self.blur_threshold_inf)
 
-        handles.append(model.register_forward_pre_hook(record_size, with_kwargs=True))
+        handles.append(model.register_forward_pre_hook(record_grid, with_kwargs=True))
         for attn in modules:
             handles.append(attn.get_submodule("to_q").register_forward_hook(blur))
 

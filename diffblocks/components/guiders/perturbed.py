@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, ClassVar
 
 from pydantic import BeforeValidator, PrivateAttr, model_validator
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import Self
 
 from diffblocks.components.guiders.base import (
@@ -24,7 +24,7 @@ from diffblocks.components.guiders.base import (
     GuidancePass,
     GuiderState,
 )
-from diffblocks.components.guiders.families import FAMILIES, Family
+from diffblocks.components.guiders.families import CONDITION_SETTINGS, FAMILIES, Family
 from diffblocks.components.guiders.perturbations import AbstractPerturbation
 from diffblocks.components.guiders.rules import guide
 
@@ -62,24 +62,35 @@ class AbstractPerturbedGuider(AbstractClassifierFreeGuider):
     """CFG settings plus a model perturbation on family-default or explicit layers.
 
     Concrete classes name their layers field (``layers_field``), the diffusers key of its
-    ``LayerSkipConfig`` form (``layer_config_key``), the per-family defaults, and build the
-    perturbation from the resolved paths.
+    ``LayerSkipConfig`` form (``layer_config_key``), the per-family defaults (layers, and the
+    settings a family implies unless given), and build the perturbation from the resolved paths.
 
     Args:
-        family: ``"sd15"``, ``"sdxl"``, ``"flux"`` or ``"tiny"``: use that family's default layers.
+        family: ``"sd15"``, ``"sdxl"``, ``"flux"`` or ``"tiny"``: use that family's default layers
+            and settings (on ``"flux"``: no classifier-free guidance, see
+            :mod:`~diffblocks.components.guiders.families`).
     """
 
     layers_field: ClassVar[str]
     layer_config_key: ClassVar[str]
     default_layers: ClassVar[dict[str, tuple[str, ...]]]
+    family_settings: ClassVar[Mapping[str, Mapping[str, object]]] = CONDITION_SETTINGS
 
     family: Family | None = None
     _perturbation: AbstractPerturbation = PrivateAttr()
 
     @classmethod
     def for_family(cls, family: Family, **settings: Any) -> Self:
-        """This guider with ``family``'s default layers and any other ``settings``."""
+        """This guider with ``family``'s default layers and settings, overridden by ``settings``."""
         return cls(family=family, **settings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_family_settings(cls, data: Any) -> Any:
+        family = data.get("family") if isinstance(data, dict) else None
+        if not isinstance(family, str) or family not in cls.family_settings:
+            return data
+        return {**cls.family_settings[family], **data}  # pyright: ignore[reportUnknownArgumentType]
 
     @model_validator(mode="before")
     @classmethod
@@ -114,6 +125,22 @@ class AbstractPerturbedGuider(AbstractClassifierFreeGuider):
         """The perturbation applied to the guiding prediction."""
         return self._perturbation
 
+    def check_model(self, model: nn.Module) -> None:
+        """Resolve the perturbed layers in ``model`` now, so a wrong path fails before the first step.
+
+        Raises:
+            ValueError: a layer path names no suitable submodule; the message names the field.
+        """
+        try:
+            self.perturbation.resolve(model)
+        except ValueError as err:
+            given = getattr(self, self.layers_field) is not None
+            source = self.layers_field if given else f"the {self.family!r} family's default layers"
+            raise ValueError(
+                f"{type(self).__name__} {source}: {err} Fix: name layers this model has with "
+                f"{self.layers_field}=[...]."
+            ) from err
+
     @abstractmethod
     def make_perturbation(self, layers: tuple[str, ...]) -> AbstractPerturbation:
         """The perturbation of ``layers`` with this guider's settings."""
@@ -124,27 +151,39 @@ class AbstractPerturbedConditionGuider(AbstractPerturbedGuider):
 
     ``uncond + s * (cond - uncond) + s_p * (cond - perturbed)`` when both act; the perturbed term
     acts on steps ``int(start_p * n) < i < int(stop_p * n)``. The lower bound is exclusive, as in
-    diffusers, so the same settings give the same images.
+    diffusers, so the same settings give the same images. ``s_p`` must be >= 0: a negative weight
+    would guide towards the perturbed ("worse") model, which the method never intends.
     """
+
+    perturbed_fields: ClassVar[tuple[str, str, str]]
+    """Names of the ``(scale, start, stop)`` fields of the perturbed term."""
 
     _with_uncond: tuple[GuidancePass, ...] = PrivateAttr()
     _without_uncond: tuple[GuidancePass, ...] = PrivateAttr()
 
     @model_validator(mode="after")
     def _build_passes(self) -> Self:
-        _, start, stop = self.perturbed_settings()
+        scale, start, stop = self.perturbed_settings()
+        scale_field, start_field, stop_field = self.perturbed_fields
+        if scale < 0.0:
+            raise ValueError(
+                f"{scale_field} must be >= 0 (0 turns the perturbed term off), got {scale}: a negative "
+                "scale guides towards the perturbed model."
+            )
         if not 0.0 <= start < 1.0 or not start <= stop <= 1.0:
             raise ValueError(
-                f"The perturbed-guidance window needs 0 <= start < 1 and start <= stop <= 1, got [{start}, {stop}]."
+                f"The perturbed-guidance window needs 0 <= {start_field} < 1 and {start_field} <= {stop_field} <= 1, "
+                f"got [{start}, {stop}]."
             )
         perturbed = GuidancePass("cond", self.perturbation)
         self._with_uncond = (COND, UNCOND, perturbed)
         self._without_uncond = (COND, perturbed)
         return self
 
-    @abstractmethod
     def perturbed_settings(self) -> tuple[float, float, float]:
         """``(scale, start, stop)`` of the perturbed-guidance term."""
+        scale, start, stop = (float(getattr(self, name)) for name in self.perturbed_fields)
+        return scale, start, stop
 
     def perturbs(self, step_index: int, num_steps: int) -> bool:
         """Whether the perturbed-guidance term acts at this step."""

@@ -33,6 +33,9 @@ class PerturbedAttentionGuidance(AbstractPerturbedConditionGuider):
     """
 
     layers_field: ClassVar[str] = "perturbed_guidance_layers"
+    perturbed_fields: ClassVar[tuple[str, str, str]] = (
+        "perturbed_guidance_scale", "perturbed_guidance_start", "perturbed_guidance_stop",
+    )
     layer_config_key: ClassVar[str] = "perturbed_guidance_config"
     default_layers: ClassVar[dict[str, tuple[str, ...]]] = dict(ATTENTION_LAYERS)
 
@@ -43,9 +46,6 @@ class PerturbedAttentionGuidance(AbstractPerturbedConditionGuider):
 
     def make_perturbation(self, layers: tuple[str, ...]) -> IdentityAttention:
         return IdentityAttention(layers)
-
-    def perturbed_settings(self) -> tuple[float, float, float]:
-        return self.perturbed_guidance_scale, self.perturbed_guidance_start, self.perturbed_guidance_stop
 
 
 __all__ = ["PerturbedAttentionGuidance"]

@@ -36,6 +36,29 @@ def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def padded_size(height: int, width: int, levels: int) -> tuple[int, int]:
+    """The size :func:`laplacian_pyramid` works at: as given when ``levels`` halvings divide it, else
+    each side reflect-padded up to a power of two."""
+    stride = 1 << (levels - 1)
+    if not (_is_power_of_two(height) or _is_power_of_two(width)) or height % stride or width % stride:
+        return 1 << (height - 1).bit_length(), 1 << (width - 1).bit_length()
+    return height, width
+
+
+def max_levels(height: int, width: int) -> int:
+    """The most levels a ``height`` x ``width`` image splits into.
+
+    Each level halves the padded size, and the 5x5 reflect-padded blur of the upsampled coarsest
+    level needs it at least 2x2; one level (the image itself) always fits.
+    """
+    levels = 1
+    while True:
+        padded_height, padded_width = padded_size(height, width, levels + 1)
+        if min(padded_height, padded_width) >> levels < 2:
+            return levels
+        levels += 1
+
+
 def laplacian_pyramid(image: Float[Tensor, "batch channels height width"], levels: int) -> list[Tensor]:
     """Band-pass levels from fine to coarse, the last one the coarsest Gaussian level.
 
@@ -44,10 +67,9 @@ def laplacian_pyramid(image: Float[Tensor, "batch channels height width"], level
         levels: number of levels returned (1 returns the image itself).
     """
     height, width = image.shape[-2:]
-    stride = 1 << (levels - 1)
-    if not (_is_power_of_two(height) or _is_power_of_two(width)) or height % stride or width % stride:
-        pad_w, pad_h = (1 << (width - 1).bit_length()) - width, (1 << (height - 1).bit_length()) - height
-        image = F.pad(image, [0, pad_w, 0, pad_h], mode="reflect")
+    padded_height, padded_width = padded_size(height, width, levels)
+    if (padded_height, padded_width) != (height, width):
+        image = F.pad(image, [0, padded_width - width, 0, padded_height - height], mode="reflect")
     gaussians = [image]
     for _ in range(levels - 1):
         gaussians.append(_down(gaussians[-1]))
@@ -63,4 +85,4 @@ def collapse(pyramid: list[Tensor]) -> Tensor:
     return image
 
 
-__all__ = ["collapse", "laplacian_pyramid", "upsample"]
+__all__ = ["collapse", "laplacian_pyramid", "max_levels", "padded_size", "upsample"]

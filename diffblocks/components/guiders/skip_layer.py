@@ -27,6 +27,9 @@ class SkipLayerGuidance(AbstractPerturbedConditionGuider):
     """
 
     layers_field: ClassVar[str] = "skip_layer_guidance_layers"
+    perturbed_fields: ClassVar[tuple[str, str, str]] = (
+        "skip_layer_guidance_scale", "skip_layer_guidance_start", "skip_layer_guidance_stop",
+    )
     layer_config_key: ClassVar[str] = "skip_layer_config"
     default_layers: ClassVar[dict[str, tuple[str, ...]]] = dict(SKIP_LAYERS)
 
@@ -37,9 +40,6 @@ class SkipLayerGuidance(AbstractPerturbedConditionGuider):
 
     def make_perturbation(self, layers: tuple[str, ...]) -> SkipBlocks:
         return SkipBlocks(layers)
-
-    def perturbed_settings(self) -> tuple[float, float, float]:
-        return self.skip_layer_guidance_scale, self.skip_layer_guidance_start, self.skip_layer_guidance_stop
 
 
 __all__ = ["SkipLayerGuidance"]

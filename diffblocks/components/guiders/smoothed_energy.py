@@ -34,6 +34,9 @@ class SmoothedEnergyGuidance(AbstractPerturbedConditionGuider):
     """
 
     layers_field: ClassVar[str] = "seg_guidance_layers"
+    perturbed_fields: ClassVar[tuple[str, str, str]] = (
+        "seg_guidance_scale", "seg_guidance_start", "seg_guidance_stop",
+    )
     layer_config_key: ClassVar[str] = "seg_guidance_config"
     default_layers: ClassVar[dict[str, tuple[str, ...]]] = dict(ATTENTION_LAYERS)
 
@@ -46,9 +49,6 @@ class SmoothedEnergyGuidance(AbstractPerturbedConditionGuider):
 
     def make_perturbation(self, layers: tuple[str, ...]) -> SmoothedQueries:
         return SmoothedQueries(layers, blur_sigma=self.seg_blur_sigma, blur_threshold_inf=self.seg_blur_threshold_inf)
-
-    def perturbed_settings(self) -> tuple[float, float, float]:
-        return self.seg_guidance_scale, self.seg_guidance_start, self.seg_guidance_stop
 
 
 __all__ = ["SmoothedEnergyGuidance"]

@@ -1,0 +1,137 @@
+"""The perturbing guiders' family defaults resolve on our own UNet and Flux transformer, and leave them exactly as they were."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from diffblocks.components.guiders import (
+    AbstractPerturbedGuider,
+    AutoGuidance,
+    PerturbedAttentionGuidance,
+    SkipLayerGuidance,
+    SmoothedEnergyGuidance,
+    guided_prediction,
+)
+from diffblocks.components.models.flux import FluxTransformer2DModel
+from diffblocks.components.models.flux.params import FluxParams
+from diffblocks.components.models.unet import UNet2DConditionModel
+from tests.guiders.tiny_denoisers import assert_same, flux_inputs, snapshot, unet_inputs
+
+GUIDERS: tuple[type[AbstractPerturbedGuider], ...] = (
+    PerturbedAttentionGuidance,
+    SkipLayerGuidance,
+    SmoothedEnergyGuidance,
+    AutoGuidance,
+)
+Denoiser = tuple[nn.Module, Callable[..., Tensor], dict[str, Tensor]]
+
+
+@pytest.fixture(scope="module")
+def unet() -> Denoiser:
+    torch.manual_seed(0)
+    model = UNet2DConditionModel.from_config(
+        {
+            "sample_size": 8,
+            "block_out_channels": [16, 32],
+            "layers_per_block": 1,
+            "transformer_layers_per_block": [1, 2],
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": 16,
+            "attention_head_dim": 8,
+            "norm_num_groups": 8,
+        }
+    ).eval()
+    inputs = unet_inputs(height=8, width=12)
+
+    def predict(sample: Tensor, *, encoder_hidden_states: Tensor) -> Tensor:
+        with torch.no_grad():
+            return model(sample, inputs["timestep"], encoder_hidden_states)
+
+    return model, predict, {"sample": inputs["sample"], "encoder_hidden_states": inputs["encoder_hidden_states"]}
+
+
+@pytest.fixture(scope="module")
+def flux() -> Denoiser:
+    torch.manual_seed(0)
+    # ten double-stream blocks, so Flux's default layers (transformer_blocks.1, .7-.9) exist
+    params = FluxParams(
+        in_channels=8,
+        num_layers=10,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=8,
+        axes_dims_rope=(2, 2, 4),
+    )
+    model = FluxTransformer2DModel(params).eval()
+    inputs = flux_inputs(rows=4, cols=3)  # a non-square 4x3 token grid
+    shared = {k: inputs[k] for k in ("img_ids", "txt_ids")}
+
+    def predict(hidden_states: Tensor, *, encoder_hidden_states: Tensor, pooled_projections: Tensor) -> Tensor:
+        with torch.no_grad():
+            timestep = inputs["timestep"].expand(hidden_states.shape[0])
+            return model(
+                hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                pooled_projections=pooled_projections,
+                timestep=timestep,
+                **shared,
+            )
+
+    condition = {k: inputs[k] for k in ("encoder_hidden_states", "pooled_projections")}
+    return model, predict, {"hidden_states": inputs["hidden_states"], **condition}
+
+
+CASES = [(cls, family) for cls in GUIDERS for family in ("sd15", "sdxl", "tiny", "flux")]
+
+
+@pytest.mark.parametrize(("cls", "family"), CASES, ids=[f"{c.__name__}-{f}" for c, f in CASES])
+def test_inject_and_eject_leave_our_model_exactly_as_it_was(
+    cls: type[AbstractPerturbedGuider], family: Any, unet: Denoiser, flux: Denoiser
+) -> None:
+    model, predict, inputs = flux if family == "flux" else unet
+    guider = cls.for_family(family)
+    guider.check_model(model)  # the family defaults resolve
+    before, plain = snapshot(model), predict(**inputs)
+    perturbation = guider.perturbation
+    for _ in range(2):  # the second time from the resolved-layer cache
+        perturbation.inject(model)
+        try:
+            perturbed = predict(**inputs)
+        finally:
+            perturbation.eject(model)
+        assert (perturbed - plain).abs().max().item() > 1e-4
+        assert_same(model, before)
+        assert torch.equal(predict(**inputs), plain)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_a_guided_step_leaves_our_model_exactly_as_it_was(family: Any, unet: Denoiser, flux: Denoiser) -> None:
+    model, predict, inputs = flux if family == "flux" else unet
+    latent_name = "hidden_states" if family == "flux" else "sample"
+    latents = inputs[latent_name]
+    cond = {k: v for k, v in inputs.items() if k != latent_name}
+    conditions = {"cond": cond, "uncond": {k: torch.zeros_like(v) for k, v in cond.items()}}
+    before, plain = snapshot(model), predict(**inputs)
+    for cls in GUIDERS:
+        guider = cls.for_family(family, guidance_scale=3.0)
+        for step in range(4):
+            guided_prediction(
+                guider,
+                state=None,
+                predict=lambda x, **c: predict(**{latent_name: x}, **c),
+                latents=latents,
+                conditions=conditions,
+                step_index=step,
+                num_steps=4,
+                model=model,
+            )
+        assert_same(model, before)
+    assert torch.equal(predict(**inputs), plain)
