@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from typing import Any
 
 import pytest
@@ -18,6 +20,7 @@ from diffblocks.components.guiders import (
     SkipLayerGuidance,
     guided_prediction,
 )
+from diffblocks.components.guiders.locking import model_lock
 from tests.guiders.tiny_denoisers import flux_inputs, hook_counts, tiny_flux, tiny_unet, unet_inputs
 
 
@@ -249,3 +252,111 @@ def test_batched_guidance_falls_back_to_sequential_when_out_of_memory() -> None:
                                 step_index=step, num_steps=2, model=torch.nn.Identity())
         assert torch.allclose(out, torch.full((1, 4), 3.0))
     assert calls == [2, 1, 1, 1, 1]  # one failed batched try, then sequential for the rest of the call
+
+
+def test_the_failed_batched_forward_is_freed_before_the_sequential_retry() -> None:
+    # The retry must not run inside the `except` block: its traceback keeps the failed forward's
+    # frame, and so its activations, alive.
+    failed: list[weakref.ref[Tensor]] = []
+    alive_at_retry: list[bool] = []
+
+    def predict(x: Tensor, *, encoder_hidden_states: Tensor) -> Tensor:
+        if x.shape[0] > 1:
+            activation = x * 2.0  # stands for the activations of the forward that ran out of memory
+            failed.extend([weakref.ref(activation), weakref.ref(x)])
+            raise torch.OutOfMemoryError("simulated")
+        alive_at_retry.append(any(ref() is not None for ref in failed))
+        return x * encoder_hidden_states.mean()
+
+    ones, zeros = torch.ones(1, 2), torch.zeros(1, 2)
+    conditions = GuidanceConditions({"cond": {"encoder_hidden_states": ones}, "uncond": {"encoder_hidden_states": zeros}})
+    out = guided_prediction(
+        ClassifierFreeGuidance(guidance_scale=3.0),
+        state=None,
+        predict=predict,
+        latents=torch.ones(1, 4),
+        conditions=conditions,
+        step_index=0,
+        num_steps=2,
+        model=nn.Identity(),
+    )
+    assert torch.allclose(out, torch.full((1, 4), 3.0))
+    assert len(failed) == 2 and alive_at_retry == [False, False]
+    assert conditions.sequential_after_oom and conditions._batched == {}  # the concatenation is freed too
+
+
+class SlowStack(nn.Module):
+    """``x -> block(x) + 1`` that sleeps inside the block (releasing the GIL), so threads interleave."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor, **_: Tensor) -> Tensor:
+        time.sleep(0.001)
+        out = self.block(x)
+        time.sleep(0.001)
+        return out + 1.0
+
+
+def test_threads_sharing_a_model_neither_collide_nor_see_each_others_perturbation() -> None:
+    model = SlowStack().eval()
+    x = torch.randn(1, 4)
+    with torch.no_grad():
+        plain = model(x)
+    skipped = x + 1.0  # the block skipped
+    guiders = {
+        "perturbed": SkipLayerGuidance(
+            skip_layer_guidance_layers=["block"], guidance_scale=1.0, skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0
+        ),
+        "plain": ClassifierFreeGuidance(guidance_scale=2.0),
+    }
+    conditions = {"cond": {}, "uncond": {}}
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def worker(kind: str) -> None:
+        guider = guiders[kind]
+        try:
+            start.wait()
+            for step in range(1, 16):
+                with torch.no_grad():
+                    out = guided_prediction(
+                        guider, state=None, predict=model, latents=x, conditions=conditions,
+                        step_index=step, num_steps=16, model=model,
+                    )
+                # perturbed: skipped + 2.8 * (plain - skipped); plain CFG of equal predictions: plain
+                expected = skipped + 2.8 * (plain - skipped) if kind == "perturbed" else plain
+                assert torch.allclose(out, expected, atol=1e-6), f"{kind} step {step} saw another thread's pass"
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(kind,)) for kind in ("perturbed", "perturbed", "plain", "plain")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors, errors[0]
+    assert not any(thread.is_alive() for thread in threads)
+    assert hook_counts(model) == [(name, 0) for name, _ in model.named_modules()]
+
+
+def test_model_lock_lets_plain_passes_overlap_and_a_perturbed_pass_run_alone() -> None:
+    lock = model_lock(nn.Identity())
+    lock.acquire_plain()
+    lock.acquire_plain()  # two plain passes at once (two threads in real use)
+    entered = threading.Event()
+
+    def perturbed() -> None:
+        lock.acquire_perturbed()
+        entered.set()
+        lock.release_perturbed()
+
+    thread = threading.Thread(target=perturbed)
+    thread.start()
+    assert not entered.wait(0.05)  # waits for both plain passes
+    lock.release_plain()
+    assert not entered.wait(0.05)
+    lock.release_plain()
+    assert entered.wait(5)
+    thread.join()

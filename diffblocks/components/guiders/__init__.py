@@ -17,6 +17,7 @@ from diffblocks.components.guiders.cfg_zero_star import ClassifierFreeZeroStarGu
 from diffblocks.components.guiders.classifier_free import ClassifierFreeGuidance
 from diffblocks.components.guiders.families import FAMILIES, Family
 from diffblocks.components.guiders.frequency_decoupled import FrequencyDecoupledGuidance
+from diffblocks.components.guiders.locking import ModelLock, model_lock
 from diffblocks.components.guiders.magnitude_aware import MagnitudeAwareGuidance
 from diffblocks.components.guiders.perturbations import (
     AbstractPerturbation,
@@ -52,6 +53,7 @@ __all__ = [
     "GuiderState",
     "IdentityAttention",
     "MagnitudeAwareGuidance",
+    "ModelLock",
     "MomentumState",
     "PerturbedAttentionGuidance",
     "SkipBlocks",
@@ -61,5 +63,6 @@ __all__ = [
     "TangentialClassifierFreeGuidance",
     "guided_prediction",
     "guider_from_config",
+    "model_lock",
     "register_guider",
 ]

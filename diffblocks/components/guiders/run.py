@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from diffblocks.components.guiders.base import AbstractGuider, GuidancePass, GuiderState
+from diffblocks.components.guiders.locking import ModelLock, model_lock
 
 Predict = Callable[..., Tensor]
 """``predict(latents, **condition_tensors) -> prediction``: the denoiser at the current step."""
@@ -49,6 +50,11 @@ class GuidanceConditions(Mapping[str, Mapping[str, Tensor]]):
             found = self._batched[names] = _concatenate(self._conditions, names)
         return found
 
+    def fall_back_to_sequential(self) -> None:
+        """Run the passes one by one for the rest of the call, and free the concatenated conditions."""
+        self.sequential_after_oom = True
+        self._batched.clear()
+
 
 def _concatenate(conditions: Mapping[str, Mapping[str, Tensor]], names: tuple[str, ...]) -> dict[str, Tensor]:
     return {key: torch.cat([conditions[name][key] for name in names]) for key in conditions[names[0]]}
@@ -69,9 +75,14 @@ def guided_prediction(
     """Make the predictions ``guider`` asks for at this step and return their guided combination.
 
     With ``batched=True`` every unperturbed pass runs in one forward: latents and each condition
-    tensor are concatenated along the batch and the output split back. Each perturbed pass runs on
-    its own with its perturbation injected into ``model`` and always ejected afterwards.
-    ``batched=False`` runs one forward per pass (less memory).
+    tensor are concatenated along the batch and the output split back; if that forward runs out of
+    memory, the passes run one by one (for the rest of the call with :class:`GuidanceConditions`).
+    Each perturbed pass runs on its own with its perturbation injected into ``model`` and always
+    ejected afterwards. ``batched=False`` runs one forward per pass (less memory).
+
+    Threads may share ``model``: a perturbed pass holds the model's lock alone (no other forward
+    made through this function runs meanwhile), plain passes share it. Forwards of ``model`` made
+    outside this function are not held back and would see an injected perturbation.
 
     Args:
         guider: the guidance rule.
@@ -90,27 +101,56 @@ def guided_prediction(
     predictions: list[Any] = [None] * len(passes)
     plain = [i for i, p in enumerate(passes) if p.perturbation is None]
     sticky = isinstance(conditions, GuidanceConditions)
+    lock = model_lock(model)
     if batched and len(plain) > 1 and not (sticky and conditions.sequential_after_oom):
         names = tuple(passes[i].condition for i in plain)
-        inputs = conditions.batched(names) if sticky else _concatenate(conditions, names)
-        try:
-            output = predict(torch.cat([latents] * len(plain)), **inputs)
-        except torch.OutOfMemoryError:
+        output = _batched(predict, latents, conditions, names, lock)
+        if output is None:
             # batched guidance is a speed choice, not a requirement: out of memory, run the passes
             # one by one, for the rest of the call when the conditions can remember it
             if sticky:
-                conditions.sequential_after_oom = True
+                conditions.fall_back_to_sequential()
             torch.cuda.empty_cache()
-            output = torch.cat([predict(latents, **conditions[passes[i].condition]) for i in plain])
+            lock.acquire_plain()
+            try:
+                output = torch.cat([predict(latents, **conditions[passes[i].condition]) for i in plain])
+            finally:
+                lock.release_plain()
         for i, chunk in zip(plain, output.chunk(len(plain))):
             predictions[i] = chunk
-    else:
-        for i in plain:
-            predictions[i] = predict(latents, **conditions[passes[i].condition])
+    elif plain:
+        lock.acquire_plain()
+        try:
+            for i in plain:
+                predictions[i] = predict(latents, **conditions[passes[i].condition])
+        finally:
+            lock.release_plain()
     for i, guidance_pass in enumerate(passes):
         if guidance_pass.perturbation is not None:
-            predictions[i] = _perturbed(guidance_pass, predict, latents, conditions, model)
+            predictions[i] = _perturbed(guidance_pass, predict, latents, conditions, model, lock)
     return guider.combine(predictions, state=state, step_index=step_index, num_steps=num_steps)
+
+
+def _batched(
+    predict: Predict,
+    latents: Tensor,
+    conditions: Mapping[str, Mapping[str, Tensor]],
+    names: tuple[str, ...],
+    lock: ModelLock,
+) -> Tensor | None:
+    """One forward of the passes ``names`` concatenated along the batch, or None when it ran out of memory.
+
+    The retry belongs to the caller, after this returns: inside the ``except`` block the traceback
+    would keep the failed forward's activations alive during the retry.
+    """
+    inputs = conditions.batched(names) if isinstance(conditions, GuidanceConditions) else _concatenate(conditions, names)
+    lock.acquire_plain()
+    try:
+        return predict(torch.cat([latents] * len(names)), **inputs)
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        lock.release_plain()
 
 
 def _perturbed(
@@ -119,14 +159,19 @@ def _perturbed(
     latents: Tensor,
     conditions: Mapping[str, Mapping[str, Tensor]],
     model: nn.Module,
+    lock: ModelLock,
 ) -> Tensor:
     perturbation = guidance_pass.perturbation
     assert perturbation is not None
-    perturbation.inject(model)
+    lock.acquire_perturbed()
     try:
-        return predict(latents, **conditions[guidance_pass.condition])
+        perturbation.inject(model)
+        try:
+            return predict(latents, **conditions[guidance_pass.condition])
+        finally:
+            perturbation.eject(model)
     finally:
-        perturbation.eject(model)
+        lock.release_perturbed()
 
 
 __all__ = ["GuidanceConditions", "Predict", "guided_prediction"]
