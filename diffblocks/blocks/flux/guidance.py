@@ -12,7 +12,7 @@ from torch import Tensor
 from diffblocks.blocks.block import Block, BlockIO, component
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.flux.defaults import resolve_steps
-from diffblocks.blocks.standard.guidance import Guidance
+from diffblocks.blocks.standard.guidance import Guidance, check_guider
 from diffblocks.blocks.standard.latents import placement
 from diffblocks.blocks.types import Float
 from diffblocks.components.guiders import AbstractGuider, GuidanceConditions
@@ -20,7 +20,12 @@ from diffblocks.components.models.flux import FluxTransformer2DModel, prepare_te
 
 _MSG_NO_NEGATIVE = (
     "{who} makes an unconditional prediction, which Flux makes from a negative prompt, and none was given: "
-    'pass negative_prompt ("" for the empty prompt), or leave true_cfg_scale at 1 (off)'
+    'pass negative_prompt ("" for the empty prompt), or {fix}'
+)
+_FIX_SCALE = "leave true_cfg_scale at 1 (off)"
+_FIX_GUIDER = (
+    "turn the guider's classifier-free guidance off (guidance_scale=1; perturbing guiders made with "
+    'for_family("flux") guide with their perturbed pass alone)'
 )
 
 
@@ -36,7 +41,13 @@ class PrepareFluxGuidance(Block):
     (schnell has no guidance embedder and ignores it). True classifier-free guidance is the
     guider's job: its scale is ``true_cfg_scale`` when given, and the default guider's scale of 1
     runs no extra pass; above 1 each step also predicts from ``negative_prompt``, as diffusers'
-    ``FluxPipeline`` does with ``true_cfg_scale > 1``.
+    ``FluxPipeline`` does with ``true_cfg_scale > 1``. A negative prompt is required only when the
+    guider asks for an unconditional pass: perturbing guiders made with ``for_family("flux")``
+    guide with their perturbed pass alone and need none.
+
+    The guider is checked before the call runs: its perturbed layers against the transformer, and
+    its settings against Flux's packed ``(batch, tokens, channels)`` predictions (so
+    frequency-decoupled guidance, which needs image-shaped predictions, is refused up front).
     """
 
     class Inputs(BlockIO):
@@ -59,11 +70,15 @@ class PrepareFluxGuidance(Block):
     def check(self, user_inputs: Mapping[str, Any]) -> None:
         scale = user_inputs.get("true_cfg_scale")
         guider = self._guider(scale)
+        check_guider(guider, model=self.transformer, shape=(None, None, None))  # packed tokens
         if user_inputs.get("negative_prompt") is None:
             steps = resolve_steps(user_inputs.get("num_inference_steps"), user_inputs.get("sigmas"), self.transformer)
             if needs_unconditional(guider, steps):
-                who = f"true_cfg_scale {scale}" if scale is not None else f"the guider {guider!r}"
-                raise FieldError("negative_prompt", _MSG_NO_NEGATIVE.format(who=who))
+                if scale is not None:
+                    message = _MSG_NO_NEGATIVE.format(who=f"true_cfg_scale {scale}", fix=_FIX_SCALE)
+                else:
+                    message = _MSG_NO_NEGATIVE.format(who=f"the guider {guider!r}", fix=_FIX_GUIDER)
+                raise FieldError("negative_prompt", message)
 
     def __call__(self, inputs: Inputs) -> Outputs:
         device, dtype = placement(self.transformer)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,8 +11,28 @@ from torch import Tensor, nn
 
 from diffblocks.blocks.block import Block, BlockIO, component
 from diffblocks.blocks.errors import FieldError
+from diffblocks.blocks.types import Float
 from diffblocks.components.guiders import AbstractGuider, GuidanceConditions, GuiderState, guided_prediction
 from diffblocks.components.guiders.run import Predict
+
+
+def check_guider(guider: AbstractGuider, *, model: nn.Module | None, shape: Sequence[int | None]) -> None:
+    """Check ``guider`` against the denoiser and its prediction shape before any step runs.
+
+    Args:
+        guider: the guider of this call (with its overrides).
+        model: the denoiser perturbations hook into; None skips the layer check.
+        shape: one pass's prediction shape, ``None`` where a size is not known yet.
+
+    Raises:
+        FieldError: on ``guider``, with the guider's own message (field, value and fix).
+    """
+    try:
+        if model is not None:
+            guider.check_model(model)
+        guider.check_predictions(shape)
+    except ValueError as err:
+        raise FieldError("guider", str(err)) from err
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,25 +68,40 @@ class Guidance:
 
 
 class PrepareGuidance(Block):
-    """Apply per-call overrides (``guidance_scale``) to the guider and pair the conditions for its passes."""
+    """Apply per-call overrides (``guidance_scale``) to the guider and pair the conditions for its passes.
+
+    The guider is checked before the call runs: perturbed layers against ``unet`` and settings
+    against 4-D predictions; settings that depend on the latent size (frequency-decoupled levels)
+    against ``latents`` here, before the denoising loop. A per-call ``guidance_scale`` must be
+    >= 0 (a guard against typos); a negative CFG scale is set on the guider itself.
+    """
 
     class Inputs(BlockIO):
         conditioning: dict[str, Tensor]
         negative_conditioning: dict[str, Tensor]
         guidance_scale: float | None = Field(None, ge=0.0, description="override the guider's scale for this call")
         guidance_batched: bool = Field(True, description="run the guidance passes as one batched forward")
+        latents: Float["batch channels height width"] | None = Field(
+            None, description="the starting latents, to check latent-size settings of the guider"
+        )
 
     class Outputs(BlockIO):
         guidance: Guidance
 
     guider: AbstractGuider = component(description="the guidance rule (CFG, APG, PAG, ...)")
+    unet: nn.Module = component(optional=True, description="the denoiser; perturbed layers are checked against it")
 
     def check(self, user_inputs: Mapping[str, Any]) -> None:
         if user_inputs.get("guidance_scale") is not None and "guidance_scale" not in type(self.guider).model_fields:
             raise FieldError("guidance_scale", f"{type(self.guider).__name__} has no guidance_scale to override")
+        latents = user_inputs.get("latents")
+        given = isinstance(latents, Tensor) and latents.ndim == 4
+        check_guider(self.guider, model=self.unet, shape=tuple(latents.shape) if given else (None,) * 4)
 
     def __call__(self, inputs: Inputs) -> Outputs:
         guider = self.guider
+        if inputs.latents is not None:
+            check_guider(guider, model=None, shape=tuple(inputs.latents.shape))
         if inputs.guidance_scale is not None and inputs.guidance_scale != getattr(guider, "guidance_scale", None):
             guider = type(guider).model_validate({**guider.model_dump(), "guidance_scale": inputs.guidance_scale})
         conditions = GuidanceConditions({"cond": inputs.conditioning, "uncond": inputs.negative_conditioning})
