@@ -208,14 +208,17 @@ def _swap_components(pipe: Any, args: argparse.Namespace) -> None:
         embedded = _embeds_guidance(pipe)
         if "guidance_scale" not in cls.model_fields and args.guidance is not None and not embedded:
             raise CommandError(f"--guidance: {args.guider} has no guidance scale")
-        scale = None if embedded else args.guidance  # Flux: --guidance goes to the model, the guider keeps its own
-        if scale is None:
+        family = pipe.preset.family if pipe.preset is not None and pipe.preset.family in GUIDER_FAMILIES else None
+        if "family" in cls.model_fields and family is not None:
+            # guiders that perturb the denoiser take their default layers (and, on Flux, scales) from the family
+            settings["family"] = family
+        # the scale: --guidance, else the current guider's; on Flux --guidance is the model's own input,
+        # and a guider with family settings keeps the family's scale
+        scale = None if embedded else args.guidance
+        if scale is None and not (embedded and "family" in settings):
             scale = getattr(pipe.components["guider"], "guidance_scale", None)
         if scale is not None and "guidance_scale" in cls.model_fields:
             settings["guidance_scale"] = scale
-        if "family" in cls.model_fields and pipe.preset is not None and pipe.preset.family in GUIDER_FAMILIES:
-            # guiders that perturb the denoiser take their default layers from the model's family
-            settings["family"] = pipe.preset.family
         pipe.update_components(guider=cls(**settings))
 
 

@@ -136,3 +136,16 @@ def test_generate_on_flux_gives_guidance_to_the_model_even_with_a_guider(tmp_pat
     plain = _pixels(tmp_path / "plain.png")
     assert np.array_equal(_pixels(tmp_path / "cfg.png"), plain)
     assert not np.array_equal(_pixels(tmp_path / "weak.png"), plain)  # the embedded guidance did change the image
+
+
+@pytest.mark.parametrize("guider", ["PerturbedAttentionGuidance", "AutoGuidance"])
+def test_generate_on_flux_uses_the_family_settings_of_perturbing_guiders(guider: str, tmp_path: Path) -> None:
+    """On Flux a perturbing guider guides by its perturbation alone: no negative prompt, and not a no-op."""
+    from tests.presets.flux_fixtures import tiny_flux
+
+    repo = tiny_flux(tmp_path / "flux", double_blocks=10)
+    # ten steps: PAG perturbs only from 1 % to 20 % of the schedule, which two steps would miss
+    common = ["generate", "a red circle", "--model", str(repo), "--size", "32", "--steps", "10", "--no-progress"]
+    assert main([*common, "-o", str(tmp_path / "plain.png")]) == 0
+    assert main([*common, "--guider", guider, "-o", str(tmp_path / "guided.png")]) == 0
+    assert not np.array_equal(_pixels(tmp_path / "guided.png"), _pixels(tmp_path / "plain.png"))

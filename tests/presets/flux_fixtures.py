@@ -12,10 +12,11 @@ from tests.conftest import CLIP_TOKENIZER_DIR, T5_TOKENIZER_DIR
 VAE_SCALE_FACTOR = 8
 
 
-def tiny_flux(folder: Path, *, guidance_embeds: bool = True) -> Path:
+def tiny_flux(folder: Path, *, guidance_embeds: bool = True, double_blocks: int = 1) -> Path:
     """Save a tiny FluxPipeline (random weights, real CLIP and T5 tokenizers) to ``folder``.
 
     ``guidance_embeds=True`` is shaped like dev (dynamic shifting), False like schnell (no shift).
+    ``double_blocks=10`` gives the transformer the blocks that Flux's default guider layers name.
     """
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
@@ -24,7 +25,7 @@ def tiny_flux(folder: Path, *, guidance_embeds: bool = True) -> Path:
     transformer = diffusers.FluxTransformer2DModel(
         patch_size=1,
         in_channels=64,
-        num_layers=1,
+        num_layers=double_blocks,
         num_single_layers=1,
         attention_head_dim=16,
         num_attention_heads=2,

@@ -38,16 +38,7 @@ FAMILY_GUIDERS = (PerturbedAttentionGuidance, SkipLayerGuidance, SmoothedEnergyG
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny dev repository with a transformer of ten double-stream blocks, so Flux's default layers exist."""
-    import diffusers
-
-    folder = tiny_flux(tmp_path_factory.mktemp("flux_guiders") / "dev")
-    torch.manual_seed(0)
-    transformer = diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=10, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6),
-    )
-    transformer.save_pretrained(folder / "transformer")
-    return folder
+    return tiny_flux(tmp_path_factory.mktemp("flux_guiders") / "dev", double_blocks=10)
 
 
 @pytest.fixture(scope="module")
