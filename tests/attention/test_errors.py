@@ -188,3 +188,14 @@ def test_a_mask_with_is_causal_is_refused_by_every_backend(name: str) -> None:
     mask = torch.ones(1, 1, 6, 6, dtype=torch.bool)
     with attention_backend(name), pytest.raises(AttentionInputError, match="not both"):
         attention(q, k, v, mask=mask, is_causal=True)
+
+
+def test_fused_kernels_refuse_a_strided_head_dim_before_running() -> None:
+    """SDPA's fused kernels read each head's vector as one row: a strided head_dim is refused, not run."""
+    q, k, v = qkv(seq_k=6)
+    v = torch.randn(*v.shape[:-1], 2 * v.shape[-1])[..., ::2]  # every second element: stride 2 along head_dim
+    with attention_checks(), attention_backend("sdpa_flash"), pytest.raises(UnsupportedAttentionError) as info:
+        attention(q, k, v)
+    assert "v must have stride 1 along head_dim with this kernel (pass .contiguous())" in str(info.value)
+    with attention_backend("sdpa"):
+        torch.testing.assert_close(attention(q, k, v), attention(q, k, v.contiguous()))  # the default copes

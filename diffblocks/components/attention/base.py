@@ -97,6 +97,9 @@ class AbstractAttentionBackend(ABC):
             reasons.append(f"head_dim {head_dim} exceeds the maximum {rules.max_head_dim}")
         if not rules.distinct_value_head_dim and v.shape[-1] != head_dim:
             reasons.append(f"v head_dim {v.shape[-1]} must equal the q/k head_dim {head_dim}")
+        strided = [name for name, tensor in (("q", q), ("k", k), ("v", v)) if tensor.stride(-1) != 1]
+        if rules.unit_head_stride and strided:
+            reasons.append(f"{', '.join(strided)} must have stride 1 along head_dim with this kernel (pass .contiguous())")
         if rules.min_cuda_capability is not None and device.type == "cuda":
             capability = torch.cuda.get_device_capability(device)
             if capability < rules.min_cuda_capability:

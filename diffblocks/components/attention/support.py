@@ -48,6 +48,8 @@ class DeviceSupport:
         min_cuda_capability: smallest CUDA compute capability, (major, minor), or None.
         key_length_multiple: seq_k must be a multiple of this (kernels that leave a partial
             last key block unmasked).
+        unit_head_stride: q, k and v need stride 1 along head_dim (fused kernels that read each
+            head's vector as one contiguous row).
     """
 
     dtypes: frozenset[torch.dtype]
@@ -58,6 +60,7 @@ class DeviceSupport:
     distinct_value_head_dim: bool = True
     min_cuda_capability: tuple[int, int] | None = None
     key_length_multiple: int = 1
+    unit_head_stride: bool = False
 
     def __post_init__(self) -> None:
         if not self.dtypes:

@@ -67,9 +67,10 @@ class SdpaFlashBackend(AbstractForcedSdpaBackend):
     name = AttentionBackendName.SDPA_FLASH.value
     kernel = SDPBackend.FLASH_ATTENTION
     support = {
-        "cpu": DeviceSupport(dtypes=FLOAT_DTYPES, distinct_value_head_dim=False),
+        "cpu": DeviceSupport(dtypes=FLOAT_DTYPES, distinct_value_head_dim=False, unit_head_stride=True),
         "cuda": DeviceSupport(
             dtypes=HALF_DTYPES,
+            unit_head_stride=True,
             bool_mask=False,
             additive_mask=False,
             causal=CausalSupport.EQUAL_LENGTHS,
@@ -88,9 +89,7 @@ class SdpaEfficientBackend(AbstractForcedSdpaBackend):
     name = AttentionBackendName.SDPA_EFFICIENT.value
     kernel = SDPBackend.EFFICIENT_ATTENTION
     support = {
-        "cuda": DeviceSupport(
-            dtypes=HALF_DTYPES | {torch.float32}, min_cuda_capability=(5, 0)
-        ),
+        "cuda": DeviceSupport(dtypes=HALF_DTYPES | {torch.float32}, min_cuda_capability=(5, 0), unit_head_stride=True),
     }
 
 
@@ -101,7 +100,9 @@ class SdpaCudnnBackend(AbstractForcedSdpaBackend):
 
     name = AttentionBackendName.SDPA_CUDNN.value
     kernel = SDPBackend.CUDNN_ATTENTION
-    support = {"cuda": DeviceSupport(dtypes=HALF_DTYPES, max_head_dim=256, min_cuda_capability=(8, 0))}
+    support = {
+        "cuda": DeviceSupport(dtypes=HALF_DTYPES, max_head_dim=256, min_cuda_capability=(8, 0), unit_head_stride=True)
+    }
 
 
 __all__ = [
