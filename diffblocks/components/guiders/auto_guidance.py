@@ -55,6 +55,9 @@ class AutoGuidance(AbstractPerturbedGuider):
     def make_perturbation(self, layers: tuple[str, ...]) -> SkipBlocks:
         return SkipBlocks(layers, dropout=self.dropout)
 
+    def layer_config_settings(self) -> dict[str, object]:
+        return {"skip_attention": True, "skip_attention_scores": False, "skip_ff": True, "dropout": self.dropout}
+
     def passes(self, step_index: int, num_steps: int) -> tuple[GuidancePass, ...]:
         return self._guided if self.guides(step_index, num_steps) else COND_ONLY
 

@@ -38,6 +38,21 @@ SKIP_LAYERS: Mapping[str, tuple[str, ...]] = MappingProxyType(
     }
 )
 
+# How the defaults above that name a container, not one block, are written for diffusers, which
+# names layers by a block list and indices in it. A UNet's mid block holds one transformer
+# (``attentions.0``, so ``mid_block`` is its self-attentions); the transformer's depth depends on
+# the model, and no model is at hand when a guider is saved, so it is the family's released one:
+# 1 block in SD 1.x and the tiny model, 10 in SDXL base. Flux's defaults are single blocks already.
+def _unet_stacks(depth: int) -> Mapping[str, tuple[str, tuple[int, ...]]]:
+    return MappingProxyType(
+        {"mid_block": ("mid_block.attentions", (0,)), _UNET_MID_BLOCKS[0]: (_UNET_MID_BLOCKS[0], tuple(range(depth)))}
+    )
+
+
+LAYER_STACKS: Mapping[str, Mapping[str, tuple[str, tuple[int, ...]]]] = MappingProxyType(
+    {"sd15": _unet_stacks(1), "sdxl": _unet_stacks(10), "flux": MappingProxyType({}), "tiny": _unet_stacks(1)}
+)
+
 # Settings a family implies unless given. PAG, SLG and SEG on Flux: CFG off (scale 1), the
 # perturbed term only, so no negative prompt is needed and each step makes two forwards, not three.
 CONDITION_SETTINGS: Mapping[str, Mapping[str, object]] = MappingProxyType({"flux": {"guidance_scale": 1.0}})
@@ -48,4 +63,12 @@ AUTO_GUIDANCE_SETTINGS: Mapping[str, Mapping[str, object]] = MappingProxyType(
     {"flux": {"guidance_scale": 2.8, "weak_condition": "cond"}}
 )
 
-__all__ = ["ATTENTION_LAYERS", "AUTO_GUIDANCE_SETTINGS", "CONDITION_SETTINGS", "FAMILIES", "Family", "SKIP_LAYERS"]
+__all__ = [
+    "ATTENTION_LAYERS",
+    "AUTO_GUIDANCE_SETTINGS",
+    "CONDITION_SETTINGS",
+    "FAMILIES",
+    "Family",
+    "LAYER_STACKS",
+    "SKIP_LAYERS",
+]

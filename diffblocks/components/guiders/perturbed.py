@@ -3,7 +3,8 @@
 Layers are given per model family (``family="sdxl"``) or as explicit diffusers module paths; the
 perturbation is built once, at construction. Diffusers configs that name layers by index
 (``skip_layer_guidance_layers=[7, 8]``) or by ``LayerSkipConfig`` dicts (``fqn`` and ``indices``)
-are read too; an index without ``fqn`` means ``transformer_blocks.<index>``.
+are read too; an index without ``fqn`` means ``transformer_blocks.<index>``. Configs are written
+in the dict form (:mod:`~diffblocks.components.guiders.layer_configs`) so diffusers can load them.
 """
 
 from __future__ import annotations
@@ -24,11 +25,16 @@ from diffblocks.components.guiders.base import (
     GuidancePass,
     GuiderState,
 )
-from diffblocks.components.guiders.families import CONDITION_SETTINGS, FAMILIES, Family
+from diffblocks.components.guiders.families import CONDITION_SETTINGS, FAMILIES, LAYER_STACKS, Family
+from diffblocks.components.guiders.layer_configs import (
+    DEFAULT_STACK,
+    Stack,
+    paths_of_stacks,
+    stacks_from_configs,
+    stacks_of_paths,
+)
 from diffblocks.components.guiders.perturbations import AbstractPerturbation
 from diffblocks.components.guiders.rules import guide
-
-_DEFAULT_STACK = "transformer_blocks"  # diffusers' "auto" block list for DiTs
 
 
 def _as_paths(value: Any) -> Any:
@@ -36,26 +42,18 @@ def _as_paths(value: Any) -> Any:
     if value is None:
         return None
     items: list[Any] = [value] if isinstance(value, (str, int)) else list(value)
-    return tuple(f"{_DEFAULT_STACK}.{item}" if isinstance(item, int) else item for item in items)
+    return tuple(f"{DEFAULT_STACK}.{item}" if isinstance(item, int) else item for item in items)
+
+
+def _plain_paths(value: Any) -> tuple[str, ...] | None:
+    """``value`` as module paths when it is a valid layers value, else None (pydantic reports it)."""
+    if not isinstance(value, (str, int, list, tuple)):
+        return None
+    paths = _as_paths(value)
+    return paths if all(isinstance(path, str) for path in paths) else None
 
 
 LayerPaths = Annotated[tuple[str, ...] | None, BeforeValidator(_as_paths)]
-
-
-def _paths_from_layer_configs(configs: Any) -> tuple[tuple[str, ...], float | None]:
-    """Module paths (and dropout) from diffusers ``LayerSkipConfig``-style dicts."""
-    items: list[dict[str, Any]] = [configs] if isinstance(configs, dict) else list(configs)
-    paths: list[str] = []
-    dropouts: set[float] = set()
-    for item in items:
-        stack = str(item.get("fqn", "auto"))
-        prefix = _DEFAULT_STACK if stack == "auto" else stack
-        indices: int | list[int] = item["indices"]
-        paths += [f"{prefix}.{i}" for i in ([indices] if isinstance(indices, int) else indices)]
-        dropouts.add(float(item.get("dropout", 1.0)))
-    if len(dropouts) > 1:
-        raise ValueError(f"Layer configs with different dropouts {sorted(dropouts)} are not supported; use one.")
-    return tuple(paths), dropouts.pop() if dropouts else None
 
 
 class AbstractPerturbedGuider(AbstractClassifierFreeGuider):
@@ -94,17 +92,26 @@ class AbstractPerturbedGuider(AbstractClassifierFreeGuider):
 
     @model_validator(mode="before")
     @classmethod
-    def _read_layer_configs(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or cls.layer_config_key not in data:
+    def _read_layers(cls, data: Any) -> Any:
+        """Read a diffusers layer config as module paths; layers written as the family default are it."""
+        if not isinstance(data, dict):
             return data
         values: dict[str, Any] = dict(data)  # pyright: ignore[reportUnknownArgumentType] - pydantic's raw input
-        configs = values.pop(cls.layer_config_key)
+        configs = values.pop(cls.layer_config_key, None)
+        written: tuple[Stack, ...] | None = None
         if configs is not None:
             if values.get(cls.layers_field) is not None:
                 raise ValueError(f"Give {cls.layers_field} or {cls.layer_config_key}, not both.")
-            values[cls.layers_field], dropout = _paths_from_layer_configs(configs)
+            written, dropout = stacks_from_configs(configs)
+            values[cls.layers_field] = paths_of_stacks(written)
             if dropout is not None and "dropout" in cls.model_fields:
                 values.setdefault("dropout", dropout)
+        family, layers = values.get("family"), _plain_paths(values.get(cls.layers_field))
+        if layers is not None and isinstance(family, str) and family in cls.default_layers:
+            containers = LAYER_STACKS[family]
+            written = written or stacks_of_paths(layers, containers=containers)
+            if written is not None and written == stacks_of_paths(cls.default_layers[family], containers=containers):
+                values[cls.layers_field] = None  # the family default, however it was spelt
         return values
 
     @model_validator(mode="after")
@@ -144,6 +151,35 @@ class AbstractPerturbedGuider(AbstractClassifierFreeGuider):
     @abstractmethod
     def make_perturbation(self, layers: tuple[str, ...]) -> AbstractPerturbation:
         """The perturbation of ``layers`` with this guider's settings."""
+
+    @abstractmethod
+    def layer_config_settings(self) -> dict[str, object]:
+        """Keys besides ``fqn`` and ``indices`` of each dict written under ``layer_config_key``."""
+
+    def layer_stacks(self) -> tuple[Stack, ...] | None:
+        """The perturbed layers as diffusers names them (block lists and indices), or None if it cannot.
+
+        Family defaults always have this form; a family's container paths (a UNet mid block) are
+        mapped to indices by its released architecture (:data:`~diffblocks.components.guiders.families.LAYER_STACKS`).
+        Explicit paths have it when each ends in a block index.
+        """
+        given: tuple[str, ...] | None = getattr(self, self.layers_field)
+        layers = self.perturbation.targets if given is None else given
+        return stacks_of_paths(layers, containers=LAYER_STACKS[self.family] if self.family else {})
+
+    def to_config(self) -> dict[str, Any]:
+        """JSON-ready settings; the layers are written under ``layer_config_key`` in diffusers' form.
+
+        Layers without that form (an attention layer inside a block, a block list outside a family)
+        stay module paths under ``layers_field``, which only diffblocks can apply.
+        """
+        config = super().to_config()
+        stacks = self.layer_stacks()
+        if stacks is not None:
+            extra = self.layer_config_settings()
+            config[self.layers_field] = None
+            config[self.layer_config_key] = [{"fqn": fqn, "indices": list(idx), **extra} for fqn, idx in stacks]
+        return config
 
 
 class AbstractPerturbedConditionGuider(AbstractPerturbedGuider):

@@ -47,5 +47,9 @@ class PerturbedAttentionGuidance(AbstractPerturbedConditionGuider):
     def make_perturbation(self, layers: tuple[str, ...]) -> IdentityAttention:
         return IdentityAttention(layers)
 
+    def layer_config_settings(self) -> dict[str, object]:
+        # Diffusers' PAG swaps the attention map of each self-attention in the blocks, nothing else.
+        return {"skip_attention": False, "skip_attention_scores": True, "skip_ff": False, "dropout": 1.0}
+
 
 __all__ = ["PerturbedAttentionGuidance"]

@@ -41,5 +41,9 @@ class SkipLayerGuidance(AbstractPerturbedConditionGuider):
     def make_perturbation(self, layers: tuple[str, ...]) -> SkipBlocks:
         return SkipBlocks(layers)
 
+    def layer_config_settings(self) -> dict[str, object]:
+        # Attention and feed-forward both skipped: diffusers skips the whole block.
+        return {"skip_attention": True, "skip_attention_scores": False, "skip_ff": True, "dropout": 1.0}
+
 
 __all__ = ["SkipLayerGuidance"]

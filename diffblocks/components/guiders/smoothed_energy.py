@@ -50,5 +50,8 @@ class SmoothedEnergyGuidance(AbstractPerturbedConditionGuider):
     def make_perturbation(self, layers: tuple[str, ...]) -> SmoothedQueries:
         return SmoothedQueries(layers, blur_sigma=self.seg_blur_sigma, blur_threshold_inf=self.seg_blur_threshold_inf)
 
+    def layer_config_settings(self) -> dict[str, object]:
+        return {}  # diffusers' SmoothedEnergyGuidanceConfig holds only the blocks
+
 
 __all__ = ["SmoothedEnergyGuidance"]
