@@ -45,10 +45,12 @@ def attention(
     if is_dynamo_compiling():
         # ContextVar.get would break the graph; the mirror is a plain global dynamo can guard on
         kernel = COMPILE_MIRROR[0]
-        _refuse_mask_with_causal(kernel, mask=mask, is_causal=is_causal)
+        if is_causal and mask is not None:
+            _refuse_mask_with_causal(kernel)
         return kernel.forward(q, k, v, mask=mask, scale=scale, is_causal=is_causal)
     kernel = ACTIVE.get()
-    _refuse_mask_with_causal(kernel, mask=mask, is_causal=is_causal)
+    if is_causal and mask is not None:  # checked inline: a function call per attention layer is not free
+        _refuse_mask_with_causal(kernel)
     try:
         return kernel.forward(q, k, v, mask=mask, scale=scale, is_causal=is_causal)
     except ATTENTION_ERRORS:
@@ -60,12 +62,12 @@ def attention(
         raise explained from error
 
 
-def _refuse_mask_with_causal(kernel: Kernel, *, mask: Tensor | None, is_causal: bool) -> None:
+def _refuse_mask_with_causal(kernel: Kernel) -> None:
     """Backends disagree on a mask together with ``is_causal`` (some apply both, some only the mask).
 
     Checks mode reports it among the call's other problems; otherwise it is refused here, alone.
     """
-    if mask is not None and is_causal and not isinstance(kernel, CheckedAttentionBackend):
+    if not isinstance(kernel, CheckedAttentionBackend):
         raise AttentionInputError(backend=kernel.name, reasons=[MASK_WITH_CAUSAL])
 
 

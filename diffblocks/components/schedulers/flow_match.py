@@ -154,7 +154,7 @@ class FlowMatchEulerDiscreteScheduler(SigmaRespacingMixin, AbstractScheduler):
         else:
             # diffusers' arithmetic, so that bf16 runs match too: the step is a difference of float32
             # sigmas, and as a 0-d tensor it is cast to the model output's dtype before the product
-            dt = torch.tensor(sigma_next, dtype=torch.float32) - torch.tensor(sigma, dtype=torch.float32)
+            dt = torch.tensor(np.float32(sigma_next) - np.float32(sigma))
             prev_sample = sample + dt * model_output
         return prev_sample.to(model_output.dtype)
 
