@@ -43,8 +43,11 @@ class AdaLayerNormZero(nn.Module):
     def forward(
         self, x: Float[Tensor, "batch seq dim"], temb: Float[Tensor, "batch dim"]
     ) -> tuple[Tensor, tuple[ModulationOut, ...]]:
-        """Return the first triple applied to ``norm(x)``, and all triples in checkpoint order."""
-        chunks = self.linear(F.silu(temb))[:, None, :].chunk(3 * self.num_modulations, dim=-1)
+        """The first triple applied to ``norm(x)``, and all triples in checkpoint order.
+
+        ``temb`` is the conditioning already passed through SiLU (the transformer applies it once).
+        """
+        chunks = self.linear(temb)[:, None, :].chunk(3 * self.num_modulations, dim=-1)
         mods = tuple(ModulationOut(*chunks[i : i + 3]) for i in range(0, len(chunks), 3))
         return mods[0].apply(self.norm(x)), mods
 
@@ -58,7 +61,8 @@ class AdaLayerNormContinuous(nn.Module):
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
     def forward(self, x: Float[Tensor, "batch seq dim"], temb: Float[Tensor, "batch dim"]) -> Tensor:
-        scale, shift = self.linear(F.silu(temb).to(x.dtype))[:, None, :].chunk(2, dim=-1)
+        """``temb`` is the conditioning already passed through SiLU (the transformer applies it once)."""
+        scale, shift = self.linear(temb.to(x.dtype))[:, None, :].chunk(2, dim=-1)
         return self.norm(x) * (1 + scale) + shift
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import final
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -102,7 +103,8 @@ class FluxTransformer2DModel(AbstractModel[FluxParams]):
         timestep = timestep.to(hidden_states.dtype) * 1000
         if guidance is not None:
             guidance = guidance.to(hidden_states.dtype) * 1000
-        temb = self.time_text_embed(timestep, pooled_projections, guidance=guidance)
+        # every adaLN reads SiLU(temb): applied once here rather than in each of the ~60 norms
+        temb = F.silu(self.time_text_embed(timestep, pooled_projections, guidance=guidance))
         encoder_hidden_states = self.context_embedder(encoder_hidden_states)
         rope = self.pos_embed(torch.cat([txt_ids, img_ids], dim=0))
 
