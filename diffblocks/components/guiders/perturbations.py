@@ -279,6 +279,11 @@ class SmoothedQueries(AbstractPerturbation):
 
     blur_sigma: float = 9999999.0
     blur_threshold_inf: float = 9999.0
+    # the grid of the last ``img_ids`` seen: kept across inject/eject, since the same ids come back
+    # every step and reading them is a device sync
+    _ids_grid: list[tuple[ReferenceType[Tensor], tuple[int, int]]] = field(
+        default_factory=list, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -290,7 +295,7 @@ class SmoothedQueries(AbstractPerturbation):
 
     def _attach(self, model: nn.Module, modules: Sequence[nn.Module], handles: Handles) -> None:
         grid: list[tuple[int, int]] = []  # the image grid of the running forward
-        from_ids: list[tuple[ReferenceType[Tensor], tuple[int, int]]] = []  # the grid of the last ids seen
+        from_ids = self._ids_grid
 
         def record_grid(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             image = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.ndim == 4), None)
@@ -298,7 +303,6 @@ class SmoothedQueries(AbstractPerturbation):
             if image is not None:
                 grid[:] = [(image.shape[-2], image.shape[-1])]
             elif isinstance(ids, Tensor) and ids.ndim >= 2 and ids.shape[-1] >= 3:
-                # The same ids come back every step: read them (a device sync) once per tensor.
                 if not from_ids or from_ids[0][0]() is not ids:
                     from_ids[:] = [(ref(ids), ids_grid(ids))]
                 grid[:] = [from_ids[0][1]]
