@@ -20,7 +20,7 @@ from diffblocks.components.guiders import (
 from diffblocks.components.models.flux import FluxTransformer2DModel
 from diffblocks.components.models.flux.params import FluxParams
 from diffblocks.components.models.unet import UNet2DConditionModel
-from tests.guiders.tiny_denoisers import assert_same, flux_inputs, snapshot, unet_inputs
+from tests.guiders.tiny_denoisers import TINY_FLUX_CONFIG, TINY_UNET_CONFIG, assert_same, flux_inputs, snapshot, unet_inputs
 
 GUIDERS: tuple[type[AbstractPerturbedGuider], ...] = (
     PerturbedAttentionGuidance,
@@ -34,19 +34,7 @@ Denoiser = tuple[nn.Module, Callable[..., Tensor], dict[str, Tensor]]
 @pytest.fixture(scope="module")
 def unet() -> Denoiser:
     torch.manual_seed(0)
-    model = UNet2DConditionModel.from_config(
-        {
-            "sample_size": 8,
-            "block_out_channels": [16, 32],
-            "layers_per_block": 1,
-            "transformer_layers_per_block": [1, 2],
-            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-            "cross_attention_dim": 16,
-            "attention_head_dim": 8,
-            "norm_num_groups": 8,
-        }
-    ).eval()
+    model = UNet2DConditionModel.from_config(TINY_UNET_CONFIG).eval()
     inputs = unet_inputs(height=8, width=12)
 
     def predict(sample: Tensor, *, encoder_hidden_states: Tensor) -> Tensor:
@@ -60,16 +48,7 @@ def unet() -> Denoiser:
 def flux() -> Denoiser:
     torch.manual_seed(0)
     # ten double-stream blocks, so Flux's default layers (transformer_blocks.1, .7-.9) exist
-    params = FluxParams(
-        in_channels=8,
-        num_layers=10,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        pooled_projection_dim=8,
-        axes_dims_rope=(2, 2, 4),
-    )
+    params = FluxParams(**{**TINY_FLUX_CONFIG, "num_layers": 10, "num_single_layers": 1})
     model = FluxTransformer2DModel(params).eval()
     inputs = flux_inputs(rows=4, cols=3)  # a non-square 4x3 token grid
     shared = {k: inputs[k] for k in ("img_ids", "txt_ids")}

@@ -11,22 +11,37 @@ from torch import Tensor, nn
 TXT_LEN = 6
 
 
+# diffusers config keys, so the same dicts build diffusers' models and ours (``from_config``)
+TINY_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (16, 32),
+    "layers_per_block": 1,
+    "transformer_layers_per_block": (1, 2),
+    "cross_attention_dim": 16,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+}
+TINY_FLUX_CONFIG: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 8,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 16,
+    "pooled_projection_dim": 8,
+    "axes_dims_rope": (2, 2, 4),
+}
+
+
 def tiny_unet() -> UNet2DConditionModel:
     """Two levels; the mid block holds two transformer blocks, like SDXL's stack of ten."""
     torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        transformer_layers_per_block=(1, 2),
-        cross_attention_dim=16,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    ).eval()
+    return UNet2DConditionModel(**TINY_UNET_CONFIG).eval()
 
 
 def unet_inputs(batch: int = 1, height: int = 8, width: int = 8) -> dict[str, Tensor]:
@@ -40,17 +55,7 @@ def unet_inputs(batch: int = 1, height: int = 8, width: int = 8) -> dict[str, Te
 
 def tiny_flux() -> FluxTransformer2DModel:
     torch.manual_seed(0)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=8,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        pooled_projection_dim=8,
-        axes_dims_rope=(2, 2, 4),
-    ).eval()
+    return FluxTransformer2DModel(**TINY_FLUX_CONFIG).eval()
 
 
 def flux_inputs(batch: int = 1, side: int = 4, *, rows: int | None = None, cols: int | None = None) -> dict[str, Tensor]:
