@@ -7,6 +7,8 @@ reflect-padded up to a power of two. :func:`collapse` inverts :func:`laplacian_p
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
@@ -45,6 +47,7 @@ def padded_size(height: int, width: int, levels: int) -> tuple[int, int]:
     return height, width
 
 
+@functools.cache  # asked again at every step with the same latent size
 def max_levels(height: int, width: int) -> int:
     """The most levels a ``height`` x ``width`` image splits into.
 
