@@ -164,8 +164,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     model = args.model if args.model is not None else str(_builtin_model())
     with _quiet_transformers():
         pipe = Pipeline.from_pretrained(model, device=args.device)
-        _swap_components(pipe, args)
-        inputs = _call_inputs(args, embedded_guidance=_embeds_guidance(pipe))
+        embedded = _embeds_guidance(pipe)
+        _swap_components(pipe, args, embedded_guidance=embedded)
+        inputs = _call_inputs(args, embedded_guidance=embedded)
         out = pipe(**inputs, progress=not args.no_progress)
     paths = _output_paths(args.output, len(out.images))
     for image, path in zip(out.images, paths):
@@ -187,7 +188,7 @@ def _embeds_guidance(pipe: Any) -> bool:
     return pipe.preset is not None and pipe.preset.family == "flux"
 
 
-def _swap_components(pipe: Any, args: argparse.Namespace) -> None:
+def _swap_components(pipe: Any, args: argparse.Namespace, *, embedded_guidance: bool) -> None:
     """Replace the guider and the scheduler as asked, keeping the model's settings where they apply."""
     from diffblocks.components.guiders import FAMILIES as GUIDER_FAMILIES
     from diffblocks.components.guiders import GUIDERS
@@ -205,8 +206,7 @@ def _swap_components(pipe: Any, args: argparse.Namespace) -> None:
     if args.guider is not None:
         cls = GUIDERS[args.guider]
         settings: dict[str, Any] = {}
-        embedded = _embeds_guidance(pipe)
-        if "guidance_scale" not in cls.model_fields and args.guidance is not None and not embedded:
+        if "guidance_scale" not in cls.model_fields and args.guidance is not None and not embedded_guidance:
             raise CommandError(f"--guidance: {args.guider} has no guidance scale")
         family = pipe.preset.family if pipe.preset is not None and pipe.preset.family in GUIDER_FAMILIES else None
         if "family" in cls.model_fields and family is not None:
@@ -214,8 +214,8 @@ def _swap_components(pipe: Any, args: argparse.Namespace) -> None:
             settings["family"] = family
         # the scale: --guidance, else the current guider's; on Flux --guidance is the model's own input,
         # and a guider with family settings keeps the family's scale
-        scale = None if embedded else args.guidance
-        if scale is None and not (embedded and "family" in settings):
+        scale = None if embedded_guidance else args.guidance
+        if scale is None and not (embedded_guidance and "family" in settings):
             scale = getattr(pipe.components["guider"], "guidance_scale", None)
         if scale is not None and "guidance_scale" in cls.model_fields:
             settings["guidance_scale"] = scale
