@@ -1,4 +1,4 @@
-"""Helpers for the attention seam's tests: random inputs and two marker backends (registered on import)."""
+"""Helpers for the attention seam's tests: random inputs, two marker backends and a counting one (registered on import)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,20 @@ class MarkerOne(AbstractMarkerBackend):
 class MarkerTwo(AbstractMarkerBackend):
     name = "test_marker_two"
     marker = 2.0
+
+
+@final
+@register_attention_backend
+class CountingBackend(AbstractAttentionBackend):
+    """Exact attention that counts its calls."""
+
+    name = "test_counting"
+    support = {ANY_DEVICE: DeviceSupport(dtypes=FLOAT_DTYPES)}
+    calls: ClassVar[int] = 0
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, scale: float | None, is_causal: bool) -> Tensor:
+        CountingBackend.calls += 1
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=is_causal)
 
 
 def marker_of(out: Tensor) -> float:

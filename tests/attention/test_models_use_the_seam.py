@@ -3,42 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar, final
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from diffblocks.components.attention import (
-    ANY_DEVICE,
-    AbstractAttentionBackend,
-    DeviceSupport,
-    attention_backend,
-    register_attention_backend,
-)
-from diffblocks.components.attention.support import FLOAT_DTYPES
+from diffblocks.components.attention import attention_backend
 from diffblocks.components.models.autoencoder_kl import AutoencoderKL
 from diffblocks.components.models.flux import FluxTransformer2DModel, prepare_image_ids, prepare_text_ids
 from diffblocks.components.models.flux.layers import JointAttention, SelfAttention
 from diffblocks.components.models.layers.attention import Attention, SpatialSelfAttention
 from diffblocks.components.models.unet import UNet2DConditionModel
+from tests.attention.attention_helpers import CountingBackend
 
 ATTENTION_LAYERS = (Attention, SpatialSelfAttention, SelfAttention, JointAttention)
 Build = Callable[[], tuple[nn.Module, Callable[[nn.Module], Tensor]]]
-
-
-@final
-@register_attention_backend
-class CountingBackend(AbstractAttentionBackend):
-    """Exact attention that counts its calls."""
-
-    name = "test_counting"
-    support = {ANY_DEVICE: DeviceSupport(dtypes=FLOAT_DTYPES)}
-    calls: ClassVar[int] = 0
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None, scale: float | None, is_causal: bool) -> Tensor:
-        CountingBackend.calls += 1
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=is_causal)
 
 
 def _unet() -> tuple[nn.Module, Callable[[nn.Module], Tensor]]:
