@@ -21,7 +21,7 @@ def _env(_: argparse.Namespace) -> int:
     """Print the environment and check that the core works end to end on this machine."""
     import importlib.metadata as md
 
-    from diffblocks import __version__
+    from diffblocks._version import __version__
     from diffblocks.registry import COMPONENTS
 
     print(f"diffblocks {__version__} on Python {platform.python_version()} ({platform.machine()})")

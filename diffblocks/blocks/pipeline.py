@@ -16,6 +16,7 @@ from diffblocks.blocks.checks import Choices, check_components, check_triggers, 
 from diffblocks.blocks.composites import Sequence
 from diffblocks.blocks.errors import InputError, PlanError, Problem
 from diffblocks.blocks.executor import Callback, RunContext, add_location_note, cuda_sync, run_steps
+from diffblocks.blocks.formats import pipeline_format
 from diffblocks.blocks.output import PipelineOutput
 from diffblocks.blocks.plan import Plan, compile_plan, expand_workflows
 from diffblocks.blocks.validation import check_blocks, validate_inputs
@@ -82,27 +83,21 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path_or_repo: str, **kwargs: Any) -> Pipeline:
         """A ready pipeline for a repository in diffusers layout (see :func:`diffblocks.presets.from_pretrained`)."""
-        from diffblocks.presets.loading import from_pretrained
-
-        return from_pretrained(path_or_repo, **kwargs)
+        return pipeline_format().load(path_or_repo, **kwargs)
 
     def save_pretrained(self, folder: str | os.PathLike[str], **options: Any) -> Path:
         """Save components, guider and settings to a folder that :meth:`from_pretrained` (and diffusers) reads.
 
         See :func:`diffblocks.presets.saving.save_pretrained` for the options and rules.
         """
-        from diffblocks.presets.saving import save_pretrained
-
-        return save_pretrained(self, folder, **options)
+        return pipeline_format().save(self, folder, **options)
 
     def push_to_hub(self, repo_id: str, **options: Any) -> CommitInfo:
         """Save to a temporary folder and upload it as one commit (see :func:`diffblocks.presets.publishing.push_to_hub`).
 
         Returns huggingface_hub's ``CommitInfo``.
         """
-        from diffblocks.presets.publishing import push_to_hub
-
-        return push_to_hub(self, repo_id, **options)
+        return pipeline_format().push(self, repo_id, **options)
 
     # --- building -------------------------------------------------------------------------------------------
 

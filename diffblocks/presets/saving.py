@@ -34,7 +34,7 @@ from diffblocks.components.guiders import AbstractGuider
 from diffblocks.components.models import AbstractModel
 from diffblocks.components.schedulers import AbstractScheduler
 from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX
-from diffblocks.presets.loading import FAMILIES
+from diffblocks.presets.families import FAMILIES
 from diffblocks.presets.structure import preset_of
 from diffblocks.registry import Registry, RegistryError
 
