@@ -37,23 +37,29 @@ PROBES: tuple[tuple[str, Callable[[], bool]], ...] = (("cuda", _cuda), ("npu", _
 
 
 def default_device() -> torch.device:
-    """The first available of CUDA, NPU, XPU and MPS, else the CPU.
-
-    Each probe is guarded: a backend whose runtime is missing or broken (a driver that fails to
-    initialise, a plugin that fails to import) counts as absent rather than failing the choice.
+    """The first available of CUDA, NPU, XPU and MPS, else the CPU (see :func:`default_device_type`).
 
     Example:
         >>> import diffblocks
         >>> diffblocks.default_device().type in {"cuda", "npu", "xpu", "mps", "cpu"}
         True
     """
+    return torch.device(default_device_type())
+
+
+def default_device_type() -> str:
+    """``"cuda"``, ``"npu"``, ``"xpu"`` or ``"mps"``: the first whose probe in :data:`PROBES` says yes, else ``"cpu"``.
+
+    Each probe is guarded: a backend whose runtime is missing or broken (a driver that fails to
+    initialise, a plugin that fails to import) counts as absent rather than failing the choice.
+    """
     for device_type, available in PROBES:
         try:
             if available():
-                return torch.device(device_type)
+                return device_type
         except Exception:  # noqa: BLE001 - a broken backend is an absent one; the next is tried
             continue
-    return torch.device("cpu")
+    return "cpu"
 
 
-__all__ = ["PROBES", "default_device"]
+__all__ = ["PROBES", "default_device", "default_device_type"]
