@@ -49,6 +49,7 @@ def test_the_npu_plugin_is_imported_only_when_installed(tmp_path: Path, monkeypa
     assert "torch_npu" not in sys.modules
     plugin = tmp_path / "torch_npu"
     plugin.mkdir()
+    # what the real plugin does on import: add torch.npu
     (plugin / "__init__.py").write_text("import types, torch\ntorch.npu = types.SimpleNamespace(is_available=lambda: True)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     try:

@@ -58,7 +58,7 @@ def test_a_format_is_registered_by_name_and_checked() -> None:
     registry.register(("mylib", "Recording"), _Recording)
     registry.register(("mylib", "NotAFormat"), "collections:OrderedDict")
     assert isinstance(pipeline_format(("mylib", "Recording"), registry=registry), _Recording)
-    with pytest.raises(RegistryError, match="mylib.NotAFormat is collections.OrderedDict, which is not an AbstractPipelineFormat"):
+    with pytest.raises(RegistryError, match="NotAFormat is collections.OrderedDict, which is not an AbstractPipelineFormat"):
         pipeline_format(("mylib", "NotAFormat"), registry=registry)
     with pytest.raises(RegistryError, match="pipeline format mylib.Missing is not allowed"):
         pipeline_format(("mylib", "Missing"), registry=registry)

@@ -141,8 +141,8 @@ def test_unet_configs(config: dict[str, Any]) -> None:
     ours = _ours(UNet2DConditionModel, ref)
     g = torch.Generator().manual_seed(1)
     sample = torch.randn(2, config["in_channels"], 16, 16, generator=g)
-    width = config["cross_attention_dim"] if isinstance(config["cross_attention_dim"], int) else config["cross_attention_dim"][0]
-    context = torch.randn(2, 4, width, generator=g)
+    width = config["cross_attention_dim"]
+    context = torch.randn(2, 4, width if isinstance(width, int) else width[0], generator=g)
     added: dict[str, torch.Tensor] | None = None
     if config.get("addition_embed_type") == "text_time":
         pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
@@ -160,7 +160,8 @@ def test_vae_configs(config: dict[str, Any]) -> None:
     ours = _ours(AutoencoderKL, ref)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     expected = ref(images, sample_posterior=True, generator=torch.Generator().manual_seed(2)).sample
-    assert (ours(images, sample_posterior=True, generator=torch.Generator().manual_seed(2)) - expected).abs().max() <= TOL
+    got = ours(images, sample_posterior=True, generator=torch.Generator().manual_seed(2))
+    assert (got - expected).abs().max() <= TOL
 
 
 @torch.no_grad()
@@ -186,12 +187,12 @@ def test_heads_are_checked_on_the_stages_that_attend() -> None:
 
     from diffblocks.components.models.unet import UNet2DConditionParams
 
-    plain_first = {"block_out_channels": (4, 8), "norm_num_groups": 2, "attention_head_dim": 3,
+    plain_first = {"block_out_channels": (4, 8), "norm_num_groups": 2,
                    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D")}  # fmt: skip
+    attend_first = ("UpBlock2D", "CrossAttnUpBlock2D")  # the last up block runs the first stage
     with pytest.raises(ValidationError, match=r"attention_head_dim 3 .* block_out_channels\[1\] 8 of an attention stage"):
-        UNet2DConditionParams(**plain_first, up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-    # the last up block runs the first stage: with cross-attention there, its heads must divide 4 channels
-    params = UNet2DConditionParams(**{**plain_first, "attention_head_dim": (4, 8)}, up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        UNet2DConditionParams(**plain_first, attention_head_dim=3, up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+    params = UNet2DConditionParams(**plain_first, attention_head_dim=(4, 8), up_block_types=attend_first)
     assert params.attention_stages == (0, 1)
     with pytest.raises(ValidationError, match=r"attention_head_dim 8 .* block_out_channels\[0\] 4"):
-        UNet2DConditionParams(**{**plain_first, "attention_head_dim": 8}, up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        UNet2DConditionParams(**plain_first, attention_head_dim=8, up_block_types=attend_first)
