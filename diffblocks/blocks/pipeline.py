@@ -104,10 +104,10 @@ class Pipeline:
         """Compile the denoiser with ``torch.compile``, in place; by default only the blocks it repeats.
 
         Regional compilation (the UNet's ResNets and spatial transformers, Flux's double and single
-        blocks) compiles in a fraction of the time of the whole model and keeps most of its speed-up;
-        see :func:`~diffblocks.components.models.compile.compile_model`. The model keeps its class and
-        files, and every pipeline sharing it runs it compiled. The first call compiles; later calls
-        of the same shapes are fast.
+        blocks) compiles in a fraction of the time of the whole model; see
+        :func:`~diffblocks.components.models.compile.compile_model` and ``docs/benchmarks.md``. The model
+        keeps its class and files, and every pipeline sharing it runs it compiled. The first call
+        compiles; later calls of the same shapes reuse the compiled code.
 
         Args:
             regional: False compiles the whole model as one graph.

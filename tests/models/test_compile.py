@@ -11,6 +11,7 @@ import torch
 from diffblocks.blocks import Pipeline
 from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.models.compile import compile_model
+from diffblocks.components.models.flux import FluxParams, FluxTransformer2DModel, prepare_image_ids, prepare_text_ids
 from diffblocks.components.models.unet import UNet2DConditionModel
 from diffblocks.presets.tiny.preset import builtin_model_dir
 
@@ -53,6 +54,21 @@ def test_regional_compile_keeps_the_image_and_the_model() -> None:
     regions = [m for m in unet.modules() if m._compiled_call_impl is not None]
     assert {type(m).__name__ for m in regions} == {"ResnetBlock2D", "SpatialTransformer"}
     assert np.abs(_image(pipe) - expected).max() <= 1e-5
+
+
+@torch.no_grad()
+def test_regional_compile_of_flux_compiles_its_double_and_single_blocks() -> None:
+    params = FluxParams(in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))  # fmt: skip
+    model = FluxTransformer2DModel(params).eval()
+    inputs = {"encoder_hidden_states": torch.randn(1, 3, 32), "pooled_projections": torch.randn(1, 32),
+              "timestep": torch.tensor([0.5]), "img_ids": prepare_image_ids(2, 2), "txt_ids": prepare_text_ids(3)}  # fmt: skip
+    x = torch.randn(1, 4, 4)
+    expected = model(x, **inputs)
+    compile_model(model, backend="eager")
+    regions = [type(m).__name__ for m in model.modules() if m._compiled_call_impl is not None]
+    assert regions == ["FluxTransformerBlock"] * 2 + ["FluxSingleTransformerBlock"] * 2
+    assert (model(x, **inputs) - expected).abs().max() <= 1e-6
 
 
 def test_compile_errors_name_the_fix() -> None:

@@ -4,9 +4,9 @@ A denoiser is a stack of a few block classes repeated many times (SD's UNet: Res
 transformers; Flux: 19 double and 38 single blocks). Compiling each repeated block instead of the
 whole network lets blocks of one class reuse one compiled graph (PyTorch inlines module parameters
 as inputs), so compile time grows with the number of distinct blocks rather than the size of the
-network, while most of the steady-state speed-up remains: the recipe of PyTorch's "Reducing
-torch.compile cold start compilation time with regional compilation" tutorial, and of diffusers'
-``compile_repeated_blocks``.
+network: the recipe of PyTorch's "Reducing torch.compile cold start compilation time with regional
+compilation" tutorial, and of diffusers' ``compile_repeated_blocks``. Each compiled region costs a
+little per call (guards, wrappers), which small models on a CPU feel (``docs/benchmarks.md``).
 
 Compilation is in place (``nn.Module.compile``): the model keeps its class, its state dict and its
 identity, so the components manager, the plan's checks and saving see the same model, and every
