@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict
 from pydantic.fields import FieldInfo
+
+from diffblocks.blocks.fields import Produced
 
 _MSG_UNBOUND = (
     "block {block!r} has no component {name!r} bound: blocks get their components from a Pipeline. "
@@ -76,9 +79,31 @@ def component(*, optional: bool = False, description: str = "") -> Any:
 
 
 class AbstractBlock(ABC):
-    """Anything that can stand in a pipeline: a leaf :class:`Block` or a composite."""
+    """Anything that can stand in a pipeline: a leaf :class:`Block` or a composite.
+
+    A block tree is seen through :meth:`children` and rebuilt through :meth:`replace_children`;
+    :func:`diffblocks.blocks.walk` visits it with paths.
+    """
 
     name: str
+
+    def children(self) -> tuple[AbstractBlock, ...]:
+        """The blocks directly inside this one, in order (a leaf has none)."""
+        return ()
+
+    def child_names(self) -> tuple[str, ...]:
+        """The path segment of each child: its name in a sequence or loop, its branch name in a switch."""
+        return tuple(child.name for child in self.children())
+
+    def replace_children(self, children: tuple[AbstractBlock, ...]) -> Self:
+        """This block with other children, as a new block; the original is unchanged."""
+        if children:
+            raise ValueError(f"block {self.name!r} is a leaf and cannot hold blocks")
+        return self
+
+    @abstractmethod
+    def renamed(self, name: str) -> Self:
+        """This block under another name, as a new block; the original is unchanged."""
 
     def __repr__(self) -> str:
         from diffblocks.blocks.introspect import render_tree
@@ -116,6 +141,21 @@ class Block(AbstractBlock):
         """Give this block its components directly (pipelines do this; useful in unit tests)."""
         self._bound = components
         return self
+
+    def unbound(self) -> Self:
+        """A copy of this block with no components bound.
+
+        A pipeline keeps such copies, so it never shares a leaf (and the components bound to it)
+        with the caller's tree or with another pipeline.
+        """
+        clone = copy.copy(self)
+        clone._bound = {}
+        return clone
+
+    def renamed(self, name: str) -> Self:
+        clone = self.unbound()
+        clone.name = name
+        return clone
 
     @classmethod
     def components(cls) -> dict[str, ComponentDecl]:
@@ -161,9 +201,10 @@ def _type_hints(cls: type) -> dict[str, Any]:
 
 
 def field_type(field: FieldInfo) -> Any:
-    """The declared annotation of a pydantic field (with its metadata re-attached)."""
+    """The declared annotation of a pydantic field (with its metadata re-attached, less the :func:`produced` marker)."""
     annotation = field.annotation
-    if field.metadata:
-        return typing.Annotated[(annotation, *field.metadata)]  # type: ignore[misc]
+    metadata = [m for m in field.metadata if not isinstance(m, Produced)]
+    if metadata:
+        return typing.Annotated[(annotation, *metadata)]  # type: ignore[misc]
     return annotation
 

@@ -150,5 +150,6 @@ def test_switch_lists_workflows_and_hands_back_one() -> None:
 def test_pipeline_owns_a_copy_of_the_blocks() -> None:
     blocks = toy_blocks()
     pipe = Pipeline(blocks, COMPONENTS)
-    blocks.remove("decode")
+    assert blocks.remove("decode").names == ("set_timesteps", "prepare_latents", "denoise")
     assert "decode" in pipe.blocks.names  # type: ignore[attr-defined]
+    assert all(mine is not theirs for mine, theirs in zip(pipe.blocks.children(), blocks.children()))
