@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.fields import produced
 from diffblocks.blocks.standard.guidance import Guidance
 from diffblocks.blocks.types import Float
 from diffblocks.components.models.flux import FluxTransformer2DModel
@@ -20,10 +21,10 @@ class PredictFlow(Block):
     class Inputs(BlockIO):
         latents: Float["batch seq channels"]
         t: Tensor
-        guidance: Guidance
-        embedded_guidance: Float["one"] | None
-        image_ids: Float["seq 3"]
-        text_ids: Float["seq 3"]
+        guidance: Guidance = produced(description="the guider and its passes for this run")
+        embedded_guidance: Float["one"] | None = produced(description="dev's embedded guidance scale")
+        image_ids: Float["seq 3"] = produced(description="the latent tokens' positions")
+        text_ids: Float["seq 3"] = produced(description="the text tokens' positions")
         step_index: int
         num_steps: int
 

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from diffblocks.blocks.block import Block, BlockIO, component
 from diffblocks.blocks.errors import FieldError
+from diffblocks.blocks.fields import produced
 from diffblocks.blocks.flux.defaults import resolve_steps
 from diffblocks.blocks.standard.guidance import Guidance, check_guider
 from diffblocks.blocks.standard.latents import placement
@@ -51,8 +52,8 @@ class PrepareFluxGuidance(Block):
     """
 
     class Inputs(BlockIO):
-        conditioning: dict[str, Tensor]
-        negative_conditioning: dict[str, Tensor] | None
+        conditioning: dict[str, Tensor] = produced(description="the prompt's embeddings")
+        negative_conditioning: dict[str, Tensor] | None = produced(description="the negative prompt's embeddings")
         guidance_scale: float = Field(3.5, ge=0.0, description="dev's embedded guidance; schnell ignores it")
         true_cfg_scale: float | None = Field(
             None, ge=0.0, description="classifier-free guidance against negative_prompt; overrides the guider's scale"

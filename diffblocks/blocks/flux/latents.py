@@ -10,6 +10,7 @@ from pydantic import Field
 
 from diffblocks.blocks.block import Block, BlockIO, component
 from diffblocks.blocks.errors import FieldError
+from diffblocks.blocks.fields import produced
 from diffblocks.blocks.sd.encode import as_list
 from diffblocks.blocks.standard.images import ImageLike, image_size, normalize, snap_size, to_tensor
 from diffblocks.blocks.standard.latents import check_generator, placement, repeat_images
@@ -132,10 +133,10 @@ class PrepareFluxImageLatents(Block):
     """Encode the image, noise it to the first kept sigma (``sigma * noise + (1 - sigma) * x0``), and pack it."""
 
     class Inputs(BlockIO):
-        pixels: Float["batch 3 height width"]
+        pixels: Float["batch 3 height width"] = produced(description="the image as a tensor in [-1, 1]")
         batch_size: int
         generator: Generator | None = None
-        schedule: SchedulerState
+        schedule: SchedulerState = produced(description="the scheduler's state for this run")
 
     class Outputs(BlockIO):
         latents: Float["batch seq channels"]

@@ -7,6 +7,7 @@ from pydantic import Field
 from torch import Tensor
 
 from diffblocks.blocks.block import Block, BlockConfig, BlockIO, component
+from diffblocks.blocks.fields import produced
 from diffblocks.components.models.unet import UNet2DConditionModel
 
 Size = tuple[int, int]
@@ -27,8 +28,8 @@ class PrepareTimeIds(Block):
     """
 
     class Inputs(BlockIO):
-        conditioning: dict[str, Tensor]
-        negative_conditioning: dict[str, Tensor]
+        conditioning: dict[str, Tensor] = produced(description="the prompt's embeddings")
+        negative_conditioning: dict[str, Tensor] = produced(description="the negative prompt's embeddings")
         height: int
         width: int
         original_size: Size | None = Field(None, description="(height, width) the image seems to come from (default: the run's)")

@@ -7,6 +7,7 @@ from typing import Any
 from torch import Tensor
 
 from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.fields import produced
 from diffblocks.blocks.standard.guidance import Guidance
 from diffblocks.blocks.types import Float
 from diffblocks.components.models.unet import UNet2DConditionModel
@@ -19,7 +20,7 @@ class ScaleModelInput(Block):
 
     class Inputs(BlockIO):
         latents: Float["batch channels height width"]
-        schedule: SchedulerState
+        schedule: SchedulerState = produced(description="the scheduler's state for this run")
         step_index: int
 
     class Outputs(BlockIO):
@@ -35,9 +36,9 @@ class PredictNoise(Block):
     """Run the UNet for every pass the guider asks for and combine them into one guided prediction."""
 
     class Inputs(BlockIO):
-        model_input: Float["batch channels height width"]
+        model_input: Float["batch channels height width"] = produced(description="the latents scaled for the model")
         t: Tensor
-        guidance: Guidance
+        guidance: Guidance = produced(description="the guider and its passes for this run")
         step_index: int
         num_steps: int
 
@@ -69,8 +70,8 @@ class SchedulerStep(Block):
 
     class Inputs(BlockIO):
         latents: Float["batch ..."]
-        noise_pred: Float["batch ..."]
-        schedule: SchedulerState
+        noise_pred: Float["batch ..."] = produced(description="the guided prediction")
+        schedule: SchedulerState = produced(description="the scheduler's state for this run")
         step_index: int
         generator: Generator | None = None
 

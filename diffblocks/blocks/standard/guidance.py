@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from diffblocks.blocks.block import Block, BlockIO, component
 from diffblocks.blocks.errors import FieldError
+from diffblocks.blocks.fields import produced
 from diffblocks.blocks.types import Float
 from diffblocks.components.guiders import AbstractGuider, GuidanceConditions, GuiderState, guided_prediction
 from diffblocks.components.guiders.run import Predict
@@ -77,8 +78,8 @@ class PrepareGuidance(Block):
     """
 
     class Inputs(BlockIO):
-        conditioning: dict[str, Tensor]
-        negative_conditioning: dict[str, Tensor]
+        conditioning: dict[str, Tensor] = produced(description="the prompt's embeddings")
+        negative_conditioning: dict[str, Tensor] = produced(description="the negative prompt's embeddings")
         guidance_scale: float | None = Field(None, ge=0.0, description="override the guider's scale for this call")
         guidance_batched: bool = Field(True, description="run the guidance passes as one batched forward")
         latents: Float["batch channels height width"] | None = Field(

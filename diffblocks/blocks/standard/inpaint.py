@@ -16,6 +16,7 @@ from torch import Tensor
 
 from diffblocks.blocks.block import Block, BlockIO, component
 from diffblocks.blocks.errors import FieldError
+from diffblocks.blocks.fields import produced
 from diffblocks.blocks.standard.images import ImageLike, image_size, normalize, snap_size, to_tensor
 from diffblocks.blocks.standard.inpaint_loop import inpaint_mode
 from diffblocks.blocks.standard.latents import check_generator, check_size, placement, repeat_images
@@ -82,11 +83,11 @@ class PrepareInpaintLatents(Block):
     """Starting latents: the image's latents noised to the first step, or pure noise at ``strength`` 1."""
 
     class Inputs(BlockIO):
-        pixels: Float["batch channels height width"]
+        pixels: Float["batch channels height width"] = produced(description="the image as a tensor in [-1, 1]")
         batch_size: int
         generator: Generator | None = Field(None, description="a torch.Generator (or one per image) for reproducible noise")
         latents: Float["batch channels height width"] | None = Field(None, description="start from this noise")
-        schedule: SchedulerState
+        schedule: SchedulerState = produced(description="the scheduler's state for this run")
         strength: float = Field(1.0, gt=0.0, le=1.0, description=_STRENGTH)
 
     class Outputs(BlockIO):
@@ -131,8 +132,8 @@ class PrepareMaskLatents(Block):
     """The mask on the latent grid, and the latents of the image with the repainted part blanked out."""
 
     class Inputs(BlockIO):
-        pixels: Float["batch channels height width"]
-        pixel_mask: Float["batch channels height width"]
+        pixels: Float["batch channels height width"] = produced(description="the image as a tensor in [-1, 1]")
+        pixel_mask: Float["batch channels height width"] = produced(description="the mask as 0/1 at the image's size")
         batch_size: int
         generator: Generator | None = None
 

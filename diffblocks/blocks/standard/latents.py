@@ -10,6 +10,7 @@ from pydantic import Field
 
 from diffblocks.blocks.block import Block, BlockIO, component
 from diffblocks.blocks.errors import FieldError
+from diffblocks.blocks.fields import produced
 from diffblocks.blocks.standard.images import ImageLike, image_size, normalize, snap_size, to_tensor
 from diffblocks.blocks.standard.vae import encode_latents, vae_scale_factor
 from diffblocks.blocks.types import Float
@@ -62,7 +63,7 @@ class PrepareLatents(Block):
         batch_size: int
         generator: Generator | None = Field(None, description="a torch.Generator (or one per image) for reproducible noise")
         latents: Float["batch channels height width"] | None = Field(None, description="start from these latents")
-        schedule: SchedulerState
+        schedule: SchedulerState = produced(description="the scheduler's state for this run")
 
     class Outputs(BlockIO):
         latents: Float["batch channels height width"]
@@ -112,7 +113,7 @@ class PrepareImageLatents(Block):
         width: int | None = Field(None, description="resize the image to this width (default: its own, snapped)")
         batch_size: int
         generator: Generator | None = None
-        schedule: SchedulerState
+        schedule: SchedulerState = produced(description="the scheduler's state for this run")
 
     class Outputs(BlockIO):
         latents: Float["batch channels height width"]
