@@ -31,7 +31,9 @@ class SwitchPoint:
 def switch_points(root: AbstractBlock) -> tuple[SwitchPoint, ...]:
     """Every switch of a tree in walk order (the order :func:`~diffblocks.blocks.plan.expand_workflows` chooses in)."""
     return tuple(
-        SwitchPoint(node.path, node.label, node.block, _within(node)) for node in walk(root) if isinstance(node.block, Switch)
+        SwitchPoint(node.path, node.label, node.block, _within(node))
+        for node in walk(root)
+        if isinstance(node.block, Switch)
     )
 
 

@@ -73,7 +73,9 @@ def _named(owner: str, blocks: tuple[AbstractBlock, ...]) -> tuple[AbstractBlock
         if not isinstance(block, AbstractBlock):
             raise TypeError(f"{owner!r}: expected a block, got {type(block).__name__}")
         if block.name in seen:
-            raise ValueError(f"{owner!r} already has a block named {block.name!r}: give one of them another name (name=...)")
+            raise ValueError(
+                f"{owner!r} already has a block named {block.name!r}: give one of them another name (name=...)"
+            )
         seen.add(block.name)
     return blocks
 
@@ -203,7 +205,8 @@ class Switch(AbstractComposite):
                 f"switch {self.name!r} has {len(self.branches)} branches ({', '.join(self.workflows)}), "
                 f"not {len(children)}: blocks are added and removed inside a branch, not beside it"
             )
-        return Switch(*(dataclasses.replace(b, block=child) for b, child in zip(self.branches, children)), name=self.name)
+        branches = (dataclasses.replace(b, block=child) for b, child in zip(self.branches, children))
+        return Switch(*branches, name=self.name)
 
     def renamed(self, name: str) -> Switch:
         return Switch(*self.branches, name=name)

@@ -240,7 +240,7 @@ class Pipeline:
 
     @property
     def blocks(self) -> AbstractBlock:
-        """The pipeline's block tree, an immutable value (edit the pipeline through replace_block / insert_block / remove_block)."""
+        """The pipeline's block tree, an immutable value (edit through replace_block / insert_block / remove_block)."""
         return self._root
 
     @property

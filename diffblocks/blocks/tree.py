@@ -100,8 +100,10 @@ def replaced(root: AbstractBlock, path: str, block: AbstractBlock) -> AbstractBl
     return _rebuilt(root, parent_path, swap)
 
 
-def inserted(root: AbstractBlock, block: AbstractBlock, *, before: str | None = None, after: str | None = None) -> AbstractBlock:
-    """A new tree with ``block`` before or after the block at a dotted path (at the root's end when neither is given)."""
+def inserted(
+    root: AbstractBlock, block: AbstractBlock, *, before: str | None = None, after: str | None = None
+) -> AbstractBlock:
+    """A new tree with ``block`` before or after the block at a dotted path (at the root's end when neither given)."""
     if not isinstance(block, AbstractBlock):
         raise TypeError(f"{root.name!r}: expected a block, got {type(block).__name__}")
     if before is not None and after is not None:

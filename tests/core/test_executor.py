@@ -220,7 +220,10 @@ def nested() -> Pipeline:
 
 def test_nested_loops_run_every_iteration_with_timings_and_callbacks() -> None:
     seen: list[tuple[str, int, int]] = []
-    out = nested()(timings=True, progress=False, callbacks=[lambda info: seen.append((info.loop, info.step_index, info.num_steps))])
+    def record(info: StepInfo) -> None:
+        seen.append((info.loop, info.step_index, info.num_steps))
+
+    out = nested()(timings=True, progress=False, callbacks=[record])
     assert out.total == sum(10 * i + j for i in range(3) for j in range(2))
     assert out.timings is not None and set(out.timings) == {"ranges", "outer", "outer.inner", "outer.inner.tally"}
     assert out.timings["outer"] >= out.timings["outer.inner"] >= out.timings["outer.inner.tally"]

@@ -16,7 +16,8 @@ def shape(tree: AbstractBlock) -> list[tuple[str, str, str]]:
 
 def test_sequence_children_and_rebuild() -> None:
     seq = toy_blocks()
-    assert seq.children() == seq.blocks and seq.child_names() == ("set_timesteps", "prepare_latents", "denoise", "decode")
+    assert seq.children() == seq.blocks
+    assert seq.child_names() == ("set_timesteps", "prepare_latents", "denoise", "decode")
     decode = Decode(name="decode")
     rebuilt = seq.replace_children((*seq.children()[:3], decode))
     assert isinstance(rebuilt, Sequence) and rebuilt.name == "toy" and rebuilt["decode"] is decode
@@ -29,7 +30,8 @@ def test_loop_children_and_rebuild_keep_its_settings() -> None:
     loop = Loop(Predict(), name="denoise", over="sigmas", item="sigma", index="i", count="n")
     rebuilt = loop.replace_children((Predict(), Update()))
     assert rebuilt.child_names() == ("predict", "update") and loop.child_names() == ("predict",)
-    assert (rebuilt.name, rebuilt.over, rebuilt.item, rebuilt.index, rebuilt.count) == ("denoise", "sigmas", "sigma", "i", "n")
+    settings = (rebuilt.name, rebuilt.over, rebuilt.item, rebuilt.index, rebuilt.count)
+    assert settings == ("denoise", "sigmas", "sigma", "i", "n")
     assert not isinstance(loop, Sequence)  # walkers need no "a Sequence but not a Loop" guard
 
 
