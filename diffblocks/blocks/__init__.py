@@ -1,6 +1,6 @@
 """Blocks: the typed steps, their composites, the checked plan and the executor."""
 
-from diffblocks.blocks.block import AbstractBlock, Block, BlockConfig, BlockIO, ComponentDecl, NoIO, component
+from diffblocks.blocks.block import AbstractBlock, Block, BlockConfig, BlockIO, ComponentDecl, NoIO, component, known
 from diffblocks.blocks.composites import Branch, Loop, Sequence, Switch
 from diffblocks.blocks.errors import FieldError, InputError, PlanError, Problem
 from diffblocks.blocks.executor import StepInfo
@@ -35,4 +35,5 @@ __all__ = [
     "TensorSpec",
     "block_doc",
     "component",
+    "known",
 ]

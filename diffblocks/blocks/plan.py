@@ -29,6 +29,7 @@ class Step:
     inputs: tuple[str, ...]
     input_cls: type[BlockIO]
     output_cls: type[BlockIO]
+    given: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +143,7 @@ class _FlowChecker:
     def _visit_leaf(self, block: Block, path: str) -> Step:
         self._position += 1
         self.blocks.append((path, block))
+        given = tuple(name for name in block.input_fields() if name not in self.available)
         for name, info in block.input_fields().items():
             if name in RESERVED_INPUTS:
                 self.problems.append(
@@ -152,7 +154,7 @@ class _FlowChecker:
         for name, info in block.output_fields().items():
             self.available[name] = (field_type(info), path)
             self._produced_at.setdefault(name, []).append((self._position, path, self._loop, name in inputs))
-        return Step(path, block, tuple(block.input_fields()), block.Inputs, block.Outputs)
+        return Step(path, block, tuple(block.input_fields()), block.Inputs, block.Outputs, given)
 
     def _consume(self, name: str, required: Any, info: FieldInfo, path: str, block: AbstractBlock) -> None:
         if name in self.available:
