@@ -95,8 +95,18 @@ class PrepareLatents(Block):
                 raise ValueError(f"latents have shape {tuple(inputs.latents.shape)}, expected {shape}")
             latents = inputs.latents.to(device=device, dtype=dtype)
         else:
-            latents = randn_tensor(shape, generator=inputs.generator, device=device, dtype=dtype)
+            latents = self.noise(shape, inputs.generator, device=device, dtype=dtype)
         return self.Outputs(latents=latents * inputs.schedule.init_noise_sigma, height=height, width=width)
+
+    def noise(
+        self, shape: tuple[int, ...], generator: Generator | None, *, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The starting noise, unit Gaussian as diffusers draws it (so a seed gives diffusers' image).
+
+        Override it to start from other noise (offset or pyramid noise, a shared seed per batch);
+        the scheduler's initial sigma is applied after.
+        """
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
 
 class PrepareImageLatents(Block):
