@@ -1,6 +1,6 @@
 """Blocks: the typed steps, their composites, the checked plan and the executor."""
 
-from diffblocks.blocks.block import AbstractBlock, Block, BlockConfig, BlockIO, ComponentDecl, NoIO, component
+from diffblocks.blocks.block import AbstractBlock, Block, BlockConfig, BlockIO, ComponentDecl, NoIO, component, known
 from diffblocks.blocks.composites import Branch, Loop, Sequence, Switch
 from diffblocks.blocks.errors import FieldError, InputError, PlanError, Problem
 from diffblocks.blocks.executor import StepInfo
@@ -40,4 +40,5 @@ __all__ = [
     "component",
     "produced",
     "walk",
+    "known",
 ]

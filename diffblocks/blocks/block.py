@@ -131,10 +131,15 @@ class Block(AbstractBlock):
     def __call__(self, inputs: Any) -> Any:
         """Run the step on validated ``Inputs`` and return ``Outputs``."""
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
-        """Check user inputs once per call, before any block runs (override to add cross-field or component checks).
+    def check(self, inputs: Any) -> None:
+        """Check this block's inputs once per call, before any block runs; override to add checks.
 
-        Raise ``ValueError`` with a message that names the field; the pipeline reports it with this block's path.
+        ``inputs`` is this block's own ``Inputs``, holding what the caller gave (defaults filled
+        in). An input that an earlier block produces is not known yet: it is absent from
+        ``inputs.model_fields_set`` (read it with :func:`known`). Check values together or against
+        the components (``self.vae``) and raise :class:`FieldError` naming the field; the pipeline
+        reports every block's problems at once, with the block's path. Values known only at run
+        time are checked in ``__call__``: a ``FieldError`` raised there is reported the same way.
         """
 
     def bind(self, components: Mapping[str, Any]) -> Block:
@@ -183,6 +188,15 @@ class Block(AbstractBlock):
             return f"{inspect.getsourcefile(cls)}:{line}"
         except (OSError, TypeError):
             return cls.__module__
+
+
+def known(inputs: BlockIO, name: str) -> Any:
+    """The value of input ``name`` when the caller gave it (or its default applies), else None.
+
+    In :meth:`Block.check`, inputs that earlier blocks produce are not known yet; this reads an
+    input that is the caller's in one pipeline and a block's output in another.
+    """
+    return inputs.__dict__.get(name) if name in inputs.model_fields_set else None
 
 
 def default_block_name(cls: type) -> str:

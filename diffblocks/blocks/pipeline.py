@@ -20,7 +20,7 @@ from diffblocks.blocks.checks import (
     choose_workflow,
     switch_points,
 )
-from diffblocks.blocks.errors import InputError, PlanError, Problem
+from diffblocks.blocks.errors import FieldError, InputError, PlanError, Problem
 from diffblocks.blocks.executor import Callback, RunContext, add_location_note, cuda_sync, run_steps
 from diffblocks.blocks.output import PipelineOutput
 from diffblocks.blocks.plan import Choices, Plan, compile_plan, expand_workflows
@@ -168,6 +168,9 @@ class Pipeline:
             check_blocks(plan, state, context=context)
             with mode:
                 run_steps(plan.steps, state, run)
+        except FieldError as err:
+            # a block refused a value only known at run time (e.g. one an earlier block resolved)
+            raise InputError([Problem(run.current, err.field, str(err))], context=context) from err
         except Exception as err:
             add_location_note(err, run, plan.workflow)
             raise

@@ -14,6 +14,7 @@ from diffblocks.blocks.flux import (
     FluxSetImageTimesteps,
     FluxSetTimesteps,
     PredictFlow,
+    PrepareFluxConditions,
     PrepareFluxGuidance,
     PrepareFluxImageLatents,
     PrepareFluxLatents,
@@ -52,9 +53,10 @@ def flux_blocks() -> Sequence:
     )
     return Sequence(
         FluxDefaults(),
+        PrepareFluxGuidance(),
         FluxEncodePrompt(),
         start,
-        PrepareFluxGuidance(),
+        PrepareFluxConditions(),
         denoise_loop(),
         UnpackLatents(),
         DecodeImages(),

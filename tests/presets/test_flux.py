@@ -16,6 +16,7 @@ from diffblocks.blocks.flux import (
     FluxEncodePrompt,
     FluxSetImageTimesteps,
     FluxSetTimesteps,
+    PrepareFluxConditions,
     PrepareFluxGuidance,
     PrepareFluxLatents,
     UnpackLatents,
@@ -248,10 +249,13 @@ def test_latents_are_packed_with_their_ids_and_unpack_back(ours: dict[str, Pipel
 
 def test_guidance_set_up_per_variant(ours: dict[str, Pipeline]) -> None:
     conditioning = {"encoder_hidden_states": torch.zeros(1, 8, 32), "pooled_projections": torch.zeros(1, 32)}
-    inputs = PrepareFluxGuidance.Inputs(conditioning=conditioning, negative_conditioning=None, guidance_scale=5.0)
+    inputs = PrepareFluxGuidance.Inputs(guidance_scale=5.0, num_inference_steps=4)
     dev = PrepareFluxGuidance().bind(ours["dev"].components)(inputs)
     assert dev.embedded_guidance is not None and dev.embedded_guidance.tolist() == [5.0]
-    assert list(dev.guidance.conditions) == ["cond"] and dev.text_ids.shape == (8, 3)
+    conditions = PrepareFluxConditions().bind(ours["dev"].components)(
+        PrepareFluxConditions.Inputs(conditioning=conditioning, negative_conditioning=None, call_guider=dev.call_guider)
+    )
+    assert list(conditions.guidance.conditions) == ["cond"] and conditions.text_ids.shape == (8, 3)
     assert PrepareFluxGuidance().bind(ours["schnell"].components)(inputs).embedded_guidance is None
 
 

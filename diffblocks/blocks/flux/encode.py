@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from pydantic import Field
 from torch import Tensor
 from transformers import CLIPTextModel, PreTrainedTokenizerBase, T5EncoderModel
 
-from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.sd.encode import Prompt, as_list, clip_embeddings, paired
 
@@ -26,13 +23,16 @@ def t5_embeddings(
     return encoder(ids.to(device))[0].to(encoder.dtype)
 
 
-def check_flux_prompts(user_inputs: Mapping[str, Any]) -> None:
+def check_flux_prompts(inputs: BlockIO) -> None:
     """Every prompt list must pair one-to-one with ``prompt`` (a single string is used for every prompt)."""
-    count = len(as_list(user_inputs["prompt"]))
+    prompt = known(inputs, "prompt")
+    if prompt is None:
+        return  # made by an earlier block: not known before the run
+    count = len(as_list(prompt))
     if not count:
         raise FieldError("prompt", "prompt is an empty list; give at least one prompt")
     for name in ("prompt_2", "negative_prompt", "negative_prompt_2"):
-        value = user_inputs.get(name)
+        value = known(inputs, name)
         if isinstance(value, list) and len(value) not in (1, count):
             raise FieldError(name, f"{name} has {len(value)} entries but prompt has {count}; give one per prompt (or one for all)")
 
@@ -63,8 +63,8 @@ class FluxEncodePrompt(Block):
     text_encoder_2: T5EncoderModel = component(description="T5 v1.1 XXL encoder")
     tokenizer_2: PreTrainedTokenizerBase = component()
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
-        check_flux_prompts(user_inputs)
+    def check(self, inputs: Inputs) -> None:
+        check_flux_prompts(inputs)
 
     def __call__(self, inputs: Inputs) -> Outputs:
         prompts = as_list(inputs.prompt)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from pydantic import Field
 from torch import Tensor
 from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
-from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
 
 Prompt = str | list[str]
@@ -28,12 +25,13 @@ def paired(texts: Prompt | None, fallback: list[str], count: int) -> list[str]:
     return items * count if len(items) == 1 and count > 1 else items
 
 
-def check_prompts(user_inputs: Mapping[str, Any]) -> None:
+def check_prompts(prompt: Prompt | None, negative: Prompt | None) -> None:
     """A negative prompt list must pair one-to-one with the prompt list."""
-    prompts = as_list(user_inputs["prompt"])
+    if prompt is None:
+        return  # made by an earlier block: not known before the run
+    prompts = as_list(prompt)
     if not prompts:
         raise FieldError("prompt", "prompt is an empty list; give at least one prompt")
-    negative = user_inputs.get("negative_prompt")
     if isinstance(negative, list) and len(negative) != len(prompts):
         raise FieldError(
             "negative_prompt", f"negative_prompt has {len(negative)} entries but prompt has {len(prompts)}; give one per prompt"
@@ -79,8 +77,8 @@ class EncodePrompt(Block):
     text_encoder: CLIPTextModel = component()
     tokenizer: PreTrainedTokenizerBase = component()
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
-        check_prompts(user_inputs)
+    def check(self, inputs: Inputs) -> None:
+        check_prompts(known(inputs, "prompt"), known(inputs, "negative_prompt"))
 
     def __call__(self, inputs: Inputs) -> Outputs:
         prompts = as_list(inputs.prompt)

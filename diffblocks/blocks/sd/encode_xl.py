@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from pydantic import Field
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
-from diffblocks.blocks.block import Block, BlockConfig, BlockIO, component
+from diffblocks.blocks.block import Block, BlockConfig, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.sd.encode import Prompt, as_list, check_prompts, clip_embeddings, paired
 
@@ -45,11 +42,14 @@ class EncodePromptXL(Block):
     text_encoder_2: CLIPTextModelWithProjection = component()
     tokenizer_2: PreTrainedTokenizerBase = component()
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
-        check_prompts(user_inputs)
-        count = len(as_list(user_inputs["prompt"]))
+    def check(self, inputs: Inputs) -> None:
+        prompt = known(inputs, "prompt")
+        check_prompts(prompt, known(inputs, "negative_prompt"))
+        if prompt is None:
+            return
+        count = len(as_list(prompt))
         for name in ("prompt_2", "negative_prompt_2"):
-            value = user_inputs.get(name)
+            value = known(inputs, name)
             if isinstance(value, list) and len(value) != count:
                 raise FieldError(name, f"{name} has {len(value)} entries but prompt has {count}; give one per prompt")
 

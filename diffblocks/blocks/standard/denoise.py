@@ -29,7 +29,11 @@ class ScaleModelInput(Block):
     scheduler: AbstractScheduler = component()
 
     def __call__(self, inputs: Inputs) -> Outputs:
-        return self.Outputs(model_input=self.scheduler.scale_model_input(inputs.schedule, inputs.latents, inputs.step_index))
+        return self.Outputs(model_input=self.scale(inputs.latents, inputs.schedule, inputs.step_index))
+
+    def scale(self, latents: Tensor, schedule: SchedulerState, step_index: int) -> Tensor:
+        """The model input at ``step_index``: the scheduler's scaling of ``latents``; override to precondition otherwise."""
+        return self.scheduler.scale_model_input(schedule, latents, step_index)
 
 
 class PredictNoise(Block):
@@ -81,9 +85,17 @@ class SchedulerStep(Block):
     scheduler: AbstractScheduler = component()
 
     def __call__(self, inputs: Inputs) -> Outputs:
-        latents = self.scheduler.step(
-            inputs.schedule, inputs.noise_pred, inputs.step_index, inputs.latents, generator=inputs.generator
-        )
+        latents = self.step(inputs.latents, inputs.noise_pred, inputs.schedule, inputs.step_index, inputs.generator)
         return self.Outputs(latents=latents.to(inputs.latents.dtype))
+
+    def step(
+        self, latents: Tensor, noise_pred: Tensor, schedule: SchedulerState, step_index: int, generator: Generator | None
+    ) -> Tensor:
+        """The latents after step ``step_index``: the scheduler's update from ``noise_pred``.
+
+        Override it to change the update (a new sampler rule, an edit of the latents after each
+        step); the result is cast back to the latents' dtype.
+        """
+        return self.scheduler.step(schedule, noise_pred, step_index, latents, generator=generator)
 
 

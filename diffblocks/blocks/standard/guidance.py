@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from pydantic import Field
 from torch import Tensor, nn
 
-from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.fields import produced
 from diffblocks.blocks.types import Float
@@ -92,10 +91,10 @@ class PrepareGuidance(Block):
     guider: AbstractGuider = component(description="the guidance rule (CFG, APG, PAG, ...)")
     unet: nn.Module = component(optional=True, description="the denoiser; perturbed layers are checked against it")
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
-        if user_inputs.get("guidance_scale") is not None and "guidance_scale" not in type(self.guider).model_fields:
+    def check(self, inputs: Inputs) -> None:
+        if known(inputs, "guidance_scale") is not None and "guidance_scale" not in type(self.guider).model_fields:
             raise FieldError("guidance_scale", f"{type(self.guider).__name__} has no guidance_scale to override")
-        latents = user_inputs.get("latents")
+        latents = known(inputs, "latents")  # usually made by an earlier block: then checked in __call__
         given = isinstance(latents, Tensor) and latents.ndim == 4
         check_guider(self.guider, model=self.unet, shape=tuple(latents.shape) if given else (None,) * 4)
 

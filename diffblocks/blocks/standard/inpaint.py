@@ -7,21 +7,19 @@ is drawn, then the masked image is encoded.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.fields import produced
 from diffblocks.blocks.standard.images import ImageLike, image_size, normalize, snap_size, to_tensor
 from diffblocks.blocks.standard.inpaint_loop import inpaint_mode
 from diffblocks.blocks.standard.latents import check_generator, check_size, placement, repeat_images
 from diffblocks.blocks.standard.masks import MaskLike, check_mask_shape, latent_mask, mask_size, mask_to_tensor
-from diffblocks.blocks.standard.timesteps import SetImageTimesteps
+from diffblocks.blocks.standard.timesteps import AbstractSetTimesteps, ScheduleOutputs, check_strength
 from diffblocks.blocks.standard.vae import encode_latents, vae_scale_factor
 from diffblocks.blocks.types import Float
 from diffblocks.components.models.autoencoder_kl import AutoencoderKL
@@ -32,11 +30,18 @@ from diffblocks.components.schedulers.base import AbstractScheduler, SchedulerSt
 _STRENGTH = "how much of the schedule to run; 1 starts from pure noise and ignores the image under the mask"
 
 
-class SetInpaintTimesteps(SetImageTimesteps):
+class SetInpaintTimesteps(AbstractSetTimesteps):
     """Make the run's schedule and keep its last ``strength`` part (inpainting runs it all by default)."""
 
-    class Inputs(SetImageTimesteps.Inputs):
+    class Inputs(BlockIO):
+        num_inference_steps: int = Field(50, ge=1, le=1000, description="denoising steps")
         strength: float = Field(1.0, gt=0.0, le=1.0, description=_STRENGTH)
+
+    def check(self, inputs: Inputs) -> None:
+        check_strength(known(inputs, "num_inference_steps"), known(inputs, "strength"))
+
+    def __call__(self, inputs: Inputs) -> ScheduleOutputs:
+        return self.outputs(self.schedule(inputs.num_inference_steps, strength=inputs.strength))
 
 
 class PrepareInpaintImages(Block):
@@ -56,14 +61,16 @@ class PrepareInpaintImages(Block):
 
     vae: AutoencoderKL = component(description="gives the downsampling factor")
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
-        check_size(user_inputs, vae_scale_factor(self.vae))
-        mask = user_inputs["mask_image"]
+    def check(self, inputs: Inputs) -> None:
+        check_size(vae_scale_factor(self.vae), height=known(inputs, "height"), width=known(inputs, "width"))
+        mask, image = known(inputs, "mask_image"), known(inputs, "image")
+        if mask is None or image is None:
+            return  # made by earlier blocks: checked when they run
         try:
             check_mask_shape(mask)
         except ValueError as err:
             raise FieldError("mask_image", str(err)) from None
-        image_hw, mask_hw = image_size(user_inputs["image"]), mask_size(mask)
+        image_hw, mask_hw = image_size(image), mask_size(mask)
         if image_hw != mask_hw:
             raise FieldError(
                 "mask_image",
@@ -99,12 +106,12 @@ class PrepareInpaintLatents(Block):
     scheduler: AbstractScheduler = component()
     unet: UNet2DConditionModel = component(description="a 9-channel inpainting UNet or a plain 4-channel one")
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
+    def check(self, inputs: Inputs) -> None:
         try:
             inpaint_mode(self.unet, self.vae)
         except ValueError as err:
             raise FieldError("unet", str(err)) from None
-        check_generator(user_inputs, placement(self.unet)[0])
+        check_generator(known(inputs, "generator"), placement(self.unet)[0])
 
     def __call__(self, inputs: Inputs) -> Outputs:
         device, dtype = placement(self.unet)

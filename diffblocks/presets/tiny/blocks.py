@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from pydantic import Field
 from torch import Tensor
 from transformers import BertModel, PreTrainedTokenizerBase
 
-from diffblocks.blocks.block import Block, BlockConfig, BlockIO, component
+from diffblocks.blocks.block import Block, BlockConfig, BlockIO, component, known
 from diffblocks.blocks.sd.encode import Prompt, as_list, check_prompts, paired
 from diffblocks.presets.tiny.text_encoder import TEXT_MAX_LENGTH, encode_prompts
 
@@ -38,8 +35,8 @@ class EncodeBertPrompt(Block):
     text_encoder: BertModel = component()
     tokenizer: PreTrainedTokenizerBase = component()
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
-        check_prompts(user_inputs)
+    def check(self, inputs: Inputs) -> None:
+        check_prompts(known(inputs, "prompt"), known(inputs, "negative_prompt"))
 
     def __call__(self, inputs: Inputs) -> Outputs:
         prompts = as_list(inputs.prompt)
