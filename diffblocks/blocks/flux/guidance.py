@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 from pydantic import Field
-from torch import Tensor
 
 from diffblocks.blocks.block import Block, BlockIO, component
 from diffblocks.blocks.errors import FieldError
@@ -15,6 +15,7 @@ from diffblocks.blocks.flux.defaults import resolve_steps
 from diffblocks.blocks.standard.guidance import Guidance, check_guider
 from diffblocks.blocks.standard.latents import placement
 from diffblocks.blocks.types import Float
+from diffblocks.components.denoisers import Conditioning
 from diffblocks.components.guiders import AbstractGuider, GuidanceConditions
 from diffblocks.components.models.flux import FluxTransformer2DModel, prepare_text_ids
 
@@ -35,7 +36,7 @@ def needs_unconditional(guider: AbstractGuider, num_steps: int) -> bool:
 
 
 class PrepareFluxGuidance(Block):
-    """Put the conditions on the transformer, make dev's guidance input, and set the guider for true CFG.
+    """Complete the conditioning for the transformer (positions, dev's guidance), and set the guider for true CFG.
 
     ``guidance_scale`` is dev's distilled guidance: the transformer embeds it, one forward per step
     (schnell has no guidance embedder and ignores it). True classifier-free guidance is the
@@ -48,11 +49,16 @@ class PrepareFluxGuidance(Block):
     The guider is checked before the call runs: its perturbed layers against the transformer, and
     its settings against Flux's packed ``(batch, tokens, channels)`` predictions (so
     frequency-decoupled guidance, which needs image-shaped predictions, is refused up front).
+
+    Each conditioning is moved to the transformer's device and dtype and given what every pass
+    shares: the text and image token positions, and dev's embedded guidance (float32, as diffusers
+    makes it).
     """
 
     class Inputs(BlockIO):
-        conditioning: dict[str, Tensor]
-        negative_conditioning: dict[str, Tensor] | None
+        conditioning: Conditioning
+        negative_conditioning: Conditioning | None
+        image_ids: Float["seq 3"]
         guidance_scale: float = Field(3.5, ge=0.0, description="dev's embedded guidance; schnell ignores it")
         true_cfg_scale: float | None = Field(
             None, ge=0.0, description="classifier-free guidance against negative_prompt; overrides the guider's scale"
@@ -61,8 +67,6 @@ class PrepareFluxGuidance(Block):
 
     class Outputs(BlockIO):
         guidance: Guidance
-        embedded_guidance: Float["one"] | None
-        text_ids: Float["seq 3"]
 
     guider: AbstractGuider = component(description="true guidance (CFG, APG, PAG, ...); scale 1 turns CFG off")
     transformer: FluxTransformer2DModel = component()
@@ -82,16 +86,17 @@ class PrepareFluxGuidance(Block):
 
     def __call__(self, inputs: Inputs) -> Outputs:
         device, dtype = placement(self.transformer)
-        conditions = {"cond": _placed(inputs.conditioning, device, dtype)}
-        if inputs.negative_conditioning is not None:
-            conditions["uncond"] = _placed(inputs.negative_conditioning, device, dtype)
-        guider = self._guider(inputs.true_cfg_scale)
-        guidance = Guidance(guider, guider.new_state(), GuidanceConditions(conditions), inputs.guidance_batched)
         embedded = None
         if self.transformer.params.guidance_embeds:
             embedded = torch.full([1], inputs.guidance_scale, device=device, dtype=torch.float32)
-        text_ids = prepare_text_ids(inputs.conditioning["encoder_hidden_states"].shape[1], device=device, dtype=dtype)
-        return self.Outputs(guidance=guidance, embedded_guidance=embedded, text_ids=text_ids)
+        text_ids = prepare_text_ids(inputs.conditioning.prompt_embeds.shape[1], device=device, dtype=dtype)
+        shared = {"text_ids": text_ids, "image_ids": inputs.image_ids, "embedded_guidance": embedded}
+        conditions = {"cond": replace(inputs.conditioning.to(device, dtype), **shared)}
+        if inputs.negative_conditioning is not None:
+            conditions["uncond"] = replace(inputs.negative_conditioning.to(device, dtype), **shared)
+        guider = self._guider(inputs.true_cfg_scale)
+        guidance = Guidance(guider, guider.new_state(), GuidanceConditions(conditions), inputs.guidance_batched)
+        return self.Outputs(guidance=guidance)
 
     def _guider(self, true_cfg_scale: float | None) -> AbstractGuider:
         guider = self.guider
@@ -104,6 +109,3 @@ class PrepareFluxGuidance(Block):
             return guider
         return type(guider).model_validate({**settings, "guidance_scale": true_cfg_scale})
 
-
-def _placed(conditioning: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
-    return {name: tensor.to(device=device, dtype=dtype) for name, tensor in conditioning.items()}
