@@ -5,7 +5,7 @@ its model's own arguments, so that guidance, schedulers and the denoising loop n
 model class. The wrapper declares what the model predicts (its :data:`PredictionType`). A step
 binds its timestep once with :meth:`AbstractDenoiser.at`; guidance then runs each of its passes as
 ``predict(x, conditioning)``. ControlNet, IP-Adapter and LoRA attach to the wrapper (each family's
-``_model_inputs`` is where the conditioning becomes model arguments), never to the blocks that call it.
+``_predict`` is where the conditioning becomes model arguments), never to the blocks that call it.
 """
 
 from __future__ import annotations
