@@ -93,10 +93,10 @@ class Conditioning:
     def __post_init__(self) -> None:
         _check_rank("prompt_embeds", self.prompt_embeds, 3, "(batch, seq, dim)")
         batch, seq = self.prompt_embeds.shape[:2]
-        for name, rank, axes in (("pooled_embeds", 2, "(batch, dim)"), ("time_ids", 2, "(batch, ids)"), ("prompt_mask", 2, "(batch, seq)")):
+        for name, axes in (("pooled_embeds", "(batch, dim)"), ("time_ids", "(batch, ids)"), ("prompt_mask", "(batch, seq)")):
             value = getattr(self, name)
             if value is not None:
-                _check_rank(name, value, rank, axes)
+                _check_rank(name, value, 2, axes)
                 _check_batch(name, value, batch)
         if self.prompt_mask is not None and self.prompt_mask.shape[1] != seq:
             raise ValueError(f"Conditioning.prompt_mask covers {self.prompt_mask.shape[1]} tokens but prompt_embeds has {seq}")
