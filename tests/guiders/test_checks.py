@@ -10,6 +10,7 @@ from diffusers import guiders as dg
 
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.standard import PrepareGuidance
+from diffblocks.components.denoisers import Conditioning
 from diffblocks.components.guiders import (
     AdaptiveProjectedGuidance,
     AutoGuidance,
@@ -135,7 +136,7 @@ def test_prepare_guidance_checks_the_guider_before_the_call() -> None:
     fdg = FrequencyDecoupledGuidance(guidance_scales=(8.0, 4.0, 2.0))
     with pytest.raises(FieldError, match="a 4x4 latent"):  # user latents are known at check time
         prepare(fdg).check(PrepareGuidance.Inputs.model_construct(latents=torch.zeros(1, 4, 4, 4)))
-    conditions = {"encoder_hidden_states": torch.zeros(1, 5, 16)}
+    conditions = Conditioning(torch.zeros(1, 5, 16))
     inputs: dict[str, Any] = {"conditioning": conditions, "negative_conditioning": conditions}
     prepare(fdg)(PrepareGuidance.Inputs(**inputs, latents=torch.zeros(1, 4, 8, 8)))
     with pytest.raises(FieldError, match="a 4x4 latent splits into at most 2"):  # before the denoising loop

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from diffblocks.components.denoisers import Conditioning
 from diffblocks.components.guiders import (
     AbstractPerturbedGuider,
     AutoGuidance,
@@ -68,6 +69,15 @@ def flux() -> Denoiser:
     return model, predict, {"hidden_states": inputs["hidden_states"], **condition}
 
 
+def typed(tensors: dict[str, Tensor]) -> Conditioning:
+    return Conditioning(tensors["encoder_hidden_states"], pooled_embeds=tensors.get("pooled_projections"))
+
+
+def untyped(conditioning: Conditioning) -> dict[str, Tensor]:
+    pooled = conditioning.pooled_embeds
+    return {"encoder_hidden_states": conditioning.prompt_embeds, **({} if pooled is None else {"pooled_projections": pooled})}
+
+
 CASES = [(cls, family) for cls in GUIDERS for family in ("sd15", "sdxl", "tiny", "flux")]
 
 
@@ -97,7 +107,7 @@ def test_a_guided_step_leaves_our_model_exactly_as_it_was(family: Any, unet: Den
     latent_name = "hidden_states" if family == "flux" else "sample"
     latents = inputs[latent_name]
     cond = {k: v for k, v in inputs.items() if k != latent_name}
-    conditions = {"cond": cond, "uncond": {k: torch.zeros_like(v) for k, v in cond.items()}}
+    conditions = {"cond": typed(cond), "uncond": typed({k: torch.zeros_like(v) for k, v in cond.items()})}
     before, plain = snapshot(model), predict(**inputs)
     for cls in GUIDERS:
         guider = cls.for_family(family, guidance_scale=3.0)
@@ -105,7 +115,7 @@ def test_a_guided_step_leaves_our_model_exactly_as_it_was(family: Any, unet: Den
             guided_prediction(
                 guider,
                 state=None,
-                predict=lambda x, **c: predict(**{latent_name: x}, **c),
+                predict=lambda x, c: predict(**{latent_name: x}, **untyped(c)),
                 latents=latents,
                 conditions=conditions,
                 step_index=step,

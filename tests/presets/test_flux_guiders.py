@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from diffblocks.blocks import InputError, Pipeline
+from diffblocks.components.denoisers import Conditioning
 from diffblocks.components.guiders import (
     AbstractGuider,
     AdaptiveProjectedGuidance,
@@ -143,13 +144,14 @@ def test_a_perturbed_attention_step_matches_diffusers(repo: Path, pipe: Pipeline
         "timestep": torch.tensor([0.7]), "guidance": torch.tensor([3.5]), "img_ids": prepare_image_ids(4, 3), "txt_ids": prepare_text_ids(16)
     }
 
-    def predict(x: Tensor, **condition: Tensor) -> Tensor:
+    def predict(x: Tensor, condition: Conditioning) -> Tensor:
         with torch.no_grad():
-            return ours(x, **condition, **shared)
+            return ours(x, encoder_hidden_states=condition.prompt_embeds, pooled_projections=condition.pooled_embeds, **shared)
 
+    conditioning = Conditioning(cond["encoder_hidden_states"], pooled_embeds=cond["pooled_projections"])
     pag = PerturbedAttentionGuidance.for_family("flux", perturbed_guidance_start=0.0, perturbed_guidance_stop=1.0)
     got = guided_prediction(
-        pag, state=None, predict=predict, latents=latents, conditions={"cond": cond}, step_index=3, num_steps=10, model=ours
+        pag, state=None, predict=predict, latents=latents, conditions={"cond": conditioning}, step_index=3, num_steps=10, model=ours
     )
 
     mode = AttentionScoreSkipFunctionMode()  # attention returns its values, inside block 1 only

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 from pydantic import Field
-from torch import Tensor
 
 from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
@@ -15,6 +14,7 @@ from diffblocks.blocks.sd.encode import Prompt
 from diffblocks.blocks.standard.guidance import Guidance, check_guider
 from diffblocks.blocks.standard.latents import placement
 from diffblocks.blocks.types import Float
+from diffblocks.components.denoisers import Conditioning
 from diffblocks.components.guiders import AbstractGuider, GuidanceConditions
 from diffblocks.components.models.flux import FluxTransformer2DModel, prepare_text_ids
 
@@ -99,30 +99,28 @@ class PrepareFluxGuidance(Block):
 
 
 class PrepareFluxConditions(Block):
-    """Put the prompt conditions on the transformer's device for the guider's passes, with the text position ids."""
+    """Complete the conditioning for the transformer (token positions, dev's guidance) and pair it for the guider's passes."""
 
     class Inputs(BlockIO):
-        conditioning: dict[str, Tensor] = produced(description="the prompt's embeddings")
-        negative_conditioning: dict[str, Tensor] | None = produced(description="the negative prompt's embeddings")
+        conditioning: Conditioning = produced(description="the prompt's embeddings")
+        negative_conditioning: Conditioning | None = produced(description="the negative prompt's embeddings")
+        image_ids: Float["seq 3"] = produced(description="the latent tokens' positions")
+        embedded_guidance: Float["one"] | None = produced(description="dev's embedded guidance scale")
         call_guider: AbstractGuider = produced(description="the guider with this call's settings")
         guidance_batched: bool = Field(True, description="run the true CFG passes as one batched forward")
 
     class Outputs(BlockIO):
         guidance: Guidance
-        text_ids: Float["seq 3"]
 
     transformer: FluxTransformer2DModel = component()
 
     def __call__(self, inputs: Inputs) -> Outputs:
         device, dtype = placement(self.transformer)
-        conditions = {"cond": _placed(inputs.conditioning, device, dtype)}
+        text_ids = prepare_text_ids(inputs.conditioning.prompt_embeds.shape[1], device=device, dtype=dtype)
+        shared = {"text_ids": text_ids, "image_ids": inputs.image_ids, "embedded_guidance": inputs.embedded_guidance}
+        conditions = {"cond": replace(inputs.conditioning.to(device, dtype), **shared)}
         if inputs.negative_conditioning is not None:
-            conditions["uncond"] = _placed(inputs.negative_conditioning, device, dtype)
+            conditions["uncond"] = replace(inputs.negative_conditioning.to(device, dtype), **shared)
         guider = inputs.call_guider
         guidance = Guidance(guider, guider.new_state(), GuidanceConditions(conditions), inputs.guidance_batched)
-        text_ids = prepare_text_ids(inputs.conditioning["encoder_hidden_states"].shape[1], device=device, dtype=dtype)
-        return self.Outputs(guidance=guidance, text_ids=text_ids)
-
-
-def _placed(conditioning: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
-    return {name: tensor.to(device=device, dtype=dtype) for name, tensor in conditioning.items()}
+        return self.Outputs(guidance=guidance)

@@ -9,6 +9,7 @@ from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
 from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
+from diffblocks.components.denoisers import Conditioning
 
 Prompt = str | list[str]
 
@@ -70,8 +71,8 @@ class EncodePrompt(Block):
         clip_skip: int | None = Field(None, ge=0, description="use the output of an earlier CLIP layer")
 
     class Outputs(BlockIO):
-        conditioning: dict[str, Tensor]
-        negative_conditioning: dict[str, Tensor]
+        conditioning: Conditioning
+        negative_conditioning: Conditioning
         batch_size: int
 
     text_encoder: CLIPTextModel = component()
@@ -88,7 +89,7 @@ class EncodePrompt(Block):
         negative_embeds, _ = clip_embeddings(self.text_encoder, self.tokenizer, negative, clip_skip=inputs.clip_skip)
         dtype = self.text_encoder.dtype
         return self.Outputs(
-            conditioning={"encoder_hidden_states": embeds.to(dtype).repeat_interleave(n, dim=0)},
-            negative_conditioning={"encoder_hidden_states": negative_embeds.to(dtype).repeat_interleave(n, dim=0)},
+            conditioning=Conditioning(embeds.to(dtype).repeat_interleave(n, dim=0)),
+            negative_conditioning=Conditioning(negative_embeds.to(dtype).repeat_interleave(n, dim=0)),
             batch_size=len(prompts) * n,
         )

@@ -10,14 +10,15 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedT
 from diffblocks.blocks.block import Block, BlockConfig, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.sd.encode import Prompt, as_list, check_prompts, clip_embeddings, paired
+from diffblocks.components.denoisers import Conditioning
 
 
 class EncodePromptXL(Block):
     """Encode prompts with SDXL's two CLIP encoders (Podell et al. 2023).
 
     The penultimate hidden states of both encoders are concatenated along the features
-    (``encoder_hidden_states``, e.g. 768 + 1280 = 2048 wide); the projected pooled output of the
-    second encoder is ``text_embeds``. Without a negative prompt, the negative embeddings are zeros
+    (``prompt_embeds``, e.g. 768 + 1280 = 2048 wide); the projected pooled output of the second
+    encoder is ``pooled_embeds`` (the UNet's ``text_embeds``). Without a negative prompt, the negative embeddings are zeros
     when ``force_zeros_for_empty_prompt`` is set (SDXL base), else the encoding of ``""``.
     """
 
@@ -30,8 +31,8 @@ class EncodePromptXL(Block):
         clip_skip: int | None = Field(None, ge=0, description="skip this many more layers before the penultimate one")
 
     class Outputs(BlockIO):
-        conditioning: dict[str, Tensor]
-        negative_conditioning: dict[str, Tensor]
+        conditioning: Conditioning
+        negative_conditioning: Conditioning
         batch_size: int
 
     class Config(BlockConfig):
@@ -64,8 +65,8 @@ class EncodePromptXL(Block):
             negative_embeds, negative_pooled = self._encode(negative, paired(inputs.negative_prompt_2, negative, count))
         dtype = self.text_encoder_2.dtype
         return self.Outputs(
-            conditioning=_repeat({"encoder_hidden_states": embeds, "text_embeds": pooled}, n, dtype),
-            negative_conditioning=_repeat({"encoder_hidden_states": negative_embeds, "text_embeds": negative_pooled}, n, dtype),
+            conditioning=_conditioning(embeds, pooled, n, dtype),
+            negative_conditioning=_conditioning(negative_embeds, negative_pooled, n, dtype),
             batch_size=count * n,
         )
 
@@ -79,8 +80,8 @@ class EncodePromptXL(Block):
         return torch.cat(hidden, dim=-1), pooled
 
 
-def _repeat(tensors: dict[str, Tensor], n: int, dtype: torch.dtype) -> dict[str, Tensor]:
-    return {name: t.to(dtype).repeat_interleave(n, dim=0) for name, t in tensors.items()}
+def _conditioning(embeds: Tensor, pooled: Tensor, n: int, dtype: torch.dtype) -> Conditioning:
+    return Conditioning(embeds.to(dtype).repeat_interleave(n, dim=0), pooled_embeds=pooled.to(dtype).repeat_interleave(n, dim=0))
 
 
 __all__ = ["EncodePromptXL"]

@@ -12,8 +12,8 @@ from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.fields import produced
 from diffblocks.blocks.types import Float
+from diffblocks.components.denoisers import Conditioning, Predict
 from diffblocks.components.guiders import AbstractGuider, GuidanceConditions, GuiderState, guided_prediction
-from diffblocks.components.guiders.run import Predict
 
 
 def check_guider(guider: AbstractGuider, *, model: nn.Module | None, shape: Sequence[int | None]) -> None:
@@ -48,7 +48,7 @@ class Guidance:
         """The guided prediction at one step: :func:`guided_prediction` with this call's guider, state and conditions.
 
         Args:
-            predict: the denoiser at this step, with the inputs every pass shares bound in.
+            predict: the denoiser at this step (``denoiser.at(t)``), called as ``predict(x, conditioning)``.
             latents: ``(batch, ...)`` model input at this step.
             step_index: index of this step, from 0.
             num_steps: number of denoising steps.
@@ -77,8 +77,8 @@ class PrepareGuidance(Block):
     """
 
     class Inputs(BlockIO):
-        conditioning: dict[str, Tensor] = produced(description="the prompt's embeddings")
-        negative_conditioning: dict[str, Tensor] = produced(description="the negative prompt's embeddings")
+        conditioning: Conditioning = produced(description="the prompt's embeddings")
+        negative_conditioning: Conditioning = produced(description="the negative prompt's embeddings")
         guidance_scale: float | None = Field(None, ge=0.0, description="override the guider's scale for this call")
         guidance_batched: bool = Field(True, description="run the guidance passes as one batched forward")
         latents: Float["batch channels height width"] | None = Field(

@@ -2,39 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from diffblocks.components.denoisers import Conditioning, Predict, check_joinable
 from diffblocks.components.guiders.base import AbstractGuider, GuidancePass, GuiderState
 from diffblocks.components.guiders.locking import ModelLock, model_lock
 
-Predict = Callable[..., Tensor]
-"""``predict(latents, **condition_tensors) -> prediction``: the denoiser at the current step."""
 
+class GuidanceConditions(Mapping[str, Conditioning]):
+    """The conditioning per condition name, which remembers its batch concatenations.
 
-class GuidanceConditions(Mapping[str, Mapping[str, Tensor]]):
-    """Condition tensors per condition name that remember their batch concatenations.
-
-    A plain mapping works with :func:`guided_prediction` too, but then the conditions are
+    A plain mapping works with :func:`guided_prediction` too, but then the conditionings are
     concatenated again at every step; wrap them once before the loop to concatenate them once.
 
     Args:
-        conditions: ``{"cond": {"encoder_hidden_states": ..., ...}, "uncond": {...}}``; every tensor
-            has the batch as its first dim, and all conditions have the same keys.
+        conditions: ``{"cond": Conditioning(...), "uncond": Conditioning(...)}``; they must be
+            joinable (:meth:`Conditioning.cat`): the same fields set, equal shapes past the batch.
+
+    Raises:
+        ValueError: naming the field that keeps the conditionings from being concatenated.
     """
 
-    def __init__(self, conditions: Mapping[str, Mapping[str, Tensor]]) -> None:
-        keys = {name: set(tensors) for name, tensors in conditions.items()}
-        if len({frozenset(k) for k in keys.values()}) > 1:
-            raise ValueError(f"All conditions need the same tensor names, got {keys}.")
-        self._conditions = {name: dict(tensors) for name, tensors in conditions.items()}
-        self._batched: dict[tuple[str, ...], dict[str, Tensor]] = {}
+    def __init__(self, conditions: Mapping[str, Conditioning]) -> None:
+        self._conditions = dict(conditions)
+        if self._conditions:
+            check_joinable(list(self._conditions.values()))
+        self._batched: dict[tuple[str, ...], Conditioning] = {}
         self.sequential_after_oom = False
 
-    def __getitem__(self, name: str) -> Mapping[str, Tensor]:
+    def __getitem__(self, name: str) -> Conditioning:
         return self._conditions[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -43,8 +43,8 @@ class GuidanceConditions(Mapping[str, Mapping[str, Tensor]]):
     def __len__(self) -> int:
         return len(self._conditions)
 
-    def batched(self, names: tuple[str, ...]) -> dict[str, Tensor]:
-        """The tensors of ``names`` concatenated along the batch, in that order (computed once)."""
+    def batched(self, names: tuple[str, ...]) -> Conditioning:
+        """The conditionings of ``names`` concatenated along the batch, in that order (computed once)."""
         found = self._batched.get(names)
         if found is None:
             found = self._batched[names] = _concatenate(self._conditions, names)
@@ -56,8 +56,8 @@ class GuidanceConditions(Mapping[str, Mapping[str, Tensor]]):
         self._batched.clear()
 
 
-def _concatenate(conditions: Mapping[str, Mapping[str, Tensor]], names: tuple[str, ...]) -> dict[str, Tensor]:
-    return {key: torch.cat([conditions[name][key] for name in names]) for key in conditions[names[0]]}
+def _concatenate(conditions: Mapping[str, Conditioning], names: tuple[str, ...]) -> Conditioning:
+    return Conditioning.cat([conditions[name] for name in names])
 
 
 def guided_prediction(
@@ -66,7 +66,7 @@ def guided_prediction(
     state: GuiderState | None,
     predict: Predict,
     latents: Tensor,
-    conditions: Mapping[str, Mapping[str, Tensor]],
+    conditions: Mapping[str, Conditioning],
     step_index: int,
     num_steps: int,
     model: nn.Module,
@@ -87,10 +87,10 @@ def guided_prediction(
     Args:
         guider: the guidance rule.
         state: ``guider.new_state()``, made once per generation call.
-        predict: the denoiser call; inputs shared by all passes (timestep, positional ids) are bound
-            inside it, and it must accept the batch sizes it is given.
+        predict: ``predict(x, conditioning)``, the denoiser at this step with its timestep bound
+            (``denoiser.at(t)``); it must accept the batch sizes it is given.
         latents: ``(batch, ...)`` model input at this step.
-        conditions: condition tensors for ``"cond"`` and ``"uncond"`` (a :class:`GuidanceConditions`
+        conditions: the :class:`Conditioning` of ``"cond"`` and ``"uncond"`` (a :class:`GuidanceConditions`
             concatenates them once for all steps).
         step_index: index of this step, from 0.
         num_steps: number of denoising steps.
@@ -113,7 +113,7 @@ def guided_prediction(
             torch.cuda.empty_cache()
             lock.acquire_plain()
             try:
-                output = torch.cat([predict(latents, **conditions[passes[i].condition]) for i in plain])
+                output = torch.cat([predict(latents, conditions[passes[i].condition]) for i in plain])
             finally:
                 lock.release_plain()
         for i, chunk in zip(plain, output.chunk(len(plain))):
@@ -122,7 +122,7 @@ def guided_prediction(
         lock.acquire_plain()
         try:
             for i in plain:
-                predictions[i] = predict(latents, **conditions[passes[i].condition])
+                predictions[i] = predict(latents, conditions[passes[i].condition])
         finally:
             lock.release_plain()
     for i, guidance_pass in enumerate(passes):
@@ -134,7 +134,7 @@ def guided_prediction(
 def _batched(
     predict: Predict,
     latents: Tensor,
-    conditions: Mapping[str, Mapping[str, Tensor]],
+    conditions: Mapping[str, Conditioning],
     names: tuple[str, ...],
     lock: ModelLock,
 ) -> Tensor | None:
@@ -146,7 +146,7 @@ def _batched(
     inputs = conditions.batched(names) if isinstance(conditions, GuidanceConditions) else _concatenate(conditions, names)
     lock.acquire_plain()
     try:
-        return predict(torch.cat([latents] * len(names)), **inputs)
+        return predict(torch.cat([latents] * len(names)), inputs)
     except torch.OutOfMemoryError:
         return None
     finally:
@@ -157,7 +157,7 @@ def _perturbed(
     guidance_pass: GuidancePass,
     predict: Predict,
     latents: Tensor,
-    conditions: Mapping[str, Mapping[str, Tensor]],
+    conditions: Mapping[str, Conditioning],
     model: nn.Module,
     lock: ModelLock,
 ) -> Tensor:
@@ -167,7 +167,7 @@ def _perturbed(
     try:
         perturbation.inject(model)
         try:
-            return predict(latents, **conditions[guidance_pass.condition])
+            return predict(latents, conditions[guidance_pass.condition])
         finally:
             perturbation.eject(model)
     finally:
