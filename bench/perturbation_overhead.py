@@ -2,7 +2,10 @@
 
 Times, on our UNet at a small config, (1) a plain forward of a model no perturbation has touched,
 (2) a plain forward after a PAG step has run on the model (outside any perturbed pass), and
-(3) one guided PAG step (cond and uncond batched, then the perturbed pass).
+(3) one guided PAG step (cond and uncond batched, then the perturbed pass). A UNet forward is
+milliseconds, so a shared machine's noise hides what a perturbation leaves on the plain path;
+(4) times it where it is visible: one small ``nn.Linear`` call, untouched and with the idle
+dispatchers a perturbation leaves on the modules it acts on.
 Run: python bench/perturbation_overhead.py [--repeats 15] [--number 200]
 """
 
@@ -71,6 +74,28 @@ def main() -> None:
     print(f"plain forward, model untouched:        median {untouched[0]:8.1f} µs, best {untouched[1]:8.1f} µs")
     print(f"plain forward, after a PAG step:       median {after[0]:8.1f} µs, best {after[1]:8.1f} µs")
     print(f"PAG step (batched cond+uncond, pert.): median {guided[0]:8.1f} µs, best {guided[1]:8.1f} µs")
+    hooked = sum(bool(m._forward_pre_hooks) + bool(m._forward_hooks) for m in model.modules())
+    print(f"hooks on the model after the PAG step: {hooked}")
+    layer_us(repeats=args.repeats, number=args.number * 50)
+
+
+def layer_us(*, repeats: int, number: int) -> None:
+    """A small linear layer's call, untouched and carrying both idle dispatchers (before and after its forward)."""
+    try:
+        from diffblocks.components.guiders._seam import PerturbationHooks, install, remove
+    except ImportError:  # a version that hooks per pass leaves nothing on the plain path
+        return
+    layer, x = torch.nn.Linear(16, 16), torch.randn(1, 16)
+    hooks = PerturbationHooks()
+    hooks.before[layer] = lambda *_: None
+    hooks.after[layer] = lambda *_: None
+    with torch.no_grad():
+        untouched = best_us(lambda: layer(x), repeats=repeats, number=number)
+        install(hooks)
+        idle = best_us(lambda: layer(x), repeats=repeats, number=number)
+        remove(layer)
+    print(f"nn.Linear(16, 16) call, untouched:     median {untouched[0]:8.2f} µs, best {untouched[1]:8.2f} µs")
+    print(f"  with both dispatchers, idle:         median {idle[0]:8.2f} µs, best {idle[1]:8.2f} µs")
 
 
 if __name__ == "__main__":

@@ -44,9 +44,9 @@ class AbstractPerturbation(ABC):
     """A change to the forward of the submodules named by ``targets``, applied for one pass at a time.
 
     ``with perturbation.applied(model): ...`` perturbs the forwards of ``model`` made inside the
-    block, in this thread or task only; the model itself is never changed, so other threads share
-    it meanwhile. A perturbation is a value (compared by type and settings) that can be shared
-    between models; what it does to a model is resolved once per model.
+    block, in this thread or task only; no weight or module of the model changes, so other threads
+    share it meanwhile. A perturbation is a value (compared by type and settings) that can be
+    shared between models; what it does to a model is resolved once per model.
 
     Args:
         targets: module paths inside the model, such as ``"mid_block"`` or ``"transformer_blocks.1"``.
