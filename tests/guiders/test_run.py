@@ -1,4 +1,4 @@
-"""guided_prediction: batched and sequential passes agree, CFG is one forward, perturbations never leak."""
+"""guided_prediction: batched and sequential passes agree, CFG is one forward, perturbations never leak out of their pass."""
 
 from __future__ import annotations
 
@@ -16,12 +16,16 @@ from diffblocks.components.guiders import (
     AdaptiveProjectedGuidance,
     AutoGuidance,
     ClassifierFreeGuidance,
+    AbstractPerturbation,
     GuidanceConditions,
+    IdentityAttention,
     PerturbedAttentionGuidance,
+    SkipBlocks,
     SkipLayerGuidance,
+    SmoothedQueries,
+    detach_perturbations,
     guided_prediction,
 )
-from diffblocks.components.guiders.locking import model_lock
 from tests.guiders.tiny_denoisers import flux_inputs, hook_counts, tiny_flux, tiny_unet, unet_inputs
 
 
@@ -118,7 +122,7 @@ def unet_step(guider: Any, *, batched: bool) -> tuple[Tensor, list[int], nn.Modu
         "cond": Conditioning(inputs["encoder_hidden_states"]),
         "uncond": Conditioning(torch.zeros_like(inputs["encoder_hidden_states"])),
     }
-    hooks = hook_counts(model)
+    hooks, plain = hook_counts(model), forward(model, inputs)
     out = guided_prediction(
         guider,
         state=None,
@@ -130,8 +134,16 @@ def unet_step(guider: Any, *, batched: bool) -> tuple[Tensor, list[int], nn.Modu
         model=model,
         batched=batched,
     )
+    assert torch.equal(forward(model, inputs), plain)  # a forward outside the perturbed pass
+    detach_perturbations(model)
     assert hook_counts(model) == hooks
     return out, calls, model
+
+
+def forward(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    """A plain forward of the tiny UNet, made outside ``guided_prediction``."""
+    with torch.no_grad():
+        return model(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], return_dict=False)[0]
 
 
 @pytest.mark.parametrize(
@@ -178,23 +190,20 @@ def test_auto_guidance_on_flux_runs_the_weak_pass_perturbed() -> None:
         model=model,
     )
     plain_cond = predict(inputs["hidden_states"], conditions["cond"])
-    guider.perturbation.inject(model)
-    try:
+    with guider.perturbation.applied(model):
         weak = predict(inputs["hidden_states"], conditions["uncond"])
-    finally:
-        guider.perturbation.eject(model)
     assert torch.allclose(got, weak + 2.0 * (plain_cond - weak), atol=1e-6)
 
 
-def test_perturbation_is_ejected_when_the_forward_fails() -> None:
-    model = tiny_unet()
-    hooks = hook_counts(model)
+def test_a_failed_perturbed_forward_leaves_the_model_unperturbed() -> None:
+    model, inputs = tiny_unet(), unet_inputs()
+    hooks, plain = hook_counts(model), forward(model, inputs)
     guider = SkipLayerGuidance(
         skip_layer_guidance_layers=("mid_block.attentions.0.transformer_blocks",), guidance_scale=1.0
     )
 
     def predict(latents: Tensor, _: Conditioning) -> Tensor:
-        if hook_counts(model) != hooks:
+        if not torch.equal(forward(model, inputs), plain):  # inside the perturbed pass
             raise RuntimeError("out of memory")
         return latents
 
@@ -209,6 +218,8 @@ def test_perturbation_is_ejected_when_the_forward_fails() -> None:
             num_steps=20,
             model=model,
         )
+    assert torch.equal(forward(model, inputs), plain)
+    detach_perturbations(model)
     assert hook_counts(model) == hooks
 
 
@@ -347,25 +358,54 @@ def test_threads_sharing_a_model_neither_collide_nor_see_each_others_perturbatio
         thread.join(timeout=30)
     assert not errors, errors[0]
     assert not any(thread.is_alive() for thread in threads)
+    with torch.no_grad():
+        assert torch.equal(model(x), plain)
+    detach_perturbations(model)
     assert hook_counts(model) == [(name, 0) for name, _ in model.named_modules()]
 
 
-def test_model_lock_lets_plain_passes_overlap_and_a_perturbed_pass_run_alone() -> None:
-    lock = model_lock(nn.Identity())
-    lock.acquire_plain()
-    lock.acquire_plain()  # two plain passes at once (two threads in real use)
-    entered = threading.Event()
+@pytest.mark.parametrize(
+    "perturbation",
+    [IdentityAttention(("mid_block",)), SkipBlocks(("mid_block.attentions.0.transformer_blocks",)), SmoothedQueries(("mid_block",), blur_sigma=1.0)],
+    ids=lambda p: type(p).__name__,
+)
+def test_a_perturbed_and_a_plain_pass_at_the_same_time_on_one_model(perturbation: AbstractPerturbation) -> None:
+    """Two threads inside the same model at once (a barrier at the mid block's entry and exit), one perturbed."""
+    model, inputs = tiny_unet(), unet_inputs()
+    plain = forward(model, inputs)
+    with perturbation.applied(model):
+        perturbed = forward(model, inputs)
+    assert not torch.equal(perturbed, plain)
+    meet = threading.Barrier(2, timeout=20)
 
-    def perturbed() -> None:
-        lock.acquire_perturbed()
-        entered.set()
-        lock.release_perturbed()
+    def wait(*_: Any) -> None:
+        meet.wait()
 
-    thread = threading.Thread(target=perturbed)
-    thread.start()
-    assert not entered.wait(0.05)  # waits for both plain passes
-    lock.release_plain()
-    assert not entered.wait(0.05)
-    lock.release_plain()
-    assert entered.wait(5)
-    thread.join()
+    handles = [model.mid_block.register_forward_pre_hook(wait), model.mid_block.register_forward_hook(wait)]
+    results: dict[str, list[Tensor]] = {"perturbed": [], "plain": []}
+    errors: list[BaseException] = []
+
+    def worker(kind: str) -> None:
+        try:
+            for _ in range(5):
+                if kind == "perturbed":
+                    with perturbation.applied(model):
+                        results[kind].append(forward(model, inputs))
+                else:
+                    results[kind].append(forward(model, inputs))
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            meet.abort()
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(kind,)) for kind in results]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert not errors, errors[0]
+    assert all(torch.equal(out, perturbed) for out in results["perturbed"]) and len(results["perturbed"]) == 5
+    assert all(torch.equal(out, plain) for out in results["plain"]) and len(results["plain"]) == 5
