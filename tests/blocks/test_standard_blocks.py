@@ -3,6 +3,7 @@ the component calls it stands for; and each block's research method overridden b
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from diffblocks.blocks.standard import (
     DecodeImages,
     PrepareImageLatents,
     PrepareInpaintImages,
+    PrepareInpaintLatents,
     PrepareLatents,
     PrepareMaskLatents,
     ScaleModelInput,
@@ -28,8 +30,17 @@ from diffblocks.blocks.standard.vae import decode_latents, encode_latents
 from diffblocks.components.models.autoencoder_kl import AutoencoderKL
 from diffblocks.components.noise import Generator
 from diffblocks.components.schedulers import DDIMScheduler, EulerDiscreteScheduler, SchedulerState
-from tests.guiders.tiny_denoisers import tiny_unet
+from diffblocks.components.models.unet import UNet2DConditionModel
 
+UNET_CONFIG: dict[str, Any] = {
+    "block_out_channels": (8, 16),
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 8,
+    "attention_head_dim": 2,
+}
 VAE_CONFIG: dict[str, Any] = {
     "block_out_channels": (8, 16),
     "down_block_types": ("DownEncoderBlock2D",) * 2,
@@ -45,7 +56,8 @@ VAE_CONFIG: dict[str, Any] = {
 def parts() -> dict[str, Any]:
     torch.manual_seed(0)
     vae = AutoencoderKL.from_config(VAE_CONFIG).eval()
-    return {"vae": vae, "unet": tiny_unet(), "scheduler": EulerDiscreteScheduler()}
+    unet = UNet2DConditionModel.from_config(UNET_CONFIG).eval()
+    return {"vae": vae, "unet": unet, "scheduler": EulerDiscreteScheduler()}
 
 
 def seeded(seed: int = 0) -> torch.Generator:
@@ -153,6 +165,22 @@ def test_inpaint_images_and_mask_latents(parts: dict[str, Any]) -> None:
     )
     assert masks.mask.shape == (2, 1, 3, 4) and masks.masked_image_latents.shape == (2, 4, 3, 4)
     assert masks.mask[:, :, :, :2].eq(1).all() and not masks.mask[:, :, :, 2:].any()
+
+
+def test_inpaint_latents_start_from_noise_or_the_noised_image(parts: dict[str, Any]) -> None:
+    pixels = torch.rand(1, 3, 8, 8, generator=seeded()) * 2 - 1
+    block = PrepareInpaintLatents().bind(parts)  # the tiny UNet takes 4 channels: a plain UNet, blended
+    full = parts["scheduler"].set_timesteps(4, device="cpu")
+    out = block(PrepareInpaintLatents.Inputs(pixels=pixels, batch_size=2, generator=seeded(), schedule=full))
+    assert out.image_latents is not None and out.image_latents.shape == (2, 4, 4, 4)  # kept for blending
+    torch.testing.assert_close(out.latents, out.noise * full.init_noise_sigma, rtol=0, atol=0)  # strength 1: noise
+    half = parts["scheduler"].set_timesteps(4, device="cpu", strength=0.5)
+    noised = block(PrepareInpaintLatents.Inputs(pixels=pixels, batch_size=1, generator=seeded(), schedule=half, strength=0.5))
+    assert noised.image_latents is not None
+    torch.testing.assert_close(noised.latents, parts["scheduler"].add_noise(half, noised.image_latents, noised.noise, 0))
+    on_gpu = SimpleNamespace(device=torch.device("cuda"))  # a CUDA generator, as the check sees one
+    with pytest.raises(FieldError, match="generator is on 'cuda' but the noise is for 'cpu'"):
+        block.check(PrepareInpaintLatents.Inputs.model_construct(generator=on_gpu))
 
 
 # --- the loop body ----------------------------------------------------------------------------------------
