@@ -30,6 +30,7 @@ import torch
 from diffblocks.blocks import Pipeline
 from diffblocks.blocks.pipeline import PresetInfo
 from diffblocks.components import ComponentsManager, ComponentSpec, write_modular_index
+from diffblocks.components.containment import is_hub_id
 from diffblocks.components.guiders import AbstractGuider
 from diffblocks.components.models import AbstractModel
 from diffblocks.components.schedulers import AbstractScheduler
@@ -171,7 +172,8 @@ def _plan(pipe: Pipeline, name: str, key: str, preset: PresetInfo, copy_referenc
     if spec is not None and spec.repo is not None and not copy_references:
         if spec.repo in preset.sources:
             return _Item(name, key, cls, hint, spec.with_(repo=preset.sources[spec.repo], type_hint=hint))
-        if not Path(spec.repo).expanduser().is_dir():
+        if is_hub_id(spec.repo) and not Path(spec.repo).expanduser().exists():
+            # only a Hub id is a reference that loading accepts; anything else is copied (or fails to load)
             return _Item(name, key, cls, hint, spec.with_(type_hint=hint))
     if not issubclass(cls, _savable_classes()):
         raise TypeError(_MSG_UNSAVABLE.format(name=name, cls=f"{cls.__module__}.{cls.__qualname__}"))
