@@ -27,12 +27,13 @@ _HUB_NAME = re.compile(r"^[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?$")
 # *.safetensors.fp16.index.json, and the same for .bin
 _WEIGHT_INDEX = re.compile(r"\.(?P<ext>safetensors|bin)\.(?:[^.]+\.)?index(?:\.[^.]+)?\.json$")
 
-_MSG_OUTSIDE = (
-    "{repository}: {entry} names {name!r}, which {why}. A repository may only name files and folders "
-    "inside itself, so that a downloaded repository cannot read files of this machine. If you trust "
-    "what it points to, copy it into the repository, or load that component yourself and pass it with "
-    "from_pretrained(..., components={{name: ...}})."
+_INSIDE_ONLY = (
+    "A repository may only name files and folders inside itself, so that a downloaded repository cannot "
+    "read files of this machine. If you trust what it points to, copy it into the repository, or load that "
+    "component yourself and pass it with from_pretrained(..., components={name: ...})."
 )
+_MSG_OUTSIDE = "{repository}: {entry} names {name!r}, which {why}. " + _INSIDE_ONLY.replace("{", "{{").replace("}", "}}")
+_MSG_LINK = "{repository}: {name!r} {why}. " + _INSIDE_ONLY.replace("{", "{{").replace("}", "}}")
 _MSG_REFERENCE = (
     "{repository}: {entry} names {value!r} as the repository to load from, which {why}. An index may name "
     "another repository only by its Hub id ('owner/name') or as package://<module>/<path>, never by a local "
@@ -77,7 +78,7 @@ def _why_outside(path: Path, roots: tuple[Path, ...]) -> str | None:
     real = path.resolve()
     if any(real == r or real.is_relative_to(r) for r in roots):
         return None
-    return f"resolves to {real}, outside the repository (a symbolic link)"
+    return f"is a symbolic link to {real}, outside the repository"
 
 
 def contained_path(root: Path, name: str, *, repository: str, entry: str) -> Path:
@@ -127,8 +128,7 @@ def check_folder(folder: Path, root: Path, *, repository: str) -> None:
         why = _why_outside(path, roots)
         if why is not None:
             name = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
-            entry = "its folder tree" if path is folder else "a file in its folder tree"
-            raise RepositoryPathError(_MSG_OUTSIDE.format(repository=repository, entry=entry, name=name, why=why))
+            raise RepositoryPathError(_MSG_LINK.format(repository=repository, name=name, why=why))
         if path.is_file() and _WEIGHT_INDEX.search(path.name):
             try:
                 weight_map = json.loads(path.read_text())["weight_map"]
