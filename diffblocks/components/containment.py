@@ -25,6 +25,7 @@ PACKAGE_SCHEME = "package://"
 _HUB_NAME = re.compile(r"^[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?$")
 # diffusers' and transformers' weight indexes: model.safetensors.index.json, *.safetensors.index.fp16.json,
 # *.safetensors.fp16.index.json, and the same for .bin
+_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _WEIGHT_INDEX = re.compile(r"\.(?P<ext>safetensors|bin)\.(?:[^.]+\.)?index(?:\.[^.]+)?\.json$")
 
 _INSIDE_ONLY = (
@@ -153,7 +154,8 @@ def check_shard_names(index: Path, names: list[str], *, repository: str) -> list
         if why is None and len(PurePosixPath(name).parts) != 1:
             why = "is not a file name in the index's folder"
         if why is None and not name.endswith(ext):
-            why = f"is not a {ext} file" + (" (pickles can run code when loaded)" if name.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")) else "")
+            pickle = name.endswith(_PICKLES)
+            why = f"is not a {ext} file" + (" (pickles can run code when loaded)" if pickle else "")
         if why is None:
             why = _why_outside(index.parent / name, _real_roots(index.parent))
         if why is not None:

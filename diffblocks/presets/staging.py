@@ -126,7 +126,10 @@ def _move_in(staging: Path, real: Path, *, replace_all: bool) -> None:
         aside = sorted(p.name for p in real.iterdir())
     else:
         _check_paths(real, new)
-        aside = sorted(name for name in previous_save(real) | set(new) if (real / name).is_file() or (real / name).is_symlink())
+        replaced = {name for name in new if (real / name).is_file() or (real / name).is_symlink()}
+        aside = sorted(previous_save(real) | replaced)
+    folders = {parent for name in new for parent in Path(name).parents if parent != Path(".")}
+    existing = {folder for folder in folders if (real / folder).is_dir()}
     backup = real.with_name(f".{real.name}.previous-{uuid.uuid4().hex[:8]}")
     moved_aside: list[str] = []
     moved_in: list[str] = []
@@ -142,7 +145,9 @@ def _move_in(staging: Path, real: Path, *, replace_all: bool) -> None:
             keep_backup = True
             raise OSError(_MSG_NOT_RESTORED.format(target=real, err=err, again=again, backup=backup)) from err
         finally:
-            _remove_empty_folders(real, moved_in)
+            for folder in sorted(folders - existing, key=lambda f: len(f.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    (real / folder).rmdir()  # made for this save's files; kept if anything is in it
         raise
     finally:
         if not keep_backup:

@@ -84,8 +84,14 @@ HOSTILE: dict[str, tuple[Callable[[Path, Path], None], str]] = {
         lambda repo, private: modular_unet(repo, pretrained_model_name_or_path="../private"),
         r"'\.\.' segment",
     ),
-    "linked-component-folder": (lambda repo, private: link(repo / "unet", private / "unet"), "is a symbolic link to .*private/unet, outside"),
-    "linked-weight-file": (lambda repo, private: link(repo / "unet" / WEIGHTS, private / "unet" / WEIGHTS), "symbolic link"),
+    "linked-component-folder": (
+        lambda repo, private: link(repo / "unet", private / "unet"),
+        "is a symbolic link to .*private/unet, outside",
+    ),
+    "linked-weight-file": (
+        lambda repo, private: link(repo / "unet" / WEIGHTS, private / "unet" / WEIGHTS),
+        "symbolic link",
+    ),
     "index-names-dotdot-shard": (
         lambda repo, private: weight_index(repo, f"../../private/unet/{WEIGHTS}"),
         r"names the shard '\.\./\.\./private",
