@@ -14,8 +14,9 @@ which therefore counts as inside the repository.
 from __future__ import annotations
 
 import json
-import os
 import re
+from collections.abc import Sequence
+from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 # the scheme that presets resolve to a folder inside an installed package (see
@@ -114,22 +115,32 @@ def contained_path(root: Path, name: str, *, repository: str, entry: str) -> Pat
     return path
 
 
-def check_folder(folder: Path, root: Path, *, repository: str) -> None:
-    """Refuse ``folder`` if it, an entry in it, or a shard its weight indexes name leaves ``root``.
+def check_folder(folder: Path, root: Path, *, repository: str, patterns: Sequence[str] | None = None) -> None:
+    """Refuse ``folder`` if it, a file in it, or a shard its weight indexes name leaves ``root``.
 
     Loaders read the files directly in a component folder (configs, weights, tokenizer files), and
-    transformers follows its own weight indexes, so all of them are checked before any is read.
+    transformers follows its own weight indexes, so these are checked before any is read. Folders
+    inside ``folder`` are checked when they are loaded from, as subfolders.
+
+    Args:
+        folder: ``root`` or a folder inside it.
+        root: the repository's folder.
+        repository: how the user named the repository, for the message.
+        patterns: check only the files whose path in ``root`` matches one of these (as the Hub's
+            ``allow_patterns``: the files a loader reads); all files when None.
 
     Raises:
         RepositoryPathError: as :func:`contained_path`, or a weight index names a shard that is not a
             file of its own extension in ``folder`` (a pickle named by a safetensors index, say).
     """
     roots = _real_roots(root)
-    for path in (folder, *sorted(folder.iterdir())):
+    files = [path for path in sorted(folder.iterdir()) if not path.is_dir()]
+    if patterns is not None:
+        files = [path for path in files if any(fnmatchcase(_relative(path, root), p) for p in patterns)]
+    for path in (folder, *files):
         why = _why_outside(path, roots)
         if why is not None:
-            name = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
-            raise RepositoryPathError(_MSG_LINK.format(repository=repository, name=name, why=why))
+            raise RepositoryPathError(_MSG_LINK.format(repository=repository, name=_relative(path, root), why=why))
         if path.is_file() and _WEIGHT_INDEX.search(path.name):
             try:
                 weight_map = json.loads(path.read_text())["weight_map"]
@@ -137,6 +148,10 @@ def check_folder(folder: Path, root: Path, *, repository: str) -> None:
                 continue  # a broken index is reported, with its file, by the loader that reads it
             if isinstance(weight_map, dict):
                 check_shard_names(path, [str(name) for name in weight_map.values()], repository=repository)
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
 
 
 def check_shard_names(index: Path, names: list[str], *, repository: str) -> list[Path]:

