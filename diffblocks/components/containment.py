@@ -24,9 +24,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 PACKAGE_SCHEME = "package://"
 # huggingface_hub's repository names: letters, digits, "-", "_" and "." (no "--" or ".."), at most 96 characters
 _HUB_NAME = re.compile(r"^[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?$")
+_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # diffusers' and transformers' weight indexes: model.safetensors.index.json, *.safetensors.index.fp16.json,
 # *.safetensors.fp16.index.json, and the same for .bin
-_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _WEIGHT_INDEX = re.compile(r"\.(?P<ext>safetensors|bin)\.(?:[^.]+\.)?index(?:\.[^.]+)?\.json$")
 
 _INSIDE_ONLY = (
@@ -34,8 +34,9 @@ _INSIDE_ONLY = (
     "read files of this machine. If you trust what it points to, copy it into the repository, or load that "
     "component yourself and pass it with from_pretrained(..., components={name: ...})."
 )
-_MSG_OUTSIDE = "{repository}: {entry} names {name!r}, which {why}. " + _INSIDE_ONLY.replace("{", "{{").replace("}", "}}")
-_MSG_LINK = "{repository}: {name!r} {why}. " + _INSIDE_ONLY.replace("{", "{{").replace("}", "}}")
+_INSIDE_ONLY_LITERAL = _INSIDE_ONLY.replace("{", "{{").replace("}", "}}")
+_MSG_OUTSIDE = "{repository}: {entry} names {name!r}, which {why}. " + _INSIDE_ONLY_LITERAL
+_MSG_LINK = "{repository}: {name!r} {why}. " + _INSIDE_ONLY_LITERAL
 _MSG_REFERENCE = (
     "{repository}: {entry} names {value!r} as the repository to load from, which {why}. An index may name "
     "another repository only by its Hub id ('owner/name') or as package://<module>/<path>, never by a local "
