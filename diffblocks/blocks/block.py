@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict
 from pydantic.fields import FieldInfo
+
+from diffblocks.blocks.fields import Produced
 
 _MSG_UNBOUND = (
     "block {block!r} has no component {name!r} bound: blocks get their components from a Pipeline. "
@@ -76,9 +79,31 @@ def component(*, optional: bool = False, description: str = "") -> Any:
 
 
 class AbstractBlock(ABC):
-    """Anything that can stand in a pipeline: a leaf :class:`Block` or a composite."""
+    """Anything that can stand in a pipeline: a leaf :class:`Block` or a composite.
+
+    A block tree is seen through :meth:`children` and rebuilt through :meth:`replace_children`;
+    :func:`diffblocks.blocks.walk` visits it with paths.
+    """
 
     name: str
+
+    def children(self) -> tuple[AbstractBlock, ...]:
+        """The blocks directly inside this one, in order (a leaf has none)."""
+        return ()
+
+    def child_names(self) -> tuple[str, ...]:
+        """The path segment of each child: its name in a sequence or loop, its branch name in a switch."""
+        return tuple(child.name for child in self.children())
+
+    def replace_children(self, children: tuple[AbstractBlock, ...]) -> Self:
+        """This block with other children, as a new block; the original is unchanged."""
+        if children:
+            raise ValueError(f"block {self.name!r} is a leaf and cannot hold blocks")
+        return self
+
+    @abstractmethod
+    def renamed(self, name: str) -> Self:
+        """This block under another name, as a new block; the original is unchanged."""
 
     def __repr__(self) -> str:
         from diffblocks.blocks.introspect import render_tree
@@ -106,16 +131,36 @@ class Block(AbstractBlock):
     def __call__(self, inputs: Any) -> Any:
         """Run the step on validated ``Inputs`` and return ``Outputs``."""
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
-        """Check user inputs once per call, before any block runs (override to add cross-field or component checks).
+    def check(self, inputs: Any) -> None:
+        """Check this block's inputs once per call, before any block runs; override to add checks.
 
-        Raise ``ValueError`` with a message that names the field; the pipeline reports it with this block's path.
+        ``inputs`` is this block's own ``Inputs``, holding what the caller gave (defaults filled
+        in). An input that an earlier block produces is not known yet: it is absent from
+        ``inputs.model_fields_set`` (read it with :func:`known`). Check values together or against
+        the components (``self.vae``) and raise :class:`FieldError` naming the field; the pipeline
+        reports every block's problems at once, with the block's path. Values known only at run
+        time are checked in ``__call__``: a ``FieldError`` raised there is reported the same way.
         """
 
     def bind(self, components: Mapping[str, Any]) -> Block:
         """Give this block its components directly (pipelines do this; useful in unit tests)."""
         self._bound = components
         return self
+
+    def unbound(self) -> Self:
+        """A copy of this block with no components bound.
+
+        A pipeline keeps such copies, so it never shares a leaf (and the components bound to it)
+        with the caller's tree or with another pipeline.
+        """
+        clone = copy.copy(self)
+        clone._bound = {}
+        return clone
+
+    def renamed(self, name: str) -> Self:
+        clone = self.unbound()
+        clone.name = name
+        return clone
 
     @classmethod
     def components(cls) -> dict[str, ComponentDecl]:
@@ -145,6 +190,15 @@ class Block(AbstractBlock):
             return cls.__module__
 
 
+def known(inputs: BlockIO, name: str) -> Any:
+    """The value of input ``name`` when the caller gave it (or its default applies), else None.
+
+    In :meth:`Block.check`, inputs that earlier blocks produce are not known yet; this reads an
+    input that is the caller's in one pipeline and a block's output in another.
+    """
+    return inputs.__dict__.get(name) if name in inputs.model_fields_set else None
+
+
 def default_block_name(cls: type) -> str:
     """``EncodePrompt`` -> ``encode_prompt``."""
     return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
@@ -161,9 +215,10 @@ def _type_hints(cls: type) -> dict[str, Any]:
 
 
 def field_type(field: FieldInfo) -> Any:
-    """The declared annotation of a pydantic field (with its metadata re-attached)."""
+    """The declared annotation of a pydantic field (with its metadata re-attached, less the :func:`produced` marker)."""
     annotation = field.annotation
-    if field.metadata:
-        return typing.Annotated[(annotation, *field.metadata)]  # type: ignore[misc]
+    metadata = [m for m in field.metadata if not isinstance(m, Produced)]
+    if metadata:
+        return typing.Annotated[(annotation, *metadata)]  # type: ignore[misc]
     return annotation
 

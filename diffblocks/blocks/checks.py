@@ -1,19 +1,64 @@
-"""Build-time checks beyond the data flow: components present and typed, switch triggers that exist."""
+"""Build-time checks beyond the data flow (components, switch triggers, declared user inputs), and workflow choice."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from diffblocks.blocks.block import AbstractBlock, Block
 from diffblocks.blocks.compat import describe_type
-from diffblocks.blocks.composites import Sequence, Switch
+from diffblocks.blocks.composites import Switch
 from diffblocks.blocks.errors import Problem
-from diffblocks.blocks.plan import Plan
+from diffblocks.blocks.plan import Choices, Plan
+from diffblocks.blocks.tree import Node, walk
 from diffblocks.components.manager import ComponentsManager
 
-Choices = tuple[tuple[str, str], ...]
+
+@dataclass(frozen=True, slots=True)
+class SwitchPoint:
+    """A switch of a tree, found once when a pipeline is built, so that a call picks its workflow without a walk.
+
+    ``within`` are the branches of enclosing switches it sits in: it is asked only when they are taken.
+    """
+
+    path: str
+    label: str
+    switch: Switch
+    within: Choices
+
+
+def switch_points(root: AbstractBlock) -> tuple[SwitchPoint, ...]:
+    """Every switch of a tree in walk order (the order :func:`~diffblocks.blocks.plan.expand_workflows` chooses in)."""
+    return tuple(
+        SwitchPoint(node.path, node.label, node.block, _within(node))
+        for node in walk(root)
+        if isinstance(node.block, Switch)
+    )
+
+
+def choose_workflow(points: Iterable[SwitchPoint], given: frozenset[str]) -> Choices | Problem:
+    """The branches a call with these given inputs takes, or the problem when a switch has no branch for them."""
+    chosen: dict[str, str] = {}
+    for point in points:
+        if any(chosen.get(path) != branch for path, branch in point.within):
+            continue  # inside a branch this call does not take
+        branch = point.switch.select(given)
+        if branch is None:
+            options = "; ".join(f"{b.name} (give {', '.join(b.when)})" for b in point.switch.branches)
+            return Problem(point.label, "inputs", f"no workflow matches the given inputs. Workflows: {options}")
+        chosen[point.path] = branch.name
+    return tuple(chosen.items())
+
+
+def _within(node: Node) -> Choices:
+    found: list[tuple[str, str]] = []
+    child, parent = node, node.parent
+    while parent is not None:
+        if isinstance(parent.block, Switch):
+            found.append((parent.path, child.key))
+        child, parent = parent, parent.parent
+    return tuple(reversed(found))
 
 
 def check_components(plans: Mapping[Choices, Plan], keys: Mapping[str, str], manager: ComponentsManager) -> list[Problem]:
@@ -65,16 +110,16 @@ def component_needs(plans: Mapping[Choices, Plan]) -> dict[str, tuple[Any, bool,
     return needs
 
 
-def check_triggers(root: AbstractBlock, plans: Mapping[Choices, Plan]) -> list[Problem]:
+def check_triggers(points: Iterable[SwitchPoint], plans: Mapping[Choices, Plan]) -> list[Problem]:
     inputs = {name for plan in plans.values() for name in plan.user_inputs}
     problems = []
-    for path, switch in switches(root, ""):
-        for branch in switch.branches:
+    for point in points:
+        for branch in point.switch.branches:
             for name in branch.when:
                 if name not in inputs:
                     problems.append(
                         Problem(
-                            path,
+                            point.label,
                             name,
                             f"branch {branch.name!r} is triggered by {name!r}, which no block takes as a user input",
                             "trigger on an input that a block of the branch declares",
@@ -83,46 +128,16 @@ def check_triggers(root: AbstractBlock, plans: Mapping[Choices, Plan]) -> list[P
     return problems
 
 
-def switches(block: AbstractBlock, path: str) -> Iterable[tuple[str, Switch]]:
-    if isinstance(block, Switch):
-        yield path or block.name, block
-        for branch in block.branches:
-            yield from switches(branch.block, _join(path or block.name, branch.name))
-    elif isinstance(block, Sequence):
-        for child in block:
-            yield from switches(child, _join(path, child.name))
-
-
-def copy_tree(block: AbstractBlock) -> AbstractBlock:
-    if isinstance(block, Switch):
-        clone = copy.copy(block)
-        clone.branches = tuple(type(b)(b.name, copy_tree(b.block), b.when) for b in block.branches)
-        return clone
-    if isinstance(block, Sequence):
-        clone = copy.copy(block)
-        clone._blocks = {name: copy_tree(child) for name, child in block._blocks.items()}
-        return clone
-    clone = copy.copy(block)
-    if isinstance(clone, Block):
-        clone._bound = {}
-    return clone
-
-
-def choose_workflow(block: AbstractBlock, given: frozenset[str], path: str, choices: list[tuple[str, str]]) -> Problem | None:
-    if isinstance(block, Switch):
-        branch = block.select(given)
-        if branch is None:
-            options = "; ".join(f"{b.name} (give {', '.join(b.when)})" for b in block.branches)
-            return Problem(path or block.name, "inputs", f"no workflow matches the given inputs. Workflows: {options}")
-        choices.append((path, branch.name))
-        return choose_workflow(branch.block, given, _join(path, branch.name), choices)
-    if isinstance(block, Sequence):
-        for child in block:
-            problem = choose_workflow(child, given, _join(path, child.name), choices)
-            if problem is not None:
-                return problem
-    return None
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
+def check_user_inputs(names: Iterable[str], plans: Mapping[Choices, Plan]) -> list[Problem]:
+    """Every name a pipeline was told callers pass (``user_inputs=``) is an input of some workflow."""
+    inputs = {name for plan in plans.values() for name in plan.user_inputs}
+    return [
+        Problem(
+            "pipeline",
+            name,
+            "is listed in user_inputs, but no workflow takes it from the caller (a block produces it, or none reads it)",
+            f"remove {name!r} from user_inputs",
+        )
+        for name in names
+        if name not in inputs
+    ]

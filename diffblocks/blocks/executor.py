@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from diffblocks.blocks.block import BlockIO
@@ -16,7 +17,6 @@ from diffblocks.blocks.plan import LoopStep, Step
 
 State = dict[str, Any]
 _PROGRESS_INTERVAL = 0.1  # seconds between progress-bar refreshes; tqdm.update per step costs more than a block
-
 
 
 @dataclass(slots=True)
@@ -54,13 +54,21 @@ class RunContext:
     current: str = field(default="", repr=False)
 
 
+_new = object.__new__
+_set_dict = object.__setattr__
+# BaseModel's own slots, written directly: pydantic's __setattr__ would validate, and this runs per step
+_set_fields_set = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+_set_extra = BaseModel.__dict__["__pydantic_extra__"].__set__
+_set_private = BaseModel.__dict__["__pydantic_private__"].__set__
+
+
 def construct(cls: type[BlockIO], values: dict[str, Any]) -> BlockIO:
     """Build already-valid block inputs without re-validating them (they were checked when built or on entry)."""
-    obj = cls.__new__(cls)
-    object.__setattr__(obj, "__dict__", values)
-    object.__setattr__(obj, "__pydantic_fields_set__", set(values))
-    object.__setattr__(obj, "__pydantic_extra__", None)
-    object.__setattr__(obj, "__pydantic_private__", None)
+    obj = _new(cls)
+    _set_dict(obj, "__dict__", values)
+    _set_fields_set(obj, set(values))
+    _set_extra(obj, None)
+    _set_private(obj, None)
     return obj
 
 
@@ -71,13 +79,18 @@ def run_steps(steps: tuple[Step | LoopStep, ...], state: State, run: RunContext)
     for step in steps:
         if type(step) is LoopStep:
             _run_loop(step, state, run)
-            continue
-        run.current = step.path
-        out = step.block(construct(step.input_cls, {name: state[name] for name in step.inputs}))
-        if type(out) is not step.output_cls:
-            _bad_output(step, out)
-        state.update(out.__dict__)
+        else:
+            _run_step(step, state, run)
     return None
+
+
+def _run_step(step: Step, state: State, run: RunContext) -> None:
+    """The one place a block runs: read its inputs from the state, call it, write its outputs back."""
+    run.current = step.path
+    out = step.block(construct(step.input_cls, {name: state[name] for name in step.inputs}))
+    if type(out) is not step.output_cls:
+        _bad_output(step, out)
+    state.update(out.__dict__)
 
 
 def _run_loop(step: LoopStep, state: State, run: RunContext) -> None:
@@ -86,7 +99,6 @@ def _run_loop(step: LoopStep, state: State, run: RunContext) -> None:
     count = len(sequence)
     state[loop.count] = count
     body = step.body
-    nested = any(type(s) is LoopStep for s in body) or run.timings is not None
     bar = tqdm(total=count, desc=step.path, leave=True) if run.progress else None
     shown, last = 0, time.monotonic()
     try:
@@ -96,15 +108,7 @@ def _run_loop(step: LoopStep, state: State, run: RunContext) -> None:
             t = sequence[i]
             state[loop.index] = i
             state[loop.item] = t
-            if nested:
-                run_steps(body, state, run)
-            else:
-                for s in body:
-                    run.current = s.path  # type: ignore[union-attr]
-                    out = s.block(construct(s.input_cls, {name: state[name] for name in s.inputs}))  # type: ignore[union-attr]
-                    if type(out) is not s.output_cls:  # type: ignore[union-attr]
-                        _bad_output(s, out)  # type: ignore[arg-type]
-                    state.update(out.__dict__)
+            run_steps(body, state, run)
             if run.callbacks:
                 _call_back(run, StepInfo(i, count, t, state, step.path, run), state)
             if bar is not None:
@@ -119,20 +123,13 @@ def _run_loop(step: LoopStep, state: State, run: RunContext) -> None:
 
 
 def _run_timed(steps: tuple[Step | LoopStep, ...], state: State, run: RunContext) -> None:
-    assert run.timings is not None
     for step in steps:
-        if type(step) is LoopStep:
-            start = time.perf_counter()
-            _run_loop(step, state, run)
-            _add_time(run, step.path, start)
-            continue
-        run.current = step.path
         start = time.perf_counter()
-        out = step.block(construct(step.input_cls, {name: state[name] for name in step.inputs}))
+        if type(step) is LoopStep:
+            _run_loop(step, state, run)
+        else:
+            _run_step(step, state, run)
         _add_time(run, step.path, start)
-        if type(out) is not step.output_cls:
-            _bad_output(step, out)
-        state.update(out.__dict__)
 
 
 def _add_time(run: RunContext, path: str, start: float) -> None:

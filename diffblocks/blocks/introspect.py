@@ -10,7 +10,8 @@ from pydantic_core import PydanticOmit, core_schema
 
 from diffblocks.blocks.block import AbstractBlock, Block, field_type
 from diffblocks.blocks.compat import describe_type
-from diffblocks.blocks.composites import Loop, Sequence, Switch
+from diffblocks.blocks.composites import Loop, Switch
+from diffblocks.blocks.tree import walk
 
 if TYPE_CHECKING:
     from diffblocks.blocks.pipeline import Pipeline
@@ -48,31 +49,32 @@ def outputs_schema(plan: Plan) -> dict[str, Any]:
 def render_tree(block: AbstractBlock, indent: str = "") -> str:
     """A readable tree of a block and its children with their inputs and outputs."""
     lines: list[str] = []
-    _render(block, indent, lines)
+    pads: dict[str, str] = {}
+    for node in walk(block):
+        parent = node.parent
+        pad = indent if parent is None else pads[parent.path] + "  "
+        if parent is not None and isinstance(parent.block, Switch):
+            branch = parent.block.branch(node.key)
+            when = f"when {', '.join(branch.when)} given" if branch.when else "default"
+            lines.append(f"{pad}[{branch.name}] ({when})")
+            pad += "  "
+        pads[node.path] = pad
+        lines.append(pad + _render(node.block))
     return "\n".join(lines)
 
 
-def _render(block: AbstractBlock, indent: str, lines: list[str]) -> None:
+def _render(block: AbstractBlock) -> str:
     if isinstance(block, Switch):
-        lines.append(f"{indent}{block.name}: Switch")
-        for branch in block.branches:
-            when = f"when {', '.join(branch.when)} given" if branch.when else "default"
-            lines.append(f"{indent}  [{branch.name}] ({when})")
-            _render(branch.block, indent + "    ", lines)
-    elif isinstance(block, Loop):
-        lines.append(f"{indent}{block.name}: Loop over {block.over} ({block.item}, {block.index})")
-        for child in block:
-            _render(child, indent + "  ", lines)
-    elif isinstance(block, Sequence):
-        lines.append(f"{indent}{block.name}: {type(block).__name__}")
-        for child in block:
-            _render(child, indent + "  ", lines)
-    elif isinstance(block, Block):
+        return f"{block.name}: Switch"
+    if isinstance(block, Loop):
+        return f"{block.name}: Loop over {block.over} ({block.item}, {block.index})"
+    if isinstance(block, Block):
         ins = ", ".join(block.input_fields())
         outs = ", ".join(block.output_fields())
         comps = ", ".join(block.components())
         extra = f" [{comps}]" if comps else ""
-        lines.append(f"{indent}{block.name}: {type(block).__name__}({ins}) -> ({outs}){extra}")
+        return f"{block.name}: {type(block).__name__}({ins}) -> ({outs}){extra}"
+    return f"{block.name}: {type(block).__name__}"
 
 
 def block_doc(block: type[Block] | Block) -> str:
@@ -160,8 +162,4 @@ def _id(text: str) -> str:
 
 def component_names(block: AbstractBlock) -> set[str]:
     """Names of every component the leaves of a block tree declare (all workflows)."""
-    if isinstance(block, Switch):
-        return {name for branch in block.branches for name in component_names(branch.block)}
-    if isinstance(block, Sequence):
-        return {name for child in block for name in component_names(child)}
-    return set(block.components()) if isinstance(block, Block) else set()
+    return {name for node in walk(block) if isinstance(node.block, Block) for name in node.block.components()}

@@ -12,13 +12,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from diffblocks.blocks.block import AbstractBlock
-from diffblocks.blocks.checks import Choices, check_components, check_triggers, choose_workflow, copy_tree
-from diffblocks.blocks.composites import Sequence
-from diffblocks.blocks.errors import InputError, PlanError, Problem
+from diffblocks.blocks.checks import (
+    SwitchPoint,
+    check_components,
+    check_triggers,
+    check_user_inputs,
+    choose_workflow,
+    switch_points,
+)
+from diffblocks.blocks.errors import FieldError, InputError, PlanError, Problem
 from diffblocks.blocks.executor import Callback, RunContext, add_location_note, cuda_sync, run_steps
 from diffblocks.blocks.formats import pipeline_format
 from diffblocks.blocks.output import PipelineOutput
-from diffblocks.blocks.plan import Plan, compile_plan, expand_workflows
+from diffblocks.blocks.plan import Choices, Plan, compile_plan, expand_workflows
+from diffblocks.blocks.tree import copy_tree, inserted, removed, replaced
 from diffblocks.blocks.validation import check_blocks, validate_inputs
 from diffblocks.components.manager import ComponentsManager
 from diffblocks.components.models.compile import DENOISER_NAMES, compile_model
@@ -56,6 +63,8 @@ class Pipeline:
         name: a label for tables and errors.
         preset: the preset family and settings the blocks come from (recorded by ``from_pretrained``;
             used by :meth:`save_pretrained`).
+        user_inputs: inputs that blocks declare with ``produced()`` but that callers will pass
+            instead (e.g. ``("conditioning",)`` for a pipeline built without a prompt encoder).
 
     Raises:
         PlanError: every problem found (missing or mistyped inputs and components, wrong order), at once.
@@ -69,9 +78,11 @@ class Pipeline:
         manager: ComponentsManager | None = None,
         name: str | None = None,
         preset: PresetInfo | None = None,
+        user_inputs: Iterable[str] = (),
     ) -> None:
         self.name = name or blocks.name
         self.preset = preset
+        self.user_inputs = tuple(user_inputs)
         self.manager = manager if manager is not None else ComponentsManager()
         self._keys: dict[str, str] = {}
         self._bound: dict[str, Any] = {}
@@ -79,7 +90,7 @@ class Pipeline:
         self._binding = threading.Lock()
         for component_name, value in (components or {}).items():
             self._keys[component_name] = self.manager.add(component_name, value, user=self.name)
-        self._root, self._plans = self._compile(blocks, self._keys)
+        self._root, self._plans, self._switches = self._compile(blocks, self._keys)
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str, **kwargs: Any) -> Pipeline:
@@ -124,21 +135,25 @@ class Pipeline:
 
     # --- building -------------------------------------------------------------------------------------------
 
-    def _compile(self, blocks: AbstractBlock, keys: Mapping[str, str]) -> tuple[AbstractBlock, dict[Choices, Plan]]:
-        root = copy_tree(blocks)
+    def _compile(
+        self, blocks: AbstractBlock, keys: Mapping[str, str]
+    ) -> tuple[AbstractBlock, dict[Choices, Plan], tuple[SwitchPoint, ...]]:
+        root = copy_tree(blocks)  # the pipeline's own leaves: binding them never reaches the caller's tree
         plans: dict[Choices, Plan] = {}
         problems: list[Problem] = []
-        for choices, tree in expand_workflows(root):
-            plans[choices], found = compile_plan(choices, tree)
+        for choices in expand_workflows(root):
+            plans[choices], found = compile_plan(choices, root, user_inputs=self.user_inputs)
             problems += [p for p in found if p not in problems]
-        problems += check_triggers(root, plans)
+        switches = switch_points(root)
+        problems += check_triggers(switches, plans)
+        problems += check_user_inputs(self.user_inputs, plans)
         problems += check_components(plans, keys, self.manager)
         if problems:
             raise PlanError(problems, context=f"pipeline {self.name!r}")
         for plan in plans.values():
             for _, block in plan.blocks:
-                block._bound = self._bound
-        return root, plans
+                block.bind(self._bound)
+        return root, plans, switches
 
     # --- calling --------------------------------------------------------------------------------------------
 
@@ -171,6 +186,9 @@ class Pipeline:
             check_blocks(plan, state, context=context)
             with mode:
                 run_steps(plan.steps, state, run)
+        except FieldError as err:
+            # a block refused a value only known at run time (e.g. one an earlier block resolved)
+            raise InputError([Problem(run.current, err.field, str(err))], context=context) from err
         except Exception as err:
             add_location_note(err, run, plan.workflow)
             raise
@@ -179,11 +197,10 @@ class Pipeline:
         return PipelineOutput(state, workflow=plan.workflow, timings=run.timings, interrupted=run.interrupted)
 
     def _select(self, given: frozenset[str]) -> Plan:
-        choices: list[tuple[str, str]] = []
-        node_choices = choose_workflow(self._root, given, "", choices)
-        if node_choices is not None:
-            raise InputError([node_choices])
-        return self._plans[tuple(choices)]
+        choices = choose_workflow(self._switches, given)
+        if isinstance(choices, Problem):
+            raise InputError([choices])
+        return self._plans[choices]
 
     def _acquire(self) -> None:
         """Bind the components (loading lazy ones) for a call; concurrent calls share one binding."""
@@ -213,7 +230,7 @@ class Pipeline:
             keys[name] = self.manager.add(name, value, user=self.name)
             added.append(keys[name])
         try:
-            root, plans = self._compile(self._root, keys)
+            root, plans, switches = self._compile(self._root, keys)
         except PlanError:
             for key in added:
                 self.manager.release(key, user=self.name)
@@ -221,43 +238,30 @@ class Pipeline:
         for name in components:
             if name in self._keys and self._keys[name] != keys[name]:
                 self.manager.release(self._keys[name], user=self.name)
-        self._keys, self._root, self._plans = keys, root, plans
+        self._keys, self._root, self._plans, self._switches = keys, root, plans, switches
         return self
 
     def replace_block(self, path: str, block: AbstractBlock) -> Pipeline:
-        """Replace the block at ``path``; the plan is re-checked and nothing changes if it fails."""
-        return self._edit(lambda root: root.replace(path, block))
+        """Replace the block at ``path``; the new tree is checked and nothing changes if it fails."""
+        return self._edit(replaced(self._root, path, block))
 
     def insert_block(self, block: AbstractBlock, *, before: str | None = None, after: str | None = None) -> Pipeline:
-        """Insert a block next to a sibling given by dotted path; re-checked like :meth:`replace_block`."""
-        anchor = before or after or ""
-        parent_path, _, sibling = anchor.rpartition(".")
-
-        def edit(root: Sequence) -> None:
-            parent = root.get(parent_path) if parent_path else root
-            if not isinstance(parent, Sequence):
-                raise KeyError(f"{parent_path!r} is not a sequence")
-            parent.insert(block, before=sibling if before else None, after=sibling if after else None)
-
-        return self._edit(edit)
+        """Insert a block next to a sibling given by dotted path; checked like :meth:`replace_block`."""
+        return self._edit(inserted(self._root, block, before=before, after=after))
 
     def remove_block(self, path: str) -> Pipeline:
-        """Remove the block at ``path``; re-checked like :meth:`replace_block`."""
-        return self._edit(lambda root: root.remove(path))
+        """Remove the block at ``path``; checked like :meth:`replace_block`."""
+        return self._edit(removed(self._root, path))
 
-    def _edit(self, edit: Any) -> Pipeline:
-        root = copy_tree(self._root)
-        if not isinstance(root, Sequence):
-            raise TypeError("blocks can only be edited inside a Sequence root")
-        edit(root)
-        self._root, self._plans = self._compile(root, self._keys)
+    def _edit(self, root: AbstractBlock) -> Pipeline:
+        self._root, self._plans, self._switches = self._compile(root, self._keys)
         return self
 
     # --- looking --------------------------------------------------------------------------------------------
 
     @property
     def blocks(self) -> AbstractBlock:
-        """The pipeline's block tree (edit it through replace_block / insert_block / remove_block)."""
+        """The pipeline's block tree, an immutable value (edit through replace_block / insert_block / remove_block)."""
         return self._root
 
     @property

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
 import types
 import typing
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Union, final
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, create_model
 from pydantic.fields import FieldInfo
@@ -15,22 +15,43 @@ from diffblocks.blocks.block import AbstractBlock, Block, BlockIO, field_type
 from diffblocks.blocks.compat import describe_type, is_compatible
 from diffblocks.blocks.composites import Loop, Sequence, Switch
 from diffblocks.blocks.errors import Problem
+from diffblocks.blocks.fields import is_produced
+from diffblocks.blocks.tree import Node, join, walk
 from diffblocks.blocks.types import TensorSpec
 
 RESERVED_INPUTS = frozenset({"callbacks", "progress", "timings", "grad"})
 
+Choices = tuple[tuple[str, str], ...]
+"""The branch taken at each switch of a workflow, as ``(switch path, branch name)`` in walk order."""
 
+_MSG_UNPRODUCED = (
+    "needs {name!r}, which no block before it produces: the block declares it with produced(), "
+    "a value that comes from an earlier block"
+)
+_FIX_UNPRODUCED = (
+    "add a block that produces {name!r} before {path!r}, or build the pipeline with "
+    "user_inputs=({name!r},) to pass it at call time"
+)
+
+
+@final
 @dataclass(frozen=True, slots=True)
 class Step:
-    """A leaf block with the state names it reads."""
+    """A leaf block with the state names it reads.
+
+    ``given`` are the inputs that come straight from the call: no earlier block of the workflow
+    produces them, so their values are known before the run starts.
+    """
 
     path: str
     block: Block
     inputs: tuple[str, ...]
     input_cls: type[BlockIO]
     output_cls: type[BlockIO]
+    given: tuple[str, ...] = ()
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class LoopStep:
     """A loop with its compiled body."""
@@ -59,7 +80,7 @@ class Plan:
     """The checked data flow of one workflow."""
 
     workflow: str
-    choices: tuple[tuple[str, str], ...]
+    choices: Choices
     steps: tuple[Step | LoopStep, ...]
     user_inputs: dict[str, UserInput]
     produced: dict[str, tuple[Any, str]]
@@ -73,33 +94,40 @@ class UserInputs(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="ignore", protected_namespaces=())
 
 
-def expand_workflows(root: AbstractBlock) -> list[tuple[tuple[tuple[str, str], ...], AbstractBlock]]:
-    """Every combination of switch branches, as (choices, tree without switches)."""
+def expand_workflows(root: AbstractBlock) -> list[Choices]:
+    """Every combination of switch branches, each in the order a call picks them."""
 
-    def expand(block: AbstractBlock, path: str) -> list[tuple[tuple[tuple[str, str], ...], AbstractBlock]]:
-        if isinstance(block, Switch):
-            out = []
-            for branch in block.branches:
-                for choices, sub in expand(branch.block, _join(path, branch.name)):
-                    out.append((((path, branch.name), *choices), _renamed(sub, f"{block.name}.{branch.name}")))
-            return out
-        if isinstance(block, Sequence):
-            per_child = [expand(child, _join(path, child.name)) for child in block]
-            out = []
-            for combo in itertools.product(*per_child):
-                choices = tuple(c for ch, _ in combo for c in ch)
-                out.append((choices, _rebuilt(block, [sub for _, sub in combo])))
-            return out
-        return [((), block)]
+    def expand(chosen: dict[str, str]) -> list[Choices]:
+        for node in walk(root, skip=other_branches(chosen)):
+            if isinstance(node.block, Switch) and node.path not in chosen:
+                return [c for name in node.block.workflows for c in expand({**chosen, node.path: name})]
+        return [tuple(chosen.items())]
 
-    return expand(root, "")
+    return expand({})
 
 
-def compile_plan(choices: tuple[tuple[str, str], ...], tree: AbstractBlock) -> tuple[Plan, list[Problem]]:
-    """Check the data flow of one switch-free tree and compile its steps, with every problem found."""
+def other_branches(choices: Mapping[str, str] | Choices) -> Callable[[Node], bool]:
+    """A :func:`walk` filter that leaves out the switch branches not in ``choices``."""
+    chosen = dict(choices)
+
+    def skip(node: Node) -> bool:
+        parent = node.parent
+        return parent is not None and isinstance(parent.block, Switch) and chosen.get(parent.path) != node.key
+
+    return skip
+
+
+def compile_plan(choices: Choices, root: AbstractBlock, *, user_inputs: Iterable[str] = ()) -> tuple[Plan, list[Problem]]:
+    """Check the data flow of one workflow of a tree and compile its steps, with every problem found.
+
+    Args:
+        choices: the branch taken at each switch (see :func:`expand_workflows`).
+        root: the whole tree.
+        user_inputs: inputs declared with ``produced()`` that the caller will pass instead.
+    """
     name = "+".join(branch for _, branch in choices) or "default"
-    checker = _FlowChecker()
-    steps = checker.visit_children(tree, "")
+    checker = _FlowChecker(frozenset(user_inputs))
+    steps = checker.compile(walk(root, skip=other_branches(choices)))
     checker.check_order()
     plan = Plan(name, choices, steps, checker.user_inputs, checker.available, checker.blocks)
     plan.input_model = _input_model(name, checker.user_inputs)
@@ -107,52 +135,77 @@ def compile_plan(choices: tuple[tuple[str, str], ...], tree: AbstractBlock) -> t
 
 
 class _FlowChecker:
-    def __init__(self) -> None:
+    def __init__(self, allowed: frozenset[str]) -> None:
         self.available: dict[str, tuple[Any, str]] = {}
         self.user_inputs: dict[str, UserInput] = {}
         self.problems: list[Problem] = []
         self.blocks: list[tuple[str, Block]] = []
+        self._allowed = allowed
         self._position = 0
         self._loop = ""
+        self._paths: dict[str, str] = {}
         self._consumed_at: dict[str, tuple[int, str, str]] = {}
         self._produced_at: dict[str, list[tuple[int, str, str, bool]]] = {}
+        self._wanted: dict[str, tuple[str, Block]] = {}
 
-    def visit_children(self, block: AbstractBlock, path: str) -> tuple[Step | LoopStep, ...]:
-        if isinstance(block, Sequence) and not isinstance(block, Loop):
-            return tuple(s for child in block for s in self.visit(child, _join(path, child.name)))
-        return self.visit(block, path or block.name)
+    def compile(self, nodes: Iterable[Node]) -> tuple[Step | LoopStep, ...]:
+        """The steps of a walk, with each loop's steps nested in a :class:`LoopStep`."""
+        top: list[Step | LoopStep] = []
+        open_loops: list[tuple[Node, str, list[Step | LoopStep]]] = []
 
-    def visit(self, block: AbstractBlock, path: str) -> tuple[Step | LoopStep, ...]:
-        if isinstance(block, Loop):
-            return (self._visit_loop(block, path),)
-        if isinstance(block, Sequence):
-            return self.visit_children(block, path)
-        assert isinstance(block, Block), f"unexpected block type {type(block).__name__}"
-        return (self._visit_leaf(block, path),)
+        def close() -> None:
+            node, path, body = open_loops.pop()
+            assert isinstance(node.block, Loop)
+            self._loop = open_loops[-1][1] if open_loops else ""
+            (open_loops[-1][2] if open_loops else top).append(LoopStep(path, node.block, tuple(body)))
 
-    def _visit_loop(self, loop: Loop, path: str) -> LoopStep:
+        for node in nodes:
+            while open_loops and not _under(node, open_loops[-1][0]):
+                close()
+            path = self._step_path(node)
+            block = node.block
+            if isinstance(block, Loop):
+                self._enter_loop(block, path)
+                open_loops.append((node, path, []))
+            elif isinstance(block, Block):
+                (open_loops[-1][2] if open_loops else top).append(self._visit_leaf(block, path))
+        while open_loops:
+            close()
+        return tuple(top)
+
+    def _step_path(self, node: Node) -> str:
+        # A sequence lends its place to its children. A loop or a leaf that stands alone where a
+        # sequence could (the root, a switch branch) is named inside that place: "start.img2img.encode_image".
+        parent = node.parent
+        path = "" if parent is None else join(self._paths[parent.path], node.key)
+        if not isinstance(node.block, Sequence) and (parent is None or isinstance(parent.block, Switch)):
+            path = join(path, node.block.name)
+        self._paths[node.path] = path
+        return path
+
+    def _enter_loop(self, loop: Loop, path: str) -> None:
         self._consume(loop.over, Any, FieldInfo(annotation=Any), path, loop)
         for name, tp in ((loop.item, Any), (loop.index, int), (loop.count, int)):
             self.available[name] = (tp, path)
-        outer, self._loop = self._loop, path
-        body = tuple(s for child in loop for s in self.visit(child, _join(path, child.name)))
-        self._loop = outer
-        return LoopStep(path, loop, body)
+        self._loop = path
 
     def _visit_leaf(self, block: Block, path: str) -> Step:
         self._position += 1
         self.blocks.append((path, block))
-        for name, info in block.input_fields().items():
+        inputs = block.input_fields()
+        given = tuple(name for name in inputs if name not in self.available)
+        for name, info in inputs.items():
             if name in RESERVED_INPUTS:
                 self.problems.append(
                     Problem(path, name, f"{name!r} is reserved for run options", "rename the input", block.declaration_site())
                 )
+            if name not in self.available and is_produced(info):
+                self._wanted.setdefault(name, (path, block))
             self._consume(name, field_type(info), info, path, block)
-        inputs = block.input_fields()
         for name, info in block.output_fields().items():
             self.available[name] = (field_type(info), path)
             self._produced_at.setdefault(name, []).append((self._position, path, self._loop, name in inputs))
-        return Step(path, block, tuple(block.input_fields()), block.Inputs, block.Outputs)
+        return Step(path, block, tuple(inputs), block.Inputs, block.Outputs, given)
 
     def _consume(self, name: str, required: Any, info: FieldInfo, path: str, block: AbstractBlock) -> None:
         if name in self.available:
@@ -189,6 +242,17 @@ class _FlowChecker:
             existing.info = info
 
     def check_order(self) -> None:
+        for name, (path, block) in self._wanted.items():
+            if name not in self._allowed and name not in self._produced_at:
+                self.problems.append(
+                    Problem(
+                        path,
+                        name,
+                        _MSG_UNPRODUCED.format(name=name),
+                        _FIX_UNPRODUCED.format(name=name, path=path),
+                        block.declaration_site(),
+                    )
+                )
         for name, (position, consumer, loop) in self._consumed_at.items():
             if not self.user_inputs[name].required:
                 continue  # an optional input is an override hook (e.g. user latents); later producers are fine
@@ -232,22 +296,10 @@ def _site(block: AbstractBlock) -> str:
     return block.declaration_site() if isinstance(block, Block) else ""
 
 
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
-
-
-def _rebuilt(seq: Sequence, children: list[AbstractBlock]) -> Sequence:
-    clone = object.__new__(type(seq))
-    clone.__dict__.update(seq.__dict__)
-    clone._blocks = {child.name: child for child in children}
-    return clone
-
-
-def _renamed(block: AbstractBlock, name: str) -> Sequence:
-    # The chosen branch stands in the switch's place as "switch.branch", so step paths match Sequence.get paths.
-    if isinstance(block, Sequence) and not isinstance(block, Loop):
-        clone = object.__new__(type(block))
-        clone.__dict__.update(block.__dict__)
-        clone.name = name
-        return clone
-    return Sequence(block, name=name)
+def _under(node: Node, ancestor: Node) -> bool:
+    parent = node.parent
+    while parent is not None:
+        if parent is ancestor:
+            return True
+        parent = parent.parent
+    return False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -11,7 +11,8 @@ from pydantic import ValidationError
 
 from diffblocks.blocks.compat import describe_type
 from diffblocks.blocks.errors import FieldError, InputError, Problem
-from diffblocks.blocks.plan import Plan
+from diffblocks.blocks.executor import construct
+from diffblocks.blocks.plan import LoopStep, Plan, Step
 
 
 def validate_inputs(plan: Plan, inputs: Mapping[str, Any], *, known: frozenset[str], context: str) -> dict[str, Any]:
@@ -28,15 +29,25 @@ def validate_inputs(plan: Plan, inputs: Mapping[str, Any], *, known: frozenset[s
 
 
 def check_blocks(plan: Plan, values: Mapping[str, Any], *, context: str) -> None:
-    """Run every block's ``check`` on the validated inputs; all failures in one :class:`InputError`."""
+    """Run every block's ``check`` on its own inputs as far as the call gives them; all failures in one :class:`InputError`."""
     problems: list[Problem] = []
-    for path, block in plan.blocks:
+    for step in leaf_steps(plan.steps):
+        inputs = construct(step.input_cls, {name: values[name] for name in step.given})
         try:
-            block.check(values)
+            step.block.check(inputs)
         except ValueError as err:
-            problems.append(Problem(path, field_of(err), str(err)))
+            problems.append(Problem(step.path, field_of(err), str(err)))
     if problems:
         raise InputError(problems, context=context)
+
+
+def leaf_steps(steps: tuple[Step | LoopStep, ...]) -> Iterator[Step]:
+    """The leaf steps of a plan in run order, loop bodies included."""
+    for step in steps:
+        if isinstance(step, LoopStep):
+            yield from leaf_steps(step.body)
+        else:
+            yield step
 
 
 def unknown_input(name: str, known: frozenset[str]) -> Problem:

@@ -1,5 +1,6 @@
 """Components: models, schedulers, guiders, attention, quantizers, and the manager that loads and shares them."""
 
+from diffblocks.components.containment import RepositoryPathError
 from diffblocks.components.hub import resolve_folder
 from diffblocks.components.manager import ComponentInfo, ComponentsManager
 from diffblocks.components.specs import ComponentSpec, PipelineIndex, parse_index, read_index, write_modular_index
@@ -9,6 +10,7 @@ __all__ = [
     "ComponentSpec",
     "ComponentsManager",
     "PipelineIndex",
+    "RepositoryPathError",
     "parse_index",
     "read_index",
     "resolve_folder",

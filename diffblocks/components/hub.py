@@ -2,7 +2,7 @@
 
 Every loader (models, schedulers, guiders, the components manager) goes through
 :func:`resolve_folder`, so Hub ids, revisions, the cache and ``HF_HUB_OFFLINE`` behave the same
-everywhere.
+everywhere, and no repository reaches outside itself (see :mod:`diffblocks.components.containment`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from pathlib import Path
 
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
+
+from diffblocks.components.containment import check_folder, check_subfolder, contained_path
 
 _MSG_NOT_FOUND = (
     "{what!r} is neither a local folder nor a repository in the Hugging Face cache{rev}. "
@@ -45,12 +47,15 @@ def resolve_folder(
     Raises:
         FileNotFoundError: the folder, repository or subfolder cannot be found locally and the
             Hub is unreachable or disabled.
+        RepositoryPathError: ``subfolder``, or a file or link in the folder, leads out of the repository.
     """
+    name = str(path_or_repo)
+    if subfolder:
+        check_subfolder(subfolder, repository=name, entry="subfolder")  # before anything is downloaded
     local = Path(path_or_repo).expanduser()
     if local.is_dir():
         root = local
     else:
-        name = str(path_or_repo)
         if allow_patterns is None and subfolder:
             allow_patterns = [f"{subfolder}/*", "*.json"]
         try:
@@ -65,7 +70,8 @@ def resolve_folder(
         except (LocalEntryNotFoundError, OSError, ValueError) as err:
             rev = f" at revision {revision!r}" if revision else ""
             raise FileNotFoundError(_MSG_NOT_FOUND.format(what=name, rev=rev)) from err
-    folder = root / subfolder if subfolder else root
+    folder = contained_path(root, subfolder, repository=name, entry="subfolder") if subfolder else root
     if not folder.is_dir():
-        raise FileNotFoundError(f"{str(path_or_repo)!r} has no subfolder {subfolder!r} (looked in {root}).")
+        raise FileNotFoundError(f"{name!r} has no subfolder {subfolder!r} (looked in {root}).")
+    check_folder(folder, root, repository=name, patterns=allow_patterns)
     return folder

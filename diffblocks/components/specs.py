@@ -12,6 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from diffblocks._version import __version__
+from diffblocks.components.containment import check_folder, check_reference, check_subfolder, contained_path
 from diffblocks.components.hub import resolve_folder
 
 MODULAR_INDEX = "modular_model_index.json"
@@ -123,17 +124,31 @@ class PipelineIndex(BaseModel):
 
 
 def read_index(path_or_repo: str | os.PathLike[str], *, revision: str | None = None) -> PipelineIndex:
-    """Read ``modular_model_index.json`` (preferred) or ``model_index.json`` from a folder or a Hub id."""
+    """Read ``modular_model_index.json`` (preferred) or ``model_index.json`` from a folder or a Hub id.
+
+    Raises:
+        RepositoryPathError: an entry names a path outside the repository or another repository
+            by a local path, or a component folder already on disk links out of the repository
+            (checked here, so that nothing is loaded from a repository that is refused).
+    """
     root = resolve_folder(path_or_repo, revision=revision, allow_patterns=[MODULAR_INDEX, CLASSIC_INDEX])
     for filename in (MODULAR_INDEX, CLASSIC_INDEX):
         file = root / filename
         if file.is_file():
-            return parse_index(json.loads(file.read_text()), root=str(path_or_repo), revision=revision, source=filename)
+            index = parse_index(json.loads(file.read_text()), root=str(path_or_repo), revision=revision, source=filename)
+            _check_own_folders(index, root, repository=str(path_or_repo))
+            return index
     raise FileNotFoundError(f"{str(path_or_repo)!r} has neither {MODULAR_INDEX} nor {CLASSIC_INDEX} (looked in {root})")
 
 
 def parse_index(data: Mapping[str, Any], *, root: str, revision: str | None = None, source: str) -> PipelineIndex:
-    """Split an index's JSON into component specs and settings."""
+    """Split an index's JSON into component specs and settings.
+
+    Raises:
+        RepositoryPathError: an entry's subfolder is absolute or has ``..`` (or a backslash, or a
+            drive letter), or its ``pretrained_model_name_or_path`` is neither a Hub id nor a
+            ``package://`` reference (see :func:`~diffblocks.components.containment.check_reference`).
+    """
     components: dict[str, ComponentSpec] = {}
     settings: dict[str, Any] = {}
     for name, value in data.items():
@@ -142,12 +157,32 @@ def parse_index(data: Mapping[str, Any], *, root: str, revision: str | None = No
         if isinstance(value, (list, tuple)) and len(value) in (2, 3):
             spec = ComponentSpec.from_index_entry(name, value, root=root)
             if spec is not None:
+                _check_entry(spec, root=root, source=source)
                 if spec.repo == root and spec.revision is None and revision is not None:
                     spec = spec.with_(revision=revision)
                 components[name] = spec
             continue
         settings[name] = value
     return PipelineIndex(class_name=data.get("_class_name"), components=components, settings=settings, source=source)
+
+
+def _check_entry(spec: ComponentSpec, *, root: str, source: str) -> None:
+    entry = f"{source} entry {spec.name!r}"
+    if spec.repo is not None and spec.repo != root:
+        check_reference(spec.repo, repository=root, entry=entry, name=spec.name)
+    if spec.subfolder:
+        check_subfolder(spec.subfolder, repository=root, entry=f"{entry}, subfolder")
+
+
+def _check_own_folders(index: PipelineIndex, folder: Path, *, repository: str) -> None:
+    """Check the component folders of the repository itself that are on disk already (for a Hub id,
+    those in the cache); the others are checked by :func:`resolve_folder` when they are fetched."""
+    for spec in index.components.values():
+        if spec.repo == repository and spec.subfolder:
+            entry = f"{index.source} entry {spec.name!r}, subfolder"
+            path = contained_path(folder, spec.subfolder, repository=repository, entry=entry)
+            if path.is_dir():
+                check_folder(path, folder, repository=repository)
 
 
 def write_modular_index(

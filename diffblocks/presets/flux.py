@@ -14,6 +14,7 @@ from diffblocks.blocks.flux import (
     FluxSetImageTimesteps,
     FluxSetTimesteps,
     PredictFlow,
+    PrepareFluxConditions,
     PrepareFluxGuidance,
     PrepareFluxImageLatents,
     PrepareFluxLatents,
@@ -53,9 +54,10 @@ def flux_blocks() -> Sequence:
     )
     return Sequence(
         FluxDefaults(),
+        PrepareFluxGuidance(),
         FluxEncodePrompt(),
         start,
-        PrepareFluxGuidance(),
+        PrepareFluxConditions(),
         denoise_loop(),
         UnpackLatents(),
         DecodeImages(),

@@ -9,8 +9,9 @@ type hints, dtypes, variants, the guider, the family and the settings) and a cla
   stay references in the modular index, with their revision, variant and dtype: the saved folder
   is small and loads them from their own repository. ``copy_references=True`` copies them too.
 
-Everything is written into a hidden sibling folder and moved into place at the end, so a failure
-leaves the target as it was.
+Everything is written into a hidden folder beside the target, and only then moved in: only the
+files a save writes replace the previous save's, and other files in the folder stay (see
+:mod:`diffblocks.presets.staging`). A failure leaves the target as it was.
 """
 
 from __future__ import annotations
@@ -18,9 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,13 @@ from diffblocks.blocks import Pipeline
 from diffblocks.blocks.pipeline import PresetInfo
 from diffblocks.components import ComponentsManager, ComponentSpec, write_modular_index
 from diffblocks.components.compiled import unwrap_compiled
+from diffblocks.components.containment import is_hub_id
 from diffblocks.components.guiders import AbstractGuider
 from diffblocks.components.models import AbstractModel
 from diffblocks.components.schedulers import AbstractScheduler
 from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX
 from diffblocks.presets.families import FAMILIES
+from diffblocks.presets.staging import MANIFEST_KEY, saved_files, staged_save
 from diffblocks.presets.structure import preset_of
 from diffblocks.registry import Registry, RegistryError
 
@@ -80,13 +81,14 @@ def save_pretrained(
 
     Args:
         pipe: a preset pipeline (from ``Pipeline.from_pretrained``, or built from a family's blocks).
-        folder: created if missing. An existing saved pipeline is replaced as a whole; another
-            non-empty folder only with ``overwrite=True``.
+        folder: created if missing. In a folder that holds a saved pipeline, the previous save's
+            files are replaced and every other file is kept; another non-empty folder is replaced
+            only with ``overwrite=True``. A link to a folder is written through.
         variant: weight file variant of the saved models (``"fp16"`` -> ``*.fp16.safetensors``),
             recorded in the modular index so that loading picks it without being told.
         max_shard_size: bytes or a string such as ``"5GB"``; larger model weights are sharded.
         safe_serialization: must be True (safetensors only).
-        overwrite: replace a non-empty folder that is not a saved pipeline.
+        overwrite: replace a non-empty folder that is not a saved pipeline, with everything in it.
         copy_references: also copy components that are still references to Hub repositories.
 
     Returns:
@@ -97,7 +99,8 @@ def save_pretrained(
             not JSON.
         RegistryError: a component's class is not in the manager's registry (nothing is written).
         TypeError: a component is of a kind diffblocks cannot save (nothing is written).
-        FileExistsError: ``folder`` is a file, or a foreign non-empty folder without ``overwrite``.
+        FileExistsError: ``folder`` is a file or a broken link, a foreign non-empty folder without
+            ``overwrite``, or a path the save writes is a link in it (nothing is written).
     """
     if not safe_serialization:
         raise ValueError(_MSG_UNSAFE)
@@ -108,10 +111,13 @@ def save_pretrained(
     target = Path(folder).expanduser().absolute()
     _check_target(target, overwrite=overwrite)
     class_name = preset.class_name or FAMILIES[preset.family].classes[0]
-    with _staging(target) as staging:
+    replace_all = overwrite and target.is_dir() and any(target.iterdir()) and not is_saved_pipeline(target)
+    with staged_save(target, replace_all=replace_all) as staging:
         specs = {item.name: _write(pipe.manager, item, staging, variant, max_shard_size) for item in items}
-        write_modular_index(staging, specs, class_name=class_name, settings=settings)
         classic = _classic_index(items, class_name=class_name, settings=settings)
+        # what this save wrote, so that the next save onto the folder removes these and nothing else
+        written = [*saved_files(staging), MODULAR_INDEX, *([CLASSIC_INDEX] if classic is not None else [])]
+        write_modular_index(staging, specs, class_name=class_name, settings={**settings, MANIFEST_KEY: sorted(written)})
         if classic is not None:
             (staging / CLASSIC_INDEX).write_text(json.dumps(classic, indent=2) + "\n")
     return target
@@ -172,7 +178,8 @@ def _plan(pipe: Pipeline, name: str, key: str, preset: PresetInfo, copy_referenc
     if spec is not None and spec.repo is not None and not copy_references:
         if spec.repo in preset.sources:
             return _Item(name, key, cls, hint, spec.with_(repo=preset.sources[spec.repo], type_hint=hint))
-        if not Path(spec.repo).expanduser().is_dir():
+        if is_hub_id(spec.repo) and not Path(spec.repo).expanduser().exists():
+            # only a Hub id is a reference that loading accepts; anything else is copied (or fails to load)
             return _Item(name, key, cls, hint, spec.with_(type_hint=hint))
     if not issubclass(cls, _savable_classes()):
         raise TypeError(_MSG_UNSAVABLE.format(name=name, cls=f"{cls.__module__}.{cls.__qualname__}"))
@@ -216,33 +223,6 @@ def _check_target(target: Path, *, overwrite: bool) -> None:
         raise FileExistsError(f"{target} is a file; save a pipeline into a folder")
     if target.is_dir() and not overwrite and any(target.iterdir()) and not is_saved_pipeline(target):
         raise FileExistsError(_MSG_EXISTS.format(folder=target))
-
-
-@contextlib.contextmanager
-def _staging(target: Path) -> Iterator[Path]:
-    """A hidden sibling of ``target`` to write into; moved onto ``target`` on success, removed on failure."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.saving-{uuid.uuid4().hex[:8]}")
-    staging.mkdir()
-    try:
-        yield staging
-        _move_into_place(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _move_into_place(staging: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    old = target.with_name(f".{target.name}.replaced-{uuid.uuid4().hex[:8]}")
-    os.replace(target, old)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = ["is_saved_pipeline", "save_pretrained"]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffblocks.blocks import AbstractBlock, Block, Loop, Pipeline, Sequence, Switch
+from diffblocks.blocks import AbstractBlock, Block, Loop, Pipeline, Switch
+from diffblocks.blocks.tree import walk
 from diffblocks.blocks.pipeline import PresetInfo
 from diffblocks.presets.families import FAMILIES
 
@@ -48,25 +49,21 @@ def preset_of(pipe: Pipeline) -> PresetInfo:
     return info
 
 
-def tree_rows(block: AbstractBlock, path: str = "") -> list[Row]:
+def tree_rows(block: AbstractBlock) -> list[Row]:
     """Every node of a block tree, depth first, as ``(path, class, name, configuration)``.
 
     Paths are those of :meth:`Pipeline.replace_block` (``"workflow.text2img.denoise.step"``).
     """
-    label = path or block.name
+    return [_row(node.label, node.block) for node in walk(block)]
+
+
+def _row(label: str, block: AbstractBlock) -> Row:
     if isinstance(block, Switch):
-        rows: list[Row] = [(label, "Switch", block.name, tuple((b.name, tuple(b.when)) for b in block.branches))]
-        for branch in block.branches:
-            rows += tree_rows(branch.block, _join(path, branch.name))
-        return rows
-    if isinstance(block, Sequence):
-        config = (block.over, block.item, block.index, block.count) if isinstance(block, Loop) else None
-        rows = [(label, _class_name(block), block.name, config)]
-        for child in block:
-            rows += tree_rows(child, _join(path, child.name))
-        return rows
+        return (label, "Switch", block.name, tuple((b.name, b.when) for b in block.branches))
+    if isinstance(block, Loop):
+        return (label, _class_name(block), block.name, (block.over, block.item, block.index, block.count))
     config = block.config.model_dump() if isinstance(block, Block) else None
-    return [(label, _class_name(block), block.name, config)]
+    return (label, _class_name(block), block.name, config)
 
 
 def first_difference(expected: list[Row], actual: list[Row]) -> str | None:
@@ -85,10 +82,6 @@ def first_difference(expected: list[Row], actual: list[Row]) -> str | None:
     if len(actual) > len(expected):
         return f"block {actual[len(expected)][0]!r} is not part of the preset"
     return None
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
 
 
 def _class_name(block: AbstractBlock) -> str:

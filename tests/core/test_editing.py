@@ -79,12 +79,13 @@ def test_removing_a_producer_turns_its_output_into_a_required_input() -> None:
 
 
 def test_sequence_editing_api() -> None:
-    seq = Sequence(Clamp(name="a"), Clamp(name="b"))
-    seq.insert(Clamp(name="c"), before="b")
+    original = Sequence(Clamp(name="a"), Clamp(name="b"))
+    seq = original.insert(Clamp(name="c"), before="b")
     assert seq.names == ("a", "c", "b")
-    seq.replace("c", DampedUpdate())
+    seq = seq.replace("c", DampedUpdate())
     assert isinstance(seq["c"], DampedUpdate) and seq["c"].name == "c"
-    assert isinstance(seq.remove("a"), Clamp)
+    assert seq.remove("a").names == ("c", "b")
+    assert original.names == ("a", "b")  # every edit made a new tree
     with pytest.raises(ValueError, match="already has a block named 'b'"):
         seq.insert(Clamp(name="b"))
     with pytest.raises(KeyError, match="has no block 'zz'"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffblocks.blocks import InputError, Pipeline, StepInfo
+from diffblocks.blocks import Block, BlockIO, InputError, Loop, Pipeline, Sequence, StepInfo
 from tests.core.test_plan import COMPONENTS, img2img_switch, toy_blocks
 from tests.core.toy import Decoder, Denoiser, reference_run
 
@@ -180,3 +180,62 @@ def test_concurrent_calls_share_the_components_safely() -> None:
     assert not errors, errors
     assert len(results) == 1 and quick.shape == results[0].shape
     assert pipe._bound == {}
+
+
+class Tally(Block):
+    """Counts the iterations of two nested loops."""
+
+    class Inputs(BlockIO):
+        total: int = 0
+        i: int
+        j: int
+
+    class Outputs(BlockIO):
+        total: int
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        return self.Outputs(total=inputs.total + 10 * inputs.i + inputs.j)
+
+
+class Ranges(Block):
+    """The lists both loops run over."""
+
+    class Inputs(BlockIO):
+        rows: int = 3
+        cols: int = 2
+
+    class Outputs(BlockIO):
+        outer: list[int]
+        inner: list[int]
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        return self.Outputs(outer=list(range(inputs.rows)), inner=list(range(inputs.cols)))
+
+
+def nested() -> Pipeline:
+    inner = Loop(Tally(), name="inner", over="inner", item="j", index="j_index", count="j_count")
+    outer = Loop(inner, name="outer", over="outer", item="i", index="i_index", count="i_count")
+    return Pipeline(Sequence(Ranges(), outer, name="nested"))
+
+
+def test_nested_loops_run_every_iteration_with_timings_and_callbacks() -> None:
+    seen: list[tuple[str, int, int]] = []
+    def record(info: StepInfo) -> None:
+        seen.append((info.loop, info.step_index, info.num_steps))
+
+    out = nested()(timings=True, progress=False, callbacks=[record])
+    assert out.total == sum(10 * i + j for i in range(3) for j in range(2))
+    assert out.timings is not None and set(out.timings) == {"ranges", "outer", "outer.inner", "outer.inner.tally"}
+    assert out.timings["outer"] >= out.timings["outer.inner"] >= out.timings["outer.inner.tally"]
+    assert seen[:3] == [("outer.inner", 0, 2), ("outer.inner", 1, 2), ("outer", 0, 3)]
+    assert len(seen) == 3 * 2 + 3
+
+
+def test_an_interrupt_in_an_inner_loop_stops_every_loop() -> None:
+    def stop(info: StepInfo) -> None:
+        if info.loop == "outer.inner" and info.step_index == 0:
+            info.interrupt()
+
+    out = nested()(rows=4, cols=5, callbacks=[stop], progress=False)
+    assert out.interrupted and out.total == 0  # the first inner iteration ran (i=0, j=0), nothing after it
+    assert (out.i_index, out.j_index) == (0, 0)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from pydantic import Field
 
-from diffblocks.blocks import Block, BlockConfig, BlockIO, FieldError, Float, Shaped, component
+from diffblocks.blocks import Block, BlockConfig, BlockIO, FieldError, Float, Shaped, component, known
 
 
 class Denoiser(torch.nn.Module):
@@ -59,11 +58,12 @@ class PrepareLatents(Block):
 
     decoder: Decoder = component(description="used for its scale factor")
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
+    def check(self, inputs: Inputs) -> None:
         factor = self.decoder.scale_factor
         for name in ("height", "width"):
-            if user_inputs[name] % factor:
-                raise FieldError(name, f"{name} {user_inputs[name]} must be divisible by {factor}")
+            value = known(inputs, name)
+            if value is not None and value % factor:
+                raise FieldError(name, f"{name} {value} must be divisible by {factor}")
 
     def __call__(self, inputs: Inputs) -> Outputs:
         f = self.decoder.scale_factor

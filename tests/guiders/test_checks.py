@@ -10,6 +10,7 @@ from diffusers import guiders as dg
 
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.standard import PrepareGuidance
+from diffblocks.components.denoisers import Conditioning
 from diffblocks.components.guiders import (
     AdaptiveProjectedGuidance,
     AutoGuidance,
@@ -117,20 +118,25 @@ def prepare(guider: Any, unet: Any = None) -> PrepareGuidance:
     return PrepareGuidance().bind({"guider": guider} if unet is None else {"guider": guider, "unet": unet})
 
 
+def nothing_given() -> PrepareGuidance.Inputs:
+    """Inputs as a check sees them when the call gives none of the block's inputs."""
+    return PrepareGuidance.Inputs.model_construct()
+
+
 def test_prepare_guidance_checks_the_guider_before_the_call() -> None:
     unet = tiny_unet()
-    prepare(PerturbedAttentionGuidance.for_family("sdxl"), unet).check({})
+    prepare(PerturbedAttentionGuidance.for_family("sdxl"), unet).check(nothing_given())
     with pytest.raises(FieldError, match=r"SkipLayerGuidance skip_layer_guidance_layers: SkipBlocks: .* no submodule "
                                          r"'mid_block.attentions.4'; 'mid_block.attentions' has children \['0'\].* Fix: ") as caught:
-        prepare(SkipLayerGuidance(skip_layer_guidance_layers=["mid_block.attentions.4"]), unet).check({})
+        prepare(SkipLayerGuidance(skip_layer_guidance_layers=["mid_block.attentions.4"]), unet).check(nothing_given())
     assert caught.value.field == "guider"
-    prepare(SkipLayerGuidance(skip_layer_guidance_layers=["mid_block.attentions.4"])).check({})  # no unet: not checked
+    prepare(SkipLayerGuidance(skip_layer_guidance_layers=["mid_block.attentions.4"])).check(nothing_given())  # no unet: not checked
     with pytest.raises(FieldError, match="names dim 4"):
-        prepare(AdaptiveProjectedGuidance(adaptive_projected_guidance_norm_dim=4)).check({})
+        prepare(AdaptiveProjectedGuidance(adaptive_projected_guidance_norm_dim=4)).check(nothing_given())
     fdg = FrequencyDecoupledGuidance(guidance_scales=(8.0, 4.0, 2.0))
     with pytest.raises(FieldError, match="a 4x4 latent"):  # user latents are known at check time
-        prepare(fdg).check({"latents": torch.zeros(1, 4, 4, 4)})
-    conditions = {"encoder_hidden_states": torch.zeros(1, 5, 16)}
+        prepare(fdg).check(PrepareGuidance.Inputs.model_construct(latents=torch.zeros(1, 4, 4, 4)))
+    conditions = Conditioning(torch.zeros(1, 5, 16))
     inputs: dict[str, Any] = {"conditioning": conditions, "negative_conditioning": conditions}
     prepare(fdg)(PrepareGuidance.Inputs(**inputs, latents=torch.zeros(1, 4, 8, 8)))
     with pytest.raises(FieldError, match="a 4x4 latent splits into at most 2"):  # before the denoising loop

@@ -25,6 +25,7 @@ from diffblocks.components.guiders import (
     SkipLayerGuidance,
     SmoothedEnergyGuidance,
     TangentialClassifierFreeGuidance,
+    detach_perturbations,
     guider_from_config,
     register_guider,
 )
@@ -179,10 +180,8 @@ def test_family_defaults_resolve_on_the_released_architectures() -> None:
     assert set(models) == set(FAMILIES)
     for family, model in models.items():
         for cls in (PerturbedAttentionGuidance, SkipLayerGuidance, SmoothedEnergyGuidance, AutoGuidance):
-            perturbation = cls.for_family(family).perturbation
-            perturbation.inject(model)
-            perturbation.eject(model)
+            with cls.for_family(family).perturbation.applied(model):  # resolves and hooks every layer
+                pass
+            detach_perturbations(model)
     sdxl_pag = PerturbedAttentionGuidance.for_family("sdxl").perturbation
-    sdxl_pag.inject(models["sdxl"])
-    sdxl_pag.eject(models["sdxl"])
-    assert len(sdxl_pag._resolved[models["sdxl"]]) == 10  # the ten mid-block self-attentions
+    assert len(sdxl_pag.resolve(models["sdxl"])) == 10  # the ten mid-block self-attentions

@@ -1,4 +1,4 @@
-"""The perturbing guiders' family defaults resolve on our own UNet and Flux transformer, and leave them exactly as they were."""
+"""The perturbing guiders' family defaults resolve on our own UNet and Flux transformer, perturb only their own passes, and detach to exactly what was there."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from diffblocks.components.denoisers import Conditioning
 from diffblocks.components.guiders import (
     AbstractPerturbedGuider,
     AutoGuidance,
     PerturbedAttentionGuidance,
     SkipLayerGuidance,
     SmoothedEnergyGuidance,
+    detach_perturbations,
     guided_prediction,
 )
 from diffblocks.components.models.flux import FluxTransformer2DModel
@@ -68,11 +70,20 @@ def flux() -> Denoiser:
     return model, predict, {"hidden_states": inputs["hidden_states"], **condition}
 
 
+def typed(tensors: dict[str, Tensor]) -> Conditioning:
+    return Conditioning(tensors["encoder_hidden_states"], pooled_embeds=tensors.get("pooled_projections"))
+
+
+def untyped(conditioning: Conditioning) -> dict[str, Tensor]:
+    pooled = conditioning.pooled_embeds
+    return {"encoder_hidden_states": conditioning.prompt_embeds, **({} if pooled is None else {"pooled_projections": pooled})}
+
+
 CASES = [(cls, family) for cls in GUIDERS for family in ("sd15", "sdxl", "tiny", "flux")]
 
 
 @pytest.mark.parametrize(("cls", "family"), CASES, ids=[f"{c.__name__}-{f}" for c, f in CASES])
-def test_inject_and_eject_leave_our_model_exactly_as_it_was(
+def test_a_forward_outside_the_perturbed_pass_is_unperturbed_and_bit_identical(
     cls: type[AbstractPerturbedGuider], family: Any, unet: Denoiser, flux: Denoiser
 ) -> None:
     model, predict, inputs = flux if family == "flux" else unet
@@ -80,24 +91,22 @@ def test_inject_and_eject_leave_our_model_exactly_as_it_was(
     guider.check_model(model)  # the family defaults resolve
     before, plain = snapshot(model), predict(**inputs)
     perturbation = guider.perturbation
-    for _ in range(2):  # the second time from the resolved-layer cache
-        perturbation.inject(model)
-        try:
+    for _ in range(2):  # the second time from the hooks resolved for this model
+        with perturbation.applied(model):
             perturbed = predict(**inputs)
-        finally:
-            perturbation.eject(model)
         assert (perturbed - plain).abs().max().item() > 1e-4
-        assert_same(model, before)
         assert torch.equal(predict(**inputs), plain)
+    detach_perturbations(model)
+    assert_same(model, before)
 
 
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
-def test_a_guided_step_leaves_our_model_exactly_as_it_was(family: Any, unet: Denoiser, flux: Denoiser) -> None:
+def test_guided_steps_leave_our_model_unperturbed_and_detach_to_exactly_what_it_was(family: Any, unet: Denoiser, flux: Denoiser) -> None:
     model, predict, inputs = flux if family == "flux" else unet
     latent_name = "hidden_states" if family == "flux" else "sample"
     latents = inputs[latent_name]
     cond = {k: v for k, v in inputs.items() if k != latent_name}
-    conditions = {"cond": cond, "uncond": {k: torch.zeros_like(v) for k, v in cond.items()}}
+    conditions = {"cond": typed(cond), "uncond": typed({k: torch.zeros_like(v) for k, v in cond.items()})}
     before, plain = snapshot(model), predict(**inputs)
     for cls in GUIDERS:
         guider = cls.for_family(family, guidance_scale=3.0)
@@ -105,12 +114,13 @@ def test_a_guided_step_leaves_our_model_exactly_as_it_was(family: Any, unet: Den
             guided_prediction(
                 guider,
                 state=None,
-                predict=lambda x, **c: predict(**{latent_name: x}, **c),
+                predict=lambda x, c: predict(**{latent_name: x}, **untyped(c)),
                 latents=latents,
                 conditions=conditions,
                 step_index=step,
                 num_steps=4,
                 model=model,
             )
-        assert_same(model, before)
-    assert torch.equal(predict(**inputs), plain)
+        assert torch.equal(predict(**inputs), plain)
+    detach_perturbations(model)
+    assert_same(model, before)

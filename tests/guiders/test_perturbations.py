@@ -1,4 +1,4 @@
-"""Perturbations inject and eject cleanly, and perturb like diffusers' own hooks."""
+"""Perturbations perturb only the forwards inside their context, detach cleanly, and perturb like diffusers' own hooks."""
 
 from __future__ import annotations
 
@@ -16,7 +16,13 @@ from diffusers.hooks.smoothed_energy_guidance_utils import (
 )
 from torch import Tensor, nn
 
-from diffblocks.components.guiders import AbstractPerturbation, IdentityAttention, SkipBlocks, SmoothedQueries
+from diffblocks.components.guiders import (
+    AbstractPerturbation,
+    IdentityAttention,
+    SkipBlocks,
+    SmoothedQueries,
+    detach_perturbations,
+)
 from diffblocks.components.guiders.blur import blur_tokens, gaussian_kernel_size, ids_grid, token_grid
 from tests.guiders.tiny_denoisers import flux_inputs, hook_counts, run, tiny_flux, tiny_unet, unet_inputs
 
@@ -49,47 +55,50 @@ FLUX_CASES: list[AbstractPerturbation] = [
 ]
 
 
-def check_inject_eject(model: nn.Module, inputs: dict[str, Tensor], perturbation: AbstractPerturbation) -> None:
+def check_applied(model: nn.Module, inputs: dict[str, Tensor], perturbation: AbstractPerturbation) -> None:
+    """Perturbed inside the context; outside it, before and after, bit-identical; detached, exactly as before."""
     hooks_before = hook_counts(model)
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
     before = run(model, inputs)
-    perturbation.inject(model)
-    try:
+    with perturbation.applied(model):
         perturbed = run(model, inputs)
-    finally:
-        perturbation.eject(model)
     after = run(model, inputs)
-    assert hook_counts(model) == hooks_before
     assert torch.equal(after, before)
     assert (perturbed - before).abs().max().item() > 1e-4
+    detach_perturbations(model)
+    assert hook_counts(model) == hooks_before
     state_after = model.state_dict()
     assert state_after.keys() == state_before.keys()
     assert all(torch.equal(state_after[k], v) for k, v in state_before.items())
 
 
 @pytest.mark.parametrize("perturbation", UNET_CASES, ids=repr)
-def test_inject_eject_unet(unet: nn.Module, perturbation: AbstractPerturbation) -> None:
-    check_inject_eject(unet, unet_inputs(), perturbation)
+def test_applied_unet(unet: nn.Module, perturbation: AbstractPerturbation) -> None:
+    check_applied(unet, unet_inputs(), perturbation)
 
 
 @pytest.mark.parametrize("perturbation", FLUX_CASES, ids=repr)
-def test_inject_eject_flux(flux: nn.Module, perturbation: AbstractPerturbation) -> None:
-    check_inject_eject(flux, flux_inputs(), perturbation)
+def test_applied_flux(flux: nn.Module, perturbation: AbstractPerturbation) -> None:
+    check_applied(flux, flux_inputs(), perturbation)
 
 
-def test_inject_twice_and_eject_unknown_fail_clearly(unet: nn.Module) -> None:
-    model, perturbation = unet, SkipBlocks((UNET_MID,))
-    hooks_before = hook_counts(model)
-    with pytest.raises(RuntimeError, match="not injected"):
-        perturbation.eject(model)
-    perturbation.inject(model)
-    with pytest.raises(RuntimeError, match="already injected"):
-        perturbation.inject(model)
-    perturbation.eject(model)
-    with pytest.raises(ValueError, match=r"no submodule 'mid_blok'.*'mid_block'"):
-        SkipBlocks(("mid_blok",)).inject(model)
-    with pytest.raises(ValueError, match="not an attention module"):
-        IdentityAttention(("conv_in",)).inject(model)
+def test_nested_and_failing_contexts_leave_the_model_unperturbed(unet: nn.Module) -> None:
+    model, inputs, perturbation = unet, unet_inputs(), SkipBlocks((UNET_MID,))
+    hooks_before, plain = hook_counts(model), run(model, inputs)
+    with perturbation.applied(model):
+        once = run(model, inputs)
+        with perturbation.applied(model):  # the same perturbation again: no second set of hooks
+            assert torch.equal(run(model, inputs), once)
+        assert torch.equal(run(model, inputs), once)
+    with pytest.raises(RuntimeError, match="out of memory"), perturbation.applied(model):
+        raise RuntimeError("out of memory")
+    assert torch.equal(run(model, inputs), plain)
+    detach_perturbations(model)
+    detach_perturbations(model)  # nothing left to take off
+    with pytest.raises(ValueError, match=r"no submodule 'mid_blok'.*'mid_block'"), SkipBlocks(("mid_blok",)).applied(model):
+        pass
+    with pytest.raises(ValueError, match="not an attention module"), IdentityAttention(("conv_in",)).applied(model):
+        pass
     assert hook_counts(model) == hooks_before
 
 
@@ -102,11 +111,11 @@ def with_diffusers_hooks(model: nn.Module, apply: Callable[[nn.Module], None], i
 
 
 def with_ours(model: nn.Module, perturbation: AbstractPerturbation, inputs: dict[str, Tensor]) -> Tensor:
-    perturbation.inject(model)
     try:
-        return run(model, inputs)
+        with perturbation.applied(model):
+            return run(model, inputs)
     finally:
-        perturbation.eject(model)
+        detach_perturbations(model)  # the models are shared by the tests of this module
 
 
 def layer_skip(**config: Any) -> Callable[[nn.Module], None]:
@@ -202,7 +211,7 @@ def test_token_grid_follows_the_unet_latent(unet: nn.Module) -> None:
     assert token_grid(16, None) == (4, 4)
     with pytest.raises(ValueError, match="24 query tokens"):
         token_grid(24, None)
-    check_inject_eject(unet, unet_inputs(height=8, width=12), SmoothedQueries(("mid_block",), blur_sigma=1.0))
+    check_applied(unet, unet_inputs(height=8, width=12), SmoothedQueries(("mid_block",), blur_sigma=1.0))
 
 
 def test_smoothed_queries_lay_flux_tokens_on_the_grid_of_their_img_ids(flux: nn.Module) -> None:
@@ -225,7 +234,7 @@ def test_smoothed_queries_lay_flux_tokens_on_the_grid_of_their_img_ids(flux: nn.
     got = with_ours(flux, SmoothedQueries((target,), blur_sigma=1.0), inputs)
     assert torch.equal(got, blurred_on((4, 3)))
     assert (got - blurred_on((3, 4))).abs().max().item() > 1e-4  # the orientation matters
-    check_inject_eject(flux, inputs, SmoothedQueries((target,), blur_sigma=1.0))
+    check_applied(flux, inputs, SmoothedQueries((target,), blur_sigma=1.0))
 
 
 def test_smoothed_queries_on_single_stream_blocks_fail_with_the_reason(flux: nn.Module) -> None:

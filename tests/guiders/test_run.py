@@ -1,4 +1,4 @@
-"""guided_prediction: batched and sequential passes agree, CFG is one forward, perturbations never leak."""
+"""guided_prediction: batched and sequential passes agree, CFG is one forward, perturbations never leak out of their pass."""
 
 from __future__ import annotations
 
@@ -11,16 +11,21 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from diffblocks.components.denoisers import Conditioning
 from diffblocks.components.guiders import (
     AdaptiveProjectedGuidance,
     AutoGuidance,
     ClassifierFreeGuidance,
+    AbstractPerturbation,
     GuidanceConditions,
+    IdentityAttention,
     PerturbedAttentionGuidance,
+    SkipBlocks,
     SkipLayerGuidance,
+    SmoothedQueries,
+    detach_perturbations,
     guided_prediction,
 )
-from diffblocks.components.guiders.locking import model_lock
 from tests.guiders.tiny_denoisers import flux_inputs, hook_counts, tiny_flux, tiny_unet, unet_inputs
 
 
@@ -30,17 +35,21 @@ class Counting:
     def __init__(self) -> None:
         self.batches: list[int] = []
 
-    def __call__(self, latents: Tensor, *, encoder_hidden_states: Tensor, pooled: Tensor) -> Tensor:
+    def __call__(self, latents: Tensor, conditioning: Conditioning) -> Tensor:
         self.batches.append(latents.shape[0])
-        shift = encoder_hidden_states.mean(dim=(1, 2)) + pooled.sum(dim=1)
+        assert conditioning.pooled_embeds is not None
+        shift = conditioning.prompt_embeds.mean(dim=(1, 2)) + conditioning.pooled_embeds.sum(dim=1)
         return latents * 0.5 + shift.view(-1, 1, 1, 1)
 
 
-def toy_conditions(batch: int = 2) -> dict[str, dict[str, Tensor]]:
-    return {
-        name: {"encoder_hidden_states": torch.randn(batch, 3, 4), "pooled": torch.randn(batch, 4)}
-        for name in ("cond", "uncond")
-    }
+def toy_conditions(batch: int = 2) -> dict[str, Conditioning]:
+    return {name: Conditioning(torch.randn(batch, 3, 4), pooled_embeds=torch.randn(batch, 4)) for name in ("cond", "uncond")}
+
+
+def no_conditions() -> dict[str, Conditioning]:
+    """For denoisers that ignore the conditioning."""
+    nothing = Conditioning(torch.zeros(1, 1, 1))
+    return {"cond": nothing, "uncond": nothing}
 
 
 @pytest.mark.parametrize("wrap", [False, True])
@@ -59,7 +68,7 @@ def test_cfg_batched_is_one_forward_and_matches_sequential(wrap: bool) -> None:
     out_batched = guided_prediction(cfg, predict=batched, step_index=2, **common)
     out_sequential = guided_prediction(cfg, predict=sequential, step_index=2, batched=False, **common)
     assert batched.batches == [4] and sequential.batches == [2, 2]
-    cond, uncond = (Counting()(latents, **conditions[name]) for name in ("cond", "uncond"))
+    cond, uncond = (Counting()(latents, conditions[name]) for name in ("cond", "uncond"))
     assert torch.allclose(out_batched, uncond + 4.0 * (cond - uncond), atol=1e-6)
     assert torch.allclose(out_batched, out_sequential, atol=1e-6)
     outside = Counting()
@@ -71,9 +80,9 @@ def test_guidance_conditions_concatenate_once() -> None:
     conditions = GuidanceConditions(toy_conditions())
     first = conditions.batched(("cond", "uncond"))
     assert conditions.batched(("cond", "uncond")) is first
-    assert first["pooled"].shape == (4, 4) and set(conditions) == {"cond", "uncond"}
-    with pytest.raises(ValueError, match="same tensor names"):
-        GuidanceConditions({"cond": {"a": torch.zeros(1)}, "uncond": {"b": torch.zeros(1)}})
+    assert first.pooled_embeds is not None and first.pooled_embeds.shape == (4, 4) and set(conditions) == {"cond", "uncond"}
+    with pytest.raises(ValueError, match="pooled_embeds is set on 1 of 2 conditionings"):
+        GuidanceConditions({"cond": Conditioning(torch.zeros(1, 2, 3), pooled_embeds=torch.zeros(1, 4)), "uncond": Conditioning(torch.zeros(1, 2, 3))})
 
 
 def test_apg_state_threads_through_steps() -> None:
@@ -104,16 +113,16 @@ def unet_step(guider: Any, *, batched: bool) -> tuple[Tensor, list[int], nn.Modu
     inputs = unet_inputs(batch=1)
     calls: list[int] = []
 
-    def predict(latents: Tensor, *, encoder_hidden_states: Tensor) -> Tensor:
+    def predict(latents: Tensor, conditioning: Conditioning) -> Tensor:
         calls.append(latents.shape[0])
         with torch.no_grad():
-            return model(latents, inputs["timestep"], encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+            return model(latents, inputs["timestep"], encoder_hidden_states=conditioning.prompt_embeds, return_dict=False)[0]
 
     conditions = {
-        "cond": {"encoder_hidden_states": inputs["encoder_hidden_states"]},
-        "uncond": {"encoder_hidden_states": torch.zeros_like(inputs["encoder_hidden_states"])},
+        "cond": Conditioning(inputs["encoder_hidden_states"]),
+        "uncond": Conditioning(torch.zeros_like(inputs["encoder_hidden_states"])),
     }
-    hooks = hook_counts(model)
+    hooks, plain = hook_counts(model), forward(model, inputs)
     out = guided_prediction(
         guider,
         state=None,
@@ -125,8 +134,16 @@ def unet_step(guider: Any, *, batched: bool) -> tuple[Tensor, list[int], nn.Modu
         model=model,
         batched=batched,
     )
+    assert torch.equal(forward(model, inputs), plain)  # a forward outside the perturbed pass
+    detach_perturbations(model)
     assert hook_counts(model) == hooks
     return out, calls, model
+
+
+def forward(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
+    """A plain forward of the tiny UNet, made outside ``guided_prediction``."""
+    with torch.no_grad():
+        return model(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], return_dict=False)[0]
 
 
 @pytest.mark.parametrize(
@@ -149,14 +166,18 @@ def test_auto_guidance_on_flux_runs_the_weak_pass_perturbed() -> None:
     model, inputs = tiny_flux(), flux_inputs()
     shared = {k: inputs[k] for k in ("timestep", "img_ids", "txt_ids")}
 
-    def predict(latents: Tensor, **condition: Tensor) -> Tensor:
+    def predict(latents: Tensor, condition: Conditioning) -> Tensor:
         with torch.no_grad():
             timestep = shared["timestep"].expand(latents.shape[0])
             rest = {"img_ids": shared["img_ids"], "txt_ids": shared["txt_ids"]}
-            return model(hidden_states=latents, timestep=timestep, **rest, **condition, return_dict=False)[0]
+            texts = {"encoder_hidden_states": condition.prompt_embeds, "pooled_projections": condition.pooled_embeds}
+            return model(hidden_states=latents, timestep=timestep, **rest, **texts, return_dict=False)[0]
 
-    cond = {k: inputs[k] for k in ("encoder_hidden_states", "pooled_projections")}
-    conditions = {"cond": cond, "uncond": {k: torch.zeros_like(v) for k, v in cond.items()}}
+    embeds, pooled = inputs["encoder_hidden_states"], inputs["pooled_projections"]
+    conditions = {
+        "cond": Conditioning(embeds, pooled_embeds=pooled),
+        "uncond": Conditioning(torch.zeros_like(embeds), pooled_embeds=torch.zeros_like(pooled)),
+    }
     guider = AutoGuidance(auto_guidance_layers=("single_transformer_blocks",), guidance_scale=2.0)
     got = guided_prediction(
         guider,
@@ -168,24 +189,21 @@ def test_auto_guidance_on_flux_runs_the_weak_pass_perturbed() -> None:
         num_steps=4,
         model=model,
     )
-    plain_cond = predict(inputs["hidden_states"], **conditions["cond"])
-    guider.perturbation.inject(model)
-    try:
-        weak = predict(inputs["hidden_states"], **conditions["uncond"])
-    finally:
-        guider.perturbation.eject(model)
+    plain_cond = predict(inputs["hidden_states"], conditions["cond"])
+    with guider.perturbation.applied(model):
+        weak = predict(inputs["hidden_states"], conditions["uncond"])
     assert torch.allclose(got, weak + 2.0 * (plain_cond - weak), atol=1e-6)
 
 
-def test_perturbation_is_ejected_when_the_forward_fails() -> None:
-    model = tiny_unet()
-    hooks = hook_counts(model)
+def test_a_failed_perturbed_forward_leaves_the_model_unperturbed() -> None:
+    model, inputs = tiny_unet(), unet_inputs()
+    hooks, plain = hook_counts(model), forward(model, inputs)
     guider = SkipLayerGuidance(
         skip_layer_guidance_layers=("mid_block.attentions.0.transformer_blocks",), guidance_scale=1.0
     )
 
-    def predict(latents: Tensor, **_: Tensor) -> Tensor:
-        if hook_counts(model) != hooks:
+    def predict(latents: Tensor, _: Conditioning) -> Tensor:
+        if not torch.equal(forward(model, inputs), plain):  # inside the perturbed pass
             raise RuntimeError("out of memory")
         return latents
 
@@ -195,11 +213,13 @@ def test_perturbation_is_ejected_when_the_forward_fails() -> None:
             state=None,
             predict=predict,
             latents=torch.zeros(1, 4, 8, 8),
-            conditions={"cond": {}, "uncond": {}},
+            conditions=no_conditions(),
             step_index=2,
             num_steps=20,
             model=model,
         )
+    assert torch.equal(forward(model, inputs), plain)
+    detach_perturbations(model)
     assert hook_counts(model) == hooks
 
 
@@ -207,7 +227,7 @@ def test_overhead_per_step_is_small() -> None:
     cfg = ClassifierFreeGuidance()
     latents, conditions = torch.randn(1, 4, 8, 8), GuidanceConditions(toy_conditions(batch=1))
 
-    def predict(x: Tensor, **_: Tensor) -> Tensor:
+    def predict(x: Tensor, _: Conditioning) -> Tensor:
         return x
 
     def step() -> Tensor:
@@ -238,14 +258,14 @@ def test_batched_guidance_falls_back_to_sequential_when_out_of_memory() -> None:
 
     calls: list[int] = []
 
-    def predict(x: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def predict(x: torch.Tensor, conditioning: Conditioning) -> torch.Tensor:
         calls.append(x.shape[0])
         if x.shape[0] > 1:
             raise torch.OutOfMemoryError("simulated")
-        return x * encoder_hidden_states.mean()
+        return x * conditioning.prompt_embeds.mean()
 
     guider = ClassifierFreeGuidance(guidance_scale=3.0)
-    conditions = GuidanceConditions({"cond": {"encoder_hidden_states": torch.ones(1, 2)}, "uncond": {"encoder_hidden_states": torch.zeros(1, 2)}})
+    conditions = GuidanceConditions({"cond": Conditioning(torch.ones(1, 1, 2)), "uncond": Conditioning(torch.zeros(1, 1, 2))})
     latents = torch.ones(1, 4)
     for step in range(2):
         out = guided_prediction(guider, state=None, predict=predict, latents=latents, conditions=conditions,
@@ -260,16 +280,16 @@ def test_the_failed_batched_forward_is_freed_before_the_sequential_retry() -> No
     failed: list[weakref.ref[Tensor]] = []
     alive_at_retry: list[bool] = []
 
-    def predict(x: Tensor, *, encoder_hidden_states: Tensor) -> Tensor:
+    def predict(x: Tensor, conditioning: Conditioning) -> Tensor:
         if x.shape[0] > 1:
             activation = x * 2.0  # stands for the activations of the forward that ran out of memory
             failed.extend([weakref.ref(activation), weakref.ref(x)])
             raise torch.OutOfMemoryError("simulated")
         alive_at_retry.append(any(ref() is not None for ref in failed))
-        return x * encoder_hidden_states.mean()
+        return x * conditioning.prompt_embeds.mean()
 
-    ones, zeros = torch.ones(1, 2), torch.zeros(1, 2)
-    conditions = GuidanceConditions({"cond": {"encoder_hidden_states": ones}, "uncond": {"encoder_hidden_states": zeros}})
+    ones, zeros = torch.ones(1, 1, 2), torch.zeros(1, 1, 2)
+    conditions = GuidanceConditions({"cond": Conditioning(ones), "uncond": Conditioning(zeros)})
     out = guided_prediction(
         ClassifierFreeGuidance(guidance_scale=3.0),
         state=None,
@@ -311,7 +331,7 @@ def test_threads_sharing_a_model_neither_collide_nor_see_each_others_perturbatio
         ),
         "plain": ClassifierFreeGuidance(guidance_scale=2.0),
     }
-    conditions = {"cond": {}, "uncond": {}}
+    conditions = no_conditions()
     errors: list[BaseException] = []
     start = threading.Barrier(4)
 
@@ -322,7 +342,7 @@ def test_threads_sharing_a_model_neither_collide_nor_see_each_others_perturbatio
             for step in range(1, 16):
                 with torch.no_grad():
                     out = guided_prediction(
-                        guider, state=None, predict=model, latents=x, conditions=conditions,
+                        guider, state=None, predict=lambda latents, _: model(latents), latents=x, conditions=conditions,
                         step_index=step, num_steps=16, model=model,
                     )
                 # perturbed: skipped + 2.8 * (plain - skipped); plain CFG of equal predictions: plain
@@ -338,25 +358,54 @@ def test_threads_sharing_a_model_neither_collide_nor_see_each_others_perturbatio
         thread.join(timeout=30)
     assert not errors, errors[0]
     assert not any(thread.is_alive() for thread in threads)
+    with torch.no_grad():
+        assert torch.equal(model(x), plain)
+    detach_perturbations(model)
     assert hook_counts(model) == [(name, 0) for name, _ in model.named_modules()]
 
 
-def test_model_lock_lets_plain_passes_overlap_and_a_perturbed_pass_run_alone() -> None:
-    lock = model_lock(nn.Identity())
-    lock.acquire_plain()
-    lock.acquire_plain()  # two plain passes at once (two threads in real use)
-    entered = threading.Event()
+@pytest.mark.parametrize(
+    "perturbation",
+    [IdentityAttention(("mid_block",)), SkipBlocks(("mid_block.attentions.0.transformer_blocks",)), SmoothedQueries(("mid_block",), blur_sigma=1.0)],
+    ids=lambda p: type(p).__name__,
+)
+def test_a_perturbed_and_a_plain_pass_at_the_same_time_on_one_model(perturbation: AbstractPerturbation) -> None:
+    """Two threads inside the same model at once (a barrier at the mid block's entry and exit), one perturbed."""
+    model, inputs = tiny_unet(), unet_inputs()
+    plain = forward(model, inputs)
+    with perturbation.applied(model):
+        perturbed = forward(model, inputs)
+    assert not torch.equal(perturbed, plain)
+    meet = threading.Barrier(2, timeout=20)
 
-    def perturbed() -> None:
-        lock.acquire_perturbed()
-        entered.set()
-        lock.release_perturbed()
+    def wait(*_: Any) -> None:
+        meet.wait()
 
-    thread = threading.Thread(target=perturbed)
-    thread.start()
-    assert not entered.wait(0.05)  # waits for both plain passes
-    lock.release_plain()
-    assert not entered.wait(0.05)
-    lock.release_plain()
-    assert entered.wait(5)
-    thread.join()
+    handles = [model.mid_block.register_forward_pre_hook(wait), model.mid_block.register_forward_hook(wait)]
+    results: dict[str, list[Tensor]] = {"perturbed": [], "plain": []}
+    errors: list[BaseException] = []
+
+    def worker(kind: str) -> None:
+        try:
+            for _ in range(5):
+                if kind == "perturbed":
+                    with perturbation.applied(model):
+                        results[kind].append(forward(model, inputs))
+                else:
+                    results[kind].append(forward(model, inputs))
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            meet.abort()
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(kind,)) for kind in results]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert not errors, errors[0]
+    assert all(torch.equal(out, perturbed) for out in results["perturbed"]) and len(results["perturbed"]) == 5
+    assert all(torch.equal(out, plain) for out in results["plain"]) and len(results["plain"]) == 5

@@ -16,10 +16,12 @@ from diffblocks.blocks.flux import (
     FluxEncodePrompt,
     FluxSetImageTimesteps,
     FluxSetTimesteps,
+    PrepareFluxConditions,
     PrepareFluxGuidance,
     PrepareFluxLatents,
     UnpackLatents,
 )
+from diffblocks.components.denoisers import Conditioning
 from diffblocks.components.models.flux import pack_latents, prepare_image_ids
 from diffblocks.presets import family_of
 from tests.presets.flux_fixtures import tiny_flux
@@ -122,7 +124,7 @@ def test_schnell_defaults_match_diffusers_called_as_the_model_card_says(
     expected = references["schnell"](**kwargs, num_inference_steps=4, max_sequence_length=256, guidance_scale=0.0, generator=seeded(), output_type="np").images
     out = ours["schnell"](**kwargs, generator=seeded(), output_type="np", progress=False)
     assert len(out.timesteps) == 4
-    assert out.conditioning["encoder_hidden_states"].shape[1] == 256
+    assert out.conditioning.prompt_embeds.shape[1] == 256
     assert max_diff(out.images, expected) < TOLERANCE  # measured: 1.0e-6
 
 
@@ -228,13 +230,14 @@ def test_encode_prompt_shapes_and_pairing(ours: dict[str, Pipeline]) -> None:
     out = block(FluxEncodePrompt.Inputs(prompt=["a", "b"], negative_prompt="c", num_images_per_prompt=3, max_sequence_length=8))
     cond, negative = out.conditioning, out.negative_conditioning
     assert out.batch_size == 6
-    assert cond["encoder_hidden_states"].shape == (6, 8, 32) and cond["pooled_projections"].shape == (6, 32)
-    assert torch.equal(cond["pooled_projections"][0], cond["pooled_projections"][2])  # a, a, a, b, b, b
-    assert not torch.equal(cond["pooled_projections"][2], cond["pooled_projections"][3])
-    assert negative is not None and torch.equal(negative["encoder_hidden_states"][0], negative["encoder_hidden_states"][5])
+    pooled = cond.pooled_embeds
+    assert pooled is not None and cond.prompt_embeds.shape == (6, 8, 32) and pooled.shape == (6, 32)
+    assert torch.equal(pooled[0], pooled[2])  # a, a, a, b, b, b
+    assert not torch.equal(pooled[2], pooled[3])
+    assert negative is not None and torch.equal(negative.prompt_embeds[0], negative.prompt_embeds[5])
     alone = block(FluxEncodePrompt.Inputs(prompt="a", max_sequence_length=8))
     assert alone.negative_conditioning is None
-    assert torch.allclose(alone.conditioning["encoder_hidden_states"][0], cond["encoder_hidden_states"][0], atol=1e-6)
+    assert torch.allclose(alone.conditioning.prompt_embeds[0], cond.prompt_embeds[0], atol=1e-6)
 
 
 def test_latents_are_packed_with_their_ids_and_unpack_back(ours: dict[str, Pipeline]) -> None:
@@ -247,11 +250,21 @@ def test_latents_are_packed_with_their_ids_and_unpack_back(ours: dict[str, Pipel
 
 
 def test_guidance_set_up_per_variant(ours: dict[str, Pipeline]) -> None:
-    conditioning = {"encoder_hidden_states": torch.zeros(1, 8, 32), "pooled_projections": torch.zeros(1, 32)}
-    inputs = PrepareFluxGuidance.Inputs(conditioning=conditioning, negative_conditioning=None, guidance_scale=5.0)
+    conditioning = Conditioning(torch.zeros(1, 8, 32), pooled_embeds=torch.zeros(1, 32))
+    inputs = PrepareFluxGuidance.Inputs(guidance_scale=5.0, num_inference_steps=4)
     dev = PrepareFluxGuidance().bind(ours["dev"].components)(inputs)
-    assert dev.embedded_guidance is not None and dev.embedded_guidance.tolist() == [5.0]
-    assert list(dev.guidance.conditions) == ["cond"] and dev.text_ids.shape == (8, 3)
+    made = PrepareFluxConditions().bind(ours["dev"].components)(
+        PrepareFluxConditions.Inputs(
+            conditioning=conditioning,
+            negative_conditioning=None,
+            image_ids=prepare_image_ids(4, 3),
+            embedded_guidance=dev.embedded_guidance,
+            call_guider=dev.call_guider,
+        )
+    ).guidance.conditions
+    embedded, text_ids = made["cond"].embedded_guidance, made["cond"].text_ids
+    assert embedded is not None and embedded.tolist() == [5.0]
+    assert list(made) == ["cond"] and text_ids is not None and text_ids.shape == (8, 3)
     assert PrepareFluxGuidance().bind(ours["schnell"].components)(inputs).embedded_guidance is None
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from diffblocks.blocks import InputError, Pipeline
+from diffblocks.components.denoisers import Conditioning
 from diffblocks.components.guiders import (
     AbstractGuider,
     AdaptiveProjectedGuidance,
@@ -20,6 +21,7 @@ from diffblocks.components.guiders import (
     PerturbedAttentionGuidance,
     SkipLayerGuidance,
     SmoothedEnergyGuidance,
+    detach_perturbations,
     guided_prediction,
     perturbations,
 )
@@ -65,6 +67,7 @@ def generate(pipe: Pipeline, guider: AbstractGuider, **changes: Any) -> tuple[np
 @pytest.mark.parametrize("cls", FAMILY_GUIDERS, ids=lambda cls: cls.__name__)
 def test_family_defaults_guide_flux_dev_without_a_negative_prompt(pipe: Pipeline, cls: Any) -> None:
     transformer = pipe.components["transformer"]
+    detach_perturbations(transformer)  # the pipeline is shared by this module's tests
     plain, plain_batches = generate(pipe, ClassifierFreeGuidance(guidance_scale=1.0))
     before = snapshot(transformer)
     guider = cls.for_family("flux")
@@ -74,8 +77,9 @@ def test_family_defaults_guide_flux_dev_without_a_negative_prompt(pipe: Pipeline
     perturbed_steps = [i for i in range(10) if len(guider.passes(i, 10)) == 2]
     assert perturbed_steps and len(batches) == 10 + len(perturbed_steps) and set(batches) == {1}
     assert float(np.abs(guided - plain).max()) > 1e-3
-    assert_same(transformer, before)
     assert np.array_equal(generate(pipe, ClassifierFreeGuidance(guidance_scale=1.0))[0], plain)
+    detach_perturbations(transformer)
+    assert_same(transformer, before)
 
 
 def test_perturbed_term_on_top_of_true_cfg_with_a_negative_prompt(pipe: Pipeline) -> None:
@@ -143,13 +147,14 @@ def test_a_perturbed_attention_step_matches_diffusers(repo: Path, pipe: Pipeline
         "timestep": torch.tensor([0.7]), "guidance": torch.tensor([3.5]), "img_ids": prepare_image_ids(4, 3), "txt_ids": prepare_text_ids(16)
     }
 
-    def predict(x: Tensor, **condition: Tensor) -> Tensor:
+    def predict(x: Tensor, condition: Conditioning) -> Tensor:
         with torch.no_grad():
-            return ours(x, **condition, **shared)
+            return ours(x, encoder_hidden_states=condition.prompt_embeds, pooled_projections=condition.pooled_embeds, **shared)
 
+    conditioning = Conditioning(cond["encoder_hidden_states"], pooled_embeds=cond["pooled_projections"])
     pag = PerturbedAttentionGuidance.for_family("flux", perturbed_guidance_start=0.0, perturbed_guidance_stop=1.0)
     got = guided_prediction(
-        pag, state=None, predict=predict, latents=latents, conditions={"cond": cond}, step_index=3, num_steps=10, model=ours
+        pag, state=None, predict=predict, latents=latents, conditions={"cond": conditioning}, step_index=3, num_steps=10, model=ours
     )
 
     mode = AttentionScoreSkipFunctionMode()  # attention returns its values, inside block 1 only

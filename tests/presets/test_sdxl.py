@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from diffblocks.blocks import InputError, Pipeline
+from diffblocks.components.denoisers import Conditioning
 from diffblocks.presets import sdxl
 from tests.presets.sd_fixtures import tiny_sdxl
 
@@ -90,8 +91,8 @@ def test_text2img_with_negatives_sizes_and_second_prompt_matches_diffusers(ours:
     )
     out, expected = run_both(ours, reference("text2img", sdxl_repo), **kwargs)
     assert np.abs(out.images - expected).max() < 1e-5
-    assert out.conditioning["time_ids"][0].tolist() == [64, 48, 4, 8, 40, 40]
-    assert out.negative_conditioning["time_ids"][0].tolist() == [16, 16, 4, 8, 24, 32]
+    assert out.conditioning.time_ids[0].tolist() == [64, 48, 4, 8, 40, 40]
+    assert out.negative_conditioning.time_ids[0].tolist() == [16, 16, 4, 8, 24, 32]
 
 
 def test_empty_prompt_encoding_when_the_index_says_so(sdxl_repo: Path, tmp_path: Path) -> None:
@@ -102,7 +103,7 @@ def test_empty_prompt_encoding_when_the_index_says_so(sdxl_repo: Path, tmp_path:
     ref = reference("text2img", repo)
     assert ref.config.force_zeros_for_empty_prompt is False
     out, expected = run_both(ours, ref, prompt="a red circle", height=SIZE, width=SIZE, num_inference_steps=2)
-    assert out.negative_conditioning["text_embeds"].abs().sum() > 0
+    assert out.negative_conditioning.pooled_embeds.abs().sum() > 0
     assert np.abs(out.images - expected).max() < 1e-5
 
 
@@ -110,8 +111,8 @@ def test_img2img_matches_diffusers(ours: Pipeline, sdxl_repo: Path) -> None:
     kwargs = dict(prompt="a red circle", image=image(), strength=0.6, num_images_per_prompt=2, negative_original_size=(16, 24))
     out, expected = run_both(ours, reference("img2img", sdxl_repo), **kwargs, num_inference_steps=5)
     assert out.workflow == "img2img"
-    assert out.conditioning["time_ids"].tolist() == [[SIZE, SIZE, 0, 0, SIZE, SIZE]] * 2
-    assert out.negative_conditioning["time_ids"].tolist() == [[16, 24, 0, 0, SIZE, SIZE]] * 2
+    assert out.conditioning.time_ids.tolist() == [[SIZE, SIZE, 0, 0, SIZE, SIZE]] * 2
+    assert out.negative_conditioning.time_ids.tolist() == [[16, 24, 0, 0, SIZE, SIZE]] * 2
     assert np.abs(out.images - expected).max() < 1e-5
 
 
@@ -164,8 +165,9 @@ def test_second_encoder_alone_encodes_like_the_refiner(ours: Pipeline) -> None:
     parts = ours.components
     encode = EncodePromptXL().bind({"text_encoder_2": parts["text_encoder_2"], "tokenizer_2": parts["tokenizer_2"]})
     out = encode(EncodePromptXL.Inputs(prompt=["a", "b"], negative_prompt="c", num_images_per_prompt=2))
-    assert out.conditioning["encoder_hidden_states"].shape == (4, 77, 32)  # the second encoder's width only
-    assert out.negative_conditioning["text_embeds"].shape == (4, 32) and out.batch_size == 4
+    assert out.conditioning.prompt_embeds.shape == (4, 77, 32)  # the second encoder's width only
+    negative_pooled = out.negative_conditioning.pooled_embeds
+    assert negative_pooled is not None and negative_pooled.shape == (4, 32) and out.batch_size == 4
 
     ids = PrepareTimeIds(requires_aesthetics_score=True).bind({"unet": parts["unet"]})
     with pytest.raises(ValueError, match="expects 6 time ids"):
@@ -182,7 +184,8 @@ def test_aesthetic_time_ids() -> None:
         "projection_class_embeddings_input_dim": 5 * 8 + 4, "attention_head_dim": 2, "cross_attention_dim": 8,
     })
     block = PrepareTimeIds(requires_aesthetics_score=True).bind({"unet": unet})
-    pooled = {"text_embeds": torch.zeros(2, 4)}
+    pooled = Conditioning(torch.zeros(2, 1, 8), pooled_embeds=torch.zeros(2, 4))
     out = block(PrepareTimeIds.Inputs(conditioning=pooled, negative_conditioning=pooled, height=64, width=48, crops_coords_top_left=(2, 3)))
-    assert out.conditioning["time_ids"].tolist() == [[64, 48, 2, 3, 6.0]] * 2
-    assert out.negative_conditioning["time_ids"].tolist() == [[64, 48, 2, 3, 2.5]] * 2
+    time_ids, negative_time_ids = out.conditioning.time_ids, out.negative_conditioning.time_ids
+    assert time_ids is not None and time_ids.tolist() == [[64, 48, 2, 3, 6.0]] * 2
+    assert negative_time_ids is not None and negative_time_ids.tolist() == [[64, 48, 2, 3, 2.5]] * 2

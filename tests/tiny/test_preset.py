@@ -13,6 +13,7 @@ from transformers import BertModel, PreTrainedTokenizerBase
 from diffblocks.blocks import Pipeline
 from diffblocks.blocks.standard import PredictNoise
 from diffblocks.blocks.standard.guidance import Guidance
+from diffblocks.components.denoisers import Conditioning
 from diffblocks.components.guiders import ClassifierFreeGuidance, GuidanceConditions
 from diffblocks.components.models.unet import UNet2DConditionModel
 from diffblocks.presets import FAMILIES, family_of
@@ -82,9 +83,10 @@ def test_encode_block_gives_tokens_and_mask_with_the_empty_prompt_as_uncondition
     out = block(EncodeBertPrompt.Inputs(prompt=["a red circle", "a blue ring on the left"], num_images_per_prompt=2))
     assert out.batch_size == 4
     cond, uncond = out.conditioning, out.negative_conditioning
-    assert cond["encoder_hidden_states"].shape == (4, 32, 384) and cond["encoder_attention_mask"].dtype == torch.bool
-    assert cond["encoder_attention_mask"].sum(1).tolist() == [5, 5, 8, 8]  # [CLS] words [SEP]
-    assert uncond["encoder_attention_mask"].sum(1).tolist() == [2, 2, 2, 2]  # "" is [CLS] [SEP]
+    assert cond.prompt_mask is not None and uncond.prompt_mask is not None
+    assert cond.prompt_embeds.shape == (4, 32, 384) and cond.prompt_mask.dtype == torch.bool
+    assert cond.prompt_mask.sum(1).tolist() == [5, 5, 8, 8]  # [CLS] words [SEP]
+    assert uncond.prompt_mask.sum(1).tolist() == [2, 2, 2, 2]  # "" is [CLS] [SEP]
 
 
 def test_predict_noise_passes_the_attention_mask_to_the_unet() -> None:
@@ -92,8 +94,8 @@ def test_predict_noise_passes_the_attention_mask_to_the_unet() -> None:
     x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 6, 384)
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=torch.bool)
     conditions = GuidanceConditions({
-        "cond": {"encoder_hidden_states": context, "encoder_attention_mask": mask},
-        "uncond": {"encoder_hidden_states": context * 0, "encoder_attention_mask": mask},
+        "cond": Conditioning(context, prompt_mask=mask),
+        "uncond": Conditioning(context * 0, prompt_mask=mask),
     })  # fmt: skip
     guidance = Guidance(ClassifierFreeGuidance(guidance_scale=1.0), None, conditions, True)
     block = PredictNoise().bind({"unet": unet})

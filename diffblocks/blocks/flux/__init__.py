@@ -3,7 +3,7 @@
 from diffblocks.blocks.flux.defaults import DEV, SCHNELL, FluxDefaults, VariantDefaults, variant_defaults
 from diffblocks.blocks.flux.denoise import PredictFlow
 from diffblocks.blocks.flux.encode import FluxEncodePrompt
-from diffblocks.blocks.flux.guidance import PrepareFluxGuidance
+from diffblocks.blocks.flux.guidance import PrepareFluxConditions, PrepareFluxGuidance
 from diffblocks.blocks.flux.latents import PrepareFluxImageLatents, PrepareFluxLatents, PreprocessFluxImage, UnpackLatents
 from diffblocks.blocks.flux.timesteps import FluxSetImageTimesteps, FluxSetTimesteps
 
@@ -15,6 +15,7 @@ __all__ = [
     "FluxSetImageTimesteps",
     "FluxSetTimesteps",
     "PredictFlow",
+    "PrepareFluxConditions",
     "PrepareFluxGuidance",
     "PrepareFluxImageLatents",
     "PrepareFluxLatents",

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from pydantic import Field
 
-from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
 from diffblocks.components.models.flux import FluxTransformer2DModel
 
@@ -61,8 +59,8 @@ class FluxDefaults(Block):
 
     transformer: FluxTransformer2DModel = component(description="the denoiser; its config tells dev from schnell")
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
-        steps, sigmas = user_inputs.get("num_inference_steps"), user_inputs.get("sigmas")
+    def check(self, inputs: Inputs) -> None:
+        steps, sigmas = known(inputs, "num_inference_steps"), known(inputs, "sigmas")
         if sigmas is not None:
             if not sigmas:
                 raise FieldError("sigmas", "sigmas is an empty list; give one noise level per step")

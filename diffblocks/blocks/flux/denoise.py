@@ -5,25 +5,25 @@ from __future__ import annotations
 from torch import Tensor
 
 from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.fields import produced
 from diffblocks.blocks.standard.guidance import Guidance
 from diffblocks.blocks.types import Float
+from diffblocks.components.denoisers import FluxDenoiser
 from diffblocks.components.models.flux import FluxTransformer2DModel
 
 
 class PredictFlow(Block):
     """Run the transformer for every pass the guider asks for and combine them into one guided flow prediction.
 
-    The transformer takes ``t / 1000`` (a sigma in 0..1) and, for dev, the embedded guidance
-    scale, both per sample, as diffusers' ``FluxPipeline`` passes them.
+    The transformer runs through its denoiser wrapper (:meth:`denoiser`), which passes ``t / 1000``
+    (a sigma in 0..1) and, for dev, the embedded guidance, both per sample, as diffusers'
+    ``FluxPipeline`` passes them; the conditioning carries the token positions and the guidance.
     """
 
     class Inputs(BlockIO):
         latents: Float["batch seq channels"]
         t: Tensor
-        guidance: Guidance
-        embedded_guidance: Float["one"] | None
-        image_ids: Float["seq 3"]
-        text_ids: Float["seq 3"]
+        guidance: Guidance = produced(description="the guider and its passes for this run")
         step_index: int
         num_steps: int
 
@@ -33,24 +33,14 @@ class PredictFlow(Block):
     transformer: FluxTransformer2DModel = component(description="the denoiser")
 
     def __call__(self, inputs: Inputs) -> Outputs:
-        transformer, embedded = self.transformer, inputs.embedded_guidance
-        image_ids, text_ids = inputs.image_ids, inputs.text_ids
-        # Once per step, not once per guidance pass; expanding the 0-d result to a batch is a view.
-        sigma = inputs.t.to(inputs.latents.dtype) / 1000
-
-        def predict(x: Tensor, encoder_hidden_states: Tensor, pooled_projections: Tensor) -> Tensor:
-            n = x.shape[0]
-            return transformer(
-                x,
-                encoder_hidden_states=encoder_hidden_states,
-                pooled_projections=pooled_projections,
-                timestep=sigma.expand(n),
-                img_ids=image_ids,
-                txt_ids=text_ids,
-                guidance=None if embedded is None else embedded.expand(n),
-            )
-
+        denoiser = self.denoiser()
+        # the timestep in the latents' dtype, once per step and not once per guidance pass
+        predict = denoiser.at(inputs.t.to(inputs.latents.dtype))
         noise_pred = inputs.guidance.prediction(
-            predict, latents=inputs.latents, step_index=inputs.step_index, num_steps=inputs.num_steps, model=transformer
+            predict, latents=inputs.latents, step_index=inputs.step_index, num_steps=inputs.num_steps, model=denoiser.model
         )
         return self.Outputs(noise_pred=noise_pred)
+
+    def denoiser(self) -> FluxDenoiser:
+        """The transformer as a denoiser, made at every step (it is a light wrapper, so a swapped transformer is seen at once)."""
+        return FluxDenoiser(self.transformer)

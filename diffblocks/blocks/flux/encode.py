@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from pydantic import Field
 from torch import Tensor
 from transformers import CLIPTextModel, PreTrainedTokenizerBase, T5EncoderModel
 
-from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.sd.encode import Prompt, as_list, clip_embeddings, paired
+from diffblocks.components.denoisers import Conditioning
 
 
 def t5_embeddings(
@@ -26,13 +24,16 @@ def t5_embeddings(
     return encoder(ids.to(device))[0].to(encoder.dtype)
 
 
-def check_flux_prompts(user_inputs: Mapping[str, Any]) -> None:
+def check_flux_prompts(inputs: BlockIO) -> None:
     """Every prompt list must pair one-to-one with ``prompt`` (a single string is used for every prompt)."""
-    count = len(as_list(user_inputs["prompt"]))
+    prompt = known(inputs, "prompt")
+    if prompt is None:
+        return  # made by an earlier block: not known before the run
+    count = len(as_list(prompt))
     if not count:
         raise FieldError("prompt", "prompt is an empty list; give at least one prompt")
     for name in ("prompt_2", "negative_prompt", "negative_prompt_2"):
-        value = user_inputs.get(name)
+        value = known(inputs, name)
         if isinstance(value, list) and len(value) not in (1, count):
             raise FieldError(name, f"{name} has {len(value)} entries but prompt has {count}; give one per prompt (or one for all)")
 
@@ -41,8 +42,9 @@ class FluxEncodePrompt(Block):
     """Encode prompts for Flux.1: CLIP's pooled output (from ``prompt``) and T5's token embeddings (from ``prompt_2``).
 
     The negative prompt is encoded only when given; it feeds true classifier-free guidance.
-    Conditions are ``{"encoder_hidden_states": (batch, max_sequence_length, t5_dim),
-    "pooled_projections": (batch, clip_dim)}``, with each prompt repeated ``num_images_per_prompt`` times.
+    The conditioning's ``prompt_embeds`` are the T5 tokens ``(batch, max_sequence_length, t5_dim)`` and its
+    ``pooled_embeds`` the CLIP vector ``(batch, clip_dim)``, each prompt repeated ``num_images_per_prompt``
+    times; the token positions are added by ``PrepareFluxGuidance``.
     """
 
     class Inputs(BlockIO):
@@ -54,8 +56,8 @@ class FluxEncodePrompt(Block):
         max_sequence_length: int
 
     class Outputs(BlockIO):
-        conditioning: dict[str, Tensor]
-        negative_conditioning: dict[str, Tensor] | None
+        conditioning: Conditioning
+        negative_conditioning: Conditioning | None
         batch_size: int
 
     text_encoder: CLIPTextModel = component(description="CLIP ViT-L/14 text tower; only its pooled output is used")
@@ -63,8 +65,8 @@ class FluxEncodePrompt(Block):
     text_encoder_2: T5EncoderModel = component(description="T5 v1.1 XXL encoder")
     tokenizer_2: PreTrainedTokenizerBase = component()
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
-        check_flux_prompts(user_inputs)
+    def check(self, inputs: Inputs) -> None:
+        check_flux_prompts(inputs)
 
     def __call__(self, inputs: Inputs) -> Outputs:
         prompts = as_list(inputs.prompt)
@@ -77,13 +79,13 @@ class FluxEncodePrompt(Block):
             negative = self._encode(negatives, negatives_2, length, inputs.num_images_per_prompt)
         return self.Outputs(conditioning=conditioning, negative_conditioning=negative, batch_size=count * inputs.num_images_per_prompt)
 
-    def _encode(self, clip_texts: list[str], t5_texts: list[str], length: int, repeats: int) -> dict[str, Tensor]:
+    def _encode(self, clip_texts: list[str], t5_texts: list[str], length: int, repeats: int) -> Conditioning:
         _, pooled = clip_embeddings(self.text_encoder, self.tokenizer, clip_texts, clip_skip=None)
         tokens = t5_embeddings(self.text_encoder_2, self.tokenizer_2, t5_texts, max_sequence_length=length)
-        return {
-            "encoder_hidden_states": tokens.repeat_interleave(repeats, dim=0),
-            "pooled_projections": pooled.to(self.text_encoder.dtype).repeat_interleave(repeats, dim=0),
-        }
+        return Conditioning(
+            tokens.repeat_interleave(repeats, dim=0),
+            pooled_embeds=pooled.to(self.text_encoder.dtype).repeat_interleave(repeats, dim=0),
+        )
 
 
 __all__ = ["FluxEncodePrompt", "check_flux_prompts", "t5_embeddings"]

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from dataclasses import replace
 
 import torch
 from pydantic import Field
-from torch import Tensor
 
-from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
-from diffblocks.blocks.flux.defaults import resolve_steps
+from diffblocks.blocks.fields import produced
+from diffblocks.blocks.sd.encode import Prompt
 from diffblocks.blocks.standard.guidance import Guidance, check_guider
 from diffblocks.blocks.standard.latents import placement
 from diffblocks.blocks.types import Float
+from diffblocks.components.denoisers import Conditioning
 from diffblocks.components.guiders import AbstractGuider, GuidanceConditions
 from diffblocks.components.models.flux import FluxTransformer2DModel, prepare_text_ids
 
@@ -35,15 +35,16 @@ def needs_unconditional(guider: AbstractGuider, num_steps: int) -> bool:
 
 
 class PrepareFluxGuidance(Block):
-    """Put the conditions on the transformer, make dev's guidance input, and set the guider for true CFG.
+    """Set up this call's guidance before the prompts are encoded: dev's embedded guidance and the guider for true CFG.
 
     ``guidance_scale`` is dev's distilled guidance: the transformer embeds it, one forward per step
     (schnell has no guidance embedder and ignores it). True classifier-free guidance is the
     guider's job: its scale is ``true_cfg_scale`` when given, and the default guider's scale of 1
     runs no extra pass; above 1 each step also predicts from ``negative_prompt``, as diffusers'
     ``FluxPipeline`` does with ``true_cfg_scale > 1``. A negative prompt is required only when the
-    guider asks for an unconditional pass: perturbing guiders made with ``for_family("flux")``
-    guide with their perturbed pass alone and need none.
+    guider asks for an unconditional pass at one of the run's steps: perturbing guiders made with
+    ``for_family("flux")`` guide with their perturbed pass alone and need none. That is known once
+    the step count is (after :class:`FluxDefaults`), so it is checked here, before any encoder runs.
 
     The guider is checked before the call runs: its perturbed layers against the transformer, and
     its settings against Flux's packed ``(batch, tokens, channels)`` predictions (so
@@ -51,49 +52,41 @@ class PrepareFluxGuidance(Block):
     """
 
     class Inputs(BlockIO):
-        conditioning: dict[str, Tensor]
-        negative_conditioning: dict[str, Tensor] | None
         guidance_scale: float = Field(3.5, ge=0.0, description="dev's embedded guidance; schnell ignores it")
         true_cfg_scale: float | None = Field(
             None, ge=0.0, description="classifier-free guidance against negative_prompt; overrides the guider's scale"
         )
-        guidance_batched: bool = Field(True, description="run the true CFG passes as one batched forward")
+        negative_prompt: Prompt | None = Field(None, description="what true CFG steers away from (see true_cfg_scale)")
+        num_inference_steps: int
 
     class Outputs(BlockIO):
-        guidance: Guidance
+        call_guider: AbstractGuider
         embedded_guidance: Float["one"] | None
-        text_ids: Float["seq 3"]
 
     guider: AbstractGuider = component(description="true guidance (CFG, APG, PAG, ...); scale 1 turns CFG off")
     transformer: FluxTransformer2DModel = component()
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
-        scale = user_inputs.get("true_cfg_scale")
-        guider = self._guider(scale)
+    def check(self, inputs: Inputs) -> None:
+        guider = self.guider_for(known(inputs, "true_cfg_scale"))
         check_guider(guider, model=self.transformer, shape=(None, None, None))  # packed tokens
-        if user_inputs.get("negative_prompt") is None:
-            steps = resolve_steps(user_inputs.get("num_inference_steps"), user_inputs.get("sigmas"), self.transformer)
-            if needs_unconditional(guider, steps):
-                if scale is not None:
-                    message = _MSG_NO_NEGATIVE.format(who=f"true_cfg_scale {scale}", fix=_FIX_SCALE)
-                else:
-                    message = _MSG_NO_NEGATIVE.format(who=f"the guider {guider!r}", fix=_FIX_GUIDER)
-                raise FieldError("negative_prompt", message)
 
     def __call__(self, inputs: Inputs) -> Outputs:
-        device, dtype = placement(self.transformer)
-        conditions = {"cond": _placed(inputs.conditioning, device, dtype)}
-        if inputs.negative_conditioning is not None:
-            conditions["uncond"] = _placed(inputs.negative_conditioning, device, dtype)
-        guider = self._guider(inputs.true_cfg_scale)
-        guidance = Guidance(guider, guider.new_state(), GuidanceConditions(conditions), inputs.guidance_batched)
+        scale = inputs.true_cfg_scale
+        guider = self.guider_for(scale)
+        if inputs.negative_prompt is None and needs_unconditional(guider, inputs.num_inference_steps):
+            if scale is not None:
+                message = _MSG_NO_NEGATIVE.format(who=f"true_cfg_scale {scale}", fix=_FIX_SCALE)
+            else:
+                message = _MSG_NO_NEGATIVE.format(who=f"the guider {guider!r}", fix=_FIX_GUIDER)
+            raise FieldError("negative_prompt", message)
         embedded = None
         if self.transformer.params.guidance_embeds:
+            device = placement(self.transformer)[0]
             embedded = torch.full([1], inputs.guidance_scale, device=device, dtype=torch.float32)
-        text_ids = prepare_text_ids(inputs.conditioning["encoder_hidden_states"].shape[1], device=device, dtype=dtype)
-        return self.Outputs(guidance=guidance, embedded_guidance=embedded, text_ids=text_ids)
+        return self.Outputs(call_guider=guider, embedded_guidance=embedded)
 
-    def _guider(self, true_cfg_scale: float | None) -> AbstractGuider:
+    def guider_for(self, true_cfg_scale: float | None) -> AbstractGuider:
+        """The guider with this call's ``true_cfg_scale`` as its guidance scale."""
         guider = self.guider
         if true_cfg_scale is None:
             return guider
@@ -105,5 +98,29 @@ class PrepareFluxGuidance(Block):
         return type(guider).model_validate({**settings, "guidance_scale": true_cfg_scale})
 
 
-def _placed(conditioning: Mapping[str, Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
-    return {name: tensor.to(device=device, dtype=dtype) for name, tensor in conditioning.items()}
+class PrepareFluxConditions(Block):
+    """Complete the conditioning for the transformer (token positions, dev's guidance) and pair it for the guider's passes."""
+
+    class Inputs(BlockIO):
+        conditioning: Conditioning = produced(description="the prompt's embeddings")
+        negative_conditioning: Conditioning | None = produced(description="the negative prompt's embeddings")
+        image_ids: Float["seq 3"] = produced(description="the latent tokens' positions")
+        embedded_guidance: Float["one"] | None = produced(description="dev's embedded guidance scale")
+        call_guider: AbstractGuider = produced(description="the guider with this call's settings")
+        guidance_batched: bool = Field(True, description="run the true CFG passes as one batched forward")
+
+    class Outputs(BlockIO):
+        guidance: Guidance
+
+    transformer: FluxTransformer2DModel = component()
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        device, dtype = placement(self.transformer)
+        text_ids = prepare_text_ids(inputs.conditioning.prompt_embeds.shape[1], device=device, dtype=dtype)
+        shared = {"text_ids": text_ids, "image_ids": inputs.image_ids, "embedded_guidance": inputs.embedded_guidance}
+        conditions = {"cond": replace(inputs.conditioning.to(device, dtype), **shared)}
+        if inputs.negative_conditioning is not None:
+            conditions["uncond"] = replace(inputs.negative_conditioning.to(device, dtype), **shared)
+        guider = inputs.call_guider
+        guidance = Guidance(guider, guider.new_state(), GuidanceConditions(conditions), inputs.guidance_batched)
+        return self.Outputs(guidance=guidance)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from pydantic import Field
 
-from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
-from diffblocks.blocks.sd.encode import as_list
+from diffblocks.blocks.fields import produced
+from diffblocks.blocks.sd.encode import Prompt, as_list
 from diffblocks.blocks.standard.images import ImageLike, image_size, normalize, snap_size, to_tensor
 from diffblocks.blocks.standard.latents import check_generator, placement, repeat_images
 from diffblocks.blocks.standard.vae import encode_latents, vae_scale_factor
@@ -34,11 +34,10 @@ def token_size(vae: AutoencoderKL) -> int:
     return 2 * vae_scale_factor(vae)
 
 
-def check_flux_size(user_inputs: Mapping[str, Any], vae: AutoencoderKL) -> None:
+def check_flux_size(vae: AutoencoderKL, *, height: int | None, width: int | None) -> None:
     """Sizes must tile into whole tokens: rejected with the nearest valid sizes, not silently rounded down."""
     factor = token_size(vae)
-    for name in ("height", "width"):
-        value = user_inputs.get(name)
+    for name, value in (("height", height), ("width", width)):
         if value is not None and (value <= 0 or value % factor):
             below, above = max(factor, value - value % factor), value - value % factor + factor
             raise FieldError(
@@ -46,18 +45,24 @@ def check_flux_size(user_inputs: Mapping[str, Any], vae: AutoencoderKL) -> None:
             )
 
 
-def check_flux_generator(user_inputs: Mapping[str, Any], device: torch.device) -> None:
-    """Generators must draw noise for ``device``, and a list of them must have one per image."""
-    check_generator(user_inputs, device)
-    generator = user_inputs.get("generator")
-    if isinstance(generator, Sequence):
-        prompts, per_prompt = len(as_list(user_inputs["prompt"])), user_inputs.get("num_images_per_prompt", 1)
-        if len(generator) != prompts * per_prompt:
-            raise FieldError(
-                "generator",
-                f"{len(generator)} generators for {prompts * per_prompt} images ({prompts} prompts x "
-                f"num_images_per_prompt {per_prompt}); give one per image, or a single generator",
-            )
+def check_generator_count(generator: Generator | None, prompt: Prompt | None, per_prompt: int | None) -> None:
+    """A list of generators must have one per image (a single generator serves them all)."""
+    if not isinstance(generator, Sequence) or prompt is None:
+        return
+    prompts, per_prompt = len(as_list(prompt)), per_prompt or 1
+    if len(generator) != prompts * per_prompt:
+        raise FieldError(
+            "generator",
+            f"{len(generator)} generators for {prompts * per_prompt} images ({prompts} prompts x "
+            f"num_images_per_prompt {per_prompt}); give one per image, or a single generator",
+        )
+
+
+def check_generators(inputs: BlockIO, device: torch.device) -> None:
+    """Generators draw noise for ``device``, one per image when a list is given."""
+    generator = known(inputs, "generator")
+    check_generator(generator, device)
+    check_generator_count(generator, known(inputs, "prompt"), known(inputs, "num_images_per_prompt"))
 
 
 class PrepareFluxLatents(Block):
@@ -69,6 +74,8 @@ class PrepareFluxLatents(Block):
         batch_size: int
         generator: Generator | None = Field(None, description="a torch.Generator (or one per image) for reproducible noise")
         latents: Float["batch seq channels"] | None = Field(None, description="start from these packed latents")
+        prompt: Prompt | None = Field(None, description="the prompts, to check one generator per image")
+        num_images_per_prompt: int = Field(1, ge=1, le=64)
 
     class Outputs(BlockIO):
         latents: Float["batch seq channels"]
@@ -79,9 +86,9 @@ class PrepareFluxLatents(Block):
     vae: AutoencoderKL = component(description="gives the downsampling factor")
     transformer: FluxTransformer2DModel = component(description="latents are made on its device, in its dtype")
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
-        check_flux_size(user_inputs, self.vae)
-        check_flux_generator(user_inputs, placement(self.transformer)[0])
+    def check(self, inputs: Inputs) -> None:
+        check_flux_size(self.vae, height=known(inputs, "height"), width=known(inputs, "width"))
+        check_generators(inputs, placement(self.transformer)[0])
 
     def __call__(self, inputs: Inputs) -> Outputs:
         default = DEFAULT_LATENT_SIZE * vae_scale_factor(self.vae)
@@ -116,8 +123,8 @@ class PreprocessFluxImage(Block):
 
     vae: AutoencoderKL = component()
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
-        check_flux_size(user_inputs, self.vae)
+    def check(self, inputs: Inputs) -> None:
+        check_flux_size(self.vae, height=known(inputs, "height"), width=known(inputs, "width"))
 
     def __call__(self, inputs: Inputs) -> Outputs:
         height, width = snap_size(*image_size(inputs.image), token_size(self.vae))
@@ -132,10 +139,12 @@ class PrepareFluxImageLatents(Block):
     """Encode the image, noise it to the first kept sigma (``sigma * noise + (1 - sigma) * x0``), and pack it."""
 
     class Inputs(BlockIO):
-        pixels: Float["batch 3 height width"]
+        pixels: Float["batch 3 height width"] = produced(description="the image as a tensor in [-1, 1]")
         batch_size: int
         generator: Generator | None = None
-        schedule: SchedulerState
+        schedule: SchedulerState = produced(description="the scheduler's state for this run")
+        prompt: Prompt | None = Field(None, description="the prompts, to check one generator per image")
+        num_images_per_prompt: int = Field(1, ge=1, le=64)
 
     class Outputs(BlockIO):
         latents: Float["batch seq channels"]
@@ -147,8 +156,8 @@ class PrepareFluxImageLatents(Block):
     scheduler: AbstractScheduler = component()
     transformer: FluxTransformer2DModel = component()
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
-        check_flux_generator(user_inputs, placement(self.transformer)[0])
+    def check(self, inputs: Inputs) -> None:
+        check_generators(inputs, placement(self.transformer)[0])
 
     def __call__(self, inputs: Inputs) -> Outputs:
         device, dtype = placement(self.transformer)

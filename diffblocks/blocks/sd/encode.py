@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from pydantic import Field
 from torch import Tensor
 from transformers import CLIPTextModel, PreTrainedTokenizerBase
 
-from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
+from diffblocks.components.denoisers import Conditioning
 
 Prompt = str | list[str]
 
@@ -28,12 +26,13 @@ def paired(texts: Prompt | None, fallback: list[str], count: int) -> list[str]:
     return items * count if len(items) == 1 and count > 1 else items
 
 
-def check_prompts(user_inputs: Mapping[str, Any]) -> None:
+def check_prompts(prompt: Prompt | None, negative: Prompt | None) -> None:
     """A negative prompt list must pair one-to-one with the prompt list."""
-    prompts = as_list(user_inputs["prompt"])
+    if prompt is None:
+        return  # made by an earlier block: not known before the run
+    prompts = as_list(prompt)
     if not prompts:
         raise FieldError("prompt", "prompt is an empty list; give at least one prompt")
-    negative = user_inputs.get("negative_prompt")
     if isinstance(negative, list) and len(negative) != len(prompts):
         raise FieldError(
             "negative_prompt", f"negative_prompt has {len(negative)} entries but prompt has {len(prompts)}; give one per prompt"
@@ -72,15 +71,15 @@ class EncodePrompt(Block):
         clip_skip: int | None = Field(None, ge=0, description="use the output of an earlier CLIP layer")
 
     class Outputs(BlockIO):
-        conditioning: dict[str, Tensor]
-        negative_conditioning: dict[str, Tensor]
+        conditioning: Conditioning
+        negative_conditioning: Conditioning
         batch_size: int
 
     text_encoder: CLIPTextModel = component()
     tokenizer: PreTrainedTokenizerBase = component()
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
-        check_prompts(user_inputs)
+    def check(self, inputs: Inputs) -> None:
+        check_prompts(known(inputs, "prompt"), known(inputs, "negative_prompt"))
 
     def __call__(self, inputs: Inputs) -> Outputs:
         prompts = as_list(inputs.prompt)
@@ -90,7 +89,7 @@ class EncodePrompt(Block):
         negative_embeds, _ = clip_embeddings(self.text_encoder, self.tokenizer, negative, clip_skip=inputs.clip_skip)
         dtype = self.text_encoder.dtype
         return self.Outputs(
-            conditioning={"encoder_hidden_states": embeds.to(dtype).repeat_interleave(n, dim=0)},
-            negative_conditioning={"encoder_hidden_states": negative_embeds.to(dtype).repeat_interleave(n, dim=0)},
+            conditioning=Conditioning(embeds.to(dtype).repeat_interleave(n, dim=0)),
+            negative_conditioning=Conditioning(negative_embeds.to(dtype).repeat_interleave(n, dim=0)),
             batch_size=len(prompts) * n,
         )

@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from pydantic import Field
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
-from diffblocks.blocks.block import Block, BlockConfig, BlockIO, component
+from diffblocks.blocks.block import Block, BlockConfig, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.sd.encode import Prompt, as_list, check_prompts, clip_embeddings, paired
+from diffblocks.components.denoisers import Conditioning
 
 
 class EncodePromptXL(Block):
     """Encode prompts with SDXL's two CLIP encoders (Podell et al. 2023).
 
     The penultimate hidden states of both encoders are concatenated along the features
-    (``encoder_hidden_states``, e.g. 768 + 1280 = 2048 wide); the projected pooled output of the
-    second encoder is ``text_embeds``. Without a negative prompt, the negative embeddings are zeros
+    (``prompt_embeds``, e.g. 768 + 1280 = 2048 wide); the projected pooled output of the second
+    encoder is ``pooled_embeds`` (the UNet's ``text_embeds``). Without a negative prompt, the negative embeddings are zeros
     when ``force_zeros_for_empty_prompt`` is set (SDXL base), else the encoding of ``""``.
     """
 
@@ -33,8 +31,8 @@ class EncodePromptXL(Block):
         clip_skip: int | None = Field(None, ge=0, description="skip this many more layers before the penultimate one")
 
     class Outputs(BlockIO):
-        conditioning: dict[str, Tensor]
-        negative_conditioning: dict[str, Tensor]
+        conditioning: Conditioning
+        negative_conditioning: Conditioning
         batch_size: int
 
     class Config(BlockConfig):
@@ -45,11 +43,14 @@ class EncodePromptXL(Block):
     text_encoder_2: CLIPTextModelWithProjection = component()
     tokenizer_2: PreTrainedTokenizerBase = component()
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
-        check_prompts(user_inputs)
-        count = len(as_list(user_inputs["prompt"]))
+    def check(self, inputs: Inputs) -> None:
+        prompt = known(inputs, "prompt")
+        check_prompts(prompt, known(inputs, "negative_prompt"))
+        if prompt is None:
+            return
+        count = len(as_list(prompt))
         for name in ("prompt_2", "negative_prompt_2"):
-            value = user_inputs.get(name)
+            value = known(inputs, name)
             if isinstance(value, list) and len(value) != count:
                 raise FieldError(name, f"{name} has {len(value)} entries but prompt has {count}; give one per prompt")
 
@@ -64,8 +65,8 @@ class EncodePromptXL(Block):
             negative_embeds, negative_pooled = self._encode(negative, paired(inputs.negative_prompt_2, negative, count))
         dtype = self.text_encoder_2.dtype
         return self.Outputs(
-            conditioning=_repeat({"encoder_hidden_states": embeds, "text_embeds": pooled}, n, dtype),
-            negative_conditioning=_repeat({"encoder_hidden_states": negative_embeds, "text_embeds": negative_pooled}, n, dtype),
+            conditioning=_conditioning(embeds, pooled, n, dtype),
+            negative_conditioning=_conditioning(negative_embeds, negative_pooled, n, dtype),
             batch_size=count * n,
         )
 
@@ -79,8 +80,8 @@ class EncodePromptXL(Block):
         return torch.cat(hidden, dim=-1), pooled
 
 
-def _repeat(tensors: dict[str, Tensor], n: int, dtype: torch.dtype) -> dict[str, Tensor]:
-    return {name: t.to(dtype).repeat_interleave(n, dim=0) for name, t in tensors.items()}
+def _conditioning(embeds: Tensor, pooled: Tensor, n: int, dtype: torch.dtype) -> Conditioning:
+    return Conditioning(embeds.to(dtype).repeat_interleave(n, dim=0), pooled_embeds=pooled.to(dtype).repeat_interleave(n, dim=0))
 
 
 __all__ = ["EncodePromptXL"]

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from pydantic import Field
 from torch import Tensor
 
 from diffblocks.blocks.block import Block, BlockConfig, BlockIO, component
+from diffblocks.blocks.fields import produced
+from diffblocks.components.denoisers import Conditioning
 from diffblocks.components.models.unet import UNet2DConditionModel
 
 Size = tuple[int, int]
 
 _MSG_WIDTH = (
-    "the UNet's add_embedding takes {expected} features but {count} time ids x {per_id} + text_embeds {pooled} "
+    "the UNet's add_embedding takes {expected} features but {count} time ids x {per_id} + pooled_embeds {pooled} "
     "= {passed}{hint}"
 )
 
@@ -27,8 +31,8 @@ class PrepareTimeIds(Block):
     """
 
     class Inputs(BlockIO):
-        conditioning: dict[str, Tensor]
-        negative_conditioning: dict[str, Tensor]
+        conditioning: Conditioning = produced(description="the prompt's embeddings")
+        negative_conditioning: Conditioning = produced(description="the negative prompt's embeddings")
         height: int
         width: int
         original_size: Size | None = Field(None, description="(height, width) the image seems to come from (default: the run's)")
@@ -41,8 +45,8 @@ class PrepareTimeIds(Block):
         negative_aesthetic_score: float = Field(2.5, description="only for models with requires_aesthetics_score")
 
     class Outputs(BlockIO):
-        conditioning: dict[str, Tensor]
-        negative_conditioning: dict[str, Tensor]
+        conditioning: Conditioning
+        negative_conditioning: Conditioning
 
     class Config(BlockConfig):
         requires_aesthetics_score: bool = False
@@ -67,7 +71,7 @@ class PrepareTimeIds(Block):
                 *(inputs.negative_crops_coords_top_left or crops),
                 *(inputs.negative_target_size or target),
             )
-        self._check_width(len(ids), inputs.conditioning["text_embeds"])
+        self._check_width(len(ids), _pooled(inputs.conditioning))
         return self.Outputs(
             conditioning=_with_ids(inputs.conditioning, ids),
             negative_conditioning=_with_ids(inputs.negative_conditioning, negative_ids),
@@ -90,10 +94,16 @@ class PrepareTimeIds(Block):
             )
 
 
-def _with_ids(conditioning: dict[str, Tensor], ids: tuple[float, ...]) -> dict[str, Tensor]:
-    pooled = conditioning["text_embeds"]
+def _pooled(conditioning: Conditioning) -> Tensor:
+    if conditioning.pooled_embeds is None:
+        raise ValueError("the conditioning has no pooled_embeds, which SDXL's time ids go with: encode the prompt with EncodePromptXL")
+    return conditioning.pooled_embeds
+
+
+def _with_ids(conditioning: Conditioning, ids: tuple[float, ...]) -> Conditioning:
+    pooled = _pooled(conditioning)
     time_ids = torch.tensor([ids], dtype=pooled.dtype, device=pooled.device).repeat(pooled.shape[0], 1)
-    return {**conditioning, "time_ids": time_ids}
+    return replace(conditioning, time_ids=time_ids)
 
 
 __all__ = ["PrepareTimeIds", "Size"]

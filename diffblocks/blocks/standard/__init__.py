@@ -8,9 +8,10 @@ from diffblocks.blocks.standard.inpaint import PrepareInpaintImages, PrepareInpa
 from diffblocks.blocks.standard.inpaint_loop import AddMaskChannels, BlendMaskedLatents, inpaint_mode
 from diffblocks.blocks.standard.latents import PrepareImageLatents, PrepareLatents
 from diffblocks.blocks.standard.masks import MaskLike
-from diffblocks.blocks.standard.timesteps import SetImageTimesteps, SetTimesteps
+from diffblocks.blocks.standard.timesteps import AbstractSetTimesteps, ScheduleOutputs, SetImageTimesteps, SetTimesteps
 
 __all__ = [
+    "AbstractSetTimesteps",
     "AddMaskChannels",
     "BlendMaskedLatents",
     "DecodeImages",
@@ -26,6 +27,7 @@ __all__ = [
     "PrepareLatents",
     "PrepareMaskLatents",
     "ScaleModelInput",
+    "ScheduleOutputs",
     "SchedulerStep",
     "SetImageTimesteps",
     "SetInpaintTimesteps",

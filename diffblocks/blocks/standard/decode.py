@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import Field
+from torch import Tensor
 
 from diffblocks.blocks.block import Block, BlockIO, component
 from diffblocks.blocks.standard.images import OutputType, postprocess
@@ -28,4 +29,11 @@ class DecodeImages(Block):
     def __call__(self, inputs: Inputs) -> Outputs:
         if inputs.output_type == "latent":
             return self.Outputs(images=inputs.latents)
-        return self.Outputs(images=postprocess(decode_latents(self.vae, inputs.latents), inputs.output_type))
+        return self.Outputs(images=postprocess(self.decode(inputs.latents), inputs.output_type))
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Denoiser latents ``(batch, channels, h, w)`` to images ``(batch, 3, H, W)`` in about [-1, 1].
+
+        Override it to decode otherwise (tiled, another decoder); the output type conversion follows.
+        """
+        return decode_latents(self.vae, latents)

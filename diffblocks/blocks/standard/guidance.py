@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from pydantic import Field
 from torch import Tensor, nn
 
-from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
+from diffblocks.blocks.fields import produced
 from diffblocks.blocks.types import Float
+from diffblocks.components.denoisers import Conditioning, Predict
 from diffblocks.components.guiders import AbstractGuider, GuidanceConditions, GuiderState, guided_prediction
-from diffblocks.components.guiders.run import Predict
 
 
 def check_guider(guider: AbstractGuider, *, model: nn.Module | None, shape: Sequence[int | None]) -> None:
@@ -48,7 +48,7 @@ class Guidance:
         """The guided prediction at one step: :func:`guided_prediction` with this call's guider, state and conditions.
 
         Args:
-            predict: the denoiser at this step, with the inputs every pass shares bound in.
+            predict: the denoiser at this step (``denoiser.at(t)``), called as ``predict(x, conditioning)``.
             latents: ``(batch, ...)`` model input at this step.
             step_index: index of this step, from 0.
             num_steps: number of denoising steps.
@@ -77,8 +77,8 @@ class PrepareGuidance(Block):
     """
 
     class Inputs(BlockIO):
-        conditioning: dict[str, Tensor]
-        negative_conditioning: dict[str, Tensor]
+        conditioning: Conditioning = produced(description="the prompt's embeddings")
+        negative_conditioning: Conditioning = produced(description="the negative prompt's embeddings")
         guidance_scale: float | None = Field(None, ge=0.0, description="override the guider's scale for this call")
         guidance_batched: bool = Field(True, description="run the guidance passes as one batched forward")
         latents: Float["batch channels height width"] | None = Field(
@@ -91,10 +91,10 @@ class PrepareGuidance(Block):
     guider: AbstractGuider = component(description="the guidance rule (CFG, APG, PAG, ...)")
     unet: nn.Module = component(optional=True, description="the denoiser; perturbed layers are checked against it")
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
-        if user_inputs.get("guidance_scale") is not None and "guidance_scale" not in type(self.guider).model_fields:
+    def check(self, inputs: Inputs) -> None:
+        if known(inputs, "guidance_scale") is not None and "guidance_scale" not in type(self.guider).model_fields:
             raise FieldError("guidance_scale", f"{type(self.guider).__name__} has no guidance_scale to override")
-        latents = user_inputs.get("latents")
+        latents = known(inputs, "latents")  # usually made by an earlier block: then checked in __call__
         given = isinstance(latents, Tensor) and latents.ndim == 4
         check_guider(self.guider, model=self.unet, shape=tuple(latents.shape) if given else (None,) * 4)
 

@@ -68,7 +68,7 @@ def postprocess(images: Tensor, output_type: OutputType) -> list[PIL.Image.Image
     images = (images / 2 + 0.5).clamp(0, 1)
     if output_type == "pt":
         return images
-    array = images.cpu().permute(0, 2, 3, 1).float().numpy()
+    array = images.detach().cpu().permute(0, 2, 3, 1).float().numpy()  # pipe(grad=True) decodes with autograd on
     if output_type == "np":
         return array
     pixels = (array * 255).round().astype("uint8")

@@ -7,20 +7,19 @@ is drawn, then the masked image is encoded.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
+from diffblocks.blocks.fields import produced
 from diffblocks.blocks.standard.images import ImageLike, image_size, normalize, snap_size, to_tensor
 from diffblocks.blocks.standard.inpaint_loop import inpaint_mode
 from diffblocks.blocks.standard.latents import check_generator, check_size, placement, repeat_images
 from diffblocks.blocks.standard.masks import MaskLike, check_mask_shape, latent_mask, mask_size, mask_to_tensor
-from diffblocks.blocks.standard.timesteps import SetImageTimesteps
+from diffblocks.blocks.standard.timesteps import AbstractSetPartialTimesteps, StrengthInputs
 from diffblocks.blocks.standard.vae import encode_latents, vae_scale_factor
 from diffblocks.blocks.types import Float
 from diffblocks.components.models.autoencoder_kl import AutoencoderKL
@@ -31,10 +30,10 @@ from diffblocks.components.schedulers.base import AbstractScheduler, SchedulerSt
 _STRENGTH = "how much of the schedule to run; 1 starts from pure noise and ignores the image under the mask"
 
 
-class SetInpaintTimesteps(SetImageTimesteps):
+class SetInpaintTimesteps(AbstractSetPartialTimesteps):
     """Make the run's schedule and keep its last ``strength`` part (inpainting runs it all by default)."""
 
-    class Inputs(SetImageTimesteps.Inputs):
+    class Inputs(StrengthInputs):
         strength: float = Field(1.0, gt=0.0, le=1.0, description=_STRENGTH)
 
 
@@ -55,14 +54,16 @@ class PrepareInpaintImages(Block):
 
     vae: AutoencoderKL = component(description="gives the downsampling factor")
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
-        check_size(user_inputs, vae_scale_factor(self.vae))
-        mask = user_inputs["mask_image"]
+    def check(self, inputs: Inputs) -> None:
+        check_size(vae_scale_factor(self.vae), height=known(inputs, "height"), width=known(inputs, "width"))
+        mask, image = known(inputs, "mask_image"), known(inputs, "image")
+        if mask is None or image is None:
+            return  # made by earlier blocks: checked when they run
         try:
             check_mask_shape(mask)
         except ValueError as err:
             raise FieldError("mask_image", str(err)) from None
-        image_hw, mask_hw = image_size(user_inputs["image"]), mask_size(mask)
+        image_hw, mask_hw = image_size(image), mask_size(mask)
         if image_hw != mask_hw:
             raise FieldError(
                 "mask_image",
@@ -82,11 +83,11 @@ class PrepareInpaintLatents(Block):
     """Starting latents: the image's latents noised to the first step, or pure noise at ``strength`` 1."""
 
     class Inputs(BlockIO):
-        pixels: Float["batch channels height width"]
+        pixels: Float["batch channels height width"] = produced(description="the image as a tensor in [-1, 1]")
         batch_size: int
         generator: Generator | None = Field(None, description="a torch.Generator (or one per image) for reproducible noise")
         latents: Float["batch channels height width"] | None = Field(None, description="start from this noise")
-        schedule: SchedulerState
+        schedule: SchedulerState = produced(description="the scheduler's state for this run")
         strength: float = Field(1.0, gt=0.0, le=1.0, description=_STRENGTH)
 
     class Outputs(BlockIO):
@@ -98,12 +99,12 @@ class PrepareInpaintLatents(Block):
     scheduler: AbstractScheduler = component()
     unet: UNet2DConditionModel = component(description="a 9-channel inpainting UNet or a plain 4-channel one")
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
+    def check(self, inputs: Inputs) -> None:
         try:
             inpaint_mode(self.unet, self.vae)
         except ValueError as err:
             raise FieldError("unet", str(err)) from None
-        check_generator(user_inputs, placement(self.unet)[0])
+        check_generator(known(inputs, "generator"), placement(self.unet)[0])
 
     def __call__(self, inputs: Inputs) -> Outputs:
         device, dtype = placement(self.unet)
@@ -131,8 +132,8 @@ class PrepareMaskLatents(Block):
     """The mask on the latent grid, and the latents of the image with the repainted part blanked out."""
 
     class Inputs(BlockIO):
-        pixels: Float["batch channels height width"]
-        pixel_mask: Float["batch channels height width"]
+        pixels: Float["batch channels height width"] = produced(description="the image as a tensor in [-1, 1]")
+        pixel_mask: Float["batch channels height width"] = produced(description="the mask as 0/1 at the image's size")
         batch_size: int
         generator: Generator | None = None
 

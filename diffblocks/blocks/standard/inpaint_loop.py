@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.fields import produced
 from diffblocks.blocks.types import Float
 from diffblocks.components.models.autoencoder_kl import AutoencoderKL
 from diffblocks.components.models.unet import UNet2DConditionModel
@@ -43,9 +44,9 @@ class AddMaskChannels(Block):
     """Put the mask and the masked image's latents beside the model input (inpainting UNets only)."""
 
     class Inputs(BlockIO):
-        model_input: Float["batch channels height width"]
-        mask: Float["batch channels height width"]
-        masked_image_latents: Float["batch channels height width"]
+        model_input: Float["batch channels height width"] = produced(description="the latents scaled for the model")
+        mask: Float["batch channels height width"] = produced(description="the mask at latent size")
+        masked_image_latents: Float["batch channels height width"] = produced(description="the masked image's latents")
 
     class Outputs(BlockIO):
         model_input: Float["batch channels height width"]
@@ -64,10 +65,10 @@ class BlendMaskedLatents(Block):
 
     class Inputs(BlockIO):
         latents: Float["batch channels height width"]
-        image_latents: Float["batch channels height width"] | None
-        noise: Float["batch channels height width"]
-        mask: Float["batch channels height width"]
-        schedule: SchedulerState
+        image_latents: Float["batch channels height width"] | None = produced(description="the image's latents")
+        noise: Float["batch channels height width"] = produced(description="the starting noise")
+        mask: Float["batch channels height width"] = produced(description="the mask at latent size")
+        schedule: SchedulerState = produced(description="the scheduler's state for this run")
         step_index: int
 
     class Outputs(BlockIO):

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from pydantic import Field
 
-from diffblocks.blocks.block import Block, BlockIO, component
+from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
+from diffblocks.blocks.fields import produced
 from diffblocks.blocks.standard.images import ImageLike, image_size, normalize, snap_size, to_tensor
 from diffblocks.blocks.standard.vae import encode_latents, vae_scale_factor
 from diffblocks.blocks.types import Float
@@ -24,10 +22,9 @@ def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     return parameter.device, parameter.dtype
 
 
-def check_size(user_inputs: Mapping[str, Any], factor: int) -> None:
+def check_size(factor: int, *, height: int | None, width: int | None) -> None:
     """Sizes must be positive multiples of the VAE's downsampling factor."""
-    for name in ("height", "width"):
-        value = user_inputs.get(name)
+    for name, value in (("height", height), ("width", width)):
         if value is not None and (value <= 0 or value % factor):
             below, above = max(factor, value - value % factor), value - value % factor + factor
             raise FieldError(name, f"{name} {value} is not a positive multiple of {factor} (the VAE factor); use {below} or {above}")
@@ -45,10 +42,10 @@ def check_plain_unet(unet: torch.nn.Module, vae: AutoencoderKL) -> None:
         )
 
 
-def check_generator(user_inputs: Mapping[str, Any], device: torch.device) -> None:
+def check_generator(generator: Generator | None, device: torch.device) -> None:
     """Generators must draw noise for ``device``."""
     try:
-        check_generator_device(user_inputs.get("generator"), device)
+        check_generator_device(generator, device)
     except ValueError as err:
         raise FieldError("generator", str(err)) from None
 
@@ -62,7 +59,7 @@ class PrepareLatents(Block):
         batch_size: int
         generator: Generator | None = Field(None, description="a torch.Generator (or one per image) for reproducible noise")
         latents: Float["batch channels height width"] | None = Field(None, description="start from these latents")
-        schedule: SchedulerState
+        schedule: SchedulerState = produced(description="the scheduler's state for this run")
 
     class Outputs(BlockIO):
         latents: Float["batch channels height width"]
@@ -72,9 +69,9 @@ class PrepareLatents(Block):
     vae: AutoencoderKL = component(description="gives the latent channels and the downsampling factor")
     unet: torch.nn.Module = component(description="the denoiser; latents are made on its device, in its dtype")
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
-        check_size(user_inputs, vae_scale_factor(self.vae))
-        check_generator(user_inputs, placement(self.unet)[0])
+    def check(self, inputs: Inputs) -> None:
+        check_size(vae_scale_factor(self.vae), height=known(inputs, "height"), width=known(inputs, "width"))
+        check_generator(known(inputs, "generator"), placement(self.unet)[0])
         check_plain_unet(self.unet, self.vae)
 
     def default_size(self) -> tuple[int, int]:
@@ -99,8 +96,18 @@ class PrepareLatents(Block):
                 raise ValueError(f"latents have shape {tuple(inputs.latents.shape)}, expected {shape}")
             latents = inputs.latents.to(device=device, dtype=dtype)
         else:
-            latents = randn_tensor(shape, generator=inputs.generator, device=device, dtype=dtype)
+            latents = self.noise(shape, inputs.generator, device=device, dtype=dtype)
         return self.Outputs(latents=latents * inputs.schedule.init_noise_sigma, height=height, width=width)
+
+    def noise(
+        self, shape: tuple[int, ...], generator: Generator | None, *, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The starting noise, unit Gaussian as diffusers draws it (so a seed gives diffusers' image).
+
+        Override it to start from other noise (offset or pyramid noise, a shared seed per batch);
+        the scheduler's initial sigma is applied after.
+        """
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
 
 class PrepareImageLatents(Block):
@@ -112,7 +119,7 @@ class PrepareImageLatents(Block):
         width: int | None = Field(None, description="resize the image to this width (default: its own, snapped)")
         batch_size: int
         generator: Generator | None = None
-        schedule: SchedulerState
+        schedule: SchedulerState = produced(description="the scheduler's state for this run")
 
     class Outputs(BlockIO):
         latents: Float["batch channels height width"]
@@ -125,9 +132,9 @@ class PrepareImageLatents(Block):
     scheduler: AbstractScheduler = component()
     unet: torch.nn.Module = component()
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
-        check_size(user_inputs, vae_scale_factor(self.vae))
-        check_generator(user_inputs, placement(self.unet)[0])
+    def check(self, inputs: Inputs) -> None:
+        check_size(vae_scale_factor(self.vae), height=known(inputs, "height"), width=known(inputs, "width"))
+        check_generator(known(inputs, "generator"), placement(self.unet)[0])
         check_plain_unet(self.unet, self.vae)
 
     def __call__(self, inputs: Inputs) -> Outputs:

@@ -1,7 +1,7 @@
 """Guiders: which predictions each denoising step makes, and how they combine into one.
 
-One guider per file; the perturbations that PAG, SLG, SEG and auto-guidance hook into the denoiser
-live in :mod:`~diffblocks.components.guiders.perturbations`.
+One guider per file; the perturbations that PAG, SLG, SEG and auto-guidance apply to the denoiser,
+one pass at a time, live in :mod:`~diffblocks.components.guiders.perturbations`.
 """
 
 from diffblocks.components.guiders.adaptive_projected import AdaptiveProjectedGuidance, MomentumState
@@ -17,13 +17,13 @@ from diffblocks.components.guiders.cfg_zero_star import ClassifierFreeZeroStarGu
 from diffblocks.components.guiders.classifier_free import ClassifierFreeGuidance
 from diffblocks.components.guiders.families import FAMILIES, Family
 from diffblocks.components.guiders.frequency_decoupled import FrequencyDecoupledGuidance
-from diffblocks.components.guiders.locking import ModelLock, model_lock
 from diffblocks.components.guiders.magnitude_aware import MagnitudeAwareGuidance
 from diffblocks.components.guiders.perturbations import (
     AbstractPerturbation,
     IdentityAttention,
     SkipBlocks,
     SmoothedQueries,
+    detach_perturbations,
 )
 from diffblocks.components.guiders.perturbed import AbstractPerturbedConditionGuider, AbstractPerturbedGuider
 from diffblocks.components.guiders.perturbed_attention import PerturbedAttentionGuidance
@@ -53,7 +53,6 @@ __all__ = [
     "GuiderState",
     "IdentityAttention",
     "MagnitudeAwareGuidance",
-    "ModelLock",
     "MomentumState",
     "PerturbedAttentionGuidance",
     "SkipBlocks",
@@ -61,8 +60,8 @@ __all__ = [
     "SmoothedEnergyGuidance",
     "SmoothedQueries",
     "TangentialClassifierFreeGuidance",
+    "detach_perturbations",
     "guided_prediction",
     "guider_from_config",
-    "model_lock",
     "register_guider",
 ]

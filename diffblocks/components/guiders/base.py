@@ -37,7 +37,7 @@ class GuidancePass:
 
     Args:
         condition: ``"cond"`` (the prompt) or ``"uncond"`` (the negative or empty prompt).
-        perturbation: hooks injected into the denoiser for this prediction only.
+        perturbation: applied to the denoiser for this prediction only.
     """
 
     condition: Condition

@@ -1,9 +1,12 @@
-"""Model perturbations for guidance: forward hooks on named submodules that inject and eject cleanly.
+"""Model perturbations for guidance: a worse model for one pass, seen only by the context that runs it.
 
 A perturbation makes "a worse version of the model" for one forward pass (Ahn et al. 2024; Karras
 et al. 2024). Targets are diffusers-style module paths (``mid_block.attentions.0``,
-``transformer_blocks.3``). Only public hook APIs are used (``register_forward_hook`` and
-``register_forward_pre_hook``); ejecting removes every handle, so the model is exactly as before.
+``transformer_blocks.3``). ``with perturbation.applied(model): predict(...)`` runs a perturbed
+pass: what the perturbation does before and after the forwards of the targeted modules is read
+from a context variable (:mod:`~diffblocks.components.guiders._seam`), so the pass is perturbed
+and every other forward of the shared model, in any thread, is not. Only public hook APIs are
+used; :func:`detach_perturbations` takes the (otherwise idle) dispatchers off the model.
 """
 
 from __future__ import annotations
@@ -11,28 +14,24 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from weakref import ReferenceType, WeakKeyDictionary, ref
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
+from diffblocks.components.guiders._seam import PerturbationHooks, Scratch, activated, remove
 from diffblocks.components.guiders.blur import blur_tokens, ids_grid, token_grid
 
-Handles = list[RemovableHandle]
 _SELF_ATTENTION_NAMES = ("attn1", "attn")
 _FEED_FORWARD_NAMES = ("ff", "ff_context")
+_GRID = "grid"  # the scratch slot of the running forward's image grid (smoothed queries)
 
 _MSG_NO_MODULE = (
     "{who}: {model} has no submodule {path!r}; {parent} has children {children}. "
     "Paths use diffusers module names, e.g. 'mid_block.attentions.0' or 'transformer_blocks.3'."
-)
-_MSG_INJECTED = (
-    "{who} is already injected into this model; eject it first. If another thread is running a "
-    "perturbed pass on the model: guided_prediction runs one perturbed pass per model at a time, so "
-    "inject perturbations through it, or give each thread its own model."
 )
 _MSG_NO_ATTENTION = (
     "{who}: {path!r} is not an attention module (no 'to_v'/'to_q') and holds no self-attention "
@@ -42,22 +41,26 @@ _MSG_NO_ATTENTION = (
 
 @dataclass(frozen=True)
 class AbstractPerturbation(ABC):
-    """Forward hooks on the submodules named by ``targets``, added by ``inject`` and removed by ``eject``.
+    """A change to the forward of the submodules named by ``targets``, applied for one pass at a time.
 
-    A perturbation is a value (compared by type and settings) that can be shared between models;
-    the handles it adds are kept per model, so ``eject(model)`` removes exactly what ``inject(model)``
-    added.
+    ``with perturbation.applied(model): ...`` perturbs the forwards of ``model`` made inside the
+    block, in this thread or task only; no weight or module of the model changes, so other threads
+    share it meanwhile. A perturbation is a value (compared by type and settings) that can be
+    shared between models; what it does to a model is resolved once per model.
 
     Args:
         targets: module paths inside the model, such as ``"mid_block"`` or ``"transformer_blocks.1"``.
     """
 
     targets: tuple[str, ...]
-    _handles: WeakKeyDictionary[nn.Module, Handles] = field(
-        default_factory=lambda: WeakKeyDictionary[nn.Module, Handles](), init=False, repr=False, compare=False
-    )
     _resolved: WeakKeyDictionary[nn.Module, tuple[nn.Module, ...]] = field(
         default_factory=lambda: WeakKeyDictionary[nn.Module, tuple[nn.Module, ...]](),
+        init=False,
+        repr=False,
+        compare=False,
+    )
+    _hooks: WeakKeyDictionary[nn.Module, PerturbationHooks] = field(
+        default_factory=lambda: WeakKeyDictionary[nn.Module, PerturbationHooks](),
         init=False,
         repr=False,
         compare=False,
@@ -67,23 +70,22 @@ class AbstractPerturbation(ABC):
         if not self.targets:
             raise ValueError(f"{type(self).__name__} needs at least one target module path, got none.")
 
-    def inject(self, model: nn.Module) -> None:
-        """Add this perturbation's hooks to ``model``.
+    @contextmanager
+    def applied(self, model: nn.Module) -> Iterator[None]:
+        """Perturb the forwards of ``model`` made inside the ``with`` block, in this thread or task only.
+
+        The first pass on a model puts a dispatcher on each module the perturbation acts on; it
+        stays, does nothing outside a perturbed pass (the output is bit-identical), and
+        :func:`detach_perturbations` takes it off. Nested blocks: the innermost perturbation wins.
 
         Raises:
             ValueError: a target path does not name a suitable submodule.
-            RuntimeError: the perturbation is already injected into ``model``.
         """
-        if model in self._handles:
-            raise RuntimeError(_MSG_INJECTED.format(who=type(self).__name__))
-        modules = self.resolve(model)
-        handles: Handles = []
-        try:
-            self._attach(model, modules, handles)
-        except BaseException:
-            _remove(handles)
-            raise
-        self._handles[model] = handles
+        hooks = self._hooks.get(model)
+        if hooks is None:
+            hooks = self._hooks[model] = self._build_hooks(model, self.resolve(model))
+        with activated(hooks):
+            yield
 
     def resolve(self, model: nn.Module) -> tuple[nn.Module, ...]:
         """The submodules of ``model`` the targets stand for (looked up once per model).
@@ -97,30 +99,21 @@ class AbstractPerturbation(ABC):
             self._resolved[model] = modules
         return modules
 
-    def eject(self, model: nn.Module) -> None:
-        """Remove every hook that :meth:`inject` added to ``model``.
-
-        Raises:
-            RuntimeError: the perturbation is not injected into ``model``.
-        """
-        handles = self._handles.pop(model, None)
-        if handles is None:
-            raise RuntimeError(f"{type(self).__name__} is not injected into this model.")
-        _remove(handles)
-
     @abstractmethod
     def _select(self, path: str, module: nn.Module) -> Iterator[nn.Module]:
         """The modules that target ``path`` (resolved to ``module``) stands for."""
 
     @abstractmethod
-    def _attach(self, model: nn.Module, modules: Sequence[nn.Module], handles: Handles) -> None:
-        """Register the hooks on ``modules`` and append their handles."""
+    def _build_hooks(self, model: nn.Module, modules: Sequence[nn.Module]) -> PerturbationHooks:
+        """What a perturbed forward of ``model`` does before and after the forwards of ``modules`` (and others)."""
 
 
-def _remove(handles: Handles) -> None:
-    for handle in handles:
-        handle.remove()
-    handles.clear()
+def detach_perturbations(model: nn.Module) -> None:
+    """Take every perturbation's dispatchers off ``model``, leaving it exactly as before its first perturbed pass.
+
+    Call it when no perturbed pass runs on ``model``; a later pass puts them back.
+    """
+    remove(model)
 
 
 def _submodule(who: AbstractPerturbation, model: nn.Module, path: str) -> nn.Module:
@@ -167,37 +160,41 @@ class IdentityAttention(AbstractPerturbation):
     def _select(self, path: str, module: nn.Module) -> Iterator[nn.Module]:
         return _self_attentions(self, path, module)
 
-    def _attach(self, model: nn.Module, modules: Sequence[nn.Module], handles: Handles) -> None:
+    def _build_hooks(self, model: nn.Module, modules: Sequence[nn.Module]) -> PerturbationHooks:
+        hooks = PerturbationHooks()
         for attn in modules:
             out = attn.get_submodule("to_out.0") if hasattr(attn, "to_out") else None
-            _route_values(attn, attn.get_submodule("to_v"), out, handles)
+            _route_values(hooks, attn, attn.get_submodule("to_v"), out)
             context_values, context_out = getattr(attn, "add_v_proj", None), getattr(attn, "to_add_out", None)
             if isinstance(context_values, nn.Module) and isinstance(context_out, nn.Module):
-                _route_values(attn, context_values, context_out, handles)
+                _route_values(hooks, attn, context_values, context_out)
+        return hooks
 
 
-def _route_values(owner: nn.Module, values: nn.Module, out_proj: nn.Module | None, handles: Handles) -> None:
+def _route_values(hooks: PerturbationHooks, owner: nn.Module, values: nn.Module, out_proj: nn.Module | None) -> None:
     """Feed the value projection's output to the out-projection (or out of ``owner``, if it has none)."""
-    kept: list[Tensor] = []  # the values of the running forward; popped when used so nothing lingers
 
-    def keep(_module: nn.Module, _args: Any, output: Tensor) -> None:
-        kept[:] = [output]
+    # the pass's scratch holds the values under their projection; popped when used so nothing lingers
+    def keep(scratch: Scratch, _args: Any, _kwargs: Any, output: Tensor) -> None:
+        scratch[values] = output
 
-    def swap_input(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        if kept and kept[0].shape == args[0].shape:
-            return (kept.pop(), *args[1:])
+    def swap_input(scratch: Scratch, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        kept = scratch.pop(values, None)
+        if isinstance(kept, Tensor) and kept.shape == args[0].shape:
+            return (kept, *args[1:]), kwargs
         return None
 
-    def swap_output(_module: nn.Module, _args: Any, output: Any) -> Tensor | None:
-        if kept and isinstance(output, Tensor) and kept[0].shape == output.shape:
-            return kept.pop()
+    def swap_output(scratch: Scratch, _args: Any, _kwargs: Any, output: Any) -> Tensor | None:
+        kept = scratch.pop(values, None)
+        if isinstance(kept, Tensor) and isinstance(output, Tensor) and kept.shape == output.shape:
+            return kept
         return None
 
-    handles.append(values.register_forward_hook(keep))
+    hooks.after[values] = keep
     if out_proj is not None:
-        handles.append(out_proj.register_forward_pre_hook(swap_input))
+        hooks.before[out_proj] = swap_input
     else:
-        handles.append(owner.register_forward_hook(swap_output))
+        hooks.after[owner] = swap_output
 
 
 @dataclass(frozen=True)
@@ -228,23 +225,25 @@ class SkipBlocks(AbstractPerturbation):
         else:
             yield module
 
-    def _attach(self, model: nn.Module, modules: Sequence[nn.Module], handles: Handles) -> None:
+    def _build_hooks(self, model: nn.Module, modules: Sequence[nn.Module]) -> PerturbationHooks:
+        hooks = PerturbationHooks()
         if math.isclose(self.dropout, 1.0):
-            handles.extend(block.register_forward_hook(self._skip, with_kwargs=True) for block in modules)
-            return
+            hooks.after.update((block, self._skip) for block in modules)
+            return hooks
         for block in modules:
             for name, layer in block.named_modules():
                 if name.rpartition(".")[2] in _FEED_FORWARD_NAMES:
-                    handles.append(layer.register_forward_hook(self._drop, with_kwargs=True))
-            handles.append(block.register_forward_hook(self._drop, with_kwargs=True))
+                    hooks.after[layer] = self._drop
+            hooks.after[block] = self._drop
+        return hooks
 
-    def _drop(self, _module: nn.Module, _args: Any, _kwargs: Any, output: Any) -> Any:
+    def _drop(self, _scratch: Scratch, _args: Any, _kwargs: Any, output: Any) -> Any:
         if isinstance(output, Tensor):
             return F.dropout(output, p=self.dropout)
         return type(output)(F.dropout(o, p=self.dropout) if isinstance(o, Tensor) else o for o in output)
 
     @staticmethod
-    def _skip(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+    def _skip(_scratch: Scratch, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if isinstance(output, Tensor):
             return hidden
@@ -279,11 +278,6 @@ class SmoothedQueries(AbstractPerturbation):
 
     blur_sigma: float = 9999999.0
     blur_threshold_inf: float = 9999.0
-    # the grid of the last ``img_ids`` seen: kept across inject/eject, since the same ids come back
-    # every step and reading them is a device sync
-    _ids_grid: list[tuple[ReferenceType[Tensor], tuple[int, int]]] = field(
-        default_factory=list, init=False, repr=False, compare=False
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -293,29 +287,34 @@ class SmoothedQueries(AbstractPerturbation):
     def _select(self, path: str, module: nn.Module) -> Iterator[nn.Module]:
         return _self_attentions(self, path, module)
 
-    def _attach(self, model: nn.Module, modules: Sequence[nn.Module], handles: Handles) -> None:
-        grid: list[tuple[int, int]] = []  # the image grid of the running forward
-        from_ids = self._ids_grid
+    def _build_hooks(self, model: nn.Module, modules: Sequence[nn.Module]) -> PerturbationHooks:
+        # the grid of the last ``img_ids`` seen, kept for the model's passes: the same ids come back
+        # every step, and reading them is a device sync
+        from_ids: list[tuple[ReferenceType[Tensor], tuple[int, int]]] = []
 
-        def record_grid(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        def record_grid(scratch: Scratch, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             image = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor) and t.ndim == 4), None)
             ids = kwargs.get("img_ids")
             if image is not None:
-                grid[:] = [(image.shape[-2], image.shape[-1])]
+                scratch[_GRID] = (image.shape[-2], image.shape[-1])
             elif isinstance(ids, Tensor) and ids.ndim >= 2 and ids.shape[-1] >= 3:
-                if not from_ids or from_ids[0][0]() is not ids:
-                    from_ids[:] = [(ref(ids), ids_grid(ids))]
-                grid[:] = [from_ids[0][1]]
+                cached = from_ids[0] if from_ids else None  # read once: other threads may replace it
+                if cached is None or cached[0]() is not ids:
+                    cached = (ref(ids), ids_grid(ids))
+                    from_ids[:] = [cached]
+                scratch[_GRID] = cached[1]
             else:
-                grid.clear()
+                scratch.pop(_GRID, None)
 
-        def blur(_module: nn.Module, _args: Any, queries: Tensor) -> Tensor:
-            tokens = token_grid(queries.shape[1], grid[0] if grid else None)
+        def blur(scratch: Scratch, _args: Any, _kwargs: Any, queries: Tensor) -> Tensor:
+            tokens = token_grid(queries.shape[1], scratch.get(_GRID))
             return blur_tokens(queries, tokens, sigma=self.blur_sigma, threshold_inf=self.blur_threshold_inf)
 
-        handles.append(model.register_forward_pre_hook(record_grid, with_kwargs=True))
+        hooks = PerturbationHooks()
+        hooks.before[model] = record_grid
         for attn in modules:
-            handles.append(attn.get_submodule("to_q").register_forward_hook(blur))
+            hooks.after[attn.get_submodule("to_q")] = blur
+        return hooks
 
 
-__all__ = ["AbstractPerturbation", "IdentityAttention", "SkipBlocks", "SmoothedQueries"]
+__all__ = ["AbstractPerturbation", "IdentityAttention", "SkipBlocks", "SmoothedQueries", "detach_perturbations"]

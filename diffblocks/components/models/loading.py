@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from diffblocks.components.containment import check_shard_names
 from diffblocks.components.models.buffers import materialize_computed_buffers, meta_tensor_names
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -83,7 +84,8 @@ def _files_for(folder: Path, ext: str, variant: str | None) -> list[Path]:
                 weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError) as err:
                 raise CheckpointError(_MSG_CORRUPT.format(path=index, err=err)) from err
-            shards = [folder / name for name in dict.fromkeys(weight_map.values())]
+            # shards are files of this extension in this folder: never ../ paths, links out, or pickles
+            shards = check_shard_names(index, [str(name) for name in weight_map.values()], repository=str(folder))
             absent = [p.name for p in shards if not p.is_file()]
             if absent:
                 raise CheckpointError(f"{index} names shards that are not in {folder}: {_listing(absent)}")
@@ -98,6 +100,7 @@ def find_weight_files(folder: Path, *, variant: str | None = None, allow_pickle:
     Raises:
         FileNotFoundError: no weights for ``variant``; the message lists what the folder has.
         CheckpointError: only pickles exist and ``allow_pickle`` is False, or an index is broken.
+        RepositoryPathError: an index names a shard outside ``folder`` or of another format.
     """
     files = _files_for(folder, "safetensors", variant)
     if files:

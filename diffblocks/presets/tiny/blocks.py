@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 from pydantic import Field
-from torch import Tensor
 from transformers import BertModel, PreTrainedTokenizerBase
 
-from diffblocks.blocks.block import Block, BlockConfig, BlockIO, component
+from diffblocks.blocks.block import Block, BlockConfig, BlockIO, component, known
 from diffblocks.blocks.sd.encode import Prompt, as_list, check_prompts, paired
+from diffblocks.components.denoisers import Conditioning
 from diffblocks.presets.tiny.text_encoder import TEXT_MAX_LENGTH, encode_prompts
 
 
@@ -18,7 +15,7 @@ class EncodeBertPrompt(Block):
     """Encode the prompt and the negative prompt with a BERT encoder (all-MiniLM-L6-v2 for the tiny model).
 
     The conditioning is the last hidden states ``(batch, max_length, hidden)`` and the boolean
-    attention mask of the padded tokens, which the UNet's cross-attention applies. The empty
+    mask of the padded tokens (``prompt_mask``), which the UNet's cross-attention applies. The empty
     prompt is the unconditional input, as in training (caption dropout replaced captions by "").
     """
 
@@ -28,8 +25,8 @@ class EncodeBertPrompt(Block):
         num_images_per_prompt: int = Field(1, ge=1, le=64)
 
     class Outputs(BlockIO):
-        conditioning: dict[str, Tensor]
-        negative_conditioning: dict[str, Tensor]
+        conditioning: Conditioning
+        negative_conditioning: Conditioning
         batch_size: int
 
     class Config(BlockConfig):
@@ -38,8 +35,8 @@ class EncodeBertPrompt(Block):
     text_encoder: BertModel = component()
     tokenizer: PreTrainedTokenizerBase = component()
 
-    def check(self, user_inputs: Mapping[str, Any]) -> None:
-        check_prompts(user_inputs)
+    def check(self, inputs: Inputs) -> None:
+        check_prompts(known(inputs, "prompt"), known(inputs, "negative_prompt"))
 
     def __call__(self, inputs: Inputs) -> Outputs:
         prompts = as_list(inputs.prompt)
@@ -51,10 +48,7 @@ class EncodeBertPrompt(Block):
             batch_size=len(prompts) * n,
         )
 
-    def _encode(self, texts: list[str], n: int) -> dict[str, Tensor]:
+    def _encode(self, texts: list[str], n: int) -> Conditioning:
         max_length = self.config.max_length
         features = encode_prompts(texts, tokenizer=self.tokenizer, model=self.text_encoder, max_length=max_length)
-        return {
-            "encoder_hidden_states": features.tokens.repeat_interleave(n, dim=0),
-            "encoder_attention_mask": features.mask.repeat_interleave(n, dim=0),
-        }
+        return Conditioning(features.tokens.repeat_interleave(n, dim=0), prompt_mask=features.mask.repeat_interleave(n, dim=0))

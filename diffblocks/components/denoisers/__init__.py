@@ -1,0 +1,8 @@
+"""Denoisers: one wrapper per model family, called as ``denoiser(x, t, conditioning)``, and the typed conditioning."""
+
+from diffblocks.components.denoisers.base import AbstractDenoiser, Predict, PredictionType
+from diffblocks.components.denoisers.conditioning import Conditioning, check_joinable
+from diffblocks.components.denoisers.flux import FluxDenoiser
+from diffblocks.components.denoisers.unet import UNetDenoiser
+
+__all__ = ["AbstractDenoiser", "Conditioning", "FluxDenoiser", "Predict", "PredictionType", "UNetDenoiser", "check_joinable"]
