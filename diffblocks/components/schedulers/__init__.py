@@ -8,6 +8,7 @@ from diffblocks.components.schedulers.base import CONFIG_NAME, AbstractScheduler
 from diffblocks.components.schedulers.ddim import DDIMScheduler
 from diffblocks.components.schedulers.ddpm import DDPMScheduler
 from diffblocks.components.schedulers.dpm_solver import DPMSolverMultistepScheduler
+from diffblocks.components.schedulers.dpm_solver_sde import DPMSolverSDEScheduler
 from diffblocks.components.schedulers.euler import EulerDiscreteScheduler
 from diffblocks.components.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from diffblocks.components.schedulers.flow_match import FlowMatchEulerDiscreteScheduler, flux_sigmas
@@ -25,6 +26,7 @@ __all__ = [
     "DDIMScheduler",
     "DDPMScheduler",
     "DPMSolverMultistepScheduler",
+    "DPMSolverSDEScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",

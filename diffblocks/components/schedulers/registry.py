@@ -11,6 +11,7 @@ from diffblocks.components.schedulers.base import CONFIG_NAME, AbstractScheduler
 from diffblocks.components.schedulers.ddim import DDIMScheduler
 from diffblocks.components.schedulers.ddpm import DDPMScheduler
 from diffblocks.components.schedulers.dpm_solver import DPMSolverMultistepScheduler
+from diffblocks.components.schedulers.dpm_solver_sde import DPMSolverSDEScheduler
 from diffblocks.components.schedulers.euler import EulerDiscreteScheduler
 from diffblocks.components.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from diffblocks.components.schedulers.flow_match import FlowMatchEulerDiscreteScheduler
@@ -32,6 +33,7 @@ SCHEDULERS: dict[str, type[AbstractScheduler]] = {
         DPMSolverMultistepScheduler,
         UniPCMultistepScheduler,
         FlowMatchEulerDiscreteScheduler,
+        DPMSolverSDEScheduler,
     )
 }
 """The allowed scheduler classes, keyed by the diffusers ``_class_name`` they read."""
