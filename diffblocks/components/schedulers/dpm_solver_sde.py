@@ -131,7 +131,7 @@ class DPMSolverSDEScheduler(SigmaRespacingMixin, AbstractKarrasScheduler):
         sigma_from, sigma_to = t.neg().exp(), t_to.neg().exp()
         sigma_up = torch.minimum(sigma_to, (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
         t_down = ((sigma_to**2 - sigma_up**2) ** 0.5).log().neg()
-        # the first-order exponential integrator on the data prediction (Lu et al., 2022, Eq. 9)
+        # the first-order exponential integrator on the data prediction
         prev_sample = (t_down.neg().exp() / t.neg().exp()) * start - (t - t_down).expm1() * x0
         # W over [sigma_to, sigma_from], walked backwards in sigma and normalised to unit variance
         noise = -tree.increment(float(sigma_to), float(sigma_from)) / (sigma_to - sigma_from).abs().sqrt()

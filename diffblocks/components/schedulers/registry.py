@@ -16,8 +16,10 @@ from diffblocks.components.schedulers.euler import EulerDiscreteScheduler
 from diffblocks.components.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from diffblocks.components.schedulers.flow_match import FlowMatchEulerDiscreteScheduler
 from diffblocks.components.schedulers.heun import HeunDiscreteScheduler
+from diffblocks.components.schedulers.lcm import LCMScheduler
 from diffblocks.components.schedulers.lms import LMSDiscreteScheduler
 from diffblocks.components.schedulers.pndm import PNDMScheduler
+from diffblocks.components.schedulers.tcd import TCDScheduler
 from diffblocks.components.schedulers.unipc import UniPCMultistepScheduler
 
 SCHEDULERS: dict[str, type[AbstractScheduler]] = {
@@ -34,6 +36,8 @@ SCHEDULERS: dict[str, type[AbstractScheduler]] = {
         UniPCMultistepScheduler,
         FlowMatchEulerDiscreteScheduler,
         DPMSolverSDEScheduler,
+        LCMScheduler,
+        TCDScheduler,
     )
 }
 """The allowed scheduler classes, keyed by the diffusers ``_class_name`` they read."""
