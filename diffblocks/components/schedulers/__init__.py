@@ -12,6 +12,7 @@ from diffblocks.components.schedulers.dpm_solver_sde import DPMSolverSDESchedule
 from diffblocks.components.schedulers.euler import EulerDiscreteScheduler
 from diffblocks.components.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from diffblocks.components.schedulers.flow_match import FlowMatchEulerDiscreteScheduler, flux_sigmas
+from diffblocks.components.schedulers.flow_match_heun import FlowMatchHeunDiscreteScheduler
 from diffblocks.components.schedulers.heun import HeunDiscreteScheduler
 from diffblocks.components.schedulers.lcm import LCMScheduler
 from diffblocks.components.schedulers.lms import LMSDiscreteScheduler
@@ -32,6 +33,7 @@ __all__ = [
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",
+    "FlowMatchHeunDiscreteScheduler",
     "HeunDiscreteScheduler",
     "LCMScheduler",
     "LMSDiscreteScheduler",

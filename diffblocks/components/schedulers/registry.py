@@ -15,6 +15,7 @@ from diffblocks.components.schedulers.dpm_solver_sde import DPMSolverSDESchedule
 from diffblocks.components.schedulers.euler import EulerDiscreteScheduler
 from diffblocks.components.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from diffblocks.components.schedulers.flow_match import FlowMatchEulerDiscreteScheduler
+from diffblocks.components.schedulers.flow_match_heun import FlowMatchHeunDiscreteScheduler
 from diffblocks.components.schedulers.heun import HeunDiscreteScheduler
 from diffblocks.components.schedulers.lcm import LCMScheduler
 from diffblocks.components.schedulers.lms import LMSDiscreteScheduler
@@ -38,6 +39,7 @@ SCHEDULERS: dict[str, type[AbstractScheduler]] = {
         DPMSolverSDEScheduler,
         LCMScheduler,
         TCDScheduler,
+        FlowMatchHeunDiscreteScheduler,
     )
 }
 """The allowed scheduler classes, keyed by the diffusers ``_class_name`` they read."""
