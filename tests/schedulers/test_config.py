@@ -286,3 +286,11 @@ def test_frozen_and_hashable() -> None:
         euler.use_karras_sigmas = True  # type: ignore[misc]
     assert hash(euler) == hash(EulerDiscreteScheduler()) and euler == EulerDiscreteScheduler()
     assert hash(UniPCMultistepScheduler(disable_corrector=(1,))) != hash(UniPCMultistepScheduler())
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_every_scheduler_is_an_allowed_component(name: str) -> None:
+    """A repository whose model_index.json names any of our schedulers loads it."""
+    from diffblocks.registry.defaults import default_component_registry
+
+    assert default_component_registry().resolve(("diffusers", name)) is SCHEDULERS[name]
