@@ -141,9 +141,10 @@ class DPMSolverSDEScheduler(SigmaRespacingMixin, AbstractKarrasScheduler):
         """The run's Brownian path over the schedule's sigma range, seeded by ``noise_sampler_seed``."""
         seed = self.noise_sampler_seed
         if seed is None:
-            first = generator if generator is None or isinstance(generator, torch.Generator) else generator[0]
-            device = None if first is None else first.device
-            seed = int(torch.randint(0, 2**63 - 1, (), generator=first, device=device))
+            # one path for the batch: a list of per-item generators seeds it from the first
+            source = generator if generator is None or isinstance(generator, torch.Generator) else generator[0]
+            device = None if source is None else source.device
+            seed = int(torch.randint(0, 2**63 - 1, (), generator=source, device=device))
         positive = [s for s in state.full_sigmas if s > 0]
         state.brownian = BrownianTree(
             min(positive), max(positive), shape=tuple(sample.shape), dtype=sample.dtype, device=sample.device, seed=seed
