@@ -20,8 +20,9 @@ from diffblocks.components.schedulers.prediction import PredictionType
 class AbstractConsistencyScheduler(AbstractAlphaBarScheduler):
     """A sampler on the skipping schedule of a consistency-distilled model; the config keys LCM and TCD share.
 
-    ``timestep_spacing`` is read and written for config fidelity only: the skipping schedule
-    decides the timesteps, as in diffusers.
+    ``timestep_spacing`` and ``set_alpha_to_one`` are read and written for config fidelity only,
+    as in diffusers: the skipping schedule decides the timesteps, and no step reaches past
+    timestep 0, where the final alpha-bar would be read.
     """
 
     beta_start: float = Field(default=0.00085, gt=0.0, lt=1.0)
