@@ -202,13 +202,18 @@ def _swap_components(pipe: Any, args: argparse.Namespace, *, embedded_guidance: 
     """Replace the guider and the scheduler as asked, keeping the model's settings where they apply."""
     from diffblocks.components.guiders import FAMILIES as GUIDER_FAMILIES
     from diffblocks.components.guiders import GUIDERS
-    from diffblocks.components.schedulers import SCHEDULERS, FlowMatchEulerDiscreteScheduler
+    from diffblocks.components.schedulers import (
+        SCHEDULERS,
+        FlowMatchEulerDiscreteScheduler,
+        FlowMatchHeunDiscreteScheduler,
+    )
 
     if args.scheduler is not None:
         current = pipe.components["scheduler"]
         chosen = SCHEDULERS[args.scheduler]
-        flow_model = isinstance(current, FlowMatchEulerDiscreteScheduler)
-        if flow_model != (chosen is FlowMatchEulerDiscreteScheduler):
+        flow = (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler)
+        flow_model = isinstance(current, flow)
+        if flow_model != issubclass(chosen, flow):
             kind = "flow matching" if flow_model else "noise prediction"
             message = _MSG_MIXED_SAMPLERS.format(chosen=args.scheduler, kind=kind, current=type(current).__name__)
             raise CommandError(message)

@@ -16,7 +16,8 @@ _OURS = {
 _SCHEDULERS = (
     "DDPMScheduler DDIMScheduler PNDMScheduler LMSDiscreteScheduler EulerDiscreteScheduler "
     "EulerAncestralDiscreteScheduler HeunDiscreteScheduler DPMSolverMultistepScheduler "
-    "UniPCMultistepScheduler FlowMatchEulerDiscreteScheduler"
+    "UniPCMultistepScheduler FlowMatchEulerDiscreteScheduler "
+    "LCMScheduler TCDScheduler DPMSolverSDEScheduler FlowMatchHeunDiscreteScheduler"
 ).split()
 _GUIDERS = (
     "ClassifierFreeGuidance ClassifierFreeZeroStarGuidance AdaptiveProjectedGuidance TangentialClassifierFreeGuidance "
