@@ -23,6 +23,7 @@ from diffblocks.blocks.checks import (
 from diffblocks.blocks.errors import FieldError, InputError, PlanError, Problem
 from diffblocks.blocks.executor import Callback, RunContext, add_location_note, cuda_sync, run_steps
 from diffblocks.blocks.formats import pipeline_format
+from diffblocks.blocks.introspect import json_schema, mermaid, outputs_schema, pipeline_doc, render_tree
 from diffblocks.blocks.output import PipelineOutput
 from diffblocks.blocks.plan import Choices, Plan, compile_plan, expand_workflows
 from diffblocks.blocks.tree import copy_tree, inserted, removed, replaced
@@ -288,34 +289,24 @@ class Pipeline:
         return dict(self._keys)
 
     def __repr__(self) -> str:
-        from diffblocks.blocks.introspect import render_tree
-
         root = getattr(self, "_root", None)
         tree = render_tree(root) if root is not None else "(not built)"
         return f"Pipeline {self.name!r} (workflows: {', '.join(self.workflows)})\n" + tree
 
     def input_schema(self, workflow: str | None = None) -> dict[str, Any]:
         """JSON Schema of the inputs of a workflow."""
-        from diffblocks.blocks.introspect import json_schema
-
         return json_schema(self.plan(workflow).input_model)
 
     def output_schema(self, workflow: str | None = None) -> dict[str, Any]:
         """JSON Schema of every value a workflow produces."""
-        from diffblocks.blocks.introspect import outputs_schema
-
         return outputs_schema(self.plan(workflow))
 
     def doc(self) -> str:
         """Markdown reference of the pipeline's workflows, inputs, outputs and components."""
-        from diffblocks.blocks.introspect import pipeline_doc
-
-        return pipeline_doc(self)
+        return pipeline_doc(self.name, tuple(self._plans.values()))
 
     def mermaid(self, workflow: str | None = None) -> str:
         """A Mermaid flowchart of a workflow's blocks and the values between them."""
-        from diffblocks.blocks.introspect import mermaid
-
         return mermaid(self.plan(workflow))
 
 
