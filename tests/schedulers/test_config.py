@@ -101,6 +101,9 @@ NON_DEFAULT: dict[type[AbstractScheduler], dict[str, Any]] = {
         (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
         (UniPCMultistepScheduler, {"disable_corrector": (0, 2), "solver_type": "bh1"}),
         (FlowMatchEulerDiscreteScheduler, {"use_dynamic_shifting": True, "shift_terminal": 0.02}),
+        (SCHEDULERS["KDPM2DiscreteScheduler"], {"use_karras_sigmas": True, "prediction_type": "v_prediction"}),
+        (SCHEDULERS["KDPM2AncestralDiscreteScheduler"], {"timestep_spacing": "trailing", "steps_offset": 1}),
+        (SCHEDULERS["EDMEulerScheduler"], {"sigma_schedule": "exponential", "sigma_max": 120.0}),
     ]
 }
 
@@ -213,8 +216,8 @@ def test_unknown_keys_and_nulls() -> None:
 
 
 def test_unknown_class_name_lists_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"'KDPM2DiscreteScheduler'.*DDIMScheduler, DDPMScheduler"):
-        scheduler_from_config({"_class_name": "KDPM2DiscreteScheduler"})
+    with pytest.raises(ValueError, match=r"'IPNDMScheduler'.*DDIMScheduler, DDPMScheduler"):
+        scheduler_from_config({"_class_name": "IPNDMScheduler"})
     with pytest.raises(ValueError, match="None"):
         scheduler_from_config({"num_train_timesteps": 1000})
 
@@ -237,6 +240,9 @@ INVALID = [
     ("PNDMScheduler", {"prediction_type": "sample"}, "prediction_type"),
     ("HeunDiscreteScheduler", {"beta_start": 1.5}, "beta_start"),
     ("FlowMatchEulerDiscreteScheduler", {"shift": -1.0}, "shift"),
+    ("KDPM2DiscreteScheduler", {"prediction_type": "sample"}, "prediction_type"),
+    ("KDPM2AncestralDiscreteScheduler", {"use_beta_sigmas": True}, "use_beta_sigmas=True"),
+    ("EDMEulerScheduler", {"sigma_min": 100.0}, "sigma_min 100.0 must be below sigma_max 80.0"),
 ]
 
 

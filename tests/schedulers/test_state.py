@@ -16,6 +16,7 @@ from diffblocks.components.schedulers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    KDPM2DiscreteScheduler,
     PNDMScheduler,
     SchedulerState,
     UniPCMultistepScheduler,
@@ -31,7 +32,9 @@ MULTISTEP: list[dict[str, Any]] = [
     {"_class_name": "HeunDiscreteScheduler", **SD},
     {"_class_name": "PNDMScheduler", **SD, "skip_prk_steps": True},
     {"_class_name": "PNDMScheduler"},
+    {"_class_name": "KDPM2DiscreteScheduler", **SD},
     {"_class_name": "EulerAncestralDiscreteScheduler", **SD},
+    {"_class_name": "KDPM2AncestralDiscreteScheduler", **SD},
 ]
 IDS = [
     f"{c['_class_name']}-{c.get('solver_order', c.get('algorithm_type', c.get('skip_prk_steps', '')))}"
@@ -72,7 +75,10 @@ def test_concurrent_states_do_not_interfere(config: dict[str, Any]) -> None:
     assert torch.equal(x_a, alone_a) and torch.equal(x_b, alone_b)
 
 
-@pytest.mark.parametrize("config", [c for c in MULTISTEP if "Ancestral" not in c["_class_name"]], ids=IDS[:-1])
+DETERMINISTIC = [(c, i) for c, i in zip(MULTISTEP, IDS, strict=True) if "Ancestral" not in c["_class_name"]]
+
+
+@pytest.mark.parametrize("config", [c for c, _ in DETERMINISTIC], ids=[i for _, i in DETERMINISTIC])
 def test_retried_step_changes_nothing(config: dict[str, Any]) -> None:
     """Running a step again (say, after an interrupted model call) leaves the solver memory intact."""
     scheduler = scheduler_from_config(config)
@@ -88,8 +94,13 @@ def test_retried_step_changes_nothing(config: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(
     ("scheduler", "needed"),
-    [(DPMSolverMultistepScheduler(), 1), (UniPCMultistepScheduler(), 1), (HeunDiscreteScheduler(), 0)],
-    ids=["dpm", "unipc", "heun"],
+    [
+        (DPMSolverMultistepScheduler(), 1),
+        (UniPCMultistepScheduler(), 1),
+        (HeunDiscreteScheduler(), 0),
+        (KDPM2DiscreteScheduler(), 0),
+    ],
+    ids=["dpm", "unipc", "heun", "kdpm2"],
 )
 def test_step_needing_an_unrun_step_raises(scheduler: AbstractScheduler, needed: int) -> None:
     state = scheduler.set_timesteps(6)
@@ -127,6 +138,14 @@ def test_schedule_shapes() -> None:
 def test_heun_truncation_skips_whole_steps() -> None:
     state = HeunDiscreteScheduler().set_timesteps(10, strength=0.5)
     assert state.begin_index == 10 and len(state.timesteps) == 9
+
+
+def test_kdpm2_calls_twice_per_step_and_truncates_whole_steps() -> None:
+    state = KDPM2DiscreteScheduler().set_timesteps(10, strength=0.5)
+    assert state.begin_index == 10 and len(state.timesteps) == 9
+    ancestral = SCHEDULERS["KDPM2AncestralDiscreteScheduler"]().set_timesteps(10)
+    # diffusers' layout: every level after the first twice, the final 0 three times
+    assert ancestral.sigmas is not None and (len(ancestral.timesteps), len(ancestral.sigmas)) == (19, 22)
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,13 @@ from diffblocks.components.schedulers.base import CONFIG_NAME, AbstractScheduler
 from diffblocks.components.schedulers.ddim import DDIMScheduler
 from diffblocks.components.schedulers.ddpm import DDPMScheduler
 from diffblocks.components.schedulers.dpm_solver import DPMSolverMultistepScheduler
+from diffblocks.components.schedulers.edm_euler import EDMEulerScheduler
 from diffblocks.components.schedulers.euler import EulerDiscreteScheduler
 from diffblocks.components.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from diffblocks.components.schedulers.flow_match import FlowMatchEulerDiscreteScheduler, flux_sigmas
 from diffblocks.components.schedulers.heun import HeunDiscreteScheduler
+from diffblocks.components.schedulers.kdpm2 import KDPM2DiscreteScheduler
+from diffblocks.components.schedulers.kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
 from diffblocks.components.schedulers.lms import LMSDiscreteScheduler
 from diffblocks.components.schedulers.pndm import PNDMScheduler
 from diffblocks.components.schedulers.registry import SCHEDULERS, scheduler_from_config, scheduler_from_pretrained
@@ -25,10 +28,13 @@ __all__ = [
     "DDIMScheduler",
     "DDPMScheduler",
     "DPMSolverMultistepScheduler",
+    "EDMEulerScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",
     "HeunDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
     "LMSDiscreteScheduler",
     "PNDMScheduler",
     "SchedulerState",

@@ -11,10 +11,13 @@ from diffblocks.components.schedulers.base import CONFIG_NAME, AbstractScheduler
 from diffblocks.components.schedulers.ddim import DDIMScheduler
 from diffblocks.components.schedulers.ddpm import DDPMScheduler
 from diffblocks.components.schedulers.dpm_solver import DPMSolverMultistepScheduler
+from diffblocks.components.schedulers.edm_euler import EDMEulerScheduler
 from diffblocks.components.schedulers.euler import EulerDiscreteScheduler
 from diffblocks.components.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from diffblocks.components.schedulers.flow_match import FlowMatchEulerDiscreteScheduler
 from diffblocks.components.schedulers.heun import HeunDiscreteScheduler
+from diffblocks.components.schedulers.kdpm2 import KDPM2DiscreteScheduler
+from diffblocks.components.schedulers.kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
 from diffblocks.components.schedulers.lms import LMSDiscreteScheduler
 from diffblocks.components.schedulers.pndm import PNDMScheduler
 from diffblocks.components.schedulers.unipc import UniPCMultistepScheduler
@@ -32,6 +35,9 @@ SCHEDULERS: dict[str, type[AbstractScheduler]] = {
         DPMSolverMultistepScheduler,
         UniPCMultistepScheduler,
         FlowMatchEulerDiscreteScheduler,
+        KDPM2DiscreteScheduler,
+        KDPM2AncestralDiscreteScheduler,
+        EDMEulerScheduler,
     )
 }
 """The allowed scheduler classes, keyed by the diffusers ``_class_name`` they read."""
