@@ -104,6 +104,8 @@ NON_DEFAULT: dict[type[AbstractScheduler], dict[str, Any]] = {
         (SCHEDULERS["KDPM2DiscreteScheduler"], {"use_karras_sigmas": True, "prediction_type": "v_prediction"}),
         (SCHEDULERS["KDPM2AncestralDiscreteScheduler"], {"timestep_spacing": "trailing", "steps_offset": 1}),
         (SCHEDULERS["EDMEulerScheduler"], {"sigma_schedule": "exponential", "sigma_max": 120.0}),
+        (SCHEDULERS["DEISMultistepScheduler"], {"solver_order": 3, "use_exponential_sigmas": True}),
+        (SCHEDULERS["DPMSolverSinglestepScheduler"], {"algorithm_type": "sde-dpmsolver++", "lambda_min_clipped": -5.1}),
     ]
 }
 
@@ -195,6 +197,16 @@ def test_swapping_classes_keeps_what_diffusers_keeps(source: dict[str, Any], tar
     _assert_config_matches(ours, getattr(diffusers, target).from_config(ref_source.config))
 
 
+def test_foreign_solver_keys_map_as_in_diffusers() -> None:
+    """DPM-Solver, DEIS and UniPC configs name each other's algorithms; diffusers maps them on load."""
+    dpm = DPMSolverMultistepScheduler(solver_order=3).to_config()
+    deis = SCHEDULERS["DEISMultistepScheduler"].from_config(dpm)
+    assert deis.to_config()["algorithm_type"] == "deis" and deis.to_config()["solver_type"] == "logrho"
+    single = SCHEDULERS["DPMSolverSinglestepScheduler"].from_config(deis.to_config())
+    assert (single.to_config()["algorithm_type"], single.to_config()["solver_type"]) == ("dpmsolver++", "midpoint")
+    assert "steps_offset" not in single.to_config()["_use_default_values"]  # not a key of single-step
+
+
 def test_swap_to_ddim_keeps_sd15_clip_sample() -> None:
     assert DDIMScheduler.from_config(PNDMScheduler.from_config(SD15).to_config()).clip_sample is False
     assert DDIMScheduler.from_config(PNDMScheduler().to_config()).clip_sample is True
@@ -243,6 +255,8 @@ INVALID = [
     ("KDPM2DiscreteScheduler", {"prediction_type": "sample"}, "prediction_type"),
     ("KDPM2AncestralDiscreteScheduler", {"use_beta_sigmas": True}, "use_beta_sigmas=True"),
     ("EDMEulerScheduler", {"sigma_min": 100.0}, "sigma_min 100.0 must be below sigma_max 80.0"),
+    ("DEISMultistepScheduler", {"use_flow_sigmas": True}, "use_flow_sigmas=True"),
+    ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver"}, "algorithm_type"),
 ]
 
 

@@ -28,6 +28,8 @@ MULTISTEP: list[dict[str, Any]] = [
     {"_class_name": "DPMSolverMultistepScheduler", **SD, "solver_order": 3},
     {"_class_name": "DPMSolverMultistepScheduler", **SD, "algorithm_type": "sde-dpmsolver++"},
     {"_class_name": "UniPCMultistepScheduler", **SD, "solver_order": 3},
+    {"_class_name": "DEISMultistepScheduler", **SD, "solver_order": 3},
+    {"_class_name": "DPMSolverSinglestepScheduler", **SD, "solver_order": 3},
     {"_class_name": "LMSDiscreteScheduler", **SD},
     {"_class_name": "HeunDiscreteScheduler", **SD},
     {"_class_name": "PNDMScheduler", **SD, "skip_prk_steps": True},
@@ -99,8 +101,10 @@ def test_retried_step_changes_nothing(config: dict[str, Any]) -> None:
         (UniPCMultistepScheduler(), 1),
         (HeunDiscreteScheduler(), 0),
         (KDPM2DiscreteScheduler(), 0),
+        (SCHEDULERS["DEISMultistepScheduler"](), 1),
+        (SCHEDULERS["DPMSolverSinglestepScheduler"](), 0),
     ],
-    ids=["dpm", "unipc", "heun", "kdpm2"],
+    ids=["dpm", "unipc", "heun", "kdpm2", "deis", "singlestep"],
 )
 def test_step_needing_an_unrun_step_raises(scheduler: AbstractScheduler, needed: int) -> None:
     state = scheduler.set_timesteps(6)

@@ -7,7 +7,9 @@ A scheduler is a frozen config shared freely; :meth:`AbstractScheduler.set_times
 from diffblocks.components.schedulers.base import CONFIG_NAME, AbstractScheduler
 from diffblocks.components.schedulers.ddim import DDIMScheduler
 from diffblocks.components.schedulers.ddpm import DDPMScheduler
+from diffblocks.components.schedulers.deis import DEISMultistepScheduler
 from diffblocks.components.schedulers.dpm_solver import DPMSolverMultistepScheduler
+from diffblocks.components.schedulers.dpm_solver_singlestep import DPMSolverSinglestepScheduler
 from diffblocks.components.schedulers.edm_euler import EDMEulerScheduler
 from diffblocks.components.schedulers.euler import EulerDiscreteScheduler
 from diffblocks.components.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
@@ -27,7 +29,9 @@ __all__ = [
     "AbstractScheduler",
     "DDIMScheduler",
     "DDPMScheduler",
+    "DEISMultistepScheduler",
     "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
     "EDMEulerScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",

@@ -10,7 +10,9 @@ from diffblocks.components.hub import resolve_folder
 from diffblocks.components.schedulers.base import CONFIG_NAME, AbstractScheduler, read_config
 from diffblocks.components.schedulers.ddim import DDIMScheduler
 from diffblocks.components.schedulers.ddpm import DDPMScheduler
+from diffblocks.components.schedulers.deis import DEISMultistepScheduler
 from diffblocks.components.schedulers.dpm_solver import DPMSolverMultistepScheduler
+from diffblocks.components.schedulers.dpm_solver_singlestep import DPMSolverSinglestepScheduler
 from diffblocks.components.schedulers.edm_euler import EDMEulerScheduler
 from diffblocks.components.schedulers.euler import EulerDiscreteScheduler
 from diffblocks.components.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
@@ -38,6 +40,8 @@ SCHEDULERS: dict[str, type[AbstractScheduler]] = {
         KDPM2DiscreteScheduler,
         KDPM2AncestralDiscreteScheduler,
         EDMEulerScheduler,
+        DEISMultistepScheduler,
+        DPMSolverSinglestepScheduler,
     )
 }
 """The allowed scheduler classes, keyed by the diffusers ``_class_name`` they read."""
