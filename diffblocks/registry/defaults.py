@@ -14,7 +14,13 @@ _SCHEDULERS = (
     "DDPMScheduler DDIMScheduler PNDMScheduler LMSDiscreteScheduler EulerDiscreteScheduler "
     "EulerAncestralDiscreteScheduler HeunDiscreteScheduler DPMSolverMultistepScheduler "
     "UniPCMultistepScheduler FlowMatchEulerDiscreteScheduler"
-).split()
+).split() + [
+    "DEISMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "EDMEulerScheduler",
+]
 _GUIDERS = (
     "ClassifierFreeGuidance ClassifierFreeZeroStarGuidance AdaptiveProjectedGuidance TangentialClassifierFreeGuidance "
     "PerturbedAttentionGuidance SkipLayerGuidance SmoothedEnergyGuidance AutoGuidance FrequencyDecoupledGuidance "

@@ -272,3 +272,12 @@ def test_frozen_and_hashable() -> None:
         euler.use_karras_sigmas = True  # type: ignore[misc]
     assert hash(euler) == hash(EulerDiscreteScheduler()) and euler == EulerDiscreteScheduler()
     assert hash(UniPCMultistepScheduler(disable_corrector=(1,))) != hash(UniPCMultistepScheduler())
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_every_scheduler_is_an_allowed_component(name: str) -> None:
+    """A repository's ``model_index.json`` names its scheduler; the component allowlist must know each one."""
+    from diffblocks.registry import COMPONENTS
+
+    assert COMPONENTS.resolve(("diffusers", name)) is SCHEDULERS[name]
+    assert COMPONENTS.resolve(("diffblocks", name)) is SCHEDULERS[name]
