@@ -70,9 +70,8 @@ def test_repository_scheduler_loads_and_matches_diffusers(
     ref = ref_cls.from_pretrained(repo, **extra)
     assert type(ref.scheduler).__name__ == name
     ref.set_progress_bar_config(disable=True)
-    kwargs: dict[str, Any] = dict(
-        prompt="a red circle", negative_prompt="blurry", height=SIZE, width=SIZE, num_inference_steps=3, guidance_scale=5.0
-    )
+    kwargs: dict[str, Any] = dict(prompt="a red circle", negative_prompt="blurry", guidance_scale=5.0)
+    kwargs.update(height=SIZE, width=SIZE, num_inference_steps=3)
     expected = ref(**kwargs, generator=torch.Generator().manual_seed(11), output_type="np").images
     image = ours(**kwargs, generator=torch.Generator().manual_seed(11), output_type="np", progress=False).images
     assert np.abs(image - expected).max() < 1e-5

@@ -48,6 +48,7 @@ def test_third_order_sde_heun_matches_diffusers_up_to_amplified_rounding(steps: 
     and with this fake model the run grows to |x| ~ 300: it amplifies rounding. Scaling diffusers'
     own initial noise by ``1 + 1e-7`` moves its 25-step result by 4e-5 of its largest value, so
     float32 rounding holds for a few steps, and 2e-4 after 25."""
-    config = {"_class_name": SINGLE, **SD, "solver_order": 3, "algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}
+    config = {"_class_name": SINGLE, **SD, "solver_order": 3, "solver_type": "heun"}
+    config["algorithm_type"] = "sde-dpmsolver++"
     report = run_side_by_side(config, steps)
     assert report.worst() <= (RTOL if steps <= 10 else 2e-4), report

@@ -90,8 +90,8 @@ class DPMSolverSinglestepScheduler(AbstractLogSNRScheduler):
         if kind is None:
             end = clipped_end(noise, self.lambda_min_clipped)
             # num_steps + 1 points, the one at 0 dropped
-            timesteps = spaced_timesteps("linspace", num_steps + 1, num_train_timesteps=self.num_train_timesteps, end=end)
-            timesteps = timesteps[:-1]
+            total = self.num_train_timesteps
+            timesteps = spaced_timesteps("linspace", num_steps + 1, num_train_timesteps=total, end=end)[:-1]
             levels = interpolate_sigmas(timesteps, noise.sigmas)
         else:
             timesteps, levels = self._respaced(kind, num_steps)

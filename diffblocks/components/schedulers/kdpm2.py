@@ -39,6 +39,7 @@ def _float32_sigma_to_t(sigmas: Tensor, log_sigmas: np.ndarray) -> np.ndarray:
 
 
 def _float32(value: float) -> Tensor:
+    """A float32 0-d tensor: the levels diffusers computes with."""
     return torch.tensor(value, dtype=torch.float32)
 
 
@@ -104,6 +105,7 @@ class AbstractKDPM2Scheduler(SigmaRespacingMixin, AbstractKarrasScheduler):
         """The level of the second call of the step from ``sigma`` to ``sigma_next`` (float32, elementwise)."""
 
     def _midpoint_of(self, sigma: float, sigma_next: float) -> float:
+        """:meth:`_midpoint` of one step, recomputed from the state's levels as diffusers rounds it."""
         return float(self._midpoint(_float32(sigma), _float32(sigma_next)))
 
     def scale_model_input(
