@@ -75,3 +75,21 @@ def test_repository_scheduler_loads_and_matches_diffusers(
     expected = ref(**kwargs, generator=torch.Generator().manual_seed(11), output_type="np").images
     image = ours(**kwargs, generator=torch.Generator().manual_seed(11), output_type="np", progress=False).images
     assert np.abs(image - expected).max() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["KDPM2AncestralDiscreteScheduler", "DPMSolverSinglestepScheduler", "EDMEulerScheduler"])
+def test_image_to_image_starts_where_diffusers_does(tiny_repos: dict[str, Path], tmp_path: Path, name: str) -> None:
+    """``strength`` skips whole steps: both KDPM2 calls of a step, or a single-step solver's step part-way."""
+    import diffusers
+    import PIL.Image
+
+    repo = _repo_with_scheduler(tiny_repos["sd15"], tmp_path, name, {"solver_order": 3} if "Single" in name else {})
+    ours = Pipeline.from_pretrained(str(repo))
+    ref = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(repo, safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    image = PIL.Image.fromarray((np.random.default_rng(0).random((SIZE, SIZE, 3)) * 255).astype("uint8"))
+    kwargs: dict[str, Any] = dict(prompt="a red circle", image=image, strength=0.6, num_inference_steps=5)
+    expected = ref(**kwargs, generator=torch.Generator().manual_seed(3), output_type="np").images
+    out = ours(**kwargs, generator=torch.Generator().manual_seed(3), output_type="np", progress=False)
+    assert out.workflow == "img2img"
+    assert np.abs(out.images - expected).max() < 1e-5
