@@ -39,6 +39,7 @@ class EDMEulerScheduler(AbstractScheduler):
     sigma_max: float = Field(default=80.0, gt=0.0)
     sigma_data: float = Field(default=0.5, gt=0.0)
     sigma_schedule: Literal["karras", "exponential"] = "karras"
+    # read and written for config fidelity: sampling never reads the training schedule
     num_train_timesteps: int = Field(default=1000, ge=1)
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     rho: float = Field(default=7.0, gt=0.0)
