@@ -17,7 +17,9 @@ _SCHEDULERS = (
     "DDPMScheduler DDIMScheduler PNDMScheduler LMSDiscreteScheduler EulerDiscreteScheduler "
     "EulerAncestralDiscreteScheduler HeunDiscreteScheduler DPMSolverMultistepScheduler "
     "UniPCMultistepScheduler FlowMatchEulerDiscreteScheduler "
-    "LCMScheduler TCDScheduler DPMSolverSDEScheduler FlowMatchHeunDiscreteScheduler"
+    "LCMScheduler TCDScheduler DPMSolverSDEScheduler FlowMatchHeunDiscreteScheduler "
+    "DEISMultistepScheduler DPMSolverSinglestepScheduler KDPM2DiscreteScheduler KDPM2AncestralDiscreteScheduler "
+    "EDMEulerScheduler"
 ).split()
 _GUIDERS = (
     "ClassifierFreeGuidance ClassifierFreeZeroStarGuidance AdaptiveProjectedGuidance TangentialClassifierFreeGuidance "

@@ -128,6 +128,11 @@ NON_DEFAULT: dict[type[AbstractScheduler], dict[str, Any]] = {
         (SCHEDULERS["TCDScheduler"], {"prediction_type": "v_prediction", "eta": 0.5}),
         (SCHEDULERS["DPMSolverSDEScheduler"], {"use_karras_sigmas": True, "noise_sampler_seed": 2**40}),
         (SCHEDULERS["FlowMatchHeunDiscreteScheduler"], {"shift": 3.0}),
+        (SCHEDULERS["KDPM2DiscreteScheduler"], {"use_karras_sigmas": True, "prediction_type": "v_prediction"}),
+        (SCHEDULERS["KDPM2AncestralDiscreteScheduler"], {"timestep_spacing": "trailing", "steps_offset": 1}),
+        (SCHEDULERS["EDMEulerScheduler"], {"sigma_schedule": "exponential", "sigma_max": 120.0}),
+        (SCHEDULERS["DEISMultistepScheduler"], {"solver_order": 3, "use_exponential_sigmas": True}),
+        (SCHEDULERS["DPMSolverSinglestepScheduler"], {"algorithm_type": "sde-dpmsolver++", "lambda_min_clipped": -5.1}),
     ]
 }
 
@@ -219,6 +224,16 @@ def test_swapping_classes_keeps_what_diffusers_keeps(source: dict[str, Any], tar
     _assert_config_matches(ours, getattr(diffusers, target).from_config(ref_source.config))
 
 
+def test_foreign_solver_keys_map_as_in_diffusers() -> None:
+    """DPM-Solver, DEIS and UniPC configs name each other's algorithms; diffusers maps them on load."""
+    dpm = DPMSolverMultistepScheduler(solver_order=3).to_config()
+    deis = SCHEDULERS["DEISMultistepScheduler"].from_config(dpm)
+    assert deis.to_config()["algorithm_type"] == "deis" and deis.to_config()["solver_type"] == "logrho"
+    single = SCHEDULERS["DPMSolverSinglestepScheduler"].from_config(deis.to_config())
+    assert (single.to_config()["algorithm_type"], single.to_config()["solver_type"]) == ("dpmsolver++", "midpoint")
+    assert "steps_offset" not in single.to_config()["_use_default_values"]  # not a key of single-step
+
+
 def test_swap_to_ddim_keeps_sd15_clip_sample() -> None:
     assert DDIMScheduler.from_config(PNDMScheduler.from_config(SD15).to_config()).clip_sample is False
     assert DDIMScheduler.from_config(PNDMScheduler().to_config()).clip_sample is True
@@ -240,8 +255,8 @@ def test_unknown_keys_and_nulls() -> None:
 
 
 def test_unknown_class_name_lists_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"'KDPM2DiscreteScheduler'.*DDIMScheduler, DDPMScheduler"):
-        scheduler_from_config({"_class_name": "KDPM2DiscreteScheduler"})
+    with pytest.raises(ValueError, match=r"'IPNDMScheduler'.*DDIMScheduler, DDPMScheduler"):
+        scheduler_from_config({"_class_name": "IPNDMScheduler"})
     with pytest.raises(ValueError, match="None"):
         scheduler_from_config({"num_train_timesteps": 1000})
 
@@ -271,6 +286,11 @@ INVALID = [
     ("DPMSolverSDEScheduler", {"use_beta_sigmas": True}, "use_beta_sigmas=True"),
     ("DPMSolverSDEScheduler", {"use_karras_sigmas": True, "use_exponential_sigmas": True}, "exclusive"),
     ("FlowMatchHeunDiscreteScheduler", {"num_train_timesteps": 0}, "num_train_timesteps"),
+    ("KDPM2DiscreteScheduler", {"prediction_type": "sample"}, "prediction_type"),
+    ("KDPM2AncestralDiscreteScheduler", {"use_beta_sigmas": True}, "use_beta_sigmas=True"),
+    ("EDMEulerScheduler", {"sigma_min": 100.0}, "sigma_min 100.0 must be below sigma_max 80.0"),
+    ("DEISMultistepScheduler", {"use_flow_sigmas": True}, "use_flow_sigmas=True"),
+    ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver"}, "algorithm_type"),
 ]
 
 
@@ -290,7 +310,8 @@ def test_frozen_and_hashable() -> None:
 
 @pytest.mark.parametrize("name", SCHEDULERS)
 def test_every_scheduler_is_an_allowed_component(name: str) -> None:
-    """A repository whose model_index.json names any of our schedulers loads it."""
-    from diffblocks.registry.defaults import default_component_registry
+    """A repository's ``model_index.json`` names its scheduler; the component allowlist must know each one."""
+    from diffblocks.registry import COMPONENTS
 
-    assert default_component_registry().resolve(("diffusers", name)) is SCHEDULERS[name]
+    assert COMPONENTS.resolve(("diffusers", name)) is SCHEDULERS[name]
+    assert COMPONENTS.resolve(("diffblocks", name)) is SCHEDULERS[name]

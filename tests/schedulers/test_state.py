@@ -19,6 +19,7 @@ from diffblocks.components.schedulers import (
     FlowMatchHeunDiscreteScheduler,
     HeunDiscreteScheduler,
     LCMScheduler,
+    KDPM2DiscreteScheduler,
     PNDMScheduler,
     SchedulerState,
     TCDScheduler,
@@ -31,6 +32,8 @@ MULTISTEP: list[dict[str, Any]] = [
     {"_class_name": "DPMSolverMultistepScheduler", **SD, "solver_order": 3},
     {"_class_name": "DPMSolverMultistepScheduler", **SD, "algorithm_type": "sde-dpmsolver++"},
     {"_class_name": "UniPCMultistepScheduler", **SD, "solver_order": 3},
+    {"_class_name": "DEISMultistepScheduler", **SD, "solver_order": 3},
+    {"_class_name": "DPMSolverSinglestepScheduler", **SD, "solver_order": 3},
     {"_class_name": "LMSDiscreteScheduler", **SD},
     {"_class_name": "HeunDiscreteScheduler", **SD},
     {"_class_name": "PNDMScheduler", **SD, "skip_prk_steps": True},
@@ -38,12 +41,14 @@ MULTISTEP: list[dict[str, Any]] = [
     {"_class_name": "DPMSolverSDEScheduler", **SD, "use_karras_sigmas": True, "noise_sampler_seed": 4},
     {"_class_name": "DPMSolverSDEScheduler", **SD},  # the Brownian path seeded from the step generator
     {"_class_name": "FlowMatchHeunDiscreteScheduler", "shift": 3.0},
+    {"_class_name": "KDPM2DiscreteScheduler", **SD},
     {"_class_name": "EulerAncestralDiscreteScheduler", **SD},
+    {"_class_name": "KDPM2AncestralDiscreteScheduler", **SD},
     {"_class_name": "LCMScheduler", **SD},
     {"_class_name": "TCDScheduler", **SD},
 ]
 # samplers that draw fresh noise from the generator at every step (a Brownian path does not)
-FRESH_NOISE = {"EulerAncestralDiscreteScheduler", "LCMScheduler", "TCDScheduler"}
+FRESH_NOISE = {"EulerAncestralDiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "LCMScheduler", "TCDScheduler"}
 _ID_KEYS = ("solver_order", "algorithm_type", "skip_prk_steps", "noise_sampler_seed")
 IDS = [f"{c['_class_name']}-{next((c[k] for k in _ID_KEYS if k in c), '')}" for c in MULTISTEP]
 REPEATABLE = [(c, i) for c, i in zip(MULTISTEP, IDS) if c["_class_name"] not in FRESH_NOISE]
@@ -98,8 +103,15 @@ def test_retried_step_changes_nothing(config: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize(
     ("scheduler", "needed"),
-    [(DPMSolverMultistepScheduler(), 1), (UniPCMultistepScheduler(), 1), (HeunDiscreteScheduler(), 0)],
-    ids=["dpm", "unipc", "heun"],
+    [
+        (DPMSolverMultistepScheduler(), 1),
+        (UniPCMultistepScheduler(), 1),
+        (HeunDiscreteScheduler(), 0),
+        (KDPM2DiscreteScheduler(), 0),
+        (SCHEDULERS["DEISMultistepScheduler"](), 1),
+        (SCHEDULERS["DPMSolverSinglestepScheduler"](), 0),
+    ],
+    ids=["dpm", "unipc", "heun", "kdpm2", "deis", "singlestep"],
 )
 def test_step_needing_an_unrun_step_raises(scheduler: AbstractScheduler, needed: int) -> None:
     state = scheduler.set_timesteps(6)
@@ -147,6 +159,14 @@ def test_two_call_and_distilled_schedule_shapes() -> None:
 def test_heun_truncation_skips_whole_steps() -> None:
     state = HeunDiscreteScheduler().set_timesteps(10, strength=0.5)
     assert state.begin_index == 10 and len(state.timesteps) == 9
+
+
+def test_kdpm2_calls_twice_per_step_and_truncates_whole_steps() -> None:
+    state = KDPM2DiscreteScheduler().set_timesteps(10, strength=0.5)
+    assert state.begin_index == 10 and len(state.timesteps) == 9
+    ancestral = SCHEDULERS["KDPM2AncestralDiscreteScheduler"]().set_timesteps(10)
+    # diffusers' layout: every level after the first twice, the final 0 three times
+    assert ancestral.sigmas is not None and (len(ancestral.timesteps), len(ancestral.sigmas)) == (19, 22)
 
 
 @pytest.mark.parametrize(

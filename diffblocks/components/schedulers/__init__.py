@@ -7,14 +7,19 @@ A scheduler is a frozen config shared freely; :meth:`AbstractScheduler.set_times
 from diffblocks.components.schedulers.base import CONFIG_NAME, AbstractScheduler
 from diffblocks.components.schedulers.ddim import DDIMScheduler
 from diffblocks.components.schedulers.ddpm import DDPMScheduler
+from diffblocks.components.schedulers.deis import DEISMultistepScheduler
 from diffblocks.components.schedulers.dpm_solver import DPMSolverMultistepScheduler
 from diffblocks.components.schedulers.dpm_solver_sde import DPMSolverSDEScheduler
+from diffblocks.components.schedulers.dpm_solver_singlestep import DPMSolverSinglestepScheduler
+from diffblocks.components.schedulers.edm_euler import EDMEulerScheduler
 from diffblocks.components.schedulers.euler import EulerDiscreteScheduler
 from diffblocks.components.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from diffblocks.components.schedulers.flow_match import FlowMatchEulerDiscreteScheduler, flux_sigmas
 from diffblocks.components.schedulers.flow_match_heun import FlowMatchHeunDiscreteScheduler
 from diffblocks.components.schedulers.heun import HeunDiscreteScheduler
 from diffblocks.components.schedulers.lcm import LCMScheduler
+from diffblocks.components.schedulers.kdpm2 import KDPM2DiscreteScheduler
+from diffblocks.components.schedulers.kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
 from diffblocks.components.schedulers.lms import LMSDiscreteScheduler
 from diffblocks.components.schedulers.pndm import PNDMScheduler
 from diffblocks.components.schedulers.registry import SCHEDULERS, scheduler_from_config, scheduler_from_pretrained
@@ -28,14 +33,19 @@ __all__ = [
     "AbstractScheduler",
     "DDIMScheduler",
     "DDPMScheduler",
+    "DEISMultistepScheduler",
     "DPMSolverMultistepScheduler",
     "DPMSolverSDEScheduler",
+    "DPMSolverSinglestepScheduler",
+    "EDMEulerScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler",
     "FlowMatchHeunDiscreteScheduler",
     "HeunDiscreteScheduler",
     "LCMScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
     "LMSDiscreteScheduler",
     "PNDMScheduler",
     "SchedulerState",

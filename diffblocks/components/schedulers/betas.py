@@ -104,7 +104,7 @@ class TrainingNoise:
     log_sigmas: np.ndarray
 
 
-class AbstractDiscreteScheduler(AbstractScheduler):
+class AbstractBetaScheduler(AbstractScheduler):
     """Base of the schedulers of a model trained with a discrete beta schedule (SD1.5, SDXL, ...).
 
     Class attributes:
@@ -121,7 +121,6 @@ class AbstractDiscreteScheduler(AbstractScheduler):
     beta_end: float = Field(default=0.02, gt=0.0, lt=1.0)
     beta_schedule: BetaSchedule = "linear"
     trained_betas: tuple[float, ...] | None = None
-    steps_offset: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _check_betas(self) -> Self:
@@ -163,7 +162,17 @@ class AbstractDiscreteScheduler(AbstractScheduler):
         return TrainingNoise(alphas_cumprod, as_floats(alphas_cumprod), sigmas, log_sigmas)
 
 
+class AbstractDiscreteScheduler(AbstractBetaScheduler):
+    """A discrete-beta scheduler whose ``leading`` timestep spacing is shifted by ``steps_offset``.
+
+    Every such diffusers class but DPM-Solver single-step has the key.
+    """
+
+    steps_offset: int = Field(default=0, ge=0)
+
+
 __all__ = [
+    "AbstractBetaScheduler",
     "AbstractDiscreteScheduler",
     "BetaSchedule",
     "TimestepSpacing",

@@ -15,14 +15,12 @@ from torch import Tensor
 from diffblocks.components.noise import Generator, randn_tensor
 from diffblocks.components.schedulers.multistep import (
     AbstractMultistepScheduler,
+    clipped_end,
     half_log_snr,
     vp_coefficients,
 )
 from diffblocks.components.schedulers.schedule import interpolate_sigmas, respace_sigmas, sigma_to_t
 from diffblocks.components.schedulers.state import SchedulerState, StepRecord
-
-# below this many steps the last steps drop to lower order, which stabilises few-step sampling
-_LOWER_ORDER_FINAL_BELOW = 15
 
 
 @final
@@ -46,6 +44,8 @@ class DPMSolverMultistepScheduler(AbstractMultistepScheduler):
 
     algorithm_type: Literal["dpmsolver++", "sde-dpmsolver++"] = "dpmsolver++"
     solver_type: Literal["midpoint", "heun"] = "midpoint"
+    final_sigmas_type: Literal["zero", "sigma_min"] = "zero"
+    rescale_betas_zero_snr: bool = False
     euler_at_final: bool = False
     use_lu_lambdas: bool = False
     lambda_min_clipped: float = -math.inf
@@ -54,6 +54,9 @@ class DPMSolverMultistepScheduler(AbstractMultistepScheduler):
     flow_shift: float = 1.0
     use_dynamic_shifting: bool = False
     time_shift_type: Literal["exponential"] = "exponential"
+
+    def _zero_terminal_snr(self) -> bool:
+        return self.rescale_betas_zero_snr
 
     @field_validator("algorithm_type", mode="before")
     @classmethod
@@ -70,10 +73,7 @@ class DPMSolverMultistepScheduler(AbstractMultistepScheduler):
     def _schedule(self, num_steps: int) -> tuple[np.ndarray, np.ndarray, float]:
         """Spaced timesteps above ``lambda_min_clipped``, or those of Karras, Lu or exponential sigmas."""
         noise = self.training_noise
-        # steps whose log-SNR falls below lambda_min_clipped are never visited (cosine schedules)
-        lambdas = torch.log(noise.alphas_cumprod.sqrt()) - torch.log((1 - noise.alphas_cumprod).sqrt())
-        clipped = int(torch.searchsorted(torch.flip(lambdas, [0]), self.lambda_min_clipped))
-        timesteps = self._spaced_timesteps(num_steps, end=self.num_train_timesteps - clipped)
+        timesteps = self._spaced_timesteps(num_steps, end=clipped_end(noise, self.lambda_min_clipped))
         round_respaced = self.beta_schedule != "squaredcos_cap_v2"
         if self.use_karras_sigmas:
             levels = respace_sigmas("karras", noise.sigmas[::-1], num_steps)
@@ -90,7 +90,7 @@ class DPMSolverMultistepScheduler(AbstractMultistepScheduler):
             timesteps = sigma_to_t(levels, noise.log_sigmas)
         else:
             levels = interpolate_sigmas(timesteps, noise.sigmas)
-        return timesteps, levels, float(noise.sigmas[0])
+        return timesteps, levels, float(noise.sigmas[0]) if self.final_sigmas_type == "sigma_min" else 0.0
 
     def step(
         self,
@@ -114,69 +114,84 @@ class DPMSolverMultistepScheduler(AbstractMultistepScheduler):
         noise = None
         if self.algorithm_type == "sde-dpmsolver++":
             noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device)
-        prev_sample = self._update(
-            sample.to(torch.float32), predictions, lambdas, state.full_sigmas[j], state.full_sigmas[j + 1], noise
+        h = lambdas[0] - lambdas[1]
+        d1, d2 = _differences(predictions, lambdas, h)
+        prev_sample = dpm_solver_update(
+            sample.to(torch.float32),
+            predictions[0],
+            d1,
+            d2,
+            h=h,
+            sigma=state.full_sigmas[j],
+            sigma_next=state.full_sigmas[j + 1],
+            midpoint=self.solver_type == "midpoint" and d2 is None,
+            noise=noise,
         )
         return prev_sample.to(model_output.dtype)
 
-    def _order_at(self, state: SchedulerState, step_index: int) -> int:
-        """The order of this step: warm-up from first order, and lower order at the end."""
-        steps = len(state.full_timesteps)
-        j = state.position(step_index)
-        few = self.lower_order_final and steps < _LOWER_ORDER_FINAL_BELOW
-        if j == steps - 1 and (self.euler_at_final or few or self.final_sigmas_type == "zero"):
-            # first order at the end: the only finite one when sigma reaches 0 (lambda = inf),
-            # and steadier for few steps
-            return 1
-        if j == steps - 2 and few:
-            return min(self.solver_order, step_index + 1, 2)
-        return min(self.solver_order, step_index + 1)
+    def _first_order_at_end(self) -> bool:
+        # at sigma 0 (lambda = inf) only the first-order update is finite
+        return self.euler_at_final or self.final_sigmas_type == "zero"
 
-    def _update(
-        self,
-        sample: Tensor,
-        predictions: list[Tensor],
-        lambdas: list[float],
-        sigma: float,
-        sigma_next: float,
-        noise: Tensor | None,
-    ) -> Tensor:
-        """DPM-Solver++(k) in data prediction (Lu et al., 2022, Eqs. 8-9 and App. B)."""
-        alpha_t, sigma_t = vp_coefficients(sigma_next)
-        sigma_s = vp_coefficients(sigma)[1]
-        h = lambdas[0] - lambdas[1]
-        d0 = predictions[0]
-        d1 = d2 = None
-        if len(predictions) >= 2:
-            r0 = (lambdas[1] - lambdas[2]) / h
-            d1_0 = (1.0 / r0) * (predictions[0] - predictions[1])
-            d1 = d1_0
-            if len(predictions) == 3:
-                r1 = (lambdas[2] - lambdas[3]) / h
-                d1_1 = (1.0 / r1) * (predictions[1] - predictions[2])
-                d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-                d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
 
-        if noise is None:  # the diffusion ODE
-            phi_1 = math.exp(-h) - 1.0
-            x_t = (sigma_t / sigma_s) * sample - (alpha_t * phi_1) * d0
-            if d1 is not None and d2 is None and self.solver_type == "midpoint":
-                x_t = x_t - (0.5 * alpha_t * phi_1) * d1
-            elif d1 is not None:
-                x_t = x_t + (alpha_t * (phi_1 / h + 1.0)) * d1
-            if d2 is not None:
-                x_t = x_t - (alpha_t * ((phi_1 + h) / h**2 - 0.5)) * d2
-            return x_t
-        # the diffusion SDE: the same data terms over 2h, plus fresh noise
-        psi = 1.0 - math.exp(-2.0 * h)
-        x_t = (sigma_t / sigma_s * math.exp(-h)) * sample + (alpha_t * psi) * d0
-        if d1 is not None and d2 is None and self.solver_type == "midpoint":
-            x_t = x_t + (0.5 * alpha_t * psi) * d1
+def _differences(predictions: list[Tensor], lambdas: list[float], h: float) -> tuple[Tensor | None, Tensor | None]:
+    """``(D1, D2)``: backward differences of the data predictions (newest first) in log-SNR, scaled by ``h``."""
+    if len(predictions) < 2:
+        return None, None
+    r0 = (lambdas[1] - lambdas[2]) / h
+    d1_0 = (1.0 / r0) * (predictions[0] - predictions[1])
+    if len(predictions) == 2:
+        return d1_0, None
+    r1 = (lambdas[2] - lambdas[3]) / h
+    d1_1 = (1.0 / r1) * (predictions[1] - predictions[2])
+    return d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1), (1.0 / (r0 + r1)) * (d1_0 - d1_1)
+
+
+def dpm_solver_update(
+    sample: Tensor,
+    d0: Tensor,
+    d1: Tensor | None,
+    d2: Tensor | None,
+    *,
+    h: float,
+    sigma: float,
+    sigma_next: float,
+    midpoint: bool,
+    noise: Tensor | None,
+) -> Tensor:
+    """DPM-Solver++(k) in data prediction from ``sigma`` to ``sigma_next`` (Lu et al., 2022, Eqs. 8-9 and App. B).
+
+    Args:
+        sample: the sample at ``sigma``.
+        d0: the data prediction at ``sigma``.
+        d1: its first derivative in log-SNR, times ``h`` (second and third order).
+        d2: its second derivative term (third order, Heun form).
+        h: the step in log-SNR, ``lambda(sigma_next) - lambda(sigma)``.
+        midpoint: weigh ``d1`` by the midpoint rule (second order) rather than the Taylor term.
+        noise: fresh noise for the SDE variant (DPM++ SDE), None for the ODE.
+    """
+    alpha_t, sigma_t = vp_coefficients(sigma_next)
+    sigma_s = vp_coefficients(sigma)[1]
+    if noise is None:  # the diffusion ODE
+        phi_1 = math.exp(-h) - 1.0
+        x_t = (sigma_t / sigma_s) * sample - (alpha_t * phi_1) * d0
+        if d1 is not None and midpoint:
+            x_t = x_t - (0.5 * alpha_t * phi_1) * d1
         elif d1 is not None:
-            x_t = x_t + (alpha_t * (psi / (-2.0 * h) + 1.0)) * d1
+            x_t = x_t + (alpha_t * (phi_1 / h + 1.0)) * d1
         if d2 is not None:
-            x_t = x_t + (alpha_t * ((psi - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * d2
-        return x_t + (sigma_t * math.sqrt(psi)) * noise
+            x_t = x_t - (alpha_t * ((phi_1 + h) / h**2 - 0.5)) * d2
+        return x_t
+    # the diffusion SDE: the same data terms over 2h, plus fresh noise
+    psi = 1.0 - math.exp(-2.0 * h)
+    x_t = (sigma_t / sigma_s * math.exp(-h)) * sample + (alpha_t * psi) * d0
+    if d1 is not None and midpoint:
+        x_t = x_t + (0.5 * alpha_t * psi) * d1
+    elif d1 is not None:
+        x_t = x_t + (alpha_t * (psi / (-2.0 * h) + 1.0)) * d1
+    if d2 is not None:
+        x_t = x_t + (alpha_t * ((psi - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * d2
+    return x_t + (sigma_t * math.sqrt(psi)) * noise
 
 
-__all__ = ["DPMSolverMultistepScheduler"]
+__all__ = ["DPMSolverMultistepScheduler", "dpm_solver_update"]

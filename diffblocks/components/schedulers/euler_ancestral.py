@@ -9,22 +9,15 @@ from jaxtyping import Float
 from torch import Tensor
 
 from diffblocks.components.noise import Generator, randn_tensor
-from diffblocks.components.schedulers.karras import AbstractKarrasScheduler
+from diffblocks.components.schedulers.karras import AbstractKarrasScheduler, ancestral_sigmas
 from diffblocks.components.schedulers.prediction import karras_data_prediction
 from diffblocks.components.schedulers.state import SchedulerState
 
 
 def _split_noise(sigma: float, sigma_next: float) -> tuple[float, float]:
-    """``(sigma_up, dt)``: the fresh noise, and the Euler step ``sigma_down - sigma``, where
-    ``sigma_down**2 + sigma_up**2 = sigma_next**2`` keeps the marginal exact.
-
-    Computed with float32 tensors, exactly as diffusers does: a step from sigma 4096 (zero terminal SNR) lands
-    near 0 after cancelling almost all digits, so the rounding of ``dt`` shows in the sample.
-    """
-    s, s_next = torch.tensor(sigma, dtype=torch.float32), torch.tensor(sigma_next, dtype=torch.float32)
-    sigma_up = (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5
-    sigma_down = (s_next**2 - sigma_up**2) ** 0.5
-    return float(sigma_up), float(sigma_down - s)
+    """``(sigma_up, dt)``: the fresh noise, and the Euler step ``sigma_down - sigma`` in float32, as diffusers."""
+    sigma_up, sigma_down = ancestral_sigmas(sigma, sigma_next)
+    return float(sigma_up), float(sigma_down - torch.tensor(sigma, dtype=torch.float32))
 
 
 @final

@@ -140,9 +140,22 @@ class SigmaRespacingMixin:
         return respacing(self.use_karras_sigmas, self.use_exponential_sigmas)
 
 
+def ancestral_sigmas(sigma: float | Tensor, sigma_next: float | Tensor) -> tuple[Tensor, Tensor]:
+    """``(sigma_up, sigma_down)`` of an ancestral step: ``sigma_down**2 + sigma_up**2 = sigma_next**2``.
+
+    The deterministic step goes down to ``sigma_down`` and fresh noise of ``sigma_up`` brings the
+    marginal back to ``sigma_next`` (k-diffusion's ``get_ancestral_step`` with ``eta = 1``). Float32
+    0-d tensors, exactly as diffusers computes them: a step from sigma 4096 (zero terminal SNR)
+    lands near 0 after cancelling almost all digits, so their rounding shows in the sample.
+    """
+    s, s_next = torch.as_tensor(sigma, dtype=torch.float32), torch.as_tensor(sigma_next, dtype=torch.float32)
+    sigma_up = (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5
+    return sigma_up, (s_next**2 - sigma_up**2) ** 0.5
+
+
 def float32_tensor(values: np.ndarray) -> Tensor:
     """A float32 CPU tensor of ``values`` (cast in numpy first, as diffusers does)."""
     return torch.from_numpy(np.asarray(values).astype(np.float32))
 
 
-__all__ = ["AbstractKarrasScheduler", "SigmaRespacingMixin", "float32_tensor", "respacing"]
+__all__ = ["AbstractKarrasScheduler", "SigmaRespacingMixin", "ancestral_sigmas", "float32_tensor", "respacing"]

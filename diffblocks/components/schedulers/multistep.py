@@ -1,8 +1,8 @@
-"""Base of the exponential-integrator multistep solvers (DPM-Solver++, UniPC) in log-SNR time.
+"""Base of the exponential-integrator solvers (DPM-Solver++, DEIS, UniPC) in log-SNR time.
 
-Both solve the diffusion ODE in ``lambda = log(alpha / sigma)`` for a variance-preserving model,
-reusing the data predictions of earlier steps; they share the schedule, the conversion of the
-model output and the forward noising defined here.
+They solve the diffusion ODE in ``lambda = log(alpha / sigma)`` for a variance-preserving model,
+reusing the model outputs of earlier steps; they share the schedule, the conversion of the model
+output and the forward noising defined here.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -18,11 +18,20 @@ from jaxtyping import Float
 from pydantic import Field
 from torch import Tensor
 
-from diffblocks.components.schedulers.betas import AbstractDiscreteScheduler, TimestepSpacing, diffuse
+from diffblocks.components.schedulers.betas import (
+    AbstractBetaScheduler,
+    AbstractDiscreteScheduler,
+    TimestepSpacing,
+    TrainingNoise,
+    diffuse,
+)
 from diffblocks.components.schedulers.karras import SigmaRespacingMixin, float32_tensor
 from diffblocks.components.schedulers.prediction import PredictionType, data_prediction, dynamic_threshold
-from diffblocks.components.schedulers.schedule import spaced_timesteps
+from diffblocks.components.schedulers.schedule import SigmaSpacing, respace_sigmas, sigma_to_t, spaced_timesteps
 from diffblocks.components.schedulers.state import SchedulerState
+
+# below this many steps the last steps drop to lower order, which stabilises few-step sampling
+_LOWER_ORDER_FINAL_BELOW = 15
 
 
 def vp_coefficients(sigma: float) -> tuple[float, float]:
@@ -37,8 +46,21 @@ def half_log_snr(sigma: float) -> float:
     return math.log(alpha) - math.log(sigma_t) if sigma_t > 0 else math.inf
 
 
-class AbstractMultistepScheduler(SigmaRespacingMixin, AbstractDiscreteScheduler):
-    """A multistep solver in log-SNR time on a discrete beta schedule."""
+def clipped_end(noise: TrainingNoise, lambda_min_clipped: float) -> int:
+    """Exclusive end of the training timesteps whose log-SNR is above ``lambda_min_clipped``.
+
+    Steps below it are never visited, which keeps cosine schedules away from their singular end.
+    """
+    lambdas = torch.log(noise.alphas_cumprod.sqrt()) - torch.log((1 - noise.alphas_cumprod).sqrt())
+    return len(lambdas) - int(torch.searchsorted(torch.flip(lambdas, [0]), lambda_min_clipped))
+
+
+class AbstractLogSNRScheduler(SigmaRespacingMixin, AbstractBetaScheduler):
+    """An exponential-integrator solver in log-SNR time on a discrete beta schedule.
+
+    Holds the config keys that DPM-Solver (multistep and single-step), DEIS and UniPC share, the
+    schedule's assembly, the conversion of the model output and the forward noising.
+    """
 
     terminal_abar: ClassVar[float | None] = 2.0**-24
 
@@ -50,12 +72,6 @@ class AbstractMultistepScheduler(SigmaRespacingMixin, AbstractDiscreteScheduler)
     lower_order_final: bool = True
     use_karras_sigmas: bool = False
     use_exponential_sigmas: bool = False
-    final_sigmas_type: Literal["zero", "sigma_min"] = "zero"
-    timestep_spacing: TimestepSpacing = "linspace"
-    rescale_betas_zero_snr: bool = False
-
-    def _zero_terminal_snr(self) -> bool:
-        return self.rescale_betas_zero_snr
 
     def set_timesteps(
         self,
@@ -67,8 +83,7 @@ class AbstractMultistepScheduler(SigmaRespacingMixin, AbstractDiscreteScheduler)
         sigmas: Sequence[float] | None = None,
     ) -> SchedulerState:
         self._check_request(num_inference_steps, limit=self.num_train_timesteps, mu=mu, sigmas=sigmas)
-        timesteps, levels, lowest = self._schedule(num_inference_steps)
-        final = lowest if self.final_sigmas_type == "sigma_min" else 0.0
+        timesteps, levels, final = self._schedule(num_inference_steps)
         return self._build_state(
             int_timesteps(timesteps),
             float32_tensor(np.concatenate([levels, [final]])),
@@ -79,22 +94,16 @@ class AbstractMultistepScheduler(SigmaRespacingMixin, AbstractDiscreteScheduler)
 
     @abstractmethod
     def _schedule(self, num_steps: int) -> tuple[np.ndarray, np.ndarray, float]:
-        """Model timesteps (fractional ones are truncated), their sigmas, and the lowest level.
+        """Model timesteps (fractional ones are truncated), their sigmas, and the final level."""
 
-        The lowest level ends the schedule with ``final_sigmas_type="sigma_min"``; otherwise it ends at 0.
-        """
-
-    def _spaced_timesteps(self, num_steps: int, *, end: int | None = None) -> np.ndarray:
-        """Descending timesteps; ``linspace``/``leading`` space ``num_steps + 1`` points and drop 0's end."""
-        trailing = self.timestep_spacing == "trailing"
-        timesteps = spaced_timesteps(
-            self.timestep_spacing,
-            num_steps if trailing else num_steps + 1,
-            num_train_timesteps=self.num_train_timesteps,
-            steps_offset=self.steps_offset,
-            end=end,
-        )
-        return timesteps if trailing else timesteps[:-1]
+    def _respaced(
+        self, kind: SigmaSpacing, num_steps: int, *, sigma_min: float | None = None, sigma_max: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Karras or exponential levels over the training range, and their timesteps (Karras ones rounded)."""
+        noise = self.training_noise
+        levels = respace_sigmas(kind, noise.sigmas[::-1], num_steps, sigma_min=sigma_min, sigma_max=sigma_max)
+        timesteps = sigma_to_t(levels, noise.log_sigmas)
+        return (np.round(timesteps) if kind == "karras" else timesteps), levels
 
     def _data_prediction(
         self, model_output: Float[Tensor, "batch *rest"], sample: Float[Tensor, "batch *rest"], sigma: float
@@ -117,9 +126,49 @@ class AbstractMultistepScheduler(SigmaRespacingMixin, AbstractDiscreteScheduler)
         return diffuse(original, noise, alpha=alpha_t, sigma=sigma_t)
 
 
+class AbstractMultistepScheduler(AbstractLogSNRScheduler, AbstractDiscreteScheduler):
+    """A multistep solver (DPM-Solver++, DEIS, UniPC): spaced timesteps, and the data of earlier steps reused."""
+
+    timestep_spacing: TimestepSpacing = "linspace"
+
+    def _spaced_timesteps(self, num_steps: int, *, end: int | None = None) -> np.ndarray:
+        """Descending timesteps; ``linspace``/``leading`` space ``num_steps + 1`` points and drop 0's end."""
+        trailing = self.timestep_spacing == "trailing"
+        timesteps = spaced_timesteps(
+            self.timestep_spacing,
+            num_steps if trailing else num_steps + 1,
+            num_train_timesteps=self.num_train_timesteps,
+            steps_offset=self.steps_offset,
+            end=end,
+        )
+        return timesteps if trailing else timesteps[:-1]
+
+    def _order_at(self, state: SchedulerState, step_index: int) -> int:
+        """Warm up from first order; with ``lower_order_final`` and few steps, end with orders 2 then 1."""
+        steps = len(state.full_timesteps)
+        j = state.position(step_index)
+        few = self.lower_order_final and steps < _LOWER_ORDER_FINAL_BELOW
+        if j == steps - 1 and (few or self._first_order_at_end()):
+            return 1
+        if j == steps - 2 and few:
+            return min(self.solver_order, step_index + 1, 2)
+        return min(self.solver_order, step_index + 1)
+
+    def _first_order_at_end(self) -> bool:
+        """Whether the last step is first order whatever the step count."""
+        return False
+
+
 def int_timesteps(values: np.ndarray) -> Tensor:
     """Timesteps as int64, truncating fractional ones as diffusers' ``.to(torch.int64)`` does."""
     return torch.from_numpy(np.asarray(values)).to(torch.int64)
 
 
-__all__ = ["AbstractMultistepScheduler", "half_log_snr", "int_timesteps", "vp_coefficients"]
+__all__ = [
+    "AbstractLogSNRScheduler",
+    "AbstractMultistepScheduler",
+    "clipped_end",
+    "half_log_snr",
+    "int_timesteps",
+    "vp_coefficients",
+]

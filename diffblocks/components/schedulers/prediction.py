@@ -16,12 +16,13 @@ def data_prediction(
     model_output: Float[Tensor, "batch *rest"],
     sample: Float[Tensor, "batch *rest"],
     *,
-    alpha: float,
-    sigma: float,
+    alpha: float | Tensor,
+    sigma: float | Tensor,
 ) -> Float[Tensor, "batch *rest"]:
     """Estimate ``x0`` of ``sample = alpha * x0 + sigma * eps`` (variance preserving).
 
-    ``v_prediction`` is ``v = alpha * eps - sigma * x0`` (Salimans & Ho, 2022).
+    ``v_prediction`` is ``v = alpha * eps - sigma * x0`` (Salimans & Ho, 2022). ``alpha`` and
+    ``sigma`` may be 0-d tensors, for schedulers that keep diffusers' float32 coefficients.
     """
     if prediction_type == "epsilon":
         return (sample - sigma * model_output) / alpha

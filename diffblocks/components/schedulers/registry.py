@@ -10,14 +10,19 @@ from diffblocks.components.hub import resolve_folder
 from diffblocks.components.schedulers.base import CONFIG_NAME, AbstractScheduler, read_config
 from diffblocks.components.schedulers.ddim import DDIMScheduler
 from diffblocks.components.schedulers.ddpm import DDPMScheduler
+from diffblocks.components.schedulers.deis import DEISMultistepScheduler
 from diffblocks.components.schedulers.dpm_solver import DPMSolverMultistepScheduler
 from diffblocks.components.schedulers.dpm_solver_sde import DPMSolverSDEScheduler
+from diffblocks.components.schedulers.dpm_solver_singlestep import DPMSolverSinglestepScheduler
+from diffblocks.components.schedulers.edm_euler import EDMEulerScheduler
 from diffblocks.components.schedulers.euler import EulerDiscreteScheduler
 from diffblocks.components.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from diffblocks.components.schedulers.flow_match import FlowMatchEulerDiscreteScheduler
 from diffblocks.components.schedulers.flow_match_heun import FlowMatchHeunDiscreteScheduler
 from diffblocks.components.schedulers.heun import HeunDiscreteScheduler
 from diffblocks.components.schedulers.lcm import LCMScheduler
+from diffblocks.components.schedulers.kdpm2 import KDPM2DiscreteScheduler
+from diffblocks.components.schedulers.kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
 from diffblocks.components.schedulers.lms import LMSDiscreteScheduler
 from diffblocks.components.schedulers.pndm import PNDMScheduler
 from diffblocks.components.schedulers.tcd import TCDScheduler
@@ -40,6 +45,11 @@ SCHEDULERS: dict[str, type[AbstractScheduler]] = {
         LCMScheduler,
         TCDScheduler,
         FlowMatchHeunDiscreteScheduler,
+        KDPM2DiscreteScheduler,
+        KDPM2AncestralDiscreteScheduler,
+        EDMEulerScheduler,
+        DEISMultistepScheduler,
+        DPMSolverSinglestepScheduler,
     )
 }
 """The allowed scheduler classes, keyed by the diffusers ``_class_name`` they read."""

@@ -39,7 +39,7 @@ class SchedulerState:
 
     ``timesteps`` lists what the denoise loop runs: ``for i, t in enumerate(state.timesteps)``, then
     ``scheduler.step(state, output, i, sample)``. Its length is the number of model calls, which is
-    ``num_inference_steps`` for most schedulers, ``2 * n - 1`` for Heun and ``n + 1`` for PNDM.
+    ``num_inference_steps`` for most schedulers, ``2 * n - 1`` for Heun and KDPM2 and ``n + 1`` for PNDM.
 
     Args:
         timesteps: model timesteps of the steps to run, after ``strength`` truncation.

@@ -18,7 +18,7 @@ from diffblocks.components.schedulers.multistep import (
     vp_coefficients,
 )
 from diffblocks.components.schedulers.prediction import noise_prediction
-from diffblocks.components.schedulers.schedule import interpolate_sigmas, respace_sigmas, sigma_to_t
+from diffblocks.components.schedulers.schedule import interpolate_sigmas
 from diffblocks.components.schedulers.state import SchedulerState, StepRecord
 
 
@@ -47,12 +47,17 @@ class UniPCMultistepScheduler(AbstractMultistepScheduler):
 
     predict_x0: bool = True
     solver_type: Literal["bh1", "bh2"] = "bh2"
+    final_sigmas_type: Literal["zero", "sigma_min"] = "zero"
+    rescale_betas_zero_snr: bool = False
     disable_corrector: tuple[int, ...] = ()
     sigma_min: float | None = Field(default=None, gt=0.0)
     sigma_max: float | None = Field(default=None, gt=0.0)
     # read and written for config fidelity; they only act together with flow sigmas
     flow_shift: float = 1.0
     time_shift_type: Literal["exponential", "linear"] = "exponential"
+
+    def _zero_terminal_snr(self) -> bool:
+        return self.rescale_betas_zero_snr
 
     @field_validator("solver_type", mode="before")
     @classmethod
@@ -62,16 +67,14 @@ class UniPCMultistepScheduler(AbstractMultistepScheduler):
 
     def _schedule(self, num_steps: int) -> tuple[np.ndarray, np.ndarray, float]:
         """Spaced timesteps, or those of Karras or exponential sigmas within ``[sigma_min, sigma_max]``."""
-        noise = self.training_noise
         kind = self._sigma_respacing
         if kind is None:
             timesteps = self._spaced_timesteps(num_steps)
-            return timesteps, interpolate_sigmas(timesteps, noise.sigmas), float(noise.sigmas[0])
-        levels = respace_sigmas(kind, noise.sigmas[::-1], num_steps, sigma_min=self.sigma_min, sigma_max=self.sigma_max)
-        timesteps = sigma_to_t(levels, noise.log_sigmas)
-        if kind == "karras":
-            timesteps = np.round(timesteps)
-        return timesteps, levels, float(levels[-1])
+            levels, lowest = interpolate_sigmas(timesteps, self.training_noise.sigmas), self.training_noise.sigmas[0]
+        else:
+            timesteps, levels = self._respaced(kind, num_steps, sigma_min=self.sigma_min, sigma_max=self.sigma_max)
+            lowest = levels[-1]
+        return timesteps, levels, float(lowest) if self.final_sigmas_type == "sigma_min" else 0.0
 
     def step(
         self,
