@@ -112,7 +112,8 @@ class ComponentSpec(BaseModel):
 
 
 class PipelineIndex(BaseModel):
-    """The contents of an index file: component specs plus the pipeline-level settings beside them."""
+    """The contents of an index file: component specs, the pipeline-level settings beside them, and the
+    library's own keys (``extras``: those starting with ``_`` other than ``_class_name``)."""
 
     model_config = ConfigDict(frozen=True, protected_namespaces=())
 
@@ -120,6 +121,7 @@ class PipelineIndex(BaseModel):
     components: dict[str, ComponentSpec]
     settings: dict[str, Any]
     source: str
+    extras: dict[str, Any] = {}
 
 
 def read_index(path_or_repo: str | os.PathLike[str], *, revision: str | None = None) -> PipelineIndex:
@@ -150,8 +152,11 @@ def parse_index(data: Mapping[str, Any], *, root: str, revision: str | None = No
     """
     components: dict[str, ComponentSpec] = {}
     settings: dict[str, Any] = {}
+    extras: dict[str, Any] = {}
     for name, value in data.items():
         if name.startswith("_"):
+            if name != "_class_name":
+                extras[name] = value
             continue
         if isinstance(value, (list, tuple)) and len(value) in (2, 3):
             spec = ComponentSpec.from_index_entry(name, value, root=root)
@@ -162,7 +167,8 @@ def parse_index(data: Mapping[str, Any], *, root: str, revision: str | None = No
                 components[name] = spec
             continue
         settings[name] = value
-    return PipelineIndex(class_name=data.get("_class_name"), components=components, settings=settings, source=source)
+    class_name = data.get("_class_name")
+    return PipelineIndex(class_name=class_name, components=components, settings=settings, source=source, extras=extras)
 
 
 def _check_entry(spec: ComponentSpec, *, root: str, source: str) -> None:

@@ -10,13 +10,17 @@ from typing import Any
 
 import torch
 
-from diffblocks.blocks import Pipeline, Sequence
+from diffblocks.blocks import AbstractBlock, Pipeline, Sequence
 from diffblocks.blocks.introspect import component_names
 from diffblocks.blocks.pipeline import PresetInfo
 from diffblocks.components import ComponentsManager, ComponentSpec, read_index
+from diffblocks.components.specs import PipelineIndex
 from diffblocks.components.guiders import AbstractGuider
 from diffblocks.presets import flux, sd15, sdxl
+from diffblocks.presets.remote_code import code_class, load_code
 from diffblocks.presets.tiny import preset as tiny
+from diffblocks.presets.treefile import CODE_KEY, TREE_KEY, code_files, tree_from_json
+from diffblocks.registry import BLOCKS
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # components that hold no weights keep their own precision
@@ -100,8 +104,14 @@ def from_pretrained(
     variant: str | None = None,
     manager: ComponentsManager | None = None,
     components: Mapping[str, Any] | None = None,
+    trust_remote_code: bool = False,
 ) -> Pipeline:
     """A ready pipeline for a diffusers-layout repository, its family picked from the index file.
+
+    A pipeline saved with an edited block tree loads that tree. When the tree has user-written
+    blocks, their code runs only with ``trust_remote_code=True``, from the Hub only at a ``revision``
+    that is a full commit hash, and only once every file matches the sha256 its index records (see
+    :mod:`diffblocks.presets.remote_code`).
 
     Args:
         path_or_repo: a local folder or a Hub id (resolved through the cache; ``HF_HUB_OFFLINE`` respected).
@@ -111,9 +121,15 @@ def from_pretrained(
         variant: a weights variant such as ``"fp16"``.
         manager: share components with other pipelines through this manager.
         components: objects or specs that replace the repository's components (``{"scheduler": ...}``).
+        trust_remote_code: run the block code the repository carries (read it first).
+
+    Raises:
+        RemoteCodeError: the repository carries block code that may not run (not trusted, not
+            pinned, ``DIFFBLOCKS_NO_REMOTE_CODE`` set, or a file that does not match its hash).
     """
     index = read_index(path_or_repo, revision=revision)
     family = family_of(index.class_name, index.settings)
+    blocks = _blocks(index, family, path_or_repo, revision=revision, trust_remote_code=trust_remote_code)
     manager = manager if manager is not None else ComponentsManager(device=device)
     if device is not None:
         manager.device = torch.device(device)
@@ -132,12 +148,35 @@ def from_pretrained(
         specs[name] = spec.with_(**changes) if changes else spec
     specs.setdefault("guider", family.guider())
     specs.update(components or {})
-    blocks = family.build(index.settings)
     needed = component_names(blocks)
     chosen = {name: value for name, value in specs.items() if name in needed}
     preset = PresetInfo(family.name, index.class_name, dict(index.settings), sources)
     name = f"{family.name}:{os.fspath(path_or_repo)}"
     return Pipeline(blocks, chosen, manager=manager, name=name, preset=preset)
+
+
+def _blocks(
+    index: PipelineIndex,
+    family: Family,
+    path_or_repo: str | os.PathLike[str],
+    *,
+    revision: str | None,
+    trust_remote_code: bool,
+) -> AbstractBlock:
+    """The saved block tree when the index has one (its code checked and imported first), else the family's."""
+    tree = index.extras.get(TREE_KEY)
+    if tree is None:
+        return family.build(index.settings)
+    files = code_files(tree)
+    modules = {}
+    if files:
+        hashes = index.extras.get(CODE_KEY)
+        hashes = hashes if isinstance(hashes, dict) else {}
+        modules = load_code(path_or_repo, hashes, files, trust_remote_code=trust_remote_code, revision=revision)
+    source = f"{os.fspath(path_or_repo)}: {index.source}"
+    return tree_from_json(
+        tree, registry=BLOCKS, code_class=lambda file, name: code_class(modules, file, name), source=source
+    )
 
 
 def _is_package(spec: ComponentSpec) -> bool:

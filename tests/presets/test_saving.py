@@ -200,14 +200,14 @@ def test_failures_write_nothing(sd15_repo: Path, tmp_path: Path, monkeypatch: py
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
 
 
-def test_changed_blocks_are_refused(sd15_repo: Path, tmp_path: Path) -> None:
+def test_blocks_that_cannot_be_saved_are_refused(sd15_repo: Path, tmp_path: Path) -> None:
     pipe = Pipeline.from_pretrained(str(sd15_repo))
 
     class MyStep(SchedulerStep):
-        """A research step: the preset would silently drop it on loading."""
+        """A research step defined in a function: neither registered nor in a module file that can be saved."""
 
     pipe.replace_block("workflow.text2img.denoise.step", MyStep(name="step"))
-    message = r"block 'workflow.text2img.denoise.step' is a .*MyStep where the preset has a .*SchedulerStep"
+    message = r"block 'workflow.text2img.denoise.step' is a .*MyStep, .* it is defined inside a function"
     with pytest.raises(ValueError, match=message):
         pipe.save_pretrained(tmp_path / "saved")
     assert not (tmp_path / "saved").exists()
