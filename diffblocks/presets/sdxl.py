@@ -9,6 +9,8 @@ from diffblocks.components.guiders import ClassifierFreeGuidance
 from diffblocks.presets.sd15 import unet_workflows
 
 PIPELINE_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+MODULAR_CLASSES = ("StableDiffusionXLModularPipeline", "StableDiffusionXLAutoBlocks")
+"""diffusers' ``ModularPipeline`` class and blocks class for SDXL, as its ``modular_model_index.json`` names them."""
 SETTINGS = ("force_zeros_for_empty_prompt", "requires_aesthetics_score")
 """Index settings (``model_index.json`` keys beside the components) that :func:`sdxl_blocks` reads."""
 

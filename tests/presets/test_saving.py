@@ -138,7 +138,7 @@ def test_variant_dtype_and_shards_round_trip(sd15_repo: Path, tmp_path: Path) ->
     assert len(list((sharded / "unet").glob("diffusion_pytorch_model-0000?-of-0000?.safetensors"))) > 1
     assert len(list((sharded / "text_encoder").glob("model-0000?-of-0000?.safetensors"))) > 1
     assert modular_index(variant)["unet"][2]["variant"] == "bf16"
-    assert modular_index(sharded)["text_encoder"][2]["dtype"] == "bfloat16"
+    assert modular_index(sharded)["_diffblocks_dtypes"]["text_encoder"] == "bfloat16"
 
     for folder in (variant, sharded):
         back = Pipeline.from_pretrained(str(folder))  # the index says which variant and dtype
