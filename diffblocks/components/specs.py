@@ -152,8 +152,10 @@ def parse_index(data: Mapping[str, Any], *, root: str, revision: str | None = No
 
     Raises:
         RepositoryPathError: an entry's subfolder is absolute or has ``..`` (or a backslash, or a
-            drive letter), or its ``pretrained_model_name_or_path`` is neither a Hub id nor a
-            ``package://`` reference (see :func:`~diffblocks.components.containment.check_reference`).
+            drive letter), or its ``pretrained_model_name_or_path`` is neither a Hub id, a
+            ``package://`` reference, nor the folder ``root`` itself (which diffusers'
+            ``ModularPipeline.save_pretrained`` writes; see
+            :func:`~diffblocks.components.containment.check_reference`).
     """
     components: dict[str, ComponentSpec] = {}
     settings: dict[str, Any] = {}

@@ -138,8 +138,9 @@ def _import(path: Path, file: str, *, repository: str, where: str | None, digest
     sys.modules[name] = module  # classes find their module by name (annotations, pydantic)
     try:
         spec.loader.exec_module(module)
-    except BaseException:
+    except BaseException as err:
         del sys.modules[name]
+        err.add_note(f"raised while importing the block code {file!r} of {repository} (verified against its sha256)")
         raise
     return module
 

@@ -134,8 +134,6 @@ def _why_no_source(cls: type, module: ModuleType | None) -> str | None:
         value = getattr(value, part, None)
     if value is not cls:
         return f"{cls.__module__}.{cls.__qualname__} is not that class once the module is imported"
-    if not inspect.isclass(value):
-        return "it is not a class"
     return None
 
 

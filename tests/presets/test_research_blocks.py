@@ -170,6 +170,12 @@ def test_tampered_unlisted_and_escaping_code_is_refused(saved: Path, tmp_path: P
     rewrite_index(escaping, escape)
     with pytest.raises(RepositoryPathError, match=r"code file '\.\./outside\.py'.*'\.\.' segment"):
         Pipeline.from_pretrained(str(escaping), trust_remote_code=True)
+
+    linked = Path(shutil.copytree(saved, tmp_path / "linked"))
+    (linked / CODE).unlink()
+    (linked / CODE).symlink_to(outside)  # the same bytes, outside the repository
+    with pytest.raises(RepositoryPathError, match=rf"code file '{CODE}'.*symbolic link to .*outside\.py, outside"):
+        Pipeline.from_pretrained(str(linked), trust_remote_code=True)
     assert private_modules() == before
 
 
