@@ -15,10 +15,9 @@ as ``cls(name=name, **config)``, so saving checks that this gives back the same 
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import ModuleType
@@ -135,11 +134,6 @@ def _why_no_source(cls: type, module: ModuleType | None) -> str | None:
     if value is not cls:
         return f"{cls.__module__}.{cls.__qualname__} is not that class once the module is imported"
     return None
-
-
-def code_hashes(code: Mapping[str, Path]) -> dict[str, str]:
-    """The sha256 of each code file, by its path in the folder."""
-    return {file: hashlib.sha256(source.read_bytes()).hexdigest() for file, source in sorted(code.items())}
 
 
 def code_files(data: Any) -> list[str]:
@@ -278,7 +272,6 @@ __all__ = [
     "TREE_KEY",
     "SavedTree",
     "code_files",
-    "code_hashes",
     "is_code_path",
     "tree_from_json",
     "tree_to_json",
