@@ -22,10 +22,12 @@ import pytest
 import torch
 
 from diffblocks.blocks import Pipeline
+from diffblocks.blocks.standard import SchedulerStep
 from diffblocks.blocks.tree import walk
 from diffblocks.components.containment import RepositoryPathError
 from diffblocks.presets import loading, saving
 from diffblocks.presets.remote_code import ENV_NO_REMOTE_CODE, NAMESPACE, RemoteCodeError
+from diffblocks.presets.structure import tree_rows
 from diffblocks.registry import RegistryError, default_block_registry
 from diffblocks.registry import registry as registry_module
 from tests.hub_server import StandInHub
@@ -90,6 +92,19 @@ def private_modules() -> set[str]:
 def test_an_unedited_preset_saves_no_tree(sd15_repo: Path, tmp_path: Path) -> None:
     folder = Pipeline.from_pretrained(str(sd15_repo)).save_pretrained(tmp_path / "plain")
     assert "_diffblocks_blocks" not in index_of(folder) and not (folder / "blocks").exists()
+
+
+def test_blocks_inserted_and_removed_save_and_load_back(sd15_repo: Path, tmp_path: Path) -> None:
+    plain = Pipeline.from_pretrained(str(sd15_repo))
+    pipe = Pipeline.from_pretrained(str(sd15_repo))
+    pipe.insert_block(SchedulerStep(name="step_twice"), after="workflow.text2img.denoise.step")
+    pipe.remove_block("workflow.inpaint.denoise.blend")
+    folder = pipe.save_pretrained(tmp_path / "edited")
+    assert "_diffblocks_code" not in index_of(folder)  # built-in blocks only: named, no code
+
+    back = Pipeline.from_pretrained(str(folder))  # no code to trust
+    assert tree_rows(back.blocks) == tree_rows(pipe.blocks) != tree_rows(plain.blocks)
+    assert np.array_equal(image(back), image(pipe)) and not np.array_equal(image(back), image(plain))
 
 
 def test_user_block_saves_its_module_and_loads_back_when_trusted(
