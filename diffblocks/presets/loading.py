@@ -7,6 +7,7 @@ import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -15,9 +16,9 @@ from diffblocks.blocks import AbstractBlock, Pipeline, Sequence
 from diffblocks.blocks.introspect import component_names
 from diffblocks.blocks.pipeline import PresetInfo
 from diffblocks.components import ComponentsManager, ComponentSpec, read_index
+from diffblocks.components.guiders import AbstractGuider
 from diffblocks.components.hub import resolve_folder
 from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX, PipelineIndex
-from diffblocks.components.guiders import AbstractGuider
 from diffblocks.presets import flux, sd15, sdxl
 from diffblocks.presets.remote_code import RemoteCodeError, code_class, load_code
 from diffblocks.presets.tiny import preset as tiny
@@ -193,7 +194,7 @@ def _blocks(
     if tree is None:
         return family.build(index.settings)
     files = code_files(tree)
-    modules = {}
+    modules: dict[str, ModuleType] = {}
     if files:
         hashes = index.extras.get(CODE_KEY)
         hashes = hashes if isinstance(hashes, dict) else {}
