@@ -17,6 +17,9 @@ from diffblocks.components.hub import resolve_folder
 
 MODULAR_INDEX = "modular_model_index.json"
 CLASSIC_INDEX = "model_index.json"
+# dtypes by component, beside the entries: diffusers' ModularPipeline passes every key of an entry's
+# loading spec to its ComponentSpec, which takes no dtype
+DTYPES_KEY = "_diffblocks_dtypes"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -68,7 +71,11 @@ class ComponentSpec(BaseModel):
         return self.model_copy(update=changes)
 
     def to_index_entry(self) -> list[Any]:
-        """``[library, class_name, loading spec]`` as diffusers writes in ``modular_model_index.json``."""
+        """``[library, class_name, loading spec]`` as diffusers writes in ``modular_model_index.json``.
+
+        The dtype is not part of it (diffusers' ModularPipeline refuses unknown keys there):
+        :func:`write_modular_index` records dtypes under ``_diffblocks_dtypes``.
+        """
         library, class_name = self.type_hint or (None, None)
         spec: dict[str, Any] = {
             "pretrained_model_name_or_path": self.repo,
@@ -77,8 +84,6 @@ class ComponentSpec(BaseModel):
             "type_hint": [library, class_name],
             "variant": self.variant,
         }
-        if self.dtype:
-            spec["dtype"] = self.dtype
         if self.config is not None:
             spec["config"] = self.config
         return [library, class_name, spec]
@@ -113,7 +118,8 @@ class ComponentSpec(BaseModel):
 
 
 class PipelineIndex(BaseModel):
-    """The contents of an index file: component specs plus the pipeline-level settings beside them."""
+    """The contents of an index file: component specs, the pipeline-level settings beside them, and the
+    library's own keys (``extras``: those starting with ``_`` other than ``_class_name``)."""
 
     model_config = ConfigDict(frozen=True, protected_namespaces=())
 
@@ -121,6 +127,7 @@ class PipelineIndex(BaseModel):
     components: dict[str, ComponentSpec]
     settings: dict[str, Any]
     source: str
+    extras: dict[str, Any] = {}
 
 
 def read_index(path_or_repo: str | os.PathLike[str], *, revision: str | None = None) -> PipelineIndex:
@@ -146,16 +153,27 @@ def parse_index(data: Mapping[str, Any], *, root: str, revision: str | None = No
 
     Raises:
         RepositoryPathError: an entry's subfolder is absolute or has ``..`` (or a backslash, or a
-            drive letter), or its ``pretrained_model_name_or_path`` is neither a Hub id nor a
-            ``package://`` reference (see :func:`~diffblocks.components.containment.check_reference`).
+            drive letter), or its ``pretrained_model_name_or_path`` is neither a Hub id, a
+            ``package://`` reference, nor the folder ``root`` itself (which diffusers'
+            ``ModularPipeline.save_pretrained`` writes; see
+            :func:`~diffblocks.components.containment.check_reference`).
     """
     components: dict[str, ComponentSpec] = {}
     settings: dict[str, Any] = {}
+    extras: dict[str, Any] = {}
+    dtypes = data.get(DTYPES_KEY)
+    dtypes = dtypes if isinstance(dtypes, dict) else {}
     for name, value in data.items():
         if name.startswith("_"):
+            if name != "_class_name":
+                extras[name] = value
             continue
         if isinstance(value, (list, tuple)) and len(value) in (2, 3):
             spec = ComponentSpec.from_index_entry(name, value, root=root)
+            if spec is not None and spec.dtype is None and dtypes.get(name) is not None:
+                spec = spec.with_(dtype=ComponentSpec(name=name, dtype=dtypes[name]).dtype)  # validated
+            if spec is not None and spec.repo not in (None, root) and _names_itself(spec.repo, root):
+                spec = spec.with_(repo=root)  # diffusers' ModularPipeline writes the folder it saved into
             if spec is not None:
                 _check_entry(spec, root=root, source=source)
                 if spec.repo == root and spec.revision is None and revision is not None:
@@ -163,7 +181,17 @@ def parse_index(data: Mapping[str, Any], *, root: str, revision: str | None = No
                 components[name] = spec
             continue
         settings[name] = value
-    return PipelineIndex(class_name=data.get("_class_name"), components=components, settings=settings, source=source)
+    class_name = data.get("_class_name")
+    return PipelineIndex(class_name=class_name, components=components, settings=settings, source=source, extras=extras)
+
+
+def _names_itself(value: str, root: str) -> bool:
+    """Whether an entry's local path is the very folder the index was read from (so, the repository itself)."""
+    try:
+        folder = Path(root).expanduser()
+        return folder.is_dir() and Path(value).expanduser().resolve() == folder.resolve()
+    except (OSError, ValueError):  # a NUL character, a path too long: not this folder
+        return False
 
 
 def _check_entry(spec: ComponentSpec, *, root: str, source: str) -> None:
@@ -192,9 +220,16 @@ def write_modular_index(
     class_name: str,
     settings: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``modular_model_index.json`` listing ``specs`` (and plain ``settings``)."""
+    """Write ``modular_model_index.json`` listing ``specs`` (and plain ``settings``), in diffusers' format.
+
+    Each entry is ``[library, class name, loading spec]`` as diffusers' ``ModularPipeline`` reads it;
+    the components' dtypes are recorded beside them, under ``_diffblocks_dtypes``.
+    """
     data: dict[str, Any] = {"_class_name": class_name, "_diffblocks_version": __version__}
     data.update(settings or {})
+    dtypes = {name: specs[name].dtype for name in sorted(specs) if specs[name].dtype}
+    if dtypes:
+        data[DTYPES_KEY] = dtypes
     for name in sorted(specs):
         data[name] = specs[name].to_index_entry()
     path = Path(folder) / MODULAR_INDEX

@@ -29,7 +29,9 @@ class Family:
     ``settings`` names index settings (``model_index.json`` keys beside the components, such as
     SDXL's ``force_zeros_for_empty_prompt``) that are passed to ``blocks`` as keyword arguments.
     ``install_hints`` says how to install each Python package that the family's index files refer
-    to with ``package://`` (the tiny model's text encoder).
+    to with ``package://`` (the tiny model's text encoder). ``modular`` is diffusers'
+    ``(ModularPipeline class, blocks class)`` for the family, when diffusers has one: folders that
+    diffusers' ``ModularPipeline`` saved name it, and ours name it too.
     """
 
     def __init__(
@@ -41,9 +43,11 @@ class Family:
         *,
         settings: tuple[str, ...] = (),
         install_hints: Mapping[str, str] | None = None,
+        modular: tuple[str, str] | None = None,
     ) -> None:
         self.name, self.blocks, self.guider, self.classes, self.settings = name, blocks, guider, classes, settings
         self.install_hints: Mapping[str, str] = dict(install_hints or {})
+        self.modular = modular
 
     def build(self, settings: Mapping[str, Any]) -> Sequence:
         """The family's blocks, configured by the index settings it reads."""
@@ -90,13 +94,14 @@ def register_family(family: Family) -> Family:
 
 
 def family_of(class_name: str | None, settings: Mapping[str, Any]) -> Family:
-    """The family for an index's ``_class_name`` (or its ``family`` setting)."""
+    """The family for an index's ``_class_name`` (or its ``family`` setting): a classic pipeline class,
+    or diffusers' ``ModularPipeline`` class of the family."""
     if isinstance(settings.get("family"), str) and settings["family"] in FAMILIES:
         return FAMILIES[settings["family"]]
     for family in FAMILIES.values():
-        if class_name in family.classes:
+        if class_name in family.classes or (family.modular is not None and class_name == family.modular[0]):
             return family
-    known = sorted(name for family in FAMILIES.values() for name in family.classes)
+    known = sorted(name for family in FAMILIES.values() for name in (*family.classes, *(family.modular or ())[:1]))
     raise ValueError(f"no preset reads pipelines of class {class_name!r}; supported: {', '.join(known)}")
 
 

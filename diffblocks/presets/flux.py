@@ -26,6 +26,8 @@ from diffblocks.components.guiders import ClassifierFreeGuidance
 from diffblocks.presets.families import Family
 
 PIPELINE_CLASSES = ("FluxPipeline", "FluxImg2ImgPipeline")
+MODULAR_CLASSES = ("FluxModularPipeline", "FluxAutoBlocks")
+"""diffusers' ``ModularPipeline`` class and blocks class for Flux, as its ``modular_model_index.json`` names them."""
 
 
 def default_guider() -> ClassifierFreeGuidance:
@@ -65,5 +67,5 @@ def flux_blocks() -> Sequence:
     )
 
 
-FAMILY = Family("flux", flux_blocks, default_guider, PIPELINE_CLASSES)
+FAMILY = Family("flux", flux_blocks, default_guider, PIPELINE_CLASSES, modular=MODULAR_CLASSES)
 """The Flux family, as ``from_pretrained`` finds it."""

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
-from diffblocks.blocks import Pipeline
+from diffblocks.blocks import AbstractBlock, Pipeline
 from diffblocks.blocks.introspect import component_names
 from diffblocks.blocks.pipeline import PresetInfo
 from diffblocks.components import ComponentsManager, ComponentSpec, read_index
+from diffblocks.components.hub import resolve_folder
+from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX, PipelineIndex
 from diffblocks.presets.families import FAMILIES, Family, family_of, register_family
+from diffblocks.presets.remote_code import RemoteCodeError, code_class, load_code
+from diffblocks.presets.treefile import CODE_KEY, TREE_KEY, code_files, tree_from_json
+from diffblocks.registry import BLOCKS
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # components that hold no weights keep their own precision
@@ -22,6 +29,14 @@ _NOT_CAST = frozenset({"tokenizer", "tokenizer_2", "scheduler", "guider", "featu
 
 
 PACKAGE_SCHEME = "package://"
+DIFFUSERS_BLOCKS_CONFIG = "modular_config.json"  # where diffusers' custom blocks name their code (auto_map)
+_MSG_DIFFUSERS_CODE = (
+    "{repository} carries diffusers' own custom block code ({files}, named by the auto_map of its {config}). "
+    "diffblocks does not run diffusers' block code: those blocks are written for diffusers' ModularPipeline, not "
+    "as diffblocks blocks, and their code is not pinned and hashed as diffblocks requires. Load this repository "
+    "with diffusers (ModularPipelineBlocks.from_pretrained(..., trust_remote_code=True)), or write the block as a "
+    "diffblocks block and publish it with its preset (docs/publishing.md)."
+)
 
 
 def resolve_package_reference(reference: str, *, install_hints: Mapping[str, str] | None = None) -> Path:
@@ -56,8 +71,14 @@ def from_pretrained(
     variant: str | None = None,
     manager: ComponentsManager | None = None,
     components: Mapping[str, Any] | None = None,
+    trust_remote_code: bool = False,
 ) -> Pipeline:
     """A ready pipeline for a diffusers-layout repository, its family picked from the index file.
+
+    A pipeline saved with an edited block tree loads that tree. When the tree has user-written
+    blocks, their code runs only with ``trust_remote_code=True``, from the Hub only at a ``revision``
+    that is a full commit hash, and only once every file matches the sha256 its index records (see
+    :mod:`diffblocks.presets.remote_code`).
 
     Args:
         path_or_repo: a local folder or a Hub id (resolved through the cache; ``HF_HUB_OFFLINE`` respected).
@@ -67,9 +88,16 @@ def from_pretrained(
         variant: a weights variant such as ``"fp16"``.
         manager: share components with other pipelines through this manager.
         components: objects or specs that replace the repository's components (``{"scheduler": ...}``).
+        trust_remote_code: run the block code the repository carries (read it first).
+
+    Raises:
+        RemoteCodeError: the repository carries block code that may not run (not trusted, not
+            pinned, ``DIFFBLOCKS_NO_REMOTE_CODE`` set, or a file that does not match its hash).
     """
+    _refuse_diffusers_code(path_or_repo, revision=revision)
     index = read_index(path_or_repo, revision=revision)
     family = family_of(index.class_name, index.settings)
+    blocks = _blocks(index, family, path_or_repo, revision=revision, trust_remote_code=trust_remote_code)
     manager = manager if manager is not None else ComponentsManager(device=device)
     if device is not None:
         manager.device = torch.device(device)
@@ -88,12 +116,58 @@ def from_pretrained(
         specs[name] = spec.with_(**changes) if changes else spec
     specs.setdefault("guider", family.guider())
     specs.update(components or {})
-    blocks = family.build(index.settings)
     needed = component_names(blocks)
     chosen = {name: value for name, value in specs.items() if name in needed}
     preset = PresetInfo(family.name, index.class_name, dict(index.settings), sources)
     name = f"{family.name}:{os.fspath(path_or_repo)}"
     return Pipeline(blocks, chosen, manager=manager, name=name, preset=preset)
+
+
+def _blocks(
+    index: PipelineIndex,
+    family: Family,
+    path_or_repo: str | os.PathLike[str],
+    *,
+    revision: str | None,
+    trust_remote_code: bool,
+) -> AbstractBlock:
+    """The saved block tree when the index has one (its code checked and imported first), else the family's."""
+    tree = index.extras.get(TREE_KEY)
+    if tree is None:
+        return family.build(index.settings)
+    files = code_files(tree)
+    modules: dict[str, ModuleType] = {}
+    if files:
+        hashes = index.extras.get(CODE_KEY)
+        hashes = hashes if isinstance(hashes, dict) else {}
+        modules = load_code(path_or_repo, hashes, files, trust_remote_code=trust_remote_code, revision=revision)
+    source = f"{os.fspath(path_or_repo)}: {index.source}"
+    return tree_from_json(
+        tree, registry=BLOCKS, code_class=lambda file, name: code_class(modules, file, name), source=source
+    )
+
+
+def _refuse_diffusers_code(path_or_repo: str | os.PathLike[str], *, revision: str | None) -> None:
+    """Refuse a repository whose index or blocks config names diffusers' custom block code (``auto_map``).
+
+    Raises:
+        RemoteCodeError: naming the code files and what to do instead.
+    """
+    names = [DIFFUSERS_BLOCKS_CONFIG, MODULAR_INDEX]
+    try:
+        root = resolve_folder(path_or_repo, revision=revision, allow_patterns=[*names, CLASSIC_INDEX])
+    except FileNotFoundError:
+        return  # read_index says what is missing, in its own words
+    for name in names:
+        try:
+            data = json.loads((root / name).read_text())
+        except (OSError, ValueError):
+            continue  # absent, or malformed: read_index reports a malformed index
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if auto_map:
+            refs = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+            files = ", ".join(sorted({f"{str(ref).rpartition('.')[0] or ref}.py" for ref in refs}))
+            raise RemoteCodeError(_MSG_DIFFUSERS_CODE.format(repository=os.fspath(path_or_repo), files=files, config=name))
 
 
 def _is_package(spec: ComponentSpec) -> bool:

@@ -9,6 +9,9 @@ type hints, dtypes, variants, the guider, the family and the settings) and a cla
   stay references in the modular index, with their revision, variant and dtype: the saved folder
   is small and loads them from their own repository. ``copy_references=True`` copies them too.
 
+A pipeline whose block tree was edited (see :mod:`diffblocks.presets.structure`) also saves its
+tree, and the modules of its user-written blocks with their sha256 (:mod:`diffblocks.presets.treefile`).
+
 Everything is written into a hidden folder beside the target, and only then moved in: only the
 files a save writes replace the previous save's, and other files in the folder stay (see
 :mod:`diffblocks.presets.staging`). A failure leaves the target as it was.
@@ -17,6 +20,7 @@ files a save writes replace the previous save's, and other files in the folder s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -37,8 +41,9 @@ from diffblocks.components.schedulers import AbstractScheduler
 from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX
 from diffblocks.presets.families import FAMILIES
 from diffblocks.presets.staging import MANIFEST_KEY, saved_files, staged_save
-from diffblocks.presets.structure import preset_of
-from diffblocks.registry import Registry, RegistryError
+from diffblocks.presets.structure import edited, preset_of
+from diffblocks.presets.treefile import CODE_KEY, TREE_KEY, tree_to_json
+from diffblocks.registry import BLOCKS, Registry, RegistryError
 
 _MSG_EXISTS = (
     "{folder} exists, is not empty and is not a saved diffblocks pipeline; saving would replace everything "
@@ -53,7 +58,7 @@ _MSG_UNSAVABLE = (
     "transformers models and tokenizers, schedulers and guiders."
 )
 _CLASSIC_LIBRARIES = frozenset({"diffusers", "transformers"})
-_OUR_SETTINGS = frozenset({"family"})  # settings only diffblocks reads: kept out of diffusers' index
+_OUR_SETTINGS = frozenset({"family", TREE_KEY, CODE_KEY})  # settings only diffblocks reads: kept out of diffusers' index
 
 
 @dataclass(frozen=True)
@@ -79,8 +84,13 @@ def save_pretrained(
 ) -> Path:
     """Save ``pipe``'s components, guider and settings so that ``Pipeline.from_pretrained(folder)`` rebuilds it.
 
+    A pipeline whose blocks differ from its family's saves its block tree too: registered blocks by
+    name, user-written blocks with their module file (``blocks/<module path>.py``), whose sha256 the
+    index records. Loading such code needs ``trust_remote_code=True``.
+
     Args:
-        pipe: a preset pipeline (from ``Pipeline.from_pretrained``, or built from a family's blocks).
+        pipe: a preset pipeline (from ``Pipeline.from_pretrained``, or built from a family's blocks),
+            its blocks edited or not.
         folder: created if missing. In a folder that holds a saved pipeline, the previous save's
             files are replaced and every other file is kept; another non-empty folder is replaced
             only with ``overwrite=True``. A link to a folder is written through.
@@ -95,8 +105,8 @@ def save_pretrained(
         The folder written.
 
     Raises:
-        ValueError: the blocks are not a preset's, ``safe_serialization`` is False, or a setting is
-            not JSON.
+        ValueError: the pipeline comes from no known preset, a block can be neither named nor saved
+            as code, ``safe_serialization`` is False, or a setting is not JSON.
         RegistryError: a component's class is not in the manager's registry (nothing is written).
         TypeError: a component is of a kind diffblocks cannot save (nothing is written).
         FileExistsError: ``folder`` is a file or a broken link, a foreign non-empty folder without
@@ -106,18 +116,34 @@ def save_pretrained(
         raise ValueError(_MSG_UNSAFE)
     preset = preset_of(pipe)
     settings = {**preset.settings, "family": preset.family}
+    if edited(pipe, preset) is not None:
+        tree = tree_to_json(pipe.blocks, registry=BLOCKS)
+        code = {file: source.read_bytes() for file, source in tree.code.items()}
+        settings[TREE_KEY] = tree.data
+        if code:
+            settings[CODE_KEY] = {file: hashlib.sha256(data).hexdigest() for file, data in sorted(code.items())}
+    else:
+        code = {}
     json.dumps(settings)  # a setting that is not JSON fails here, before anything is written
     items = [_plan(pipe, name, key, preset, copy_references) for name, key in sorted(pipe.component_keys().items())]
     target = Path(folder).expanduser().absolute()
     _check_target(target, overwrite=overwrite)
-    class_name = preset.class_name or FAMILIES[preset.family].classes[0]
+    family = FAMILIES[preset.family]
+    # the classic index names diffusers' classic class; the modular index, its ModularPipeline class when it has one
+    class_name = preset.class_name if preset.class_name in family.classes else family.classes[0]
+    modular = {"_blocks_class_name": family.modular[1]} if family.modular is not None else {}
+    modular_class = family.modular[0] if family.modular is not None else class_name
     replace_all = overwrite and target.is_dir() and any(target.iterdir()) and not is_saved_pipeline(target)
     with staged_save(target, replace_all=replace_all) as staging:
         specs = {item.name: _write(pipe.manager, item, staging, variant, max_shard_size) for item in items}
+        for file, data in code.items():
+            (staging / file).parent.mkdir(parents=True, exist_ok=True)
+            (staging / file).write_bytes(data)
         classic = _classic_index(items, class_name=class_name, settings=settings)
         # what this save wrote, so that the next save onto the folder removes these and nothing else
         written = [*saved_files(staging), MODULAR_INDEX, *([CLASSIC_INDEX] if classic is not None else [])]
-        write_modular_index(staging, specs, class_name=class_name, settings={**settings, MANIFEST_KEY: sorted(written)})
+        ours = {**modular, **settings, MANIFEST_KEY: sorted(written)}
+        write_modular_index(staging, specs, class_name=modular_class, settings=ours)
         if classic is not None:
             (staging / CLASSIC_INDEX).write_text(json.dumps(classic, indent=2) + "\n")
     return target

@@ -10,6 +10,8 @@ from diffblocks.presets.families import Family
 from diffblocks.presets.sd15 import unet_workflows
 
 PIPELINE_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+MODULAR_CLASSES = ("StableDiffusionXLModularPipeline", "StableDiffusionXLAutoBlocks")
+"""diffusers' ``ModularPipeline`` class and blocks class for SDXL, as its ``modular_model_index.json`` names them."""
 SETTINGS = ("force_zeros_for_empty_prompt", "requires_aesthetics_score")
 """Index settings (``model_index.json`` keys beside the components) that :func:`sdxl_blocks` reads."""
 
@@ -36,5 +38,5 @@ def sdxl_blocks(*, force_zeros_for_empty_prompt: bool = True, requires_aesthetic
     )
 
 
-FAMILY = Family("sdxl", sdxl_blocks, default_guider, PIPELINE_CLASSES, settings=SETTINGS)
+FAMILY = Family("sdxl", sdxl_blocks, default_guider, PIPELINE_CLASSES, settings=SETTINGS, modular=MODULAR_CLASSES)
 """The SDXL family, as ``from_pretrained`` finds it."""

@@ -1,8 +1,9 @@
-"""Which preset a pipeline's blocks are: saved pipelines record their family, not their block code.
+"""Which preset a pipeline's blocks come from, and whether they are still exactly the preset's.
 
-A saved folder names a family and its settings; loading rebuilds the family's blocks. So a pipeline
-can be saved only when its block tree is exactly what its family builds, or the change (a replaced
-block, a different block config) would be lost silently on loading.
+A saved folder names a family and its settings. When the pipeline's tree is exactly what the
+family builds, that is all it records, and loading rebuilds the family's blocks (so a fix to the
+family reaches old saves). When the tree was edited (a block inserted, replaced, removed or
+configured otherwise), the tree itself is saved too (:mod:`diffblocks.presets.treefile`).
 """
 
 from __future__ import annotations
@@ -17,23 +18,19 @@ from diffblocks.presets.families import FAMILIES
 Row = tuple[str, str, str, Any]
 """One node of a block tree: its path, its class, its name, and what configures it."""
 
-_MSG_DIFFERENT = (
-    "pipeline {name!r} cannot be saved as the {family!r} preset: {detail}. A saved pipeline records its "
-    "family and settings, not its blocks, so this change would be lost when it is loaded. Components, the "
-    "guider and the scheduler may be swapped freely; keep the preset's blocks to save."
-)
 _MSG_UNKNOWN = (
     "pipeline {name!r} was not built by Pipeline.from_pretrained and its blocks are not those of any preset "
     "({families}) with default settings. Build it with preset=PresetInfo(family=..., settings=...) to say "
-    "which preset it is."
+    "which preset it starts from; its own blocks are saved with it."
 )
 
 
 def preset_of(pipe: Pipeline) -> PresetInfo:
-    """The pipeline's preset, recognised from its blocks when it was built by hand, and checked against them.
+    """The pipeline's preset, recognised from its blocks when it was built by hand.
 
     Raises:
-        ValueError: no single family builds these blocks, or the blocks differ from the family's.
+        ValueError: the pipeline names no preset and no single family builds these blocks, or it
+            names an unknown family.
     """
     info = pipe.preset
     if info is None:
@@ -43,10 +40,12 @@ def preset_of(pipe: Pipeline) -> PresetInfo:
         return PresetInfo(matches[0].name)
     if info.family not in FAMILIES:
         raise ValueError(f"pipeline {pipe.name!r} names family {info.family!r}; known families: {', '.join(FAMILIES)}")
-    detail = first_difference(tree_rows(FAMILIES[info.family].build(info.settings)), tree_rows(pipe.blocks))
-    if detail is not None:
-        raise ValueError(_MSG_DIFFERENT.format(name=pipe.name, family=info.family, detail=detail))
     return info
+
+
+def edited(pipe: Pipeline, preset: PresetInfo) -> str | None:
+    """How the pipeline's tree differs from what its family builds with its settings, in words; None if it does not."""
+    return first_difference(tree_rows(FAMILIES[preset.family].build(preset.settings)), tree_rows(pipe.blocks))
 
 
 def tree_rows(block: AbstractBlock) -> list[Row]:
@@ -89,4 +88,4 @@ def _class_name(block: AbstractBlock) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-__all__ = ["first_difference", "preset_of", "tree_rows"]
+__all__ = ["edited", "first_difference", "preset_of", "tree_rows"]

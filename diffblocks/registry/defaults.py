@@ -26,6 +26,20 @@ _GUIDERS = (
     "PerturbedAttentionGuidance SkipLayerGuidance SmoothedEnergyGuidance AutoGuidance FrequencyDecoupledGuidance "
     "MagnitudeAwareGuidance"
 ).split()
+# the built-in blocks, by the public module that exports them: saved block trees name them so
+_BLOCKS = {
+    "diffblocks.blocks.standard": (
+        "AddMaskChannels BlendMaskedLatents DecodeImages PredictNoise PrepareGuidance PrepareImageLatents "
+        "PrepareInpaintImages PrepareInpaintLatents PrepareLatents PrepareMaskLatents ScaleModelInput SchedulerStep "
+        "SetImageTimesteps SetInpaintTimesteps SetTimesteps"
+    ),
+    "diffblocks.blocks.sd": "EncodePrompt EncodePromptXL PrepareTimeIds",
+    "diffblocks.blocks.flux": (
+        "FluxDefaults PredictFlow FluxEncodePrompt PrepareFluxConditions PrepareFluxGuidance PrepareFluxImageLatents "
+        "PrepareFluxLatents PreprocessFluxImage UnpackLatents FluxSetImageTimesteps FluxSetTimesteps"
+    ),
+    "diffblocks.presets.tiny.blocks": "EncodeBertPrompt",
+}
 _TRANSFORMERS = (
     "CLIPTextModel CLIPTextModelWithProjection CLIPTokenizer CLIPTokenizerFast T5EncoderModel T5Tokenizer "
     "T5TokenizerFast BertModel BertTokenizer BertTokenizerFast"
@@ -50,8 +64,15 @@ def default_component_registry() -> Registry:
 
 
 def default_block_registry() -> Registry:
-    """Blocks that saved pipelines may name; plugins add more under the ``diffblocks.blocks`` entry-point group."""
-    return Registry("block", entry_point_group="diffblocks.blocks")
+    """Blocks that saved pipelines may name; plugins add more under the ``diffblocks.blocks`` entry-point group.
+
+    The built-in blocks are registered as ``("diffblocks", class name)``.
+    """
+    registry = Registry("block", entry_point_group="diffblocks.blocks")
+    for module, names in _BLOCKS.items():
+        for name in names.split():
+            registry.register(("diffblocks", name), f"{module}:{name}")
+    return registry
 
 
 def default_format_registry() -> Registry:

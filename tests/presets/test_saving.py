@@ -138,7 +138,7 @@ def test_variant_dtype_and_shards_round_trip(sd15_repo: Path, tmp_path: Path) ->
     assert len(list((sharded / "unet").glob("diffusion_pytorch_model-0000?-of-0000?.safetensors"))) > 1
     assert len(list((sharded / "text_encoder").glob("model-0000?-of-0000?.safetensors"))) > 1
     assert modular_index(variant)["unet"][2]["variant"] == "bf16"
-    assert modular_index(sharded)["text_encoder"][2]["dtype"] == "bfloat16"
+    assert modular_index(sharded)["_diffblocks_dtypes"]["text_encoder"] == "bfloat16"
 
     for folder in (variant, sharded):
         back = Pipeline.from_pretrained(str(folder))  # the index says which variant and dtype
@@ -200,14 +200,14 @@ def test_failures_write_nothing(sd15_repo: Path, tmp_path: Path, monkeypatch: py
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
 
 
-def test_changed_blocks_are_refused(sd15_repo: Path, tmp_path: Path) -> None:
+def test_blocks_that_cannot_be_saved_are_refused(sd15_repo: Path, tmp_path: Path) -> None:
     pipe = Pipeline.from_pretrained(str(sd15_repo))
 
     class MyStep(SchedulerStep):
-        """A research step: the preset would silently drop it on loading."""
+        """A research step defined in a function: neither registered nor in a module file that can be saved."""
 
     pipe.replace_block("workflow.text2img.denoise.step", MyStep(name="step"))
-    message = r"block 'workflow.text2img.denoise.step' is a .*MyStep where the preset has a .*SchedulerStep"
+    message = r"block 'workflow.text2img.denoise.step' is a .*MyStep, .* it is defined inside a function"
     with pytest.raises(ValueError, match=message):
         pipe.save_pretrained(tmp_path / "saved")
     assert not (tmp_path / "saved").exists()
