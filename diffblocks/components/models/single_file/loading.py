@@ -126,7 +126,8 @@ def load_transformers_model(
     device: torch.device | str | None = None,
 ) -> M:
     """A transformers text encoder from its part of ``file``; its config comes from a folder or Hub id."""
-    folder = resolve_folder(config, subfolder=subfolder, revision=revision)
+    patterns = [f"{subfolder}/{CONFIG_NAME}" if subfolder else CONFIG_NAME]  # the config only: the weights are in the file
+    folder = resolve_folder(config, subfolder=subfolder, revision=revision, allow_patterns=patterns)
     model_config = getattr(cls, "config_class").from_pretrained(folder, local_files_only=True)
     with torch.device("meta"):
         skeleton = cls(model_config)
