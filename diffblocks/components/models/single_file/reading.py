@@ -8,6 +8,7 @@ inferred before any weight is read; tensors are then read part by part. Pickled 
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -107,6 +108,12 @@ class SingleFile:
 def _load_pickle(path: Path) -> dict[str, Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: torch.load(weights_only=True) refused it, as it holds objects other than tensors and plain "
+            f"values{_unsupported(err)}. diffblocks does not unpickle arbitrary objects; convert the file "
+            "to safetensors where you trust it."
+        ) from err
     except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError for damaged files
         raise CheckpointError(_MSG_CORRUPT.format(path=path, err=err)) from err
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
@@ -114,6 +121,12 @@ def _load_pickle(path: Path) -> dict[str, Tensor]:
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{path} holds a {type(loaded).__name__}, not a state dict of tensors")
     return {str(key): value for key, value in loaded.items() if isinstance(value, Tensor)}
+
+
+def _unsupported(err: Exception) -> str:
+    """torch's line naming the object it would not build (its message is long and has terminal colours)."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    return f" (it names {found[1]})" if found else ""
 
 
 __all__ = ["SingleFile", "resolve_file"]

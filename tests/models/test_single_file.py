@@ -1,0 +1,145 @@
+"""Models from single-file checkpoints: the layout tables against diffusers' converter, and bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from diffblocks.components.models import CheckpointError
+from diffblocks.components.models.autoencoder_kl import AutoencoderKL
+from diffblocks.components.models.flux import FluxTransformer2DModel
+from diffblocks.components.models.single_file import BFL, LDM, Rows, Swapped, Take, to_original
+from diffblocks.components.models.single_file.loading import rules_for
+from diffblocks.components.models.unet import UNet2DConditionModel
+from tests.models.single_file_fixtures import FLUX_TRANSFORMER, LDM_EXTRAS, SD1, write_single_file
+from tests.presets.flux_fixtures import tiny_flux
+from tests.presets.sd_fixtures import tiny_sd15
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("sd1")
+    repo = tiny_sd15(root / "repo")
+    return repo, write_single_file(repo, root / "sd1.safetensors", SD1, extras=LDM_EXTRAS)
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("flux")
+    repo = tiny_flux(root / "repo")
+    return repo, write_single_file(repo, root / "flux1-dev.safetensors", FLUX_TRANSFORMER)
+
+
+def assert_same(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
+    mine, reference = ours.state_dict(), theirs.state_dict()
+    assert set(mine) == set(reference)
+    assert all(torch.equal(mine[key], reference[key]) for key in reference)
+
+
+@pytest.mark.parametrize("cls", [UNet2DConditionModel, AutoencoderKL])
+def test_ldm_models_match_diffusers_single_file(sd1: tuple[Path, Path], cls: type) -> None:
+    import diffusers
+
+    repo, file = sd1
+    subfolder = "unet" if cls is UNet2DConditionModel else "vae"
+    theirs = getattr(diffusers, cls.__name__).from_single_file(str(file), config=str(repo), subfolder=subfolder)
+    assert_same(cls.from_single_file(file, config=repo), theirs)
+    inferred = cls.from_single_file(file)  # the config from the file's shapes
+    assert_same(inferred, theirs)
+    given = {k: v for k, v in dict(theirs.config).items() if not k.startswith("_")}
+    differ = {k for k, v in inferred.to_config().items() if k in given and given[k] != (list(v) if isinstance(v, tuple) else v)}
+    assert differ <= {"sample_size"}  # the image size is not in the weights
+
+
+def test_flux_transformer_from_bfl_keys(flux: tuple[Path, Path]) -> None:
+    import diffusers
+    from safetensors import safe_open
+
+    repo, file = flux
+    with safe_open(str(file), framework="pt") as f:
+        keys = set(f.keys())
+    # BFL's names, written out by hand: the table is checked against them, not against itself
+    block = {"img_mod.lin", "txt_mod.lin", "img_attn.qkv", "txt_attn.qkv", "img_attn.proj", "txt_attn.proj", "img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2"}
+    expected = {f"double_blocks.0.{layer}.{p}" for layer in block for p in ("weight", "bias")}
+    expected |= {f"double_blocks.0.{s}_attn.norm.{n}_norm.scale" for s in ("img", "txt") for n in ("query", "key")}
+    expected |= {f"single_blocks.0.{layer}.{p}" for layer in ("linear1", "linear2", "modulation.lin") for p in ("weight", "bias")}
+    expected |= {f"single_blocks.0.norm.{n}_norm.scale" for n in ("query", "key")}
+    embedders = ("time_in", "vector_in", "guidance_in")
+    expected |= {f"{e}.{layer}.{p}" for e in embedders for layer in ("in_layer", "out_layer") for p in ("weight", "bias")}
+    expected |= {f"{layer}.{p}" for layer in ("img_in", "txt_in", "final_layer.linear", "final_layer.adaLN_modulation.1") for p in ("weight", "bias")}
+    assert keys == expected
+    theirs = diffusers.FluxTransformer2DModel.from_pretrained(repo, subfolder="transformer")
+    assert_same(FluxTransformer2DModel.from_single_file(file, config=repo), theirs)
+    with pytest.raises(ValueError, match="16-channel heads.*pass config="):
+        FluxTransformer2DModel.from_single_file(file)  # Flux.1's RoPE axes are for 128-channel heads only
+
+
+def test_rules_fuse_and_swap_as_bfl_stores_them() -> None:
+    config = {"num_attention_heads": 2, "attention_head_dim": 16}  # 32 channels, an MLP of 128
+    keys = ["single_transformer_blocks.0.proj_mlp.weight", "norm_out.linear.weight", "x_embedder.bias"]
+    rules = rules_for(BFL.part("transformer"), keys, config)
+    assert rules == {
+        "single_transformer_blocks.0.proj_mlp.weight": Rows("single_blocks.0.linear1.weight", 96, 224),
+        "norm_out.linear.weight": Swapped("final_layer.adaLN_modulation.1.weight"),
+        "x_embedder.bias": Take("img_in.bias"),
+    }
+    scale_shift = torch.arange(4.0)  # diffusers reads scale first, BFL stores shift first
+    original = to_original({"norm_out.linear.weight": scale_shift}, {"norm_out.linear.weight": rules["norm_out.linear.weight"]})
+    assert original["final_layer.adaLN_modulation.1.weight"].tolist() == [2.0, 3.0, 0.0, 1.0]
+
+
+def test_unknown_layout_names_the_closest_and_what_is_missing(sd1: tuple[Path, Path], tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(sd1[1]), framework="pt") as f:
+        kept = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("model.diffusion_model.middle_block")}
+    save_file(kept, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ValueError, match=r"closest is the LDM .* unet .* lacks model\.diffusion_model\.middle_block\.0\.in_layers\.0\.weight"):
+        UNet2DConditionModel.from_single_file(tmp_path / "partial.safetensors")
+    save_file({"lora_unet_down.alpha": torch.ones(1)}, str(tmp_path / "lora.safetensors"))
+    from diffblocks.blocks import Pipeline
+
+    with pytest.raises(ValueError, match=r"fit no known layout for a pipeline.*closest is"):
+        Pipeline.from_single_file(tmp_path / "lora.safetensors")
+
+
+def test_config_of_another_model_lists_the_missing_tensors(sd1: tuple[Path, Path], flux: tuple[Path, Path]) -> None:
+    # the VAE of the SD file read with the Flux repository's VAE config (four levels, not two)
+    with pytest.raises(CheckpointError, match=r"the vae under 'first_stage_model\.' lacks .* tensors .* another model"):
+        AutoencoderKL.from_single_file(sd1[1], config=flux[0])
+
+
+def test_truncated_file_is_reported(sd1: tuple[Path, Path], tmp_path: Path) -> None:
+    data = sd1[1].read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        UNet2DConditionModel.from_single_file(tmp_path / "cut.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        UNet2DConditionModel.from_single_file(tmp_path / "junk.safetensors")
+
+
+def test_pickle_checkpoints_need_the_opt_in(sd1: tuple[Path, Path], tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    repo, file = sd1
+    ckpt = tmp_path / "sd1.ckpt"
+    torch.save({"state_dict": load_file(str(file)), "global_step": 470000}, ckpt)  # as LDM's training saved them
+    with pytest.raises(CheckpointError, match="pickle checkpoint.*allow_pickle=True"):
+        UNet2DConditionModel.from_single_file(ckpt)
+    assert_same(UNet2DConditionModel.from_single_file(ckpt, allow_pickle=True), UNet2DConditionModel.from_single_file(file))
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save({"state_dict": {}, "callback": Path("/")}, hostile)  # not only tensors: weights_only refuses to build it
+    with pytest.raises(CheckpointError, match=r"weights_only=True\) refused it.*pathlib"):
+        UNet2DConditionModel.from_single_file(hostile, allow_pickle=True)
+
+
+def test_ldm_vae_attention_is_stored_as_convolutions(sd1: tuple[Path, Path]) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(sd1[1]), framework="pt") as f:
+        assert f.get_slice("first_stage_model.encoder.mid.attn_1.q.weight").get_shape()[2:] == [1, 1]
+    assert LDM.parts[1].table("encoder.mid_block.attentions.0.to_q.weight", {}) is not None
