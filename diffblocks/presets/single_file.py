@@ -19,6 +19,7 @@ import torch
 
 from diffblocks.blocks import Pipeline
 from diffblocks.components import ComponentsManager
+from diffblocks.components.models import AbstractModel
 from diffblocks.components.models.single_file import BFL, LDM, SGM, Layout, SingleFile, resolve_file
 from diffblocks.components.models.single_file.bfl import TRANSFORMER_PART, has_guidance
 from diffblocks.components.models.single_file.layout import no_layout_error
@@ -131,11 +132,7 @@ def from_single_file(
         cls = COMPONENTS.resolve(spec.type_hint)
         if cls.__name__ != part.class_name:
             continue  # the repository's component is another model (a different text encoder)
-        if cls.__module__.split(".")[0] == "transformers":
-            given[part.component] = load_transformers_model(
-                cls, file, part, prefix, config=repo, subfolder=spec.subfolder, dtype=dtype, device=device
-            )
-        else:
+        if issubclass(cls, AbstractModel):
             given[part.component] = load_model(
                 cls,
                 file,
@@ -144,6 +141,10 @@ def from_single_file(
                 defaults=kind.defaults.get(part.component),
                 dtype=dtype,
                 device=device,
+            )
+        else:  # transformers' text encoders
+            given[part.component] = load_transformers_model(
+                cls, file, part, prefix, config=repo, subfolder=spec.subfolder, dtype=dtype, device=device
             )
     return from_pretrained(repo, dtype=dtype, device=device, manager=manager, components=given)
 

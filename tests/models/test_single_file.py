@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,27 @@ def test_ldm_vae_attention_is_stored_as_convolutions(sd1: tuple[Path, Path]) -> 
     with safe_open(str(sd1[1]), framework="pt") as f:
         assert f.get_slice("first_stage_model.encoder.mid.attn_1.q.weight").get_shape()[2:] == [1, 1]
     assert LDM.parts[1].table("encoder.mid_block.attentions.0.to_q.weight", {}) is not None
+
+
+@pytest.mark.skipif(not os.environ.get("DIFFBLOCKS_FULL_WIDTH"), reason="set DIFFBLOCKS_FULL_WIDTH=1 (about 2 GB, a minute)")
+def test_flux_at_full_width_matches_diffusers_converter(tmp_path: Path) -> None:
+    # diffusers' BFL converter is written for Flux.1's 3072 channels: one block of each kind at that width
+    import diffusers
+
+    torch.manual_seed(0)
+    reference = diffusers.FluxTransformer2DModel(
+        num_layers=1, num_single_layers=1, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True
+    )
+    reference.save_pretrained(tmp_path / "repo" / "transformer")
+    file = write_single_file(tmp_path / "repo", tmp_path / "flux1-dev.safetensors", {"transformer": FLUX_TRANSFORMER["transformer"]})
+    del reference
+    theirs = diffusers.FluxTransformer2DModel.from_single_file(str(file), config=str(tmp_path / "repo"), subfolder="transformer")
+    ours = FluxTransformer2DModel.from_single_file(file)  # config inferred: 128-channel heads, Flux.1's RoPE axes
+    assert_same(ours, theirs)
+    tokens, text = torch.randn(1, 16, 64), torch.randn(1, 8, 64)
+    kwargs = dict(
+        hidden_states=tokens, encoder_hidden_states=text, pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]),
+        img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]),
+    )
+    with torch.no_grad():
+        assert (ours(**kwargs) - theirs(**kwargs, return_dict=False)[0]).abs().max() < 1e-4

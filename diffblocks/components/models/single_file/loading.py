@@ -6,7 +6,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -20,10 +20,14 @@ from diffblocks.components.models.single_file.reading import SingleFile
 from diffblocks.components.models.single_file.rules import Rule, converted
 from diffblocks.components.models.single_file.sgm import SGM
 
+if TYPE_CHECKING:  # the model base calls this module, so it is imported for the annotations only
+    from diffblocks.components.models.base import AbstractModel
+
 LAYOUTS: tuple[Layout, ...] = (LDM, SGM, BFL)
 """The layouts read, in the order they are tried."""
 
-M = TypeVar("M", bound=nn.Module)
+M = TypeVar("M", bound="AbstractModel[Any]")
+T = TypeVar("T", bound=nn.Module)
 
 _MSG_MISSING = (
     "{file}: the {component} under {prefix!r} lacks {count} of the tensors a {model} with this config needs: "
@@ -102,11 +106,10 @@ def load_model(
             None to infer the config from the file's shapes.
         defaults: config values the shapes do not hold (the family's), used when inferring.
     """
-    name: str = getattr(cls, "diffusers_class_name")
-    part, prefix = find_part(file.shapes, name, LAYOUTS, file=file.path.name)
+    part, prefix = find_part(file.shapes, cls.diffusers_class_name, LAYOUTS, file=file.path.name)
     values, source = _config(part, prefix, file, config, subfolder, revision, defaults)
     with torch.device("meta"):
-        model = getattr(cls, "from_config")(values)
+        model = cls.from_config(values)
     shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}
     state = convert_part(file, part, prefix, shapes, values, source=source)
     load_state(model, state, where=file.path, dtype=dtype, device=device or "cpu")
@@ -114,7 +117,7 @@ def load_model(
 
 
 def load_transformers_model(
-    cls: type[M],
+    cls: type[T],
     file: SingleFile,
     part: Part,
     prefix: str,
@@ -124,7 +127,7 @@ def load_transformers_model(
     revision: str | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-) -> M:
+) -> T:
     """A transformers text encoder from its part of ``file``; its config comes from a folder or Hub id."""
     patterns = [f"{subfolder}/{CONFIG_NAME}" if subfolder else CONFIG_NAME]  # the config only: the weights are in the file
     folder = resolve_folder(config, subfolder=subfolder, revision=revision, allow_patterns=patterns)
