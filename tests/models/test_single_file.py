@@ -168,3 +168,13 @@ def test_flux_at_full_width_matches_diffusers_converter(tmp_path: Path) -> None:
     )
     with torch.no_grad():
         assert (ours(**kwargs) - theirs(**kwargs, return_dict=False)[0]).abs().max() < 1e-4
+
+
+def test_flux_vae_alone_as_bfl_releases_it(flux: tuple[Path, Path], tmp_path: Path) -> None:
+    # BFL's ae.safetensors: the VAE alone, in LDM's names, without a prefix
+    import diffusers
+
+    repo, _ = flux
+    file = write_single_file(repo, tmp_path / "ae.safetensors", {"vae": (BFL, 1, "")})
+    theirs = diffusers.AutoencoderKL.from_pretrained(repo, subfolder="vae")
+    assert_same(AutoencoderKL.from_single_file(file, config=repo), theirs)

@@ -147,3 +147,18 @@ def test_flux_matches_diffusers(files: dict[str, tuple[Path, Path]], kind: str, 
     assert_same_weights(ours, ref, ("transformer", "vae", "text_encoder", "text_encoder_2"))
     kwargs = dict(prompt="a red circle", height=SIZE, width=SIZE, guidance_scale=3.5, max_sequence_length=16)
     assert np.abs(images(ours, ours=True, **kwargs) - images(ref, ours=False, **kwargs)).max() < 1e-5
+
+
+def test_a_single_file_pipeline_saves_as_a_diffusers_folder(files: dict[str, tuple[Path, Path]], tmp_path: Path) -> None:
+    import diffusers
+
+    repo, file = files["sdxl"]
+    ours = Pipeline.from_single_file(file, config=str(repo))
+    ours.save_pretrained(tmp_path / "converted")
+    again = Pipeline.from_pretrained(str(tmp_path / "converted"))
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(tmp_path / "converted", add_watermarker=False)
+    ref.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="a red circle", height=SIZE, width=SIZE)
+    expected = images(ours, ours=True, **kwargs)
+    assert np.abs(images(again, ours=True, **kwargs) - expected).max() < 1e-5  # float32 kernels round by address
+    assert np.abs(images(ref, ours=False, **kwargs) - expected).max() < 1e-5
