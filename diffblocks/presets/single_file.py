@@ -144,7 +144,7 @@ def from_single_file(
             )
         else:  # transformers' text encoders
             given[part.component] = load_transformers_model(
-                cls, file, part, prefix, config=repo, subfolder=spec.subfolder, dtype=dtype, device=device
+                cls, file, part, prefix=prefix, config=repo, subfolder=spec.subfolder, dtype=dtype, device=device
             )
     return from_pretrained(repo, dtype=dtype, device=device, manager=manager, components=given)
 

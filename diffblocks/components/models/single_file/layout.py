@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from diffblocks.components.models.single_file.rules import Table
@@ -61,7 +61,7 @@ class Layout:
 
     name: str
     title: str
-    parts: tuple[Part, ...] = field(default=())
+    parts: tuple[Part, ...]
 
     def part(self, component: str) -> Part:
         return next(part for part in self.parts if part.component == component)

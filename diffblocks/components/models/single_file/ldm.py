@@ -10,7 +10,7 @@ one ``input_blocks.i`` per layer (``.0`` its resnet, ``.1`` its attention) and o
 downsampler (``.0.op``). ``output_blocks`` count the same way with one extra layer per level, the
 upsampler sitting after the attention (``.2.conv``) or, without one, after the resnet
 (``.1.conv``). ``middle_block`` is resnet, attention, resnet. The attention blocks inside keep
-diffusers' names. Inside a resnet, LDM's names are these:
+diffusers' names; the resnets' layers are renamed (:data:`RESNET`).
 """
 
 from __future__ import annotations

@@ -54,7 +54,13 @@ def rules_for(part: Part, keys: list[str], config: Mapping[str, Any]) -> dict[st
 
 
 def convert_part(
-    file: SingleFile, part: Part, prefix: str, shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any], *, source: str
+    file: SingleFile,
+    part: Part,
+    *,
+    prefix: str,
+    shapes: Mapping[str, tuple[int, ...]],
+    config: Mapping[str, Any],
+    source: str,
 ) -> dict[str, Tensor]:
     """Our weights (keys and shapes of ``shapes``) made from the file's ``part`` under ``prefix``.
 
@@ -111,7 +117,7 @@ def load_model(
     with torch.device("meta"):
         model = cls.from_config(values)
     shapes = {key: tuple(t.shape) for key, t in model.state_dict().items()}
-    state = convert_part(file, part, prefix, shapes, values, source=source)
+    state = convert_part(file, part, prefix=prefix, shapes=shapes, config=values, source=source)
     load_state(model, state, where=file.path, dtype=dtype, device=device or "cpu")
     return model.eval()
 
@@ -120,8 +126,8 @@ def load_transformers_model(
     cls: type[T],
     file: SingleFile,
     part: Part,
-    prefix: str,
     *,
+    prefix: str,
     config: str | os.PathLike[str],
     subfolder: str | None,
     revision: str | None = None,
@@ -135,7 +141,7 @@ def load_transformers_model(
     with torch.device("meta"):
         skeleton = cls(model_config)
     shapes = {key: tuple(t.shape) for key, t in skeleton.state_dict().items()}
-    state = convert_part(file, part, prefix, shapes, model_config.to_dict(), source=str(config))
+    state = convert_part(file, part, prefix=prefix, shapes=shapes, config=model_config.to_dict(), source=str(config))
     wrong = [f"{k} {tuple(v.shape)} != {shapes[k]}" for k, v in state.items() if tuple(v.shape) != shapes[k]]
     if wrong:
         raise CheckpointError(f"{file.path.name}: the {part.component} does not match the config from {config}: {', '.join(wrong[:5])}")
