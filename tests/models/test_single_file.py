@@ -12,10 +12,10 @@ from safetensors.torch import save_file
 from diffblocks.components.models import CheckpointError
 from diffblocks.components.models.autoencoder_kl import AutoencoderKL
 from diffblocks.components.models.flux import FluxTransformer2DModel
-from diffblocks.components.models.single_file import BFL, LDM, Rows, Swapped, Take, to_original
+from diffblocks.components.models.single_file import BFL, LDM, Layout, Rows, Swapped, Take, to_original
 from diffblocks.components.models.single_file.loading import rules_for
 from diffblocks.components.models.unet import UNet2DConditionModel
-from tests.models.single_file_fixtures import FLUX_TRANSFORMER, LDM_EXTRAS, SD1, write_single_file
+from tests.models.single_file_fixtures import FLUX_TRANSFORMER, LDM_EXTRAS, SD1, original_state, write_single_file
 from tests.presets.flux_fixtures import tiny_flux
 from tests.presets.sd_fixtures import tiny_sd15
 
@@ -178,3 +178,54 @@ def test_flux_vae_alone_as_bfl_releases_it(flux: tuple[Path, Path], tmp_path: Pa
     file = write_single_file(repo, tmp_path / "ae.safetensors", {"vae": (BFL, 1, "")})
     theirs = diffusers.AutoencoderKL.from_pretrained(repo, subfolder="vae")
     assert_same(AutoencoderKL.from_single_file(file, config=repo), theirs)
+
+
+def _written(model: torch.nn.Module, part_index: int, layout: Layout, prefix: str, config: dict[str, object], path: Path) -> Path:
+    """``model`` saved at ``path`` in ``layout``, as the layout's part ``part_index`` under ``prefix``."""
+    state = original_state(layout.parts[part_index], prefix, model.state_dict(), config)
+    save_file({key: tensor.contiguous() for key, tensor in state.items()}, str(path))
+    return path
+
+
+def test_sdxl_unet_config_inferred(tmp_path: Path) -> None:
+    # shaped by SDXL's conventions: heads of 64 channels, time ids embedded with 256 channels, deeper lower levels
+    from diffblocks.components.models.single_file import SGM
+
+    config: dict[str, object] = {
+        "block_out_channels": (64, 128),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+        "transformer_layers_per_block": (1, 2),
+        "attention_head_dim": (1, 2),
+        "use_linear_projection": True,
+        "cross_attention_dim": 80,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 6 * 256 + 48,
+    }
+    unet = UNet2DConditionModel.from_config(config)
+    file = _written(unet, 0, SGM, "model.diffusion_model.", config, tmp_path / "sdxl.safetensors")
+    inferred = UNet2DConditionModel.from_single_file(file)
+    assert inferred.params == unet.params
+    assert_same(inferred, unet)
+
+
+def test_flux_config_inferred_for_128_channel_heads(tmp_path: Path) -> None:
+    config: dict[str, object] = {
+        "num_layers": 1, "num_single_layers": 2, "attention_head_dim": 128, "num_attention_heads": 1,
+        "joint_attention_dim": 32, "pooled_projection_dim": 16, "guidance_embeds": False, "axes_dims_rope": (16, 56, 56),
+    }
+    model = FluxTransformer2DModel.from_config(config)
+    file = _written(model, 0, BFL, "model.diffusion_model.", config, tmp_path / "flux1-schnell.safetensors")
+    inferred = FluxTransformer2DModel.from_single_file(file)
+    assert inferred.params == model.params
+    assert_same(inferred, model)
+
+
+def test_config_from_a_hub_id(sd1: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.hubcache import add_cached_repo, use_hub_cache
+
+    repo, file = sd1
+    add_cached_repo(use_hub_cache(monkeypatch, tmp_path / "hub"), "org/sd1-tiny", repo)
+    assert_same(AutoencoderKL.from_single_file(file, config="org/sd1-tiny"), AutoencoderKL.from_pretrained(repo, subfolder="vae"))
