@@ -162,3 +162,10 @@ def test_a_single_file_pipeline_saves_as_a_diffusers_folder(files: dict[str, tup
     expected = images(ours, ours=True, **kwargs)
     assert np.abs(images(again, ours=True, **kwargs) - expected).max() < 1e-5  # float32 kernels round by address
     assert np.abs(images(ref, ours=False, **kwargs) - expected).max() < 1e-5
+
+
+def test_dtype_applies_to_every_model_of_the_file(files: dict[str, tuple[Path, Path]]) -> None:
+    repo, file = files["sd1"]
+    ours = Pipeline.from_single_file(file, config=str(repo), dtype=torch.bfloat16)
+    for name in ("unet", "vae", "text_encoder"):
+        assert next(ours.components[name].parameters()).dtype == torch.bfloat16, name
