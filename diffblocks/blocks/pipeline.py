@@ -99,11 +99,11 @@ class Pipeline:
         return pipeline_format().load(path_or_repo, **kwargs)
 
     @classmethod
-    def from_single_file(cls, path_or_hub_file: str | os.PathLike[str], config: str | None = None, **kwargs: Any) -> Pipeline:
+    def from_single_file(
+        cls, path_or_hub_file: str | os.PathLike[str], config: str | os.PathLike[str] | None = None, **kwargs: Any
+    ) -> Pipeline:
         """A ready pipeline from a single-file checkpoint (see :func:`diffblocks.presets.single_file.from_single_file`)."""
-        from diffblocks.presets.single_file import from_single_file
-
-        return from_single_file(path_or_hub_file, config, **kwargs)
+        return pipeline_format().load_single_file(path_or_hub_file, config, **kwargs)
 
     def save_pretrained(self, folder: str | os.PathLike[str], **options: Any) -> Path:
         """Save components, guider and settings to a folder that :meth:`from_pretrained` (and diffusers) reads.

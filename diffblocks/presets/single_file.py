@@ -85,7 +85,8 @@ def kind_of(file: SingleFile) -> Kind:
             return KINDS["sdxl-refiner" if is_refiner(shapes) else "sdxl"]
         return KINDS[sd_version(shapes)]
     candidates = [(LDM, UNET_PART), (BFL, TRANSFORMER_PART)]
-    raise no_layout_error(shapes, candidates, what="a pipeline (a UNet or a Flux transformer)", file=file.path.name, layouts=(LDM, SGM, BFL))
+    what = "a pipeline (a UNet or a Flux transformer)"
+    raise no_layout_error(shapes, candidates, what=what, file=file.path.name, layouts=(LDM, SGM, BFL))
 
 
 def from_single_file(
@@ -122,7 +123,8 @@ def from_single_file(
     except FileNotFoundError as err:
         if config is not None:
             raise
-        raise FileNotFoundError(_MSG_NO_REPO.format(file=file.path.name, repo=repo, why="not in the Hub cache or unreachable")) from err
+        why = "not in the Hub cache or unreachable"
+        raise FileNotFoundError(_MSG_NO_REPO.format(file=file.path.name, repo=repo, why=why)) from err
     given = dict(components or {})
     for part in kind.layout.parts:
         prefix = part.prefix_in(file.shapes)

@@ -229,3 +229,10 @@ def test_config_from_a_hub_id(sd1: tuple[Path, Path], tmp_path: Path, monkeypatc
     repo, file = sd1
     add_cached_repo(use_hub_cache(monkeypatch, tmp_path / "hub"), "org/sd1-tiny", repo)
     assert_same(AutoencoderKL.from_single_file(file, config="org/sd1-tiny"), AutoencoderKL.from_pretrained(repo, subfolder="vae"))
+
+
+def test_subfolder_may_not_leave_the_config_folder(sd1: tuple[Path, Path]) -> None:
+    from diffblocks.components.containment import RepositoryPathError
+
+    with pytest.raises(RepositoryPathError):
+        AutoencoderKL.from_single_file(sd1[1], config=sd1[0], subfolder="../..")

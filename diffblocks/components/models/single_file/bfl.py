@@ -162,4 +162,16 @@ def has_guidance(shapes: Shapes) -> bool:
     return any(key.endswith("guidance_in.in_layer.weight") for key in shapes)
 
 
-__all__ = ["BFL", "DOUBLE", "EMBEDDERS", "SINGLE", "TRANSFORMER", "TRANSFORMER_PART", "has_guidance", "infer_transformer", "is_bfl", "t5_table", "transformer_table"]
+__all__ = [
+    "BFL",
+    "DOUBLE",
+    "EMBEDDERS",
+    "SINGLE",
+    "TRANSFORMER",
+    "TRANSFORMER_PART",
+    "has_guidance",
+    "infer_transformer",
+    "is_bfl",
+    "t5_table",
+    "transformer_table",
+]

@@ -136,6 +136,10 @@ def _hidden(c: Config) -> int:
     return int(c["hidden_size"])
 
 
+def _block(m: re.Match[str], layer: str) -> str:
+    return f"transformer.resblocks.{m['i']}.{layer}.{m['p']}"
+
+
 def _qkv(m: re.Match[str], c: Config) -> Rule:
     index, d = "qkv".index(m["x"]), _hidden(c)
     return Rows(f"transformer.resblocks.{m['i']}.attn.in_proj_{m['p']}", index * d, (index + 1) * d)
@@ -145,11 +149,11 @@ OPEN_CLIP: tuple[Row, ...] = (
     (r"embeddings\.token_embedding\.weight", lambda m, c: Take("token_embedding.weight")),
     (r"embeddings\.position_embedding\.weight", lambda m, c: Take("positional_embedding")),
     (r"encoder\.layers\.(?P<i>\d+)\.self_attn\.(?P<x>[qkv])_proj\.(?P<p>weight|bias)", _qkv),
-    (r"encoder\.layers\.(?P<i>\d+)\.self_attn\.out_proj\.(?P<p>.+)", lambda m, c: Take(f"transformer.resblocks.{m['i']}.attn.out_proj.{m['p']}")),
-    (r"encoder\.layers\.(?P<i>\d+)\.layer_norm1\.(?P<p>.+)", lambda m, c: Take(f"transformer.resblocks.{m['i']}.ln_1.{m['p']}")),
-    (r"encoder\.layers\.(?P<i>\d+)\.layer_norm2\.(?P<p>.+)", lambda m, c: Take(f"transformer.resblocks.{m['i']}.ln_2.{m['p']}")),
-    (r"encoder\.layers\.(?P<i>\d+)\.mlp\.fc1\.(?P<p>.+)", lambda m, c: Take(f"transformer.resblocks.{m['i']}.mlp.c_fc.{m['p']}")),
-    (r"encoder\.layers\.(?P<i>\d+)\.mlp\.fc2\.(?P<p>.+)", lambda m, c: Take(f"transformer.resblocks.{m['i']}.mlp.c_proj.{m['p']}")),
+    (r"encoder\.layers\.(?P<i>\d+)\.self_attn\.out_proj\.(?P<p>.+)", lambda m, c: Take(_block(m, "attn.out_proj"))),
+    (r"encoder\.layers\.(?P<i>\d+)\.layer_norm1\.(?P<p>.+)", lambda m, c: Take(_block(m, "ln_1"))),
+    (r"encoder\.layers\.(?P<i>\d+)\.layer_norm2\.(?P<p>.+)", lambda m, c: Take(_block(m, "ln_2"))),
+    (r"encoder\.layers\.(?P<i>\d+)\.mlp\.fc1\.(?P<p>.+)", lambda m, c: Take(_block(m, "mlp.c_fc"))),
+    (r"encoder\.layers\.(?P<i>\d+)\.mlp\.fc2\.(?P<p>.+)", lambda m, c: Take(_block(m, "mlp.c_proj"))),
     (r"final_layer_norm\.(?P<p>.+)", lambda m, c: Take(f"ln_final.{m['p']}")),
     (r"text_projection\.weight", lambda m, c: Transposed("text_projection")),
 )

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from diffblocks.components.containment import contained_path
 from diffblocks.components.hub import resolve_folder
 from diffblocks.components.models.loading import CONFIG_NAME, CheckpointError, load_state
 from diffblocks.components.models.single_file.bfl import BFL
@@ -84,8 +85,10 @@ def convert_part(
 
 def read_config(config: str | os.PathLike[str], subfolder: str | None, *, revision: str | None = None) -> dict[str, Any]:
     """A model's ``config.json`` from a folder or Hub id: in ``subfolder`` when the folder has it, else at its top."""
-    root = resolve_folder(config, revision=revision, allow_patterns=[f"{subfolder}/{CONFIG_NAME}", CONFIG_NAME] if subfolder else [CONFIG_NAME])
-    for folder in ([root / subfolder] if subfolder else []) + [root]:
+    patterns = [f"{subfolder}/{CONFIG_NAME}", CONFIG_NAME] if subfolder else [CONFIG_NAME]
+    root = resolve_folder(config, revision=revision, allow_patterns=patterns)
+    inside = [contained_path(root, subfolder, repository=str(config), entry="subfolder")] if subfolder else []
+    for folder in [*inside, root]:
         if (folder / CONFIG_NAME).is_file():
             data: dict[str, Any] = json.loads((folder / CONFIG_NAME).read_text())
             return data
@@ -144,7 +147,8 @@ def load_transformers_model(
     state = convert_part(file, part, prefix=prefix, shapes=shapes, config=model_config.to_dict(), source=str(config))
     wrong = [f"{k} {tuple(v.shape)} != {shapes[k]}" for k, v in state.items() if tuple(v.shape) != shapes[k]]
     if wrong:
-        raise CheckpointError(f"{file.path.name}: the {part.component} does not match the config from {config}: {', '.join(wrong[:5])}")
+        listing = ", ".join(wrong[:5])
+        raise CheckpointError(f"{file.path.name}: the {part.component} does not match the config from {config}: {listing}")
     kwargs: dict[str, Any] = {"config": model_config, "state_dict": state}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -167,7 +171,9 @@ def _config(
     if config is not None:
         return read_config(config, subfolder or part.component, revision=revision), str(config)
     if part.infer is None:
-        raise ValueError(f"the config of the {part.component} cannot be inferred from the file; pass config= a folder or Hub id")
+        raise ValueError(
+            f"the config of the {part.component} cannot be inferred from the file; pass config= a folder or Hub id"
+        )
     return {**(defaults or {}), **part.infer(part.shapes(file.shapes, prefix))}, "the file's shapes"
 
 
