@@ -40,6 +40,16 @@ class AbstractPipelineFormat(ABC):
     def push(self, pipe: Pipeline, repo_id: str, **options: Any) -> CommitInfo:
         """Save ``pipe`` and upload it to a Hub repository as one commit."""
 
+    def load_single_file(
+        self, path_or_hub_file: str | os.PathLike[str], config: str | os.PathLike[str] | None = None, **options: Any
+    ) -> Pipeline:
+        """A ready pipeline from one single-file checkpoint, completed by a repository of this layout.
+
+        Raises:
+            NotImplementedError: the format reads no single files (the default).
+        """
+        raise NotImplementedError(f"{type(self).__name__} reads no single-file checkpoints")
+
 
 def pipeline_format(key: Key = DIFFUSERS_FORMAT, *, registry: Registry = FORMATS) -> AbstractPipelineFormat:
     """The format registered under ``key`` (default: diffusers' layout, as the ``Pipeline`` methods use).

@@ -98,6 +98,13 @@ class Pipeline:
         """A ready pipeline for a repository in diffusers layout (see :func:`diffblocks.presets.from_pretrained`)."""
         return pipeline_format().load(path_or_repo, **kwargs)
 
+    @classmethod
+    def from_single_file(
+        cls, path_or_hub_file: str | os.PathLike[str], config: str | os.PathLike[str] | None = None, **kwargs: Any
+    ) -> Pipeline:
+        """A ready pipeline from a single-file checkpoint (see :func:`diffblocks.presets.single_file.from_single_file`)."""
+        return pipeline_format().load_single_file(path_or_hub_file, config, **kwargs)
+
     def save_pretrained(self, folder: str | os.PathLike[str], **options: Any) -> Path:
         """Save components, guider and settings to a folder that :meth:`from_pretrained` (and diffusers) reads.
 

@@ -15,6 +15,7 @@ from diffblocks.blocks.formats import AbstractPipelineFormat
 from diffblocks.presets.loading import from_pretrained
 from diffblocks.presets.publishing import push_to_hub
 from diffblocks.presets.saving import save_pretrained
+from diffblocks.presets.single_file import from_single_file
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 class DiffusersFormat(AbstractPipelineFormat):
     """``model_index.json`` folders read by family (:func:`~diffblocks.presets.loading.from_pretrained`),
     written with both index files (:func:`~diffblocks.presets.saving.save_pretrained`) and pushed as one
-    commit (:func:`~diffblocks.presets.publishing.push_to_hub`)."""
+    commit (:func:`~diffblocks.presets.publishing.push_to_hub`); single-file checkpoints are completed by
+    such a folder (:func:`~diffblocks.presets.single_file.from_single_file`)."""
 
     def load(self, path_or_repo: str | os.PathLike[str], **options: Any) -> Pipeline:
         return from_pretrained(path_or_repo, **options)
@@ -34,6 +36,11 @@ class DiffusersFormat(AbstractPipelineFormat):
 
     def push(self, pipe: Pipeline, repo_id: str, **options: Any) -> CommitInfo:
         return push_to_hub(pipe, repo_id, **options)
+
+    def load_single_file(
+        self, path_or_hub_file: str | os.PathLike[str], config: str | os.PathLike[str] | None = None, **options: Any
+    ) -> Pipeline:
+        return from_single_file(path_or_hub_file, config, **options)
 
 
 __all__ = ["DiffusersFormat"]

@@ -24,6 +24,8 @@ from diffblocks.components.models.loading import (
     load_weights,
 )
 from diffblocks.components.models.saving import save_config, save_weights
+from diffblocks.components.models.single_file.loading import load_model
+from diffblocks.components.models.single_file.reading import SingleFile, resolve_file
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +156,43 @@ class AbstractModel(nn.Module, ABC, Generic[P]):
             model = cls.from_config(config)
         load_weights(model, files, dtype=dtype, device=device or "cpu")
         return model.eval()
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path_or_hub_file: str | os.PathLike[str],
+        *,
+        config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        allow_pickle: bool = False,
+    ) -> Self:
+        """Load this model from a single-file checkpoint in its original layout (LDM, SGM or BFL).
+
+        The layout is told from the file's keys, and the model's part found in it (a UNet inside a
+        whole SD checkpoint, the VAE of a Flux all-in-one file); the keys are converted by the
+        layout's table (see :mod:`diffblocks.components.models.single_file`).
+
+        Args:
+            path_or_hub_file: a local file, ``"owner/name/file.safetensors"``, or a huggingface.co URL.
+            config: where the config comes from: a folder or Hub id (its ``subfolder`` holds
+                ``config.json``), a config mapping, or None to infer it from the file's shapes.
+            subfolder: the model's folder inside ``config`` (default: ``"unet"``, ``"vae"`` or
+                ``"transformer"``, or the top of ``config`` when it has no such folder).
+            revision: Hub branch, tag or commit of the file.
+            dtype: cast floating-point weights to this (default: float32, as built).
+            device: where the weights are read to (default: CPU).
+            allow_pickle: also read pickle checkpoints (``.ckpt``), with ``torch.load(weights_only=True)``.
+
+        Raises:
+            ValueError: the keys fit no known layout (the closest is named, with what it lacks).
+            CheckpointError: the file is corrupt, pickled without ``allow_pickle``, or lacks weights
+                that the config needs.
+        """
+        file = SingleFile(resolve_file(path_or_hub_file, revision=revision), allow_pickle=allow_pickle)
+        return load_model(cls, file, config=config, subfolder=subfolder, dtype=dtype, device=device)
 
     def save_pretrained(
         self,

@@ -191,19 +191,54 @@ def load_weights(
         state = _read_tensors(path, device=device)
         if path.suffix == ".bin":
             found.update({k: tuple(v.shape) for k, v in state.items()})
-        for key, tensor in state.items():
-            target = (dtype or declared[key]) if key in declared and tensor.is_floating_point() else tensor.dtype
-            # safetensors hands out CPU buffers with arbitrary alignment; kernels then take unaligned code
-            # paths that are slower and round differently, so such tensors are copied (one at a time).
-            misaligned = tensor.device.type == "cpu" and tensor.data_ptr() % _ALIGNMENT != 0
-            state[key] = tensor.to(target, copy=misaligned)
-        module.load_state_dict(
-            {k: v for k, v in state.items() if k in expected and tuple(v.shape) == expected[k]},
-            strict=False,
-            assign=True,
-        )
+        _assign(module, state, expected, declared, dtype)
     if files[0].suffix == ".bin":
         check_keys(expected, found, model=type(module).__name__, where=files[0].parent)
+    _finish(module, device)
+
+
+def load_state(
+    module: nn.Module,
+    state: Mapping[str, Tensor],
+    *,
+    where: Path,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+) -> None:
+    """Fill a meta-built ``module`` from ``state`` (converted from another layout) as :func:`load_weights` does.
+
+    Raises:
+        CheckpointError: keys are missing, unexpected or of the wrong shape (``where`` names the file).
+    """
+    device = torch.device(device)
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    declared = {k: v.dtype for k, v in module.state_dict().items()}
+    check_keys(expected, {k: tuple(v.shape) for k, v in state.items()}, model=type(module).__name__, where=where)
+    _assign(module, {k: v.to(device) for k, v in state.items()}, expected, declared, dtype)
+    _finish(module, device)
+
+
+def _assign(
+    module: nn.Module,
+    state: dict[str, Tensor],
+    expected: Mapping[str, tuple[int, ...]],
+    declared: Mapping[str, torch.dtype],
+    dtype: torch.dtype | None,
+) -> None:
+    for key, tensor in state.items():
+        target = (dtype or declared[key]) if key in declared and tensor.is_floating_point() else tensor.dtype
+        # safetensors hands out CPU buffers with arbitrary alignment; kernels then take unaligned code
+        # paths that are slower and round differently, so such tensors are copied (one at a time).
+        misaligned = tensor.device.type == "cpu" and tensor.data_ptr() % _ALIGNMENT != 0
+        state[key] = tensor.to(target, copy=misaligned)
+    module.load_state_dict(
+        {k: v for k, v in state.items() if k in expected and tuple(v.shape) == expected[k]},
+        strict=False,
+        assign=True,
+    )
+
+
+def _finish(module: nn.Module, device: torch.device) -> None:
     materialize_computed_buffers(module, device=device)
     left = meta_tensor_names(module)
     if left:
@@ -221,6 +256,7 @@ __all__ = [
     "find_weight_files",
     "hub_patterns",
     "index_names",
+    "load_state",
     "load_weights",
     "single_name",
 ]
