@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -97,6 +99,21 @@ def test_callback_with_unknown_name_fails_clearly() -> None:
     pipe = Pipeline(toy_blocks(), COMPONENTS)
     with pytest.raises(KeyError, match="returned unknown state names \\['latent'\\]"):
         pipe(callbacks=[lambda info: {"latent": 1}], progress=False)
+
+
+@pytest.mark.parametrize(
+    ("replacement", "message"),
+    [
+        (lambda x: x.double(), r"replaced 'latents' at step 0: it was a torch\.float32 tensor of shape \(1, 4, 2, 2\).*torch\.float64"),
+        (lambda x: x[:, :2], r"of shape \(1, 2, 2, 2\)"),
+        (lambda x: x.tolist(), r"it was a tensor, the callback gave list"),
+    ],
+)
+def test_callback_replacements_must_match_the_value_they_replace(replacement: Any, message: str) -> None:
+    pipe = Pipeline(toy_blocks(), COMPONENTS)
+    with pytest.raises(ValueError, match=message):
+        pipe(callbacks=[lambda info: {"latents": replacement(info.state["latents"])}], progress=False)
+    assert pipe(progress=False).images.shape == (1, 4, 4, 4)  # the next call is unaffected
 
 
 def test_timings_per_block() -> None:

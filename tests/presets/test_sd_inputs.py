@@ -71,6 +71,15 @@ BAD_INPUTS: list[tuple[dict[str, Any], str]] = [
     (dict(num_images_per_prompt=0), r"num_images_per_prompt: Input should be greater than or equal to 1"),
     (dict(output_type="jpeg"), r"\[decode_images\] output_type: Input should be 'pil', 'np', 'pt' or 'latent'"),
     (dict(guidance_scale=-1.0), r"\[workflow\.text2img\.prepare_guidance\] guidance_scale: Input should be greater"),
+    # values that would poison the run: infinities, NaN, complex latents, images in another range
+    (dict(guidance_scale=float("inf")), r"\[workflow\.text2img\.prepare_guidance\] guidance_scale: Input should be a finite number"),
+    (dict(latents=torch.zeros(1, 4, 16, 16, dtype=torch.complex64)), r"latents: .*expected a float tensor, got dtype torch\.complex64"),
+    (dict(latents=torch.full((1, 4, 16, 16), float("nan"))), r"latents: .*holds 1024 NaN or infinite values of 1024"),
+    (dict(image=np.full((SIZE, SIZE, 3), 200.0, dtype=np.float32)), r"image: image is a float array with values in \[200, 200\].*x / 255"),
+    (dict(image=torch.full((1, 3, SIZE, SIZE), -0.5)), r"image: .*float tensor with values in \[-0\.5, -0\.5\].*\(x \+ 1\) / 2"),
+    (dict(image=np.zeros((SIZE, SIZE, 3), dtype=np.int64)), r"image: image is a int64 array, whose range is not known"),
+    (dict(image=PIL.Image.new("F", (SIZE, SIZE), 200.0)), r"image: image is a PIL 'F' image with values in \[200, 200\]"),
+    (dict(image=IMAGE, mask_image=MASK * 255), r"\[workflow\.inpaint\.prepare_images\] mask_image: mask_image is a float array"),
 ]
 
 

@@ -11,7 +11,7 @@ from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.fields import produced
 from diffblocks.blocks.sd.encode import Prompt, as_list
-from diffblocks.blocks.standard.images import ImageLike, image_size, normalize, snap_size, to_tensor
+from diffblocks.blocks.standard.images import ImageLike, check_image, image_size, normalize, snap_size, to_tensor
 from diffblocks.blocks.standard.latents import check_generator, placement, repeat_images
 from diffblocks.blocks.standard.vae import encode_latents, vae_scale_factor
 from diffblocks.blocks.types import Float
@@ -125,6 +125,7 @@ class PreprocessFluxImage(Block):
 
     def check(self, inputs: Inputs) -> None:
         check_flux_size(self.vae, height=known(inputs, "height"), width=known(inputs, "width"))
+        check_image(known(inputs, "image"))
 
     def __call__(self, inputs: Inputs) -> Outputs:
         height, width = snap_size(*image_size(inputs.image), token_size(self.vae))

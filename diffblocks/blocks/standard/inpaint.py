@@ -15,7 +15,7 @@ from torch import Tensor
 from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.fields import produced
-from diffblocks.blocks.standard.images import ImageLike, image_size, normalize, snap_size, to_tensor
+from diffblocks.blocks.standard.images import ImageLike, check_image, image_size, normalize, snap_size, to_tensor
 from diffblocks.blocks.standard.inpaint_loop import inpaint_mode
 from diffblocks.blocks.standard.latents import check_generator, check_size, placement, repeat_images
 from diffblocks.blocks.standard.masks import MaskLike, check_mask_shape, latent_mask, mask_size, mask_to_tensor
@@ -66,6 +66,7 @@ class PrepareInpaintImages(Block):
         mask, image = known(inputs, "mask_image"), known(inputs, "image")
         if mask is None or image is None:
             return  # made by earlier blocks: checked when they run
+        check_image(image)
         try:
             check_mask_shape(mask)
         except ValueError as err:

@@ -8,7 +8,7 @@ from pydantic import Field
 from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.fields import produced
-from diffblocks.blocks.standard.images import ImageLike, image_size, normalize, snap_size, to_tensor
+from diffblocks.blocks.standard.images import ImageLike, check_image, image_size, normalize, snap_size, to_tensor
 from diffblocks.blocks.standard.vae import encode_latents, vae_scale_factor
 from diffblocks.blocks.types import Float
 from diffblocks.components.models.autoencoder_kl import AutoencoderKL
@@ -136,6 +136,7 @@ class PrepareImageLatents(Block):
         check_size(vae_scale_factor(self.vae), height=known(inputs, "height"), width=known(inputs, "width"))
         check_generator(known(inputs, "generator"), placement(self.unet)[0])
         check_plain_unet(self.unet, self.vae)
+        check_image(known(inputs, "image"))
 
     def __call__(self, inputs: Inputs) -> Outputs:
         device, dtype = placement(self.unet)

@@ -72,7 +72,7 @@ class AbstractGuider(BaseModel, ABC):
     so ``guider_config.json`` folders load in both directions. Concrete guiders are final.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # an infinite scale makes NaN images
 
     def new_state(self) -> GuiderState | None:
         """Fresh per-call state, or None when the rule keeps none."""

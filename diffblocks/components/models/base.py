@@ -35,7 +35,7 @@ class AbstractParams(BaseModel):
     invariants in a ``@model_validator(mode="after")`` that raises ``ValueError`` with the numbers.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 P = TypeVar("P", bound=AbstractParams)

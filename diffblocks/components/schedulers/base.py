@@ -45,7 +45,7 @@ class AbstractScheduler(BaseModel, ABC):
             :meth:`to_config` writes them only when set explicitly.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     order: ClassVar[int] = 1
     fixed_config: ClassVar[Mapping[str, object]] = {}
