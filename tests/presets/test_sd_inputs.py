@@ -80,6 +80,13 @@ BAD_INPUTS: list[tuple[dict[str, Any], str]] = [
     (dict(image=np.zeros((SIZE, SIZE, 3), dtype=np.int64)), r"image: image is a int64 array, whose range is not known"),
     (dict(image=PIL.Image.new("F", (SIZE, SIZE), 200.0)), r"image: image is a PIL 'F' image with values in \[200, 200\]"),
     (dict(image=IMAGE, mask_image=MASK * 255), r"\[workflow\.inpaint\.prepare_images\] mask_image: mask_image is a float array"),
+    # counts that depend on the batch are checked before the text encoders run
+    (dict(generator=[torch.Generator()] * 3), r"\[workflow\.text2img\.prepare_latents\] generator: 3 generators for 1 images \(1 prompts x"),
+    (dict(prompt=["a", "b"], num_images_per_prompt=2, generator=[torch.Generator()] * 2), r"2 generators for 4 images"),
+    (dict(image=[IMAGE] * 3, prompt=["a", "b"]), r"\[workflow\.img2img\.prepare_latents\] image: 3 images for 2 images \(2 prompts"),
+    (dict(image=[IMAGE] * 2, mask_image=MASK), r"\[workflow\.inpaint\.prepare_images\] image: 2 images for 1 images"),
+    (dict(image=IMAGE, mask_image=MASK, generator=[torch.Generator()] * 2), r"\[workflow\.inpaint\.prepare_latents\] generator: 2 generators"),
+    (dict(clip_skip=5), r"\[encode_prompt\] clip_skip: clip_skip 5 skips more layers than the text encoder has \(2 layers"),
 ]
 
 
@@ -121,3 +128,4 @@ def test_inpainting_unet_without_a_mask_fails_before_any_work(tmp_path: Path) ->
     pipe = Pipeline.from_pretrained(str(tiny_sd15(tmp_path / "inpaint", in_channels=9)))
     with pytest.raises(InputError, match="the UNet takes 9 input channels, not the VAE's 4: it is an inpainting model"):
         pipe(prompt="a cat", num_inference_steps=2, progress=False)
+

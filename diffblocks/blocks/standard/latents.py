@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from collections.abc import Sequence
+
 from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.fields import produced
+from diffblocks.blocks.sd.encode import Prompt, as_list
 from diffblocks.blocks.standard.images import ImageLike, check_image, image_size, normalize, snap_size, to_tensor
 from diffblocks.blocks.standard.vae import encode_latents, vae_scale_factor
 from diffblocks.blocks.types import Float
@@ -50,6 +53,45 @@ def check_generator(generator: Generator | None, device: torch.device) -> None:
         raise FieldError("generator", str(err)) from None
 
 
+PROMPT_FOR_CHECKS = "the prompts, read to check the generators and images against the batch before any encoder runs"
+
+
+def image_count(image: object) -> int:
+    """How many images an image input holds: a list's length, a 4-D array's or tensor's first axis, else 1."""
+    if isinstance(image, list):
+        return len(image)
+    shape = getattr(image, "shape", ())
+    return int(shape[0]) if len(shape) == 4 else 1
+
+
+def check_batch(inputs: BlockIO) -> None:
+    """A list of generators has one per image, and the images divide the batch, as far as the caller gave them.
+
+    The batch is ``batch_size`` when the caller gives it, else the prompts times
+    ``num_images_per_prompt``, read from the block's own inputs: a block that declares ``prompt``
+    and ``num_images_per_prompt`` (defaulting to None and 1) gets this check before any encoder runs.
+    """
+    batch, prompt = known(inputs, "batch_size"), known(inputs, "prompt")
+    per_prompt = known(inputs, "num_images_per_prompt") or 1
+    if batch is None and prompt is None:
+        return  # made by an earlier block: checked when the noise is drawn
+    prompts = len(as_list(prompt)) if prompt is not None else None
+    if batch is None:
+        assert prompts is not None
+        batch = prompts * per_prompt
+    made = f"{batch} images ({prompts} prompts x num_images_per_prompt {per_prompt})" if prompts else f"batch_size {batch}"
+    generator = known(inputs, "generator")
+    if isinstance(generator, Sequence) and not isinstance(generator, torch.Generator) and len(generator) != batch:
+        raise FieldError("generator", f"{len(generator)} generators for {made}; give one per image, or a single generator")
+    image = known(inputs, "image")
+    if image is not None and batch % image_count(image):
+        raise FieldError(
+            "image",
+            f"{image_count(image)} images for {made}; give one image for all, or one per prompt "
+            "(each is repeated num_images_per_prompt times)",
+        )
+
+
 class PrepareLatents(Block):
     """Seeded Gaussian latents scaled for the first timestep, drawn as diffusers draws them."""
 
@@ -60,6 +102,8 @@ class PrepareLatents(Block):
         generator: Generator | None = Field(None, description="a torch.Generator (or one per image) for reproducible noise")
         latents: Float["batch channels height width"] | None = Field(None, description="start from these latents")
         schedule: SchedulerState = produced(description="the scheduler's state for this run")
+        prompt: Prompt | None = Field(None, description=PROMPT_FOR_CHECKS)
+        num_images_per_prompt: int = Field(1, ge=1, le=64)
 
     class Outputs(BlockIO):
         latents: Float["batch channels height width"]
@@ -72,6 +116,7 @@ class PrepareLatents(Block):
     def check(self, inputs: Inputs) -> None:
         check_size(vae_scale_factor(self.vae), height=known(inputs, "height"), width=known(inputs, "width"))
         check_generator(known(inputs, "generator"), placement(self.unet)[0])
+        check_batch(inputs)
         check_plain_unet(self.unet, self.vae)
 
     def default_size(self) -> tuple[int, int]:
@@ -120,6 +165,8 @@ class PrepareImageLatents(Block):
         batch_size: int
         generator: Generator | None = None
         schedule: SchedulerState = produced(description="the scheduler's state for this run")
+        prompt: Prompt | None = Field(None, description=PROMPT_FOR_CHECKS)
+        num_images_per_prompt: int = Field(1, ge=1, le=64)
 
     class Outputs(BlockIO):
         latents: Float["batch channels height width"]
@@ -137,6 +184,7 @@ class PrepareImageLatents(Block):
         check_generator(known(inputs, "generator"), placement(self.unet)[0])
         check_plain_unet(self.unet, self.vae)
         check_image(known(inputs, "image"))
+        check_batch(inputs)
 
     def __call__(self, inputs: Inputs) -> Outputs:
         device, dtype = placement(self.unet)

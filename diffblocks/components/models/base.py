@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from abc import ABC
@@ -15,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 from typing_extensions import Self
 
+from diffblocks.components.config_files import read_json_object
 from diffblocks.components.hub import resolve_folder
 from diffblocks.components.models.loading import (
     CONFIG_NAME,
@@ -139,15 +139,19 @@ class AbstractModel(nn.Module, ABC, Generic[P]):
         config_path = folder / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}; is it a diffusers model folder?")
-        config: dict[str, Any] = json.loads(config_path.read_text())
+        config = read_json_object(config_path, what="a model config")
         named = config.get("_class_name", cls.diffusers_class_name)
         if named != cls.diffusers_class_name:
             raise ValueError(
                 f"{config_path} is for {named}, not {cls.diffusers_class_name}; load it with the matching class."
             )
         files = find_weight_files(folder, variant=variant, allow_pickle=allow_pickle)
-        with torch.device("meta"):
-            model = cls.from_config(config)
+        try:
+            with torch.device("meta"):
+                model = cls.from_config(config)
+        except ValueError as err:
+            err.add_note(f"while reading {config_path}")
+            raise
         load_weights(model, files, dtype=dtype, device=device or "cpu")
         return model.eval()
 

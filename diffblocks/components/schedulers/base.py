@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr
 from torch import Tensor
 from typing_extensions import Self
 
+from diffblocks.components.config_files import read_json_object
 from diffblocks.components.hub import resolve_folder
 from diffblocks.components.noise import Generator
 from diffblocks.components.schedulers.state import SchedulerState, StepRecord, as_floats, strength_begin
@@ -45,7 +46,7 @@ class AbstractScheduler(BaseModel, ABC):
             :meth:`to_config` writes them only when set explicitly.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True, extra="forbid")  # infinities are meaningful here (lambda_min_clipped=-inf)
 
     order: ClassVar[int] = 1
     fixed_config: ClassVar[Mapping[str, object]] = {}
@@ -257,8 +258,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}; is it a diffusers scheduler folder?")
-    config: dict[str, Any] = json.loads(path.read_text())
-    return config
+    return read_json_object(path, what="a scheduler config")
 
 
 __all__ = ["CONFIG_NAME", "AbstractScheduler", "SchedulerState", "StepRecord", "read_config"]
