@@ -87,6 +87,13 @@ BAD_INPUTS: list[tuple[dict[str, Any], str]] = [
     (dict(image=[IMAGE] * 2, mask_image=MASK), r"\[workflow\.inpaint\.prepare_images\] image: 2 images for 1 images"),
     (dict(image=IMAGE, mask_image=MASK, generator=[torch.Generator()] * 2), r"\[workflow\.inpaint\.prepare_latents\] generator: 2 generators"),
     (dict(clip_skip=5), r"\[encode_prompt\] clip_skip: clip_skip 5 skips more layers than the text encoder has \(2 layers"),
+    # sizes and batches that would allocate for minutes (or exhaust memory) are refused with the estimate
+    (dict(height=100_000, width=32), r"\[workflow\.text2img\.prepare_latents\] height: height 100000 is larger than 16384 pixels"),
+    (dict(height=16384, width=16384), r"height: an image of 16384x16384 needs 64\.0 GiB in one activation of the VAE decoder, more than 32\.0 GiB; use at most about 11584x11584"),
+    (dict(height=4096, width=4096, num_images_per_prompt=64), r"num_images_per_prompt: 64 images of 4096x4096 need 256\.0 GiB .* make at most 8 images of this size per call"),
+    (dict(prompt=["a"] * 100_000, num_images_per_prompt=64), r"num_images_per_prompt: 6400000 image\(s\) of 32x32 need a latent tensor of 6,553,600,000 elements"),
+    (dict(image=IMAGE, height=16384, width=16384), r"\[workflow\.img2img\.prepare_latents\] height: an image of 16384x16384 needs"),
+    (dict(image=IMAGE, mask_image=MASK, height=16384, width=16384), r"\[workflow\.inpaint\.prepare_images\] height: an image of 16384x16384"),
 ]
 
 
@@ -129,3 +136,18 @@ def test_inpainting_unet_without_a_mask_fails_before_any_work(tmp_path: Path) ->
     with pytest.raises(InputError, match="the UNet takes 9 input channels, not the VAE's 4: it is an inpainting model"):
         pipe(prompt="a cat", num_inference_steps=2, progress=False)
 
+
+def test_float64_weights_load_and_run(family: tuple[str, Path]) -> None:
+    pipe = Pipeline.from_pretrained(str(family[1]), dtype=torch.float64)
+    assert next(pipe.components["unet"].parameters()).dtype == torch.float64
+    out = pipe(prompt="a red circle", num_inference_steps=1, output_type="pt", progress=False)
+    assert torch.isfinite(out.images).all()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (dict(dtype=torch.int8), r"dtype torch\.int8 is not one of .*integer weights come from a quantizer"),
+    pytest.param(dict(device="cuda"), r"device 'cuda': CUDA is not available", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs no CUDA")),
+])
+def test_unusable_dtype_or_device_fails_when_the_pipeline_is_built(family: tuple[str, Path], options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Pipeline.from_pretrained(str(family[1]), **options)

@@ -12,7 +12,14 @@ from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.fields import produced
 from diffblocks.blocks.sd.encode import Prompt
 from diffblocks.blocks.standard.images import ImageLike, check_image, image_size, normalize, snap_size, to_tensor
-from diffblocks.blocks.standard.latents import PROMPT_FOR_CHECKS, check_batch, check_generator, placement, repeat_images
+from diffblocks.blocks.standard.latents import (
+    PROMPT_FOR_CHECKS,
+    check_batch,
+    check_call_size,
+    check_generator,
+    placement,
+    repeat_images,
+)
 from diffblocks.blocks.standard.vae import encode_latents, vae_scale_factor
 from diffblocks.blocks.types import Float
 from diffblocks.components.models.autoencoder_kl import AutoencoderKL
@@ -75,6 +82,8 @@ class PrepareFluxLatents(Block):
     def check(self, inputs: Inputs) -> None:
         check_flux_size(self.vae, height=known(inputs, "height"), width=known(inputs, "width"))
         check_generators(inputs, placement(self.transformer)[0])
+        default = DEFAULT_LATENT_SIZE * vae_scale_factor(self.vae)
+        check_call_size(self.vae, inputs, self.transformer, default=(default, default))
 
     def __call__(self, inputs: Inputs) -> Outputs:
         default = DEFAULT_LATENT_SIZE * vae_scale_factor(self.vae)
@@ -115,6 +124,7 @@ class PreprocessFluxImage(Block):
         check_flux_size(self.vae, height=known(inputs, "height"), width=known(inputs, "width"))
         check_image(known(inputs, "image"))
         check_batch(inputs)
+        check_call_size(self.vae, inputs)
 
     def __call__(self, inputs: Inputs) -> Outputs:
         height, width = snap_size(*image_size(inputs.image), token_size(self.vae))

@@ -18,7 +18,15 @@ from diffblocks.blocks.fields import produced
 from diffblocks.blocks.standard.images import ImageLike, check_image, image_size, normalize, snap_size, to_tensor
 from diffblocks.blocks.standard.inpaint_loop import inpaint_mode
 from diffblocks.blocks.sd.encode import Prompt
-from diffblocks.blocks.standard.latents import PROMPT_FOR_CHECKS, check_batch, check_generator, check_size, placement, repeat_images
+from diffblocks.blocks.standard.latents import (
+    PROMPT_FOR_CHECKS,
+    check_batch,
+    check_call_size,
+    check_generator,
+    check_size,
+    placement,
+    repeat_images,
+)
 from diffblocks.blocks.standard.masks import MaskLike, check_mask_shape, latent_mask, mask_size, mask_to_tensor
 from diffblocks.blocks.standard.timesteps import AbstractSetTimesteps, ScheduleOutputs, check_strength
 from diffblocks.blocks.standard.vae import encode_latents, vae_scale_factor
@@ -71,6 +79,7 @@ class PrepareInpaintImages(Block):
             return  # made by earlier blocks: checked when they run
         check_image(image)
         check_batch(inputs)
+        check_call_size(self.vae, inputs)
         try:
             check_mask_shape(mask)
         except ValueError as err:

@@ -11,10 +11,21 @@ from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.fields import produced
 from diffblocks.blocks.sd.encode import Prompt, as_list
-from diffblocks.blocks.standard.images import ImageLike, check_image, image_size, normalize, snap_size, to_tensor
+from diffblocks.blocks.standard.images import (
+    ImageLike,
+    check_image,
+    image_range_problem,
+    image_size,
+    normalize,
+    snap_size,
+    to_tensor,
+)
+from diffblocks.blocks.standard.limits import check_run_size
 from diffblocks.blocks.standard.vae import encode_latents, vae_scale_factor
 from diffblocks.blocks.types import Float
 from diffblocks.components.models.autoencoder_kl import AutoencoderKL
+from diffblocks.components.models.flux.params import FluxParams
+from diffblocks.components.models.unet.params import UNet2DConditionParams
 from diffblocks.components.noise import Generator, check_generator_device, randn_tensor
 from diffblocks.components.schedulers.base import AbstractScheduler, SchedulerState
 
@@ -31,6 +42,40 @@ def check_size(factor: int, *, height: int | None, width: int | None) -> None:
         if value is not None and (value <= 0 or value % factor):
             below, above = max(factor, value - value % factor), value - value % factor + factor
             raise FieldError(name, f"{name} {value} is not a positive multiple of {factor} (the VAE factor); use {below} or {above}")
+
+
+def check_call_size(
+    vae: AutoencoderKL,
+    inputs: BlockIO,
+    denoiser: torch.nn.Module | None = None,
+    *,
+    default: tuple[int, int] | None = None,
+) -> None:
+    """The call's size and batch within :mod:`~diffblocks.blocks.standard.limits`.
+
+    A size not given is the image's (snapped), else ``default`` (the model's native size).
+    """
+    height, width = known(inputs, "height"), known(inputs, "width")
+    image = known(inputs, "image")
+    if image is not None and (height is None or width is None) and image_range_problem(image) is None:
+        default = snap_size(*image_size(image), vae_scale_factor(vae))
+    if default is not None:
+        height, width = height or default[0], width or default[1]
+    found = known_batch(inputs)
+    check_run_size(vae, height=height, width=width, batch=found[0] if found else None, denoiser=denoiser_width(denoiser))
+
+
+def denoiser_width(model: torch.nn.Module | None) -> tuple[int, torch.dtype] | None:
+    """Channels per latent cell of a denoiser's first activation, and its dtype (None when its params do not say)."""
+    params = getattr(model, "params", None)
+    if isinstance(params, UNet2DConditionParams):
+        channels = params.block_out_channels[0]  # its first level, at the latents' resolution
+    elif isinstance(params, FluxParams):
+        channels = params.num_attention_heads * params.attention_head_dim // 4  # one token covers 2x2 latent cells
+    else:
+        return None
+    assert model is not None
+    return channels, placement(model)[1]
 
 
 def check_plain_unet(unet: torch.nn.Module, vae: AutoencoderKL) -> None:
@@ -64,22 +109,29 @@ def image_count(image: object) -> int:
     return int(shape[0]) if len(shape) == 4 else 1
 
 
-def check_batch(inputs: BlockIO) -> None:
-    """A list of generators has one per image, and the images divide the batch, as far as the caller gave them.
+def known_batch(inputs: BlockIO) -> tuple[int, str] | None:
+    """The images a call makes, and how to say so, as far as the block's own inputs tell before the run.
 
     The batch is ``batch_size`` when the caller gives it, else the prompts times
-    ``num_images_per_prompt``, read from the block's own inputs: a block that declares ``prompt``
-    and ``num_images_per_prompt`` (defaulting to None and 1) gets this check before any encoder runs.
+    ``num_images_per_prompt``: a block that declares ``prompt`` and ``num_images_per_prompt``
+    (defaulting to None and 1) knows it before any encoder runs. None when neither is known.
     """
     batch, prompt = known(inputs, "batch_size"), known(inputs, "prompt")
     per_prompt = known(inputs, "num_images_per_prompt") or 1
-    if batch is None and prompt is None:
-        return  # made by an earlier block: checked when the noise is drawn
-    prompts = len(as_list(prompt)) if prompt is not None else None
-    if batch is None:
-        assert prompts is not None
-        batch = prompts * per_prompt
-    made = f"{batch} images ({prompts} prompts x num_images_per_prompt {per_prompt})" if prompts else f"batch_size {batch}"
+    if batch is not None:
+        return batch, f"batch_size {batch}"
+    if prompt is None:
+        return None  # made by an earlier block: checked when the noise is drawn
+    prompts = len(as_list(prompt))
+    return prompts * per_prompt, f"{prompts * per_prompt} images ({prompts} prompts x num_images_per_prompt {per_prompt})"
+
+
+def check_batch(inputs: BlockIO) -> None:
+    """A list of generators has one per image, and the images divide the batch, as far as the caller gave them (see :func:`known_batch`)."""
+    found = known_batch(inputs)
+    if found is None:
+        return
+    batch, made = found
     generator = known(inputs, "generator")
     if isinstance(generator, Sequence) and not isinstance(generator, torch.Generator) and len(generator) != batch:
         raise FieldError("generator", f"{len(generator)} generators for {made}; give one per image, or a single generator")
@@ -117,7 +169,12 @@ class PrepareLatents(Block):
         check_size(vae_scale_factor(self.vae), height=known(inputs, "height"), width=known(inputs, "width"))
         check_generator(known(inputs, "generator"), placement(self.unet)[0])
         check_batch(inputs)
+        check_call_size(self.vae, inputs, self.unet, default=self.default_size() if self.has_default_size() else None)
         check_plain_unet(self.unet, self.vae)
+
+    def has_default_size(self) -> bool:
+        """Whether the UNet declares the ``sample_size`` that :meth:`default_size` reads."""
+        return isinstance(getattr(getattr(self.unet, "params", None), "sample_size", None), int)
 
     def default_size(self) -> tuple[int, int]:
         """The model's native size: its ``sample_size`` in latents, times the VAE factor."""
@@ -185,6 +242,7 @@ class PrepareImageLatents(Block):
         check_plain_unet(self.unet, self.vae)
         check_image(known(inputs, "image"))
         check_batch(inputs)
+        check_call_size(self.vae, inputs, self.unet)
 
     def __call__(self, inputs: Inputs) -> Outputs:
         device, dtype = placement(self.unet)

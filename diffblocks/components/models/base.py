@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 from typing_extensions import Self
 
@@ -27,6 +27,16 @@ from diffblocks.components.models.saving import save_config, save_weights
 
 logger = logging.getLogger(__name__)
 
+MAX_WIDTH = 2**16
+"""Largest integer setting of a model config (channels, dims, heads, sizes): 65536, 20 times the widest
+diffusion model's, so that a config asking for billions of channels is refused before anything is built."""
+
+MAX_LAYERS = 1024
+"""Most layers a config may stack (fields named ``*layers*``; Flux.1 stacks 57): building millions would hang."""
+
+MAX_LEVELS = 64
+"""Most entries of a per-level tuple (block types, channels per level; models have 2 to 5)."""
+
 
 class AbstractParams(BaseModel):
     """Architecture hyper-parameters of one model, frozen and validated once.
@@ -36,6 +46,20 @@ class AbstractParams(BaseModel):
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _within_bounds(self) -> Self:
+        """Refuse absurd sizes here, before a model (or the meta-device skeleton it loads into) is built."""
+        for name, value in self:
+            limit = MAX_LAYERS if "layers" in name else MAX_WIDTH
+            items = value if isinstance(value, tuple) else (value,)
+            if isinstance(value, tuple) and len(value) > MAX_LEVELS:
+                raise ValueError(f"{name} has {len(value)} entries; a model config has at most {MAX_LEVELS} levels")
+            for item in items:
+                if isinstance(item, int) and not isinstance(item, bool) and item > limit:
+                    what = "layers" if limit == MAX_LAYERS else "channels, dims, heads or sizes"
+                    raise ValueError(f"{name} {value} is larger than {limit}, the most {what} a model config may ask for")
+        return self
 
 
 P = TypeVar("P", bound=AbstractParams)

@@ -27,6 +27,9 @@ from diffblocks.components.hub import resolve_folder
 from diffblocks.components.noise import Generator
 from diffblocks.components.schedulers.state import SchedulerState, StepRecord, as_floats, strength_begin
 
+MAX_TRAIN_TIMESTEPS = 100_000
+"""Most training timesteps a scheduler config may declare (models use 1000): its tables are built eagerly."""
+
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "scheduler_config.json"
@@ -261,4 +264,4 @@ def read_config(folder: Path) -> dict[str, Any]:
     return read_json_object(path, what="a scheduler config")
 
 
-__all__ = ["CONFIG_NAME", "AbstractScheduler", "SchedulerState", "StepRecord", "read_config"]
+__all__ = ["CONFIG_NAME", "MAX_TRAIN_TIMESTEPS", "AbstractScheduler", "SchedulerState", "StepRecord", "read_config"]
