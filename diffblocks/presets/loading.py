@@ -14,11 +14,11 @@ from diffblocks.blocks import Pipeline, Sequence
 from diffblocks.blocks.introspect import component_names
 from diffblocks.blocks.pipeline import PresetInfo
 from diffblocks.components import ComponentsManager, ComponentSpec, read_index
+from diffblocks.components.specs import dtype_name
 from diffblocks.components.guiders import AbstractGuider
 from diffblocks.presets import flux, sd15, sdxl
 from diffblocks.presets.tiny import preset as tiny
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # components that hold no weights keep their own precision
 _NOT_CAST = frozenset({"tokenizer", "tokenizer_2", "scheduler", "guider", "feature_extractor"})
 
@@ -112,17 +112,18 @@ def from_pretrained(
         manager: share components with other pipelines through this manager.
         components: objects or specs that replace the repository's components (``{"scheduler": ...}``).
     """
+    weights_dtype = dtype_name(dtype) if dtype is not None else None  # refused before anything is read
     index = read_index(path_or_repo, revision=revision)
     family = family_of(index.class_name, index.settings)
     manager = manager if manager is not None else ComponentsManager(device=device)
     if device is not None:
-        manager.device = torch.device(device)
+        manager.device = device
     specs: dict[str, Any] = {}
     sources: dict[str, str] = {}  # so that saving writes the portable reference, not this machine's folder
     for name, spec in index.components.items():
         changes: dict[str, Any] = {}
-        if dtype is not None and name not in _NOT_CAST:
-            changes["dtype"] = _DTYPE_NAMES[dtype]
+        if weights_dtype is not None and name not in _NOT_CAST:
+            changes["dtype"] = weights_dtype
         if variant is not None and name not in _NOT_CAST and not _is_package(spec):
             changes["variant"] = variant
         if _is_package(spec):
