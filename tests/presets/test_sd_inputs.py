@@ -105,6 +105,16 @@ def test_bad_input_fails_before_any_model_runs(pipe: Pipeline, model_calls: list
     assert model_calls == []
 
 
+def test_a_call_after_every_bad_input_gives_the_same_image(pipe: Pipeline) -> None:
+    call = {"prompt": "a red circle", "num_inference_steps": 2, "output_type": "pt", "progress": False}
+    before = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    for inputs, _ in BAD_INPUTS:
+        with pytest.raises(InputError):
+            pipe(**{**call, **inputs})
+    after = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(before, after)
+
+
 def test_unknown_scheduler_class_is_a_registry_error(family: tuple[str, Path], tmp_path: Path) -> None:
     import shutil
 
