@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from pydantic import Field
-
-from collections.abc import Sequence
 
 from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
@@ -28,6 +28,8 @@ from diffblocks.components.models.flux.params import FluxParams
 from diffblocks.components.models.unet.params import UNet2DConditionParams
 from diffblocks.components.noise import Generator, check_generator_device, randn_tensor
 from diffblocks.components.schedulers.base import AbstractScheduler, SchedulerState
+
+PROMPT_FOR_CHECKS = "the prompts, read to check the generators and images against the batch before any encoder runs"
 
 
 def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -96,9 +98,6 @@ def check_generator(generator: Generator | None, device: torch.device) -> None:
         check_generator_device(generator, device)
     except ValueError as err:
         raise FieldError("generator", str(err)) from None
-
-
-PROMPT_FOR_CHECKS = "the prompts, read to check the generators and images against the batch before any encoder runs"
 
 
 def image_count(image: object) -> int:
