@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import sys
 import time
@@ -36,8 +37,32 @@ def _env(_: argparse.Namespace) -> int:
     print(f"  default device   {default_device()}")
     allowed = sorted(f"{lib}.{name}" for lib, name in COMPONENTS)
     print(f"  components       {len(allowed)} allowlisted (diffusers, transformers and diffblocks names)")
-    print(f"self-check: {_self_check()}")
-    return 0
+    attention_ok, attention = _attention_check()
+    print(f"  attention        {attention}")
+    core = _self_check()
+    print(f"self-check: {core if attention_ok else 'FAILED (attention: see above)'}")
+    return 0 if attention_ok and core.startswith("ok") else 1
+
+
+def _attention_check() -> tuple[bool, str]:
+    """The attention backend the environment selects, tried once on a small input as every model would call it."""
+    import os
+
+    try:
+        from diffblocks.components.attention import attention, attention_backend
+        from diffblocks.components.attention._state import ENV_BACKEND, backend_from_env, checks_from_env
+
+        name = backend_from_env(os.environ)
+        checks_from_env(os.environ)
+        q = torch.randn(1, 2, 4, 8)
+        with attention_backend(name):
+            out = attention(q, q, q)
+        source = f"from {ENV_BACKEND}" if os.environ.get(ENV_BACKEND, "").strip() else "the default"
+        if not torch.isfinite(out).all():
+            return False, f"FAILED: {name} ({source}) returned non-finite values"
+        return True, f"{name} ({source}), works"
+    except (ValueError, ImportError, RuntimeError) as error:  # every model would fail the same way
+        return False, f"FAILED: {str(error).strip().splitlines()[0]}"
 
 
 class _Start(Block):
@@ -156,6 +181,10 @@ def _check_arguments(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+    for name in ("guidance", "strength"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise CommandError(f"--{name} must be a finite number, got {value} (it would turn every pixel into NaN)")
     if args.strength is not None and args.image is None:
         raise CommandError("--strength needs --image")
 
@@ -178,6 +207,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         _swap_components(pipe, args, embedded_guidance=embedded)
         inputs = _call_inputs(args, embedded_guidance=embedded)
         out = pipe(**inputs, progress=not args.no_progress)
+    _check_finite(out)
     paths = _output_paths(args.output, len(out.images))
     for image, path in zip(out.images, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,6 +215,16 @@ def _run_generate(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     print(f"{len(paths)} image{'s' if len(paths) > 1 else ''} in {time.perf_counter() - started:.1f}s ({out.workflow})")
     return 0
+
+
+def _check_finite(out: Any) -> None:
+    """Refuse to write images from NaN or infinite latents: they decode to black, which is not a result."""
+    latents = out.get("latents")
+    if isinstance(latents, torch.Tensor) and not bool(torch.isfinite(latents).all()):
+        raise CommandError(
+            "the run produced NaN or infinite latents, so every image would be black; nothing was written. "
+            "Try a lower --guidance, float32 weights, or another --scheduler"
+        )
 
 
 def _builtin_model() -> Path:

@@ -19,6 +19,26 @@ def test_env_prints_versions_and_passes_self_check(capsys: pytest.CaptureFixture
     assert "torch" in out and "self-check: ok (plan, validation, loop, components)" in out
 
 
+def test_env_fails_when_the_attention_backend_variable_is_garbage(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DIFFBLOCKS_ATTENTION_BACKEND", "garbage")
+    assert main(["env"]) == 1
+    out = capsys.readouterr().out
+    assert "attention        FAILED: environment variable DIFFBLOCKS_ATTENTION_BACKEND: unknown attention backend 'garbage'" in out
+    assert "self-check: FAILED" in out
+
+
+def test_generate_refuses_to_write_images_from_non_finite_latents() -> None:
+    import torch
+
+    from diffblocks.cli import CommandError, _check_finite
+
+    with pytest.raises(CommandError, match="the run produced NaN or infinite latents, so every image would be black"):
+        _check_finite({"latents": torch.tensor([0.0, float("nan")])})
+    _check_finite({"latents": torch.zeros(2)})
+
+
 def test_unknown_command_exits_with_usage() -> None:
     with pytest.raises(SystemExit) as info:
         main(["paint"])
@@ -96,6 +116,10 @@ def test_generate_from_an_image(tmp_path: Path, capsys: pytest.CaptureFixture[st
         (["--guider", "FrequencyDecoupledGuidance", "--guidance", "3"], "FrequencyDecoupledGuidance has no guidance scale"),
         (["--image", "missing.png"], "No such file or directory"),
         (["--model", "/no/such/folder"], "is neither a local folder nor a repository in the Hugging Face cache"),
+        (["--size", "100000"], "height: height 100000 is larger than 16384 pixels, the most a call may ask for"),
+        (["--size", "8192", "--num-images", "64"], "num_images_per_prompt: 64 images of 8192x8192 need"),
+        (["--guidance", "inf"], "--guidance must be a finite number, got inf"),
+        (["--guidance", "nan", "--guider", "AdaptiveProjectedGuidance"], "--guidance must be a finite number, got nan"),
     ],
 )
 def test_generate_errors_are_one_line(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

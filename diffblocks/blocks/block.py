@@ -23,9 +23,13 @@ _MSG_UNBOUND = (
 
 
 class BlockIO(BaseModel):
-    """Base of every block's ``Inputs`` and ``Outputs``: fields are the block's signature."""
+    """Base of every block's ``Inputs`` and ``Outputs``: fields are the block's signature.
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", protected_namespaces=())
+    Float fields refuse infinity and NaN: no setting of a diffusion run is meaningful at infinity,
+    and one such value (an infinite guidance scale) turns every pixel into NaN.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class NoIO(BlockIO):

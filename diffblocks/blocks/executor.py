@@ -149,7 +149,39 @@ def _call_back(run: RunContext, info: StepInfo, state: State) -> None:
                     f"step callback {getattr(callback, '__name__', callback)!r} returned unknown state names {unknown}; "
                     f"it can replace: {sorted(state)}"
                 )
+            for name, value in updates.items():
+                problem = replacement_problem(state[name], value)
+                if problem is not None:
+                    raise ValueError(
+                        f"step callback {getattr(callback, '__name__', callback)!r} replaced {name!r} "
+                        f"at step {info.step_index}: {problem}"
+                    )
             state.update(updates)
+
+
+def replacement_problem(old: object, new: object) -> str | None:
+    """Why ``new`` cannot take ``old``'s place in the state, or None.
+
+    The blocks after a callback trust the state as the plan typed it: a tensor is replaced by a
+    tensor of the same shape, dtype and device (cheap to compare, no device sync), anything else by
+    a value of its type.
+    """
+    if isinstance(old, torch.Tensor):
+        if not isinstance(new, torch.Tensor):
+            return f"it was a tensor, the callback gave {type(new).__name__}; return a tensor like it"
+        was = (tuple(old.shape), old.dtype, old.device)
+        now = (tuple(new.shape), new.dtype, new.device)
+        if was != now:
+            return (
+                f"it was a {old.dtype} tensor of shape {was[0]} on {old.device}, the callback gave a {new.dtype} tensor "
+                f"of shape {now[0]} on {new.device}; return one like it (x.to(old) keeps dtype and device)"
+            )
+        return None
+    if isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool):
+        return None
+    if old is not None and not isinstance(new, type(old)):
+        return f"it was a {type(old).__name__}, the callback gave {type(new).__name__}"
+    return None
 
 
 def _bad_output(step: Step, out: object) -> None:

@@ -54,6 +54,23 @@ class PresetInfo:
     sources: Mapping[str, str] = field(default_factory=dict)
 
 
+@dataclass(eq=False)
+class _Build:
+    """One version of a pipeline: its tree, plans and component keys, and the components its blocks read.
+
+    Changing the components or the tree makes a new version; a call keeps the version it started
+    with, so a call started after ``update_components`` runs with the new components while one in
+    flight finishes with the old. ``bound`` holds the components while ``callers`` calls use them.
+    """
+
+    root: AbstractBlock
+    plans: dict[Choices, Plan]
+    switches: tuple[SwitchPoint, ...]
+    keys: dict[str, str]
+    bound: dict[str, Any] = field(default_factory=dict)
+    callers: int = 0
+
+
 class Pipeline:
     """Blocks bound to components, with the data flow checked once at construction.
 
@@ -85,13 +102,9 @@ class Pipeline:
         self.preset = preset
         self.user_inputs = tuple(user_inputs)
         self.manager = manager if manager is not None else ComponentsManager()
-        self._keys: dict[str, str] = {}
-        self._bound: dict[str, Any] = {}
-        self._callers = 0  # calls in flight (threads) sharing the bound components
         self._binding = threading.Lock()
-        for component_name, value in (components or {}).items():
-            self._keys[component_name] = self.manager.add(component_name, value, user=self.name)
-        self._root, self._plans, self._switches = self._compile(blocks, self._keys)
+        keys = {name: self.manager.add(name, value, user=self.name) for name, value in (components or {}).items()}
+        self._build = self._compile(blocks, keys)
 
     @classmethod
     def from_pretrained(cls, path_or_repo: str, **kwargs: Any) -> Pipeline:
@@ -143,9 +156,7 @@ class Pipeline:
 
     # --- building -------------------------------------------------------------------------------------------
 
-    def _compile(
-        self, blocks: AbstractBlock, keys: Mapping[str, str]
-    ) -> tuple[AbstractBlock, dict[Choices, Plan], tuple[SwitchPoint, ...]]:
+    def _compile(self, blocks: AbstractBlock, keys: Mapping[str, str]) -> _Build:
         root = copy_tree(blocks)  # the pipeline's own leaves: binding them never reaches the caller's tree
         plans: dict[Choices, Plan] = {}
         problems: list[Problem] = []
@@ -158,10 +169,11 @@ class Pipeline:
         problems += check_components(plans, keys, self.manager)
         if problems:
             raise PlanError(problems, context=f"pipeline {self.name!r}")
+        build = _Build(root, plans, switches, dict(keys))
         for plan in plans.values():
             for _, block in plan.blocks:
-                block.bind(self._bound)
-        return root, plans, switches
+                block.bind(build.bound)
+        return build
 
     # --- calling --------------------------------------------------------------------------------------------
 
@@ -184,12 +196,14 @@ class Pipeline:
             grad: run with autograd on (default: ``torch.inference_mode``).
             **inputs: the pipeline's inputs (see :meth:`input_schema`).
         """
-        plan = self._select(frozenset(k for k, v in inputs.items() if v is not None))
+        build = self._build  # this call's version, whatever update_components does meanwhile
+        plan = self._select(build, frozenset(k for k, v in inputs.items() if v is not None))
         context = f"call to {self.name!r} (workflow {plan.workflow!r})"
-        state = validate_inputs(plan, inputs, known=self.input_names, context=context)
+        known = frozenset(name for each in build.plans.values() for name in each.user_inputs)
+        state = validate_inputs(plan, inputs, known=known, context=context)
         run = RunContext(tuple(callbacks), progress, {} if timings else None, sync=cuda_sync() if timings else None)
         mode = torch.enable_grad() if grad else torch.inference_mode()
-        self._acquire()
+        self._acquire(build)
         try:
             check_blocks(plan, state, context=context)
             with mode:
@@ -201,68 +215,71 @@ class Pipeline:
             add_location_note(err, run, plan.workflow)
             raise
         finally:
-            self._release()
+            self._release(build)
         return PipelineOutput(state, workflow=plan.workflow, timings=run.timings, interrupted=run.interrupted)
 
-    def _select(self, given: frozenset[str]) -> Plan:
-        choices = choose_workflow(self._switches, given)
+    @staticmethod
+    def _select(build: _Build, given: frozenset[str]) -> Plan:
+        choices = choose_workflow(build.switches, given)
         if isinstance(choices, Problem):
             raise InputError([choices])
-        return self._plans[choices]
+        return build.plans[choices]
 
-    def _acquire(self) -> None:
-        """Bind the components (loading lazy ones) for a call; concurrent calls share one binding."""
+    def _acquire(self, build: _Build) -> None:
+        """Bind the components (loading lazy ones) for a call; concurrent calls of one version share one binding."""
         with self._binding:
-            if self._callers == 0:
+            if build.callers == 0:
                 try:
-                    for name, key in self._keys.items():
-                        self._bound[name] = self.manager.get(key)
+                    for name, key in build.keys.items():
+                        build.bound[name] = self.manager.get(key)
                 except BaseException:
-                    self._bound.clear()
+                    build.bound.clear()
                     raise
-            self._callers += 1
+            build.callers += 1
 
-    def _release(self) -> None:
+    def _release(self, build: _Build) -> None:
         with self._binding:
-            self._callers -= 1
-            if self._callers == 0:
-                self._bound.clear()  # the manager, not the pipeline, keeps components alive between calls
+            build.callers -= 1
+            if build.callers == 0:
+                build.bound.clear()  # the manager, not the pipeline, keeps components alive between calls
 
     # --- changing -------------------------------------------------------------------------------------------
 
     def update_components(self, **components: Any) -> Pipeline:
         """Swap components by name (objects or specs); the plan is re-checked and nothing changes if it fails."""
-        keys = dict(self._keys)
+        current = self._build.keys
+        keys = dict(current)
         added = []
         for name, value in components.items():
             keys[name] = self.manager.add(name, value, user=self.name)
             added.append(keys[name])
         try:
-            root, plans, switches = self._compile(self._root, keys)
+            build = self._compile(self._build.root, keys)
         except PlanError:
             for key in added:
                 self.manager.release(key, user=self.name)
             raise
         for name in components:
-            if name in self._keys and self._keys[name] != keys[name]:
-                self.manager.release(self._keys[name], user=self.name)
-        self._keys, self._root, self._plans, self._switches = keys, root, plans, switches
+            if name in current and current[name] != keys[name]:
+                # a call in flight holds the old object in its own binding until it ends
+                self.manager.release(current[name], user=self.name)
+        self._build = build
         return self
 
     def replace_block(self, path: str, block: AbstractBlock) -> Pipeline:
         """Replace the block at ``path``; the new tree is checked and nothing changes if it fails."""
-        return self._edit(replaced(self._root, path, block))
+        return self._edit(replaced(self._build.root, path, block))
 
     def insert_block(self, block: AbstractBlock, *, before: str | None = None, after: str | None = None) -> Pipeline:
         """Insert a block next to a sibling given by dotted path; checked like :meth:`replace_block`."""
-        return self._edit(inserted(self._root, block, before=before, after=after))
+        return self._edit(inserted(self._build.root, block, before=before, after=after))
 
     def remove_block(self, path: str) -> Pipeline:
         """Remove the block at ``path``; checked like :meth:`replace_block`."""
-        return self._edit(removed(self._root, path))
+        return self._edit(removed(self._build.root, path))
 
     def _edit(self, root: AbstractBlock) -> Pipeline:
-        self._root, self._plans, self._switches = self._compile(root, self._keys)
+        self._build = self._compile(root, self._build.keys)
         return self
 
     # --- looking --------------------------------------------------------------------------------------------
@@ -270,34 +287,35 @@ class Pipeline:
     @property
     def blocks(self) -> AbstractBlock:
         """The pipeline's block tree, an immutable value (edit through replace_block / insert_block / remove_block)."""
-        return self._root
+        return self._build.root
 
     @property
     def workflows(self) -> tuple[str, ...]:
-        return tuple(plan.workflow for plan in getattr(self, "_plans", {}).values())
+        build = getattr(self, "_build", None)
+        return tuple(plan.workflow for plan in build.plans.values()) if build is not None else ()
 
     def plan(self, workflow: str | None = None) -> Plan:
         """The compiled plan of one workflow (the only one when there is no switch)."""
-        for plan in self._plans.values():
+        for plan in self._build.plans.values():
             if workflow is None or plan.workflow == workflow:
                 return plan
         raise KeyError(f"no workflow {workflow!r}; workflows: {list(self.workflows)}")
 
     @property
     def input_names(self) -> frozenset[str]:
-        return frozenset(name for plan in self._plans.values() for name in plan.user_inputs)
+        return frozenset(name for plan in self._build.plans.values() for name in plan.user_inputs)
 
     @property
     def components(self) -> dict[str, Any]:
         """Components by name (loading any that are still lazy)."""
-        return {name: self.manager.get(key) for name, key in self._keys.items()}
+        return {name: self.manager.get(key) for name, key in self._build.keys.items()}
 
     def component_keys(self) -> dict[str, str]:
-        return dict(self._keys)
+        return dict(self._build.keys)
 
     def __repr__(self) -> str:
-        root = getattr(self, "_root", None)
-        tree = render_tree(root) if root is not None else "(not built)"
+        build = getattr(self, "_build", None)
+        tree = render_tree(build.root) if build is not None else "(not built)"
         return f"Pipeline {self.name!r} (workflows: {', '.join(self.workflows)})\n" + tree
 
     def input_schema(self, workflow: str | None = None) -> dict[str, Any]:

@@ -91,7 +91,7 @@ class Plan:
 class UserInputs(BaseModel):
     """Base of the per-workflow model that validates a call's inputs once."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, extra="ignore", protected_namespaces=())
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="ignore", protected_namespaces=(), allow_inf_nan=False)
 
 
 def expand_workflows(root: AbstractBlock) -> list[Choices]:

@@ -56,6 +56,12 @@ class TensorSpec:
             raise PydanticCustomError(
                 "tensor_dtype", "expected a {kind} tensor, got dtype {dtype}", {"kind": self.kind, "dtype": str(value.dtype)}
             )
+        if self.kind == "float" and not bool(torch.isfinite(value).all()):
+            # one NaN or infinity spreads through every step into every pixel; refuse it where it enters
+            bad = int((~torch.isfinite(value)).sum())
+            raise PydanticCustomError(
+                "tensor_finite", "holds {bad} NaN or infinite values of {total}; give finite values", {"bad": bad, "total": value.numel()}
+            )
         return value
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
@@ -68,7 +74,9 @@ class TensorSpec:
 def _kind_of(value: torch.Tensor) -> str:
     if value.dtype == torch.bool:
         return "bool"
-    return "float" if value.is_floating_point() or value.is_complex() else "int"
+    if value.is_complex():
+        return "complex"  # not a float: latents and images are real, and a complex tensor would pass silently
+    return "float" if value.is_floating_point() else "int"
 
 
 class _TensorAnnotation:

@@ -13,11 +13,12 @@ which therefore counts as inside the repository.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from diffblocks.components.config_files import read_json_object
 
 # the scheme that presets resolve to a folder inside an installed package (see
 # diffblocks.presets.loading.resolve_package_reference, which checks the path part)
@@ -144,7 +145,7 @@ def check_folder(folder: Path, root: Path, *, repository: str, patterns: Sequenc
             raise RepositoryPathError(_MSG_LINK.format(repository=repository, name=_relative(path, root), why=why))
         if path.is_file() and _WEIGHT_INDEX.search(path.name):
             try:
-                weight_map = json.loads(path.read_text())["weight_map"]
+                weight_map = read_json_object(path, what="a weight index")["weight_map"]
             except (ValueError, KeyError, TypeError):
                 continue  # a broken index is reported, with its file, by the loader that reads it
             if isinstance(weight_map, dict):

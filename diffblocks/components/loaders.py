@@ -18,6 +18,7 @@ def load_component(cls: type, spec: ComponentSpec, *, device: torch.device | str
     if spec.repo is None:
         if spec.config is None:
             raise ValueError(f"component {spec.name!r} has neither a repository nor a config to build it from")
+        check_random_weights(cls, spec)
         return cls.from_config(spec.config)  # type: ignore[attr-defined]
     if _is_transformers(cls):
         return _load_transformers(cls, spec, device)
@@ -30,6 +31,23 @@ def load_component(cls: type, spec: ComponentSpec, *, device: torch.device | str
     if "device" in accepted and device is not None:
         kwargs["device"] = device
     return cls.from_pretrained(spec.repo, **kwargs)  # type: ignore[attr-defined]
+
+
+_MSG_RANDOM = (
+    "component {name!r} is a {cls} given only as a config: it would be built with random weights and draw noise. "
+    "Give it a repository (repo=... in the ComponentSpec, pretrained_model_name_or_path in an index entry), "
+    "or pass ComponentSpec(..., random_weights=True) if untrained weights are what you want"
+)
+
+
+def check_random_weights(cls: type, spec: ComponentSpec) -> None:
+    """Refuse to build a model (a module with weights) from a config alone unless the spec asks for random weights.
+
+    Schedulers and guiders are built from configs; a model built that way is untrained, which is
+    never what loading a pipeline means, so it must be asked for.
+    """
+    if spec.repo is None and not spec.random_weights and isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+        raise ValueError(_MSG_RANDOM.format(name=spec.name, cls=cls.__name__))
 
 
 def _is_transformers(cls: type) -> bool:

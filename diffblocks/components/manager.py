@@ -10,9 +10,34 @@ from typing import Any
 import torch
 
 from diffblocks.components.compiled import unwrap_compiled
-from diffblocks.components.loaders import load_component
+from diffblocks.components.loaders import check_random_weights, load_component
 from diffblocks.components.specs import ComponentSpec, read_index
-from diffblocks.registry import COMPONENTS, Registry
+from diffblocks.registry import COMPONENTS, Registry, RegistryError
+
+
+def usable_device(device: torch.device | str) -> torch.device:
+    """``device`` as a :class:`torch.device`, refused now if this machine cannot place tensors there.
+
+    Without this check a pipeline built for ``"cuda"`` on a machine without CUDA fails only at its
+    first call, deep inside a model.
+
+    Raises:
+        ValueError: not a device name, or its backend (CUDA, MPS) or index is not available here.
+    """
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a device: {err}; use 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, but no GPU is visible"
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine (torch {torch.__version__}, {build}); use device='cpu'")
+        count = torch.cuda.device_count()
+        if target.index is not None and target.index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    if target.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS (Apple GPUs) is not available on this machine; use device='cpu'")
+    return target
 
 
 @dataclass
@@ -61,17 +86,35 @@ class ComponentsManager:
     """
 
     def __init__(self, *, device: torch.device | str | None = None, registry: Registry | None = None) -> None:
-        self.device = torch.device(device) if device is not None else None
+        self.device = device  # the setter checks and converts names
         self.registry = registry if registry is not None else COMPONENTS
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.RLock()
 
+    @property
+    def device(self) -> torch.device | None:
+        """Where loaded models are placed (None: where they load, the CPU); checked when set (see :func:`usable_device`)."""
+        return self._device
+
+    @device.setter
+    def device(self, device: torch.device | str | None) -> None:
+        self._device = usable_device(device) if device is not None else None
+
     def add(self, name: str, component: Any, *, user: str | None = None) -> str:
-        """Register a loaded object or a :class:`ComponentSpec` under ``name``; returns its key."""
+        """Register a loaded object or a :class:`ComponentSpec` under ``name``; returns its key.
+
+        Raises:
+            ValueError: a model given only as a config, without ``random_weights=True`` in its spec.
+        """
         with self._lock:
             if isinstance(component, ComponentSpec):
                 if component.name != name:
                     component = component.with_(name=name)
+                if component.repo is None and component.type_hint is not None:
+                    try:
+                        check_random_weights(self.registry.resolve(component.type_hint), component)
+                    except RegistryError:
+                        pass  # an unknown type is reported, with the allowed ones, when the pipeline is built
                 key = component.load_id
                 entry = self._entries.get(key)
                 if entry is None:
@@ -139,7 +182,7 @@ class ComponentsManager:
 
     def to(self, device: torch.device | str) -> ComponentsManager:
         """Move every loaded module to ``device`` (and load later ones there)."""
-        self.device = torch.device(device)
+        self.device = device  # the setter checks and converts names
         for entry in self._entries.values():
             if isinstance(entry.obj, torch.nn.Module):
                 entry.obj.to(self.device)

@@ -12,6 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from diffblocks._version import __version__
+from diffblocks.components.config_files import ConfigFileError, read_json_object
 from diffblocks.components.containment import check_folder, check_reference, check_subfolder, contained_path
 from diffblocks.components.hub import resolve_folder
 
@@ -21,6 +22,19 @@ CLASSIC_INDEX = "model_index.json"
 # loading spec to its ComponentSpec, which takes no dtype
 DTYPES_KEY = "_diffblocks_dtypes"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """The index name of a weights dtype (``torch.float16`` or ``"float16"`` -> ``"float16"``).
+
+    Raises:
+        ValueError: not a floating-point dtype that models can be cast to; the message lists those that are.
+    """
+    for name, value in _DTYPES.items():
+        if dtype == value or (isinstance(dtype, str) and dtype.removeprefix("torch.") == name):
+            return name
+    hint = " (integer weights come from a quantizer, diffblocks.components.quantizers)" if isinstance(dtype, torch.dtype) else ""
+    raise ValueError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}, the dtypes weights are cast to{hint}")
 
 
 class ComponentSpec(BaseModel):
@@ -44,13 +58,14 @@ class ComponentSpec(BaseModel):
     revision: str | None = None
     dtype: str | None = None
     config: dict[str, Any] | None = None
+    random_weights: bool = False
+    """Build a model from ``config`` alone with random weights (tests, training from scratch); without
+    it a model spec that has a config but no repository is refused rather than silently untrained."""
 
     @field_validator("dtype")
     @classmethod
     def _known_dtype(cls, value: str | None) -> str | None:
-        if value is not None and value.removeprefix("torch.") not in _DTYPES:
-            raise ValueError(f"dtype {value!r} is not one of {sorted(_DTYPES)}")
-        return value.removeprefix("torch.") if value else value
+        return dtype_name(value) if value is not None else None
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
@@ -142,7 +157,8 @@ def read_index(path_or_repo: str | os.PathLike[str], *, revision: str | None = N
     for filename in (MODULAR_INDEX, CLASSIC_INDEX):
         file = root / filename
         if file.is_file():
-            index = parse_index(json.loads(file.read_text()), root=str(path_or_repo), revision=revision, source=filename)
+            data = read_json_object(file, what="a pipeline index (component names to [library, class] entries)")
+            index = parse_index(data, root=str(path_or_repo), revision=revision, source=filename)
             _check_own_folders(index, root, repository=str(path_or_repo))
             return index
     raise FileNotFoundError(f"{str(path_or_repo)!r} has neither {MODULAR_INDEX} nor {CLASSIC_INDEX} (looked in {root})")
@@ -169,7 +185,10 @@ def parse_index(data: Mapping[str, Any], *, root: str, revision: str | None = No
                 extras[name] = value
             continue
         if isinstance(value, (list, tuple)) and len(value) in (2, 3):
-            spec = ComponentSpec.from_index_entry(name, value, root=root)
+            try:
+                spec = ComponentSpec.from_index_entry(name, value, root=root)
+            except (ValueError, TypeError) as err:
+                raise ConfigFileError(_MSG_ENTRY.format(source=source, root=root, name=name, err=_first_line(err))) from None
             if spec is not None and spec.dtype is None and dtypes.get(name) is not None:
                 spec = spec.with_(dtype=ComponentSpec(name=name, dtype=dtypes[name]).dtype)  # validated
             if spec is not None and spec.repo not in (None, root) and _names_itself(spec.repo, root):
@@ -192,6 +211,17 @@ def _names_itself(value: str, root: str) -> bool:
         return folder.is_dir() and Path(value).expanduser().resolve() == folder.resolve()
     except (OSError, ValueError):  # a NUL character, a path too long: not this folder
         return False
+
+
+_MSG_ENTRY = (
+    "{source} of {root!r}: entry {name!r} is malformed ({err}); an entry is [library, class_name] or "
+    '[library, class_name, {{"pretrained_model_name_or_path": ..., "subfolder": ..., ...}}] with strings'
+)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return " ".join(text.splitlines()[:3]) if text else type(err).__name__
 
 
 def _check_entry(spec: ComponentSpec, *, root: str, source: str) -> None:

@@ -17,13 +17,12 @@ from diffblocks.blocks.introspect import component_names
 from diffblocks.blocks.pipeline import PresetInfo
 from diffblocks.components import ComponentsManager, ComponentSpec, read_index
 from diffblocks.components.hub import resolve_folder
-from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX, PipelineIndex
+from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX, PipelineIndex, dtype_name
 from diffblocks.presets.families import FAMILIES, Family, family_of, register_family
 from diffblocks.presets.remote_code import RemoteCodeError, code_class, load_code
 from diffblocks.presets.treefile import CODE_KEY, TREE_KEY, code_files, tree_from_json
 from diffblocks.registry import BLOCKS
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # components that hold no weights keep their own precision
 _NOT_CAST = frozenset({"tokenizer", "tokenizer_2", "scheduler", "guider", "feature_extractor"})
 
@@ -94,19 +93,20 @@ def from_pretrained(
         RemoteCodeError: the repository carries block code that may not run (not trusted, not
             pinned, ``DIFFBLOCKS_NO_REMOTE_CODE`` set, or a file that does not match its hash).
     """
+    weights_dtype = dtype_name(dtype) if dtype is not None else None  # refused before anything is read
     _refuse_diffusers_code(path_or_repo, revision=revision)
     index = read_index(path_or_repo, revision=revision)
     family = family_of(index.class_name, index.settings)
     blocks = _blocks(index, family, path_or_repo, revision=revision, trust_remote_code=trust_remote_code)
     manager = manager if manager is not None else ComponentsManager(device=device)
     if device is not None:
-        manager.device = torch.device(device)
+        manager.device = device
     specs: dict[str, Any] = {}
     sources: dict[str, str] = {}  # so that saving writes the portable reference, not this machine's folder
     for name, spec in index.components.items():
         changes: dict[str, Any] = {}
-        if dtype is not None and name not in _NOT_CAST:
-            changes["dtype"] = _DTYPE_NAMES[dtype]
+        if weights_dtype is not None and name not in _NOT_CAST:
+            changes["dtype"] = weights_dtype
         if variant is not None and name not in _NOT_CAST and not _is_package(spec):
             changes["variant"] = variant
         if _is_package(spec):

@@ -6,7 +6,7 @@ from diffblocks.registry.defaults import (
     default_component_registry,
     default_format_registry,
 )
-from diffblocks.registry.registry import Key, Registry, RegistryError
+from diffblocks.registry.registry import Key, Registry, RegistryError, RegistryWarning
 
 COMPONENTS: Registry = default_component_registry()
 """The process-wide component allowlist used by the ComponentsManager."""
@@ -25,6 +25,7 @@ __all__ = [
     "Key",
     "Registry",
     "RegistryError",
+    "RegistryWarning",
     "default_block_registry",
     "default_component_registry",
     "default_format_registry",

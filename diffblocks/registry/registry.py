@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import re
+import warnings
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from typing import Any
@@ -16,8 +18,20 @@ _MSG_HINT = (
 )
 
 
+_ENTRY_NAME = re.compile(r"^[A-Za-z_][\w.-]*\.[A-Za-z_]\w*$")  # library.ClassName
+_ENTRY_VALUE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")  # package.module:Class
+_MSG_BAD_ENTRY = (
+    "ignoring entry point {name!r} = {value!r} of {dist} in group {group!r}: {why}. "
+    "The other plugins still load; the package's author should fix its entry_points."
+)
+
+
 class RegistryError(LookupError):
     """A name is not in the allowlist, or its target cannot be imported."""
+
+
+class RegistryWarning(UserWarning):
+    """An installed package declares a malformed plugin entry point; it is skipped, the others load."""
 
 
 class Registry:
@@ -39,6 +53,7 @@ class Registry:
         self.entry_point_group = entry_point_group
         self._targets: dict[Key, type | str] = {}
         self._plugins_loaded = entry_point_group is None
+        self.skipped: list[str] = []  # malformed entry points of other packages, with the reason
 
     def register(self, key: Key, target: type | str, *, replace: bool = False) -> None:
         """Allow ``key`` and map it to ``target`` (a class or a ``"module:attribute"`` string)."""
@@ -91,16 +106,28 @@ class Registry:
         self._plugins_loaded = True
         assert self.entry_point_group is not None
         for ep in entry_points(group=self.entry_point_group):
+            # one broken package must not cost every other plugin (or this process) its lookups
+            why = (
+                "the name must be 'library.ClassName'"
+                if not _ENTRY_NAME.match(ep.name)
+                else "the value must be 'package.module:ClassName'"
+                if not _ENTRY_VALUE.match(ep.value)
+                else None
+            )
+            if why is not None:
+                dist = f"package {ep.dist.name!r}" if ep.dist is not None else "an installed package"
+                message = _MSG_BAD_ENTRY.format(name=ep.name, value=ep.value, dist=dist, group=self.entry_point_group, why=why)
+                self.skipped.append(message)
+                warnings.warn(message, RegistryWarning, stacklevel=3)
+                continue
             library, _, name = ep.name.rpartition(".")
-            if not library:
-                raise RegistryError(
-                    f"entry point {ep.name!r} in group {self.entry_point_group!r} must be named 'library.ClassName'"
-                )
             self._targets.setdefault((library, name), ep.value)
 
     def _unknown_message(self, key: Key) -> str:
         allowed = ", ".join(f"{lib}.{name}" for lib, name in sorted(self._targets))
         hint = _MSG_HINT.format(group=self.entry_point_group) if self.entry_point_group else ""
+        if self.skipped:
+            hint += " Skipped malformed entry points: " + " ".join(self.skipped)
         return _MSG_UNKNOWN.format(kind=self.kind, key=f"{key[0]}.{key[1]}", allowed=allowed, hint=hint).strip()
 
 

@@ -261,3 +261,40 @@ def test_manager_moves_removes_and_releases() -> None:
     manager.remove("proj")
     with pytest.raises(KeyError, match="known names: none"):
         manager.get(key)
+
+
+def test_a_model_given_only_as_a_config_is_refused_unless_random_weights_are_asked_for() -> None:
+    config = {
+        "block_out_channels": (8, 16), "layers_per_block": 1, "norm_num_groups": 4, "cross_attention_dim": 8,
+        "attention_head_dim": 2, "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    }
+    spec = ComponentSpec(name="unet", type_hint=("diffusers", "UNet2DConditionModel"), config=config)
+    manager = ComponentsManager()
+    with pytest.raises(ValueError, match=r"component 'unet' is a UNet2DConditionModel given only as a config: it would be built with random weights"):
+        manager.add("unet", spec)
+    key = manager.add("unet", spec.with_(random_weights=True))
+    assert manager.get(key).params.block_out_channels == (8, 16)
+    guider = ComponentSpec(name="guider", type_hint=("diffusers", "ClassifierFreeGuidance"), config={"guidance_scale": 5.0})
+    assert manager.get(manager.add("guider", guider)).guidance_scale == 5.0  # no weights: configs are what it is made of
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_a_device_this_machine_lacks_is_refused_when_the_manager_is_made_or_moved(device: str) -> None:
+    with pytest.raises(ValueError, match=rf"device '{device}': CUDA is not available on this machine .*use device='cpu'"):
+        ComponentsManager(device=device)
+    manager = ComponentsManager()
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        manager.to(device)
+    assert manager.device is None  # unchanged
+    with pytest.raises(ValueError, match=r"device 'gpu' is not a device: .*use 'cpu', 'cuda'"):
+        ComponentsManager(device="gpu")
+
+
+def test_dtype_names() -> None:
+    from diffblocks.components.specs import dtype_name
+
+    assert dtype_name(torch.float64) == dtype_name("torch.float64") == "float64"
+    with pytest.raises(ValueError, match=r"dtype torch\.int8 is not one of .* \(integer weights come from a quantizer"):
+        dtype_name(torch.int8)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -99,6 +101,21 @@ def test_callback_with_unknown_name_fails_clearly() -> None:
         pipe(callbacks=[lambda info: {"latent": 1}], progress=False)
 
 
+@pytest.mark.parametrize(
+    ("replacement", "message"),
+    [
+        (lambda x: x.double(), r"replaced 'latents' at step 0: it was a torch\.float32 tensor of shape \(1, 4, 2, 2\).*torch\.float64"),
+        (lambda x: x[:, :2], r"of shape \(1, 2, 2, 2\)"),
+        (lambda x: x.tolist(), r"it was a tensor, the callback gave list"),
+    ],
+)
+def test_callback_replacements_must_match_the_value_they_replace(replacement: Any, message: str) -> None:
+    pipe = Pipeline(toy_blocks(), COMPONENTS)
+    with pytest.raises(ValueError, match=message):
+        pipe(callbacks=[lambda info: {"latents": replacement(info.state["latents"])}], progress=False)
+    assert pipe(progress=False).images.shape == (1, 4, 4, 4)  # the next call is unaffected
+
+
 def test_timings_per_block() -> None:
     pipe = Pipeline(toy_blocks(), COMPONENTS)
     out = pipe(num_inference_steps=3, timings=True, progress=False)
@@ -145,7 +162,7 @@ def test_output_lists_what_it_has() -> None:
 def test_components_are_not_held_between_calls() -> None:
     pipe = Pipeline(toy_blocks(), {"denoiser": Denoiser(), "decoder": Decoder()})
     pipe(progress=False)
-    assert pipe._bound == {}
+    assert pipe._build.bound == {}
     assert isinstance(Denoiser(), torch.nn.Module)
 
 
@@ -179,7 +196,47 @@ def test_concurrent_calls_share_the_components_safely() -> None:
     thread.join(timeout=30)
     assert not errors, errors
     assert len(results) == 1 and quick.shape == results[0].shape
-    assert pipe._bound == {}
+    assert pipe._build.bound == {}
+
+
+def test_a_call_after_update_components_uses_the_new_components_while_an_older_call_runs() -> None:
+    import threading
+
+    started, finish = threading.Event(), threading.Event()
+
+    class Blocking(Denoiser):
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if threading.current_thread().name == "slow":
+                started.set()
+                assert finish.wait(timeout=10)
+            return super().forward(x, t)
+
+    class Doubling(Decoder):
+        def forward(self, latents: torch.Tensor) -> torch.Tensor:
+            return super().forward(latents) * 2
+
+    pipe = Pipeline(toy_blocks(), {"denoiser": Blocking(), "decoder": Decoder()})
+    expected = pipe(num_inference_steps=1, generator=torch.Generator().manual_seed(0), progress=False).images
+    results: list[torch.Tensor] = []
+    errors: list[BaseException] = []
+
+    def slow_call() -> None:
+        try:
+            results.append(pipe(num_inference_steps=1, generator=torch.Generator().manual_seed(0), progress=False).images)
+        except BaseException as err:  # noqa: BLE001 - asserted below
+            errors.append(err)
+
+    thread = threading.Thread(target=slow_call, name="slow")
+    thread.start()
+    assert started.wait(timeout=10)
+    pipe.update_components(decoder=Doubling())  # while the slow call is inside the loop
+    quick = pipe(num_inference_steps=1, generator=torch.Generator().manual_seed(0), progress=False).images
+    finish.set()
+    thread.join(timeout=30)
+    assert not errors, errors
+    assert torch.allclose(quick, expected * 2)  # the new decoder, though an older call was in flight
+    assert torch.allclose(results[0], expected)  # the call in flight kept the components it started with
+    assert pipe._build.bound == {}
 
 
 class Tally(Block):

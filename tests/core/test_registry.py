@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -69,3 +70,31 @@ def test_plugins_come_from_entry_points(tmp_path: Path, monkeypatch: pytest.Monk
     cls = reg.resolve(("fancy", "FancyVAE"))
     assert cls.__name__ == "FancyVAE" and cls.__module__ == "fancy_plugin"
     sys.modules.pop("fancy_plugin", None)
+
+
+def test_a_malformed_entry_point_of_another_package_is_skipped_and_the_others_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diffblocks.registry import RegistryWarning
+
+    package = tmp_path / "good_plugin"
+    package.mkdir()
+    (package / "__init__.py").write_text("class GoodVAE:\n    pass\n")
+    for dist_name, entries in (
+        ("broken_plugin", "NoLibraryDot = broken:Thing\nbroken.Thing = not a target\n"),
+        ("good_plugin", "good.GoodVAE = good_plugin:GoodVAE\n"),
+    ):
+        dist = tmp_path / f"{dist_name}-1.0.dist-info"
+        dist.mkdir()
+        (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 1.0\n")
+        (dist / "entry_points.txt").write_text(f"[diffblocks.components]\n{entries}")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = Registry("component", entry_point_group="diffblocks.components")
+    with pytest.warns(RegistryWarning) as caught:
+        assert reg.resolve(("good", "GoodVAE")).__name__ == "GoodVAE"
+    assert re.search(r"ignoring entry point 'NoLibraryDot' .* of package 'broken_plugin'.*'library\.ClassName'", str(caught[0].message))
+    assert len(reg.skipped) == 2 and "'package.module:ClassName'" in reg.skipped[1]
+    with pytest.raises(RegistryError, match="Skipped malformed entry points: ignoring entry point 'NoLibraryDot'"):
+        reg.resolve(("broken", "Other"))
+    assert reg.resolve(("good", "GoodVAE")).__name__ == "GoodVAE"  # later lookups still work
+    sys.modules.pop("good_plugin", None)

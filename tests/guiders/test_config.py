@@ -185,3 +185,11 @@ def test_family_defaults_resolve_on_the_released_architectures() -> None:
             detach_perturbations(model)
     sdxl_pag = PerturbedAttentionGuidance.for_family("sdxl").perturbation
     assert len(sdxl_pag.resolve(models["sdxl"])) == 10  # the ten mid-block self-attentions
+
+
+@pytest.mark.parametrize("scale", ["Infinity", "-Infinity", "NaN"])
+def test_a_saved_guider_config_with_an_infinite_or_nan_scale_is_refused(tmp_path: Path, scale: str) -> None:
+    # json reads these words as floats; an infinite scale would make every image NaN
+    (tmp_path / GUIDER_CONFIG_NAME).write_text(f'{{"_class_name": "ClassifierFreeGuidance", "guidance_scale": {scale}}}')
+    with pytest.raises(ValueError, match="guidance_scale\n  Input should be a finite number"):
+        ClassifierFreeGuidance.from_pretrained(tmp_path)

@@ -222,6 +222,16 @@ def test_too_few_generators_are_rejected(ours: dict[str, Pipeline]) -> None:
     assert "generator: 3 generators for 4 images (2 prompts x num_images_per_prompt 2)" in message
 
 
+def test_image_counts_sizes_and_image_values_are_checked_before_the_encoders(ours: dict[str, Pipeline]) -> None:
+    image = PIL.Image.new("RGB", (32, 32))
+    message = input_error(ours["dev"], prompt=["a", "b"], image=[image] * 3)
+    assert "image: 3 images for 2 images (2 prompts x num_images_per_prompt 1)" in message
+    assert "height: height 100000 is larger than 16384 pixels" in input_error(ours["dev"], height=100_000, width=32)
+    message = input_error(ours["dev"], image=torch.full((1, 3, 32, 32), 255.0))
+    assert "image: image is a float tensor with values in [255, 255]" in message
+    assert "Input should be a finite number" in input_error(ours["dev"], guidance_scale=float("inf"))
+
+
 # --- blocks on their own ------------------------------------------------------------------------------------
 
 

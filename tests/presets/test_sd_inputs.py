@@ -71,6 +71,29 @@ BAD_INPUTS: list[tuple[dict[str, Any], str]] = [
     (dict(num_images_per_prompt=0), r"num_images_per_prompt: Input should be greater than or equal to 1"),
     (dict(output_type="jpeg"), r"\[decode_images\] output_type: Input should be 'pil', 'np', 'pt' or 'latent'"),
     (dict(guidance_scale=-1.0), r"\[workflow\.text2img\.prepare_guidance\] guidance_scale: Input should be greater"),
+    # values that would poison the run: infinities, NaN, complex latents, images in another range
+    (dict(guidance_scale=float("inf")), r"\[workflow\.text2img\.prepare_guidance\] guidance_scale: Input should be a finite number"),
+    (dict(latents=torch.zeros(1, 4, 16, 16, dtype=torch.complex64)), r"latents: .*expected a float tensor, got dtype torch\.complex64"),
+    (dict(latents=torch.full((1, 4, 16, 16), float("nan"))), r"latents: .*holds 1024 NaN or infinite values of 1024"),
+    (dict(image=np.full((SIZE, SIZE, 3), 200.0, dtype=np.float32)), r"image: image is a float array with values in \[200, 200\].*x / 255"),
+    (dict(image=torch.full((1, 3, SIZE, SIZE), -0.5)), r"image: .*float tensor with values in \[-0\.5, -0\.5\].*\(x \+ 1\) / 2"),
+    (dict(image=np.zeros((SIZE, SIZE, 3), dtype=np.int64)), r"image: image is a int64 array, whose range is not known"),
+    (dict(image=PIL.Image.new("F", (SIZE, SIZE), 200.0)), r"image: image is a PIL 'F' image with values in \[200, 200\]"),
+    (dict(image=IMAGE, mask_image=MASK * 255), r"\[workflow\.inpaint\.prepare_images\] mask_image: mask_image is a float array"),
+    # counts that depend on the batch are checked before the text encoders run
+    (dict(generator=[torch.Generator()] * 3), r"\[workflow\.text2img\.prepare_latents\] generator: 3 generators for 1 images \(1 prompts x"),
+    (dict(prompt=["a", "b"], num_images_per_prompt=2, generator=[torch.Generator()] * 2), r"2 generators for 4 images"),
+    (dict(image=[IMAGE] * 3, prompt=["a", "b"]), r"\[workflow\.img2img\.prepare_latents\] image: 3 images for 2 images \(2 prompts"),
+    (dict(image=[IMAGE] * 2, mask_image=MASK), r"\[workflow\.inpaint\.prepare_images\] image: 2 images for 1 images"),
+    (dict(image=IMAGE, mask_image=MASK, generator=[torch.Generator()] * 2), r"\[workflow\.inpaint\.prepare_latents\] generator: 2 generators"),
+    (dict(clip_skip=5), r"\[encode_prompt\] clip_skip: clip_skip 5 skips more layers than the text encoder has \(2 layers"),
+    # sizes and batches that would allocate for minutes (or exhaust memory) are refused with the estimate
+    (dict(height=100_000, width=32), r"\[workflow\.text2img\.prepare_latents\] height: height 100000 is larger than 16384 pixels"),
+    (dict(height=16384, width=16384), r"height: an image of 16384x16384 needs 64\.0 GiB in one activation of the VAE decoder, more than 32\.0 GiB; use at most about 11584x11584"),
+    (dict(height=4096, width=4096, num_images_per_prompt=64), r"num_images_per_prompt: 64 images of 4096x4096 need 256\.0 GiB .* make at most 8 images of this size per call"),
+    (dict(prompt=["a"] * 100_000, num_images_per_prompt=64), r"num_images_per_prompt: 6400000 image\(s\) of 32x32 need a latent tensor of 6,553,600,000 elements"),
+    (dict(image=IMAGE, height=16384, width=16384), r"\[workflow\.img2img\.prepare_latents\] height: an image of 16384x16384 needs"),
+    (dict(image=IMAGE, mask_image=MASK, height=16384, width=16384), r"\[workflow\.inpaint\.prepare_images\] height: an image of 16384x16384"),
 ]
 
 
@@ -80,6 +103,16 @@ def test_bad_input_fails_before_any_model_runs(pipe: Pipeline, model_calls: list
     with pytest.raises(InputError, match=message):
         pipe(**call)
     assert model_calls == []
+
+
+def test_a_call_after_every_bad_input_gives_the_same_image(pipe: Pipeline) -> None:
+    call = {"prompt": "a red circle", "num_inference_steps": 2, "output_type": "pt", "progress": False}
+    before = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    for inputs, _ in BAD_INPUTS:
+        with pytest.raises(InputError):
+            pipe(**{**call, **inputs})
+    after = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(before, after)
 
 
 def test_unknown_scheduler_class_is_a_registry_error(family: tuple[str, Path], tmp_path: Path) -> None:
@@ -112,3 +145,19 @@ def test_inpainting_unet_without_a_mask_fails_before_any_work(tmp_path: Path) ->
     pipe = Pipeline.from_pretrained(str(tiny_sd15(tmp_path / "inpaint", in_channels=9)))
     with pytest.raises(InputError, match="the UNet takes 9 input channels, not the VAE's 4: it is an inpainting model"):
         pipe(prompt="a cat", num_inference_steps=2, progress=False)
+
+
+def test_float64_weights_load_and_run(family: tuple[str, Path]) -> None:
+    pipe = Pipeline.from_pretrained(str(family[1]), dtype=torch.float64)
+    assert next(pipe.components["unet"].parameters()).dtype == torch.float64
+    out = pipe(prompt="a red circle", num_inference_steps=1, output_type="pt", progress=False)
+    assert torch.isfinite(out.images).all()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (dict(dtype=torch.int8), r"dtype torch\.int8 is not one of .*integer weights come from a quantizer"),
+    pytest.param(dict(device="cuda"), r"device 'cuda': CUDA is not available", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs no CUDA")),
+])
+def test_unusable_dtype_or_device_fails_when_the_pipeline_is_built(family: tuple[str, Path], options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Pipeline.from_pretrained(str(family[1]), **options)

@@ -10,9 +10,16 @@ from pydantic import Field
 from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.fields import produced
-from diffblocks.blocks.sd.encode import Prompt, as_list
-from diffblocks.blocks.standard.images import ImageLike, image_size, normalize, snap_size, to_tensor
-from diffblocks.blocks.standard.latents import check_generator, placement, repeat_images
+from diffblocks.blocks.sd.encode import Prompt
+from diffblocks.blocks.standard.images import ImageLike, check_image, image_size, normalize, snap_size, to_tensor
+from diffblocks.blocks.standard.latents import (
+    PROMPT_FOR_CHECKS,
+    check_batch,
+    check_call_size,
+    check_generator,
+    placement,
+    repeat_images,
+)
 from diffblocks.blocks.standard.vae import encode_latents, vae_scale_factor
 from diffblocks.blocks.types import Float
 from diffblocks.components.models.autoencoder_kl import AutoencoderKL
@@ -45,24 +52,10 @@ def check_flux_size(vae: AutoencoderKL, *, height: int | None, width: int | None
             )
 
 
-def check_generator_count(generator: Generator | None, prompt: Prompt | None, per_prompt: int | None) -> None:
-    """A list of generators must have one per image (a single generator serves them all)."""
-    if not isinstance(generator, Sequence) or prompt is None:
-        return
-    prompts, per_prompt = len(as_list(prompt)), per_prompt or 1
-    if len(generator) != prompts * per_prompt:
-        raise FieldError(
-            "generator",
-            f"{len(generator)} generators for {prompts * per_prompt} images ({prompts} prompts x "
-            f"num_images_per_prompt {per_prompt}); give one per image, or a single generator",
-        )
-
-
 def check_generators(inputs: BlockIO, device: torch.device) -> None:
     """Generators draw noise for ``device``, one per image when a list is given."""
-    generator = known(inputs, "generator")
-    check_generator(generator, device)
-    check_generator_count(generator, known(inputs, "prompt"), known(inputs, "num_images_per_prompt"))
+    check_generator(known(inputs, "generator"), device)
+    check_batch(inputs)
 
 
 class PrepareFluxLatents(Block):
@@ -74,7 +67,7 @@ class PrepareFluxLatents(Block):
         batch_size: int
         generator: Generator | None = Field(None, description="a torch.Generator (or one per image) for reproducible noise")
         latents: Float["batch seq channels"] | None = Field(None, description="start from these packed latents")
-        prompt: Prompt | None = Field(None, description="the prompts, to check one generator per image")
+        prompt: Prompt | None = Field(None, description=PROMPT_FOR_CHECKS)
         num_images_per_prompt: int = Field(1, ge=1, le=64)
 
     class Outputs(BlockIO):
@@ -89,6 +82,8 @@ class PrepareFluxLatents(Block):
     def check(self, inputs: Inputs) -> None:
         check_flux_size(self.vae, height=known(inputs, "height"), width=known(inputs, "width"))
         check_generators(inputs, placement(self.transformer)[0])
+        default = DEFAULT_LATENT_SIZE * vae_scale_factor(self.vae)
+        check_call_size(self.vae, inputs, self.transformer, default=(default, default))
 
     def __call__(self, inputs: Inputs) -> Outputs:
         default = DEFAULT_LATENT_SIZE * vae_scale_factor(self.vae)
@@ -115,6 +110,8 @@ class PreprocessFluxImage(Block):
         image: ImageLike = Field(description="the image to start from")
         height: int | None = Field(None, description="resize to this height, a multiple of 16 (default: the image's, rounded down)")
         width: int | None = Field(None, description="resize to this width, a multiple of 16 (default: the image's, rounded down)")
+        prompt: Prompt | None = Field(None, description=PROMPT_FOR_CHECKS)
+        num_images_per_prompt: int = Field(1, ge=1, le=64)
 
     class Outputs(BlockIO):
         pixels: Float["batch 3 height width"]
@@ -125,6 +122,9 @@ class PreprocessFluxImage(Block):
 
     def check(self, inputs: Inputs) -> None:
         check_flux_size(self.vae, height=known(inputs, "height"), width=known(inputs, "width"))
+        check_image(known(inputs, "image"))
+        check_batch(inputs)
+        check_call_size(self.vae, inputs)
 
     def __call__(self, inputs: Inputs) -> Outputs:
         height, width = snap_size(*image_size(inputs.image), token_size(self.vae))
@@ -143,7 +143,7 @@ class PrepareFluxImageLatents(Block):
         batch_size: int
         generator: Generator | None = None
         schedule: SchedulerState = produced(description="the scheduler's state for this run")
-        prompt: Prompt | None = Field(None, description="the prompts, to check one generator per image")
+        prompt: Prompt | None = Field(None, description=PROMPT_FOR_CHECKS)
         num_images_per_prompt: int = Field(1, ge=1, le=64)
 
     class Outputs(BlockIO):

@@ -39,6 +39,23 @@ def check_prompts(prompt: Prompt | None, negative: Prompt | None) -> None:
         )
 
 
+def check_clip_skip(clip_skip: int | None, encoders: list[torch.nn.Module | None], *, penultimate: bool = False) -> None:
+    """``clip_skip`` must name a layer every encoder has (the penultimate layer counts as one skipped; 0 layers left is the embeddings)."""
+    if clip_skip is None:
+        return
+    for encoder in encoders:
+        layers = getattr(getattr(encoder, "config", None), "num_hidden_layers", None)
+        if not isinstance(layers, int):
+            continue
+        most = layers - 1 if penultimate else layers
+        if clip_skip > most:
+            raise FieldError(
+                "clip_skip",
+                f"clip_skip {clip_skip} skips more layers than the text encoder has ({layers} layers"
+                f"{', the penultimate one already used' if penultimate else ''}); give 0 to {most}, or leave it out",
+            )
+
+
 def clip_embeddings(
     encoder: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], *, clip_skip: int | None, penultimate: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -80,6 +97,7 @@ class EncodePrompt(Block):
 
     def check(self, inputs: Inputs) -> None:
         check_prompts(known(inputs, "prompt"), known(inputs, "negative_prompt"))
+        check_clip_skip(known(inputs, "clip_skip"), [self.text_encoder])
 
     def __call__(self, inputs: Inputs) -> Outputs:
         prompts = as_list(inputs.prompt)

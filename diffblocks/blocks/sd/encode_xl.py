@@ -9,7 +9,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedT
 
 from diffblocks.blocks.block import Block, BlockConfig, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
-from diffblocks.blocks.sd.encode import Prompt, as_list, check_prompts, clip_embeddings, paired
+from diffblocks.blocks.sd.encode import Prompt, as_list, check_clip_skip, check_prompts, clip_embeddings, paired
 from diffblocks.components.denoisers import Conditioning
 
 
@@ -46,6 +46,7 @@ class EncodePromptXL(Block):
     def check(self, inputs: Inputs) -> None:
         prompt = known(inputs, "prompt")
         check_prompts(prompt, known(inputs, "negative_prompt"))
+        check_clip_skip(known(inputs, "clip_skip"), [self.text_encoder, self.text_encoder_2], penultimate=True)
         if prompt is None:
             return
         count = len(as_list(prompt))

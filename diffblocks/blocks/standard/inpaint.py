@@ -15,9 +15,18 @@ from torch import Tensor
 from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.fields import produced
-from diffblocks.blocks.standard.images import ImageLike, image_size, normalize, snap_size, to_tensor
+from diffblocks.blocks.standard.images import ImageLike, check_image, image_size, normalize, snap_size, to_tensor
 from diffblocks.blocks.standard.inpaint_loop import inpaint_mode
-from diffblocks.blocks.standard.latents import check_generator, check_size, placement, repeat_images
+from diffblocks.blocks.sd.encode import Prompt
+from diffblocks.blocks.standard.latents import (
+    PROMPT_FOR_CHECKS,
+    check_batch,
+    check_call_size,
+    check_generator,
+    check_size,
+    placement,
+    repeat_images,
+)
 from diffblocks.blocks.standard.masks import MaskLike, check_mask_shape, latent_mask, mask_size, mask_to_tensor
 from diffblocks.blocks.standard.timesteps import AbstractSetPartialTimesteps, StrengthInputs
 from diffblocks.blocks.standard.vae import encode_latents, vae_scale_factor
@@ -45,6 +54,8 @@ class PrepareInpaintImages(Block):
         mask_image: MaskLike = Field(description="white (1) where the image is repainted, black (0) where it is kept")
         height: int | None = Field(None, description="resize image and mask to this height (default: the image's, snapped)")
         width: int | None = Field(None, description="resize image and mask to this width (default: the image's, snapped)")
+        prompt: Prompt | None = Field(None, description=PROMPT_FOR_CHECKS)
+        num_images_per_prompt: int = Field(1, ge=1, le=64)
 
     class Outputs(BlockIO):
         pixels: Float["batch channels height width"]
@@ -59,6 +70,9 @@ class PrepareInpaintImages(Block):
         mask, image = known(inputs, "mask_image"), known(inputs, "image")
         if mask is None or image is None:
             return  # made by earlier blocks: checked when they run
+        check_image(image)
+        check_batch(inputs)
+        check_call_size(self.vae, inputs)
         try:
             check_mask_shape(mask)
         except ValueError as err:
@@ -89,6 +103,8 @@ class PrepareInpaintLatents(Block):
         latents: Float["batch channels height width"] | None = Field(None, description="start from this noise")
         schedule: SchedulerState = produced(description="the scheduler's state for this run")
         strength: float = Field(1.0, gt=0.0, le=1.0, description=_STRENGTH)
+        prompt: Prompt | None = Field(None, description=PROMPT_FOR_CHECKS)
+        num_images_per_prompt: int = Field(1, ge=1, le=64)
 
     class Outputs(BlockIO):
         latents: Float["batch channels height width"]
@@ -105,6 +121,7 @@ class PrepareInpaintLatents(Block):
         except ValueError as err:
             raise FieldError("unet", str(err)) from None
         check_generator(known(inputs, "generator"), placement(self.unet)[0])
+        check_batch(inputs)
 
     def __call__(self, inputs: Inputs) -> Outputs:
         device, dtype = placement(self.unet)

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from pydantic import Field
 
 from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.fields import produced
-from diffblocks.blocks.standard.images import ImageLike, image_size, normalize, snap_size, to_tensor
+from diffblocks.blocks.sd.encode import Prompt, as_list
+from diffblocks.blocks.standard.images import (
+    ImageLike,
+    check_image,
+    image_range_problem,
+    image_size,
+    normalize,
+    snap_size,
+    to_tensor,
+)
+from diffblocks.blocks.standard.limits import check_run_size
 from diffblocks.blocks.standard.vae import encode_latents, vae_scale_factor
 from diffblocks.blocks.types import Float
 from diffblocks.components.models.autoencoder_kl import AutoencoderKL
+from diffblocks.components.models.flux.params import FluxParams
+from diffblocks.components.models.unet.params import UNet2DConditionParams
 from diffblocks.components.noise import Generator, check_generator_device, randn_tensor
 from diffblocks.components.schedulers.base import AbstractScheduler, SchedulerState
+
+PROMPT_FOR_CHECKS = "the prompts, read to check the generators and images against the batch before any encoder runs"
 
 
 def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -28,6 +44,40 @@ def check_size(factor: int, *, height: int | None, width: int | None) -> None:
         if value is not None and (value <= 0 or value % factor):
             below, above = max(factor, value - value % factor), value - value % factor + factor
             raise FieldError(name, f"{name} {value} is not a positive multiple of {factor} (the VAE factor); use {below} or {above}")
+
+
+def check_call_size(
+    vae: AutoencoderKL,
+    inputs: BlockIO,
+    denoiser: torch.nn.Module | None = None,
+    *,
+    default: tuple[int, int] | None = None,
+) -> None:
+    """The call's size and batch within :mod:`~diffblocks.blocks.standard.limits`.
+
+    A size not given is the image's (snapped), else ``default`` (the model's native size).
+    """
+    height, width = known(inputs, "height"), known(inputs, "width")
+    image = known(inputs, "image")
+    if image is not None and (height is None or width is None) and image_range_problem(image) is None:
+        default = snap_size(*image_size(image), vae_scale_factor(vae))
+    if default is not None:
+        height, width = height or default[0], width or default[1]
+    found = known_batch(inputs)
+    check_run_size(vae, height=height, width=width, batch=found[0] if found else None, denoiser=denoiser_width(denoiser))
+
+
+def denoiser_width(model: torch.nn.Module | None) -> tuple[int, torch.dtype] | None:
+    """Channels per latent cell of a denoiser's first activation, and its dtype (None when its params do not say)."""
+    params = getattr(model, "params", None)
+    if isinstance(params, UNet2DConditionParams):
+        channels = params.block_out_channels[0]  # its first level, at the latents' resolution
+    elif isinstance(params, FluxParams):
+        channels = params.num_attention_heads * params.attention_head_dim // 4  # one token covers 2x2 latent cells
+    else:
+        return None
+    assert model is not None
+    return channels, placement(model)[1]
 
 
 def check_plain_unet(unet: torch.nn.Module, vae: AutoencoderKL) -> None:
@@ -50,6 +100,49 @@ def check_generator(generator: Generator | None, device: torch.device) -> None:
         raise FieldError("generator", str(err)) from None
 
 
+def image_count(image: object) -> int:
+    """How many images an image input holds: a list's length, a 4-D array's or tensor's first axis, else 1."""
+    if isinstance(image, list):
+        return len(image)
+    shape = getattr(image, "shape", ())
+    return int(shape[0]) if len(shape) == 4 else 1
+
+
+def known_batch(inputs: BlockIO) -> tuple[int, str] | None:
+    """The images a call makes, and how to say so, as far as the block's own inputs tell before the run.
+
+    The batch is ``batch_size`` when the caller gives it, else the prompts times
+    ``num_images_per_prompt``: a block that declares ``prompt`` and ``num_images_per_prompt``
+    (defaulting to None and 1) knows it before any encoder runs. None when neither is known.
+    """
+    batch, prompt = known(inputs, "batch_size"), known(inputs, "prompt")
+    per_prompt = known(inputs, "num_images_per_prompt") or 1
+    if batch is not None:
+        return batch, f"batch_size {batch}"
+    if prompt is None:
+        return None  # made by an earlier block: checked when the noise is drawn
+    prompts = len(as_list(prompt))
+    return prompts * per_prompt, f"{prompts * per_prompt} images ({prompts} prompts x num_images_per_prompt {per_prompt})"
+
+
+def check_batch(inputs: BlockIO) -> None:
+    """A list of generators has one per image, and the images divide the batch, as far as the caller gave them (see :func:`known_batch`)."""
+    found = known_batch(inputs)
+    if found is None:
+        return
+    batch, made = found
+    generator = known(inputs, "generator")
+    if isinstance(generator, Sequence) and not isinstance(generator, torch.Generator) and len(generator) != batch:
+        raise FieldError("generator", f"{len(generator)} generators for {made}; give one per image, or a single generator")
+    image = known(inputs, "image")
+    if image is not None and batch % image_count(image):
+        raise FieldError(
+            "image",
+            f"{image_count(image)} images for {made}; give one image for all, or one per prompt "
+            "(each is repeated num_images_per_prompt times)",
+        )
+
+
 class PrepareLatents(Block):
     """Seeded Gaussian latents scaled for the first timestep, drawn as diffusers draws them."""
 
@@ -60,6 +153,8 @@ class PrepareLatents(Block):
         generator: Generator | None = Field(None, description="a torch.Generator (or one per image) for reproducible noise")
         latents: Float["batch channels height width"] | None = Field(None, description="start from these latents")
         schedule: SchedulerState = produced(description="the scheduler's state for this run")
+        prompt: Prompt | None = Field(None, description=PROMPT_FOR_CHECKS)
+        num_images_per_prompt: int = Field(1, ge=1, le=64)
 
     class Outputs(BlockIO):
         latents: Float["batch channels height width"]
@@ -72,7 +167,13 @@ class PrepareLatents(Block):
     def check(self, inputs: Inputs) -> None:
         check_size(vae_scale_factor(self.vae), height=known(inputs, "height"), width=known(inputs, "width"))
         check_generator(known(inputs, "generator"), placement(self.unet)[0])
+        check_batch(inputs)
+        check_call_size(self.vae, inputs, self.unet, default=self.default_size() if self.has_default_size() else None)
         check_plain_unet(self.unet, self.vae)
+
+    def has_default_size(self) -> bool:
+        """Whether the UNet declares the ``sample_size`` that :meth:`default_size` reads."""
+        return isinstance(getattr(getattr(self.unet, "params", None), "sample_size", None), int)
 
     def default_size(self) -> tuple[int, int]:
         """The model's native size: its ``sample_size`` in latents, times the VAE factor."""
@@ -120,6 +221,8 @@ class PrepareImageLatents(Block):
         batch_size: int
         generator: Generator | None = None
         schedule: SchedulerState = produced(description="the scheduler's state for this run")
+        prompt: Prompt | None = Field(None, description=PROMPT_FOR_CHECKS)
+        num_images_per_prompt: int = Field(1, ge=1, le=64)
 
     class Outputs(BlockIO):
         latents: Float["batch channels height width"]
@@ -136,6 +239,9 @@ class PrepareImageLatents(Block):
         check_size(vae_scale_factor(self.vae), height=known(inputs, "height"), width=known(inputs, "width"))
         check_generator(known(inputs, "generator"), placement(self.unet)[0])
         check_plain_unet(self.unet, self.vae)
+        check_image(known(inputs, "image"))
+        check_batch(inputs)
+        check_call_size(self.vae, inputs, self.unet)
 
     def __call__(self, inputs: Inputs) -> Outputs:
         device, dtype = placement(self.unet)

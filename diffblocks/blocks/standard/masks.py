@@ -15,12 +15,13 @@ import PIL.Image
 import torch
 from torch import Tensor
 
-from diffblocks.blocks.standard.images import image_size
+from diffblocks.blocks.standard.images import image_range_problem, image_size
 
 MaskLike = Union[PIL.Image.Image, list[PIL.Image.Image], np.ndarray, Tensor]
 """A PIL image (any mode) or a list of them; an array ``(height, width)``, ``(height, width, 1)``,
 ``(batch, height, width)`` or ``(batch, height, width, 1)``; or a tensor ``(height, width)``,
-``(batch, height, width)`` or ``(batch, 1, height, width)``. Values in [0, 1]."""
+``(batch, height, width)`` or ``(batch, 1, height, width)``. Values in [0, 1] (``uint8`` in [0, 255]),
+read by type as images are (:data:`~diffblocks.blocks.standard.images.ImageLike`)."""
 
 
 def mask_size(mask: MaskLike) -> tuple[int, int]:
@@ -38,6 +39,9 @@ def check_mask_shape(mask: MaskLike) -> None:
         if not mask or not all(isinstance(m, PIL.Image.Image) for m in mask):
             raise ValueError("a mask list must hold one or more PIL images")
         return
+    problem = image_range_problem(mask, name="mask_image")
+    if problem is not None:
+        raise ValueError(problem)
     if isinstance(mask, PIL.Image.Image):
         return
     shape = tuple(mask.shape)
@@ -62,14 +66,14 @@ def mask_to_tensor(mask: MaskLike, *, height: int, width: int) -> Tensor:
             arrays.append(np.asarray(item.convert("L"), dtype=np.float32) / 255.0)
         tensor = torch.from_numpy(np.stack(arrays))[:, None]
     elif isinstance(mask, np.ndarray):
-        array = np.asarray(mask, dtype=np.float32)
+        array = np.asarray(mask, dtype=np.float32) / np.float32({"uint8": 255.0, "uint16": 65535.0}.get(str(mask.dtype), 1.0))
         if array.ndim == 2:
             array = array[None, :, :, None]
         elif array.ndim == 3:
             array = array[None] if array.shape[-1] == 1 else array[..., None]
         tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2)
     else:
-        tensor = mask.float()
+        tensor = mask.float() / 255.0 if mask.dtype == torch.uint8 else mask.float()
         if tensor.ndim == 2:
             tensor = tensor[None, None]
         elif tensor.ndim == 3:

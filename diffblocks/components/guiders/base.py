@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from torch import Tensor, nn
 from typing_extensions import Self
 
+from diffblocks.components.config_files import read_json_object
 from diffblocks.components.guiders.perturbations import AbstractPerturbation
 from diffblocks.components.guiders.registry import guider_from_config
 from diffblocks.components.guiders.rules import is_noop_scale, rescale
@@ -73,7 +74,7 @@ class AbstractGuider(BaseModel, ABC):
     so ``guider_config.json`` folders load in both directions. Concrete guiders are final.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # an infinite scale makes NaN images
 
     def new_state(self) -> GuiderState | None:
         """Fresh per-call state, or None when the rule keeps none."""
@@ -150,7 +151,12 @@ class AbstractGuider(BaseModel, ABC):
         config_path = folder / GUIDER_CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"{folder} has no {GUIDER_CONFIG_NAME}; is it a guider folder?")
-        return cls.from_config(json.loads(config_path.read_text()))
+        config = read_json_object(config_path, what="a guider config")
+        try:
+            return cls.from_config(config)
+        except ValueError as err:
+            err.add_note(f"while reading {config_path}")
+            raise
 
 
 class AbstractClassifierFreeGuider(AbstractGuider):

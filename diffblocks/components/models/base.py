@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from abc import ABC
@@ -11,10 +10,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 from typing_extensions import Self
 
+from diffblocks.components.config_files import read_json_object
 from diffblocks.components.hub import resolve_folder
 from diffblocks.components.models.loading import (
     CONFIG_NAME,
@@ -29,6 +29,16 @@ from diffblocks.components.models.single_file.reading import SingleFile, resolve
 
 logger = logging.getLogger(__name__)
 
+MAX_WIDTH = 2**16
+"""Largest integer setting of a model config (channels, dims, heads, sizes): 65536, 20 times the widest
+diffusion model's, so that a config asking for billions of channels is refused before anything is built."""
+
+MAX_LAYERS = 1024
+"""Most layers a config may stack (fields named ``*layers*``; Flux.1 stacks 57): building millions would hang."""
+
+MAX_LEVELS = 64
+"""Most entries of a per-level tuple (block types, channels per level; models have 2 to 5)."""
+
 
 class AbstractParams(BaseModel):
     """Architecture hyper-parameters of one model, frozen and validated once.
@@ -37,7 +47,21 @@ class AbstractParams(BaseModel):
     invariants in a ``@model_validator(mode="after")`` that raises ``ValueError`` with the numbers.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _within_bounds(self) -> Self:
+        """Refuse absurd sizes here, before a model (or the meta-device skeleton it loads into) is built."""
+        for name, value in self:
+            limit = MAX_LAYERS if "layers" in name else MAX_WIDTH
+            items = value if isinstance(value, tuple) else (value,)
+            if isinstance(value, tuple) and len(value) > MAX_LEVELS:
+                raise ValueError(f"{name} has {len(value)} entries; a model config has at most {MAX_LEVELS} levels")
+            for item in items:
+                if isinstance(item, int) and not isinstance(item, bool) and item > limit:
+                    what = "layers" if limit == MAX_LAYERS else "channels, dims, heads or sizes"
+                    raise ValueError(f"{name} {value} is larger than {limit}, the most {what} a model config may ask for")
+        return self
 
 
 P = TypeVar("P", bound=AbstractParams)
@@ -145,15 +169,19 @@ class AbstractModel(nn.Module, ABC, Generic[P]):
         config_path = folder / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}; is it a diffusers model folder?")
-        config: dict[str, Any] = json.loads(config_path.read_text())
+        config = read_json_object(config_path, what="a model config")
         named = config.get("_class_name", cls.diffusers_class_name)
         if named != cls.diffusers_class_name:
             raise ValueError(
                 f"{config_path} is for {named}, not {cls.diffusers_class_name}; load it with the matching class."
             )
         files = find_weight_files(folder, variant=variant, allow_pickle=allow_pickle)
-        with torch.device("meta"):
-            model = cls.from_config(config)
+        try:
+            with torch.device("meta"):
+                model = cls.from_config(config)
+        except ValueError as err:
+            err.add_note(f"while reading {config_path}")
+            raise
         load_weights(model, files, dtype=dtype, device=device or "cpu")
         return model.eval()
 

@@ -15,7 +15,6 @@ allocated once.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from diffblocks.components.config_files import read_json_object
 from diffblocks.components.containment import check_shard_names
 from diffblocks.components.models.buffers import materialize_computed_buffers, meta_tensor_names
 
@@ -81,9 +81,11 @@ def _files_for(folder: Path, ext: str, variant: str | None) -> list[Path]:
         index = folder / index_name
         if index.is_file():
             try:
-                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+                weight_map = read_json_object(index, what="a weight index")["weight_map"]
             except (ValueError, KeyError) as err:
                 raise CheckpointError(_MSG_CORRUPT.format(path=index, err=err)) from err
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: weight_map is a JSON {type(weight_map).__name__}, not an object of key -> shard file")
             # shards are files of this extension in this folder: never ../ paths, links out, or pickles
             shards = check_shard_names(index, [str(name) for name in weight_map.values()], repository=str(folder))
             absent = [p.name for p in shards if not p.is_file()]
@@ -124,12 +126,41 @@ def _listing(names: Sequence[str]) -> str:
     return f"{shown}{more} ({len(names)} in all)"
 
 
-def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Shape and safetensors dtype name (``F32``, ``I64``, ...) of every tensor, read from the header alone."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            return {key: (tuple(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype()) for key in f.keys()}
     except (SafetensorError, OSError) as err:
         raise CheckpointError(_MSG_CORRUPT.format(path=path, err=err)) from err
+
+
+_FLOAT_NAMES = ("F", "BF")  # safetensors dtype names of floating-point tensors: F16, F32, F64, BF16, F8_E4M3, ...
+
+
+def _kind(dtype: torch.dtype | str) -> str:
+    """``float``, ``complex`` or ``integer`` (bool included), from a torch dtype or a safetensors dtype name."""
+    if isinstance(dtype, str):
+        return "float" if dtype.startswith(_FLOAT_NAMES) else "complex" if dtype.startswith("C") else "integer"
+    return "float" if dtype.is_floating_point else "complex" if dtype.is_complex else "integer"
+
+
+def check_dtypes(declared: Mapping[str, torch.dtype], found: Mapping[str, torch.dtype | str], *, model: str, where: Path) -> None:
+    """Raise a :class:`CheckpointError` when a weight is of another kind than the model's (integers for floats, ...).
+
+    Floats of another width are cast when loaded; an integer, boolean or complex tensor in place of
+    a float weight (or the reverse) is a different checkpoint format, and would fail at the first call.
+    """
+    wrong = [
+        f"{key} {dtype} (the model's is {declared[key]})"
+        for key, dtype in found.items()
+        if key in declared and _kind(dtype) != _kind(declared[key])
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"the weights in {where} have dtypes {model} cannot use: {_listing(wrong)}. "
+            "Is it a quantized or otherwise converted checkpoint? Load the original floating-point weights."
+        )
 
 
 def _read_tensors(path: Path, *, device: torch.device) -> dict[str, Tensor]:
@@ -184,13 +215,18 @@ def load_weights(
     declared = {k: v.dtype for k, v in module.state_dict().items()}
     found: dict[str, tuple[int, ...]] = {}
     if files[0].suffix == ".safetensors":
+        kinds: dict[str, str] = {}
         for path in files:
-            found.update(_read_shapes(path))
+            header = _read_header(path)
+            found.update({key: shape for key, (shape, _) in header.items()})
+            kinds.update({key: dtype for key, (_, dtype) in header.items()})
         check_keys(expected, found, model=type(module).__name__, where=files[0].parent)
+        check_dtypes(declared, kinds, model=type(module).__name__, where=files[0].parent)
     for path in files:
         state = _read_tensors(path, device=device)
         if path.suffix == ".bin":
             found.update({k: tuple(v.shape) for k, v in state.items()})
+            check_dtypes(declared, {k: v.dtype for k, v in state.items()}, model=type(module).__name__, where=path)
         _assign(module, state, expected, declared, dtype)
     if files[0].suffix == ".bin":
         check_keys(expected, found, model=type(module).__name__, where=files[0].parent)
@@ -214,6 +250,7 @@ def load_state(
     expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     declared = {k: v.dtype for k, v in module.state_dict().items()}
     check_keys(expected, {k: tuple(v.shape) for k, v in state.items()}, model=type(module).__name__, where=where)
+    check_dtypes(declared, {k: v.dtype for k, v in state.items()}, model=type(module).__name__, where=where)
     _assign(module, {k: v.to(device) for k, v in state.items()}, expected, declared, dtype)
     _finish(module, device)
 
@@ -252,6 +289,7 @@ __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_STEM",
     "CheckpointError",
+    "check_dtypes",
     "check_keys",
     "find_weight_files",
     "hub_patterns",

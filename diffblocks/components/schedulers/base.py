@@ -22,9 +22,13 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr
 from torch import Tensor
 from typing_extensions import Self
 
+from diffblocks.components.config_files import read_json_object
 from diffblocks.components.hub import resolve_folder
 from diffblocks.components.noise import Generator
 from diffblocks.components.schedulers.state import SchedulerState, StepRecord, as_floats, strength_begin
+
+MAX_TRAIN_TIMESTEPS = 100_000
+"""Most training timesteps a scheduler config may declare (models use 1000): its tables are built eagerly."""
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +49,7 @@ class AbstractScheduler(BaseModel, ABC):
             :meth:`to_config` writes them only when set explicitly.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid")  # infinities are meaningful here (lambda_min_clipped=-inf)
 
     order: ClassVar[int] = 1
     fixed_config: ClassVar[Mapping[str, object]] = {}
@@ -257,8 +261,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}; is it a diffusers scheduler folder?")
-    config: dict[str, Any] = json.loads(path.read_text())
-    return config
+    return read_json_object(path, what="a scheduler config")
 
 
-__all__ = ["CONFIG_NAME", "AbstractScheduler", "SchedulerState", "StepRecord", "read_config"]
+__all__ = ["CONFIG_NAME", "MAX_TRAIN_TIMESTEPS", "AbstractScheduler", "SchedulerState", "StepRecord", "read_config"]

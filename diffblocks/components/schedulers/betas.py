@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 from typing_extensions import Self
 
-from diffblocks.components.schedulers.base import AbstractScheduler
+from diffblocks.components.schedulers.base import MAX_TRAIN_TIMESTEPS, AbstractScheduler
 from diffblocks.components.schedulers.state import as_floats
 
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace", "exp"]
@@ -116,7 +116,7 @@ class AbstractBetaScheduler(AbstractScheduler):
     beta_schedules: ClassVar[frozenset[str]] = frozenset({"linear", "scaled_linear", "squaredcos_cap_v2"})
     terminal_abar: ClassVar[float | None] = None
 
-    num_train_timesteps: int = Field(default=1000, ge=2)
+    num_train_timesteps: int = Field(default=1000, ge=2, le=MAX_TRAIN_TIMESTEPS)
     beta_start: float = Field(default=0.0001, gt=0.0, lt=1.0)
     beta_end: float = Field(default=0.02, gt=0.0, lt=1.0)
     beta_schedule: BetaSchedule = "linear"

@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import Tensor
 
 from diffblocks.components.noise import Generator, randn_tensor
-from diffblocks.components.schedulers.base import AbstractScheduler
+from diffblocks.components.schedulers.base import MAX_TRAIN_TIMESTEPS, AbstractScheduler
 from diffblocks.components.schedulers.karras import SigmaRespacingMixin
 from diffblocks.components.schedulers.schedule import respace_sigmas
 from diffblocks.components.schedulers.state import SchedulerState, flow_strength_begin
@@ -45,7 +45,7 @@ class FlowMatchEulerDiscreteScheduler(SigmaRespacingMixin, AbstractScheduler):
 
     fixed_config: ClassVar[Mapping[str, object]] = {"use_beta_sigmas": False}
 
-    num_train_timesteps: int = Field(default=1000, ge=1)
+    num_train_timesteps: int = Field(default=1000, ge=1, le=MAX_TRAIN_TIMESTEPS)
     shift: float = Field(default=1.0, gt=0.0)
     use_dynamic_shifting: bool = False
     base_shift: float | None = 0.5
