@@ -147,11 +147,11 @@ class Pipeline:
                 pipeline has).
             **compile_kwargs: passed to ``torch.compile`` (``mode``, ``backend``, ``dynamic``, ``fullgraph``, ...).
         """
-        name = component or next((n for n in DENOISER_NAMES if n in self._keys), None)
-        if name is None or name not in self._keys:
+        name = component or next((n for n in DENOISER_NAMES if n in self._build.keys), None)
+        if name is None or name not in self._build.keys:
             wanted = repr(component) if component else " or ".join(map(repr, DENOISER_NAMES))
-            raise KeyError(f"pipeline {self.name!r} has no component {wanted}; components: {sorted(self._keys)}")
-        compile_model(self.manager.get(self._keys[name]), regional=regional, **compile_kwargs)
+            raise KeyError(f"pipeline {self.name!r} has no component {wanted}; components: {sorted(self._build.keys)}")
+        compile_model(self.manager.get(self._build.keys[name]), regional=regional, **compile_kwargs)
         return self
 
     # --- building -------------------------------------------------------------------------------------------
@@ -328,7 +328,7 @@ class Pipeline:
 
     def doc(self) -> str:
         """Markdown reference of the pipeline's workflows, inputs, outputs and components."""
-        return pipeline_doc(self.name, tuple(self._plans.values()))
+        return pipeline_doc(self.name, tuple(self._build.plans.values()))
 
     def mermaid(self, workflow: str | None = None) -> str:
         """A Mermaid flowchart of a workflow's blocks and the values between them."""
