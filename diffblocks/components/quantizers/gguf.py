@@ -35,10 +35,15 @@ ComputeDtype = Literal["float32", "float16", "bfloat16"]
 _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _LIST_LIMIT = 8
 _FAMILY_OF_CLASS = {"FluxTransformer2DModel": "flux"}
+_COMMUNITY_MARKERS = {"flux": ("double_blocks.", "single_blocks.", "img_in.")}  # keys only BFL's layout has
 
 _MSG_CORRUPT = (
     "cannot read {path} as GGUF: {err}. The file is truncated or corrupt (an interrupted download?); "
     "delete it and download it again."
+)
+_MSG_UNKNOWN_TYPE = (
+    "{path} holds a tensor of an unknown GGUF type ({err}): the file is corrupt, or newer than the installed "
+    "gguf package (pip install -U gguf)."
 )
 _MSG_TYPE = (
     "tensor {name!r} in {path} is stored as GGUF type {type_name}, which diffblocks cannot dequantize; "
@@ -192,6 +197,8 @@ def read_gguf(path: str | os.PathLike[str]) -> dict[str, GGUFTensor]:
         reader = gguf.GGUFReader(str(path))
         raw = list(reader.tensors)
     except (ValueError, IndexError, KeyError, OSError, struct.error, TypeError) as err:
+        if "GGMLQuantizationType" in str(err):
+            raise CheckpointError(_MSG_UNKNOWN_TYPE.format(path=path, err=err)) from err
         raise CheckpointError(_MSG_CORRUPT.format(path=path, err=err)) from err
     known = ", ".join([*BLOCK_TYPES, *FLOAT_TYPES])
     tensors: dict[str, GGUFTensor] = {}
@@ -252,7 +259,7 @@ def load_gguf(
     with torch.device("meta"):
         model = model_cls.from_config(config)  # type: ignore[attr-defined]
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    converted = _convert(tensors, expected, _rule_for(model, tensors, expected), where=Path(path), model=model_cls.__name__)
+    converted = _convert(tensors, expected, _rule_for(model, tensors), where=Path(path), model=model_cls.__name__)
     _assign(model, converted, quantizer, device)
     materialize_computed_buffers(model, device=device)
     left = meta_tensor_names(model)
@@ -262,11 +269,10 @@ def load_gguf(
     return model.eval()
 
 
-def _rule_for(model: nn.Module, tensors: Mapping[str, GGUFTensor], expected: Mapping[str, Any]) -> Rule | None:
-    if all(name in expected for name in tensors):
-        return None  # diffusers' own keys
+def _rule_for(model: nn.Module, tensors: Mapping[str, GGUFTensor]) -> Rule | None:
+    """The community layout's key rule when the file is in it, else None (diffusers' own keys)."""
     family = _FAMILY_OF_CLASS.get(getattr(model, "diffusers_class_name", type(model).__name__))
-    if family is None:
+    if family is None or not any(name.startswith(_COMMUNITY_MARKERS[family]) for name in tensors):
         return None
     params = getattr(model, "params", None)
     return layout_rule(family, params.model_dump() if params is not None else {})
