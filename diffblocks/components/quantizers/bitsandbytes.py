@@ -25,6 +25,18 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _DEVICES = frozenset({"cpu", "cuda"})
 
 
+def _portable(layer: nn.Module) -> nn.Module:
+    """Keep a 4-bit layer in bitsandbytes' portable layout on the CPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight and rewrites its block scales in
+    place on the first forward; its inverse is approximate, so a model saved after a run would not
+    be the model that was quantized. The portable path computes the same product.
+    """
+    if hasattr(layer, "support_avx512bf16_for_cpu"):
+        layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
 @final
 class BitsAndBytesQuantizer(AbstractQuantizer):
     """Quantize linear weights with bitsandbytes (``pip install bitsandbytes``).
@@ -83,7 +95,7 @@ class BitsAndBytesQuantizer(AbstractQuantizer):
             )
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.data, requires_grad=False)
-        return layer.to(device)  # bitsandbytes quantizes here
+        return _portable(layer.to(device))  # bitsandbytes quantizes here
 
     def apply(self, model: nn.Module) -> None:
         bnb = self.require()
@@ -136,7 +148,7 @@ class BitsAndBytesQuantizer(AbstractQuantizer):
                 layer = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=bias is not None, has_fp16_weights=False, device="meta")
                 state.pop(f"{name}.weight_format", None)
                 weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)
-                weight.SCB = state.pop(f"{name}.SCB").to(device)
+                weight.CB, weight.SCB = data, state.pop(f"{name}.SCB").to(device)  # the int8 rows and their scales
                 layer.weight = weight
             else:
                 layer = bnb.nn.Linear4bit(
@@ -148,6 +160,7 @@ class BitsAndBytesQuantizer(AbstractQuantizer):
                 )
             if bias is not None:
                 layer.bias = nn.Parameter(bias.to(device), requires_grad=False)
+            layer = _portable(layer)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)
         model.load_state_dict(state, strict=False, assign=True)
