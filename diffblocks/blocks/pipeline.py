@@ -27,6 +27,9 @@ from diffblocks.blocks.plan import Choices, Plan, compile_plan, expand_workflows
 from diffblocks.blocks.tree import copy_tree, inserted, removed, replaced
 from diffblocks.blocks.validation import check_blocks, validate_inputs
 from diffblocks.components.manager import ComponentsManager
+from diffblocks.components.quantizers.base import quantizer_of
+from diffblocks.components.quantizers.memory import ComponentMemory, component_memory
+from diffblocks.components.quantizers.swapping import Quantization, replacements
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -86,6 +89,7 @@ class Pipeline:
         self._bound: dict[str, Any] = {}
         self._callers = 0  # calls in flight (threads) sharing the bound components
         self._binding = threading.Lock()
+        self._originals: dict[str, Any] = {}  # float components given as objects, kept while a quantized copy is used
         for component_name, value in (components or {}).items():
             self._keys[component_name] = self.manager.add(component_name, value, user=self.name)
         self._root, self._plans, self._switches = self._compile(blocks, self._keys)
@@ -162,11 +166,10 @@ class Pipeline:
         context = f"call to {self.name!r} (workflow {plan.workflow!r})"
         state = validate_inputs(plan, inputs, known=self.input_names, context=context)
         run = RunContext(tuple(callbacks), progress, {} if timings else None, sync=cuda_sync() if timings else None)
-        mode = torch.enable_grad() if grad else torch.inference_mode()
         self._acquire()
         try:
             check_blocks(plan, state, context=context)
-            with mode:
+            with torch.enable_grad() if grad else self._no_grad():
                 run_steps(plan.steps, state, run)
         except FieldError as err:
             # a block refused a value only known at run time (e.g. one an earlier block resolved)
@@ -196,6 +199,15 @@ class Pipeline:
                     raise
             self._callers += 1
 
+    def _no_grad(self) -> torch.autograd.grad_mode.inference_mode | torch.autograd.grad_mode.no_grad:
+        """``inference_mode``, unless a bound component's quantized layers cannot run in it."""
+        for component in self._bound.values():
+            if isinstance(component, torch.nn.Module):
+                quantizer = quantizer_of(component)
+                if quantizer is not None and not quantizer.runs_in_inference_mode:
+                    return torch.no_grad()
+        return torch.inference_mode()
+
     def _release(self) -> None:
         with self._binding:
             self._callers -= 1
@@ -222,6 +234,35 @@ class Pipeline:
                 self.manager.release(self._keys[name], user=self.name)
         self._keys, self._root, self._plans, self._switches = keys, root, plans, switches
         return self
+
+    def quantize(self, quantization: Quantization) -> Pipeline:
+        """Quantize components, or change or remove their quantizer, always from the original weights.
+
+        Args:
+            quantization: one quantizer for the denoiser and text encoders (``unet`` or ``transformer``,
+                ``text_encoder``, ``text_encoder_2``, where present), or a quantizer (None: none) per
+                component name, e.g. ``{"unet": TorchAoQuantizer("int8wo"), "text_encoder": None}``.
+
+        Components loaded from a repository are read again and quantized (nothing is quantized
+        twice); components given as objects are quantized as copies and their originals kept. The
+        plan is re-checked, and nothing changes if anything fails.
+
+        Raises:
+            ValueError: a named component holds no weights (scheduler, tokenizer, guider) or is unknown.
+            QuantizerNotInstalledError, UnsupportedQuantizationError: before any weight is read.
+        """
+        originals = dict(self._originals)
+        changes = replacements(self.manager, self._keys, quantization, originals=originals)
+        self.update_components(**changes)
+        self._originals = originals
+        return self
+
+    def memory(self) -> list[ComponentMemory]:
+        """Bytes per component and device, and what quantized components would take unquantized.
+
+        Loads components that are still lazy. ``print(format_memory(pipe.memory()))`` shows a table.
+        """
+        return [component_memory(name, self.manager.get(key)) for name, key in self._keys.items()]
 
     def replace_block(self, path: str, block: AbstractBlock) -> Pipeline:
         """Replace the block at ``path``; the new tree is checked and nothing changes if it fails."""

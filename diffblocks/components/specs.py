@@ -40,6 +40,8 @@ class ComponentSpec(BaseModel):
     revision: str | None = None
     dtype: str | None = None
     config: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None
+    """The quantizer applied once the weights are read (``AbstractQuantizer.to_config()`` output)."""
 
     @field_validator("dtype")
     @classmethod
@@ -60,7 +62,8 @@ class ComponentSpec(BaseModel):
             return f"{self.name}|config|{json.dumps(self.config, sort_keys=True, default=str)}|{kind}"
         parts = (self.repo, self.subfolder or "", self.variant or "", self.revision or "main", self.dtype or "default")
         # the class is part of the identity: a tokenizer and a text encoder may read the same folder
-        return "|".join((*parts, kind))
+        quantized = (f"quantized:{json.dumps(self.quantization, sort_keys=True)}",) if self.quantization else ()
+        return "|".join((*parts, kind, *quantized))
 
     def with_(self, **changes: Any) -> ComponentSpec:
         """A copy with some fields changed (dtype, revision, ...)."""
@@ -80,6 +83,8 @@ class ComponentSpec(BaseModel):
             spec["dtype"] = self.dtype
         if self.config is not None:
             spec["config"] = self.config
+        if self.quantization is not None:
+            spec["quantization"] = self.quantization
         return [library, class_name, spec]
 
     @classmethod
@@ -108,6 +113,7 @@ class ComponentSpec(BaseModel):
             revision=spec.get("revision"),
             dtype=spec.get("dtype"),
             config=spec.get("config"),
+            quantization=spec.get("quantization"),
         )
 
 

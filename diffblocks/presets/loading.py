@@ -15,6 +15,7 @@ from diffblocks.blocks.introspect import component_names
 from diffblocks.blocks.pipeline import PresetInfo
 from diffblocks.components import ComponentsManager, ComponentSpec, read_index
 from diffblocks.components.guiders import AbstractGuider
+from diffblocks.components.quantizers.swapping import Quantization
 from diffblocks.presets import flux, sd15, sdxl
 from diffblocks.presets.tiny import preset as tiny
 
@@ -100,6 +101,7 @@ def from_pretrained(
     variant: str | None = None,
     manager: ComponentsManager | None = None,
     components: Mapping[str, Any] | None = None,
+    quantization: Quantization = None,
 ) -> Pipeline:
     """A ready pipeline for a diffusers-layout repository, its family picked from the index file.
 
@@ -111,6 +113,9 @@ def from_pretrained(
         variant: a weights variant such as ``"fp16"``.
         manager: share components with other pipelines through this manager.
         components: objects or specs that replace the repository's components (``{"scheduler": ...}``).
+        quantization: a quantizer per component (``{"unet": TorchAoQuantizer("int8wo")}``), or one
+            for the denoiser and text encoders (see :meth:`Pipeline.quantize`). Checked when the
+            pipeline is built; the weights are quantized as they load.
     """
     index = read_index(path_or_repo, revision=revision)
     family = family_of(index.class_name, index.settings)
@@ -137,7 +142,8 @@ def from_pretrained(
     chosen = {name: value for name, value in specs.items() if name in needed}
     preset = PresetInfo(family.name, index.class_name, dict(index.settings), sources)
     name = f"{family.name}:{os.fspath(path_or_repo)}"
-    return Pipeline(blocks, chosen, manager=manager, name=name, preset=preset)
+    pipe = Pipeline(blocks, chosen, manager=manager, name=name, preset=preset)
+    return pipe.quantize(quantization) if quantization is not None else pipe
 
 
 def _is_package(spec: ComponentSpec) -> bool:

@@ -61,6 +61,13 @@ class AbstractQuantizer(BaseModel, ABC):
     quant_method: ClassVar[str]
     package: ClassVar[str]
     install: ClassVar[str]
+    quantizes_float_weights: ClassVar[bool] = True
+    """False for backends whose weights only come quantized in their own files (GGUF)."""
+
+    @property
+    def runs_in_inference_mode(self) -> bool:
+        """Whether the quantized layers run under ``torch.inference_mode`` (else a pipeline uses ``no_grad``)."""
+        return True
 
     modules_to_not_convert: tuple[str, ...] | None = None
 

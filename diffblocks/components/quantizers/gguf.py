@@ -76,6 +76,7 @@ class GGUFQuantizer(AbstractQuantizer):
     quant_method: ClassVar[str] = "gguf"
     package: ClassVar[str] = "gguf"
     install: ClassVar[str] = 'pip install "diffblocks[quant]"  (or: pip install gguf)'
+    quantizes_float_weights: ClassVar[bool] = False
 
     compute_dtype: ComputeDtype = "bfloat16"
 

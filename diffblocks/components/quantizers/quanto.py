@@ -58,6 +58,12 @@ class QuantoQuantizer(AbstractQuantizer):
     def _canonical(cls, value: object) -> object:
         return _short(value)
 
+    @property
+    def runs_in_inference_mode(self) -> bool:
+        # quanto's packed int4/int2 matmul is an autograd Function that sets version counters,
+        # which inference tensors refuse
+        return self.weights not in ("int4", "int2")
+
     def _qtype(self, name: str) -> Any:
         return getattr(self.require(), _QTYPES[name])
 
