@@ -48,7 +48,8 @@ def _stored(module: nn.Module) -> list[Tensor]:
     """The plain tensors that hold ``module``'s state, as its backend stores them."""
     quantizer = quantizer_of(module)
     if quantizer is not None and quantizer.quantizes_float_weights:  # GGUF's bytes are plain buffers already
-        return list(quantizer.state_to_save(module)[0].values())
+        with torch.inference_mode(False):  # callable from inside a generation call: detaching subclasses needs it
+            return list(quantizer.state_to_save(module)[0].values())
     return [*module.parameters(), *module.buffers()]
 
 
