@@ -186,3 +186,26 @@ def test_a_folder_saved_quantized_refuses_another_quantizer(float_folder: Path, 
     with pytest.raises(ValueError, match="already quantized with QuantoQuantizer.*cannot be quantized again"):
         FluxTransformer2DModel.from_pretrained(tmp_path, quantizer=TorchAoQuantizer("int8wo"))
     assert quantizer_of(FluxTransformer2DModel.from_pretrained(tmp_path, quantizer=QuantoQuantizer("qint8"))) is not None
+
+
+def test_saved_tensors_the_quantized_model_has_no_place_for_are_named(float_folder: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    FluxTransformer2DModel.from_pretrained(float_folder, quantizer=QuantoQuantizer("int8")).save_pretrained(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    state["lora_A.weight"] = torch.zeros(2, 2)
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"QuantoQuantizer\(\) has no place for: lora_A\.weight"):
+        FluxTransformer2DModel.from_pretrained(tmp_path)
+
+
+def test_a_spec_carries_its_quantizer_through_the_index() -> None:
+    from diffblocks.components import ComponentSpec
+
+    quantizer = TorchAoQuantizer("int8wo")
+    spec = ComponentSpec(name="unet", type_hint=("diffusers", "UNet2DConditionModel"), repo="org/model", subfolder="unet",
+                         quantization=quantizer.to_config())
+    back = ComponentSpec.from_index_entry("unet", json.loads(json.dumps(spec.to_index_entry())))
+    assert back == spec and AbstractQuantizer.from_config(back.quantization or {}) == quantizer
+    assert back.load_id != spec.with_(quantization=None).load_id  # quantized and float weights are two objects

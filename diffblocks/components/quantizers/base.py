@@ -141,9 +141,13 @@ class AbstractQuantizer(BaseModel, ABC):
         The model's computed buffers are materialised afterwards by the caller.
         """
         self.prepare_to_load(model)
-        model.load_state_dict(self.state_to_load(tensors, metadata), strict=False, assign=True)
+        result = model.load_state_dict(self.state_to_load(tensors, metadata), strict=False, assign=True)
+        check_unexpected(model, result.unexpected_keys, self)
 
     # --- JSON -------------------------------------------------------------------------------------------
+
+    def __str__(self) -> str:
+        return self.describe()
 
     def to_config(self) -> dict[str, Any]:
         """JSON-ready settings with ``_class_name`` (what a modular index records)."""
@@ -164,6 +168,16 @@ class AbstractQuantizer(BaseModel, ABC):
         if name != cls.__name__:
             raise ValueError(f"The config is for {name!r}, not {cls.__name__!r}; load it with quantizer_from_config.")
         return cls.model_validate({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def check_unexpected(model: nn.Module, unexpected: list[str], quantizer: AbstractQuantizer) -> None:
+    """Raise ValueError naming saved tensors that ``model`` quantized with ``quantizer`` has no place for."""
+    if unexpected:
+        shown = ", ".join(unexpected[:10]) + (f" ... ({len(unexpected)} in all)" if len(unexpected) > 10 else "")
+        raise ValueError(
+            f"the saved weights hold tensors that {type(model).__name__} quantized with {quantizer.describe()} has "
+            f"no place for: {shown}. Is the folder for a different model, or its config.json edited?"
+        )
 
 
 # Who quantized which module: kept beside the module (never as an attribute patched onto it), and

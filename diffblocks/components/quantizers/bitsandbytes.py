@@ -17,7 +17,7 @@ from pydantic import field_validator
 from torch import Tensor, nn
 from typing_extensions import Self
 
-from diffblocks.components.quantizers.base import AbstractQuantizer, UnsupportedQuantizationError
+from diffblocks.components.quantizers.base import AbstractQuantizer, UnsupportedQuantizationError, check_unexpected
 
 BnbType = Literal["nf4", "fp4", "int8"]
 BnbDtype = Literal["float32", "float16", "bfloat16"]
@@ -163,7 +163,8 @@ class BitsAndBytesQuantizer(AbstractQuantizer):
             layer = _portable(layer)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)
-        model.load_state_dict(state, strict=False, assign=True)
+        result = model.load_state_dict(state, strict=False, assign=True)
+        check_unexpected(model, result.unexpected_keys, self)
 
 
 __all__ = ["BitsAndBytesQuantizer"]

@@ -26,7 +26,7 @@ def _half(blocks: Tensor, start: int) -> Tensor:
 
 
 def _int(x: Tensor) -> Tensor:
-    return x.to(torch.int32)
+    return x.to(torch.int32, memory_format=torch.contiguous_format)
 
 
 def _q8_0(blocks: Tensor) -> Tensor:
@@ -43,8 +43,9 @@ def _nibbles(qs: Tensor) -> Tensor:
 
 def _high_bits(qh: Tensor) -> Tensor:
     """Bit ``j`` of the little-endian uint32 ``qh`` is the fifth bit of weight ``j`` (shape ``(n, 32)``)."""
-    word = sum(_int(qh[:, i : i + 1]) << (8 * i) for i in range(4))
-    return (torch.as_tensor(word, dtype=torch.int64) >> torch.arange(32)) & 1
+    # int32 wraps the top byte into the sign; an arithmetic shift still leaves bits 0..31 where they were
+    word = torch.as_tensor(sum(_int(qh[:, i : i + 1]) << (8 * i) for i in range(4)), dtype=torch.int32)
+    return (word >> torch.arange(32, dtype=torch.int32)) & 1
 
 
 def _q4_0(blocks: Tensor) -> Tensor:
@@ -59,19 +60,20 @@ def _q4_1(blocks: Tensor) -> Tensor:
 
 def _q5_0(blocks: Tensor) -> Tensor:
     # d: f16 | qh: u32 | qs: u8[16]
-    q = _nibbles(blocks[:, 6:]) | (_high_bits(blocks[:, 2:6]).to(torch.int32) << 4)
+    q = _nibbles(blocks[:, 6:]) | (_high_bits(blocks[:, 2:6]) << 4)
     return _half(blocks, 0) * (q - 16).float()
 
 
 def _q5_1(blocks: Tensor) -> Tensor:
     # d: f16 | m: f16 | qh: u32 | qs: u8[16]
-    q = _nibbles(blocks[:, 8:]) | (_high_bits(blocks[:, 4:8]).to(torch.int32) << 4)
+    q = _nibbles(blocks[:, 8:]) | (_high_bits(blocks[:, 4:8]) << 4)
     return _half(blocks, 0) * q.float() + _half(blocks, 2)
 
 
 def _bits(x: Tensor, shifts: Tensor, width: int) -> Tensor:
     """``(x >> shift) & (2**width - 1)`` for every shift, on a new axis before the last."""
-    return (_int(x).unsqueeze(-2) >> shifts.view(-1, 1)) & ((1 << width) - 1)
+    # int32 shifts: an int64 shift would promote every code to int64 (four times the memory traffic)
+    return (_int(x).unsqueeze(-2) >> shifts.to(torch.int32).view(-1, 1)) & ((1 << width) - 1)
 
 
 def _q2_k(blocks: Tensor) -> Tensor:
