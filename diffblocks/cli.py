@@ -21,7 +21,8 @@ def _env(_: argparse.Namespace) -> int:
     """Print the environment and check that the core works end to end on this machine."""
     import importlib.metadata as md
 
-    from diffblocks import __version__
+    from diffblocks._version import __version__
+    from diffblocks.components.devices import default_device
     from diffblocks.registry import COMPONENTS
 
     print(f"diffblocks {__version__} on Python {platform.python_version()} ({platform.machine()})")
@@ -32,6 +33,7 @@ def _env(_: argparse.Namespace) -> int:
             print(f"  {package:<16} not installed")
     accelerator = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU only)"
     print(f"  accelerator      {accelerator}")
+    print(f"  default device   {default_device()}")
     allowed = sorted(f"{lib}.{name}" for lib, name in COMPONENTS)
     print(f"  components       {len(allowed)} allowlisted (diffusers, transformers and diffblocks names)")
     print(f"self-check: {_self_check()}")
@@ -110,7 +112,9 @@ def _add_generate(commands: Any) -> None:
     generate.add_argument("--negative-prompt", default=None, help="what to steer away from")
     generate.add_argument("--image", type=Path, default=None, help="start from this image (image-to-image)")
     generate.add_argument("--strength", type=float, default=None, help="with --image: how much to change it, in (0, 1]")
-    generate.add_argument("--device", default=None, help='where to run, e.g. "cuda" (default: cpu)')
+    generate.add_argument(
+        "--device", default=None, help='where to run, e.g. "cuda" (default: the first of CUDA, NPU, XPU, MPS, CPU found)'
+    )
     generate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     generate.set_defaults(run=_generate)
 
@@ -162,8 +166,14 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     model = args.model if args.model is not None else str(_builtin_model())
+    device = args.device
+    if device is None:
+        from diffblocks.components.devices import default_device
+
+        device = str(default_device())
+        print(f"device: {device} (the first found of cuda, npu, xpu, mps, cpu; --device to choose)")
     with _quiet_transformers():
-        pipe = Pipeline.from_pretrained(model, device=args.device)
+        pipe = Pipeline.from_pretrained(model, device=device)
         embedded = _embeds_guidance(pipe)
         _swap_components(pipe, args, embedded_guidance=embedded)
         inputs = _call_inputs(args, embedded_guidance=embedded)
@@ -192,13 +202,18 @@ def _swap_components(pipe: Any, args: argparse.Namespace, *, embedded_guidance: 
     """Replace the guider and the scheduler as asked, keeping the model's settings where they apply."""
     from diffblocks.components.guiders import FAMILIES as GUIDER_FAMILIES
     from diffblocks.components.guiders import GUIDERS
-    from diffblocks.components.schedulers import SCHEDULERS, FlowMatchEulerDiscreteScheduler
+    from diffblocks.components.schedulers import (
+        SCHEDULERS,
+        FlowMatchEulerDiscreteScheduler,
+        FlowMatchHeunDiscreteScheduler,
+    )
 
     if args.scheduler is not None:
         current = pipe.components["scheduler"]
         chosen = SCHEDULERS[args.scheduler]
-        flow_model = isinstance(current, FlowMatchEulerDiscreteScheduler)
-        if flow_model != (chosen is FlowMatchEulerDiscreteScheduler):
+        flow = (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler)
+        flow_model = isinstance(current, flow)
+        if flow_model != issubclass(chosen, flow):
             kind = "flow matching" if flow_model else "noise prediction"
             message = _MSG_MIXED_SAMPLERS.format(chosen=args.scheduler, kind=kind, current=type(current).__name__)
             raise CommandError(message)

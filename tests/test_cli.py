@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffblocks import default_device
 from diffblocks.cli import main
 
 
@@ -45,6 +46,7 @@ def test_generate_writes_an_image_with_the_builtin_model(tmp_path: Path, capsys:
     assert _size(out) == (64, 64)
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and "1 image in" in printed and "(text2img)" in printed
+    assert printed.startswith(f"device: {default_device()} (the first found of cuda, npu, xpu, mps, cpu")
 
 
 def test_generate_numbers_extra_images_and_seeds_them_one_by_one(tmp_path: Path) -> None:

@@ -105,10 +105,13 @@ class AbstractBlock(ABC):
     def renamed(self, name: str) -> Self:
         """This block under another name, as a new block; the original is unchanged."""
 
-    def __repr__(self) -> str:
-        from diffblocks.blocks.introspect import render_tree
+    def summary(self) -> str:
+        """One line that names the block in a printed tree."""
+        return f"{self.name}: {type(self).__name__}"
 
-        return render_tree(self)
+    def child_heading(self, key: str) -> str | None:
+        """A line printed above the child at ``key`` (a switch names the branch and its trigger)."""
+        return None
 
 
 class Block(AbstractBlock):
@@ -126,6 +129,14 @@ class Block(AbstractBlock):
         self.name = name or default_block_name(type(self))
         self.config = self.Config(**config)
         self._bound = {}
+
+    def summary(self) -> str:
+        ins, outs = ", ".join(self.input_fields()), ", ".join(self.output_fields())
+        components = ", ".join(self.components())
+        return f"{self.name}: {type(self).__name__}({ins}) -> ({outs})" + (f" [{components}]" if components else "")
+
+    def __repr__(self) -> str:
+        return self.summary()
 
     @abstractmethod
     def __call__(self, inputs: Any) -> Any:

@@ -31,6 +31,9 @@ class AbstractComposite(AbstractBlock):
     @abstractmethod
     def children(self) -> tuple[AbstractBlock, ...]: ...
 
+    def __repr__(self) -> str:
+        return tree.render(self)
+
     @property
     def names(self) -> tuple[str, ...]:
         """The names its children are addressed by."""
@@ -137,6 +140,9 @@ class Loop(AbstractComposite):
     def replace_children(self, children: tuple[AbstractBlock, ...]) -> Loop:
         return self._with(children, self.name)
 
+    def summary(self) -> str:
+        return f"{self.name}: Loop over {self.over} ({self.item}, {self.index})"
+
     def renamed(self, name: str) -> Loop:
         return self._with(self.blocks, name)
 
@@ -207,6 +213,10 @@ class Switch(AbstractComposite):
             )
         branches = (dataclasses.replace(b, block=child) for b, child in zip(self.branches, children))
         return Switch(*branches, name=self.name)
+
+    def child_heading(self, key: str) -> str:
+        when = self.branch(key).when
+        return f"[{key}] ({'when ' + ', '.join(when) + ' given' if when else 'default'})"
 
     def renamed(self, name: str) -> Switch:
         return Switch(*self.branches, name=name)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 from pydantic import BaseModel, create_model
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
@@ -10,12 +11,8 @@ from pydantic_core import PydanticOmit, core_schema
 
 from diffblocks.blocks.block import AbstractBlock, Block, field_type
 from diffblocks.blocks.compat import describe_type
-from diffblocks.blocks.composites import Loop, Switch
-from diffblocks.blocks.tree import walk
-
-if TYPE_CHECKING:
-    from diffblocks.blocks.pipeline import Pipeline
-    from diffblocks.blocks.plan import LoopStep, Plan, Step
+from diffblocks.blocks.plan import LoopStep, Plan, Step
+from diffblocks.blocks.tree import render, walk
 
 
 class _SchemaGenerator(GenerateJsonSchema):
@@ -48,33 +45,7 @@ def outputs_schema(plan: Plan) -> dict[str, Any]:
 
 def render_tree(block: AbstractBlock, indent: str = "") -> str:
     """A readable tree of a block and its children with their inputs and outputs."""
-    lines: list[str] = []
-    pads: dict[str, str] = {}
-    for node in walk(block):
-        parent = node.parent
-        pad = indent if parent is None else pads[parent.path] + "  "
-        if parent is not None and isinstance(parent.block, Switch):
-            branch = parent.block.branch(node.key)
-            when = f"when {', '.join(branch.when)} given" if branch.when else "default"
-            lines.append(f"{pad}[{branch.name}] ({when})")
-            pad += "  "
-        pads[node.path] = pad
-        lines.append(pad + _render(node.block))
-    return "\n".join(lines)
-
-
-def _render(block: AbstractBlock) -> str:
-    if isinstance(block, Switch):
-        return f"{block.name}: Switch"
-    if isinstance(block, Loop):
-        return f"{block.name}: Loop over {block.over} ({block.item}, {block.index})"
-    if isinstance(block, Block):
-        ins = ", ".join(block.input_fields())
-        outs = ", ".join(block.output_fields())
-        comps = ", ".join(block.components())
-        extra = f" [{comps}]" if comps else ""
-        return f"{block.name}: {type(block).__name__}({ins}) -> ({outs}){extra}"
-    return f"{block.name}: {type(block).__name__}"
+    return render(block, indent)
 
 
 def block_doc(block: type[Block] | Block) -> str:
@@ -103,20 +74,19 @@ def _field_table(title: str, fields: dict[str, Any]) -> list[str]:
     return [*rows, ""]
 
 
-def pipeline_doc(pipe: Pipeline) -> str:
-    """Markdown reference of a pipeline: workflows, their inputs, and every block."""
-    lines = [f"# {pipe.name}", "", f"Workflows: {', '.join(pipe.workflows)}", ""]
-    for workflow in pipe.workflows:
-        plan = pipe.plan(workflow)
-        lines += [f"## Workflow `{workflow}`", "", "| input | type | default | used by |", "|---|---|---|---|"]
+def pipeline_doc(name: str, plans: Sequence[Plan]) -> str:
+    """Markdown reference of a pipeline from its plans: workflows, their inputs, and every block."""
+    lines = [f"# {name}", "", f"Workflows: {', '.join(plan.workflow for plan in plans)}", ""]
+    for plan in plans:
+        lines += [f"## Workflow `{plan.workflow}`", "", "| input | type | default | used by |", "|---|---|---|---|"]
         for name, user in plan.user_inputs.items():
             default = "required" if user.required else repr(user.info.get_default(call_default_factory=False))
             lines.append(f"| `{name}` | {describe_type(user.annotation)} | {default} | {', '.join(user.consumers)} |")
         lines.append("")
     lines += ["## Blocks", ""]
     seen: set[type] = set()
-    for workflow in pipe.workflows:
-        for _, block in pipe.plan(workflow).blocks:
+    for plan in plans:
+        for _, block in plan.blocks:
             if type(block) not in seen:
                 seen.add(type(block))
                 lines.append(block_doc(block))
@@ -135,8 +105,6 @@ def mermaid(plan: Plan) -> str:
 
 
 def _mermaid_steps(steps: tuple[Step | LoopStep, ...], lines: list[str], producers: dict[str, str], pad: str) -> None:
-    from diffblocks.blocks.plan import LoopStep
-
     for step in steps:
         node = _id(step.path)
         if isinstance(step, LoopStep):

@@ -22,11 +22,14 @@ from diffblocks.blocks.checks import (
 )
 from diffblocks.blocks.errors import FieldError, InputError, PlanError, Problem
 from diffblocks.blocks.executor import Callback, RunContext, add_location_note, cuda_sync, run_steps
+from diffblocks.blocks.formats import pipeline_format
+from diffblocks.blocks.introspect import json_schema, mermaid, outputs_schema, pipeline_doc, render_tree
 from diffblocks.blocks.output import PipelineOutput
 from diffblocks.blocks.plan import Choices, Plan, compile_plan, expand_workflows
 from diffblocks.blocks.tree import copy_tree, inserted, removed, replaced
 from diffblocks.blocks.validation import check_blocks, validate_inputs
 from diffblocks.components.manager import ComponentsManager
+from diffblocks.components.models.compile import DENOISER_NAMES, compile_model
 from diffblocks.components.quantizers.base import quantizer_of
 from diffblocks.components.quantizers.memory import ComponentMemory, component_memory
 from diffblocks.components.quantizers.swapping import Quantization, replacements
@@ -97,27 +100,43 @@ class Pipeline:
     @classmethod
     def from_pretrained(cls, path_or_repo: str, **kwargs: Any) -> Pipeline:
         """A ready pipeline for a repository in diffusers layout (see :func:`diffblocks.presets.from_pretrained`)."""
-        from diffblocks.presets.loading import from_pretrained
-
-        return from_pretrained(path_or_repo, **kwargs)
+        return pipeline_format().load(path_or_repo, **kwargs)
 
     def save_pretrained(self, folder: str | os.PathLike[str], **options: Any) -> Path:
         """Save components, guider and settings to a folder that :meth:`from_pretrained` (and diffusers) reads.
 
         See :func:`diffblocks.presets.saving.save_pretrained` for the options and rules.
         """
-        from diffblocks.presets.saving import save_pretrained
-
-        return save_pretrained(self, folder, **options)
+        return pipeline_format().save(self, folder, **options)
 
     def push_to_hub(self, repo_id: str, **options: Any) -> CommitInfo:
         """Save to a temporary folder and upload it as one commit (see :func:`diffblocks.presets.publishing.push_to_hub`).
 
         Returns huggingface_hub's ``CommitInfo``.
         """
-        from diffblocks.presets.publishing import push_to_hub
+        return pipeline_format().push(self, repo_id, **options)
 
-        return push_to_hub(self, repo_id, **options)
+    def compile(self, *, regional: bool = True, component: str | None = None, **compile_kwargs: Any) -> Pipeline:
+        """Compile the denoiser with ``torch.compile``, in place; by default only the blocks it repeats.
+
+        Regional compilation (the UNet's ResNets and spatial transformers, Flux's double and single
+        blocks) compiles in a fraction of the time of the whole model; see
+        :func:`~diffblocks.components.models.compile.compile_model` and ``docs/benchmarks.md``. The model
+        keeps its class and files, and every pipeline sharing it runs it compiled. The first call
+        compiles; later calls of the same shapes reuse the compiled code.
+
+        Args:
+            regional: False compiles the whole model as one graph.
+            component: the component to compile (default: ``"unet"`` or ``"transformer"``, whichever the
+                pipeline has).
+            **compile_kwargs: passed to ``torch.compile`` (``mode``, ``backend``, ``dynamic``, ``fullgraph``, ...).
+        """
+        name = component or next((n for n in DENOISER_NAMES if n in self._keys), None)
+        if name is None or name not in self._keys:
+            wanted = repr(component) if component else " or ".join(map(repr, DENOISER_NAMES))
+            raise KeyError(f"pipeline {self.name!r} has no component {wanted}; components: {sorted(self._keys)}")
+        compile_model(self.manager.get(self._keys[name]), regional=regional, **compile_kwargs)
+        return self
 
     # --- building -------------------------------------------------------------------------------------------
 
@@ -311,34 +330,24 @@ class Pipeline:
         return dict(self._keys)
 
     def __repr__(self) -> str:
-        from diffblocks.blocks.introspect import render_tree
-
         root = getattr(self, "_root", None)
         tree = render_tree(root) if root is not None else "(not built)"
         return f"Pipeline {self.name!r} (workflows: {', '.join(self.workflows)})\n" + tree
 
     def input_schema(self, workflow: str | None = None) -> dict[str, Any]:
         """JSON Schema of the inputs of a workflow."""
-        from diffblocks.blocks.introspect import json_schema
-
         return json_schema(self.plan(workflow).input_model)
 
     def output_schema(self, workflow: str | None = None) -> dict[str, Any]:
         """JSON Schema of every value a workflow produces."""
-        from diffblocks.blocks.introspect import outputs_schema
-
         return outputs_schema(self.plan(workflow))
 
     def doc(self) -> str:
         """Markdown reference of the pipeline's workflows, inputs, outputs and components."""
-        from diffblocks.blocks.introspect import pipeline_doc
-
-        return pipeline_doc(self)
+        return pipeline_doc(self.name, tuple(self._plans.values()))
 
     def mermaid(self, workflow: str | None = None) -> str:
         """A Mermaid flowchart of a workflow's blocks and the values between them."""
-        from diffblocks.blocks.introspect import mermaid
-
         return mermaid(self.plan(workflow))
 
 

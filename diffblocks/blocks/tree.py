@@ -66,6 +66,22 @@ def walk(root: AbstractBlock, *, skip: Callable[[Node], bool] | None = None) -> 
         stack.extend(reversed([Node(join(node.path, key), child, node) for key, child in pairs]))
 
 
+def render(root: AbstractBlock, indent: str = "") -> str:
+    """A readable tree of a block and everything under it, one :meth:`~AbstractBlock.summary` per line."""
+    lines: list[str] = []
+    pads: dict[str, str] = {}
+    for node in walk(root):
+        parent = node.parent
+        pad = indent if parent is None else pads[parent.path] + "  "
+        heading = None if parent is None else parent.block.child_heading(node.key)
+        if heading is not None:
+            lines.append(pad + heading)
+            pad += "  "
+        pads[node.path] = pad
+        lines.append(pad + node.block.summary())
+    return "\n".join(lines)
+
+
 def copy_tree(root: AbstractBlock) -> AbstractBlock:
     """The same tree built from new composites and unbound copies of its leaves (see :meth:`Block.unbound`)."""
     if isinstance(root, Block):

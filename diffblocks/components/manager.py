@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import gc
 import threading
-
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.loaders import load_component
 from diffblocks.components.specs import ComponentSpec, read_index
 from diffblocks.registry import COMPONENTS, Registry
@@ -80,7 +80,8 @@ class ComponentsManager:
                 key = f"{name}@{id(component):x}"
                 entry = self._entries.get(key)
                 if entry is None or entry.obj is not component:
-                    entry = self._entries[key] = _Entry(key, name, None, component, cls=type(component))
+                    cls = type(unwrap_compiled(component))  # a torch.compile wrapper is checked as the model it wraps
+                    entry = self._entries[key] = _Entry(key, name, None, component, cls=cls)
             if user is not None:
                 entry.users.add(user)
             return key

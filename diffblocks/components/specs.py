@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from diffblocks._version import __version__
 from diffblocks.components.containment import check_folder, check_reference, check_subfolder, contained_path
 from diffblocks.components.hub import resolve_folder
 
@@ -198,8 +199,6 @@ def write_modular_index(
     settings: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``modular_model_index.json`` listing ``specs`` (and plain ``settings``)."""
-    from diffblocks import __version__
-
     data: dict[str, Any] = {"_class_name": class_name, "_diffblocks_version": __version__}
     data.update(settings or {})
     for name in sorted(specs):

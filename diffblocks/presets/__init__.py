@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["FAMILIES", "Family", "family_of", "from_pretrained"]
+__all__ = ["FAMILIES", "Family", "family_of", "from_pretrained", "register_family"]
 
 
 def __getattr__(name: str) -> Any:

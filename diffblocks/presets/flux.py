@@ -23,6 +23,7 @@ from diffblocks.blocks.flux import (
 )
 from diffblocks.blocks.standard import DecodeImages, SchedulerStep
 from diffblocks.components.guiders import ClassifierFreeGuidance
+from diffblocks.presets.families import Family
 
 PIPELINE_CLASSES = ("FluxPipeline", "FluxImg2ImgPipeline")
 
@@ -62,3 +63,7 @@ def flux_blocks() -> Sequence:
         DecodeImages(),
         name="flux",
     )
+
+
+FAMILY = Family("flux", flux_blocks, default_guider, PIPELINE_CLASSES)
+"""The Flux family, as ``from_pretrained`` finds it."""

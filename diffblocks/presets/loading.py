@@ -4,68 +4,35 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diffblocks.blocks import Pipeline, Sequence
+from diffblocks.blocks import Pipeline
 from diffblocks.blocks.introspect import component_names
 from diffblocks.blocks.pipeline import PresetInfo
 from diffblocks.components import ComponentsManager, ComponentSpec, read_index
-from diffblocks.components.guiders import AbstractGuider
 from diffblocks.components.quantizers.swapping import Quantization
-from diffblocks.presets import flux, sd15, sdxl
-from diffblocks.presets.tiny import preset as tiny
+from diffblocks.presets.families import FAMILIES, Family, family_of, register_family
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 # components that hold no weights keep their own precision
 _NOT_CAST = frozenset({"tokenizer", "tokenizer_2", "scheduler", "guider", "feature_extractor"})
 
 
-class Family:
-    """A model family: its blocks, its default guider, and the index class names it reads.
-
-    ``settings`` names index settings (``model_index.json`` keys beside the components, such as
-    SDXL's ``force_zeros_for_empty_prompt``) that are passed to ``blocks`` as keyword arguments.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        blocks: Callable[..., Sequence],
-        guider: Callable[[], AbstractGuider],
-        classes: tuple[str, ...],
-        *,
-        settings: tuple[str, ...] = (),
-    ) -> None:
-        self.name, self.blocks, self.guider, self.classes, self.settings = name, blocks, guider, classes, settings
-
-    def build(self, settings: Mapping[str, Any]) -> Sequence:
-        """The family's blocks, configured by the index settings it reads."""
-        return self.blocks(**{key: settings[key] for key in self.settings if key in settings})
-
-
-FAMILIES: dict[str, Family] = {
-    "sd15": Family("sd15", sd15.sd15_blocks, sd15.default_guider, sd15.PIPELINE_CLASSES),
-    "sdxl": Family("sdxl", sdxl.sdxl_blocks, sdxl.default_guider, sdxl.PIPELINE_CLASSES, settings=sdxl.SETTINGS),
-    "flux": Family("flux", flux.flux_blocks, flux.default_guider, flux.PIPELINE_CLASSES),
-    "tiny": Family("tiny", tiny.tiny_blocks, tiny.default_guider, tiny.PIPELINE_CLASSES),
-}
-
 PACKAGE_SCHEME = "package://"
-# How to install the packages that index files of built-in models refer to.
-_PACKAGE_INSTALL = {tiny.PACKAGE: 'pip install "diffblocks[tiny]"'}
 
 
-def resolve_package_reference(reference: str) -> Path:
+def resolve_package_reference(reference: str, *, install_hints: Mapping[str, str] | None = None) -> Path:
     """The folder that ``package://<module>/<path>`` names inside an installed Python package.
 
     Index entries use this to share files that ship in a pip package (the tiny model's text
     encoder) rather than copying them: ``pretrained_model_name_or_path`` is the reference, and the
     folder is found on this machine when the pipeline is loaded. The package is located, not
-    imported, and the path may not leave it.
+    imported, and the path may not leave it. ``install_hints`` (the family's) says how to install a
+    missing package.
     """
     module, _, relative = reference.removeprefix(PACKAGE_SCHEME).partition("/")
     parts = Path(relative).parts
@@ -73,23 +40,12 @@ def resolve_package_reference(reference: str) -> Path:
         raise ValueError(f"{reference!r} is not of the form package://<top-level module>/<path inside it>")
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        hint = _PACKAGE_INSTALL.get(module, f"install the distribution that provides {module!r}")
+        hint = (install_hints or {}).get(module, f"install the distribution that provides {module!r}")
         raise ModuleNotFoundError(f"{reference} needs the Python package {module!r}, which is not installed: {hint}")
     folder = Path(next(iter(spec.submodule_search_locations)), *parts)
     if not folder.is_dir():
         raise FileNotFoundError(f"{reference}: package {module!r} has no folder {relative!r} (looked in {folder})")
     return folder
-
-
-def family_of(class_name: str | None, settings: Mapping[str, Any]) -> Family:
-    """The family for an index's ``_class_name`` (or its ``family`` setting)."""
-    if isinstance(settings.get("family"), str) and settings["family"] in FAMILIES:
-        return FAMILIES[settings["family"]]
-    for family in FAMILIES.values():
-        if class_name in family.classes:
-            return family
-    known = sorted(name for family in FAMILIES.values() for name in family.classes)
-    raise ValueError(f"no preset reads pipelines of class {class_name!r}; supported: {', '.join(known)}")
 
 
 def from_pretrained(
@@ -132,7 +88,7 @@ def from_pretrained(
             changes["variant"] = variant
         if _is_package(spec):
             assert spec.repo is not None
-            changes["repo"] = str(resolve_package_reference(spec.repo))
+            changes["repo"] = str(resolve_package_reference(spec.repo, install_hints=family.install_hints))
             sources[changes["repo"]] = spec.repo
         specs[name] = spec.with_(**changes) if changes else spec
     specs.setdefault("guider", family.guider())
@@ -157,5 +113,6 @@ __all__ = [
     "Family",
     "family_of",
     "from_pretrained",
+    "register_family",
     "resolve_package_reference",
 ]

@@ -29,13 +29,14 @@ import torch
 from diffblocks.blocks import Pipeline
 from diffblocks.blocks.pipeline import PresetInfo
 from diffblocks.components import ComponentsManager, ComponentSpec, write_modular_index
+from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.containment import is_hub_id
 from diffblocks.components.guiders import AbstractGuider
 from diffblocks.components.models import AbstractModel
 from diffblocks.components.quantizers import quantizer_of
 from diffblocks.components.schedulers import AbstractScheduler
 from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX
-from diffblocks.presets.loading import FAMILIES
+from diffblocks.presets.families import FAMILIES
 from diffblocks.presets.staging import MANIFEST_KEY, saved_files, staged_save
 from diffblocks.presets.structure import preset_of
 from diffblocks.registry import Registry, RegistryError
@@ -177,7 +178,7 @@ def _classic_index(items: list[_Item], *, class_name: str, settings: Mapping[str
 
 def _plan(pipe: Pipeline, name: str, key: str, preset: PresetInfo, copy_references: bool) -> _Item:
     manager = pipe.manager
-    cls = manager.component_type(key) or type(manager.get(key))
+    cls = manager.component_type(key) or type(unwrap_compiled(manager.get(key)))
     hint = _registry_key(manager.registry, cls)
     spec = manager.spec(key)
     if spec is not None and spec.repo is not None and not copy_references:
@@ -197,7 +198,7 @@ def _write(
     if item.reference is not None:
         return item.reference
     was_loaded = manager.is_loaded(item.key)
-    obj = manager.get(item.key)
+    obj = unwrap_compiled(manager.get(item.key))  # a torch.compile wrapper saves the model's own files
     folder = root / item.name
     spec = ComponentSpec(name=item.name, type_hint=item.type_hint, subfolder=item.name)
     quantizer = quantizer_of(obj) if isinstance(obj, torch.nn.Module) else None

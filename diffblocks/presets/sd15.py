@@ -24,6 +24,7 @@ from diffblocks.blocks.standard import (
     SetTimesteps,
 )
 from diffblocks.components.guiders import ClassifierFreeGuidance
+from diffblocks.presets.families import Family
 
 PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
 
@@ -84,3 +85,7 @@ def unet_workflows(conditioning: Callable[[], tuple[AbstractBlock, ...]] = tuple
 def sd15_blocks() -> Sequence:
     """The SD 1.x/2.x pipeline: encode the prompt, run the chosen workflow, decode."""
     return Sequence(EncodePrompt(), unet_workflows(), DecodeImages(), name="sd15")
+
+
+FAMILY = Family("sd15", sd15_blocks, default_guider, PIPELINE_CLASSES)
+"""The SD 1.x/2.x family, as ``from_pretrained`` finds it."""

@@ -6,6 +6,7 @@ from diffblocks.blocks import Sequence
 from diffblocks.blocks.sd import EncodePromptXL, PrepareTimeIds
 from diffblocks.blocks.standard import DecodeImages
 from diffblocks.components.guiders import ClassifierFreeGuidance
+from diffblocks.presets.families import Family
 from diffblocks.presets.sd15 import unet_workflows
 
 PIPELINE_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
@@ -33,3 +34,7 @@ def sdxl_blocks(*, force_zeros_for_empty_prompt: bool = True, requires_aesthetic
         DecodeImages(),
         name="sdxl",
     )
+
+
+FAMILY = Family("sdxl", sdxl_blocks, default_guider, PIPELINE_CLASSES, settings=SETTINGS)
+"""The SDXL family, as ``from_pretrained`` finds it."""

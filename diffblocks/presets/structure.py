@@ -12,7 +12,7 @@ from typing import Any
 from diffblocks.blocks import AbstractBlock, Block, Loop, Pipeline, Switch
 from diffblocks.blocks.tree import walk
 from diffblocks.blocks.pipeline import PresetInfo
-from diffblocks.presets.loading import FAMILIES
+from diffblocks.presets.families import FAMILIES
 
 Row = tuple[str, str, str, Any]
 """One node of a block tree: its path, its class, its name, and what configures it."""

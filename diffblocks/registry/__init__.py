@@ -1,7 +1,12 @@
-"""Names -> classes, by allowlist: component type hints from index files, and blocks of saved pipelines."""
+"""Names -> classes, by allowlist: components named by index files, blocks of saved pipelines, pipeline formats."""
 
-from diffblocks.registry.defaults import default_block_registry, default_component_registry
-from diffblocks.registry.registry import Registry, RegistryError
+from diffblocks.registry.defaults import (
+    DIFFUSERS_FORMAT,
+    default_block_registry,
+    default_component_registry,
+    default_format_registry,
+)
+from diffblocks.registry.registry import Key, Registry, RegistryError
 
 COMPONENTS: Registry = default_component_registry()
 """The process-wide component allowlist used by the ComponentsManager."""
@@ -9,4 +14,18 @@ COMPONENTS: Registry = default_component_registry()
 BLOCKS: Registry = default_block_registry()
 """The process-wide block allowlist used when loading saved pipelines."""
 
-__all__ = ["BLOCKS", "COMPONENTS", "Registry", "RegistryError", "default_block_registry", "default_component_registry"]
+FORMATS: Registry = default_format_registry()
+"""The process-wide pipeline formats: how ``Pipeline.from_pretrained`` and ``save_pretrained`` read and write."""
+
+__all__ = [
+    "BLOCKS",
+    "COMPONENTS",
+    "DIFFUSERS_FORMAT",
+    "FORMATS",
+    "Key",
+    "Registry",
+    "RegistryError",
+    "default_block_registry",
+    "default_component_registry",
+    "default_format_registry",
+]

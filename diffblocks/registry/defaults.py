@@ -1,8 +1,11 @@
-"""The default allowlists: our own components under diffusers' names, and transformers' text models."""
+"""The default allowlists: our own components under diffusers' names, transformers' text models, pipeline formats."""
 
 from __future__ import annotations
 
-from diffblocks.registry.registry import Registry
+from diffblocks.registry.registry import Key, Registry
+
+DIFFUSERS_FORMAT: Key = ("diffblocks", "DiffusersFormat")
+"""The format of ``Pipeline.from_pretrained`` / ``save_pretrained`` / ``push_to_hub``: diffusers' folder layout."""
 
 _OURS = {
     # models
@@ -13,7 +16,8 @@ _OURS = {
 _SCHEDULERS = (
     "DDPMScheduler DDIMScheduler PNDMScheduler LMSDiscreteScheduler EulerDiscreteScheduler "
     "EulerAncestralDiscreteScheduler HeunDiscreteScheduler DPMSolverMultistepScheduler "
-    "UniPCMultistepScheduler FlowMatchEulerDiscreteScheduler"
+    "UniPCMultistepScheduler FlowMatchEulerDiscreteScheduler "
+    "LCMScheduler TCDScheduler DPMSolverSDEScheduler FlowMatchHeunDiscreteScheduler"
 ).split()
 _GUIDERS = (
     "ClassifierFreeGuidance ClassifierFreeZeroStarGuidance AdaptiveProjectedGuidance TangentialClassifierFreeGuidance "
@@ -46,3 +50,15 @@ def default_component_registry() -> Registry:
 def default_block_registry() -> Registry:
     """Blocks that saved pipelines may name; plugins add more under the ``diffblocks.blocks`` entry-point group."""
     return Registry("block", entry_point_group="diffblocks.blocks")
+
+
+def default_format_registry() -> Registry:
+    """Pipeline formats; plugins add more under the ``diffblocks.formats`` entry-point group.
+
+    The built-in format reads and writes diffusers' folder layout with the preset families, which
+    sit above the blocks that use it: it is listed here as a module path, data that is imported on
+    first use, so ``diffblocks.blocks`` finds it without importing ``diffblocks.presets``.
+    """
+    registry = Registry("pipeline format", entry_point_group="diffblocks.formats")
+    registry.register(DIFFUSERS_FORMAT, "diffblocks.presets.format:DiffusersFormat")
+    return registry

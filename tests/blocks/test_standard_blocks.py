@@ -30,17 +30,9 @@ from diffblocks.blocks.standard.vae import decode_latents, encode_latents
 from diffblocks.components.models.autoencoder_kl import AutoencoderKL
 from diffblocks.components.noise import Generator
 from diffblocks.components.schedulers import DDIMScheduler, EulerDiscreteScheduler, SchedulerState
+from tests.guiders.tiny_denoisers import TINY_UNET_CONFIG
 from diffblocks.components.models.unet import UNet2DConditionModel
 
-UNET_CONFIG: dict[str, Any] = {
-    "block_out_channels": (8, 16),
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-    "cross_attention_dim": 8,
-    "attention_head_dim": 2,
-}
 VAE_CONFIG: dict[str, Any] = {
     "block_out_channels": (8, 16),
     "down_block_types": ("DownEncoderBlock2D",) * 2,
@@ -56,7 +48,7 @@ VAE_CONFIG: dict[str, Any] = {
 def parts() -> dict[str, Any]:
     torch.manual_seed(0)
     vae = AutoencoderKL.from_config(VAE_CONFIG).eval()
-    unet = UNet2DConditionModel.from_config(UNET_CONFIG).eval()
+    unet = UNet2DConditionModel.from_config(TINY_UNET_CONFIG).eval()
     return {"vae": vae, "unet": unet, "scheduler": EulerDiscreteScheduler()}
 
 
@@ -106,8 +98,8 @@ def test_prepare_latents_draws_diffusers_noise_at_the_first_sigma(parts: dict[st
     noise = torch.randn(2, 4, 16, 8, generator=seeded())  # the VAE factor here is 2
     assert (out.height, out.width) == (32, 16)
     torch.testing.assert_close(out.latents, noise * state.init_noise_sigma, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="UNet2DConditionModel declares no sample_size: pass height= and width="):
-        block(PrepareLatents.Inputs(batch_size=1, schedule=state))  # this UNet has no native size
+    default = block(PrepareLatents.Inputs(batch_size=1, schedule=state))  # the UNet's native size
+    assert (default.height, default.width) == (2 * TINY_UNET_CONFIG["sample_size"],) * 2
 
 
 def test_prepare_latents_checks_sizes_and_takes_user_latents(parts: dict[str, Any]) -> None:

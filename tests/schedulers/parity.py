@@ -19,7 +19,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffblocks.components.schedulers import AbstractScheduler, FlowMatchEulerDiscreteScheduler, scheduler_from_config
+from diffblocks.components.schedulers import (
+    AbstractScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    scheduler_from_config,
+)
 
 SHAPE = (2, 4, 8, 8)
 RTOL = 1e-5  # float32 rounding, relative to the largest value compared
@@ -93,7 +98,7 @@ def run_side_by_side(
     Timesteps and sigmas must be equal exactly; the samples within float32 rounding.
     """
     ours, ref = build_pair(config)
-    flow = isinstance(ours, FlowMatchEulerDiscreteScheduler)
+    flow = isinstance(ours, (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler))
     ref_kwargs: dict[str, Any] = {}
     if mu is not None:
         ref_kwargs["mu"] = mu

@@ -83,7 +83,30 @@ SD3 = {
     "num_train_timesteps": 1000,
     "shift": 3.0,
 }
-HUB = {"sd15": SD15, "sd21": SD21, "sdxl": SDXL, "flux-dev": FLUX_DEV, "flux-schnell": FLUX_SCHNELL, "sd3": SD3}
+LCM = {  # the keys of an LCM-distilled SD 1.5 repository's config, as diffusers 0.22 wrote them
+    "_class_name": "LCMScheduler",
+    "_diffusers_version": "0.22.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "clip_sample_range": 1.0,
+    "dynamic_thresholding_ratio": 0.995,
+    "num_train_timesteps": 1000,
+    "original_inference_steps": 50,
+    "prediction_type": "epsilon",
+    "rescale_betas_zero_snr": False,
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": True,
+    "steps_offset": 1,
+    "thresholding": False,
+    "timestep_scaling": 10.0,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+}
+HUB = {
+    "sd15": SD15, "sd21": SD21, "sdxl": SDXL, "flux-dev": FLUX_DEV, "flux-schnell": FLUX_SCHNELL, "sd3": SD3, "lcm": LCM
+}
 
 NON_DEFAULT: dict[type[AbstractScheduler], dict[str, Any]] = {
     cls: kwargs
@@ -101,6 +124,10 @@ NON_DEFAULT: dict[type[AbstractScheduler], dict[str, Any]] = {
         (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
         (UniPCMultistepScheduler, {"disable_corrector": (0, 2), "solver_type": "bh1"}),
         (FlowMatchEulerDiscreteScheduler, {"use_dynamic_shifting": True, "shift_terminal": 0.02}),
+        (SCHEDULERS["LCMScheduler"], {"original_inference_steps": 100, "timestep_scaling": 4.0, "steps_offset": 1}),
+        (SCHEDULERS["TCDScheduler"], {"prediction_type": "v_prediction", "eta": 0.5}),
+        (SCHEDULERS["DPMSolverSDEScheduler"], {"use_karras_sigmas": True, "noise_sampler_seed": 2**40}),
+        (SCHEDULERS["FlowMatchHeunDiscreteScheduler"], {"shift": 3.0}),
     ]
 }
 
@@ -167,7 +194,7 @@ def test_save_and_load_round_trip(cls: type[AbstractScheduler], tmp_path: Path) 
     assert written["_class_name"] == cls.__name__ and "_use_default_values" not in written
     assert cls.from_pretrained(tmp_path, subfolder="scheduler") == scheduler
     assert scheduler_from_pretrained(tmp_path / "scheduler") == scheduler
-    if "eta" not in written:  # diffusers takes DDIM's eta per call, not from the config
+    if "eta" not in written:  # diffusers takes DDIM's and TCD's eta per call, not from the config
         ref = getattr(diffusers, cls.__name__).from_pretrained(tmp_path, subfolder="scheduler")
         _assert_config_matches(scheduler, ref)
 
@@ -237,6 +264,13 @@ INVALID = [
     ("PNDMScheduler", {"prediction_type": "sample"}, "prediction_type"),
     ("HeunDiscreteScheduler", {"beta_start": 1.5}, "beta_start"),
     ("FlowMatchEulerDiscreteScheduler", {"shift": -1.0}, "shift"),
+    ("LCMScheduler", {"original_inference_steps": 2000}, "original_inference_steps 2000 exceeds num_train_timesteps"),
+    ("LCMScheduler", {"beta_schedule": "exp"}, "does not support beta_schedule 'exp'"),
+    ("TCDScheduler", {"eta": 1.5}, "eta"),
+    ("DPMSolverSDEScheduler", {"prediction_type": "sample"}, "prediction_type"),
+    ("DPMSolverSDEScheduler", {"use_beta_sigmas": True}, "use_beta_sigmas=True"),
+    ("DPMSolverSDEScheduler", {"use_karras_sigmas": True, "use_exponential_sigmas": True}, "exclusive"),
+    ("FlowMatchHeunDiscreteScheduler", {"num_train_timesteps": 0}, "num_train_timesteps"),
 ]
 
 
@@ -252,3 +286,11 @@ def test_frozen_and_hashable() -> None:
         euler.use_karras_sigmas = True  # type: ignore[misc]
     assert hash(euler) == hash(EulerDiscreteScheduler()) and euler == EulerDiscreteScheduler()
     assert hash(UniPCMultistepScheduler(disable_corrector=(1,))) != hash(UniPCMultistepScheduler())
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_every_scheduler_is_an_allowed_component(name: str) -> None:
+    """A repository whose model_index.json names any of our schedulers loads it."""
+    from diffblocks.registry.defaults import default_component_registry
+
+    assert default_component_registry().resolve(("diffusers", name)) is SCHEDULERS[name]

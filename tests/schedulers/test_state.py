@@ -13,11 +13,15 @@ from diffblocks.components.schedulers import (
     AbstractScheduler,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     PNDMScheduler,
     SchedulerState,
+    TCDScheduler,
     UniPCMultistepScheduler,
     scheduler_from_config,
 )
@@ -31,12 +35,18 @@ MULTISTEP: list[dict[str, Any]] = [
     {"_class_name": "HeunDiscreteScheduler", **SD},
     {"_class_name": "PNDMScheduler", **SD, "skip_prk_steps": True},
     {"_class_name": "PNDMScheduler"},
+    {"_class_name": "DPMSolverSDEScheduler", **SD, "use_karras_sigmas": True, "noise_sampler_seed": 4},
+    {"_class_name": "DPMSolverSDEScheduler", **SD},  # the Brownian path seeded from the step generator
+    {"_class_name": "FlowMatchHeunDiscreteScheduler", "shift": 3.0},
     {"_class_name": "EulerAncestralDiscreteScheduler", **SD},
+    {"_class_name": "LCMScheduler", **SD},
+    {"_class_name": "TCDScheduler", **SD},
 ]
-IDS = [
-    f"{c['_class_name']}-{c.get('solver_order', c.get('algorithm_type', c.get('skip_prk_steps', '')))}"
-    for c in MULTISTEP
-]
+# samplers that draw fresh noise from the generator at every step (a Brownian path does not)
+FRESH_NOISE = {"EulerAncestralDiscreteScheduler", "LCMScheduler", "TCDScheduler"}
+_ID_KEYS = ("solver_order", "algorithm_type", "skip_prk_steps", "noise_sampler_seed")
+IDS = [f"{c['_class_name']}-{next((c[k] for k in _ID_KEYS if k in c), '')}" for c in MULTISTEP]
+REPEATABLE = [(c, i) for c, i in zip(MULTISTEP, IDS) if c["_class_name"] not in FRESH_NOISE]
 
 
 def _start(scheduler: AbstractScheduler, state: SchedulerState, seed: int) -> Tensor:
@@ -72,7 +82,7 @@ def test_concurrent_states_do_not_interfere(config: dict[str, Any]) -> None:
     assert torch.equal(x_a, alone_a) and torch.equal(x_b, alone_b)
 
 
-@pytest.mark.parametrize("config", [c for c in MULTISTEP if "Ancestral" not in c["_class_name"]], ids=IDS[:-1])
+@pytest.mark.parametrize("config", [c for c, _ in REPEATABLE], ids=[i for _, i in REPEATABLE])
 def test_retried_step_changes_nothing(config: dict[str, Any]) -> None:
     """Running a step again (say, after an interrupted model call) leaves the solver memory intact."""
     scheduler = scheduler_from_config(config)
@@ -124,6 +134,16 @@ def test_schedule_shapes() -> None:
     assert flux.begin_index == 2  # int(10 - 7.5): flow pipelines round the skipped steps down
 
 
+def test_two_call_and_distilled_schedule_shapes() -> None:
+    sde = DPMSolverSDEScheduler(use_karras_sigmas=True).set_timesteps(10)
+    assert sde.sigmas is not None and sde.timesteps.dtype == torch.float64  # as diffusers keeps them
+    assert (len(sde.timesteps), len(sde.sigmas)) == (19, 20)
+    flow_heun = FlowMatchHeunDiscreteScheduler(shift=3.0).set_timesteps(10, strength=0.75)
+    assert (flow_heun.begin_index, len(flow_heun.timesteps)) == (4, 15)  # int(10 - 7.5) steps of two calls
+    lcm = LCMScheduler().set_timesteps(4, strength=0.5)
+    assert (lcm.timesteps.tolist(), lcm.begin_index, lcm.init_noise_sigma) == ([499, 259], 2, 1.0)
+
+
 def test_heun_truncation_skips_whole_steps() -> None:
     state = HeunDiscreteScheduler().set_timesteps(10, strength=0.5)
     assert state.begin_index == 10 and len(state.timesteps) == 9
@@ -144,6 +164,10 @@ def test_heun_truncation_skips_whole_steps() -> None:
         (lambda: FlowMatchEulerDiscreteScheduler().set_timesteps(4, sigmas=[1.0, 0.5]), "got 2 sigmas"),
         (lambda: PNDMScheduler().set_timesteps(3), "PRK warm-up needs num_inference_steps >= 4"),
         (lambda: PNDMScheduler().set_timesteps(10, strength=0.5), "skip_prk_steps=True for image-to-image"),
+        (lambda: LCMScheduler().set_timesteps(51), "num_inference_steps 51 exceeds original_inference_steps 50"),
+        (lambda: TCDScheduler(original_inference_steps=8).set_timesteps(9), "exceeds original_inference_steps 8"),
+        (lambda: FlowMatchHeunDiscreteScheduler().set_timesteps(4, mu=1.15), "takes no mu"),
+        (lambda: FlowMatchHeunDiscreteScheduler().set_timesteps(2, sigmas=[1.0, 0.5]), "takes no custom sigmas"),
     ],
 )
 def test_invalid_requests_raise(call: Any, match: str) -> None:
@@ -159,7 +183,7 @@ def test_mu_is_ignored_without_dynamic_shifting() -> None:
 @pytest.mark.parametrize("name", SCHEDULERS)
 def test_half_precision_steps_keep_the_dtype(name: str) -> None:
     scheduler = scheduler_from_config({"_class_name": name})
-    state = scheduler.set_timesteps(4, mu=0.5 if name.startswith("FlowMatch") else None)
+    state = scheduler.set_timesteps(4, mu=0.5 if name == "FlowMatchEulerDiscreteScheduler" else None)
     x = torch.randn(SHAPE).to(torch.bfloat16)
     out = scheduler.step(state, fake_model(x, state.timesteps[0]).to(torch.bfloat16), 0, x)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()

@@ -19,7 +19,7 @@ from diffblocks.blocks.standard.images import ImageLike, image_size, normalize, 
 from diffblocks.blocks.standard.inpaint_loop import inpaint_mode
 from diffblocks.blocks.standard.latents import check_generator, check_size, placement, repeat_images
 from diffblocks.blocks.standard.masks import MaskLike, check_mask_shape, latent_mask, mask_size, mask_to_tensor
-from diffblocks.blocks.standard.timesteps import AbstractSetTimesteps, ScheduleOutputs, check_strength
+from diffblocks.blocks.standard.timesteps import AbstractSetPartialTimesteps, StrengthInputs
 from diffblocks.blocks.standard.vae import encode_latents, vae_scale_factor
 from diffblocks.blocks.types import Float
 from diffblocks.components.models.autoencoder_kl import AutoencoderKL
@@ -30,18 +30,11 @@ from diffblocks.components.schedulers.base import AbstractScheduler, SchedulerSt
 _STRENGTH = "how much of the schedule to run; 1 starts from pure noise and ignores the image under the mask"
 
 
-class SetInpaintTimesteps(AbstractSetTimesteps):
+class SetInpaintTimesteps(AbstractSetPartialTimesteps):
     """Make the run's schedule and keep its last ``strength`` part (inpainting runs it all by default)."""
 
-    class Inputs(BlockIO):
-        num_inference_steps: int = Field(50, ge=1, le=1000, description="denoising steps")
+    class Inputs(StrengthInputs):
         strength: float = Field(1.0, gt=0.0, le=1.0, description=_STRENGTH)
-
-    def check(self, inputs: Inputs) -> None:
-        check_strength(known(inputs, "num_inference_steps"), known(inputs, "strength"))
-
-    def __call__(self, inputs: Inputs) -> ScheduleOutputs:
-        return self.outputs(self.schedule(inputs.num_inference_steps, strength=inputs.strength))
 
 
 class PrepareInpaintImages(Block):

@@ -56,18 +56,27 @@ class SetTimesteps(AbstractSetTimesteps):
         return self.outputs(self.schedule(inputs.num_inference_steps))
 
 
-class SetImageTimesteps(AbstractSetTimesteps):
-    """Make the run's schedule and keep its last ``strength`` part (image-to-image)."""
+class StrengthInputs(BlockIO):
+    """A step count and the part of the schedule to run."""
 
-    class Inputs(BlockIO):
-        num_inference_steps: int = Field(50, ge=1, le=1000, description="denoising steps")
-        strength: float = Field(0.8, gt=0.0, le=1.0, description=STRENGTH)
+    num_inference_steps: int = Field(50, ge=1, le=1000, description="denoising steps")
+    strength: float = Field(0.8, gt=0.0, le=1.0, description=STRENGTH)
 
-    def check(self, inputs: Inputs) -> None:
+
+class AbstractSetPartialTimesteps(AbstractSetTimesteps):
+    """Make the run's schedule and keep its last ``strength`` part; a concrete block sets the default strength."""
+
+    def check(self, inputs: StrengthInputs) -> None:
         check_strength(known(inputs, "num_inference_steps"), known(inputs, "strength"))
 
-    def __call__(self, inputs: Inputs) -> ScheduleOutputs:
+    def __call__(self, inputs: StrengthInputs) -> ScheduleOutputs:
         return self.outputs(self.schedule(inputs.num_inference_steps, strength=inputs.strength))
+
+
+class SetImageTimesteps(AbstractSetPartialTimesteps):
+    """Make the run's schedule and keep its last ``strength`` part (image-to-image)."""
+
+    Inputs = StrengthInputs
 
 
 def check_strength(steps: int | None, strength: float | None) -> None:
@@ -76,4 +85,12 @@ def check_strength(steps: int | None, strength: float | None) -> None:
         raise FieldError("strength", f"strength {strength} runs int({steps} * {strength}) = 0 of {steps} steps; raise it")
 
 
-__all__ = ["AbstractSetTimesteps", "ScheduleOutputs", "SetImageTimesteps", "SetTimesteps", "check_strength"]
+__all__ = [
+    "AbstractSetPartialTimesteps",
+    "AbstractSetTimesteps",
+    "ScheduleOutputs",
+    "SetImageTimesteps",
+    "SetTimesteps",
+    "StrengthInputs",
+    "check_strength",
+]

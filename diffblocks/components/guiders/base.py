@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from typing_extensions import Self
 
 from diffblocks.components.guiders.perturbations import AbstractPerturbation
+from diffblocks.components.guiders.registry import guider_from_config
 from diffblocks.components.guiders.rules import is_noop_scale, rescale
 from diffblocks.components.hub import resolve_folder
 
@@ -120,9 +121,6 @@ class AbstractGuider(BaseModel, ABC):
             ValueError: unknown or mismatched ``_class_name``, unknown keys, or invalid values.
         """
         if cls is AbstractGuider:
-            # Imported here: the registry imports every guider module, which import this one.
-            from diffblocks.components.guiders.registry import guider_from_config
-
             return guider_from_config(config)  # pyright: ignore[reportReturnType]
         name = config.get("_class_name", cls.__name__)
         if name != cls.__name__:

@@ -59,11 +59,15 @@ class AbstractModel(nn.Module, ABC, Generic[P]):
         diffusers_class_name: ``_class_name`` written to ``config.json``.
         fixed_config: diffusers keys the model supports at one value only; another value raises.
             Any other key that is not a Params field is ignored (it does not change the weights).
+        repeated_blocks: the block classes the network repeats (a UNet's ResNets, Flux's double
+            blocks); regional compilation (:func:`~diffblocks.components.models.compile.compile_model`)
+            compiles these alone. Empty: the model is compiled whole.
     """
 
     Params: ClassVar[type[AbstractParams]]
     diffusers_class_name: ClassVar[str]
     fixed_config: ClassVar[Mapping[str, object]] = {}
+    repeated_blocks: ClassVar[tuple[type[nn.Module], ...]] = ()
 
     params: P
 

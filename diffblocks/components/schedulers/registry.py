@@ -11,12 +11,16 @@ from diffblocks.components.schedulers.base import CONFIG_NAME, AbstractScheduler
 from diffblocks.components.schedulers.ddim import DDIMScheduler
 from diffblocks.components.schedulers.ddpm import DDPMScheduler
 from diffblocks.components.schedulers.dpm_solver import DPMSolverMultistepScheduler
+from diffblocks.components.schedulers.dpm_solver_sde import DPMSolverSDEScheduler
 from diffblocks.components.schedulers.euler import EulerDiscreteScheduler
 from diffblocks.components.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from diffblocks.components.schedulers.flow_match import FlowMatchEulerDiscreteScheduler
+from diffblocks.components.schedulers.flow_match_heun import FlowMatchHeunDiscreteScheduler
 from diffblocks.components.schedulers.heun import HeunDiscreteScheduler
+from diffblocks.components.schedulers.lcm import LCMScheduler
 from diffblocks.components.schedulers.lms import LMSDiscreteScheduler
 from diffblocks.components.schedulers.pndm import PNDMScheduler
+from diffblocks.components.schedulers.tcd import TCDScheduler
 from diffblocks.components.schedulers.unipc import UniPCMultistepScheduler
 
 SCHEDULERS: dict[str, type[AbstractScheduler]] = {
@@ -32,6 +36,10 @@ SCHEDULERS: dict[str, type[AbstractScheduler]] = {
         DPMSolverMultistepScheduler,
         UniPCMultistepScheduler,
         FlowMatchEulerDiscreteScheduler,
+        DPMSolverSDEScheduler,
+        LCMScheduler,
+        TCDScheduler,
+        FlowMatchHeunDiscreteScheduler,
     )
 }
 """The allowed scheduler classes, keyed by the diffusers ``_class_name`` they read."""

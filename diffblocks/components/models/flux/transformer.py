@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import final
+from typing import ClassVar, final
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,7 @@ class FluxTransformer2DModel(AbstractModel[FluxParams]):
 
     Params = FluxParams
     diffusers_class_name = "FluxTransformer2DModel"
+    repeated_blocks: ClassVar[tuple[type[nn.Module], ...]] = (FluxTransformerBlock, FluxSingleTransformerBlock)
 
     def __init__(self, params: FluxParams) -> None:
         super().__init__(params)

@@ -11,9 +11,11 @@ from torch import Tensor, nn
 
 from diffblocks.components.models.base import AbstractModel
 from diffblocks.components.models.layers.norm import GroupNorm
+from diffblocks.components.models.layers.resnet import ResnetBlock2D
 from diffblocks.components.models.unet.blocks import DownBlock, MidBlock, StageSpec, UpBlock
 from diffblocks.components.models.unet.embeddings import TimestepEmbedding, Timesteps
 from diffblocks.components.models.unet.params import UNET_FIXED_CONFIG, UNet2DConditionParams
+from diffblocks.components.models.unet.transformer import SpatialTransformer
 
 _MSG_TEXT_TIME = (
     "this UNet uses SDXL's text-time conditioning: pass added_cond_kwargs={{'text_embeds': the pooled "
@@ -46,6 +48,7 @@ class UNet2DConditionModel(AbstractModel[UNet2DConditionParams]):
     Params = UNet2DConditionParams
     diffusers_class_name = "UNet2DConditionModel"
     fixed_config: ClassVar[Mapping[str, object]] = UNET_FIXED_CONFIG
+    repeated_blocks: ClassVar[tuple[type[nn.Module], ...]] = (ResnetBlock2D, SpatialTransformer)
 
     def __init__(self, params: UNet2DConditionParams) -> None:
         super().__init__(params)

@@ -115,6 +115,15 @@ class UNet2DConditionParams(AbstractParams):
         return _per_block(self.cross_attention_dim, self.num_blocks)
 
     @property
+    def attention_stages(self) -> tuple[int, ...]:
+        """Stages (indices of ``block_out_channels``) that attend: cross-attention down or up blocks, the mid block."""
+        n = self.num_blocks
+        down = {i for i, kind in enumerate(self.down_block_types) if kind == "CrossAttnDownBlock2D"}
+        # up block j runs stage n-1-j; the mid block attends at the last stage
+        up = {n - 1 - j for j, kind in enumerate(self.up_block_types) if kind == "CrossAttnUpBlock2D"}
+        return tuple(sorted(down | up | {n - 1}))
+
+    @property
     def time_embed_dim(self) -> int:
         return self.block_out_channels[0] * 4
 
@@ -131,10 +140,13 @@ class UNet2DConditionParams(AbstractParams):
                 raise ValueError(
                     f"norm_num_groups {self.norm_num_groups} does not divide block_out_channels[{i}] {channels}"
                 )
-            if channels % self.heads[i]:
+        # heads split channels only where a stage attends: a plain DownBlock2D/UpBlock2D stage may have
+        # channels that its heads do not divide (diffusers' SD test UNet: 8 heads on a 4-channel plain stage)
+        for i in self.attention_stages:
+            if self.block_out_channels[i] % self.heads[i]:
                 raise ValueError(
                     f"attention_head_dim {self.heads[i]} (heads, in diffusers' naming) does not divide "
-                    f"block_out_channels[{i}] {channels}"
+                    f"block_out_channels[{i}] {self.block_out_channels[i]} of an attention stage"
                 )
         for name in ("conv_in_kernel", "conv_out_kernel"):
             if getattr(self, name) % 2 == 0:
