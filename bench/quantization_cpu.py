@@ -32,8 +32,8 @@ from diffblocks.components.quantizers import (  # noqa: E402
     GGUFQuantizer,
     QuantoQuantizer,
     TorchAoQuantizer,
-    load_gguf,
 )
+from diffblocks.components.models.gguf import load_gguf  # noqa: E402
 from diffblocks.components.quantizers.memory import component_memory  # noqa: E402
 from tests.quantizers.gguf_files import stored, write_gguf  # noqa: E402
 

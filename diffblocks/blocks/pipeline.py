@@ -26,13 +26,13 @@ from diffblocks.blocks.formats import pipeline_format
 from diffblocks.blocks.introspect import json_schema, mermaid, outputs_schema, pipeline_doc, render_tree
 from diffblocks.blocks.output import PipelineOutput
 from diffblocks.blocks.plan import Choices, Plan, compile_plan, expand_workflows
+from diffblocks.blocks.quantizing import Quantization, replacements
 from diffblocks.blocks.tree import copy_tree, inserted, removed, replaced
 from diffblocks.blocks.validation import check_blocks, validate_inputs
 from diffblocks.components.manager import ComponentsManager
 from diffblocks.components.models.compile import DENOISER_NAMES, compile_model
 from diffblocks.components.quantizers.base import quantizer_of
 from diffblocks.components.quantizers.memory import ComponentMemory, component_memory
-from diffblocks.components.quantizers.swapping import Quantization, replacements
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo

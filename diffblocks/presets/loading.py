@@ -13,8 +13,8 @@ import torch
 from diffblocks.blocks import Pipeline
 from diffblocks.blocks.introspect import component_names
 from diffblocks.blocks.pipeline import PresetInfo
+from diffblocks.blocks.quantizing import Quantization
 from diffblocks.components import ComponentsManager, ComponentSpec, read_index
-from diffblocks.components.quantizers.swapping import Quantization
 from diffblocks.presets.families import FAMILIES, Family, family_of, register_family
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}

@@ -16,7 +16,8 @@ from diffusers import GGUFQuantizationConfig  # noqa: E402
 
 from diffblocks.components.models.flux import FluxTransformer2DModel  # noqa: E402
 from diffblocks.components.models.loading import CheckpointError  # noqa: E402
-from diffblocks.components.quantizers import GGUFLinear, GGUFQuantizer, load_gguf, quantize, quantizer_of, read_gguf  # noqa: E402
+from diffblocks.components.models.gguf import load_gguf, read_gguf  # noqa: E402
+from diffblocks.components.quantizers import GGUFLinear, GGUFQuantizer, quantize, quantizer_of  # noqa: E402
 from diffblocks.components.quantizers.gguf_kernels import BLOCK_TYPES, dequantize  # noqa: E402
 from tests.quantizers.gguf_files import K_QUANTS, stored, to_bfl, write_gguf  # noqa: E402
 

@@ -165,7 +165,7 @@ class AbstractModel(nn.Module, ABC, Generic[P]):
             model = cls.from_config(config)
         saved = config.get("quantization_config")
         if saved is not None:
-            from diffblocks.components.quantizers.loading import load_quantized_weights
+            from diffblocks.components.models.quantized import load_quantized_weights
 
             load_quantized_weights(model, files, saved, asked=quantizer, device=device or "cpu", where=config_path)
             return model.eval()

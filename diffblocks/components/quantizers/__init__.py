@@ -7,7 +7,10 @@
 >>> quantizer_of(model)
 TorchAoQuantizer(modules_to_not_convert=None, quant_type='int8wo')
 
-Each backend's package is imported when a quantizer of it is used, never at import time.
+Each backend's package is imported when a quantizer of it is used, never at import time. Reading
+quantized files into our models lives with the models (``diffblocks.components.models.gguf``,
+``diffblocks.components.models.quantized``); applying quantizers to a pipeline lives with the
+pipeline (``diffblocks.blocks.quantizing``).
 """
 
 from diffblocks.components.quantizers.base import (
@@ -18,7 +21,7 @@ from diffblocks.components.quantizers.base import (
     quantizer_of,
 )
 from diffblocks.components.quantizers.bitsandbytes import BitsAndBytesQuantizer
-from diffblocks.components.quantizers.gguf import GGUFLinear, GGUFQuantizer, load_gguf, read_gguf
+from diffblocks.components.quantizers.gguf import GGUFLinear, GGUFQuantizer
 from diffblocks.components.quantizers.quanto import QuantoQuantizer
 from diffblocks.components.quantizers.registry import (
     QUANTIZERS,
@@ -38,11 +41,9 @@ __all__ = [
     "QuantoQuantizer",
     "TorchAoQuantizer",
     "UnsupportedQuantizationError",
-    "load_gguf",
     "quantize",
     "quantizer_from_config",
     "quantizer_from_diffusers",
     "quantizer_of",
-    "read_gguf",
     "register_quantizer",
 ]

@@ -1,4 +1,8 @@
-"""Read weights that were saved quantized (``quantization_config`` in ``config.json``) into a meta-built model."""
+"""Read weights that were saved quantized (``quantization_config`` in ``config.json``) into a meta-built model.
+
+The backend's own layout is its quantizer's business (:meth:`AbstractQuantizer.load_state`); this
+module reads the files, checks what is left empty, and records the quantizer.
+"""
 
 from __future__ import annotations
 
