@@ -125,3 +125,27 @@ def test_quantized_text_encoders_are_not_saved_quietly(repo: Path, tmp_path: Pat
     with pytest.raises(TypeError, match=r"component 'text_encoder' \(CLIPTextModel\) is quantized .* its own models only"):
         pipe.save_pretrained(tmp_path / "saved")
     assert not (tmp_path / "saved").exists()
+
+
+def test_a_gguf_transformer_runs_in_a_pipeline_and_reports_its_memory(repo: Path, tmp_path: Path) -> None:
+    import diffusers
+
+    from diffblocks.components.models.gguf import load_gguf
+    from tests.quantizers.gguf_files import stored, to_bfl, write_gguf
+
+    reference = diffusers.FluxTransformer2DModel.from_pretrained(repo, subfolder="transformer")
+    path = write_gguf(tmp_path / "flux-Q8_0.gguf", to_bfl(stored(reference.state_dict(), "Q8_0")))
+    transformer = load_gguf(path, FluxTransformer2DModel, config=reference.config, quantizer=GGUFQuantizer("float32"))
+    pipe = Pipeline.from_pretrained(str(repo), components={"transformer": transformer})
+    image = _image(pipe)
+    theirs = diffusers.FluxTransformer2DModel.from_single_file(
+        str(write_gguf(tmp_path / "diffusers-Q8_0.gguf", stored(reference.state_dict(), "Q8_0"))),
+        config=str(repo), subfolder="transformer",
+        quantization_config=diffusers.GGUFQuantizationConfig(compute_dtype=torch.float32), torch_dtype=torch.float32,
+    )
+    # diffusers' float16 scale products against our float32 ones (see test_gguf.py)
+    assert np.abs(image - _image(_diffusers_pipe(repo, theirs))).max() <= 2e-3
+    row = {r.name: r for r in pipe.memory()}["transformer"]
+    assert row.quantizer == "GGUFQuantizer(compute_dtype='float32')" and row.bytes < 0.5 * row.original_bytes
+    with pytest.raises(ValueError, match="GGUF weights come quantized"):
+        pipe.quantize({"transformer": GGUFQuantizer()})
