@@ -26,10 +26,13 @@ from diffblocks.blocks.formats import pipeline_format
 from diffblocks.blocks.introspect import json_schema, mermaid, outputs_schema, pipeline_doc, render_tree
 from diffblocks.blocks.output import PipelineOutput
 from diffblocks.blocks.plan import Choices, Plan, compile_plan, expand_workflows
+from diffblocks.blocks.quantizing import Quantization, replacements
 from diffblocks.blocks.tree import copy_tree, inserted, removed, replaced
 from diffblocks.blocks.validation import check_blocks, validate_inputs
 from diffblocks.components.manager import ComponentsManager
 from diffblocks.components.models.compile import DENOISER_NAMES, compile_model
+from diffblocks.components.quantizers.base import quantizer_of
+from diffblocks.components.quantizers.memory import ComponentMemory, component_memory
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -103,6 +106,7 @@ class Pipeline:
         self.user_inputs = tuple(user_inputs)
         self.manager = manager if manager is not None else ComponentsManager()
         self._binding = threading.Lock()
+        self._originals: dict[str, Any] = {}  # float components given as objects, kept while a quantized copy is used
         keys = {name: self.manager.add(name, value, user=self.name) for name, value in (components or {}).items()}
         self._build = self._compile(blocks, keys)
 
@@ -202,11 +206,10 @@ class Pipeline:
         known = frozenset(name for each in build.plans.values() for name in each.user_inputs)
         state = validate_inputs(plan, inputs, known=known, context=context)
         run = RunContext(tuple(callbacks), progress, {} if timings else None, sync=cuda_sync() if timings else None)
-        mode = torch.enable_grad() if grad else torch.inference_mode()
         self._acquire(build)
         try:
             check_blocks(plan, state, context=context)
-            with mode:
+            with torch.enable_grad() if grad else _no_grad(build.bound):
                 run_steps(plan.steps, state, run)
         except FieldError as err:
             # a block refused a value only known at run time (e.g. one an earlier block resolved)
@@ -265,6 +268,35 @@ class Pipeline:
                 self.manager.release(current[name], user=self.name)
         self._build = build
         return self
+
+    def quantize(self, quantization: Quantization) -> Pipeline:
+        """Quantize components, or change or remove their quantizer, always from the original weights.
+
+        Args:
+            quantization: one quantizer for the denoiser and text encoders (``unet`` or ``transformer``,
+                ``text_encoder``, ``text_encoder_2``, where present), or a quantizer (None: none) per
+                component name, e.g. ``{"unet": TorchAoQuantizer("int8wo"), "text_encoder": None}``.
+
+        Components loaded from a repository are read again and quantized (nothing is quantized
+        twice); components given as objects are quantized as copies and their originals kept. The
+        plan is re-checked, and nothing changes if anything fails.
+
+        Raises:
+            ValueError: a named component holds no weights (scheduler, tokenizer, guider) or is unknown.
+            QuantizerNotInstalledError, UnsupportedQuantizationError: before any weight is read.
+        """
+        originals = dict(self._originals)
+        changes = replacements(self.manager, self._build.keys, quantization, originals=originals)
+        self.update_components(**changes)
+        self._originals = originals
+        return self
+
+    def memory(self) -> list[ComponentMemory]:
+        """Bytes per component and device, and what quantized components would take unquantized.
+
+        Loads components that are still lazy. ``print(format_memory(pipe.memory()))`` shows a table.
+        """
+        return [component_memory(name, self.manager.get(key)) for name, key in self._build.keys.items()]
 
     def replace_block(self, path: str, block: AbstractBlock) -> Pipeline:
         """Replace the block at ``path``; the new tree is checked and nothing changes if it fails."""
@@ -335,3 +367,11 @@ class Pipeline:
         return mermaid(self.plan(workflow))
 
 
+def _no_grad(bound: Mapping[str, Any]) -> torch.autograd.grad_mode.inference_mode | torch.autograd.grad_mode.no_grad:
+    """``inference_mode``, unless a bound component's quantized layers cannot run in it (quanto's int4/int2)."""
+    for component in bound.values():
+        if isinstance(component, torch.nn.Module):
+            quantizer = quantizer_of(component)
+            if quantizer is not None and not quantizer.runs_in_inference_mode:
+                return torch.no_grad()
+    return torch.inference_mode()

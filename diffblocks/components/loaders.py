@@ -14,7 +14,22 @@ from diffblocks.components.specs import ComponentSpec
 def load_component(cls: type, spec: ComponentSpec, *, device: torch.device | str | None = None) -> Any:
     """Create ``cls`` from ``spec``: from its config when the spec carries one and no repository,
     otherwise from the spec's repository folder (resolved through the Hub cache).
+
+    A spec with ``quantization`` is quantized once loaded; the backend's package and the device
+    are checked before anything is read.
     """
+    if spec.quantization is None:
+        return _load(cls, spec, device)
+    from diffblocks.components.quantizers import AbstractQuantizer, quantize
+
+    quantizer = AbstractQuantizer.from_config(spec.quantization)
+    quantizer.check(device)
+    if spec.repo is not None and "quantizer" in inspect.signature(cls.from_pretrained).parameters:  # type: ignore[attr-defined]
+        return _load(cls, spec, device, quantizer=quantizer)
+    return quantize(_load(cls, spec, device), quantizer)
+
+
+def _load(cls: type, spec: ComponentSpec, device: torch.device | str | None, **extra: Any) -> Any:
     if spec.repo is None:
         if spec.config is None:
             raise ValueError(f"component {spec.name!r} has neither a repository nor a config to build it from")
@@ -30,7 +45,7 @@ def load_component(cls: type, spec: ComponentSpec, *, device: torch.device | str
         kwargs["dtype"] = spec.torch_dtype
     if "device" in accepted and device is not None:
         kwargs["device"] = device
-    return cls.from_pretrained(spec.repo, **kwargs)  # type: ignore[attr-defined]
+    return cls.from_pretrained(spec.repo, **kwargs, **extra)  # type: ignore[attr-defined]
 
 
 _MSG_RANDOM = (

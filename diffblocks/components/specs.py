@@ -61,6 +61,8 @@ class ComponentSpec(BaseModel):
     random_weights: bool = False
     """Build a model from ``config`` alone with random weights (tests, training from scratch); without
     it a model spec that has a config but no repository is refused rather than silently untrained."""
+    quantization: dict[str, Any] | None = None
+    """The quantizer applied once the weights are read (``AbstractQuantizer.to_config()`` output)."""
 
     @field_validator("dtype")
     @classmethod
@@ -79,7 +81,8 @@ class ComponentSpec(BaseModel):
             return f"{self.name}|config|{json.dumps(self.config, sort_keys=True, default=str)}|{kind}"
         parts = (self.repo, self.subfolder or "", self.variant or "", self.revision or "main", self.dtype or "default")
         # the class is part of the identity: a tokenizer and a text encoder may read the same folder
-        return "|".join((*parts, kind))
+        quantized = (f"quantized:{json.dumps(self.quantization, sort_keys=True)}",) if self.quantization else ()
+        return "|".join((*parts, kind, *quantized))
 
     def with_(self, **changes: Any) -> ComponentSpec:
         """A copy with some fields changed (dtype, revision, ...)."""
@@ -101,6 +104,8 @@ class ComponentSpec(BaseModel):
         }
         if self.config is not None:
             spec["config"] = self.config
+        if self.quantization is not None:
+            spec["quantization"] = self.quantization
         return [library, class_name, spec]
 
     @classmethod
@@ -129,6 +134,7 @@ class ComponentSpec(BaseModel):
             revision=spec.get("revision"),
             dtype=spec.get("dtype"),
             config=spec.get("config"),
+            quantization=spec.get("quantization"),
         )
 
 

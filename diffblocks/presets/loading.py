@@ -15,6 +15,7 @@ import torch
 from diffblocks.blocks import AbstractBlock, Pipeline
 from diffblocks.blocks.introspect import component_names
 from diffblocks.blocks.pipeline import PresetInfo
+from diffblocks.blocks.quantizing import Quantization
 from diffblocks.components import ComponentsManager, ComponentSpec, read_index
 from diffblocks.components.hub import resolve_folder
 from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX, PipelineIndex, dtype_name
@@ -71,6 +72,7 @@ def from_pretrained(
     manager: ComponentsManager | None = None,
     components: Mapping[str, Any] | None = None,
     trust_remote_code: bool = False,
+    quantization: Quantization = None,
 ) -> Pipeline:
     """A ready pipeline for a diffusers-layout repository, its family picked from the index file.
 
@@ -87,6 +89,9 @@ def from_pretrained(
         variant: a weights variant such as ``"fp16"``.
         manager: share components with other pipelines through this manager.
         components: objects or specs that replace the repository's components (``{"scheduler": ...}``).
+        quantization: a quantizer per component (``{"unet": TorchAoQuantizer("int8wo")}``), or one
+            for the denoiser and text encoders (see :meth:`Pipeline.quantize`). Checked when the
+            pipeline is built; the weights are quantized as they load.
         trust_remote_code: run the block code the repository carries (read it first).
 
     Raises:
@@ -120,7 +125,8 @@ def from_pretrained(
     chosen = {name: value for name, value in specs.items() if name in needed}
     preset = PresetInfo(family.name, index.class_name, dict(index.settings), sources)
     name = f"{family.name}:{os.fspath(path_or_repo)}"
-    return Pipeline(blocks, chosen, manager=manager, name=name, preset=preset)
+    pipe = Pipeline(blocks, chosen, manager=manager, name=name, preset=preset)
+    return pipe.quantize(quantization) if quantization is not None else pipe
 
 
 def _blocks(

@@ -37,6 +37,7 @@ from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.containment import is_hub_id
 from diffblocks.components.guiders import AbstractGuider
 from diffblocks.components.models import AbstractModel
+from diffblocks.components.quantizers import quantizer_of
 from diffblocks.components.schedulers import AbstractScheduler
 from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX
 from diffblocks.presets.families import FAMILIES
@@ -56,6 +57,11 @@ _MSG_UNSAFE = (
 _MSG_UNSAVABLE = (
     "component {name!r} is a {cls}, which diffblocks cannot save: it saves its models (AbstractModel), "
     "transformers models and tokenizers, schedulers and guiders."
+)
+_MSG_QUANTIZED_FOREIGN = (
+    "component {name!r} ({cls}) is quantized with {quantizer}, and diffblocks saves quantized weights of its own "
+    "models only. Save the pipeline with that component unquantized (pipe.quantize({{{name!r}: None}})) and quantize "
+    "it again after loading, or keep it a reference to its repository."
 )
 _CLASSIC_LIBRARIES = frozenset({"diffusers", "transformers"})
 _OUR_SETTINGS = frozenset({"family", TREE_KEY, CODE_KEY})  # settings only diffblocks reads: kept out of diffusers' index
@@ -221,6 +227,9 @@ def _write(
     obj = unwrap_compiled(manager.get(item.key))  # a torch.compile wrapper saves the model's own files
     folder = root / item.name
     spec = ComponentSpec(name=item.name, type_hint=item.type_hint, subfolder=item.name)
+    quantizer = quantizer_of(obj) if isinstance(obj, torch.nn.Module) else None
+    if quantizer is not None and not isinstance(obj, AbstractModel):
+        raise TypeError(_MSG_QUANTIZED_FOREIGN.format(name=item.name, cls=type(obj).__name__, quantizer=quantizer.describe()))
     if isinstance(obj, torch.nn.Module):
         shards = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
         obj.save_pretrained(folder, variant=variant, **shards)

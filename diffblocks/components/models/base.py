@@ -7,7 +7,7 @@ import os
 from abc import ABC
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -26,6 +26,9 @@ from diffblocks.components.models.loading import (
 from diffblocks.components.models.saving import save_config, save_weights
 from diffblocks.components.models.single_file.loading import load_model
 from diffblocks.components.models.single_file.reading import SingleFile, resolve_file
+
+if TYPE_CHECKING:
+    from diffblocks.components.quantizers import AbstractQuantizer
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +146,7 @@ class AbstractModel(nn.Module, ABC, Generic[P]):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         allow_pickle: bool = False,
+        quantizer: AbstractQuantizer | None = None,
     ) -> Self:
         """Load a diffusers model folder (local, or a Hub id through the cache) without re-allocating.
 
@@ -157,12 +161,19 @@ class AbstractModel(nn.Module, ABC, Generic[P]):
             dtype: cast floating-point weights to this (default: float32, as built).
             device: where the weights are read to (default: CPU).
             allow_pickle: also accept ``.bin`` pickles, read with ``torch.load(weights_only=True)``.
+            quantizer: quantize the float weights once loaded (see :mod:`diffblocks.components.quantizers`).
+                A folder saved quantized (``quantization_config`` in its ``config.json``) loads
+                quantized without one.
 
         Raises:
             FileNotFoundError: the folder, ``config.json`` or the weights are missing.
             CheckpointError: weights are corrupt, pickled without ``allow_pickle``, or mismatched.
-            ValueError: the config describes an architecture this class does not support.
+            ValueError: the config describes an architecture this class does not support, or a
+                folder saved quantized is asked for another quantizer.
+            QuantizerNotInstalledError, UnsupportedQuantizationError: before any weight is read.
         """
+        if quantizer is not None:
+            quantizer.check(device)  # a missing package or an impossible type fails before the download
         stem = f"{subfolder}/" if subfolder else ""
         patterns = [stem + name for name in hub_patterns(variant, allow_pickle=allow_pickle)]
         folder = resolve_folder(path_or_repo, subfolder=subfolder, revision=revision, allow_patterns=patterns)
@@ -182,7 +193,17 @@ class AbstractModel(nn.Module, ABC, Generic[P]):
         except ValueError as err:
             err.add_note(f"while reading {config_path}")
             raise
+        saved = config.get("quantization_config")
+        if saved is not None:
+            from diffblocks.components.models.quantized import load_quantized_weights
+
+            load_quantized_weights(model, files, saved, asked=quantizer, device=device or "cpu", where=config_path)
+            return model.eval()
         load_weights(model, files, dtype=dtype, device=device or "cpu")
+        if quantizer is not None:
+            from diffblocks.components.quantizers import quantize
+
+            quantize(model, quantizer)
         return model.eval()
 
     @classmethod
@@ -236,10 +257,23 @@ class AbstractModel(nn.Module, ABC, Generic[P]):
             variant: file name variant (``"fp16"`` -> ``diffusion_pytorch_model.fp16.safetensors``).
             max_shard_size: bytes or a string such as ``"5GB"``; larger weights are sharded with
                 an index file. None writes a single file.
+
+        A quantized model writes its quantizer's ``quantization_config`` into ``config.json`` and
+        its quantized tensors as the backend stores them, as diffusers does.
         """
+        from diffblocks.components.quantizers import quantizer_of
+
         path = Path(folder)
-        save_config(self.to_config(), path)
-        save_weights(self.state_dict(), path, variant=variant, max_shard_size=max_shard_size)
+        quantizer = quantizer_of(self)
+        if quantizer is None:
+            save_config(self.to_config(), path)
+            save_weights(self.state_dict(), path, variant=variant, max_shard_size=max_shard_size)
+            return
+        # diffusers' layout: the backend's config beside the architecture, its tensors as the backend stores them
+        tensors, metadata = quantizer.state_to_save(self)
+        config = {**self.to_config(), "quantization_config": quantizer.to_diffusers()}
+        save_config(config, path)
+        save_weights(tensors, path, variant=variant, max_shard_size=max_shard_size, metadata=metadata)
 
     def num_parameters(self) -> int:
         """Number of parameter elements."""

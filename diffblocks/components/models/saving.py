@@ -35,6 +35,7 @@ def save_weights(
     *,
     variant: str | None = None,
     max_shard_size: int | str | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> list[Path]:
     """Save ``state_dict`` into ``folder`` with diffusers' file names; return the files written.
 
@@ -44,6 +45,8 @@ def save_weights(
         variant: inserted in the file names (``diffusion_pytorch_model.fp16.safetensors``).
         max_shard_size: bytes (or a string such as ``"5GB"``) per shard; shards and an index file
             are written only when the weights exceed it. None writes one file.
+        metadata: extra safetensors header entries, written into every shard (torchao's
+            description of its flattened tensors, which loading needs whole).
     """
     folder.mkdir(parents=True, exist_ok=True)
     for path in _stale_weight_files(folder, variant):
@@ -57,7 +60,7 @@ def save_weights(
     written: list[Path] = []
     for filename, keys in split.filename_to_tensors.items():
         shard = {key: state_dict[key].detach().contiguous() for key in keys}
-        save_file(shard, str(folder / filename), metadata={"format": "pt"})
+        save_file(shard, str(folder / filename), metadata={**(metadata or {}), "format": "pt"})
         written.append(folder / filename)
     if split.is_sharded:
         index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)}
