@@ -1,0 +1,90 @@
+"""LoRA on the UNet: parity with diffusers' load_lora_adapter / set_adapters / fuse_lora, and exact restores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel as RefUNet
+from torch import Tensor
+
+from diffblocks.components.lora import LoRA, adapter_names, eject, fuse, inject, set_weights, unfuse
+from diffblocks.components.models.unet import UNet2DConditionModel
+from tests.lora.lora_files import SD15, SDXL, kohya_from_peft, peft_lora, save_unet
+
+TOL = 1e-5
+
+
+def _inputs(config: dict[str, Any]) -> tuple[tuple[Tensor, Tensor, Tensor], dict[str, Any]]:
+    g = torch.Generator().manual_seed(1)
+    args = (torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 500]), torch.randn(2, 7, 32, generator=g))
+    extra: dict[str, Any] = {}
+    if "addition_embed_type" in config:
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 24, generator=g), "time_ids": torch.randn(2, 6, generator=g)}
+    return args, extra
+
+
+@torch.no_grad()
+def _run(model: torch.nn.Module, config: dict[str, Any]) -> Tensor:
+    args, extra = _inputs(config)
+    out = model(*args, **extra)
+    return out.sample if hasattr(out, "sample") else out
+
+
+def _pair(config: dict[str, Any], tmp_path: Path) -> tuple[RefUNet, UNet2DConditionModel]:
+    save_unet(config, tmp_path / "unet")
+    return RefUNet.from_pretrained(tmp_path / "unet").eval(), UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
+
+
+@pytest.mark.parametrize("config", [SD15, SDXL], ids=["sd15", "sdxl"])
+def test_peft_and_kohya_files_match_diffusers(config: dict[str, Any], tmp_path: Path) -> None:
+    ref, ours = _pair(config, tmp_path)
+    peft_file = peft_lora(config, tmp_path / "a", seed=1)
+    kohya_file = kohya_from_peft(peft_file, tmp_path / "a_kohya.safetensors", alpha=2.0)
+    ref.load_lora_adapter(str(peft_file), prefix="unet", adapter_name="a")
+    expected = _run(ref, config)
+    before = _run(ours, config)
+    assert (expected - before).abs().max() > 1e-3  # the LoRA changes the output
+
+    for path in (peft_file, kohya_file):
+        lora = LoRA.from_file(path, ours, name="a")
+        assert len(lora.layers) > 10 and any(ours.get_submodule(n).weight.ndim == 4 for n in lora.layers)  # LoCon too
+        inject(ours, lora)
+        torch.testing.assert_close(_run(ours, config), expected, atol=TOL, rtol=0)
+        eject(ours, "a")
+        assert torch.equal(_run(ours, config), before)
+
+
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")  # peft's note on a second adapter
+def test_two_adapters_weighted_and_fused_match_diffusers(tmp_path: Path) -> None:
+    ref, ours = _pair(SD15, tmp_path)
+    files = {name: peft_lora(SD15, tmp_path / name, seed=seed) for name, seed in (("a", 1), ("b", 2))}
+    for name, path in files.items():
+        ref.load_lora_adapter(str(path), prefix="unet", adapter_name=name)
+        inject(ours, LoRA.from_file(path, ours, name=name))
+    ref.set_adapters(["a", "b"], [0.7, 0.4])
+    set_weights(ours, {"a": 0.7, "b": 0.4})
+    assert adapter_names(ours) == ["a", "b"]
+    expected = _run(ref, SD15)
+    torch.testing.assert_close(_run(ours, SD15), expected, atol=TOL, rtol=0)
+
+    ref.fuse_lora(adapter_names=["a", "b"])
+    fuse(ours)
+    torch.testing.assert_close(_run(ours, SD15), _run(ref, SD15), atol=TOL, rtol=0)
+    torch.testing.assert_close(_run(ours, SD15), expected, atol=1e-4, rtol=0)
+
+
+def test_fuse_unfuse_and_eject_restore_every_weight_bit_for_bit(tmp_path: Path) -> None:
+    _, ours = _pair(SD15, tmp_path)
+    original = {k: v.clone() for k, v in ours.state_dict().items()}
+    modules = dict(ours.named_modules())
+    inject(ours, LoRA.from_file(peft_lora(SD15, tmp_path / "a", seed=1), ours, name="a"))
+    set_weights(ours, {"a": 0.7})
+    fuse(ours)
+    unfuse(ours)
+    eject(ours, "a")
+    assert dict(ours.named_modules()) == modules  # the very module objects are back
+    state = ours.state_dict()
+    assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in original)
