@@ -47,10 +47,12 @@ def save_unet(config: dict[str, Any], folder: Path) -> RefUNet:
     return ref
 
 
-def peft_lora(config: dict[str, Any], folder: Path, *, seed: int, rank: int = 4) -> Path:
-    """A random LoRA (alpha = rank) trained, so to speak, by PEFT on a fresh diffusers UNet, saved by diffusers."""
+def peft_lora(config: dict[str, Any] | RefUNet, folder: Path, *, seed: int, rank: int = 4) -> Path:
+    """A random LoRA (alpha = rank) made by PEFT on a diffusers UNet (of a config, or a copy of one), saved by diffusers."""
+    import copy
+
     torch.manual_seed(0)
-    ref = RefUNet(**config)
+    ref = copy.deepcopy(config) if isinstance(config, RefUNet) else RefUNet(**config)
     torch.manual_seed(seed)
     ref.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=UNET_TARGETS, init_lora_weights=False))
     layers = get_peft_model_state_dict(ref)
@@ -74,3 +76,19 @@ def kohya_from_peft(peft_file: Path, out: Path, *, alpha: float) -> Path:
             tensors[f"{flat}.lora_up.weight"] = value * (rank / alpha)
     save_file(tensors, out)
     return out
+
+
+FLUX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj_mlp", "proj_out"]
+
+
+def flux_peft_lora(reference: torch.nn.Module, folder: Path, *, seed: int, rank: int = 4) -> Path:
+    """A random PEFT LoRA on a copy of a diffusers Flux transformer, saved by diffusers' Flux pipeline."""
+    import copy
+
+    from diffusers import FluxPipeline
+
+    model = copy.deepcopy(reference)
+    torch.manual_seed(seed)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=FLUX_TARGETS, init_lora_weights=False))
+    FluxPipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(model), safe_serialization=True)
+    return folder / "pytorch_lora_weights.safetensors"
