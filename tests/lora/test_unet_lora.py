@@ -88,3 +88,15 @@ def test_fuse_unfuse_and_eject_restore_every_weight_bit_for_bit(tmp_path: Path) 
     assert dict(ours.named_modules()) == modules  # the very module objects are back
     state = ours.state_dict()
     assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in original)
+
+
+def test_attached_updates_follow_the_model_to_another_dtype(tmp_path: Path) -> None:
+    _, ours = _pair(SD15, tmp_path)
+    inject(ours, LoRA.from_file(peft_lora(SD15, tmp_path / "a", seed=1), ours, name="a"))
+    expected = _run(ours, SD15)
+    ours.double()
+    args, _ = _inputs(SD15)
+    with torch.no_grad():
+        out = ours(*(a.double() if a.is_floating_point() else a for a in args))
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out.float(), expected, atol=1e-5, rtol=0)

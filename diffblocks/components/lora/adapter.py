@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import final
+from typing import Any, final
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +81,14 @@ class LoRALayer(nn.Module):
             down, up = down.flatten(1), up.flatten(1)
         self.updates[name] = LoRAWeights(down, up, update.alpha)
         self.weights[name] = 1.0
+
+    def _apply(self, fn: Any, recurse: bool = True) -> LoRALayer:
+        # The updates are plain tensors (not parameters, so they stay out of the state dict and of
+        # training); ``.to()``, ``.half()`` and ``.cuda()`` reach them through here.
+        super()._apply(fn, recurse)
+        self.updates = {name: LoRAWeights(fn(u.down), fn(u.up), u.alpha) for name, u in self.updates.items()}
+        self.original = None if self.original is None else fn(self.original)
+        return self
 
     def delta(self) -> Tensor:
         """The weighted sum of the updates, shaped like the base weight."""
