@@ -1,7 +1,8 @@
 """LoRA adapters for the UNet and the Flux transformer: read, attached, weighted, fused and removed by value."""
 
 from diffblocks.components.lora.adapter import LoRA, LoRALayer, adapter_names, eject, fuse, inject, set_weights, unfuse
-from diffblocks.components.lora.formats import LoRAWeights, convert, detect_layout, read_lora_file
+from diffblocks.components.lora.formats import LoRAWeights, convert, read_lora_file
+from diffblocks.components.lora.names import Target, layer_names
 
 __all__ = [
     "LoRA",
@@ -9,11 +10,12 @@ __all__ = [
     "LoRAWeights",
     "adapter_names",
     "convert",
-    "detect_layout",
     "eject",
     "fuse",
     "inject",
+    "layer_names",
     "read_lora_file",
     "set_weights",
+    "Target",
     "unfuse",
 ]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffblocks.components.lora.formats import LoRAWeights, convert, read_lora_file
+from diffblocks.components.lora.names import layer_names
 
 _MSG_SHAPE = (
     "LoRA {name!r} does not fit {model}: layer {layer!r} has weight {weight}, but the LoRA's update is "
@@ -54,7 +55,8 @@ class LoRA:
         """Read a LoRA file (diffusers/PEFT or kohya layout) for ``model``; ``name`` defaults to the file's stem."""
         path = Path(path)
         tensors = read_lora_file(path, allow_pickle=allow_pickle)
-        return cls(name or path.stem, convert(tensors, targets(model), model=type(model).__name__))
+        ours, original = layer_names(model, targets(model))
+        return cls(name or path.stem, convert(tensors, ours, original, model=type(model).__name__))
 
 
 @final

@@ -1,19 +1,23 @@
-"""LoRA file layouts, each read through one conversion table into ``{module path: LoRAWeights}``.
+"""LoRA file layouts, each read through one table into ``{our module path: LoRAWeights}``.
 
-Two layouts circulate for the UNet (SD 1.x, SDXL) and the Flux transformer:
+A key is a prefix, a layer name and a part. The prefix says how the layer is named:
 
-| layout | a key | module path | down, up, alpha |
+| prefix | who writes it | layer name | example |
 |---|---|---|---|
-| diffusers / PEFT (``pytorch_lora_weights.safetensors``) | ``unet.down_blocks.0.attentions.0.proj_in.lora_A.weight`` | after the prefix ``unet.`` or ``transformer.`` | ``lora_A.weight``, ``lora_B.weight``, ``alpha`` (optional) |
-| kohya / sd-scripts (and LoCon) | ``lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight`` | after ``lora_unet_``, the module whose path with ``.`` written ``_`` matches | ``lora_down.weight``, ``lora_up.weight``, ``alpha`` |
+| ``unet.``, ``transformer.`` | diffusers / PEFT (``pytorch_lora_weights.safetensors``) | our module path | ``unet.down_blocks.0.attentions.0.proj_in`` |
+| ``lora_unet_`` | kohya / sd-scripts (LoRA, LoCon) | a module path, ours or the original code's, ``.`` written ``_`` | ``lora_unet_input_blocks_4_1_proj_in`` (SDXL), ``lora_unet_double_blocks_0_img_attn_qkv`` (Flux) |
+| ``diffusion_model.``, ``model.diffusion_model.`` | ComfyUI and BFL-layout trainers | the original code's module path | ``diffusion_model.single_blocks.0.linear1`` |
 
+and the part which matrix it is: ``lora_A.weight`` or ``lora_down.weight`` (down), ``lora_B.weight``
+or ``lora_up.weight`` (up), ``alpha``. Original names (LDM/SGM for the UNet, BFL for Flux) are
+placed by :mod:`diffblocks.components.lora.names`, which splits a fused layer's update by rows.
 A missing ``alpha`` means ``alpha = rank`` (scale 1), as in PEFT's default config. Every key of
 a file must fall into the table; any that does not is named in the error, never dropped.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, final
@@ -22,19 +26,31 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-Layout = Literal["peft", "kohya"]
+from diffblocks.components.lora.names import Target
 
-PEFT_PREFIXES = ("unet.", "transformer.")
-PEFT_PARTS: Mapping[str, str] = {"lora_A.weight": "down", "lora_B.weight": "up", "alpha": "alpha"}
-KOHYA_PREFIX = "lora_unet_"
-KOHYA_PARTS: Mapping[str, str] = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+Naming = Literal["ours", "flat", "original"]
+
+PREFIXES: Mapping[str, Naming] = {
+    "unet.": "ours",
+    "transformer.": "ours",
+    "lora_unet_": "flat",
+    "diffusion_model.": "original",
+    "model.diffusion_model.": "original",
+}
+PARTS: Mapping[str, str] = {
+    "lora_A.weight": "down",
+    "lora_down.weight": "down",
+    "lora_B.weight": "up",
+    "lora_up.weight": "up",
+    "alpha": "alpha",
+}
 
 _MSG_PICKLE = (
     "{path} is a pickle; loading one can run code hidden in it. Prefer the .safetensors file, or pass "
     "allow_pickle=True if you trust its source (it is then read with torch.load(weights_only=True))"
 )
 _MSG_UNKNOWN = (
-    "{count} key(s) of this LoRA file match no layer of {model} in the {layout} layout: {keys}. The file is "
+    "{count} key(s) of this LoRA file match no layer of {model}: {keys}. The file is "
     "for another model (a text encoder, another family) or in a layout diffblocks does not read yet; "
     "nothing was loaded"
 )
@@ -81,63 +97,70 @@ def read_lora_file(path: str | Path, *, allow_pickle: bool = False) -> dict[str,
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def detect_layout(state_dict: Mapping[str, Tensor]) -> Layout:
-    """``kohya`` when any key starts with ``lora_unet_``, else ``peft``."""
-    return "kohya" if any(key.startswith(KOHYA_PREFIX) for key in state_dict) else "peft"
-
-
-def convert(state_dict: Mapping[str, Tensor], targets: Collection[str], *, model: str) -> dict[str, LoRAWeights]:
-    """Read a LoRA state dict of either layout into ``{module path: LoRAWeights}``.
+def convert(
+    state_dict: Mapping[str, Tensor],
+    ours: Mapping[str, tuple[Target, ...]],
+    original: Mapping[str, tuple[Target, ...]],
+    *,
+    model: str,
+) -> dict[str, LoRAWeights]:
+    """Read a LoRA state dict into ``{our module path: LoRAWeights}``.
 
     Args:
         state_dict: the file's tensors.
-        targets: the paths of the model's linear and convolution layers.
-        model: the model's name, for errors.
+        ours, original: a layer name (ours, or the original checkpoint's) -> the targets it updates
+            (see :func:`~diffblocks.components.lora.names.layer_names`).
+        model: the model's class name, for errors.
 
     Raises:
-        ValueError: keys that name no layer of ``model`` (all of them named), a layer without its
+        ValueError: keys that name no layer of the model (all of them named), a layer without its
             down or up matrix, a rank of 0, or NaN weights.
     """
-    layout = detect_layout(state_dict)
-    if layout == "kohya":
-        by_flat = {name.replace(".", "_"): name for name in targets}
-        prefixes, parts = (KOHYA_PREFIX,), KOHYA_PARTS
-    else:
-        by_flat = {name: name for name in targets}
-        prefixes, parts = PEFT_PREFIXES, PEFT_PARTS
-    grouped: dict[str, dict[str, Tensor]] = {}
+    names: dict[Naming, Mapping[str, tuple[Target, ...]]] = {
+        "ours": ours,
+        "original": original,
+        "flat": {name.replace(".", "_"): found for table in (original, ours) for name, found in table.items()},
+    }
+    grouped: dict[tuple[Target, ...], dict[str, Tensor]] = {}  # by the targets, each seen under one name
     unknown: list[str] = []
     for key, tensor in state_dict.items():
-        found = _split(key, prefixes, parts)
-        if found is None or found[0] not in by_flat:
+        found = _split(key)
+        targets = None if found is None else names[found[0]].get(found[1])
+        if found is None or targets is None:
             unknown.append(key)
             continue
-        grouped.setdefault(by_flat[found[0]], {})[found[1]] = tensor
+        parts = grouped.setdefault(targets, {})
+        if found[2] in parts:
+            raise ValueError(f"LoRA layer {found[1]!r}: its {found[2]} is given twice in this file (under two names)")
+        parts[found[2]] = tensor
     if unknown:
         shown = ", ".join(sorted(unknown)[:8]) + (", ..." if len(unknown) > 8 else "")
-        raise ValueError(_MSG_UNKNOWN.format(count=len(unknown), model=model, layout=layout, keys=shown))
+        raise ValueError(_MSG_UNKNOWN.format(count=len(unknown), model=model, keys=shown))
     layers: dict[str, LoRAWeights] = {}
-    for name, found in sorted(grouped.items()):
-        if "down" not in found or "up" not in found:
-            raise ValueError(f"LoRA layer {name!r} lacks its {'down' if 'down' not in found else 'up'} matrix")
-        down, up = found["down"].float(), found["up"].float()
-        alpha = float(found["alpha"]) if "alpha" in found else float(down.shape[0])
-        try:
-            layers[name] = LoRAWeights(down, up, alpha)
-        except ValueError as error:
-            raise ValueError(f"LoRA layer {name!r}: {error}") from None
-    return layers
+    for targets, parts in grouped.items():
+        name = " + ".join(t.module for t in targets)
+        if "down" not in parts or "up" not in parts:
+            raise ValueError(f"LoRA layer {name!r} lacks its {'down' if 'down' not in parts else 'up'} matrix")
+        down, up = parts["down"].float(), parts["up"].float()
+        alpha = float(parts["alpha"]) if "alpha" in parts else float(down.shape[0])
+        for target in targets:
+            if target.module in layers:
+                raise ValueError(f"LoRA layer {target.module!r} is given twice in this file (under two names)")
+            try:
+                layers[target.module] = LoRAWeights(down, target.up(up), alpha)
+            except ValueError as error:
+                raise ValueError(f"LoRA layer {name!r}: {error}") from None
+    return dict(sorted(layers.items()))
 
 
-def _split(key: str, prefixes: tuple[str, ...], parts: Mapping[str, str]) -> tuple[str, str] | None:
-    """``(module path, part)`` of a key, or None when its prefix or suffix is not in the table."""
-    prefix = next((p for p in prefixes if key.startswith(p)), None)
-    if prefix is None:
-        return None
-    for suffix, part in parts.items():
-        if key.endswith("." + suffix):
-            return key[len(prefix) : -len(suffix) - 1], part
+def _split(key: str) -> tuple[Naming, str, str] | None:
+    """``(naming, layer name, part)`` of a key, or None when its prefix or part is not in the table."""
+    for prefix, naming in PREFIXES.items():
+        if key.startswith(prefix):
+            for suffix, part in PARTS.items():
+                if key.endswith("." + suffix):
+                    return naming, key[len(prefix) : -len(suffix) - 1], part
     return None
 
 
-__all__ = ["LoRAWeights", "Layout", "convert", "detect_layout", "read_lora_file"]
+__all__ = ["PARTS", "PREFIXES", "LoRAWeights", "Naming", "convert", "read_lora_file"]
