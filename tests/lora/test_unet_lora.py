@@ -10,7 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel as RefUNet
 from torch import Tensor
 
-from diffblocks.components.lora import LoRA, adapter_names, eject, fuse, inject, set_weights, unfuse
+from diffblocks.components.lora import LoRA, LoRAWeights, adapter_names, eject, fuse, inject, set_weights, unfuse
 from diffblocks.components.models.unet import UNet2DConditionModel
 from tests.lora.lora_files import SD15, SDXL, kohya_from_peft, peft_lora, save_unet
 
@@ -100,3 +100,19 @@ def test_attached_updates_follow_the_model_to_another_dtype(tmp_path: Path) -> N
         out = ours(*(a.double() if a.is_floating_point() else a for a in args))
     assert out.dtype == torch.float64
     torch.testing.assert_close(out.float(), expected, atol=1e-5, rtol=0)
+
+
+def test_linear_and_1x1_convolution_updates_are_interchangeable() -> None:
+    conv, linear = torch.nn.Conv2d(6, 5, 1), torch.nn.Linear(6, 5)
+    linear.weight.data = conv.weight.data.flatten(1).clone()
+    linear.bias.data = conv.bias.data.clone()
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(2, 6, generator=g), torch.randn(5, 2, generator=g)
+    host_conv, host_linear = torch.nn.Sequential(conv), torch.nn.Sequential(linear)
+    inject(host_conv, LoRA("a", {"0": LoRAWeights(down, up, 2.0)}))
+    inject(host_linear, LoRA("a", {"0": LoRAWeights(down[:, :, None, None], up[:, :, None, None], 2.0)}))
+    x = torch.randn(1, 6, 3, 3, generator=g)
+    with torch.no_grad():
+        expected = conv(x) + torch.einsum("or,ri,bihw->bohw", up, down, x)
+        torch.testing.assert_close(host_conv(x), expected)
+        torch.testing.assert_close(host_linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), expected)

@@ -1,6 +1,16 @@
 """LoRA adapters for the UNet and the Flux transformer: read, attached, weighted, fused and removed by value."""
 
-from diffblocks.components.lora.adapter import LoRA, LoRALayer, adapter_names, eject, fuse, inject, set_weights, unfuse
+from diffblocks.components.lora.adapter import (
+    LoRA,
+    LoRALayer,
+    adapter_names,
+    eject,
+    fuse,
+    inject,
+    set_weights,
+    targets,
+    unfuse,
+)
 from diffblocks.components.lora.formats import LoRAWeights, convert, read_lora_file
 from diffblocks.components.lora.names import Target, layer_names
 
@@ -17,5 +27,6 @@ __all__ = [
     "read_lora_file",
     "set_weights",
     "Target",
+    "targets",
     "unfuse",
 ]

@@ -81,6 +81,8 @@ class LoRALayer(nn.Module):
         up = update.up.to(weight.device, weight.dtype)
         if isinstance(self.base, nn.Linear):
             down, up = down.flatten(1), up.flatten(1)
+        elif down.ndim == 2:  # a 1x1 convolution that the file's model had as a linear layer
+            down, up = down[:, :, None, None], up[:, :, None, None]
         self.updates[name] = LoRAWeights(down, up, update.alpha)
         self.weights[name] = 1.0
 
@@ -226,8 +228,10 @@ def _check_fits(lora: LoRA, name: str, base: nn.Module, model: str) -> None:
     update = (u.up.shape[0], *u.down.shape[1:])
     if isinstance(base, nn.Linear):  # kohya writes some linear updates as 1x1 convolutions
         fits = (update[0], u.down[0].numel()) == weight and u.up[0].numel() == u.rank
+    elif u.down.ndim == 2:
+        fits = update + (1, 1) == weight and u.up.ndim == 2
     else:
-        fits = update == weight and u.up.shape[2:] in ((), (1, 1))
+        fits = update == weight and u.up.shape[2:] == (1, 1)
     if not fits:
         raise ValueError(
             _MSG_SHAPE.format(
@@ -248,4 +252,4 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-__all__ = ["LoRA", "LoRALayer", "adapter_names", "eject", "fuse", "inject", "set_weights", "unfuse"]
+__all__ = ["LoRA", "LoRALayer", "adapter_names", "eject", "fuse", "inject", "set_weights", "targets", "unfuse"]
