@@ -117,7 +117,13 @@ def original_from_peft(peft_file: Path, model: torch.nn.Module, out: Path, *, pr
 
 
 def kohya_flux_lora(
-    model: torch.nn.Module, out: Path, *, seed: int, blocks: tuple[str, ...] = ("double_blocks.", "single_blocks."), rank: int = 4, alpha: float = 2.0
+    model: torch.nn.Module,
+    out: Path,
+    *,
+    seed: int,
+    blocks: tuple[str, ...] = ("double_blocks.", "single_blocks."),
+    rank: int = 4,
+    alpha: float = 2.0,
 ) -> Path:
     """A random kohya LoRA of a Flux transformer's blocks in BFL's names (fused ``qkv``, ``linear1``), as sd-scripts writes."""
     from diffblocks.components.lora import layer_names, targets
@@ -142,11 +148,23 @@ def diffusers_names_of_kohya_flux(kohya: Path, out: Path, *, inner: int) -> Path
     """The same LoRA in diffusers' names: fused ``qkv`` and ``linear1`` split by rows (alpha must equal the rank)."""
     from safetensors.torch import load_file
 
-    double = {"img_attn_proj": "attn.to_out.0", "txt_attn_proj": "attn.to_add_out", "img_mlp_0": "ff.net.0.proj",
-              "img_mlp_2": "ff.net.2", "txt_mlp_0": "ff_context.net.0.proj", "txt_mlp_2": "ff_context.net.2",
-              "img_mod_lin": "norm1.linear", "txt_mod_lin": "norm1_context.linear",
-              "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
-    single = {"linear2": "proj_out", "modulation_lin": "norm.linear", "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+    double: dict[str, str | tuple[str, ...]] = {
+        "img_attn_proj": "attn.to_out.0",
+        "txt_attn_proj": "attn.to_add_out",
+        "img_mlp_0": "ff.net.0.proj",
+        "img_mlp_2": "ff.net.2",
+        "txt_mlp_0": "ff_context.net.0.proj",
+        "txt_mlp_2": "ff_context.net.2",
+        "img_mod_lin": "norm1.linear",
+        "txt_mod_lin": "norm1_context.linear",
+        "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+        "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    }
+    single: dict[str, str | tuple[str, ...]] = {
+        "linear2": "proj_out",
+        "modulation_lin": "norm.linear",
+        "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+    }
     tensors: dict[str, Tensor] = {}
     for key, value in load_file(kohya).items():
         if key.endswith(".alpha"):
@@ -156,7 +174,8 @@ def diffusers_names_of_kohya_flux(kohya: Path, out: Path, *, inner: int) -> Path
         block = "transformer_blocks" if kind == "double" else "single_transformer_blocks"
         names = (double if kind == "double" else single)[layer]
         for i, name in enumerate((names,) if isinstance(names, str) else names):
-            piece = value if part == "lora_down.weight" or isinstance(names, str) else value[i * inner : (i + 1) * inner if i < 3 else None]
-            tensors[f"transformer.{block}.{index}.{name}.lora_{'A' if part == 'lora_down.weight' else 'B'}.weight"] = piece.clone()
+            down = part == "lora_down.weight"
+            piece = value if down or isinstance(names, str) else value[i * inner : (i + 1) * inner if i < 3 else None]
+            tensors[f"transformer.{block}.{index}.{name}.lora_{'A' if down else 'B'}.weight"] = piece.clone()
     save_file(tensors, out)
     return out

@@ -35,7 +35,8 @@ def test_lora_for_another_model_size_names_layer_and_both_shapes(unet: UNet2DCon
 
 def test_lora_for_another_layout_names_the_unknown_keys(unet: UNet2DConditionModel, tmp_path: Path) -> None:
     sdxl = peft_lora(SDXL, tmp_path / "sdxl", seed=1)  # SDXL's attention sits in the second level
-    with pytest.raises(ValueError, match=r"\d+ key\(s\) of this LoRA file match no layer of UNet2DConditionModel: unet\.down_blocks\.1\.attentions\.0"):
+    unknown = r"\d+ key\(s\) of this LoRA file match no layer of UNet2DConditionModel: unet\.down_blocks\.1\.attentions\.0"
+    with pytest.raises(ValueError, match=unknown):
         LoRA.from_file(sdxl, unet)
     tensors = load_file(peft_lora(SD15, tmp_path / "a", seed=1))
     save_file({**tensors, "text_encoder.text_model.q_proj.lora_A.weight": torch.zeros(4, 32)}, tmp_path / "te.safetensors")

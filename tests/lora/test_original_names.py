@@ -51,7 +51,8 @@ def test_flux_kohya_file_in_bfl_names_matches_diffusers(tmp_path: Path) -> None:
 
     # every block, alpha = rank: against the same LoRA split into diffusers' names by the test
     full = kohya_flux_lora(ours, tmp_path / "full.safetensors", seed=2, alpha=4.0)
-    split = diffusers_names_of_kohya_flux(full, tmp_path / "split.safetensors", inner=TINY["num_attention_heads"] * TINY["attention_head_dim"])
+    inner = TINY["num_attention_heads"] * TINY["attention_head_dim"]
+    split = diffusers_names_of_kohya_flux(full, tmp_path / "split.safetensors", inner=inner)
     ref.load_lora_adapter(str(split), prefix="transformer", adapter_name="full")
     ref.set_adapters(["full"])
     expected = _run_ref(ref, inputs)

@@ -142,7 +142,9 @@ def inject(model: nn.Module, lora: LoRA) -> None:
         ValueError: the name is already attached, a layer is fused, or an update does not fit its layer.
     """
     if lora.name in adapter_names(model):
-        raise ValueError(f"a LoRA named {lora.name!r} is already attached to {type(model).__name__}; eject it first or pick another name")
+        raise ValueError(
+            f"a LoRA named {lora.name!r} is already attached to {type(model).__name__}; eject it first or pick another name"
+        )
     targets = {name: model.get_submodule(name) for name in lora.layers}
     for name, module in targets.items():
         base = module.base if isinstance(module, LoRALayer) else module
