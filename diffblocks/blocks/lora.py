@@ -22,6 +22,7 @@ from diffblocks.components.hub import resolve_folder
 from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.lora import LoRA, LoRALayer, eject, fuse, inject, set_weights, unfuse
 from diffblocks.components.lora import adapter_names as attached_names
+from diffblocks.components.lora import hotswap as hot_swap
 from diffblocks.components.models.compile import DENOISER_NAMES
 
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -41,6 +42,7 @@ class AbstractLoRAMethods(ABC):
         adapter_name: str | None = None,
         *,
         allow_pickle: bool = False,
+        hotswap: bool = False,
     ) -> str:
         """Attach a LoRA file (diffusers/PEFT or kohya layout) to the denoiser and make it the active adapter.
 
@@ -49,6 +51,8 @@ class AbstractLoRAMethods(ABC):
             weight_name: the file inside the folder or repository; default ``pytorch_lora_weights.safetensors``.
             adapter_name: the adapter's name; default ``default_0``, ``default_1``, ... as in diffusers.
             allow_pickle: accept a pickled ``.bin``; only for files from a source you trust.
+            hotswap: put the file's weights into the attached adapter ``adapter_name`` in place (same
+                layers and ranks), so that a compiled denoiser does not recompile; its weight stays.
 
         Returns:
             The adapter name.
@@ -66,6 +70,11 @@ class AbstractLoRAMethods(ABC):
             folder = resolve_folder(path_or_repo, allow_patterns=[wanted])
             path = contained_path(folder, wanted, repository=str(path_or_repo), entry="weight_name")
         attached = attached_names(model)
+        if hotswap:
+            if adapter_name is None:
+                raise ValueError(f"hotswap=True replaces an attached adapter: name it with adapter_name (attached: {attached})")
+            hot_swap(model, adapter_name, LoRA.from_file(path, model, name=adapter_name, allow_pickle=allow_pickle))
+            return adapter_name
         name = adapter_name or next(f"default_{i}" for i in range(len(attached) + 1) if f"default_{i}" not in attached)
         inject(model, LoRA.from_file(path, model, name=name, allow_pickle=allow_pickle))
         set_weights(model, {name: 1.0})

@@ -76,6 +76,22 @@ class LoRALayer(nn.Module):
         self.original: Tensor | None = None  # the base weight while fused
 
     def add(self, name: str, update: LoRAWeights) -> None:
+        self.updates[name] = self._fitted(update)
+        self.weights[name] = 1.0
+
+    @torch.no_grad()
+    def swap(self, name: str, update: LoRAWeights) -> None:
+        """Copy ``update`` into adapter ``name``'s tensors in place; its scale goes into ``up``, so ``alpha`` stays."""
+        current, new = self.updates[name], self._fitted(update)
+        current.down.copy_(new.down)
+        current.up.copy_(new.up * (new.scale / current.scale))
+
+    def fits_in_place(self, name: str, update: LoRAWeights) -> bool:
+        current, new = self.updates[name], self._fitted(update)
+        return current.down.shape == new.down.shape and current.up.shape == new.up.shape
+
+    def _fitted(self, update: LoRAWeights) -> LoRAWeights:
+        """``update`` on the base weight's device and dtype, its matrices shaped for this layer's kind."""
         weight = self.base.weight
         down = update.down.to(weight.device, weight.dtype)
         up = update.up.to(weight.device, weight.dtype)
@@ -83,8 +99,7 @@ class LoRALayer(nn.Module):
             down, up = down.flatten(1), up.flatten(1)
         elif down.ndim == 2:  # a 1x1 convolution that the file's model had as a linear layer
             down, up = down[:, :, None, None], up[:, :, None, None]
-        self.updates[name] = LoRAWeights(down, up, update.alpha)
-        self.weights[name] = 1.0
+        return LoRAWeights(down, up, update.alpha)
 
     def _apply(self, fn: Any, recurse: bool = True) -> LoRALayer:
         # The updates are plain tensors (not parameters, so they stay out of the state dict and of
@@ -154,6 +169,37 @@ def inject(model: nn.Module, lora: LoRA) -> None:
     for name, module in targets.items():
         layer = module if isinstance(module, LoRALayer) else _wrap(model, name, module)
         layer.add(lora.name, lora.layers[name])
+
+
+def hotswap(model: nn.Module, name: str, lora: LoRA) -> None:
+    """Put ``lora``'s weights into the attached adapter ``name`` in place, so a compiled model does not recompile.
+
+    The new LoRA must update the same layers with the same ranks. Its tensors are copied into the
+    old ones (the objects a compiled graph reads stay the same), and a different ``alpha / rank``
+    is folded into ``up`` rather than changing the scale, a Python float that ``torch.compile``
+    would guard on. The adapter keeps its name and weight.
+
+    Raises:
+        KeyError: no adapter ``name`` is attached.
+        ValueError: the layers or ranks differ, or the model is fused; nothing is changed.
+    """
+    layers = {path: layer for path, layer in _layers(model) if name in layer.updates}
+    if not layers:
+        raise KeyError(f"no LoRA named {name!r} is attached to {type(model).__name__}; attached: {adapter_names(model)}")
+    if set(lora.layers) != set(layers):
+        differ = sorted(set(lora.layers) ^ set(layers))
+        raise ValueError(f"LoRA {lora.name!r} cannot replace {name!r} in place: they update different layers, e.g. {differ[:3]}")
+    for path, layer in layers.items():
+        if layer.original is not None:
+            raise ValueError(f"{type(model).__name__} is fused; unfuse it before swapping LoRA {name!r}")
+        if not layer.fits_in_place(name, lora.layers[path]):
+            old, new = layer.updates[name], lora.layers[path]
+            raise ValueError(
+                f"LoRA {lora.name!r} cannot replace {name!r} in place: at layer {path!r} the attached one has down "
+                f"{tuple(old.down.shape)} and up {tuple(old.up.shape)}, the new one {tuple(new.down.shape)} and {tuple(new.up.shape)}"
+            )
+    for path, layer in layers.items():
+        layer.swap(name, lora.layers[path])
 
 
 def eject(model: nn.Module, name: str) -> None:
@@ -254,4 +300,4 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-__all__ = ["LoRA", "LoRALayer", "adapter_names", "eject", "fuse", "inject", "set_weights", "targets", "unfuse"]
+__all__ = ["LoRA", "LoRALayer", "adapter_names", "eject", "fuse", "hotswap", "inject", "set_weights", "targets", "unfuse"]
