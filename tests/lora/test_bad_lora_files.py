@@ -81,3 +81,14 @@ def test_unknown_and_duplicate_names_and_changes_while_fused(unet: UNet2DConditi
         set_weights(unet, {"a": 0.5})
     with pytest.raises(ValueError, match="is fused; unfuse it before attaching LoRA 'c'"):
         inject(unet, LoRA.from_file(path, unet, name="c"))
+
+
+def test_quantized_weights_refuse_to_fuse_and_nothing_is_fused(unet: UNet2DConditionModel, tmp_path: Path) -> None:
+    inject(unet, LoRA.from_file(peft_lora(SD15, tmp_path / "a", seed=1), unet, name="a"))
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    layer = unet.get_submodule("up_blocks.1.attentions.0.proj_out")
+    layer.base.weight = torch.nn.Parameter(layer.base.weight.data.to(torch.int8), requires_grad=False)  # as if quantized
+    state["up_blocks.1.attentions.0.proj_out.base.weight"] = layer.base.weight.data
+    with pytest.raises(ValueError, match=r"Tensor weights of torch.int8 \(quantized\) cannot take a fused LoRA"):
+        fuse(unet)
+    assert all(torch.equal(v, state[k]) for k, v in unet.state_dict().items())

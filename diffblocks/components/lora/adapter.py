@@ -134,8 +134,14 @@ class LoRALayer(nn.Module):
             result = result + hidden * scale
         return result
 
+    def check_fusable(self) -> None:
+        weight = self.base.weight
+        if not weight.dtype.is_floating_point or type(weight.data) is not torch.Tensor:
+            raise ValueError(f"{type(weight.data).__name__} weights of {weight.dtype} (quantized) cannot take a fused LoRA; use it unfused")
+
     @torch.no_grad()
     def fuse(self) -> None:
+        self.check_fusable()
         if self.original is None:
             self.original = self.base.weight.detach().clone()
             self.base.weight += self.delta()
@@ -229,8 +235,11 @@ def set_weights(model: nn.Module, weights: Mapping[str, float]) -> None:
 
 
 def fuse(model: nn.Module) -> None:
-    """Add every attached adapter, at its weight, into the layers' weights."""
-    for _, layer in _layers(model):
+    """Add every attached adapter, at its weight, into the layers' weights (all or none: quantized weights refuse)."""
+    layers = [layer for _, layer in _layers(model)]
+    for layer in layers:
+        layer.check_fusable()
+    for layer in layers:
         layer.fuse()
 
 
