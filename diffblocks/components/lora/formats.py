@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, final
 
+import math
+
 import torch
 from safetensors.torch import load_file
 from torch import Tensor
@@ -54,6 +56,11 @@ _MSG_UNKNOWN = (
     "for another model (a text encoder, another family) or in a layout diffblocks does not read yet; "
     "nothing was loaded"
 )
+_TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te_", "te1_", "te2_")
+_MSG_TEXT_ENCODER = (
+    " ({count} of them are for a text encoder, which diffblocks does not read LoRAs for yet; a file "
+    "without them loads)"
+)
 
 
 @final
@@ -73,9 +80,9 @@ class LoRAWeights:
 
     def __post_init__(self) -> None:
         rank = self.down.shape[0]
-        if rank == 0 or self.up.shape[1] != rank:
+        if self.down.ndim < 2 or self.up.ndim < 2 or rank == 0 or self.up.shape[1] != rank:
             raise ValueError(f"LoRA down {tuple(self.down.shape)} and up {tuple(self.up.shape)} must share a rank above 0")
-        if not (torch.isfinite(self.down).all() and torch.isfinite(self.up).all()) or self.alpha != self.alpha:
+        if not (torch.isfinite(self.down).all() and torch.isfinite(self.up).all()) or not math.isfinite(self.alpha):
             raise ValueError("LoRA weights hold NaN or infinite values")
 
     @property
@@ -135,7 +142,10 @@ def convert(
         parts[found[2]] = tensor
     if unknown:
         shown = ", ".join(sorted(unknown)[:8]) + (", ..." if len(unknown) > 8 else "")
-        raise ValueError(_MSG_UNKNOWN.format(count=len(unknown), model=model, keys=shown))
+        text = sum(key.startswith(_TEXT_ENCODER_PREFIXES) for key in unknown)
+        raise ValueError(
+            _MSG_UNKNOWN.format(count=len(unknown), model=model, keys=shown) + (_MSG_TEXT_ENCODER.format(count=text) if text else "")
+        )
     layers: dict[str, LoRAWeights] = {}
     for targets, parts in grouped.items():
         name = " + ".join(t.module for t in targets)
