@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections.abc
+
 from diffblocks.blocks import AbstractBlock, Loop, Pipeline, Sequence
 from diffblocks.blocks.sd.controlnet import PredictControlledNoise, PrepareControlImage, controlnet_mismatch
 from diffblocks.blocks.standard import PredictNoise
 from diffblocks.blocks.tree import inserted, replaced, walk
-from diffblocks.components.models.controlnet import ControlNetModel
+from diffblocks.components.models.controlnet import ControlNetModel, MultiControlNetModel
 from diffblocks.components.models.unet import UNet2DConditionModel
 
 _MSG_NO_SITE = (
@@ -39,12 +41,14 @@ def controlnet_blocks(root: AbstractBlock) -> AbstractBlock:
     return root
 
 
-def with_controlnet(pipe: Pipeline, controlnet: ControlNetModel) -> Pipeline:
+def with_controlnet(pipe: Pipeline, controlnet: ControlNetModel | collections.abc.Sequence[ControlNetModel]) -> Pipeline:
     """A new pipeline: ``pipe``'s blocks with ControlNet steps, its components and ``controlnet``.
 
     The call then takes ``control_image=`` (and ``controlnet_conditioning_scale``,
     ``control_guidance_start``, ``control_guidance_end``) in text2img, img2img and inpaint. ``pipe``
     is unchanged, and both share its components manager, so the base weights are held once.
+    Several ControlNets (a sequence) act together as one :class:`MultiControlNetModel`; the call
+    then takes a list of control images, one per net.
 
     Raises:
         ValueError: the ControlNet was made for another family or size than ``pipe``'s UNet
@@ -53,10 +57,13 @@ def with_controlnet(pipe: Pipeline, controlnet: ControlNetModel) -> Pipeline:
     unet = pipe.components.get("unet")
     if not isinstance(unet, UNet2DConditionModel):
         raise ValueError(f"{pipe.name!r} has no UNet2DConditionModel 'unet' for a ControlNet to steer (got {type(unet).__name__})")
-    problem = controlnet_mismatch(controlnet, unet)
-    if problem is not None:
-        raise ValueError(problem)
-    components = {**pipe.components, "controlnet": controlnet}
+    nets = (controlnet,) if isinstance(controlnet, ControlNetModel) else tuple(controlnet)
+    for net in nets:
+        problem = controlnet_mismatch(net, unet)
+        if problem is not None:
+            raise ValueError(problem)
+    component = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
+    components = {**pipe.components, "controlnet": component}
     return Pipeline(controlnet_blocks(pipe.blocks), components, manager=pipe.manager, name=pipe.name)
 
 

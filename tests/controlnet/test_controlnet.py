@@ -176,3 +176,37 @@ def test_the_base_pipeline_is_unchanged(sd15: tuple[Path, Path], controlled: Pip
     base = Pipeline.from_pretrained(str(sd15[0]))
     with_controlnet(base, ControlNetModel.from_pretrained(sd15[1]))
     assert "control_image" not in base.input_names and "control_image" in controlled.input_names
+
+
+# --- several ControlNets ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def second_net(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(2)
+    return tiny_controlnet(tmp_path_factory.mktemp("controlnet_b"), **SD15_NET, conditioning_channels=1)
+
+
+def test_two_controlnets_match_diffusers(sd15: tuple[Path, Path], second_net: Path) -> None:
+    import diffusers
+
+    repo, net = sd15
+    ours = with_controlnet(Pipeline.from_pretrained(str(repo)), [ControlNetModel.from_pretrained(p) for p in (net, second_net)])
+    nets = [diffusers.ControlNetModel.from_pretrained(p) for p in (net, second_net)]
+    ref = diffusers.StableDiffusionControlNetPipeline.from_pretrained(repo, controlnet=nets, safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    gray = torch.rand(1, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(prompt="a red circle", height=SIZE, width=SIZE, num_inference_steps=4, guidance_scale=5.0,
+                  controlnet_conditioning_scale=[0.7, 1.2], control_guidance_start=[0.0, 0.5],
+                  control_image=[control_image(), gray])  # fmt: skip
+    out, expected = run_both(ours, ref, **kwargs)
+    assert np.abs(out.images - expected).max() < 1e-5
+
+
+def test_several_controlnets_refuse_a_scale_list_of_another_length(sd15: tuple[Path, Path]) -> None:
+    repo, net = sd15
+    ours = with_controlnet(Pipeline.from_pretrained(str(repo)), [ControlNetModel.from_pretrained(net)] * 2)
+    with pytest.raises(InputError, match="controlnet_conditioning_scale has 3 values but there are 2 ControlNets"):
+        ours(prompt="x", num_inference_steps=2, control_image=[control_image()] * 2, controlnet_conditioning_scale=[1.0] * 3, progress=False)
+    with pytest.raises(InputError, match="control_image must be a list of 2 control images"):
+        ours(prompt="x", num_inference_steps=2, control_image=control_image(), progress=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated, TypeVar, cast
+
 from pydantic import Field
 from torch import Tensor
 
@@ -14,7 +16,7 @@ from diffblocks.blocks.standard.images import ImageLike, check_image, to_tensor
 from diffblocks.blocks.standard.latents import placement
 from diffblocks.blocks.types import Float
 from diffblocks.components.denoisers import Control, ControlNetDenoiser, UNetDenoiser
-from diffblocks.components.models.controlnet import ControlNetModel
+from diffblocks.components.models.controlnet import ControlNetModel, MultiControlNetModel, controlnets
 from diffblocks.components.models.unet import UNet2DConditionModel
 from diffblocks.components.schedulers.base import AbstractScheduler
 
@@ -30,6 +32,17 @@ _MSG_FIT = (
     "the ControlNet ({controlnet}) does not fit the UNet ({unet}): {field} differs ({got} vs {expected}). "
     "A ControlNet steers the UNet it was trained beside: load one made for this base model"
 )
+
+_MSG_COUNT = (
+    "{field} has {got} values but there are {nets} ControlNets: give one value for all of them, or one per ControlNet"
+)
+_MSG_IMAGES = (
+    "control_image must be a list of {nets} control images, one per ControlNet (each an image or a batch), "
+    "got {got}"
+)
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+T = TypeVar("T")
 
 # What a ControlNet must share with its UNet for its residuals to be added: the encoder's shape and the conditioning.
 _FITTING = ("block_out_channels", "layers_per_block", "in_channels", "cross_attention_dim", "addition_embed_type",
@@ -59,19 +72,26 @@ def controlnet_mismatch(controlnet: ControlNetModel, unet: UNet2DConditionModel)
 
 
 class PrepareControlImage(Block):
-    """The control image at the run's size and batch, in [0, 1], and the ControlNet's settings for the call.
+    """The control images at the run's size and batch, in [0, 1], and each ControlNet's settings for the call.
 
-    The image is resized to the run's ``height`` x ``width`` when its size differs (Lanczos for PIL
+    Each image is resized to the run's ``height`` x ``width`` when its size differs (Lanczos for PIL
     images, as diffusers resizes them; bilinear with antialiasing for arrays and tensors) and is
     not normalised: ControlNets read it in [0, 1]. One control image serves every prompt; else
     there is one per prompt, repeated for each of its ``num_images_per_prompt`` images.
+
+    With several ControlNets (a :class:`MultiControlNetModel`), ``control_image`` is a list with one
+    entry per net, and each setting is one value for all nets or a list with one per net.
     """
 
     class Inputs(BlockIO):
-        control_image: ImageLike = Field(description="the control image (edges, depth, pose, ...) the ControlNet reads")
-        controlnet_conditioning_scale: float = Field(1.0, description="how strongly the ControlNet acts (0: not at all)")
-        control_guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="fraction of the steps where the control starts")
-        control_guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="fraction of the steps where the control ends")
+        control_image: ImageLike | list[ImageLike] = Field(
+            description="the control image (edges, depth, pose, ...); a list of one per ControlNet for several"
+        )
+        controlnet_conditioning_scale: float | list[float] = Field(
+            1.0, description="how strongly each ControlNet acts (0: not at all)"
+        )
+        control_guidance_start: Fraction | list[Fraction] = Field(0.0, description="fraction of the steps where the control starts")
+        control_guidance_end: Fraction | list[Fraction] = Field(1.0, description="fraction of the steps where the control ends")
         latents: Float["batch channels height width"] = produced(description="the starting latents (gives the run's batch)")
         height: int
         width: int
@@ -80,41 +100,71 @@ class PrepareControlImage(Block):
     class Outputs(BlockIO):
         controls: tuple[Control, ...]
 
-    controlnet: ControlNetModel = component(description="the ControlNet")
+    controlnet: ControlNetModel | MultiControlNetModel = component(description="the ControlNet, or several")
     unet: UNet2DConditionModel = component(description="the UNet its residuals are added to")
 
     def check(self, inputs: Inputs) -> None:
-        problem = controlnet_mismatch(self.controlnet, self.unet)
-        if problem is not None:
-            raise FieldError("controlnet", problem)
-        start, end = known(inputs, "control_guidance_start"), known(inputs, "control_guidance_end")
-        if isinstance(start, float) and isinstance(end, float) and start > end:
-            raise FieldError("control_guidance_start", _MSG_WINDOW.format(start=start, end=end))
-        check_image(known(inputs, "control_image"), name="control_image")
+        nets = controlnets(self.controlnet)
+        for net in nets:
+            problem = controlnet_mismatch(net, self.unet)
+            if problem is not None:
+                raise FieldError("controlnet", problem)
+        starts = _per_net(known(inputs, "control_guidance_start"), len(nets), "control_guidance_start")
+        ends = _per_net(known(inputs, "control_guidance_end"), len(nets), "control_guidance_end")
+        _per_net(known(inputs, "controlnet_conditioning_scale"), len(nets), "controlnet_conditioning_scale")
+        for start, end in zip(starts, ends, strict=True):
+            if isinstance(start, float) and isinstance(end, float) and start > end:
+                raise FieldError("control_guidance_start", _MSG_WINDOW.format(start=start, end=end))
+        given = known(inputs, "control_image")
+        for image in _images(given, len(nets)) if given is not None else ():
+            check_image(image, name="control_image")
 
     def __call__(self, inputs: Inputs) -> Outputs:
-        image = self.image(inputs.control_image, height=inputs.height, width=inputs.width)
+        nets = controlnets(self.controlnet)
+        n = len(nets)
+        images = _images(inputs.control_image, n)
+        scales = _per_net(inputs.controlnet_conditioning_scale, n, "controlnet_conditioning_scale")
+        starts = _per_net(inputs.control_guidance_start, n, "control_guidance_start")
+        ends = _per_net(inputs.control_guidance_end, n, "control_guidance_end")
+        controls = []
+        for net, image, scale, start, end in zip(nets, images, scales, starts, ends, strict=True):
+            device, dtype = placement(net)
+            batched = self.batched(self.image(image, height=inputs.height, width=inputs.width), inputs)
+            controls.append(Control(net, batched.to(device=device, dtype=dtype), scale=scale, start=start, end=end))
+        return self.Outputs(controls=tuple(controls))
+
+    def image(self, image: ImageLike, *, height: int, width: int) -> Tensor:
+        """A control image as a ``(batch, channels, height, width)`` tensor in [0, 1]; override to preprocess otherwise."""
+        return to_tensor(image, height=height, width=width)
+
+    def batched(self, image: Tensor, inputs: Inputs) -> Tensor:
+        """``image`` with the run's batch: one image for all prompts, or one per prompt repeated per image of it."""
         batch = inputs.latents.shape[0]
         prompts = batch // inputs.num_images_per_prompt
         if image.shape[0] == 1:
-            image = image.repeat(batch, 1, 1, 1)
-        elif image.shape[0] == prompts:
-            image = image.repeat_interleave(inputs.num_images_per_prompt, dim=0)
-        else:
-            raise FieldError("control_image", _MSG_BATCH.format(got=image.shape[0], prompts=prompts, batch=batch))
-        device, dtype = placement(self.controlnet)
-        control = Control(
-            self.controlnet,
-            image.to(device=device, dtype=dtype),
-            scale=inputs.controlnet_conditioning_scale,
-            start=inputs.control_guidance_start,
-            end=inputs.control_guidance_end,
-        )
-        return self.Outputs(controls=(control,))
+            return image.repeat(batch, 1, 1, 1)
+        if image.shape[0] == prompts:
+            return image.repeat_interleave(inputs.num_images_per_prompt, dim=0)
+        raise FieldError("control_image", _MSG_BATCH.format(got=image.shape[0], prompts=prompts, batch=batch))
 
-    def image(self, image: ImageLike, *, height: int, width: int) -> Tensor:
-        """The control image as a ``(batch, channels, height, width)`` tensor in [0, 1]; override to preprocess otherwise."""
-        return to_tensor(image, height=height, width=width)
+
+def _images(value: ImageLike | list[ImageLike], nets: int) -> list[ImageLike]:
+    """The control image of each net: the value itself for one net (a list is a batch), its entries for several."""
+    if nets == 1:
+        return [cast(ImageLike, value)]
+    if not isinstance(value, list) or len(value) != nets:
+        got = f"a list of {len(value)}" if isinstance(value, list) else type(value).__name__
+        raise FieldError("control_image", _MSG_IMAGES.format(nets=nets, got=got))
+    return value
+
+
+def _per_net(value: T | list[T], nets: int, field: str) -> list[T]:
+    """One value per net: a single value repeated, or a list whose length is the number of nets."""
+    if not isinstance(value, list):
+        return [value] * nets
+    if len(value) != nets:
+        raise FieldError(field, _MSG_COUNT.format(field=field, got=len(value), nets=nets))
+    return value
 
 
 class PredictControlledNoise(Block):
