@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections.abc
 
 from diffblocks.blocks import AbstractBlock, Loop, Pipeline, Sequence
-from diffblocks.blocks.sd.controlnet import PredictControlledNoise, PrepareControlImage, controlnet_mismatch
+from diffblocks.blocks.standard.controlnet import PredictControlledNoise, PrepareControlImage, controlnet_mismatch
 from diffblocks.blocks.standard import PredictNoise
 from diffblocks.blocks.tree import inserted, replaced, walk
 from diffblocks.components.models.controlnet import ControlNetModel, MultiControlNetModel
