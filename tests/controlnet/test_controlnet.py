@@ -210,3 +210,11 @@ def test_several_controlnets_refuse_a_scale_list_of_another_length(sd15: tuple[P
         ours(prompt="x", num_inference_steps=2, control_image=[control_image()] * 2, controlnet_conditioning_scale=[1.0] * 3, progress=False)
     with pytest.raises(InputError, match="control_image must be a list of 2 control images"):
         ours(prompt="x", num_inference_steps=2, control_image=control_image(), progress=False)
+
+
+def test_inpaint_runs_with_control(controlled: Pipeline) -> None:
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[8:24, 8:24] = 255
+    out = controlled(prompt="x", image=control_image(3), mask_image=PIL.Image.fromarray(mask), num_inference_steps=2,
+                     control_image=control_image(), output_type="np", progress=False)  # fmt: skip
+    assert out.workflow == "inpaint" and out.images.shape == (1, SIZE, SIZE, 3)
