@@ -1,0 +1,64 @@
+"""A model's size before it is loaded: built on the meta device from its config, or read from its safetensors headers."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from diffblocks.components.memory.measure import ModelSize, measure
+from diffblocks.components.specs import ComponentSpec
+
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}  # others: 1 byte
+
+
+def size_before_loading(cls: type[torch.nn.Module], spec: ComponentSpec) -> ModelSize | None:
+    """``cls`` as ``spec`` would load it, measured without reading a weight (None when that is not possible).
+
+    A spec that carries a config (and no repository) is built on the meta device, which allocates
+    nothing; a spec whose repository is a local folder is measured from its safetensors headers.
+    Quantized specs and Hub ids are measured once loaded (on the CPU).
+    """
+    if spec.quantization is not None:
+        return None
+    if spec.repo is None and spec.config is not None and hasattr(cls, "from_config"):
+        with torch.device("meta"):
+            model = cls.from_config(spec.config)  # type: ignore[attr-defined]  # every registered model class has one
+        return measure(model.to(spec.torch_dtype) if spec.torch_dtype is not None else model)
+    folder = Path(spec.repo) / (spec.subfolder or "") if spec.repo is not None else None
+    if folder is None or not folder.is_dir():
+        return None
+    files = sorted(folder.glob("*.safetensors"))
+    if spec.variant is not None:
+        files = [f for f in files if f".{spec.variant}." in f.name]
+    return header_size(files, dtype=spec.torch_dtype) if files else None
+
+
+def header_size(files: list[Path], *, dtype: torch.dtype | None = None) -> ModelSize:
+    """The :class:`ModelSize` of the tensors in ``files``, from their headers alone.
+
+    A name's first numeric part marks a repeated block (``down_blocks.0.resnets.0.conv1.weight`` is
+    in block 0 of ``down_blocks``), as its outermost ``nn.ModuleList`` would; a name without its
+    last part is its layer. Floating-point tensors count at ``dtype`` when given (the dtype they load as).
+    """
+    blocks: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    leaves: dict[str, int] = defaultdict(int)
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                piece = f.get_slice(name)
+                kind = piece.get_dtype()
+                itemsize = dtype.itemsize if dtype is not None and kind.startswith(("F", "BF")) else _ITEMSIZE.get(kind, 1)
+                size = math.prod(piece.get_shape()) * itemsize
+                total += size
+                leaves[name.rsplit(".", 1)[0]] += size
+                parts = name.split(".")
+                at = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+                if at is not None and at > 0:
+                    blocks[".".join(parts[:at])][int(parts[at])] += size
+    grouped = tuple(tuple(entries[i] for i in sorted(entries)) for entries in blocks.values())
+    return ModelSize(total=total, blocks=grouped, largest_leaf=max(leaves.values(), default=0))
