@@ -190,7 +190,11 @@ class ComponentsManager:
 
     def _model_sizes(self) -> dict[str, ModelSize]:
         sizes: dict[str, ModelSize] = {}
+        seen: set[int] = set()  # one object under several names (or pipelines) counts once
         for entry in self._entries.values():
+            if entry.obj is not None and id(entry.obj) in seen:
+                continue
+            seen.add(id(entry.obj))
             if isinstance(entry.obj, torch.nn.Module):
                 size: ModelSize | None = measure(entry.obj)
             elif entry.obj is None and entry.spec is not None:

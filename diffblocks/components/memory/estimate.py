@@ -34,7 +34,8 @@ def size_before_loading(cls: type[torch.nn.Module], spec: ComponentSpec) -> Mode
     files = sorted(folder.glob("*.safetensors"))
     if spec.variant is not None:
         files = [f for f in files if f".{spec.variant}." in f.name]
-    return header_size(files, dtype=spec.torch_dtype) if files else None
+    # without a dtype, our models and transformers' load floating-point weights as float32, whatever the file holds
+    return header_size(files, dtype=spec.torch_dtype or torch.float32) if files else None
 
 
 def header_size(files: list[Path], *, dtype: torch.dtype | None = None) -> ModelSize:
@@ -60,5 +61,5 @@ def header_size(files: list[Path], *, dtype: torch.dtype | None = None) -> Model
                 at = next((i for i, part in enumerate(parts) if part.isdigit()), None)
                 if at is not None and at > 0:
                     blocks[".".join(parts[:at])][int(parts[at])] += size
-    grouped = tuple(tuple(entries[i] for i in sorted(entries)) for entries in blocks.values())
+    grouped = tuple(sorted(tuple(entries[i] for i in sorted(entries)) for entries in blocks.values()))
     return ModelSize(total=total, blocks=grouped, largest_leaf=max(leaves.values(), default=0))

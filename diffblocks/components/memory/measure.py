@@ -19,7 +19,7 @@ class ModelSize:
     Attributes:
         total: every tensor the model holds (quantized tensors at their stored size).
         blocks: the bytes of each entry of each outermost ``nn.ModuleList`` (the repeated blocks that
-            group offload streams), one tuple per list.
+            group offload streams), one tuple per list, the lists sorted (their order means nothing).
         largest_leaf: the bytes of the largest module's own tensors (what leaf offload holds at once).
     """
 
@@ -59,7 +59,7 @@ def measure(module: nn.Module) -> ModelSize:
     plain = _bytes(module)
     stored = component_memory("", module).bytes
     scale = stored / plain if plain else 1.0
-    blocks = tuple(tuple(round(_bytes(block) * scale) for block in each) for each in repeated_blocks(module))
+    blocks = tuple(sorted(tuple(round(_bytes(block) * scale) for block in each) for each in repeated_blocks(module)))
     leaves = (round(_bytes(sub, recurse=False) * scale) for sub in module.modules())
     return ModelSize(total=stored, blocks=blocks, largest_leaf=max(leaves, default=0))
 
