@@ -110,3 +110,17 @@ def test_policy_peaks_match_the_moves() -> None:
 def test_group_offload_refuses_an_empty_group() -> None:
     with pytest.raises(ValueError, match="blocks_per_group 0 must be >= 1"):
         GroupOffload(blocks_per_group=0)
+
+
+@pytest.mark.parametrize("policy", [NoOffload(), ModelOffload(), GroupOffload(1), LeafOffload()])
+def test_blocks_learn_where_an_offloaded_model_runs(policy: object) -> None:
+    from diffblocks.blocks.standard.latents import placement
+    from diffblocks.components.memory import execution_device
+
+    model = Toy()
+    assert execution_device(model) is None
+    attached = policy.attach("m", model, Mover("meta"))  # type: ignore[attr-defined]  # meta: a device the weights may not be on yet
+    assert execution_device(model) == torch.device("meta") and placement(model) == (torch.device("meta"), torch.float32)
+    attached.mover.home = torch.device("meta")  # detaching moves home; meta tensors cannot be copied back to the CPU
+    attached.detach()
+    assert execution_device(model) is None

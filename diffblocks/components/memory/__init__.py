@@ -15,6 +15,7 @@ from diffblocks.components.memory.policies import (
     Mover,
     NoOffload,
     OnMove,
+    execution_device,
 )
 from diffblocks.components.memory.sizes import ByteSize
 
@@ -33,6 +34,7 @@ __all__ = [
     "NoOffload",
     "OnMove",
     "Placement",
+    "execution_device",
     "measure",
     "plan_memory",
 ]

@@ -24,6 +24,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, final
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
@@ -63,14 +64,27 @@ class Mover:
             self.on_move(name, device, moved)
 
 
+_RUNS_ON: WeakKeyDictionary[nn.Module, torch.device] = WeakKeyDictionary()
+
+
+def execution_device(model: nn.Module) -> torch.device | None:
+    """Where ``model`` runs under an offload policy (None: no policy; it runs where its weights are).
+
+    Blocks make the tensors they hand a model here, not where its weights wait between calls.
+    """
+    return _RUNS_ON.get(model)
+
+
 @final
 class Attached:
     """A policy installed on one model: ``detach()`` removes its hooks and moves its tensors home."""
 
     def __init__(self, name: str, model: nn.Module, mover: Mover, handles: Sequence[RemovableHandle]) -> None:
         self.name, self.model, self.mover, self.handles = name, model, mover, tuple(handles)
+        _RUNS_ON[model] = mover.device
 
     def detach(self) -> None:
+        _RUNS_ON.pop(self.model, None)
         for handle in self.handles:
             handle.remove()
         if self.mover.resident is self.model:
