@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import threading
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,8 +199,7 @@ class ComponentsManager:
             if isinstance(entry.obj, torch.nn.Module):
                 size: ModelSize | None = measure(entry.obj)
             elif entry.obj is None and entry.spec is not None:
-                cls = self.component_type(entry.key)
-                size = size_before_loading(cls, entry.spec) if isinstance(cls, type) and issubclass(cls, torch.nn.Module) else None
+                size = self._size_before_loading(entry.key, entry.spec)
             else:
                 size = None
             if size is not None:
@@ -218,6 +218,15 @@ class ComponentsManager:
 
     def is_loaded(self, key: str) -> bool:
         return self._entry(key).obj is not None
+
+    def _size_before_loading(self, key: str, spec: ComponentSpec) -> ModelSize | None:
+        cls = self.component_type(key)
+        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)) or spec.quantization is not None:
+            return None  # not a model, or quantized: measured once loaded
+        if spec.repo is None:
+            return size_before_loading(cls, config=spec.config, dtype=spec.torch_dtype)
+        folder = Path(spec.repo) / (spec.subfolder or "")  # a local folder; a Hub id is measured once loaded
+        return size_before_loading(cls, folder=folder, variant=spec.variant, dtype=spec.torch_dtype)
 
     def unload(self, key: str) -> None:
         """Drop the loaded object (a spec-backed component reloads on next use) and free its memory."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -82,7 +84,9 @@ def test_sizes_before_loading_match_the_loaded_models() -> None:
         cls = pipe.manager.component_type(key)
         spec = pipe.manager.spec(key)
         assert cls is not None and spec is not None
-        estimate, loaded = size_before_loading(cls, spec), measure(pipe.manager.get(key))
+        assert spec.repo is not None
+        folder = Path(spec.repo) / (spec.subfolder or "")
+        estimate, loaded = size_before_loading(cls, folder=folder, dtype=spec.torch_dtype), measure(pipe.manager.get(key))
         assert estimate is not None
         # a text encoder's non-persistent buffer (position ids, 4 KiB) is not in its file
         assert abs(estimate.total - loaded.total) <= 4096 and estimate.largest_leaf == loaded.largest_leaf
@@ -93,9 +97,12 @@ def test_a_model_from_a_config_is_measured_on_the_meta_device() -> None:
     config = {"sample_size": 8, "block_out_channels": (8, 16), "layers_per_block": 1, "cross_attention_dim": 8,
               "attention_head_dim": 2, "norm_num_groups": 4,
               "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D")}
-    spec = ComponentSpec(name="unet", type_hint=("diffusers", "UNet2DConditionModel"), config=config, random_weights=True)
-    estimate = size_before_loading(UNet2DConditionModel, spec)
-    assert estimate == measure(UNet2DConditionModel.from_config(config))
+    assert size_before_loading(UNet2DConditionModel, config=config) == measure(UNet2DConditionModel.from_config(config))
+    # the manager measures a spec built from a config the same way, before building it
+    manager = ComponentsManager(device="cpu", memory_budget="1GiB")
+    manager.add("unet", ComponentSpec(name="unet", type_hint=("diffusers", "UNet2DConditionModel"), config=config, random_weights=True))
+    assert manager.plan().sizes["unet"] == measure(UNet2DConditionModel.from_config(config))
+    assert not manager.is_loaded("unet")
 
 
 def test_the_plan_changes_as_models_are_added_and_models_get_the_new_policy() -> None:

@@ -4,38 +4,43 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from diffblocks.components.memory.measure import ModelSize, measure
-from diffblocks.components.specs import ComponentSpec
 
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}  # others: 1 byte
 
 
-def size_before_loading(cls: type[torch.nn.Module], spec: ComponentSpec) -> ModelSize | None:
-    """``cls`` as ``spec`` would load it, measured without reading a weight (None when that is not possible).
+def size_before_loading(
+    cls: type[torch.nn.Module],
+    *,
+    config: Mapping[str, Any] | None = None,
+    folder: Path | None = None,
+    variant: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> ModelSize | None:
+    """``cls`` as it would load, measured without reading a weight (None when that is not possible).
 
-    A spec that carries a config (and no repository) is built on the meta device, which allocates
-    nothing; a spec whose repository is a local folder is measured from its safetensors headers.
-    Quantized specs and Hub ids are measured once loaded (on the CPU).
+    From a ``config``, the model is built on the meta device, which allocates nothing; from a
+    local ``folder``, its safetensors headers are read. Quantized models and Hub ids not yet
+    downloaded are measured once loaded (on the CPU).
     """
-    if spec.quantization is not None:
-        return None
-    if spec.repo is None and spec.config is not None and hasattr(cls, "from_config"):
+    if config is not None and hasattr(cls, "from_config"):
         with torch.device("meta"):
-            model = cls.from_config(spec.config)  # type: ignore[attr-defined]  # every registered model class has one
-        return measure(model.to(spec.torch_dtype) if spec.torch_dtype is not None else model)
-    folder = Path(spec.repo) / (spec.subfolder or "") if spec.repo is not None else None
+            model = cls.from_config(config)  # type: ignore[attr-defined]  # every registered model class has one
+        return measure(model.to(dtype) if dtype is not None else model)
     if folder is None or not folder.is_dir():
         return None
     files = sorted(folder.glob("*.safetensors"))
-    if spec.variant is not None:
-        files = [f for f in files if f".{spec.variant}." in f.name]
+    if variant is not None:
+        files = [f for f in files if f".{variant}." in f.name]
     # without a dtype, our models and transformers' load floating-point weights as float32, whatever the file holds
-    return header_size(files, dtype=spec.torch_dtype or torch.float32) if files else None
+    return header_size(files, dtype=dtype or torch.float32) if files else None
 
 
 def header_size(files: list[Path], *, dtype: torch.dtype | None = None) -> ModelSize:

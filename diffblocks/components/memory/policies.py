@@ -55,11 +55,13 @@ class Mover:
 
     def move(self, name: str, modules: Iterable[nn.Module], device: torch.device, *, recurse: bool = True) -> None:
         moved = 0
+        # Copies to the accelerator may overlap; copies home may not, since a later copy back would read a half-written buffer.
+        overlap = device.type != "cpu"
         # Out of inference mode, so that moved parameters stay ordinary tensors that a later call with grad can use.
         with torch.inference_mode(False), torch.no_grad():
             for module in modules:
                 moved += sum(t.numel() * t.element_size() for t in _tensors(module, recurse=recurse))
-                module._apply(lambda t: t.to(device, non_blocking=True), recurse=recurse)  # noqa: SLF001 - what nn.Module.to calls, one level deep when asked
+                module._apply(lambda t: t.to(device, non_blocking=overlap), recurse=recurse)  # noqa: SLF001 - what nn.Module.to calls, one level deep when asked
         if self.on_move is not None:
             self.on_move(name, device, moved)
 
