@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import threading
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,8 @@ import torch
 
 from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.loaders import check_random_weights, load_component
+from diffblocks.components.memory import AbstractOffload, MemoryPlan, ModelSize, OnMove, Placement, measure
+from diffblocks.components.memory.estimate import size_before_loading
 from diffblocks.components.specs import ComponentSpec, read_index
 from diffblocks.registry import COMPONENTS, Registry, RegistryError
 
@@ -73,6 +76,12 @@ class ComponentsManager:
     Args:
         device: where loaded models are placed (default: CPU).
         registry: the allowlist used to resolve type hints (default: :data:`diffblocks.registry.COMPONENTS`).
+        memory_budget: bytes of weights allowed on ``device`` (``"12GiB"``, ``"8 GB"``, an int): models
+            then load on the CPU and the planner picks the cheapest offload policy that fits (see
+            :meth:`plan` and ``docs/memory.md``).
+        offload: an offload policy to use (``ModelOffload()``, ``GroupOffload(2)``, ...), instead of
+            the planner's choice; checked against ``memory_budget`` when both are given.
+        on_move: told of each move an offload policy makes (name, device, bytes): for logs and tests.
 
     Example:
         >>> import torch
@@ -85,7 +94,16 @@ class ComponentsManager:
         80
     """
 
-    def __init__(self, *, device: torch.device | str | None = None, registry: Registry | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        device: torch.device | str | None = None,
+        registry: Registry | None = None,
+        memory_budget: str | int | None = None,
+        offload: AbstractOffload | None = None,
+        on_move: OnMove | None = None,
+    ) -> None:
+        self.placement = Placement(budget=memory_budget, policy=offload, on_move=on_move)  # checks the budget first
         self.device = device  # the setter checks and converts names
         self.registry = registry if registry is not None else COMPONENTS
         self._entries: dict[str, _Entry] = {}
@@ -99,6 +117,7 @@ class ComponentsManager:
     @device.setter
     def device(self, device: torch.device | str | None) -> None:
         self._device = usable_device(device) if device is not None else None
+        self.placement.outdated()
 
     def add(self, name: str, component: Any, *, user: str | None = None) -> str:
         """Register a loaded object or a :class:`ComponentSpec` under ``name``; returns its key.
@@ -119,12 +138,14 @@ class ComponentsManager:
                 entry = self._entries.get(key)
                 if entry is None:
                     entry = self._entries[key] = _Entry(key, name, component)
+                    self.placement.outdated()
             else:
                 key = f"{name}@{id(component):x}"
                 entry = self._entries.get(key)
                 if entry is None or entry.obj is not component:
                     cls = type(unwrap_compiled(component))  # a torch.compile wrapper is checked as the model it wraps
                     entry = self._entries[key] = _Entry(key, name, None, component, cls=cls)
+                    self.placement.outdated()
             if user is not None:
                 entry.users.add(user)
             return key
@@ -136,14 +157,54 @@ class ComponentsManager:
         return {spec.name: self.add(spec.name, spec.with_(dtype=dtype) if dtype else spec) for spec in specs}
 
     def get(self, key: str) -> Any:
-        """The object for ``key``, loading it now if it is not loaded yet."""
+        """The object for ``key``, loading it now if it is not loaded yet.
+
+        Under a memory budget or an offload policy, the plan is made first (so a budget too small
+        fails before anything loads), the model loads on the CPU, and the plan's policy is attached.
+        """
         entry = self._entry(key)
+        placing = self.placement.active
+        if placing:
+            self.plan()
         if entry.obj is None:
             with self._lock:
                 if entry.obj is None:
                     assert entry.spec is not None
-                    entry.obj = load_component(self.component_type(key) or object, entry.spec, device=self.device)
+                    device = None if placing else self.device  # offloaded models wait on the CPU
+                    entry.obj = load_component(self.component_type(key) or object, entry.spec, device=device)
+        if placing:
+            self.placement.attach(entry.key, entry.name, entry.obj)
         return entry.obj
+
+    def plan(self) -> MemoryPlan:
+        """The placement of every model this manager knows: the policy, what it needs at most, and why.
+
+        Models are measured without loading them where their spec allows (from their config on
+        the meta device, or from their safetensors headers); a model shared by several pipelines
+        counts once. ``print(manager.plan())`` explains the choice.
+
+        Raises:
+            MemoryBudgetError: the budget is below what the smallest placement needs (the message says how much).
+        """
+        with self._lock:
+            return self.placement.make_plan(self._model_sizes, self.device)
+
+    def _model_sizes(self) -> dict[str, ModelSize]:
+        sizes: dict[str, ModelSize] = {}
+        seen: set[int] = set()  # one object under several names (or pipelines) counts once
+        for entry in self._entries.values():
+            if entry.obj is not None and id(entry.obj) in seen:
+                continue
+            seen.add(id(entry.obj))
+            if isinstance(entry.obj, torch.nn.Module):
+                size: ModelSize | None = measure(entry.obj)
+            elif entry.obj is None and entry.spec is not None:
+                size = self._size_before_loading(entry.key, entry.spec)
+            else:
+                size = None
+            if size is not None:
+                sizes[entry.name if entry.name not in sizes else entry.key] = size
+        return sizes
 
     def component_type(self, key: str) -> type | None:
         """The component's class, resolved without loading it (None when the spec has no type hint)."""
@@ -158,17 +219,29 @@ class ComponentsManager:
     def is_loaded(self, key: str) -> bool:
         return self._entry(key).obj is not None
 
+    def _size_before_loading(self, key: str, spec: ComponentSpec) -> ModelSize | None:
+        cls = self.component_type(key)
+        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)) or spec.quantization is not None:
+            return None  # not a model, or quantized: measured once loaded
+        if spec.repo is None:
+            return size_before_loading(cls, config=spec.config, dtype=spec.torch_dtype)
+        folder = Path(spec.repo) / (spec.subfolder or "")  # a local folder; a Hub id is measured once loaded
+        return size_before_loading(cls, folder=folder, variant=spec.variant, dtype=spec.torch_dtype)
+
     def unload(self, key: str) -> None:
         """Drop the loaded object (a spec-backed component reloads on next use) and free its memory."""
         entry = self._entry(key)
         if entry.spec is None:
             raise ValueError(f"{key!r} was added as an object, not a spec, so it could not be reloaded: use remove()")
+        self.placement.detach(entry.key)
         entry.obj = None
         _free_memory()
 
     def remove(self, key: str) -> None:
         """Forget a component entirely."""
-        self._entries.pop(self._entry(key).key)
+        entry = self._entries.pop(self._entry(key).key)
+        self.placement.detach(entry.key)
+        self.placement.outdated()
         _free_memory()
 
     def release(self, key: str, *, user: str) -> None:
@@ -179,10 +252,18 @@ class ComponentsManager:
         entry.users.discard(user)
         if not entry.users:
             self._entries.pop(key)
+            self.placement.detach(key)
+            self.placement.outdated()
 
     def to(self, device: torch.device | str) -> ComponentsManager:
-        """Move every loaded module to ``device`` (and load later ones there)."""
+        """Move every loaded module to ``device`` (and load later ones there).
+
+        Under a memory budget or an offload policy the models stay where the policy keeps them;
+        the next plan places them for the new device.
+        """
         self.device = device  # the setter checks and converts names
+        if self.placement.active:
+            return self
         for entry in self._entries.values():
             if isinstance(entry.obj, torch.nn.Module):
                 entry.obj.to(self.device)

@@ -10,6 +10,7 @@ from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.sd.encode import Prompt, as_list, clip_embeddings, paired
 from diffblocks.components.denoisers import Conditioning
+from diffblocks.components.memory import execution_device
 
 
 def t5_embeddings(
@@ -19,7 +20,7 @@ def t5_embeddings(
 
     No attention mask is passed (pad tokens are encoded like words), as diffusers' Flux pipelines encode prompts.
     """
-    device = next(encoder.parameters()).device
+    device = execution_device(encoder) or next(encoder.parameters()).device  # under offload: where it runs
     ids = tokenizer(texts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt").input_ids
     return encoder(ids.to(device))[0].to(encoder.dtype)
 

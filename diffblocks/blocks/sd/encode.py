@@ -10,6 +10,7 @@ from transformers import CLIPTextModel, PreTrainedTokenizerBase
 from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
 from diffblocks.components.denoisers import Conditioning
+from diffblocks.components.memory import execution_device
 
 Prompt = str | list[str]
 
@@ -64,7 +65,7 @@ def clip_embeddings(
     ``clip_skip`` takes the output of an earlier layer, through the final layer norm, as SD 1.x
     does; ``penultimate`` takes the second-to-last layer without the norm, as SDXL does.
     """
-    device = next(encoder.parameters()).device
+    device = execution_device(encoder) or next(encoder.parameters()).device  # under offload: where it runs
     ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
     if clip_skip is None and not penultimate:
         out = encoder(ids.to(device))

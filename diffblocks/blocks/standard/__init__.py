@@ -1,5 +1,6 @@
 """Standard blocks shared by the UNet families: schedules, latents, guidance, the loop body, decoding."""
 
+from diffblocks.blocks.standard.controlnet import PredictControlledNoise, PrepareControlImage
 from diffblocks.blocks.standard.decode import DecodeImages
 from diffblocks.blocks.standard.denoise import PredictNoise, ScaleModelInput, SchedulerStep
 from diffblocks.blocks.standard.guidance import Guidance, PrepareGuidance
@@ -19,7 +20,9 @@ __all__ = [
     "ImageLike",
     "MaskLike",
     "OutputType",
+    "PredictControlledNoise",
     "PredictNoise",
+    "PrepareControlImage",
     "PrepareGuidance",
     "PrepareImageLatents",
     "PrepareInpaintImages",

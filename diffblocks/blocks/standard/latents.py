@@ -23,6 +23,7 @@ from diffblocks.blocks.standard.images import (
 from diffblocks.blocks.standard.limits import check_run_size
 from diffblocks.blocks.standard.vae import encode_latents, vae_scale_factor
 from diffblocks.blocks.types import Float
+from diffblocks.components.memory import execution_device
 from diffblocks.components.models.autoencoder_kl import AutoencoderKL
 from diffblocks.components.models.flux.params import FluxParams
 from diffblocks.components.models.unet.params import UNet2DConditionParams
@@ -33,9 +34,12 @@ PROMPT_FOR_CHECKS = "the prompts, read to check the generators and images agains
 
 
 def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Device and dtype of a module's first parameter: where a block puts the tensors it makes for it."""
+    """Device and dtype of a module's first parameter: where a block puts the tensors it makes for it.
+
+    Under an offload policy the device is where the module runs, not where its weights wait.
+    """
     parameter = next(module.parameters())
-    return parameter.device, parameter.dtype
+    return execution_device(module) or parameter.device, parameter.dtype
 
 
 def check_size(factor: int, *, height: int | None, width: int | None) -> None:

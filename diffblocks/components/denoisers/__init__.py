@@ -2,7 +2,8 @@
 
 from diffblocks.components.denoisers.base import AbstractDenoiser, Predict, PredictionType
 from diffblocks.components.denoisers.conditioning import Conditioning, check_joinable
+from diffblocks.components.denoisers.controlnet import Control, ControlNetDenoiser
 from diffblocks.components.denoisers.flux import FluxDenoiser
 from diffblocks.components.denoisers.unet import UNetDenoiser
 
-__all__ = ["AbstractDenoiser", "Conditioning", "FluxDenoiser", "Predict", "PredictionType", "UNetDenoiser", "check_joinable"]
+__all__ = ["AbstractDenoiser", "Conditioning", "Control", "ControlNetDenoiser", "FluxDenoiser", "Predict", "PredictionType", "UNetDenoiser", "check_joinable"]

@@ -59,7 +59,7 @@ class UNetDenoiser(AbstractDenoiser):
 
     def _predict(self, t: Tensor, x: Tensor, c: Conditioning) -> Tensor:
         # Where the conditioning becomes UNet arguments: an IP-Adapter attached to this wrapper reads
-        # c.image_embeds here, and a ControlNet wrapped around it hands in c.control_residuals.
+        # c.image_embeds here, and a ControlNetDenoiser wrapped around it hands in c.control_residuals.
         if c.image_embeds is not None:
             raise ValueError(_MSG_IMAGE_EMBEDS)
         residuals = c.control_residuals

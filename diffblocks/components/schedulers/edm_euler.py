@@ -13,7 +13,7 @@ from torch import Tensor
 from typing_extensions import Self
 
 from diffblocks.components.noise import Generator
-from diffblocks.components.schedulers.base import AbstractScheduler
+from diffblocks.components.schedulers.base import MAX_TRAIN_TIMESTEPS, AbstractScheduler
 from diffblocks.components.schedulers.state import SchedulerState
 
 
@@ -40,7 +40,7 @@ class EDMEulerScheduler(AbstractScheduler):
     sigma_data: float = Field(default=0.5, gt=0.0)
     sigma_schedule: Literal["karras", "exponential"] = "karras"
     # read and written for config fidelity: sampling never reads the training schedule
-    num_train_timesteps: int = Field(default=1000, ge=1)
+    num_train_timesteps: int = Field(default=1000, ge=1, le=MAX_TRAIN_TIMESTEPS)
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     rho: float = Field(default=7.0, gt=0.0)
     final_sigmas_type: Literal["zero", "sigma_min"] = "zero"

@@ -12,7 +12,7 @@ from pydantic import Field
 from torch import Tensor
 
 from diffblocks.components.noise import Generator
-from diffblocks.components.schedulers.base import AbstractScheduler
+from diffblocks.components.schedulers.base import MAX_TRAIN_TIMESTEPS, AbstractScheduler
 from diffblocks.components.schedulers.flow_match import FlowMatchEulerDiscreteScheduler
 from diffblocks.components.schedulers.state import SchedulerState, StepRecord, flow_strength_begin
 
@@ -37,7 +37,7 @@ class FlowMatchHeunDiscreteScheduler(AbstractScheduler):
 
     order: ClassVar[int] = 2
 
-    num_train_timesteps: int = Field(default=1000, ge=1)
+    num_train_timesteps: int = Field(default=1000, ge=1, le=MAX_TRAIN_TIMESTEPS)
     shift: float = Field(default=1.0, gt=0.0)
 
     def set_timesteps(

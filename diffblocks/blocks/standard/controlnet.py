@@ -1,0 +1,208 @@
+"""ControlNet blocks for the UNet families: prepare the control image once, add the residuals at every step."""
+
+from __future__ import annotations
+
+from typing import Annotated, TypeVar, cast
+
+from pydantic import Field
+from torch import Tensor
+
+from diffblocks.blocks.block import Block, BlockIO, component, known
+from diffblocks.blocks.errors import FieldError
+from diffblocks.blocks.fields import produced
+from diffblocks.blocks.standard.denoise import prediction_type
+from diffblocks.blocks.standard.guidance import Guidance
+from diffblocks.blocks.standard.images import ImageLike, check_image, to_tensor
+from diffblocks.blocks.standard.latents import placement
+from diffblocks.blocks.types import Float
+from diffblocks.components.denoisers import Control, ControlNetDenoiser, UNetDenoiser
+from diffblocks.components.models.controlnet import ControlNetModel, MultiControlNetModel, controlnets
+from diffblocks.components.models.unet import UNet2DConditionModel
+from diffblocks.components.schedulers.base import AbstractScheduler
+
+_MSG_WINDOW = (
+    "control_guidance_start {start} is after control_guidance_end {end}: the ControlNet would act at no step; "
+    "give start <= end (fractions of the steps, e.g. 0.0 and 0.6)"
+)
+_MSG_BATCH = (
+    "control_image has {got} images but the run has {prompts} prompt(s) ({batch} images in all): "
+    "give one control image for every prompt, or one for all of them"
+)
+_MSG_FIT = (
+    "the ControlNet ({controlnet}) does not fit the UNet ({unet}): {field} differs ({got} vs {expected}). "
+    "A ControlNet steers the UNet it was trained beside: load one made for this base model"
+)
+
+_MSG_COUNT = (
+    "{field} has {got} values but there are {nets} ControlNets: give one value for all of them, or one per ControlNet"
+)
+_MSG_IMAGES = (
+    "control_image must be a list of {nets} control images, one per ControlNet (each an image or a batch), "
+    "got {got}"
+)
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+T = TypeVar("T")
+
+# What a ControlNet must share with its UNet for its residuals to be added: the encoder's shape and the conditioning.
+_FITTING = ("block_out_channels", "layers_per_block", "in_channels", "cross_attention_dim", "addition_embed_type",
+            "projection_class_embeddings_input_dim")  # fmt: skip
+
+
+def family_name(params: object) -> str:
+    """A short name of the family a UNet or ControlNet belongs to, with its widths, for error messages."""
+    family = "SDXL" if getattr(params, "addition_embed_type", None) == "text_time" else "SD 1.x/2.x"
+    widths = getattr(params, "block_out_channels", ())
+    return f"{family}, block_out_channels={tuple(widths)}, cross_attention_dim={getattr(params, 'cross_attention_dim', None)}"
+
+
+def controlnet_mismatch(controlnet: ControlNetModel, unet: UNet2DConditionModel) -> str | None:
+    """Why ``controlnet``'s residuals cannot be added to ``unet`` (naming both), or None when it fits."""
+    ours, theirs = controlnet.params, unet.params
+    for field in _FITTING:
+        got, expected = getattr(ours, field), getattr(theirs, field)
+        if field == "layers_per_block":
+            expected = theirs.layers
+            got = (got,) * len(expected)
+        if field == "cross_attention_dim":
+            expected = theirs.cross_dims[0] if len(set(theirs.cross_dims)) == 1 else theirs.cross_dims
+        if got != expected:
+            return _MSG_FIT.format(controlnet=family_name(ours), unet=family_name(theirs), field=field, got=got, expected=expected)
+    return None
+
+
+class PrepareControlImage(Block):
+    """The control images at the run's size and batch, in [0, 1], and each ControlNet's settings for the call.
+
+    Each image is resized to the run's ``height`` x ``width`` when its size differs (Lanczos for PIL
+    images, as diffusers resizes them; bilinear with antialiasing for arrays and tensors) and is
+    not normalised: ControlNets read it in [0, 1]. One control image serves every prompt; else
+    there is one per prompt, repeated for each of its ``num_images_per_prompt`` images.
+
+    With several ControlNets (a :class:`MultiControlNetModel`), ``control_image`` is a list with one
+    entry per net, and each setting is one value for all nets or a list with one per net.
+    """
+
+    class Inputs(BlockIO):
+        control_image: ImageLike | list[ImageLike] = Field(
+            description="the control image (edges, depth, pose, ...); a list of one per ControlNet for several"
+        )
+        controlnet_conditioning_scale: float | list[float] = Field(
+            1.0, description="how strongly each ControlNet acts (0: not at all)"
+        )
+        control_guidance_start: Fraction | list[Fraction] = Field(0.0, description="fraction of the steps where the control starts")
+        control_guidance_end: Fraction | list[Fraction] = Field(1.0, description="fraction of the steps where the control ends")
+        latents: Float["batch channels height width"] = produced(description="the starting latents (gives the run's batch)")
+        height: int
+        width: int
+        num_images_per_prompt: int = Field(1, ge=1, le=64)
+
+    class Outputs(BlockIO):
+        controls: tuple[Control, ...]
+
+    controlnet: ControlNetModel | MultiControlNetModel = component(description="the ControlNet, or several")
+    unet: UNet2DConditionModel = component(description="the UNet its residuals are added to")
+
+    def check(self, inputs: Inputs) -> None:
+        nets = controlnets(self.controlnet)
+        for net in nets:
+            problem = controlnet_mismatch(net, self.unet)
+            if problem is not None:
+                raise FieldError("controlnet", problem)
+        starts = _per_net(known(inputs, "control_guidance_start"), len(nets), "control_guidance_start")
+        ends = _per_net(known(inputs, "control_guidance_end"), len(nets), "control_guidance_end")
+        _per_net(known(inputs, "controlnet_conditioning_scale"), len(nets), "controlnet_conditioning_scale")
+        for start, end in zip(starts, ends, strict=True):
+            if isinstance(start, float) and isinstance(end, float) and start > end:
+                raise FieldError("control_guidance_start", _MSG_WINDOW.format(start=start, end=end))
+        given = known(inputs, "control_image")
+        for image in _images(given, len(nets)) if given is not None else ():
+            check_image(image, name="control_image")
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        nets = controlnets(self.controlnet)
+        n = len(nets)
+        images = _images(inputs.control_image, n)
+        scales = _per_net(inputs.controlnet_conditioning_scale, n, "controlnet_conditioning_scale")
+        starts = _per_net(inputs.control_guidance_start, n, "control_guidance_start")
+        ends = _per_net(inputs.control_guidance_end, n, "control_guidance_end")
+        controls = []
+        for net, image, scale, start, end in zip(nets, images, scales, starts, ends, strict=True):
+            device, dtype = placement(net)
+            batched = self.batched(self.image(image, height=inputs.height, width=inputs.width), inputs)
+            controls.append(Control(net, batched.to(device=device, dtype=dtype), scale=scale, start=start, end=end))
+        return self.Outputs(controls=tuple(controls))
+
+    def image(self, image: ImageLike, *, height: int, width: int) -> Tensor:
+        """A control image as a ``(batch, channels, height, width)`` tensor in [0, 1]; override to preprocess otherwise."""
+        return to_tensor(image, height=height, width=width)
+
+    def batched(self, image: Tensor, inputs: Inputs) -> Tensor:
+        """``image`` with the run's batch: one image for all prompts, or one per prompt repeated per image of it."""
+        batch = inputs.latents.shape[0]
+        prompts = batch // inputs.num_images_per_prompt
+        if image.shape[0] == 1:
+            return image.repeat(batch, 1, 1, 1)
+        if image.shape[0] == prompts:
+            return image.repeat_interleave(inputs.num_images_per_prompt, dim=0)
+        raise FieldError("control_image", _MSG_BATCH.format(got=image.shape[0], prompts=prompts, batch=batch))
+
+
+def _images(value: ImageLike | list[ImageLike], nets: int) -> list[ImageLike]:
+    """The control image of each net: the value itself for one net (a list is a batch), its entries for several."""
+    if nets == 1:
+        return [cast(ImageLike, value)]
+    if not isinstance(value, list) or len(value) != nets:
+        got = f"a list of {len(value)}" if isinstance(value, list) else type(value).__name__
+        raise FieldError("control_image", _MSG_IMAGES.format(nets=nets, got=got))
+    return value
+
+
+def _per_net(value: T | list[T], nets: int, field: str) -> list[T]:
+    """One value per net: a single value repeated, or a list whose length is the number of nets."""
+    if not isinstance(value, list):
+        return [value] * nets
+    if len(value) != nets:
+        raise FieldError(field, _MSG_COUNT.format(field=field, got=len(value), nets=nets))
+    return value
+
+
+class PredictControlledNoise(Block):
+    """:class:`~diffblocks.blocks.standard.PredictNoise` with ControlNets: their residuals join every guidance pass.
+
+    The denoiser is a :class:`~diffblocks.components.denoisers.ControlNetDenoiser` around the UNet's,
+    holding the controls that act at this step (``control_guidance_start/end``).
+    """
+
+    class Inputs(BlockIO):
+        model_input: Float["batch channels height width"] = produced(description="the latents scaled for the model")
+        t: Tensor
+        guidance: Guidance = produced(description="the guider and its passes for this run")
+        controls: tuple[Control, ...] = produced(description="the ControlNets and their control images")
+        step_index: int
+        num_steps: int
+
+    class Outputs(BlockIO):
+        noise_pred: Float["batch channels height width"]
+
+    unet: UNet2DConditionModel = component(description="the denoiser")
+    scheduler: AbstractScheduler = component(optional=True, description="its prediction_type is what the UNet predicts")
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        denoiser = self.denoiser(inputs.controls, inputs.step_index, inputs.num_steps)
+        noise_pred = inputs.guidance.prediction(
+            denoiser.at(inputs.t),
+            latents=inputs.model_input,
+            step_index=inputs.step_index,
+            num_steps=inputs.num_steps,
+            model=denoiser.model,
+        )
+        return self.Outputs(noise_pred=noise_pred)
+
+    def denoiser(self, controls: tuple[Control, ...], step_index: int, num_steps: int) -> ControlNetDenoiser:
+        """The UNet with the controls that act at this step."""
+        unet = UNetDenoiser(self.unet, prediction_type=prediction_type(self.scheduler))
+        return ControlNetDenoiser(unet, [c for c in controls if c.active(step_index, num_steps)])
+
+
+__all__ = ["PredictControlledNoise", "PrepareControlImage", "controlnet_mismatch", "family_name"]

@@ -1,0 +1,113 @@
+"""ControlNets around a UNet denoiser: residuals computed per pass from the latents and the control image."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import final
+
+from jaxtyping import Float
+from torch import Tensor
+
+from diffblocks.components.denoisers.base import AbstractDenoiser, Predict
+from diffblocks.components.denoisers.conditioning import Conditioning
+from diffblocks.components.denoisers.unet import UNetDenoiser
+from diffblocks.components.models.controlnet import ControlNetModel
+
+_MSG_BATCH = (
+    "the control image has batch {image} but the denoiser input has batch {batch}, which is not a multiple of it: "
+    "prepare the control image for the run's batch (PrepareControlImage does)"
+)
+
+
+@final
+@dataclass(frozen=True, slots=True, eq=False)
+class Control:
+    """One ControlNet with its control image and settings for one call.
+
+    Args:
+        model: the ControlNet.
+        image: ``(batch, channels, height, width)`` control image in [0, 1], at the run's pixel size,
+            with the run's batch (prompts times images per prompt), on the ControlNet's device and dtype.
+        scale: ``controlnet_conditioning_scale``: its residuals are multiplied by it.
+        start, end: ``control_guidance_start`` and ``control_guidance_end``, the fractions of the
+            steps between which the ControlNet acts.
+    """
+
+    model: ControlNetModel
+    image: Float[Tensor, "batch channels height width"]
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def active(self, step_index: int, num_steps: int) -> bool:
+        """Whether it acts at ``step_index`` of ``num_steps``: diffusers' ``controlnet_keep``.
+
+        A step acts when it lies wholly inside ``[start, end]`` as fractions of the run; outside,
+        diffusers still runs the ControlNet at scale 0, which adds zeros, so it is skipped here.
+        """
+        return not (step_index / num_steps < self.start or (step_index + 1) / num_steps > self.end)
+
+
+@final
+class ControlNetDenoiser(AbstractDenoiser):
+    """A UNet denoiser whose passes first run ControlNets and hand their summed residuals to the UNet.
+
+    Each pass ``predict(x, conditioning)`` runs every control on the same ``x``, timestep, prompt
+    embeddings and (SDXL) added conditioning as the UNet, sums their residuals in order (as
+    diffusers' ``MultiControlNetModel`` does) and passes them on as ``Conditioning.control_residuals``,
+    added to any already there. The control image is tiled to the pass's batch: guidance
+    concatenates its passes (``[cond, uncond]``) along the batch, and diffusers concatenates the
+    control image the same way.
+
+    Args:
+        denoiser: the UNet's denoiser.
+        controls: the controls that act at this step (see :meth:`Control.active`); none gives the
+            plain UNet.
+    """
+
+    __slots__ = ("controls", "denoiser", "model", "prediction_type")
+
+    def __init__(self, denoiser: UNetDenoiser, controls: Sequence[Control]) -> None:
+        self.denoiser = denoiser
+        self.controls = tuple(controls)
+        self.model = denoiser.model
+        self.prediction_type = denoiser.prediction_type
+
+    def __call__(self, x: Float[Tensor, "batch c h w"], t: Tensor, conditioning: Conditioning) -> Float[Tensor, "batch c h w"]:
+        return self.at(t)(x, conditioning)
+
+    def at(self, t: Tensor) -> Predict:
+        predict = self.denoiser.at(t)
+        return partial(self._predict, t, predict) if self.controls else predict
+
+    def _predict(self, t: Tensor, predict: Predict, x: Tensor, c: Conditioning) -> Tensor:
+        residuals = c.control_residuals
+        added = None
+        if c.pooled_embeds is not None or c.time_ids is not None:
+            added = {k: v for k, v in (("text_embeds", c.pooled_embeds), ("time_ids", c.time_ids)) if v is not None}
+        for control in self.controls:
+            out = control.model(
+                x,
+                t,
+                c.prompt_embeds,
+                _tiled(control.image, x.shape[0]),
+                conditioning_scale=control.scale,
+                added_cond_kwargs=added,
+                encoder_attention_mask=c.prompt_mask,
+            )
+            residuals = out if residuals is None else tuple(a + b for a, b in zip(residuals, out, strict=True))
+        return predict(x, replace(c, control_residuals=residuals))
+
+
+def _tiled(image: Tensor, batch: int) -> Tensor:
+    """``image`` repeated along the batch to ``batch`` items (the passes of a batched guidance forward)."""
+    if image.shape[0] == batch:
+        return image
+    if batch % image.shape[0]:
+        raise ValueError(_MSG_BATCH.format(image=image.shape[0], batch=batch))
+    return image.repeat(batch // image.shape[0], 1, 1, 1)
+
+
+__all__ = ["Control", "ControlNetDenoiser"]

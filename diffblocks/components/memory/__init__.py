@@ -1,0 +1,40 @@
+"""Memory: offload policies as values, a budget, and a planner that picks the cheapest policy that fits.
+
+See ``docs/memory.md``.
+"""
+
+from diffblocks.components.memory.measure import ModelSize, measure
+from diffblocks.components.memory.placement import Placement
+from diffblocks.components.memory.planner import LADDER, MemoryBudgetError, MemoryPlan, plan_memory
+from diffblocks.components.memory.policies import (
+    AbstractOffload,
+    Attached,
+    GroupOffload,
+    LeafOffload,
+    ModelOffload,
+    Mover,
+    NoOffload,
+    OnMove,
+    execution_device,
+)
+from diffblocks.components.memory.sizes import ByteSize
+
+__all__ = [
+    "LADDER",
+    "AbstractOffload",
+    "Attached",
+    "ByteSize",
+    "GroupOffload",
+    "LeafOffload",
+    "MemoryBudgetError",
+    "MemoryPlan",
+    "ModelOffload",
+    "ModelSize",
+    "Mover",
+    "NoOffload",
+    "OnMove",
+    "Placement",
+    "execution_device",
+    "measure",
+    "plan_memory",
+]

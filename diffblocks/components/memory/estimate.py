@@ -1,0 +1,70 @@
+"""A model's size before it is loaded: built on the meta device from its config, or read from its safetensors headers."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from diffblocks.components.memory.measure import ModelSize, measure
+
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}  # others: 1 byte
+
+
+def size_before_loading(
+    cls: type[torch.nn.Module],
+    *,
+    config: Mapping[str, Any] | None = None,
+    folder: Path | None = None,
+    variant: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> ModelSize | None:
+    """``cls`` as it would load, measured without reading a weight (None when that is not possible).
+
+    From a ``config``, the model is built on the meta device, which allocates nothing; from a
+    local ``folder``, its safetensors headers are read. Quantized models and Hub ids not yet
+    downloaded are measured once loaded (on the CPU).
+    """
+    if config is not None and hasattr(cls, "from_config"):
+        with torch.device("meta"):
+            model = cls.from_config(config)  # type: ignore[attr-defined]  # every registered model class has one
+        return measure(model.to(dtype) if dtype is not None else model)
+    if folder is None or not folder.is_dir():
+        return None
+    files = sorted(folder.glob("*.safetensors"))
+    if variant is not None:
+        files = [f for f in files if f".{variant}." in f.name]
+    # without a dtype, our models and transformers' load floating-point weights as float32, whatever the file holds
+    return header_size(files, dtype=dtype or torch.float32) if files else None
+
+
+def header_size(files: list[Path], *, dtype: torch.dtype | None = None) -> ModelSize:
+    """The :class:`ModelSize` of the tensors in ``files``, from their headers alone.
+
+    A name's first numeric part marks a repeated block (``down_blocks.0.resnets.0.conv1.weight`` is
+    in block 0 of ``down_blocks``), as its outermost ``nn.ModuleList`` would; a name without its
+    last part is its layer. Floating-point tensors count at ``dtype`` when given (the dtype they load as).
+    """
+    blocks: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    leaves: dict[str, int] = defaultdict(int)
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                piece = f.get_slice(name)
+                kind = piece.get_dtype()
+                itemsize = dtype.itemsize if dtype is not None and kind.startswith(("F", "BF")) else _ITEMSIZE.get(kind, 1)
+                size = math.prod(piece.get_shape()) * itemsize
+                total += size
+                leaves[name.rsplit(".", 1)[0]] += size
+                parts = name.split(".")
+                at = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+                if at is not None and at > 0:
+                    blocks[".".join(parts[:at])][int(parts[at])] += size
+    grouped = tuple(sorted(tuple(entries[i] for i in sorted(entries)) for entries in blocks.values()))
+    return ModelSize(total=total, blocks=grouped, largest_leaf=max(leaves.values(), default=0))

@@ -1,0 +1,77 @@
+"""A manager's memory: its budget or policy, the current plan, and the policy attached to each loaded model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import final
+
+import torch
+from torch import nn
+
+from diffblocks.components.memory.measure import ModelSize
+from diffblocks.components.memory.planner import MemoryPlan, plan_memory
+from diffblocks.components.memory.policies import AbstractOffload, Attached, Mover, OnMove
+from diffblocks.components.memory.sizes import ByteSize
+
+
+@final
+class Placement:
+    """What :class:`~diffblocks.components.ComponentsManager` keeps for memory (one per manager).
+
+    Inactive (every model simply on the manager's device) unless a budget or a policy is given.
+    The plan is made from every model the manager knows, before the first of them is loaded, and
+    made again when models are added; a model gets the plan's policy when it is first handed out,
+    and again whenever the plan's policy changes.
+
+    Args:
+        budget: bytes of weights allowed on the device (``"12GiB"``, ``"8 GB"`` or an int).
+        policy: a fixed policy (the planner then only checks it against the budget, if any).
+        on_move: told of each move (see :data:`~diffblocks.components.memory.OnMove`).
+    """
+
+    def __init__(self, *, budget: str | int | None = None, policy: AbstractOffload | None = None, on_move: OnMove | None = None) -> None:
+        if policy is not None and not isinstance(policy, AbstractOffload):
+            raise TypeError(
+                f"offload={policy!r} is not an offload policy: give NoOffload(), ModelOffload(), GroupOffload(...) or LeafOffload()"
+            )
+        self.budget = ByteSize.parse(budget) if budget is not None else None
+        self.policy = policy
+        self.on_move = on_move
+        self.plan: MemoryPlan | None = None
+        self._mover: Mover | None = None
+        self._applied: AbstractOffload | None = None
+        self._attached: dict[str, Attached] = {}
+
+    @property
+    def active(self) -> bool:
+        return self.budget is not None or self.policy is not None
+
+    def make_plan(self, sizes: Callable[[], Mapping[str, ModelSize]], device: torch.device | None) -> MemoryPlan:
+        """The plan for the models now known (measured only when the plan is out of date)."""
+        if self.plan is None:
+            target = device if device is not None else torch.device("cpu")
+            plan = plan_memory(sizes(), device=str(target), budget=self.budget, policy=self.policy)
+            if self._mover is None or self._mover.device != target or plan.policy != self._applied:
+                self.detach_all()  # each model gets the new policy when it is next handed out
+                self._mover = Mover(target, on_move=self.on_move)
+            self.plan, self._applied = plan, plan.policy
+        return self.plan
+
+    def outdated(self) -> None:
+        """Models were added, removed or moved: plan again before the next model is handed out."""
+        self.plan = None
+
+    def attach(self, key: str, name: str, model: object) -> None:
+        """Give ``model`` the plan's policy, once (a model that is not an ``nn.Module`` has no weights to place)."""
+        if key in self._attached or not isinstance(model, nn.Module) or self.plan is None or self._mover is None:
+            return
+        self._attached[key] = self.plan.policy.attach(name, model, self._mover)
+
+    def detach(self, key: str) -> None:
+        attached = self._attached.pop(key, None)
+        if attached is not None:
+            attached.detach()
+
+    def detach_all(self) -> None:
+        for key in list(self._attached):
+            self.detach(key)

@@ -1,0 +1,96 @@
+"""The planner: the cheapest offload policy whose peak fits the budget, and why."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import final
+
+from diffblocks.components.memory.measure import ModelSize
+from diffblocks.components.memory.policies import AbstractOffload, GroupOffload, LeafOffload, ModelOffload, NoOffload
+from diffblocks.components.memory.sizes import ByteSize
+
+LADDER: tuple[AbstractOffload, ...] = (NoOffload(), ModelOffload(), GroupOffload(blocks_per_group=1), LeafOffload())
+"""The policies the planner tries, cheapest (least traffic) first."""
+
+_MSG_BELOW = (
+    "memory budget {budget} on {device} is below the smallest placement of {count} model(s) ({names}): "
+    "{policy!r} needs at least {minimum}{why}. Raise memory_budget to at least {minimum}, quantize the largest "
+    "model (pipe.quantize(...), see docs/quantization.md), or run on a device with more memory"
+)
+
+
+class MemoryBudgetError(ValueError):
+    """The budget is smaller than the least any policy needs; raised before any model is loaded."""
+
+
+@final
+@dataclass(frozen=True)
+class MemoryPlan:
+    """A placement chosen for a budget: the policy, what it needs at most, and what each other policy would need.
+
+    Attributes:
+        device: where the models run.
+        budget: the bytes allowed there (None: no budget, the policy was given).
+        policy: the chosen policy.
+        peak: the most bytes of weights the chosen policy holds on the device at once.
+        sizes: each model's measured size, by component name (a shared component appears once).
+        tried: each policy considered, in order, with its peak.
+    """
+
+    device: str
+    budget: ByteSize | None
+    policy: AbstractOffload
+    peak: ByteSize
+    sizes: Mapping[str, ModelSize]
+    tried: tuple[tuple[AbstractOffload, ByteSize], ...]
+
+    def __str__(self) -> str:
+        total = ByteSize(sum(size.total for size in self.sizes.values()))
+        budget = f"budget {self.budget}" if self.budget is not None else "no budget"
+        lines = [f"{len(self.sizes)} model(s), {total} of weights, on {self.device} ({budget})"]
+        lines += [f"  {name:<16} {ByteSize(size.total)!s:>10}" for name, size in sorted(self.sizes.items())]
+        for policy, peak in self.tried:
+            mark = "->" if policy == self.policy else "  "
+            verdict = "fits" if self.budget is None or peak <= self.budget else "does not fit"
+            lines.append(f"{mark} {policy!r}: {peak} at most on {self.device}, {verdict}")
+        lines.append(f"chosen: {self.policy!r}: {self.policy.describe()}")
+        return "\n".join(lines)
+
+
+def plan_memory(
+    sizes: Mapping[str, ModelSize],
+    *,
+    device: str,
+    budget: ByteSize | None = None,
+    policy: AbstractOffload | None = None,
+    ladder: Sequence[AbstractOffload] = LADDER,
+) -> MemoryPlan:
+    """The first policy of ``ladder`` (or the given ``policy``) whose peak fits ``budget``.
+
+    Each model counts once however many pipelines use it: ``sizes`` is keyed by component.
+
+    Raises:
+        MemoryBudgetError: nothing fits; the message says the least any policy needs.
+
+    Example:
+        >>> from diffblocks.components.memory import ByteSize, ModelSize
+        >>> sizes = {"unet": ModelSize(6 * 2**30, blocks=((2**30,) * 5,), largest_leaf=2**27),
+        ...          "text_encoder": ModelSize(2**30, largest_leaf=2**26)}
+        >>> plan_memory(sizes, device="cuda", budget=ByteSize.parse("7GiB")).policy
+        NoOffload()
+        >>> plan_memory(sizes, device="cuda", budget=ByteSize.parse("4GiB")).policy
+        GroupOffload(blocks_per_group=1)
+    """
+    models = list(sizes.values())
+    tried = tuple((each, ByteSize(each.peak(models))) for each in ((policy,) if policy is not None else ladder))
+    for each, peak in tried:
+        if budget is None or peak <= budget:
+            return MemoryPlan(device, budget, each, peak, dict(sizes), tried)
+    smallest, minimum = min(tried, key=lambda pair: pair[1])
+    biggest = max(sizes.items(), key=lambda item: item[1].total)
+    why = f" (largest model: {biggest[0]}, {ByteSize(biggest[1].total)})" if biggest else ""
+    raise MemoryBudgetError(
+        _MSG_BELOW.format(budget=budget, device=device, count=len(sizes), names=", ".join(sorted(sizes)),
+                          policy=smallest, minimum=minimum, why=why)
+    )

@@ -1,0 +1,231 @@
+"""Offload policies: where a model's weights wait while other models run, and when they move in.
+
+A policy is a frozen value (compared and hashed by value, like a guider); :meth:`attach` installs
+forward hooks on one model and returns an :class:`Attached` whose ``detach()`` removes them and
+moves every tensor back home, leaving the model as it was. Moves go through one :class:`Mover`
+per manager, which knows the device, the home (the CPU), which model is resident, and whom to
+tell about each move (tests count them there).
+
+The policies, from cheapest to smallest (the planner tries them in this order):
+
+- :class:`NoOffload`: every model lives on the device.
+- :class:`ModelOffload`: a model moves to the device when one of its layers first runs, and the
+  model that was there moves home (diffusers' ``enable_model_cpu_offload``).
+- :class:`GroupOffload`: a model's repeated blocks (its outermost ``nn.ModuleList`` entries) move
+  in ``blocks_per_group`` at a time as they run and back after; the rest stays on the device
+  (diffusers' ``apply_group_offloading``, ``offload_type="block_level"``).
+- :class:`LeafOffload`: each layer's own tensors move in just before it runs and back after
+  (``offload_type="leaf_level"``): the least memory, the most traffic.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, final
+from weakref import WeakKeyDictionary
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from diffblocks.components.memory.measure import ModelSize, repeated_blocks
+
+OnMove = Callable[[str, torch.device, int], None]
+"""Told of each move: the moved module's name (``"unet/down_blocks.0"``), where to, and the bytes moved."""
+
+
+@final
+class Mover:
+    """Moves modules' tensors between the device and home, for all models of one manager.
+
+    Args:
+        device: where models run.
+        home: where they wait (default: the CPU).
+        on_move: called once per move (see :data:`OnMove`).
+    """
+
+    def __init__(self, device: torch.device | str, *, home: torch.device | str = "cpu", on_move: OnMove | None = None) -> None:
+        self.device = torch.device(device)
+        self.home = torch.device(home)
+        self.on_move = on_move
+        self.resident: nn.Module | None = None  # the one model that ModelOffload keeps on the device
+        self.resident_name = ""
+
+    def move(self, name: str, modules: Iterable[nn.Module], device: torch.device, *, recurse: bool = True) -> None:
+        moved = 0
+        # Copies to the accelerator may overlap; copies home may not, since a later copy back would read a half-written buffer.
+        overlap = device.type != "cpu"
+        # Out of inference mode, so that moved parameters stay ordinary tensors that a later call with grad can use.
+        with torch.inference_mode(False), torch.no_grad():
+            for module in modules:
+                moved += sum(t.numel() * t.element_size() for t in _tensors(module, recurse=recurse))
+                module._apply(lambda t: t.to(device, non_blocking=overlap), recurse=recurse)  # noqa: SLF001 - what nn.Module.to calls, one level deep when asked
+        if self.on_move is not None:
+            self.on_move(name, device, moved)
+
+
+_RUNS_ON: WeakKeyDictionary[nn.Module, torch.device] = WeakKeyDictionary()
+
+
+def execution_device(model: nn.Module) -> torch.device | None:
+    """Where ``model`` runs under an offload policy (None: no policy; it runs where its weights are).
+
+    Blocks make the tensors they hand a model here, not where its weights wait between calls.
+    """
+    return _RUNS_ON.get(model)
+
+
+@final
+class Attached:
+    """A policy installed on one model: ``detach()`` removes its hooks and moves its tensors home."""
+
+    def __init__(self, name: str, model: nn.Module, mover: Mover, handles: Sequence[RemovableHandle]) -> None:
+        self.name, self.model, self.mover, self.handles = name, model, mover, tuple(handles)
+        _RUNS_ON[model] = mover.device
+
+    def detach(self) -> None:
+        _RUNS_ON.pop(self.model, None)
+        for handle in self.handles:
+            handle.remove()
+        if self.mover.resident is self.model:
+            self.mover.resident = None
+        self.mover.move(self.name, [self.model], self.mover.home)
+
+
+class AbstractOffload(ABC):
+    """Where a model's weights wait and when they move to the device (see the module docstring)."""
+
+    @abstractmethod
+    def peak(self, sizes: Sequence[ModelSize]) -> int:
+        """The most bytes of weights that these models, all under this policy, hold on the device at once."""
+
+    @abstractmethod
+    def attach(self, name: str, model: nn.Module, mover: Mover) -> Attached:
+        """Install this policy on ``model`` (named ``name`` in moves and errors)."""
+
+    def describe(self) -> str:
+        return repr(self)
+
+
+@final
+@dataclass(frozen=True)
+class NoOffload(AbstractOffload):
+    """Every model lives on the device: no traffic, the most memory."""
+
+    def peak(self, sizes: Sequence[ModelSize]) -> int:
+        return sum(size.total for size in sizes)
+
+    def attach(self, name: str, model: nn.Module, mover: Mover) -> Attached:
+        mover.move(name, [model], mover.device)
+        return Attached(name, model, mover, ())
+
+    def describe(self) -> str:
+        return "every model lives on the device"
+
+
+@final
+@dataclass(frozen=True)
+class ModelOffload(AbstractOffload):
+    """One model on the device at a time: a model moves in when one of its layers runs, the previous one moves home.
+
+    A model stays on the device until another needs it, so the denoiser moves once per call, not
+    once per step.
+    """
+
+    def peak(self, sizes: Sequence[ModelSize]) -> int:
+        return max((size.total for size in sizes), default=0)
+
+    def attach(self, name: str, model: nn.Module, mover: Mover) -> Attached:
+        def bring(_module: nn.Module, _args: Any) -> None:
+            if mover.resident is not model:
+                if mover.resident is not None:
+                    mover.move(mover.resident_name, [mover.resident], mover.home)
+                mover.move(name, [model], mover.device)
+                mover.resident, mover.resident_name = model, name
+
+        # Every layer that holds tensors asks: a model may be entered by a method other than forward (vae.decode).
+        handles = [sub.register_forward_pre_hook(bring) for sub in _holders(model)]
+        return Attached(name, model, mover, handles)
+
+    def describe(self) -> str:
+        return "one model on the device at a time, moved in when it runs"
+
+
+@final
+@dataclass(frozen=True)
+class GroupOffload(AbstractOffload):
+    """A model's repeated blocks move in ``blocks_per_group`` at a time as they run; the rest stays on the device.
+
+    Args:
+        blocks_per_group: consecutive entries of one ``nn.ModuleList`` that move together (>= 1).
+    """
+
+    blocks_per_group: int = 1
+
+    def __post_init__(self) -> None:
+        if self.blocks_per_group < 1:
+            raise ValueError(f"GroupOffload: blocks_per_group {self.blocks_per_group} must be >= 1")
+
+    def peak(self, sizes: Sequence[ModelSize]) -> int:
+        resident = sum(size.outside_blocks for size in sizes)
+        return resident + max((size.largest_group(self.blocks_per_group) for size in sizes), default=0)
+
+    def attach(self, name: str, model: nn.Module, mover: Mover) -> Attached:
+        names = {id(m): n for n, m in model.named_modules()}
+        handles: list[RemovableHandle] = []
+        grouped: set[int] = set()
+        for blocks in repeated_blocks(model):
+            entries = list(blocks)
+            for start in range(0, len(entries), self.blocks_per_group):
+                group = entries[start : start + self.blocks_per_group]
+                label = f"{name}/{names[id(group[0])]}" + (f"..{names[id(group[-1])].rsplit('.', 1)[-1]}" if len(group) > 1 else "")
+                handles += _stream(label, group, mover)
+                grouped.update(id(m) for block in group for m in block.modules())
+        rest = [m for m in model.modules() if id(m) not in grouped]
+        mover.move(f"{name}/(outside blocks)", rest, mover.device, recurse=False)
+        return Attached(name, model, mover, handles)
+
+    def describe(self) -> str:
+        return f"repeated blocks stream in {self.blocks_per_group} at a time; the rest stays on the device"
+
+
+@final
+@dataclass(frozen=True)
+class LeafOffload(AbstractOffload):
+    """Each layer's own tensors move in just before it runs and back after: the least memory, the most traffic."""
+
+    def peak(self, sizes: Sequence[ModelSize]) -> int:
+        return max((size.largest_leaf for size in sizes), default=0)
+
+    def attach(self, name: str, model: nn.Module, mover: Mover) -> Attached:
+        handles: list[RemovableHandle] = []
+        for sub_name, sub in model.named_modules():
+            if any(True for _ in _tensors(sub, recurse=False)):
+                handles += _stream(f"{name}/{sub_name or '(top)'}", [sub], mover, recurse=False)
+        return Attached(name, model, mover, handles)
+
+    def describe(self) -> str:
+        return "each layer's tensors move in as it runs and back after"
+
+
+def _stream(label: str, group: list[nn.Module], mover: Mover, *, recurse: bool = True) -> list[RemovableHandle]:
+    """Hooks that move ``group`` in before its first module runs and home after its last one has."""
+    def bring(_module: nn.Module, _args: Any) -> None:
+        mover.move(label, group, mover.device, recurse=recurse)
+
+    def send(_module: nn.Module, _args: Any, _output: Any) -> None:
+        mover.move(label, group, mover.home, recurse=recurse)
+
+    return [group[0].register_forward_pre_hook(bring), group[-1].register_forward_hook(send)]
+
+
+def _tensors(module: nn.Module, *, recurse: bool) -> Iterable[torch.Tensor]:
+    yield from module.parameters(recurse=recurse)
+    yield from module.buffers(recurse=recurse)
+
+
+def _holders(model: nn.Module) -> list[nn.Module]:
+    return [sub for sub in model.modules() if any(True for _ in _tensors(sub, recurse=False))]
+
