@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from diffblocks.components.models.base import AbstractModel
 from diffblocks.components.models.controlnet.params import CONTROLNET_FIXED_CONFIG, ControlNetParams
 from diffblocks.components.models.layers.resnet import ResnetBlock2D
-from diffblocks.components.models.unet.blocks import DownBlock, MidBlock, StageSpec
+from diffblocks.components.models.unet.blocks import StageSpec
+from diffblocks.components.models.unet.model import encoder_stages, middle_stage
 from diffblocks.components.models.unet.embeddings import TimestepEmbedding, Timesteps
 from diffblocks.components.models.unet.transformer import SpatialTransformer
 
@@ -94,34 +95,13 @@ class ControlNetModel(AbstractModel[ControlNetParams]):
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             p.conditioning_channels, p.conditioning_embedding_out_channels, chans[0]
         )
-        self.down_blocks = nn.ModuleList(
-            DownBlock(
-                chans[max(i - 1, 0)],
-                chans[i],
-                num_layers=unet.layers[i],
-                attention=kind == "CrossAttnDownBlock2D",
-                heads=unet.heads[i],
-                context_dim=unet.cross_dims[i],
-                depth=unet.transformer_layers[i],
-                add_downsample=i < unet.num_blocks - 1,
-                downsample_padding=p.downsample_padding,
-                spec=spec,
-            )
-            for i, kind in enumerate(p.down_block_types)
-        )
+        self.down_blocks = encoder_stages(unet, spec)
         # one zero conv per skip connection, in the UNet's order: conv_in, then each stage's layers and downsampler
         widths = [chans[0]]
         for i in range(unet.num_blocks):
             widths += [chans[i]] * (unet.layers[i] + (i < unet.num_blocks - 1))
         self.controlnet_down_blocks = nn.ModuleList(_zero(nn.Conv2d(c, c, 1)) for c in widths)
-        self.mid_block = MidBlock(
-            chans[-1],
-            heads=unet.heads[-1],
-            context_dim=unet.cross_dims[-1],
-            depth=unet.transformer_layers[-1],
-            scale=p.mid_block_scale_factor,
-            spec=spec,
-        )
+        self.mid_block = middle_stage(unet, spec)
         self.controlnet_mid_block = _zero(nn.Conv2d(chans[-1], chans[-1], 1))
 
     def forward(

@@ -24,6 +24,38 @@ _MSG_TEXT_TIME = (
 )
 
 
+
+def encoder_stages(p: UNet2DConditionParams, spec: StageSpec) -> nn.ModuleList:
+    """The down path of a UNet with ``p``'s architecture (a ControlNet builds the same one)."""
+    chans = p.block_out_channels
+    return nn.ModuleList(
+        DownBlock(
+            chans[max(i - 1, 0)],
+            chans[i],
+            num_layers=p.layers[i],
+            attention=kind == "CrossAttnDownBlock2D",
+            heads=p.heads[i],
+            context_dim=p.cross_dims[i],
+            depth=p.transformer_layers[i],
+            add_downsample=i < p.num_blocks - 1,
+            downsample_padding=p.downsample_padding,
+            spec=spec,
+        )
+        for i, kind in enumerate(p.down_block_types)
+    )
+
+
+def middle_stage(p: UNet2DConditionParams, spec: StageSpec) -> MidBlock:
+    """The mid block of a UNet with ``p``'s architecture."""
+    return MidBlock(
+        p.block_out_channels[-1],
+        heads=p.heads[-1],
+        context_dim=p.cross_dims[-1],
+        depth=p.transformer_layers[-1],
+        scale=p.mid_block_scale_factor,
+        spec=spec,
+    )
+
 @final
 class UNet2DConditionModel(AbstractModel[UNet2DConditionParams]):
     """Predict noise (or v) from a noisy latent, a timestep and text embeddings.
@@ -68,29 +100,8 @@ class UNet2DConditionModel(AbstractModel[UNet2DConditionParams]):
             )
             self.add_embedding = TimestepEmbedding(p.projection_class_embeddings_input_dim, p.time_embed_dim)
 
-        self.down_blocks = nn.ModuleList(
-            DownBlock(
-                chans[max(i - 1, 0)],
-                chans[i],
-                num_layers=p.layers[i],
-                attention=kind == "CrossAttnDownBlock2D",
-                heads=p.heads[i],
-                context_dim=p.cross_dims[i],
-                depth=p.transformer_layers[i],
-                add_downsample=i < p.num_blocks - 1,
-                downsample_padding=p.downsample_padding,
-                spec=spec,
-            )
-            for i, kind in enumerate(p.down_block_types)
-        )
-        self.mid_block = MidBlock(
-            chans[-1],
-            heads=p.heads[-1],
-            context_dim=p.cross_dims[-1],
-            depth=p.transformer_layers[-1],
-            scale=p.mid_block_scale_factor,
-            spec=spec,
-        )
+        self.down_blocks = encoder_stages(p, spec)
+        self.mid_block = middle_stage(p, spec)
         # The up path mirrors the down path: stage i of the up path pairs with down stage n-1-i.
         rev = p.num_blocks - 1
         self.up_blocks = nn.ModuleList(
