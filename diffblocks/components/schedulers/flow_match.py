@@ -166,9 +166,16 @@ class FlowMatchEulerDiscreteScheduler(SigmaRespacingMixin, AbstractScheduler):
         step_index: int,
     ) -> Float[Tensor, "batch *rest"]:
         """``sigma * noise + (1 - sigma) * original``: the point of the straight path at this step."""
-        # sigma in the latents' dtype, as diffusers casts its sigmas: in bf16 that is bf16 arithmetic
-        sigma = torch.tensor(state.full_sigmas[state.position(step_index)], dtype=original.dtype)
-        return sigma * noise + (1.0 - sigma) * original
+        return flow_add_noise(state, original, noise, step_index)
+
+
+def flow_add_noise(
+    state: SchedulerState, original: Float[Tensor, "batch *rest"], noise: Float[Tensor, "batch *rest"], step_index: int
+) -> Float[Tensor, "batch *rest"]:
+    """The point of the straight path from ``original`` to ``noise`` at step ``step_index`` (every flow scheduler)."""
+    # sigma in the latents' dtype, as diffusers casts its sigmas: in bf16 that is bf16 arithmetic
+    sigma = torch.tensor(state.full_sigmas[state.position(step_index)], dtype=original.dtype)
+    return sigma * noise + (1.0 - sigma) * original
 
 
 __all__ = ["FlowMatchEulerDiscreteScheduler", "flux_sigmas"]

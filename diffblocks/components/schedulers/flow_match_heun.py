@@ -13,7 +13,7 @@ from torch import Tensor
 
 from diffblocks.components.noise import Generator
 from diffblocks.components.schedulers.base import MAX_TRAIN_TIMESTEPS, AbstractScheduler
-from diffblocks.components.schedulers.flow_match import FlowMatchEulerDiscreteScheduler
+from diffblocks.components.schedulers.flow_match import FlowMatchEulerDiscreteScheduler, flow_add_noise
 from diffblocks.components.schedulers.state import SchedulerState, StepRecord, flow_strength_begin
 
 
@@ -100,8 +100,7 @@ class FlowMatchHeunDiscreteScheduler(AbstractScheduler):
         step_index: int,
     ) -> Float[Tensor, "batch *rest"]:
         """``sigma * noise + (1 - sigma) * original``: the point of the straight path at this step."""
-        sigma = torch.tensor(state.full_sigmas[state.position(step_index)], dtype=original.dtype)
-        return sigma * noise + (1.0 - sigma) * original
+        return flow_add_noise(state, original, noise, step_index)
 
 
 def _float32_step(sigma: float, sigma_next: float) -> float:
