@@ -106,11 +106,6 @@ def _self_check() -> str:
 
 # --- generate ---------------------------------------------------------------------------------------------
 
-_MSG_MIXED_SAMPLERS = (
-    "{chosen} cannot sample this model: it was trained for {kind} ({current}); "
-    "pick a {kind} scheduler"
-)
-
 
 class CommandError(Exception):
     """A problem with the command's arguments, reported as one line."""
@@ -192,6 +187,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
 def _run_generate(args: argparse.Namespace) -> int:
     _check_arguments(args)
     from diffblocks.blocks import Pipeline
+    from diffblocks.scale import RequestRunner
 
     started = time.perf_counter()
     model = args.model if args.model is not None else str(_builtin_model())
@@ -201,12 +197,10 @@ def _run_generate(args: argparse.Namespace) -> int:
 
         device = str(default_device())
         print(f"device: {device} (the first found of cuda, npu, xpu, mps, cpu; --device to choose)")
+    request = _request(args)
     with _quiet_transformers():
-        pipe = Pipeline.from_pretrained(model, device=device)
-        embedded = _embeds_guidance(pipe)
-        _swap_components(pipe, args, embedded_guidance=embedded)
-        inputs = _call_inputs(args, embedded_guidance=embedded)
-        out = pipe(**inputs, progress=not args.no_progress)
+        runner = RequestRunner(Pipeline.from_pretrained(model, device=device))
+        out = runner.run(request, progress=not args.no_progress, **_image_inputs(args))
     _check_finite(out)
     paths = _output_paths(args.output, len(out.images))
     for image, path in zip(out.images, paths):
@@ -233,73 +227,34 @@ def _builtin_model() -> Path:
     return builtin_model_dir()
 
 
-def _embeds_guidance(pipe: Any) -> bool:
-    """Whether ``--guidance`` is the model's own guidance input (Flux) rather than the guider's scale."""
-    return pipe.preset is not None and pipe.preset.family == "flux"
+def _request(args: argparse.Namespace) -> Any:
+    """The arguments as the request that batch rows and served calls are too."""
+    from diffblocks.scale import GenerationRequest
 
-
-def _swap_components(pipe: Any, args: argparse.Namespace, *, embedded_guidance: bool) -> None:
-    """Replace the guider and the scheduler as asked, keeping the model's settings where they apply."""
-    from diffblocks.components.guiders import FAMILIES as GUIDER_FAMILIES
-    from diffblocks.components.guiders import GUIDERS
-    from diffblocks.components.schedulers import (
-        SCHEDULERS,
-        FlowMatchEulerDiscreteScheduler,
-        FlowMatchHeunDiscreteScheduler,
+    return GenerationRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        num_images=args.num_images,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        guider=args.guider,
+        scheduler=args.scheduler,
     )
 
-    if args.scheduler is not None:
-        current = pipe.components["scheduler"]
-        chosen = SCHEDULERS[args.scheduler]
-        flow = (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler)
-        flow_model = isinstance(current, flow)
-        if flow_model != issubclass(chosen, flow):
-            kind = "flow matching" if flow_model else "noise prediction"
-            message = _MSG_MIXED_SAMPLERS.format(chosen=args.scheduler, kind=kind, current=type(current).__name__)
-            raise CommandError(message)
-        pipe.update_components(scheduler=chosen.from_config(current.to_config()))
-    if args.guider is not None:
-        cls = GUIDERS[args.guider]
-        settings: dict[str, Any] = {}
-        if "guidance_scale" not in cls.model_fields and args.guidance is not None and not embedded_guidance:
-            raise CommandError(f"--guidance: {args.guider} has no guidance scale")
-        family = pipe.preset.family if pipe.preset is not None and pipe.preset.family in GUIDER_FAMILIES else None
-        if "family" in cls.model_fields and family is not None:
-            # guiders that perturb the denoiser take their default layers (and, on Flux, scales) from the family
-            settings["family"] = family
-        # the scale: --guidance, else the current guider's; on Flux --guidance is the model's own input,
-        # and a guider with family settings keeps the family's scale
-        scale = None if embedded_guidance else args.guidance
-        if scale is None and not (embedded_guidance and "family" in settings):
-            scale = getattr(pipe.components["guider"], "guidance_scale", None)
-        if scale is not None and "guidance_scale" in cls.model_fields:
-            settings["guidance_scale"] = scale
-        pipe.update_components(guider=cls(**settings))
 
+def _image_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """``image`` (and ``strength``) for image-to-image, read from ``--image``."""
+    if args.image is None:
+        return {}
+    from PIL import Image
 
-def _call_inputs(args: argparse.Namespace, *, embedded_guidance: bool) -> dict[str, Any]:
-    import torch
-
-    inputs: dict[str, Any] = {
-        "prompt": args.prompt,
-        "num_inference_steps": args.steps,
-        "num_images_per_prompt": args.num_images,
-        # one CPU generator per image: image k is the same as a single image made with seed + k, on any device
-        "generator": [torch.Generator().manual_seed(args.seed + k) for k in range(args.num_images)],
-    }
-    optional = {
-        "height": args.height,
-        "width": args.width,
-        "negative_prompt": args.negative_prompt,
-        "strength": args.strength,
-        "guidance_scale": args.guidance if args.guider is None or embedded_guidance else None,
-    }
-    inputs.update({name: value for name, value in optional.items() if value is not None})
-    if args.image is not None:
-        from PIL import Image
-
-        with Image.open(args.image) as image:
-            inputs["image"] = image.convert("RGB")
+    with Image.open(args.image) as image:
+        inputs: dict[str, Any] = {"image": image.convert("RGB")}
+    if args.strength is not None:
+        inputs["strength"] = args.strength
     return inputs
 
 
