@@ -40,7 +40,7 @@ from flux_bench import FLUX_DEV_CONFIG, TINY_CONFIG, Recorder, build_reference, 
 
 def measure(
     record: Recorder, path: str, ours: torch.nn.Module, ref: torch.nn.Module, x: dict[str, torch.Tensor], *,
-    device: torch.device, compile_too: bool, repeat: int, extra: dict[str, Any],
+    device: torch.device, compile_too: bool, repeat: int, extra: dict[str, Any], ours_only: bool = False,
 ) -> None:
     from diffblocks.components.quantizers.memory import component_memory
 
@@ -50,7 +50,8 @@ def measure(
         weights = component_memory(path, ours).bytes / 2**30
         modes = [("eager", ours, ref)]
         if compile_too:
-            modes.append(("compiled", torch.compile(ours, dynamic=False), torch.compile(ref, dynamic=False)))
+            ref_compiled = ref if ours_only else torch.compile(ref, dynamic=False)
+            modes.append(("compiled" if not ours_only else "compiled (diffusers eager)", torch.compile(ours, dynamic=False), ref_compiled))
         for mode, o, r in modes:
             started = time.perf_counter()
             o(**x), r(**x, return_dict=False)  # compile both outside the timed calls
@@ -85,7 +86,8 @@ def torchao_rows(record: Recorder, args: argparse.Namespace, device: torch.devic
         # what diffusers' TorchAoConfig does when loading: torchao's quantize_ over every linear layer
         quantize_(theirs, quantizer.torchao_config(), filter_fn=lambda m, _: isinstance(m, torch.nn.Linear))
         quantize(ours, quantizer)
-        measure(record, path, ours, theirs, x, device=device, compile_too=args.compile, repeat=args.repeat, extra={})
+        measure(record, path, ours, theirs, x, device=device, compile_too=args.compile, repeat=args.repeat, extra={},
+                ours_only=args.compile_ours_only)
         del ours, theirs
         gc.collect()
         torch.cuda.empty_cache() if device.type == "cuda" else None
@@ -134,6 +136,7 @@ def main() -> None:
     parser.add_argument("--gguf", default="Q8_0,Q4_K", type=lambda s: [p for p in s.split(",") if p])
     parser.add_argument("--gguf-depth", default="2,4", type=lambda s: tuple(int(n) for n in s.split(",")))
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--compile-ours-only", action="store_true", help="quantized rows: compile ours alone (saves minutes)")
     parser.add_argument("--gguf-compile", action="store_true", help="time the GGUF rows compiled too")
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--tiny", action="store_true", help="a tiny config on the CPU: checks the script, measures nothing")
