@@ -35,6 +35,22 @@ class AbstractLoRAMethods(ABC):
     @abstractmethod
     def components(self) -> dict[str, Any]: ...
 
+    _lora_target_rank: int | None = None  # set by enable_lora_hotswap: adapters loaded after it are padded to it
+
+    def enable_lora_hotswap(self, target_rank: int) -> None:
+        """Pad the adapters loaded from now on to ``target_rank``, so that any LoRA of rank up to it hot-swaps in.
+
+        A hot-swap copies tensors in place, so their shapes cannot change; padding with zeros (the
+        same update) leaves room for a higher rank, as diffusers' ``enable_lora_hotswap`` does.
+        Call it before the first :meth:`load_lora_weights` and before compiling the denoiser.
+
+        Raises:
+            ValueError: ``target_rank`` is below 1.
+        """
+        if target_rank < 1:
+            raise ValueError(f"enable_lora_hotswap needs a target_rank of at least 1, got {target_rank}")
+        self._lora_target_rank = target_rank
+
     def load_lora_weights(
         self,
         path_or_repo: str | os.PathLike[str],
@@ -76,7 +92,8 @@ class AbstractLoRAMethods(ABC):
             hot_swap(model, adapter_name, LoRA.from_file(path, model, name=adapter_name, allow_pickle=allow_pickle))
             return adapter_name
         name = adapter_name or next(f"default_{i}" for i in range(len(attached) + 1) if f"default_{i}" not in attached)
-        inject(model, LoRA.from_file(path, model, name=name, allow_pickle=allow_pickle))
+        lora = LoRA.from_file(path, model, name=name, allow_pickle=allow_pickle)
+        inject(model, lora if self._lora_target_rank is None else lora.padded(self._lora_target_rank))
         set_weights(model, {name: 1.0})
         return name
 

@@ -58,6 +58,23 @@ class LoRA:
         ours, original = layer_names(model, targets(model))
         return cls(name or path.stem, convert(tensors, ours, original, model=type(model).__name__))
 
+    @property
+    def rank(self) -> int:
+        """The largest rank of its layers."""
+        return max(u.rank for u in self.layers.values())
+
+    def padded(self, rank: int) -> LoRA:
+        """Every layer's update zero-padded to ``rank`` (the same updates), so that a later :func:`hotswap`
+        can bring in any LoRA of rank up to ``rank`` without changing a tensor's shape.
+
+        Raises:
+            ValueError: a layer's rank is above ``rank`` (the message names it).
+        """
+        for path, u in self.layers.items():
+            if u.rank > rank:
+                raise ValueError(f"LoRA {self.name!r} has rank {u.rank} at layer {path!r}, above the target rank {rank}")
+        return LoRA(self.name, {path: u.padded(rank) for path, u in self.layers.items()})
+
 
 @final
 class LoRALayer(nn.Module):
@@ -81,13 +98,20 @@ class LoRALayer(nn.Module):
 
     @torch.no_grad()
     def swap(self, name: str, update: LoRAWeights) -> None:
-        """Copy ``update`` into adapter ``name``'s tensors in place; its scale goes into ``up``, so ``alpha`` stays."""
-        current, new = self.updates[name], self._fitted(update)
+        """Copy ``update`` into adapter ``name``'s tensors in place; its scale goes into ``up``, so ``alpha`` stays.
+
+        An update of a lower rank is zero-padded to the attached one's first (the same update).
+        """
+        current, new = self.updates[name], self._fitted(update.padded(self.updates[name].rank))
         current.down.copy_(new.down)
         current.up.copy_(new.up * (new.scale / current.scale))
 
     def fits_in_place(self, name: str, update: LoRAWeights) -> bool:
-        current, new = self.updates[name], self._fitted(update)
+        """Whether ``update`` has the attached one's shapes, up to a rank no higher than the attached one's."""
+        current = self.updates[name]
+        if update.rank > current.rank:
+            return False
+        new = self._fitted(update.padded(current.rank))
         return current.down.shape == new.down.shape and current.up.shape == new.up.shape
 
     def _fitted(self, update: LoRAWeights) -> LoRAWeights:
@@ -180,10 +204,11 @@ def inject(model: nn.Module, lora: LoRA) -> None:
 def hotswap(model: nn.Module, name: str, lora: LoRA) -> None:
     """Put ``lora``'s weights into the attached adapter ``name`` in place, so a compiled model does not recompile.
 
-    The new LoRA must update the same layers with the same ranks. Its tensors are copied into the
-    old ones (the objects a compiled graph reads stay the same), and a different ``alpha / rank``
-    is folded into ``up`` rather than changing the scale, a Python float that ``torch.compile``
-    would guard on. The adapter keeps its name and weight.
+    The new LoRA must update the same layers, at ranks no higher than the attached ones: a lower
+    rank is zero-padded up to the attached one (attach the first LoRA as ``lora.padded(rank)`` to
+    leave room). Its tensors are copied into the old ones (the objects a compiled graph reads stay
+    the same), and a different ``alpha / rank`` is folded into ``up`` rather than changing the
+    scale, a Python float that ``torch.compile`` would guard on. The adapter keeps its name and weight.
 
     Raises:
         KeyError: no adapter ``name`` is attached.
@@ -202,7 +227,9 @@ def hotswap(model: nn.Module, name: str, lora: LoRA) -> None:
             old, new = layer.updates[name], lora.layers[path]
             raise ValueError(
                 f"LoRA {lora.name!r} cannot replace {name!r} in place: at layer {path!r} the attached one has down "
-                f"{tuple(old.down.shape)} and up {tuple(old.up.shape)}, the new one {tuple(new.down.shape)} and {tuple(new.up.shape)}"
+                f"{tuple(old.down.shape)} and up {tuple(old.up.shape)}, the new one {tuple(new.down.shape)} and {tuple(new.up.shape)}. "
+                f"A LoRA of a higher rank needs room prepared before the first is attached: "
+                f"inject(model, lora.padded(rank)), or pipe.enable_lora_hotswap(target_rank=rank) before loading"
             )
     for path, layer in layers.items():
         layer.swap(name, lora.layers[path])

@@ -93,6 +93,24 @@ class LoRAWeights:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def padded(self, rank: int) -> LoRAWeights:
+        """The same update at ``rank``: zero rows of ``down`` and zero columns of ``up`` appended.
+
+        ``alpha`` grows with the rank so that ``alpha / rank`` (and so the update) is unchanged;
+        diffusers pads the same way for ``enable_lora_hotswap(target_rank=...)``.
+
+        Raises:
+            ValueError: ``rank`` is below this update's rank.
+        """
+        if rank < self.rank:
+            raise ValueError(f"a rank-{self.rank} LoRA update cannot be padded down to rank {rank}")
+        if rank == self.rank:
+            return self
+        extra = rank - self.rank
+        down = torch.cat([self.down, self.down.new_zeros(extra, *self.down.shape[1:])])
+        up = torch.cat([self.up, self.up.new_zeros(self.up.shape[0], extra, *self.up.shape[2:])], dim=1)
+        return LoRAWeights(down, up, self.alpha * rank / self.rank)
+
 
 def read_lora_file(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Tensor]:
     """The tensors of a LoRA file: safetensors, or a pickled ``.bin``/``.pt`` only with ``allow_pickle``."""
