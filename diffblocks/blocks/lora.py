@@ -12,20 +12,16 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from diffblocks.components.containment import contained_path
-from diffblocks.components.hub import resolve_folder
 from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.lora import LoRA, LoRALayer, eject, fuse, inject, set_weights, unfuse
 from diffblocks.components.lora import adapter_names as attached_names
 from diffblocks.components.lora import hotswap as hot_swap
+from diffblocks.components.lora.sources import DEFAULT_WEIGHT_NAME, resolve_lora_file
 from diffblocks.components.models.compile import DENOISER_NAMES
-
-DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 class AbstractLoRAMethods(ABC):
@@ -59,6 +55,7 @@ class AbstractLoRAMethods(ABC):
         *,
         allow_pickle: bool = False,
         hotswap: bool = False,
+        revision: str | None = None,
     ) -> str:
         """Attach a LoRA file (diffusers/PEFT or kohya layout) to the denoiser and make it the active adapter.
 
@@ -68,7 +65,9 @@ class AbstractLoRAMethods(ABC):
             adapter_name: the adapter's name; default ``default_0``, ``default_1``, ... as in diffusers.
             allow_pickle: accept a pickled ``.bin``; only for files from a source you trust.
             hotswap: put the file's weights into the attached adapter ``adapter_name`` in place (same
-                layers and ranks), so that a compiled denoiser does not recompile; its weight stays.
+                layers, ranks up to the attached one's), so that a compiled denoiser does not recompile; its weight stays.
+            revision: a Hub branch, tag or commit. The adapter records the commit read and the file's
+                sha256, which :meth:`save_pretrained` writes into the preset.
 
         Returns:
             The adapter name.
@@ -78,21 +77,15 @@ class AbstractLoRAMethods(ABC):
                 pickle without ``allow_pickle``, a name already attached; nothing changes.
         """
         model = self._lora_model()
-        local = Path(path_or_repo).expanduser()
-        if local.is_file():
-            path = local
-        else:
-            wanted = weight_name or DEFAULT_WEIGHT_NAME
-            folder = resolve_folder(path_or_repo, allow_patterns=[wanted])
-            path = contained_path(folder, wanted, repository=str(path_or_repo), entry="weight_name")
+        path, source = resolve_lora_file(path_or_repo, weight_name, revision=revision)
         attached = attached_names(model)
         if hotswap:
             if adapter_name is None:
                 raise ValueError(f"hotswap=True replaces an attached adapter: name it with adapter_name (attached: {attached})")
-            hot_swap(model, adapter_name, LoRA.from_file(path, model, name=adapter_name, allow_pickle=allow_pickle))
+            hot_swap(model, adapter_name, LoRA.from_file(path, model, name=adapter_name, allow_pickle=allow_pickle, source=source))
             return adapter_name
         name = adapter_name or next(f"default_{i}" for i in range(len(attached) + 1) if f"default_{i}" not in attached)
-        lora = LoRA.from_file(path, model, name=name, allow_pickle=allow_pickle)
+        lora = LoRA.from_file(path, model, name=name, allow_pickle=allow_pickle, source=source)
         inject(model, lora if self._lora_target_rank is None else lora.padded(self._lora_target_rank))
         set_weights(model, {name: 1.0})
         return name

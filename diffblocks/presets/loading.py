@@ -20,6 +20,7 @@ from diffblocks.components import ComponentsManager, ComponentSpec, read_index
 from diffblocks.components.hub import resolve_folder
 from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX, PipelineIndex, dtype_name
 from diffblocks.presets.families import FAMILIES, Family, family_of, register_family
+from diffblocks.presets.loras import LORAS_KEY, apply_loras
 from diffblocks.presets.remote_code import RemoteCodeError, code_class, load_code
 from diffblocks.presets.treefile import CODE_KEY, TREE_KEY, code_files, tree_from_json
 from diffblocks.registry import BLOCKS
@@ -126,7 +127,10 @@ def from_pretrained(
     preset = PresetInfo(family.name, index.class_name, dict(index.settings), sources)
     name = f"{family.name}:{os.fspath(path_or_repo)}"
     pipe = Pipeline(blocks, chosen, manager=manager, name=name, preset=preset)
-    return pipe.quantize(quantization) if quantization is not None else pipe
+    pipe = pipe.quantize(quantization) if quantization is not None else pipe
+    if LORAS_KEY in index.extras:  # the adapters saved with the preset, on the (quantized) denoiser
+        apply_loras(pipe, index.extras[LORAS_KEY], path_or_repo, revision=revision)
+    return pipe
 
 
 def _blocks(

@@ -11,7 +11,9 @@ in refiners' ``Adapter.inject`` / ``eject``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, final
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 
 from diffblocks.components.lora.formats import LoRAWeights, convert, read_lora_file
 from diffblocks.components.lora.names import layer_names
+from diffblocks.components.lora.sources import LoRASource
 
 _MSG_SHAPE = (
     "LoRA {name!r} does not fit {model}: layer {layer!r} has weight {weight}, but the LoRA's update is "
@@ -37,6 +40,8 @@ class LoRA:
     Args:
         name: the adapter name, unique among the adapters of one model.
         layers: module path (``down_blocks.0.attentions.0.proj_in``) to its update.
+        source: the file it was read from, pinned and hashed, which a saved preset records; None for
+            a LoRA made from tensors (a pipeline holding one cannot be saved).
 
     Example:
         >>> lora = LoRA("style", {"proj": LoRAWeights(torch.ones(2, 4), torch.zeros(3, 2), alpha=2.0)})
@@ -45,18 +50,31 @@ class LoRA:
 
     name: str
     layers: Mapping[str, LoRAWeights] = field(repr=False)
+    source: LoRASource | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.name or not self.layers:
             raise ValueError("a LoRA needs a name and at least one layer")
 
     @classmethod
-    def from_file(cls, path: str | Path, model: nn.Module, *, name: str | None = None, allow_pickle: bool = False) -> LoRA:
-        """Read a LoRA file (diffusers/PEFT or kohya layout) for ``model``; ``name`` defaults to the file's stem."""
+    def from_file(
+        cls,
+        path: str | Path,
+        model: nn.Module,
+        *,
+        name: str | None = None,
+        allow_pickle: bool = False,
+        source: LoRASource | None = None,
+    ) -> LoRA:
+        """Read a LoRA file (diffusers/PEFT or kohya layout) for ``model``; ``name`` defaults to the file's stem.
+
+        ``source`` records where the file came from (a Hub file at its commit); by default the local file, hashed.
+        """
         path = Path(path)
         tensors = read_lora_file(path, allow_pickle=allow_pickle)
         ours, original = layer_names(model, targets(model))
-        return cls(name or path.stem, convert(tensors, ours, original, model=type(model).__name__))
+        layers = convert(tensors, ours, original, model=type(model).__name__)
+        return cls(name or path.stem, layers, source if source is not None else LoRASource.of_file(path))
 
     @property
     def rank(self) -> int:
@@ -73,7 +91,7 @@ class LoRA:
         for path, u in self.layers.items():
             if u.rank > rank:
                 raise ValueError(f"LoRA {self.name!r} has rank {u.rank} at layer {path!r}, above the target rank {rank}")
-        return LoRA(self.name, {path: u.padded(rank) for path, u in self.layers.items()})
+        return LoRA(self.name, {path: u.padded(rank) for path, u in self.layers.items()}, self.source)
 
 
 @final
@@ -199,6 +217,7 @@ def inject(model: nn.Module, lora: LoRA) -> None:
     for name, module in targets.items():
         layer = module if isinstance(module, LoRALayer) else _wrap(model, name, module)
         layer.add(lora.name, lora.layers[name])
+    _record(model, lora.name, lora.source)
 
 
 def hotswap(model: nn.Module, name: str, lora: LoRA) -> None:
@@ -233,6 +252,7 @@ def hotswap(model: nn.Module, name: str, lora: LoRA) -> None:
             )
     for path, layer in layers.items():
         layer.swap(name, lora.layers[path])
+    _record(model, name, lora.source)
 
 
 def eject(model: nn.Module, name: str) -> None:
@@ -246,6 +266,7 @@ def eject(model: nn.Module, name: str) -> None:
             del layer.updates[name], layer.weights[name]
             if not layer.updates:
                 _replace(model, path, layer.base)
+    _record(model, name, None)
 
 
 def set_weights(model: nn.Module, weights: Mapping[str, float]) -> None:
@@ -274,6 +295,58 @@ def unfuse(model: nn.Module) -> None:
     """Restore the weights saved by :func:`fuse`, bit for bit."""
     for _, layer in _layers(model):
         layer.unfuse()
+
+
+def adapter_weights(model: nn.Module) -> dict[str, float]:
+    """Each attached adapter's weight, in the order they were attached."""
+    weights: dict[str, float] = {}
+    for _, layer in _layers(model):
+        weights.update({name: w for name, w in layer.weights.items() if name not in weights})
+    return weights
+
+
+def is_fused(model: nn.Module) -> bool:
+    """Whether the adapters are fused into ``model``'s weights."""
+    return any(layer.original is not None for _, layer in _layers(model))
+
+
+def source_of(model: nn.Module, name: str) -> LoRASource | None:
+    """The file the attached adapter ``name`` was read from (its latest, after a hot-swap), or None."""
+    return _SOURCES.get(model, {}).get(name)
+
+
+@contextmanager
+def detached(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with its original layers and weights in place for the ``with`` block, its adapters back after.
+
+    Saving a model writes its own weights, without adapters and unfused, under its own names; the
+    fused weights are computed again afterwards, bit-identical to before.
+    """
+    layers = _layers(model)
+    fused = [layer for _, layer in layers if layer.original is not None]
+    for layer in fused:
+        layer.unfuse()
+    for path, layer in layers:
+        _replace(model, path, layer.base)
+    try:
+        yield model
+    finally:
+        for path, layer in layers:
+            _replace(model, path, layer)
+        for layer in fused:
+            layer.fuse()
+
+
+# Which file each attached adapter came from: kept beside the model (as quantizers are), and forgotten with it.
+_SOURCES: weakref.WeakKeyDictionary[nn.Module, dict[str, LoRASource]] = weakref.WeakKeyDictionary()
+
+
+def _record(model: nn.Module, name: str, source: LoRASource | None) -> None:
+    sources = _SOURCES.setdefault(model, {})
+    if source is None:
+        sources.pop(name, None)
+    else:
+        sources[name] = source
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -336,4 +409,19 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-__all__ = ["LoRA", "LoRALayer", "adapter_names", "eject", "fuse", "hotswap", "inject", "set_weights", "targets", "unfuse"]
+__all__ = [
+    "LoRA",
+    "LoRALayer",
+    "adapter_names",
+    "adapter_weights",
+    "detached",
+    "eject",
+    "fuse",
+    "hotswap",
+    "inject",
+    "is_fused",
+    "set_weights",
+    "source_of",
+    "targets",
+    "unfuse",
+]
