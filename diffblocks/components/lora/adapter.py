@@ -7,6 +7,12 @@ one per layer, read once from its file. :func:`inject` wraps each targeted ``nn.
 Adaptation of Large Language Models", eq. 3; PEFT's ``LoraLayer.forward`` in the same order).
 :func:`eject` puts the original modules back, the very objects, so the model is as it was, as
 in refiners' ``Adapter.inject`` / ``eject``.
+
+A quantized layer (torchao's and quanto's quantized ``nn.Linear`` weights, bitsandbytes'
+``Linear4bit``, our :class:`~diffblocks.components.quantizers.GGUFLinear`) is wrapped the same
+way: the update runs beside the quantized base in its compute dtype, ``base(x) + scale *
+up(down(x))``, and the quantized weights are never touched, so the base stays quantized. Fusing
+into them is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +31,15 @@ from torch import Tensor, nn
 from diffblocks.components.lora.formats import LoRAWeights, convert, read_lora_file
 from diffblocks.components.lora.names import layer_names
 from diffblocks.components.lora.sources import LoRASource
+from diffblocks.components.quantizers.gguf import GGUFLinear
 
+Base = nn.Linear | nn.Conv2d | GGUFLinear
+"""The layers a LoRA may target: linear (float or quantized), convolution, and GGUF-quantized linear."""
+
+_MSG_QUANTIZED = (
+    "{cls} weights of {dtype} (quantized) cannot take a fused LoRA: fusing would change the quantized weights. "
+    "Keep the LoRA unfused (it runs beside the quantized layer), or load the model without quantization to fuse"
+)
 _MSG_SHAPE = (
     "LoRA {name!r} does not fit {model}: layer {layer!r} has weight {weight}, but the LoRA's update is "
     "{update} (down {down}, up {up}). The LoRA was trained for another model size or family; nothing was changed"
@@ -103,7 +117,7 @@ class LoRALayer(nn.Module):
     again, as PEFT does, leaves rounding errors).
     """
 
-    def __init__(self, base: nn.Linear | nn.Conv2d) -> None:
+    def __init__(self, base: Base) -> None:
         super().__init__()
         self.base = base
         self.updates: dict[str, LoRAWeights] = {}
@@ -133,11 +147,11 @@ class LoRALayer(nn.Module):
         return current.down.shape == new.down.shape and current.up.shape == new.up.shape
 
     def _fitted(self, update: LoRAWeights) -> LoRAWeights:
-        """``update`` on the base weight's device and dtype, its matrices shaped for this layer's kind."""
-        weight = self.base.weight
-        down = update.down.to(weight.device, weight.dtype)
-        up = update.up.to(weight.device, weight.dtype)
-        if isinstance(self.base, nn.Linear):
+        """``update`` on the base weight's device and in its compute dtype, its matrices shaped for this layer's kind."""
+        device, dtype = self.base.weight.device, compute_dtype(self.base)
+        down = update.down.to(device, dtype)
+        up = update.up.to(device, dtype)
+        if not isinstance(self.base, nn.Conv2d):
             down, up = down.flatten(1), up.flatten(1)
         elif down.ndim == 2:  # a 1x1 convolution that the file's model had as a linear layer
             down, up = down[:, :, None, None], up[:, :, None, None]
@@ -167,19 +181,22 @@ class LoRALayer(nn.Module):
             scale = self.weights[name] * u.scale
             if scale == 0.0:
                 continue
-            if isinstance(self.base, nn.Linear):
-                hidden = F.linear(F.linear(x, u.down), u.up)
-            else:
+            # a quantized base may take and give another dtype than its compute dtype (GGUF, bitsandbytes)
+            h = x if x.dtype == u.down.dtype else x.to(u.down.dtype)
+            if isinstance(self.base, nn.Conv2d):
                 base = self.base
-                down = F.conv2d(x, u.down, stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups)
+                down = F.conv2d(h, u.down, stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups)
                 hidden = F.conv2d(down, u.up)
-            result = result + hidden * scale
+            else:
+                hidden = F.linear(F.linear(h, u.down), u.up)
+            hidden = hidden * scale
+            result = result + (hidden if hidden.dtype == result.dtype else hidden.to(result.dtype))
         return result
 
     def check_fusable(self) -> None:
         weight = self.base.weight
-        if not weight.dtype.is_floating_point or type(weight.data) is not torch.Tensor:
-            raise ValueError(f"{type(weight.data).__name__} weights of {weight.dtype} (quantized) cannot take a fused LoRA; use it unfused")
+        if not weight.dtype.is_floating_point or type(weight.data) is not torch.Tensor or isinstance(self.base, GGUFLinear):
+            raise ValueError(_MSG_QUANTIZED.format(cls=type(weight.data).__name__, dtype=weight.dtype))
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -363,7 +380,7 @@ def targets(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALayer):
             found.append(name)
-        elif isinstance(module, (nn.Linear, nn.Conv2d)) and not isinstance(_parent(model, name), LoRALayer):
+        elif isinstance(module, (nn.Linear, nn.Conv2d, GGUFLinear)) and not isinstance(_parent(model, name), LoRALayer):
             found.append(name)
     return found
 
@@ -378,12 +395,12 @@ def _layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
 
 
 def _check_fits(lora: LoRA, name: str, base: nn.Module, model: str) -> None:
-    if not isinstance(base, (nn.Linear, nn.Conv2d)):
+    if not isinstance(base, (nn.Linear, nn.Conv2d, GGUFLinear)):
         raise ValueError(f"LoRA {lora.name!r} targets {name!r} of {model}, a {type(base).__name__}, not a Linear or Conv2d layer")
     u = lora.layers[name]
-    weight = tuple(base.weight.shape)
+    weight = weight_shape(base)
     update = (u.up.shape[0], *u.down.shape[1:])
-    if isinstance(base, nn.Linear):  # kohya writes some linear updates as 1x1 convolutions
+    if not isinstance(base, nn.Conv2d):  # kohya writes some linear updates as 1x1 convolutions
         fits = (update[0], u.down[0].numel()) == weight and u.up[0].numel() == u.rank
     elif u.down.ndim == 2:
         fits = update + (1, 1) == weight and u.up.ndim == 2
@@ -397,8 +414,25 @@ def _check_fits(lora: LoRA, name: str, base: nn.Module, model: str) -> None:
         )
 
 
+def weight_shape(base: Base) -> tuple[int, ...]:
+    """The shape of ``base``'s weight as the model computes with it (a packed quantized weight has another)."""
+    if isinstance(base, nn.Conv2d):
+        return tuple(base.weight.shape)
+    return (base.out_features, base.in_features)
+
+
+def compute_dtype(base: Base) -> torch.dtype:
+    """The floating-point dtype ``base`` computes in: its weight's, else (packed weights) GGUF's compute
+    dtype or its bias's, else float32."""
+    if isinstance(base, GGUFLinear):
+        return base.compute_dtype
+    if base.weight.dtype.is_floating_point:
+        return base.weight.dtype
+    return base.bias.dtype if base.bias is not None else torch.float32
+
+
 def _wrap(model: nn.Module, path: str, module: nn.Module) -> LoRALayer:
-    assert isinstance(module, (nn.Linear, nn.Conv2d))
+    assert isinstance(module, (nn.Linear, nn.Conv2d, GGUFLinear))
     layer = LoRALayer(module)
     _replace(model, path, layer)
     return layer
