@@ -11,6 +11,7 @@ A key is a prefix, a layer name and a part. The prefix says how the layer is nam
 and the part which matrix it is: ``lora_A.weight`` or ``lora_down.weight`` (down), ``lora_B.weight``
 or ``lora_up.weight`` (up), ``alpha``. Original names (LDM/SGM for the UNet, BFL for Flux) are
 placed by :mod:`diffblocks.components.lora.names`, which splits a fused layer's update by rows.
+XLabs' Flux files are rewritten into these names first (:mod:`diffblocks.components.lora.xlabs`).
 A missing ``alpha`` means ``alpha = rank`` (scale 1), as in PEFT's default config. Every key of
 a file must fall into the table; any that does not is named in the error, never dropped.
 """
@@ -29,6 +30,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from diffblocks.components.lora.names import Target
+from diffblocks.components.lora.xlabs import from_xlabs
 
 Naming = Literal["ours", "flat", "original"]
 
@@ -141,6 +143,7 @@ def convert(
         ValueError: keys that name no layer of the model (all of them named), a layer without its
             down or up matrix, a rank of 0, or NaN weights.
     """
+    state_dict = from_xlabs(state_dict)  # XLabs' processor keys, placed by their own table
     names: dict[Naming, Mapping[str, tuple[Target, ...]]] = {
         "ours": ours,
         "original": original,
