@@ -47,6 +47,10 @@ class AbstractLoRAMethods(ABC):
             raise ValueError(f"enable_lora_hotswap needs a target_rank of at least 1, got {target_rank}")
         self._lora_target_rank = target_rank
 
+    def disable_lora_hotswap(self) -> None:
+        """Load adapters at their own ranks again (the attached ones keep theirs)."""
+        self._lora_target_rank = None
+
     def load_lora_weights(
         self,
         path_or_repo: str | os.PathLike[str],

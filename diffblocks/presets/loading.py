@@ -82,6 +82,9 @@ def from_pretrained(
     that is a full commit hash, and only once every file matches the sha256 its index records (see
     :mod:`diffblocks.presets.remote_code`).
 
+    A preset saved with LoRAs attaches them again (each file's sha256 checked first, see
+    :mod:`diffblocks.presets.loras`), which loads the denoiser now.
+
     Args:
         path_or_repo: a local folder or a Hub id (resolved through the cache; ``HF_HUB_OFFLINE`` respected).
         dtype: weights' dtype for the models (tokenizers and schedulers are unaffected).
@@ -98,6 +101,7 @@ def from_pretrained(
     Raises:
         RemoteCodeError: the repository carries block code that may not run (not trusted, not
             pinned, ``DIFFBLOCKS_NO_REMOTE_CODE`` set, or a file that does not match its hash).
+        ValueError: a saved LoRA's file does not match its recorded sha256 (the file is named).
     """
     weights_dtype = dtype_name(dtype) if dtype is not None else None  # refused before anything is read
     _refuse_diffusers_code(path_or_repo, revision=revision)

@@ -96,6 +96,10 @@ def save_pretrained(
     name, user-written blocks with their module file (``blocks/<module path>.py``), whose sha256 the
     index records. Loading such code needs ``trust_remote_code=True``.
 
+    The LoRAs attached to the denoiser are recorded under ``_diffblocks_loras`` (a local file copied
+    into ``loras/``, a Hub file pinned to its commit, each with its sha256, weight and fused state;
+    see :mod:`diffblocks.presets.loras`), and the denoiser's own weights are saved without them.
+
     Args:
         pipe: a preset pipeline (from ``Pipeline.from_pretrained``, or built from a family's blocks),
             its blocks edited or not.
@@ -114,7 +118,8 @@ def save_pretrained(
 
     Raises:
         ValueError: the pipeline comes from no known preset, a block can be neither named nor saved
-            as code, ``safe_serialization`` is False, or a setting is not JSON.
+            as code, ``safe_serialization`` is False, a setting is not JSON, or a LoRA has no
+            safetensors file to record (made from tensors, read from a pickle, or changed since).
         RegistryError: a component's class is not in the manager's registry (nothing is written).
         TypeError: a component is of a kind diffblocks cannot save (nothing is written).
         FileExistsError: ``folder`` is a file or a broken link, a foreign non-empty folder without

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffblocks.blocks import Pipeline
-from diffblocks.components.lora import LoRA, LoRALayer, LoRAWeights, hotswap, inject, set_weights
+from diffblocks.components.lora import LoRA, LoRALayer, LoRASource, LoRAWeights, hotswap, inject, set_weights, source_of
 from diffblocks.components.models.unet import UNet2DConditionModel
 from tests.lora.lora_files import SD15, peft_lora, save_unet
 from tests.lora.test_unet_lora import _run
@@ -79,4 +79,5 @@ def test_pipeline_enable_lora_hotswap(tmp_path: Path) -> None:
     pipe.load_lora_weights(a, adapter_name="style")
     assert {m.updates["style"].rank for m in pipe.components["unet"].modules() if isinstance(m, LoRALayer)} == {8}
     pipe.load_lora_weights(b, adapter_name="style", hotswap=True)
+    assert source_of(pipe.components["unet"], "style") == LoRASource.of_file(b)  # what a saved preset records now
     torch.testing.assert_close(pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images, expected, atol=1e-5, rtol=0)
