@@ -110,7 +110,7 @@ def lora_references(pipe: Pipeline) -> tuple[list[LoRAReference], dict[str, Path
         source = source_of(model, name)
         if source is None:
             raise ValueError(_MSG_NO_SOURCE.format(name=name, model=type(model).__name__))
-        if source.repo is not None and source.revision is not None:
+        if source.repo is not None:
             references.append(
                 LoRAReference(
                     adapter_name=name, weight=weight, fused=fused, file=source.file, sha256=source.sha256,

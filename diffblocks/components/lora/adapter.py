@@ -148,7 +148,7 @@ class LoRALayer(nn.Module):
 
     def _fitted(self, update: LoRAWeights) -> LoRAWeights:
         """``update`` on the base weight's device and in its compute dtype, its matrices shaped for this layer's kind."""
-        device, dtype = self.base.weight.device, compute_dtype(self.base)
+        device, dtype = self.base.weight.device, _compute_dtype(self.base)
         down = update.down.to(device, dtype)
         up = update.up.to(device, dtype)
         if not isinstance(self.base, nn.Conv2d):
@@ -398,7 +398,7 @@ def _check_fits(lora: LoRA, name: str, base: nn.Module, model: str) -> None:
     if not isinstance(base, (nn.Linear, nn.Conv2d, GGUFLinear)):
         raise ValueError(f"LoRA {lora.name!r} targets {name!r} of {model}, a {type(base).__name__}, not a Linear or Conv2d layer")
     u = lora.layers[name]
-    weight = weight_shape(base)
+    weight = _weight_shape(base)
     update = (u.up.shape[0], *u.down.shape[1:])
     if not isinstance(base, nn.Conv2d):  # kohya writes some linear updates as 1x1 convolutions
         fits = (update[0], u.down[0].numel()) == weight and u.up[0].numel() == u.rank
@@ -414,14 +414,14 @@ def _check_fits(lora: LoRA, name: str, base: nn.Module, model: str) -> None:
         )
 
 
-def weight_shape(base: Base) -> tuple[int, ...]:
+def _weight_shape(base: Base) -> tuple[int, ...]:
     """The shape of ``base``'s weight as the model computes with it (a packed quantized weight has another)."""
     if isinstance(base, nn.Conv2d):
         return tuple(base.weight.shape)
     return (base.out_features, base.in_features)
 
 
-def compute_dtype(base: Base) -> torch.dtype:
+def _compute_dtype(base: Base) -> torch.dtype:
     """The floating-point dtype ``base`` computes in: its weight's, else (packed weights) GGUF's compute
     dtype or its bias's, else float32."""
     if isinstance(base, GGUFLinear):

@@ -43,7 +43,7 @@ class LoRASource:
         >>> path = Path(tempfile.mkdtemp()) / "style.safetensors"
         >>> _ = path.write_bytes(b"lora")
         >>> LoRASource.of_file(path).sha256[:12]
-        '0c2ec57d3e9c'
+        'd339f720de1f'
     """
 
     file: str
@@ -94,9 +94,10 @@ def resolve_lora_file(
     path = contained_path(folder, wanted, repository=str(path_or_repo), entry="weight_name")
     if not path.is_file():
         raise FileNotFoundError(f"{str(path_or_repo)!r} has no LoRA file {wanted!r} (looked in {folder})")
-    if local.is_dir() or not is_hub_id(str(path_or_repo)):
-        return path, LoRASource.of_file(path)
-    return path, LoRASource.of_file(path, repo=str(path_or_repo), name=wanted, revision=snapshot_commit(folder))
+    commit = snapshot_commit(folder)
+    if local.is_dir() or not is_hub_id(str(path_or_repo)) or commit is None:
+        return path, LoRASource.of_file(path)  # a local file (a Hub file not pinned to a commit is kept as one)
+    return path, LoRASource.of_file(path, repo=str(path_or_repo), name=wanted, revision=commit)
 
 
 def snapshot_commit(folder: Path) -> str | None:
