@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,3 +102,35 @@ def test_unfused_lora_on_a_quantized_base_matches_the_dequantized_reference(back
     assert all(torch.equal(_dequantized(layer), b) for layer, b in zip(layers, before, strict=True))
     with torch.no_grad():
         assert torch.equal(model(x), plain)
+
+
+def test_a_lora_file_on_a_gguf_flux_matches_the_dequantized_model(tmp_path: Path) -> None:
+    """A real model read from a GGUF file: every targeted layer is a GGUFLinear, placed by the same tables."""
+    from diffusers import FluxTransformer2DModel as DiffusersFlux
+
+    from diffblocks.components.models.flux import FluxParams, FluxTransformer2DModel
+    from diffblocks.components.models.gguf import load_gguf
+    from diffblocks.components.quantizers import GGUFQuantizer
+    from tests.lora.lora_files import flux_peft_lora
+    from tests.quantizers.gguf_files import stored, write_gguf
+    from tests.quantizers.test_gguf import CONFIG, _inputs
+
+    torch.manual_seed(0)
+    ref = DiffusersFlux(**CONFIG).eval()
+    path = write_gguf(tmp_path / "flux.gguf", stored(ref.state_dict(), "Q8_0"))
+    quantized = load_gguf(path, FluxTransformer2DModel, config=ref.config, quantizer=GGUFQuantizer(torch.float32))
+    dequantized = FluxTransformer2DModel(FluxParams(**CONFIG)).eval()
+    state = dict(quantized.state_dict())
+    for name, module in quantized.named_modules():
+        if isinstance(module, GGUFLinear):
+            state[f"{name}.weight"] = module.dequantized_weight()
+    dequantized.load_state_dict(state, strict=True)
+    lora_file = flux_peft_lora(ref, tmp_path / "lora", seed=1)
+    for model in (quantized, dequantized):
+        inject(model, LoRA.from_file(lora_file, model, name="style"))
+        set_weights(model, {"style": 0.7})
+    layer = quantized.transformer_blocks[0].attn.to_q
+    assert isinstance(layer.base, GGUFLinear) and layer.base.weight.dtype == torch.uint8  # still quantized
+    with torch.no_grad():
+        out, expected = quantized(**_inputs()), dequantized(**_inputs())
+    torch.testing.assert_close(out, expected, atol=1e-5 * expected.abs().max().item(), rtol=0)
