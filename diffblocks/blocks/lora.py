@@ -12,20 +12,16 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from diffblocks.components.containment import contained_path
-from diffblocks.components.hub import resolve_folder
 from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.lora import LoRA, LoRALayer, eject, fuse, inject, set_weights, unfuse
 from diffblocks.components.lora import adapter_names as attached_names
 from diffblocks.components.lora import hotswap as hot_swap
+from diffblocks.components.lora.sources import DEFAULT_WEIGHT_NAME, resolve_lora_file
 from diffblocks.components.models.compile import DENOISER_NAMES
-
-DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 class AbstractLoRAMethods(ABC):
@@ -35,6 +31,26 @@ class AbstractLoRAMethods(ABC):
     @abstractmethod
     def components(self) -> dict[str, Any]: ...
 
+    _lora_target_rank: int | None = None  # set by enable_lora_hotswap: adapters loaded after it are padded to it
+
+    def enable_lora_hotswap(self, target_rank: int) -> None:
+        """Pad the adapters loaded from now on to ``target_rank``, so that any LoRA of rank up to it hot-swaps in.
+
+        A hot-swap copies tensors in place, so their shapes cannot change; padding with zeros (the
+        same update) leaves room for a higher rank, as diffusers' ``enable_lora_hotswap`` does.
+        Call it before the first :meth:`load_lora_weights` and before compiling the denoiser.
+
+        Raises:
+            ValueError: ``target_rank`` is below 1.
+        """
+        if target_rank < 1:
+            raise ValueError(f"enable_lora_hotswap needs a target_rank of at least 1, got {target_rank}")
+        self._lora_target_rank = target_rank
+
+    def disable_lora_hotswap(self) -> None:
+        """Load adapters at their own ranks again (the attached ones keep theirs)."""
+        self._lora_target_rank = None
+
     def load_lora_weights(
         self,
         path_or_repo: str | os.PathLike[str],
@@ -43,6 +59,7 @@ class AbstractLoRAMethods(ABC):
         *,
         allow_pickle: bool = False,
         hotswap: bool = False,
+        revision: str | None = None,
     ) -> str:
         """Attach a LoRA file (diffusers/PEFT or kohya layout) to the denoiser and make it the active adapter.
 
@@ -52,7 +69,9 @@ class AbstractLoRAMethods(ABC):
             adapter_name: the adapter's name; default ``default_0``, ``default_1``, ... as in diffusers.
             allow_pickle: accept a pickled ``.bin``; only for files from a source you trust.
             hotswap: put the file's weights into the attached adapter ``adapter_name`` in place (same
-                layers and ranks), so that a compiled denoiser does not recompile; its weight stays.
+                layers, ranks up to the attached one's), so that a compiled denoiser does not recompile; its weight stays.
+            revision: a Hub branch, tag or commit. The adapter records the commit read and the file's
+                sha256, which :meth:`save_pretrained` writes into the preset.
 
         Returns:
             The adapter name.
@@ -62,21 +81,16 @@ class AbstractLoRAMethods(ABC):
                 pickle without ``allow_pickle``, a name already attached; nothing changes.
         """
         model = self._lora_model()
-        local = Path(path_or_repo).expanduser()
-        if local.is_file():
-            path = local
-        else:
-            wanted = weight_name or DEFAULT_WEIGHT_NAME
-            folder = resolve_folder(path_or_repo, allow_patterns=[wanted])
-            path = contained_path(folder, wanted, repository=str(path_or_repo), entry="weight_name")
+        path, source = resolve_lora_file(path_or_repo, weight_name, revision=revision)
         attached = attached_names(model)
         if hotswap:
             if adapter_name is None:
                 raise ValueError(f"hotswap=True replaces an attached adapter: name it with adapter_name (attached: {attached})")
-            hot_swap(model, adapter_name, LoRA.from_file(path, model, name=adapter_name, allow_pickle=allow_pickle))
+            hot_swap(model, adapter_name, LoRA.from_file(path, model, name=adapter_name, allow_pickle=allow_pickle, source=source))
             return adapter_name
         name = adapter_name or next(f"default_{i}" for i in range(len(attached) + 1) if f"default_{i}" not in attached)
-        inject(model, LoRA.from_file(path, model, name=name, allow_pickle=allow_pickle))
+        lora = LoRA.from_file(path, model, name=name, allow_pickle=allow_pickle, source=source)
+        inject(model, lora if self._lora_target_rank is None else lora.padded(self._lora_target_rank))
         set_weights(model, {name: 1.0})
         return name
 

@@ -20,6 +20,7 @@ from diffblocks.components import ComponentsManager, ComponentSpec, read_index
 from diffblocks.components.hub import resolve_folder
 from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX, PipelineIndex, dtype_name
 from diffblocks.presets.families import FAMILIES, Family, family_of, register_family
+from diffblocks.presets.loras import LORAS_KEY, apply_loras
 from diffblocks.presets.remote_code import RemoteCodeError, code_class, load_code
 from diffblocks.presets.treefile import CODE_KEY, TREE_KEY, code_files, tree_from_json
 from diffblocks.registry import BLOCKS
@@ -81,6 +82,9 @@ def from_pretrained(
     that is a full commit hash, and only once every file matches the sha256 its index records (see
     :mod:`diffblocks.presets.remote_code`).
 
+    A preset saved with LoRAs attaches them again (each file's sha256 checked first, see
+    :mod:`diffblocks.presets.loras`), which loads the denoiser now.
+
     Args:
         path_or_repo: a local folder or a Hub id (resolved through the cache; ``HF_HUB_OFFLINE`` respected).
         dtype: weights' dtype for the models (tokenizers and schedulers are unaffected).
@@ -97,6 +101,7 @@ def from_pretrained(
     Raises:
         RemoteCodeError: the repository carries block code that may not run (not trusted, not
             pinned, ``DIFFBLOCKS_NO_REMOTE_CODE`` set, or a file that does not match its hash).
+        ValueError: a saved LoRA's file does not match its recorded sha256 (the file is named).
     """
     weights_dtype = dtype_name(dtype) if dtype is not None else None  # refused before anything is read
     _refuse_diffusers_code(path_or_repo, revision=revision)
@@ -126,7 +131,10 @@ def from_pretrained(
     preset = PresetInfo(family.name, index.class_name, dict(index.settings), sources)
     name = f"{family.name}:{os.fspath(path_or_repo)}"
     pipe = Pipeline(blocks, chosen, manager=manager, name=name, preset=preset)
-    return pipe.quantize(quantization) if quantization is not None else pipe
+    pipe = pipe.quantize(quantization) if quantization is not None else pipe
+    if LORAS_KEY in index.extras:  # the adapters saved with the preset, on the (quantized) denoiser
+        apply_loras(pipe, index.extras[LORAS_KEY], path_or_repo, revision=revision)
+    return pipe
 
 
 def _blocks(

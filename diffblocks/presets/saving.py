@@ -36,11 +36,13 @@ from diffblocks.components import ComponentsManager, ComponentSpec, write_modula
 from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.containment import is_hub_id
 from diffblocks.components.guiders import AbstractGuider
+from diffblocks.components.lora import detached
 from diffblocks.components.models import AbstractModel
 from diffblocks.components.quantizers import quantizer_of
 from diffblocks.components.schedulers import AbstractScheduler
 from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX
 from diffblocks.presets.families import FAMILIES
+from diffblocks.presets.loras import LORAS_KEY, denoiser_of, lora_references, write_loras
 from diffblocks.presets.staging import MANIFEST_KEY, saved_files, staged_save
 from diffblocks.presets.structure import edited, preset_of
 from diffblocks.presets.treefile import CODE_KEY, TREE_KEY, tree_to_json
@@ -94,6 +96,10 @@ def save_pretrained(
     name, user-written blocks with their module file (``blocks/<module path>.py``), whose sha256 the
     index records. Loading such code needs ``trust_remote_code=True``.
 
+    The LoRAs attached to the denoiser are recorded under ``_diffblocks_loras`` (a local file copied
+    into ``loras/``, a Hub file pinned to its commit, each with its sha256, weight and fused state;
+    see :mod:`diffblocks.presets.loras`), and the denoiser's own weights are saved without them.
+
     Args:
         pipe: a preset pipeline (from ``Pipeline.from_pretrained``, or built from a family's blocks),
             its blocks edited or not.
@@ -112,7 +118,8 @@ def save_pretrained(
 
     Raises:
         ValueError: the pipeline comes from no known preset, a block can be neither named nor saved
-            as code, ``safe_serialization`` is False, or a setting is not JSON.
+            as code, ``safe_serialization`` is False, a setting is not JSON, or a LoRA has no
+            safetensors file to record (made from tensors, read from a pickle, or changed since).
         RegistryError: a component's class is not in the manager's registry (nothing is written).
         TypeError: a component is of a kind diffblocks cannot save (nothing is written).
         FileExistsError: ``folder`` is a file or a broken link, a foreign non-empty folder without
@@ -132,6 +139,8 @@ def save_pretrained(
         code = {}
     json.dumps(settings)  # a setting that is not JSON fails here, before anything is written
     items = [_plan(pipe, name, key, preset, copy_references) for name, key in sorted(pipe.component_keys().items())]
+    loras, lora_files = lora_references(pipe)  # the adapters: references, and local files copied in (docs/lora.md)
+    denoiser = denoiser_of(pipe)
     target = Path(folder).expanduser().absolute()
     _check_target(target, overwrite=overwrite)
     family = FAMILIES[preset.family]
@@ -141,14 +150,17 @@ def save_pretrained(
     modular_class = family.modular[0] if family.modular is not None else class_name
     replace_all = overwrite and target.is_dir() and any(target.iterdir()) and not is_saved_pipeline(target)
     with staged_save(target, replace_all=replace_all) as staging:
-        specs = {item.name: _write(pipe.manager, item, staging, variant, max_shard_size) for item in items}
+        with detached(denoiser) if denoiser is not None else contextlib.nullcontext():  # its own weights, without adapters
+            specs = {item.name: _write(pipe.manager, item, staging, variant, max_shard_size) for item in items}
+        write_loras(staging, lora_files)
         for file, data in code.items():
             (staging / file).parent.mkdir(parents=True, exist_ok=True)
             (staging / file).write_bytes(data)
         classic = _classic_index(items, class_name=class_name, settings=settings)
         # what this save wrote, so that the next save onto the folder removes these and nothing else
         written = [*saved_files(staging), MODULAR_INDEX, *([CLASSIC_INDEX] if classic is not None else [])]
-        ours = {**modular, **settings, MANIFEST_KEY: sorted(written)}
+        adapters = {LORAS_KEY: [reference.model_dump(mode="json") for reference in loras]} if loras else {}
+        ours = {**modular, **settings, **adapters, MANIFEST_KEY: sorted(written)}
         write_modular_index(staging, specs, class_name=modular_class, settings=ours)
         if classic is not None:
             (staging / CLASSIC_INDEX).write_text(json.dumps(classic, indent=2) + "\n")

@@ -1,33 +1,44 @@
-"""LoRA adapters for the UNet and the Flux transformer: read, attached, weighted, fused and removed by value."""
+"""LoRA adapters for the UNet and the Flux transformer: read, attached, weighted, fused and removed by value, their files pinned."""
 
 from diffblocks.components.lora.adapter import (
     LoRA,
     LoRALayer,
     adapter_names,
+    adapter_weights,
+    detached,
     eject,
     fuse,
     hotswap,
     inject,
+    is_fused,
     set_weights,
+    source_of,
     targets,
     unfuse,
 )
 from diffblocks.components.lora.formats import LoRAWeights, convert, read_lora_file
 from diffblocks.components.lora.names import Target, layer_names
+from diffblocks.components.lora.sources import LoRASource, resolve_lora_file
 
 __all__ = [
     "LoRA",
     "LoRALayer",
+    "LoRASource",
     "LoRAWeights",
     "adapter_names",
+    "adapter_weights",
+    "detached",
     "convert",
     "eject",
     "fuse",
     "hotswap",
     "inject",
+    "is_fused",
     "layer_names",
     "read_lora_file",
+    "resolve_lora_file",
     "set_weights",
+    "source_of",
     "Target",
     "targets",
     "unfuse",

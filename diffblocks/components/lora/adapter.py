@@ -7,11 +7,19 @@ one per layer, read once from its file. :func:`inject` wraps each targeted ``nn.
 Adaptation of Large Language Models", eq. 3; PEFT's ``LoraLayer.forward`` in the same order).
 :func:`eject` puts the original modules back, the very objects, so the model is as it was, as
 in refiners' ``Adapter.inject`` / ``eject``.
+
+A quantized layer (torchao's and quanto's quantized ``nn.Linear`` weights, bitsandbytes'
+``Linear4bit``, our :class:`~diffblocks.components.quantizers.GGUFLinear`) is wrapped the same
+way: the update runs beside the quantized base in its compute dtype, ``base(x) + scale *
+up(down(x))``, and the quantized weights are never touched, so the base stays quantized. Fusing
+into them is refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, final
@@ -22,7 +30,16 @@ from torch import Tensor, nn
 
 from diffblocks.components.lora.formats import LoRAWeights, convert, read_lora_file
 from diffblocks.components.lora.names import layer_names
+from diffblocks.components.lora.sources import LoRASource
+from diffblocks.components.quantizers.gguf import GGUFLinear
 
+Base = nn.Linear | nn.Conv2d | GGUFLinear
+"""The layers a LoRA may target: linear (float or quantized), convolution, and GGUF-quantized linear."""
+
+_MSG_QUANTIZED = (
+    "{cls} weights of {dtype} (quantized) cannot take a fused LoRA: fusing would change the quantized weights. "
+    "Keep the LoRA unfused (it runs beside the quantized layer), or load the model without quantization to fuse"
+)
 _MSG_SHAPE = (
     "LoRA {name!r} does not fit {model}: layer {layer!r} has weight {weight}, but the LoRA's update is "
     "{update} (down {down}, up {up}). The LoRA was trained for another model size or family; nothing was changed"
@@ -37,6 +54,8 @@ class LoRA:
     Args:
         name: the adapter name, unique among the adapters of one model.
         layers: module path (``down_blocks.0.attentions.0.proj_in``) to its update.
+        source: the file it was read from, pinned and hashed, which a saved preset records; None for
+            a LoRA made from tensors (a pipeline holding one cannot be saved).
 
     Example:
         >>> lora = LoRA("style", {"proj": LoRAWeights(torch.ones(2, 4), torch.zeros(3, 2), alpha=2.0)})
@@ -45,18 +64,48 @@ class LoRA:
 
     name: str
     layers: Mapping[str, LoRAWeights] = field(repr=False)
+    source: LoRASource | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.name or not self.layers:
             raise ValueError("a LoRA needs a name and at least one layer")
 
     @classmethod
-    def from_file(cls, path: str | Path, model: nn.Module, *, name: str | None = None, allow_pickle: bool = False) -> LoRA:
-        """Read a LoRA file (diffusers/PEFT or kohya layout) for ``model``; ``name`` defaults to the file's stem."""
+    def from_file(
+        cls,
+        path: str | Path,
+        model: nn.Module,
+        *,
+        name: str | None = None,
+        allow_pickle: bool = False,
+        source: LoRASource | None = None,
+    ) -> LoRA:
+        """Read a LoRA file (diffusers/PEFT or kohya layout) for ``model``; ``name`` defaults to the file's stem.
+
+        ``source`` records where the file came from (a Hub file at its commit); by default the local file, hashed.
+        """
         path = Path(path)
         tensors = read_lora_file(path, allow_pickle=allow_pickle)
         ours, original = layer_names(model, targets(model))
-        return cls(name or path.stem, convert(tensors, ours, original, model=type(model).__name__))
+        layers = convert(tensors, ours, original, model=type(model).__name__)
+        return cls(name or path.stem, layers, source if source is not None else LoRASource.of_file(path))
+
+    @property
+    def rank(self) -> int:
+        """The largest rank of its layers."""
+        return max(u.rank for u in self.layers.values())
+
+    def padded(self, rank: int) -> LoRA:
+        """Every layer's update zero-padded to ``rank`` (the same updates), so that a later :func:`hotswap`
+        can bring in any LoRA of rank up to ``rank`` without changing a tensor's shape.
+
+        Raises:
+            ValueError: a layer's rank is above ``rank`` (the message names it).
+        """
+        for path, u in self.layers.items():
+            if u.rank > rank:
+                raise ValueError(f"LoRA {self.name!r} has rank {u.rank} at layer {path!r}, above the target rank {rank}")
+        return LoRA(self.name, {path: u.padded(rank) for path, u in self.layers.items()}, self.source)
 
 
 @final
@@ -68,7 +117,7 @@ class LoRALayer(nn.Module):
     again, as PEFT does, leaves rounding errors).
     """
 
-    def __init__(self, base: nn.Linear | nn.Conv2d) -> None:
+    def __init__(self, base: Base) -> None:
         super().__init__()
         self.base = base
         self.updates: dict[str, LoRAWeights] = {}
@@ -81,21 +130,28 @@ class LoRALayer(nn.Module):
 
     @torch.no_grad()
     def swap(self, name: str, update: LoRAWeights) -> None:
-        """Copy ``update`` into adapter ``name``'s tensors in place; its scale goes into ``up``, so ``alpha`` stays."""
-        current, new = self.updates[name], self._fitted(update)
+        """Copy ``update`` into adapter ``name``'s tensors in place; its scale goes into ``up``, so ``alpha`` stays.
+
+        An update of a lower rank is zero-padded to the attached one's first (the same update).
+        """
+        current, new = self.updates[name], self._fitted(update.padded(self.updates[name].rank))
         current.down.copy_(new.down)
         current.up.copy_(new.up * (new.scale / current.scale))
 
     def fits_in_place(self, name: str, update: LoRAWeights) -> bool:
-        current, new = self.updates[name], self._fitted(update)
+        """Whether ``update`` has the attached one's shapes, up to a rank no higher than the attached one's."""
+        current = self.updates[name]
+        if update.rank > current.rank:
+            return False
+        new = self._fitted(update.padded(current.rank))
         return current.down.shape == new.down.shape and current.up.shape == new.up.shape
 
     def _fitted(self, update: LoRAWeights) -> LoRAWeights:
-        """``update`` on the base weight's device and dtype, its matrices shaped for this layer's kind."""
-        weight = self.base.weight
-        down = update.down.to(weight.device, weight.dtype)
-        up = update.up.to(weight.device, weight.dtype)
-        if isinstance(self.base, nn.Linear):
+        """``update`` on the base weight's device and in its compute dtype, its matrices shaped for this layer's kind."""
+        device, dtype = self.base.weight.device, _compute_dtype(self.base)
+        down = update.down.to(device, dtype)
+        up = update.up.to(device, dtype)
+        if not isinstance(self.base, nn.Conv2d):
             down, up = down.flatten(1), up.flatten(1)
         elif down.ndim == 2:  # a 1x1 convolution that the file's model had as a linear layer
             down, up = down[:, :, None, None], up[:, :, None, None]
@@ -125,19 +181,22 @@ class LoRALayer(nn.Module):
             scale = self.weights[name] * u.scale
             if scale == 0.0:
                 continue
-            if isinstance(self.base, nn.Linear):
-                hidden = F.linear(F.linear(x, u.down), u.up)
-            else:
+            # a quantized base may take and give another dtype than its compute dtype (GGUF, bitsandbytes)
+            h = x if x.dtype == u.down.dtype else x.to(u.down.dtype)
+            if isinstance(self.base, nn.Conv2d):
                 base = self.base
-                down = F.conv2d(x, u.down, stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups)
+                down = F.conv2d(h, u.down, stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups)
                 hidden = F.conv2d(down, u.up)
-            result = result + hidden * scale
+            else:
+                hidden = F.linear(F.linear(h, u.down), u.up)
+            hidden = hidden * scale
+            result = result + (hidden if hidden.dtype == result.dtype else hidden.to(result.dtype))
         return result
 
     def check_fusable(self) -> None:
         weight = self.base.weight
-        if not weight.dtype.is_floating_point or type(weight.data) is not torch.Tensor:
-            raise ValueError(f"{type(weight.data).__name__} weights of {weight.dtype} (quantized) cannot take a fused LoRA; use it unfused")
+        if not weight.dtype.is_floating_point or type(weight.data) is not torch.Tensor or isinstance(self.base, GGUFLinear):
+            raise ValueError(_MSG_QUANTIZED.format(cls=type(weight.data).__name__, dtype=weight.dtype))
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -175,15 +234,17 @@ def inject(model: nn.Module, lora: LoRA) -> None:
     for name, module in targets.items():
         layer = module if isinstance(module, LoRALayer) else _wrap(model, name, module)
         layer.add(lora.name, lora.layers[name])
+    _record(model, lora.name, lora.source)
 
 
 def hotswap(model: nn.Module, name: str, lora: LoRA) -> None:
     """Put ``lora``'s weights into the attached adapter ``name`` in place, so a compiled model does not recompile.
 
-    The new LoRA must update the same layers with the same ranks. Its tensors are copied into the
-    old ones (the objects a compiled graph reads stay the same), and a different ``alpha / rank``
-    is folded into ``up`` rather than changing the scale, a Python float that ``torch.compile``
-    would guard on. The adapter keeps its name and weight.
+    The new LoRA must update the same layers, at ranks no higher than the attached ones: a lower
+    rank is zero-padded up to the attached one (attach the first LoRA as ``lora.padded(rank)`` to
+    leave room). Its tensors are copied into the old ones (the objects a compiled graph reads stay
+    the same), and a different ``alpha / rank`` is folded into ``up`` rather than changing the
+    scale, a Python float that ``torch.compile`` would guard on. The adapter keeps its name and weight.
 
     Raises:
         KeyError: no adapter ``name`` is attached.
@@ -202,10 +263,13 @@ def hotswap(model: nn.Module, name: str, lora: LoRA) -> None:
             old, new = layer.updates[name], lora.layers[path]
             raise ValueError(
                 f"LoRA {lora.name!r} cannot replace {name!r} in place: at layer {path!r} the attached one has down "
-                f"{tuple(old.down.shape)} and up {tuple(old.up.shape)}, the new one {tuple(new.down.shape)} and {tuple(new.up.shape)}"
+                f"{tuple(old.down.shape)} and up {tuple(old.up.shape)}, the new one {tuple(new.down.shape)} and {tuple(new.up.shape)}. "
+                f"A LoRA of a higher rank needs room prepared before the first is attached: "
+                f"inject(model, lora.padded(rank)), or pipe.enable_lora_hotswap(target_rank=rank) before loading"
             )
     for path, layer in layers.items():
         layer.swap(name, lora.layers[path])
+    _record(model, name, lora.source)
 
 
 def eject(model: nn.Module, name: str) -> None:
@@ -219,6 +283,7 @@ def eject(model: nn.Module, name: str) -> None:
             del layer.updates[name], layer.weights[name]
             if not layer.updates:
                 _replace(model, path, layer.base)
+    _record(model, name, None)
 
 
 def set_weights(model: nn.Module, weights: Mapping[str, float]) -> None:
@@ -249,6 +314,58 @@ def unfuse(model: nn.Module) -> None:
         layer.unfuse()
 
 
+def adapter_weights(model: nn.Module) -> dict[str, float]:
+    """Each attached adapter's weight, in the order they were attached."""
+    weights: dict[str, float] = {}
+    for _, layer in _layers(model):
+        weights.update({name: w for name, w in layer.weights.items() if name not in weights})
+    return weights
+
+
+def is_fused(model: nn.Module) -> bool:
+    """Whether the adapters are fused into ``model``'s weights."""
+    return any(layer.original is not None for _, layer in _layers(model))
+
+
+def source_of(model: nn.Module, name: str) -> LoRASource | None:
+    """The file the attached adapter ``name`` was read from (its latest, after a hot-swap), or None."""
+    return _SOURCES.get(model, {}).get(name)
+
+
+@contextmanager
+def detached(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with its original layers and weights in place for the ``with`` block, its adapters back after.
+
+    Saving a model writes its own weights, without adapters and unfused, under its own names; the
+    fused weights are computed again afterwards, bit-identical to before.
+    """
+    layers = _layers(model)
+    fused = [layer for _, layer in layers if layer.original is not None]
+    for layer in fused:
+        layer.unfuse()
+    for path, layer in layers:
+        _replace(model, path, layer.base)
+    try:
+        yield model
+    finally:
+        for path, layer in layers:
+            _replace(model, path, layer)
+        for layer in fused:
+            layer.fuse()
+
+
+# Which file each attached adapter came from: kept beside the model (as quantizers are), and forgotten with it.
+_SOURCES: weakref.WeakKeyDictionary[nn.Module, dict[str, LoRASource]] = weakref.WeakKeyDictionary()
+
+
+def _record(model: nn.Module, name: str, source: LoRASource | None) -> None:
+    sources = _SOURCES.setdefault(model, {})
+    if source is None:
+        sources.pop(name, None)
+    else:
+        sources[name] = source
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     """The attached adapters, in the order they were attached."""
     names: dict[str, None] = {}
@@ -263,7 +380,7 @@ def targets(model: nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if isinstance(module, LoRALayer):
             found.append(name)
-        elif isinstance(module, (nn.Linear, nn.Conv2d)) and not isinstance(_parent(model, name), LoRALayer):
+        elif isinstance(module, (nn.Linear, nn.Conv2d, GGUFLinear)) and not isinstance(_parent(model, name), LoRALayer):
             found.append(name)
     return found
 
@@ -278,12 +395,12 @@ def _layers(model: nn.Module) -> list[tuple[str, LoRALayer]]:
 
 
 def _check_fits(lora: LoRA, name: str, base: nn.Module, model: str) -> None:
-    if not isinstance(base, (nn.Linear, nn.Conv2d)):
+    if not isinstance(base, (nn.Linear, nn.Conv2d, GGUFLinear)):
         raise ValueError(f"LoRA {lora.name!r} targets {name!r} of {model}, a {type(base).__name__}, not a Linear or Conv2d layer")
     u = lora.layers[name]
-    weight = tuple(base.weight.shape)
+    weight = _weight_shape(base)
     update = (u.up.shape[0], *u.down.shape[1:])
-    if isinstance(base, nn.Linear):  # kohya writes some linear updates as 1x1 convolutions
+    if not isinstance(base, nn.Conv2d):  # kohya writes some linear updates as 1x1 convolutions
         fits = (update[0], u.down[0].numel()) == weight and u.up[0].numel() == u.rank
     elif u.down.ndim == 2:
         fits = update + (1, 1) == weight and u.up.ndim == 2
@@ -297,8 +414,25 @@ def _check_fits(lora: LoRA, name: str, base: nn.Module, model: str) -> None:
         )
 
 
+def _weight_shape(base: Base) -> tuple[int, ...]:
+    """The shape of ``base``'s weight as the model computes with it (a packed quantized weight has another)."""
+    if isinstance(base, nn.Conv2d):
+        return tuple(base.weight.shape)
+    return (base.out_features, base.in_features)
+
+
+def _compute_dtype(base: Base) -> torch.dtype:
+    """The floating-point dtype ``base`` computes in: its weight's, else (packed weights) GGUF's compute
+    dtype or its bias's, else float32."""
+    if isinstance(base, GGUFLinear):
+        return base.compute_dtype
+    if base.weight.dtype.is_floating_point:
+        return base.weight.dtype
+    return base.bias.dtype if base.bias is not None else torch.float32
+
+
 def _wrap(model: nn.Module, path: str, module: nn.Module) -> LoRALayer:
-    assert isinstance(module, (nn.Linear, nn.Conv2d))
+    assert isinstance(module, (nn.Linear, nn.Conv2d, GGUFLinear))
     layer = LoRALayer(module)
     _replace(model, path, layer)
     return layer
@@ -309,4 +443,19 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-__all__ = ["LoRA", "LoRALayer", "adapter_names", "eject", "fuse", "hotswap", "inject", "set_weights", "targets", "unfuse"]
+__all__ = [
+    "LoRA",
+    "LoRALayer",
+    "adapter_names",
+    "adapter_weights",
+    "detached",
+    "eject",
+    "fuse",
+    "hotswap",
+    "inject",
+    "is_fused",
+    "set_weights",
+    "source_of",
+    "targets",
+    "unfuse",
+]

@@ -11,6 +11,7 @@ A key is a prefix, a layer name and a part. The prefix says how the layer is nam
 and the part which matrix it is: ``lora_A.weight`` or ``lora_down.weight`` (down), ``lora_B.weight``
 or ``lora_up.weight`` (up), ``alpha``. Original names (LDM/SGM for the UNet, BFL for Flux) are
 placed by :mod:`diffblocks.components.lora.names`, which splits a fused layer's update by rows.
+XLabs' Flux files are rewritten into these names first (:mod:`diffblocks.components.lora.xlabs`).
 A missing ``alpha`` means ``alpha = rank`` (scale 1), as in PEFT's default config. Every key of
 a file must fall into the table; any that does not is named in the error, never dropped.
 """
@@ -29,6 +30,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from diffblocks.components.lora.names import Target
+from diffblocks.components.lora.xlabs import from_xlabs
 
 Naming = Literal["ours", "flat", "original"]
 
@@ -93,6 +95,24 @@ class LoRAWeights:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def padded(self, rank: int) -> LoRAWeights:
+        """The same update at ``rank``: zero rows of ``down`` and zero columns of ``up`` appended.
+
+        ``alpha`` grows with the rank so that ``alpha / rank`` (and so the update) is unchanged;
+        diffusers pads the same way for ``enable_lora_hotswap(target_rank=...)``.
+
+        Raises:
+            ValueError: ``rank`` is below this update's rank.
+        """
+        if rank < self.rank:
+            raise ValueError(f"a rank-{self.rank} LoRA update cannot be padded down to rank {rank}")
+        if rank == self.rank:
+            return self
+        extra = rank - self.rank
+        down = torch.cat([self.down, self.down.new_zeros(extra, *self.down.shape[1:])])
+        up = torch.cat([self.up, self.up.new_zeros(self.up.shape[0], extra, *self.up.shape[2:])], dim=1)
+        return LoRAWeights(down, up, self.alpha * rank / self.rank)
+
 
 def read_lora_file(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Tensor]:
     """The tensors of a LoRA file: safetensors, or a pickled ``.bin``/``.pt`` only with ``allow_pickle``."""
@@ -123,6 +143,7 @@ def convert(
         ValueError: keys that name no layer of the model (all of them named), a layer without its
             down or up matrix, a rank of 0, or NaN weights.
     """
+    state_dict = from_xlabs(state_dict)  # XLabs' processor keys, placed by their own table
     names: dict[Naming, Mapping[str, tuple[Target, ...]]] = {
         "ours": ours,
         "original": original,

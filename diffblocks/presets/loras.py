@@ -1,0 +1,190 @@
+"""LoRAs saved with a preset: a pinned, hashed reference per adapter, applied again when the preset loads.
+
+``save_pretrained`` records every adapter attached to the denoiser in the modular index, under
+``_diffblocks_loras``::
+
+    [{"adapter_name": "style", "weight": 0.7, "fused": false,
+      "file": "loras/style.safetensors", "sha256": "9f2c...", "repo": null, "revision": null},
+     {"adapter_name": "ink", "weight": 0.4, "fused": false,
+      "file": "ink.safetensors", "sha256": "51d0...", "repo": "someone/ink-lora", "revision": "<40 hex digits>"}]
+
+A LoRA read from a local file is copied into the saved folder (``loras/``), so that the folder
+stands on its own and ``push_to_hub`` uploads it; one read from the Hub stays a reference to its
+repository at the commit it was read from. Loading resolves every file inside the repository
+that names it (:mod:`diffblocks.components.containment`), checks its sha256 before reading a
+tensor (a mismatch is an error naming the file), attaches the adapters under their names, sets
+their weights, and fuses them if they were fused: the same image as the pipeline saved.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from diffblocks.blocks import Pipeline
+from diffblocks.components.compiled import unwrap_compiled
+from diffblocks.components.containment import RepositoryPathError, contained_path, is_hub_id
+from diffblocks.components.hub import resolve_folder
+from diffblocks.components.lora import LoRA, LoRASource, adapter_weights, inject, is_fused, source_of
+from diffblocks.components.lora import fuse as fuse_adapters
+from diffblocks.components.lora import set_weights as set_adapter_weights
+from diffblocks.components.models.compile import DENOISER_NAMES
+
+LORAS_KEY = "_diffblocks_loras"
+LORA_FOLDER = "loras"
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+_MSG_NO_SOURCE = (
+    "LoRA {name!r} on the {model} was attached from tensors, not read from a file, so a saved preset cannot "
+    "record it. Save it as a .safetensors file and attach it with pipe.load_lora_weights(path, adapter_name={name!r}), "
+    "or remove it (pipe.delete_adapters({name!r})) before saving."
+)
+_MSG_PICKLE = (
+    "LoRA {name!r} was read from the pickle {file}; a saved preset holds safetensors files only. Convert it "
+    "(safetensors.torch.save_file(torch.load(path, weights_only=True), 'lora.safetensors')) and load that instead."
+)
+_MSG_REPO = (
+    "{repository}: the modular index's {key} entry {name!r} names {repo!r} as the LoRA's repository, which is not a Hub "
+    "id ('owner/name'), or is also a folder under the working directory. An index names other repositories by Hub id "
+    "only, so that a downloaded repository cannot read files of this machine; nothing was loaded."
+)
+_MSG_BAD_ENTRY = "{repository}: the modular index's {key} is not a list of LoRA references ({err}); nothing was loaded."
+
+
+class LoRAReference(BaseModel):
+    """One adapter of a saved preset: its file (in the preset's repository, or in ``repo`` at ``revision``), weight and state.
+
+    Args:
+        adapter_name: the name it is attached under.
+        weight: its weight (``set_adapters``).
+        fused: whether the adapters were fused into the denoiser's weights.
+        file: a path inside the preset's folder (``repo`` None), or inside ``repo``.
+        sha256: the file's hash, checked before it is read.
+        repo: a Hub repository id, for a LoRA kept as a reference.
+        revision: the commit of ``repo`` the file was read at.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    adapter_name: str = Field(min_length=1)
+    weight: float
+    fused: bool = False
+    file: str = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    repo: str | None = None
+    revision: str | None = Field(default=None, pattern=r"^[0-9a-f]{40}$")
+
+
+def denoiser_of(pipe: Pipeline, *, load: bool = False) -> nn.Module | None:
+    """The pipeline's denoiser module (where LoRAs attach), or None; loaded now only with ``load``.
+
+    A denoiser that is not loaded has no adapters: they live in the loaded module.
+    """
+    keys = pipe.component_keys()
+    for name in DENOISER_NAMES:
+        if name in keys and (load or pipe.manager.is_loaded(keys[name])):
+            model = unwrap_compiled(pipe.manager.get(keys[name]))
+            return model if isinstance(model, nn.Module) else None
+    return None
+
+
+def lora_references(pipe: Pipeline) -> tuple[list[LoRAReference], dict[str, Path]]:
+    """The references to record for ``pipe``'s adapters, and the local files to copy (saved path -> file).
+
+    Raises:
+        ValueError: an adapter has no file, was read from a pickle, or its file changed since (named).
+    """
+    model = denoiser_of(pipe)
+    if model is None:
+        return [], {}
+    fused = is_fused(model)
+    references: list[LoRAReference] = []
+    copies: dict[str, Path] = {}
+    for name, weight in adapter_weights(model).items():
+        source = source_of(model, name)
+        if source is None:
+            raise ValueError(_MSG_NO_SOURCE.format(name=name, model=type(model).__name__))
+        if source.repo is not None:
+            references.append(
+                LoRAReference(
+                    adapter_name=name, weight=weight, fused=fused, file=source.file, sha256=source.sha256,
+                    repo=source.repo, revision=source.revision,
+                )
+            )
+            continue
+        path = Path(source.file)
+        if path.suffix != ".safetensors":
+            raise ValueError(_MSG_PICKLE.format(name=name, file=path))
+        source.check(path, name=name, where="the attached adapter")
+        saved = f"{LORA_FOLDER}/{name if _SAFE_NAME.match(name) else source.sha256[:16]}.safetensors"
+        copies[saved] = path
+        references.append(LoRAReference(adapter_name=name, weight=weight, fused=fused, file=saved, sha256=source.sha256))
+    return references, copies
+
+
+def write_loras(staging: Path, copies: dict[str, Path]) -> None:
+    """Copy the LoRA files into the folder being saved."""
+    for saved, path in copies.items():
+        (staging / saved).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, staging / saved)
+
+
+def apply_loras(pipe: Pipeline, entry: Any, path_or_repo: str | os.PathLike[str], *, revision: str | None = None) -> None:
+    """Attach the adapters a saved preset records (``entry``, its ``_diffblocks_loras``), as they were saved.
+
+    Every file is found and checked before any adapter is attached, so a bad entry changes nothing.
+
+    Raises:
+        ValueError: the entry is malformed, or a file's sha256 differs from the recorded one (named).
+        RepositoryPathError: a file leads out of its repository, or ``repo`` is not a Hub id.
+    """
+    repository = str(path_or_repo)
+    try:
+        references = [LoRAReference.model_validate(item) for item in entry]
+    except (TypeError, ValidationError) as err:
+        raise ValueError(_MSG_BAD_ENTRY.format(repository=repository, key=LORAS_KEY, err=err)) from None
+    if not references:
+        return
+    files = [_resolve(reference, path_or_repo, revision=revision) for reference in references]
+    model = denoiser_of(pipe, load=True)
+    if model is None:
+        raise ValueError(f"{repository}: its index records LoRAs, but the pipeline has no {' or '.join(DENOISER_NAMES)}")
+    loras = [
+        LoRA.from_file(path, model, name=reference.adapter_name, source=source) for reference, (path, source) in zip(references, files, strict=True)
+    ]
+    for lora in loras:
+        inject(model, lora)
+    set_adapter_weights(model, {reference.adapter_name: reference.weight for reference in references})
+    if any(reference.fused for reference in references):
+        fuse_adapters(model)
+
+
+def _resolve(reference: LoRAReference, path_or_repo: str | os.PathLike[str], *, revision: str | None) -> tuple[Path, LoRASource]:
+    """The reference's file, inside the repository that holds it, its hash checked."""
+    repository = str(path_or_repo)
+    entry = f"{LORAS_KEY} entry {reference.adapter_name!r}, file"
+    if reference.repo is None:
+        root = resolve_folder(path_or_repo, revision=revision, allow_patterns=[reference.file])
+        path = contained_path(root, reference.file, repository=repository, entry=entry)
+        source = LoRASource(os.fspath(path), reference.sha256)  # a copy of the folder's file, should it be saved again
+    else:
+        if not is_hub_id(reference.repo) or Path(reference.repo).exists():
+            raise RepositoryPathError(
+                _MSG_REPO.format(repository=repository, key=LORAS_KEY, name=reference.adapter_name, repo=reference.repo)
+            )
+        root = resolve_folder(reference.repo, revision=reference.revision, allow_patterns=[reference.file])
+        path = contained_path(root, reference.file, repository=reference.repo, entry=entry)
+        source = LoRASource(reference.file, reference.sha256, reference.repo, reference.revision)
+    if not path.is_file():
+        raise FileNotFoundError(f"{repository}: {entry} names {reference.file!r}, which is not in the repository")
+    LoRASource(os.fspath(path), reference.sha256).check(path, name=reference.adapter_name, where=f"{repository}'s {LORAS_KEY}")
+    return path, source
+
+
+__all__ = ["LORAS_KEY", "LORA_FOLDER", "LoRAReference", "apply_loras", "denoiser_of", "lora_references", "write_loras"]
