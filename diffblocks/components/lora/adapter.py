@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffblocks.components.lora.formats import LoRAWeights, convert, read_lora_file
+from diffblocks.components.lora.formats import PREFIXES, LoRAWeights, Naming, convert, read_lora_file
 from diffblocks.components.lora.names import layer_names
 
 _MSG_SHAPE = (
@@ -54,9 +54,15 @@ class LoRA:
     def from_file(cls, path: str | Path, model: nn.Module, *, name: str | None = None, allow_pickle: bool = False) -> LoRA:
         """Read a LoRA file (diffusers/PEFT or kohya layout) for ``model``; ``name`` defaults to the file's stem."""
         path = Path(path)
-        tensors = read_lora_file(path, allow_pickle=allow_pickle)
+        return cls.from_state_dict(read_lora_file(path, allow_pickle=allow_pickle), model, name=name or path.stem)
+
+    @classmethod
+    def from_state_dict(
+        cls, tensors: Mapping[str, Tensor], model: nn.Module, *, name: str, prefixes: Mapping[str, Naming] = PREFIXES
+    ) -> LoRA:
+        """Read a LoRA file's tensors for ``model``; ``prefixes`` are the denoiser's unless a text encoder's are given."""
         ours, original = layer_names(model, targets(model))
-        return cls(name or path.stem, convert(tensors, ours, original, model=type(model).__name__))
+        return cls(name, convert(tensors, ours, original, model=type(model).__name__, prefixes=prefixes))
 
 
 @final
@@ -74,6 +80,15 @@ class LoRALayer(nn.Module):
         self.updates: dict[str, LoRAWeights] = {}
         self.weights: dict[str, float] = {}
         self.original: Tensor | None = None  # the base weight while fused
+
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight, for models that read it (T5 checks ``wo.weight.dtype``), as PEFT's layers allow."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
 
     def add(self, name: str, update: LoRAWeights) -> None:
         self.updates[name] = self._fitted(update)
@@ -162,19 +177,25 @@ def inject(model: nn.Module, lora: LoRA) -> None:
     Raises:
         ValueError: the name is already attached, a layer is fused, or an update does not fit its layer.
     """
+    check_injectable(model, lora)
+    targets = {name: model.get_submodule(name) for name in lora.layers}
+    for name, module in targets.items():
+        layer = module if isinstance(module, LoRALayer) else _wrap(model, name, module)
+        layer.add(lora.name, lora.layers[name])
+
+
+def check_injectable(model: nn.Module, lora: LoRA) -> None:
+    """Raise the error :func:`inject` would, changing nothing: so several models can be checked before any changes."""
     if lora.name in adapter_names(model):
         raise ValueError(
             f"a LoRA named {lora.name!r} is already attached to {type(model).__name__}; eject it first or pick another name"
         )
-    targets = {name: model.get_submodule(name) for name in lora.layers}
-    for name, module in targets.items():
+    for name in lora.layers:
+        module = model.get_submodule(name)
         base = module.base if isinstance(module, LoRALayer) else module
         if isinstance(module, LoRALayer) and module.original is not None:
             raise ValueError(f"{type(model).__name__} is fused; unfuse it before attaching LoRA {lora.name!r}")
         _check_fits(lora, name, base, type(model).__name__)
-    for name, module in targets.items():
-        layer = module if isinstance(module, LoRALayer) else _wrap(model, name, module)
-        layer.add(lora.name, lora.layers[name])
 
 
 def hotswap(model: nn.Module, name: str, lora: LoRA) -> None:
@@ -309,4 +330,4 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-__all__ = ["LoRA", "LoRALayer", "adapter_names", "eject", "fuse", "hotswap", "inject", "set_weights", "targets", "unfuse"]
+__all__ = ["LoRA", "LoRALayer", "adapter_names", "check_injectable", "eject", "fuse", "hotswap", "inject", "set_weights", "targets", "unfuse"]
