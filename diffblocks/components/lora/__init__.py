@@ -1,9 +1,10 @@
-"""LoRA adapters for the UNet and the Flux transformer: read, attached, weighted, fused and removed by value."""
+"""LoRA adapters for the UNet, the Flux transformer and the text encoders: read, attached, weighted, fused and removed by value."""
 
 from diffblocks.components.lora.adapter import (
     LoRA,
     LoRALayer,
     adapter_names,
+    check_injectable,
     eject,
     fuse,
     hotswap,
@@ -14,12 +15,15 @@ from diffblocks.components.lora.adapter import (
 )
 from diffblocks.components.lora.formats import LoRAWeights, convert, read_lora_file
 from diffblocks.components.lora.names import Target, layer_names
+from diffblocks.components.lora.text_encoders import TEXT_ENCODER_PREFIXES, split_by_model
 
 __all__ = [
     "LoRA",
     "LoRALayer",
     "LoRAWeights",
+    "TEXT_ENCODER_PREFIXES",
     "adapter_names",
+    "check_injectable",
     "convert",
     "eject",
     "fuse",
@@ -28,6 +32,7 @@ __all__ = [
     "layer_names",
     "read_lora_file",
     "set_weights",
+    "split_by_model",
     "Target",
     "targets",
     "unfuse",
