@@ -25,7 +25,7 @@ from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.lora import LoRA, LoRALayer, eject, fuse, inject, read_lora_file, set_weights, unfuse
 from diffblocks.components.lora import adapter_names as attached_names
 from diffblocks.components.lora import hotswap as hot_swap
-from diffblocks.components.lora.adapter import check_injectable
+from diffblocks.components.lora.adapter import check_hotswappable, check_injectable, set_enabled
 from diffblocks.components.lora.text_encoders import DENOISER, prefixes_of, split_by_model
 from diffblocks.components.models.compile import DENOISER_NAMES
 
@@ -40,7 +40,7 @@ _MSG_NO_MODEL = (
 
 
 class AbstractLoRAMethods(ABC):
-    """``load_lora_weights``, ``set_adapters``, ``fuse_lora``, ``unfuse_lora``, ``delete_adapters``, ``unload_lora_weights``."""
+    """diffusers' LoRA methods: load, set adapters, enable and disable, fuse and unfuse, delete and unload."""
 
     @property
     @abstractmethod
@@ -90,6 +90,13 @@ class AbstractLoRAMethods(ABC):
         name = adapter_name or next(f"default_{i}" for i in range(len(attached) + 1) if f"default_{i}" not in attached)
         loras = self._read_lora(read_lora_file(path, allow_pickle=allow_pickle), models, name)
         if hotswap:
+            holding = sorted(c for c, model in models.items() if name in attached_names(model))
+            if holding and sorted(loras) != holding:
+                raise ValueError(
+                    f"LoRA {name!r} cannot be replaced in place: it is attached to {holding}, the new file updates {sorted(loras)}"
+                )
+            for component, lora in loras.items():  # every model checked before any changes
+                check_hotswappable(models[component], name, lora)
             for component, lora in loras.items():
                 hot_swap(models[component], name, lora)
             return name
@@ -110,7 +117,8 @@ class AbstractLoRAMethods(ABC):
         loras: dict[str, LoRA] = {}
         for component, part in split_by_model(tensors).items():
             if component not in models:
-                raise ValueError(_MSG_NO_MODEL.format(count=len(part), component=component.replace(DENOISER, "a denoiser"), key=next(iter(part))))
+                what = "a denoiser" if component == DENOISER else component
+                raise ValueError(_MSG_NO_MODEL.format(count=len(part), component=what, key=next(iter(part))))
             loras[component] = LoRA.from_state_dict(part, models[component], name=name, prefixes=prefixes_of(component))
         return loras
 
@@ -140,6 +148,16 @@ class AbstractLoRAMethods(ABC):
                 if isinstance(module, LoRALayer):
                     active.update(dict.fromkeys(n for n, w in module.weights.items() if w != 0.0))
         return list(active)
+
+    def disable_lora(self) -> None:
+        """Run the denoiser and text encoders without their adapters, which stay attached at their weights."""
+        for model in self._lora_models().values():
+            set_enabled(model, False)
+
+    def enable_lora(self) -> None:
+        """Switch the adapters on again after :meth:`disable_lora`."""
+        for model in self._lora_models().values():
+            set_enabled(model, True)
 
     def fuse_lora(self) -> None:
         """Add the active adapters, at their weights, into the weights of the denoiser and text encoders (faster steps)."""

@@ -262,3 +262,34 @@ def test_bad_text_encoder_loras_change_nothing(sd15_repo: Path, tmp_path: Path) 
     with pytest.raises(ValueError, match=r"1 key\(s\) of this LoRA file match no layer of CLIPTextModel: lora_te_text_model_encoder_layers_9"):
         pipe.load_lora_weights(tmp_path / "deep.safetensors")
     assert restored(encoder, before[0]) and restored(unet, before[1]) and pipe.get_active_adapters() == []
+
+
+def test_disable_enable_and_hotswap_reach_the_text_encoder(sd15_repo: Path, tmp_path: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    pipe = Pipeline.from_pretrained(str(sd15_repo))
+    encoder = pipe.components["text_encoder"]
+    plain = embeds(encoder, IDS)
+    one, two = random_update(encoder, CLIP_LAYERS, seed=1), random_update(encoder, CLIP_LAYERS, seed=2, alpha=4.0)
+    first, second = merged(encoder, (one, 1.0)), merged(encoder, (two, 1.0))
+    save_file(kohya_keys(file_names(one, encoder), "lora_te_"), tmp_path / "one.safetensors")
+    save_file(peft_keys(file_names(two, encoder), "text_encoder."), tmp_path / "two.safetensors")
+    pipe.load_lora_weights(tmp_path / "one.safetensors", adapter_name="style")
+
+    pipe.disable_lora()
+    assert torch.equal(embeds(encoder, IDS), plain)
+    with pytest.raises(ValueError, match="adapters are disabled; enable them before fusing"):
+        pipe.fuse_lora()
+    pipe.enable_lora()
+    assert (embeds(encoder, IDS) - embeds(first, IDS)).abs().max() < 1e-5
+
+    # another adapter of the same ranks, in another layout and scale, swapped in place
+    pipe.load_lora_weights(tmp_path / "two.safetensors", adapter_name="style", hotswap=True)
+    assert (embeds(encoder, IDS) - embeds(second, IDS)).abs().max() < 1e-5
+    unet_file = peft_lora(UNet2DConditionModel.from_pretrained(sd15_repo / "unet"), tmp_path / "unet", seed=1)
+    with pytest.raises(ValueError, match=r"'style' cannot be replaced in place: it is attached to \['text_encoder'\], the new file updates \['denoiser'\]"):
+        pipe.load_lora_weights(unet_file, adapter_name="style", hotswap=True)
+    pipe.fuse_lora()
+    with pytest.raises(ValueError, match="is fused; unfuse it before disabling its LoRA adapters"):
+        pipe.disable_lora()
+    assert (embeds(encoder, IDS) - embeds(second, IDS)).abs().max() < 1e-5

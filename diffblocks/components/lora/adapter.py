@@ -80,6 +80,7 @@ class LoRALayer(nn.Module):
         self.updates: dict[str, LoRAWeights] = {}
         self.weights: dict[str, float] = {}
         self.original: Tensor | None = None  # the base weight while fused
+        self.enabled = True  # False: the base layer alone, the updates kept
 
     @property
     def weight(self) -> Tensor:
@@ -134,8 +135,8 @@ class LoRALayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         result = self.base(x)
-        if self.original is not None:
-            return result  # fused: the updates are in the weight
+        if self.original is not None or not self.enabled:
+            return result  # fused: the updates are in the weight; disabled: left out
         for name, u in self.updates.items():
             scale = self.weights[name] * u.scale
             if scale == 0.0:
@@ -150,6 +151,8 @@ class LoRALayer(nn.Module):
         return result
 
     def check_fusable(self) -> None:
+        if not self.enabled:
+            raise ValueError("the LoRA adapters are disabled; enable them before fusing")
         weight = self.base.weight
         if not weight.dtype.is_floating_point or type(weight.data) is not torch.Tensor:
             raise ValueError(f"{type(weight.data).__name__} weights of {weight.dtype} (quantized) cannot take a fused LoRA; use it unfused")
@@ -210,6 +213,14 @@ def hotswap(model: nn.Module, name: str, lora: LoRA) -> None:
         KeyError: no adapter ``name`` is attached.
         ValueError: the layers or ranks differ, or the model is fused; nothing is changed.
     """
+    check_hotswappable(model, name, lora)
+    layers = {path: layer for path, layer in _layers(model) if name in layer.updates}
+    for path, layer in layers.items():
+        layer.swap(name, lora.layers[path])
+
+
+def check_hotswappable(model: nn.Module, name: str, lora: LoRA) -> None:
+    """Raise the error :func:`hotswap` would, changing nothing: so several models can be checked first."""
     layers = {path: layer for path, layer in _layers(model) if name in layer.updates}
     if not layers:
         raise KeyError(f"no LoRA named {name!r} is attached to {type(model).__name__}; attached: {adapter_names(model)}")
@@ -225,8 +236,6 @@ def hotswap(model: nn.Module, name: str, lora: LoRA) -> None:
                 f"LoRA {lora.name!r} cannot replace {name!r} in place: at layer {path!r} the attached one has down "
                 f"{tuple(old.down.shape)} and up {tuple(old.up.shape)}, the new one {tuple(new.down.shape)} and {tuple(new.up.shape)}"
             )
-    for path, layer in layers.items():
-        layer.swap(name, lora.layers[path])
 
 
 def eject(model: nn.Module, name: str) -> None:
@@ -253,6 +262,19 @@ def set_weights(model: nn.Module, weights: Mapping[str, float]) -> None:
             raise ValueError(f"{type(model).__name__} is fused; unfuse it before changing adapter weights")
         for name in layer.updates:
             layer.weights[name] = float(weights.get(name, 0.0))
+
+
+def set_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every adapter of ``model`` off (the base layers alone) or on again, keeping them and their weights.
+
+    Raises:
+        ValueError: the model is fused (its weights hold the updates); nothing is changed.
+    """
+    layers = [layer for _, layer in _layers(model)]
+    if any(layer.original is not None for layer in layers):
+        raise ValueError(f"{type(model).__name__} is fused; unfuse it before {'enabling' if enabled else 'disabling'} its LoRA adapters")
+    for layer in layers:
+        layer.enabled = enabled
 
 
 def fuse(model: nn.Module) -> None:
@@ -330,4 +352,18 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-__all__ = ["LoRA", "LoRALayer", "adapter_names", "check_injectable", "eject", "fuse", "hotswap", "inject", "set_weights", "targets", "unfuse"]
+__all__ = [
+    "LoRA",
+    "LoRALayer",
+    "adapter_names",
+    "check_hotswappable",
+    "check_injectable",
+    "eject",
+    "fuse",
+    "hotswap",
+    "inject",
+    "set_enabled",
+    "set_weights",
+    "targets",
+    "unfuse",
+]
