@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from diffblocks.components.containment import contained_path
 from diffblocks.components.hub import resolve_folder
@@ -112,7 +112,7 @@ class AbstractLoRAMethods(ABC):
         return name
 
     @staticmethod
-    def _read_lora(tensors: dict[str, Any], models: dict[str, nn.Module], name: str) -> dict[str, LoRA]:
+    def _read_lora(tensors: Mapping[str, Tensor], models: dict[str, nn.Module], name: str) -> dict[str, LoRA]:
         """The file's LoRA for each model it updates, keyed like ``models``; a part for a model not there is an error."""
         loras: dict[str, LoRA] = {}
         for component, part in split_by_model(tensors).items():

@@ -72,6 +72,12 @@ class AbstractTextualInversionMethods(ABC):
                     f"(it has {sorted(pairs)}); the embedding is for another family"
                 )
             check_addable(embedding, component, *pairs[component])
+        tokenizers = [id(pairs[component][0]) for component in embedding.vectors]
+        if len(set(tokenizers)) < len(tokenizers):
+            raise ValueError(
+                f"textual inversion {embedding.token!r} has vectors for {sorted(embedding.vectors)}, whose tokenizers are one "
+                "object here; give each text encoder its own tokenizer"
+            )
         added: list[str] = []
         for component in embedding.vectors:
             added += [t for t in add_tokens(embedding, component, *pairs[component]) if t not in added]
