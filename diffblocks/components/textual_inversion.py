@@ -93,7 +93,7 @@ class Embedding:
             found, vectors = None, {"text_encoder": content}
         elif not isinstance(content, dict):
             raise ValueError(f"{source} holds a {type(content).__name__}, not a textual inversion embedding")
-        elif "string_to_param" in content:
+        elif isinstance(content.get("string_to_param"), dict) and isinstance(content["string_to_param"].get("*"), Tensor):
             found, vectors = content.get("name"), {"text_encoder": content["string_to_param"]["*"]}
         elif "emb_params" in content:
             found, vectors = stem, {"text_encoder": content["emb_params"]}
