@@ -1,31 +1,43 @@
 """The diffusers-style LoRA methods of a pipeline, on top of :mod:`diffblocks.components.lora`.
 
 ``load_lora_weights`` reads a LoRA file for the pipeline's denoiser (``unet`` or ``transformer``)
-and attaches it; the other methods set weights, fuse, unfuse and remove. As in diffusers, the
-adapter just loaded is the active one (the others stay attached at weight 0) until
-``set_adapters`` names several. The adapters live in the denoiser module, so every pipeline that
-shares it (through a :class:`ComponentsManager`) sees them.
+and its text encoders (``text_encoder``, ``text_encoder_2``), gives each model its own keys, and
+attaches the adapter to all of them under one name; the other methods set weights, fuse, unfuse
+and remove, on every model that holds the adapter. As in diffusers, the adapter just loaded is
+the active one (the others stay attached at weight 0) until ``set_adapters`` names several. The
+adapters live in the modules, so every pipeline that shares them (through a
+:class:`ComponentsManager`) sees them.
 """
 
 from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from diffblocks.components.compiled import unwrap_compiled
-from diffblocks.components.lora import LoRA, LoRALayer, eject, fuse, inject, set_weights, unfuse
+from diffblocks.components.lora import LoRA, LoRALayer, eject, fuse, inject, read_lora_file, set_weights, unfuse
 from diffblocks.components.lora import adapter_names as attached_names
 from diffblocks.components.lora import hotswap as hot_swap
-from diffblocks.components.lora.sources import DEFAULT_WEIGHT_NAME, resolve_lora_file
+from diffblocks.components.lora.adapter import check_hotswappable, check_injectable, set_enabled
+from diffblocks.components.lora.sources import DEFAULT_WEIGHT_NAME, LoRASource, resolve_lora_file
+from diffblocks.components.lora.text_encoders import DENOISER, prefixes_of, split_by_model
 from diffblocks.components.models.compile import DENOISER_NAMES
+
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+"""The component names of the text encoders a LoRA file may update."""
+
+_MSG_NO_MODEL = (
+    "{count} key(s) of this LoRA file are for {component}, which this pipeline has none of (e.g. {key}); "
+    "the file is for another family; nothing was loaded"
+)
 
 
 class AbstractLoRAMethods(ABC):
-    """``load_lora_weights``, ``set_adapters``, ``fuse_lora``, ``unfuse_lora``, ``delete_adapters``, ``unload_lora_weights``."""
+    """diffusers' LoRA methods: load, set adapters, enable and disable, fuse and unfuse, delete and unload."""
 
     @property
     @abstractmethod
@@ -61,7 +73,10 @@ class AbstractLoRAMethods(ABC):
         hotswap: bool = False,
         revision: str | None = None,
     ) -> str:
-        """Attach a LoRA file (diffusers/PEFT or kohya layout) to the denoiser and make it the active adapter.
+        """Attach a LoRA file (diffusers/PEFT or kohya layout) to the denoiser and text encoders; make it the active adapter.
+
+        The file's keys are sorted by model (:mod:`diffblocks.components.lora.text_encoders`), each
+        part is read for its model, and every model is checked before any is changed.
 
         Args:
             path_or_repo: a LoRA file, a folder, or a Hub repository id.
@@ -77,21 +92,39 @@ class AbstractLoRAMethods(ABC):
             The adapter name.
 
         Raises:
-            ValueError: unknown keys (named), a layer of another shape (named, with both shapes), a
-                pickle without ``allow_pickle``, a name already attached; nothing changes.
+            ValueError: unknown keys (named), keys for a text encoder the pipeline lacks, a layer of
+                another shape (named, with both shapes), a pickle without ``allow_pickle``, a name
+                already attached; nothing changes.
         """
-        model = self._lora_model()
+        models = self._lora_models()
         path, source = resolve_lora_file(path_or_repo, weight_name, revision=revision)
-        attached = attached_names(model)
-        if hotswap:
-            if adapter_name is None:
-                raise ValueError(f"hotswap=True replaces an attached adapter: name it with adapter_name (attached: {attached})")
-            hot_swap(model, adapter_name, LoRA.from_file(path, model, name=adapter_name, allow_pickle=allow_pickle, source=source))
-            return adapter_name
+        attached = self._attached()
+        if hotswap and adapter_name is None:
+            raise ValueError(f"hotswap=True replaces an attached adapter: name it with adapter_name (attached: {attached})")
         name = adapter_name or next(f"default_{i}" for i in range(len(attached) + 1) if f"default_{i}" not in attached)
-        lora = LoRA.from_file(path, model, name=name, allow_pickle=allow_pickle, source=source)
-        inject(model, lora if self._lora_target_rank is None else lora.padded(self._lora_target_rank))
-        set_weights(model, {name: 1.0})
+        loras = lora_parts(read_lora_file(path, allow_pickle=allow_pickle), models, name, source)
+        if hotswap:
+            holding = sorted(c for c, model in models.items() if name in attached_names(model))
+            if holding and sorted(loras) != holding:
+                raise ValueError(
+                    f"LoRA {name!r} cannot be replaced in place: it is attached to {holding}, the new file updates {sorted(loras)}"
+                )
+            for component, lora in loras.items():  # every model checked before any changes
+                check_hotswappable(models[component], name, lora)
+            for component, lora in loras.items():
+                hot_swap(models[component], name, lora)
+            return name
+        if name in attached:
+            raise ValueError(f"a LoRA named {name!r} is already attached to this pipeline; delete it first or pick another name")
+        if self._lora_target_rank is not None:  # room for a later hot-swap of a higher rank
+            loras = {component: lora.padded(self._lora_target_rank) for component, lora in loras.items()}
+        for component, lora in loras.items():  # every model checked before any changes
+            check_injectable(models[component], lora)
+        for component, lora in loras.items():
+            inject(models[component], lora)
+        for model in models.values():  # the new adapter is the active one, in every model
+            if attached_names(model):
+                set_weights(model, {name: 1.0} if name in attached_names(model) else {})
         return name
 
     def set_adapters(self, adapter_names: str | Sequence[str], adapter_weights: float | Sequence[float] | None = None) -> None:
@@ -103,42 +136,99 @@ class AbstractLoRAMethods(ABC):
             weights = [float(w) for w in adapter_weights]
         if len(weights) != len(names):
             raise ValueError(f"set_adapters got {len(names)} adapter names but {len(weights)} weights")
-        set_weights(self._lora_model(), dict(zip(names, weights, strict=True)))
+        wanted = dict(zip(names, weights, strict=True))
+        missing = sorted(set(wanted) - set(self._attached()))
+        if missing:
+            raise KeyError(f"no LoRA named {missing} is attached to this pipeline; attached: {self._attached()}")
+        for model in self._lora_models().values():
+            held = attached_names(model)
+            if held:
+                set_weights(model, {n: w for n, w in wanted.items() if n in held})
 
     def get_active_adapters(self) -> list[str]:
-        """The attached adapters with a weight other than 0."""
+        """The attached adapters with a weight other than 0, in any model."""
         active: dict[str, None] = {}
-        for module in self._lora_model().modules():
-            if isinstance(module, LoRALayer):
-                active.update(dict.fromkeys(n for n, w in module.weights.items() if w != 0.0))
+        for model in self._lora_models().values():
+            for module in model.modules():
+                if isinstance(module, LoRALayer):
+                    active.update(dict.fromkeys(n for n, w in module.weights.items() if w != 0.0))
         return list(active)
 
+    def disable_lora(self) -> None:
+        """Run the denoiser and text encoders without their adapters, which stay attached at their weights."""
+        for model in self._lora_models().values():
+            set_enabled(model, False)
+
+    def enable_lora(self) -> None:
+        """Switch the adapters on again after :meth:`disable_lora`."""
+        for model in self._lora_models().values():
+            set_enabled(model, True)
+
     def fuse_lora(self) -> None:
-        """Add the active adapters, at their weights, into the denoiser's weights (faster steps)."""
-        fuse(self._lora_model())
+        """Add the active adapters, at their weights, into the weights of the denoiser and text encoders (faster steps)."""
+        models = self._lora_models().values()
+        for model in models:  # all or none: a quantized weight anywhere refuses before any is fused
+            for module in model.modules():
+                if isinstance(module, LoRALayer):
+                    module.check_fusable()
+        for model in models:
+            fuse(model)
 
     def unfuse_lora(self) -> None:
-        """Restore the denoiser's weights as they were before :meth:`fuse_lora`, bit for bit."""
-        unfuse(self._lora_model())
+        """Restore the weights as they were before :meth:`fuse_lora`, bit for bit."""
+        for model in self._lora_models().values():
+            unfuse(model)
 
     def delete_adapters(self, adapter_names: str | Sequence[str]) -> None:
         """Remove the named adapters; layers left without one get their original module back."""
-        model = self._lora_model()
-        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
-            eject(model, name)
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        missing = sorted(set(names) - set(self._attached()))
+        if missing:
+            raise KeyError(f"no LoRA named {missing} is attached to this pipeline; attached: {self._attached()}")
+        for model in self._lora_models().values():
+            for name in attached_names(model):
+                if name in names:
+                    eject(model, name)
 
     def unload_lora_weights(self) -> None:
-        """Unfuse and remove every adapter: the denoiser is its original self again."""
-        model = self._lora_model()
-        for name in attached_names(model):
-            eject(model, name)
+        """Unfuse and remove every adapter: the denoiser and text encoders are their original selves again."""
+        for model in self._lora_models().values():
+            for name in attached_names(model):
+                eject(model, name)
 
-    def _lora_model(self) -> nn.Module:
+    def _attached(self) -> list[str]:
+        names: dict[str, None] = {}
+        for model in self._lora_models().values():
+            names.update(dict.fromkeys(attached_names(model)))
+        return list(names)
+
+    def _lora_models(self) -> dict[str, nn.Module]:
+        """The models a LoRA may update: :data:`DENOISER` (the ``unet`` or ``transformer``) and the text encoders present."""
         components = self.components
         found = [unwrap_compiled(components[n]) for n in DENOISER_NAMES if n in components]
         if not found or not isinstance(found[0], nn.Module):
             raise ValueError(f"LoRA attaches to a pipeline's {' or '.join(DENOISER_NAMES)}; this pipeline has neither")
-        return found[0]
+        models = {DENOISER: found[0]}
+        for name in TEXT_ENCODER_NAMES:
+            encoder = unwrap_compiled(components.get(name))
+            if isinstance(encoder, nn.Module):
+                models[name] = encoder
+        return models
 
 
-__all__ = ["DEFAULT_WEIGHT_NAME", "AbstractLoRAMethods"]
+def lora_parts(
+    tensors: Mapping[str, Tensor], models: dict[str, nn.Module], name: str, source: LoRASource
+) -> dict[str, LoRA]:
+    """A LoRA file's tensors as one LoRA per model it updates, keyed like ``models``; a part for a model not there is an error."""
+    loras: dict[str, LoRA] = {}
+    for component, part in split_by_model(tensors).items():
+        if component not in models:
+            what = "a denoiser" if component == DENOISER else component
+            raise ValueError(_MSG_NO_MODEL.format(count=len(part), component=what, key=next(iter(part))))
+        loras[component] = LoRA.from_state_dict(
+            part, models[component], name=name, prefixes=prefixes_of(component), source=source
+        )
+    return loras
+
+
+__all__ = ["DEFAULT_WEIGHT_NAME", "TEXT_ENCODER_NAMES", "AbstractLoRAMethods", "lora_parts"]

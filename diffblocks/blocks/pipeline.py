@@ -24,6 +24,7 @@ from diffblocks.blocks.errors import FieldError, InputError, PlanError, Problem
 from diffblocks.blocks.executor import Callback, RunContext, add_location_note, cuda_sync, run_steps
 from diffblocks.blocks.formats import pipeline_format
 from diffblocks.blocks.lora import AbstractLoRAMethods
+from diffblocks.blocks.textual_inversion import AbstractTextualInversionMethods
 from diffblocks.blocks.introspect import json_schema, mermaid, outputs_schema, pipeline_doc, render_tree
 from diffblocks.blocks.output import PipelineOutput
 from diffblocks.blocks.plan import Choices, Plan, compile_plan, expand_workflows
@@ -75,7 +76,7 @@ class _Build:
     callers: int = 0
 
 
-class Pipeline(AbstractLoRAMethods):
+class Pipeline(AbstractLoRAMethods, AbstractTextualInversionMethods):
     """Blocks bound to components, with the data flow checked once at construction.
 
     Args:

@@ -1,6 +1,6 @@
 """LoRAs saved with a preset: a pinned, hashed reference per adapter, applied again when the preset loads.
 
-``save_pretrained`` records every adapter attached to the denoiser in the modular index, under
+``save_pretrained`` records every adapter attached to the denoiser or a text encoder in the modular index, under
 ``_diffblocks_loras``::
 
     [{"adapter_name": "style", "weight": 0.7, "fused": false,
@@ -28,12 +28,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from diffblocks.blocks import Pipeline
+from diffblocks.blocks.lora import TEXT_ENCODER_NAMES, lora_parts
 from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.containment import RepositoryPathError, contained_path, is_hub_id
 from diffblocks.components.hub import resolve_folder
-from diffblocks.components.lora import LoRA, LoRASource, adapter_weights, inject, is_fused, source_of
-from diffblocks.components.lora import fuse as fuse_adapters
-from diffblocks.components.lora import set_weights as set_adapter_weights
+from diffblocks.components.lora import LoRASource, adapter_weights, check_injectable, inject, is_fused, read_lora_file, source_of
+from diffblocks.components.lora.text_encoders import DENOISER
 from diffblocks.components.models.compile import DENOISER_NAMES
 
 LORAS_KEY = "_diffblocks_loras"
@@ -81,50 +81,56 @@ class LoRAReference(BaseModel):
     revision: str | None = Field(default=None, pattern=r"^[0-9a-f]{40}$")
 
 
-def denoiser_of(pipe: Pipeline, *, load: bool = False) -> nn.Module | None:
-    """The pipeline's denoiser module (where LoRAs attach), or None; loaded now only with ``load``.
-
-    A denoiser that is not loaded has no adapters: they live in the loaded module.
+def lora_models(pipe: Pipeline, *, load: bool = False) -> dict[str, nn.Module]:
+    """The modules LoRAs attach to (the denoiser, keyed :data:`DENOISER`, and the text encoders), loaded ones only
+    unless ``load``: a model that is not loaded has no adapters, they live in the loaded module.
     """
     keys = pipe.component_keys()
-    for name in DENOISER_NAMES:
+    models: dict[str, nn.Module] = {}
+    for name in (*DENOISER_NAMES, *TEXT_ENCODER_NAMES):
         if name in keys and (load or pipe.manager.is_loaded(keys[name])):
             model = unwrap_compiled(pipe.manager.get(keys[name]))
-            return model if isinstance(model, nn.Module) else None
-    return None
+            if isinstance(model, nn.Module):
+                models[DENOISER if name in DENOISER_NAMES else name] = model
+    return models
 
 
 def lora_references(pipe: Pipeline) -> tuple[list[LoRAReference], dict[str, Path]]:
     """The references to record for ``pipe``'s adapters, and the local files to copy (saved path -> file).
 
+    An adapter attached to several models (a file with denoiser and text-encoder parts) is one reference.
+
     Raises:
         ValueError: an adapter has no file, was read from a pickle, or its file changed since (named).
     """
-    model = denoiser_of(pipe)
-    if model is None:
-        return [], {}
-    fused = is_fused(model)
+    models = lora_models(pipe)
+    fused = any(is_fused(model) for model in models.values())
     references: list[LoRAReference] = []
     copies: dict[str, Path] = {}
-    for name, weight in adapter_weights(model).items():
-        source = source_of(model, name)
-        if source is None:
-            raise ValueError(_MSG_NO_SOURCE.format(name=name, model=type(model).__name__))
-        if source.repo is not None:
-            references.append(
-                LoRAReference(
-                    adapter_name=name, weight=weight, fused=fused, file=source.file, sha256=source.sha256,
-                    repo=source.repo, revision=source.revision,
+    seen: set[str] = set()
+    for model in models.values():
+        for name, weight in adapter_weights(model).items():
+            if name in seen:
+                continue
+            seen.add(name)
+            source = source_of(model, name)
+            if source is None:
+                raise ValueError(_MSG_NO_SOURCE.format(name=name, model=type(model).__name__))
+            if source.repo is not None:
+                references.append(
+                    LoRAReference(
+                        adapter_name=name, weight=weight, fused=fused, file=source.file, sha256=source.sha256,
+                        repo=source.repo, revision=source.revision,
+                    )
                 )
-            )
-            continue
-        path = Path(source.file)
-        if path.suffix != ".safetensors":
-            raise ValueError(_MSG_PICKLE.format(name=name, file=path))
-        source.check(path, name=name, where="the attached adapter")
-        saved = f"{LORA_FOLDER}/{name if _SAFE_NAME.match(name) else source.sha256[:16]}.safetensors"
-        copies[saved] = path
-        references.append(LoRAReference(adapter_name=name, weight=weight, fused=fused, file=saved, sha256=source.sha256))
+                continue
+            path = Path(source.file)
+            if path.suffix != ".safetensors":
+                raise ValueError(_MSG_PICKLE.format(name=name, file=path))
+            source.check(path, name=name, where="the attached adapter")
+            saved = f"{LORA_FOLDER}/{name if _SAFE_NAME.match(name) else source.sha256[:16]}.safetensors"
+            copies[saved] = path
+            references.append(LoRAReference(adapter_name=name, weight=weight, fused=fused, file=saved, sha256=source.sha256))
     return references, copies
 
 
@@ -152,17 +158,22 @@ def apply_loras(pipe: Pipeline, entry: Any, path_or_repo: str | os.PathLike[str]
     if not references:
         return
     files = [_resolve(reference, path_or_repo, revision=revision) for reference in references]
-    model = denoiser_of(pipe, load=True)
-    if model is None:
+    models = lora_models(pipe, load=True)
+    if DENOISER not in models:
         raise ValueError(f"{repository}: its index records LoRAs, but the pipeline has no {' or '.join(DENOISER_NAMES)}")
-    loras = [
-        LoRA.from_file(path, model, name=reference.adapter_name, source=source) for reference, (path, source) in zip(references, files, strict=True)
+    parts = [
+        lora_parts(read_lora_file(path), models, reference.adapter_name, source)
+        for reference, (path, source) in zip(references, files, strict=True)
     ]
-    for lora in loras:
-        inject(model, lora)
-    set_adapter_weights(model, {reference.adapter_name: reference.weight for reference in references})
+    for loras in parts:  # every model checked before any changes
+        for component, lora in loras.items():
+            check_injectable(models[component], lora)
+    for loras in parts:
+        for component, lora in loras.items():
+            inject(models[component], lora)
+    pipe.set_adapters([r.adapter_name for r in references], [r.weight for r in references])
     if any(reference.fused for reference in references):
-        fuse_adapters(model)
+        pipe.fuse_lora()
 
 
 def _resolve(reference: LoRAReference, path_or_repo: str | os.PathLike[str], *, revision: str | None) -> tuple[Path, LoRASource]:
@@ -187,4 +198,4 @@ def _resolve(reference: LoRAReference, path_or_repo: str | os.PathLike[str], *, 
     return path, source
 
 
-__all__ = ["LORAS_KEY", "LORA_FOLDER", "LoRAReference", "apply_loras", "denoiser_of", "lora_references", "write_loras"]
+__all__ = ["LORAS_KEY", "LORA_FOLDER", "LoRAReference", "apply_loras", "lora_models", "lora_references", "write_loras"]

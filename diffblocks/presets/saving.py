@@ -42,7 +42,7 @@ from diffblocks.components.quantizers import quantizer_of
 from diffblocks.components.schedulers import AbstractScheduler
 from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX
 from diffblocks.presets.families import FAMILIES
-from diffblocks.presets.loras import LORAS_KEY, denoiser_of, lora_references, write_loras
+from diffblocks.presets.loras import LORAS_KEY, lora_models, lora_references, write_loras
 from diffblocks.presets.staging import MANIFEST_KEY, saved_files, staged_save
 from diffblocks.presets.structure import edited, preset_of
 from diffblocks.presets.treefile import CODE_KEY, TREE_KEY, tree_to_json
@@ -140,7 +140,7 @@ def save_pretrained(
     json.dumps(settings)  # a setting that is not JSON fails here, before anything is written
     items = [_plan(pipe, name, key, preset, copy_references) for name, key in sorted(pipe.component_keys().items())]
     loras, lora_files = lora_references(pipe)  # the adapters: references, and local files copied in (docs/lora.md)
-    denoiser = denoiser_of(pipe)
+    adapted = lora_models(pipe)
     target = Path(folder).expanduser().absolute()
     _check_target(target, overwrite=overwrite)
     family = FAMILIES[preset.family]
@@ -150,7 +150,9 @@ def save_pretrained(
     modular_class = family.modular[0] if family.modular is not None else class_name
     replace_all = overwrite and target.is_dir() and any(target.iterdir()) and not is_saved_pipeline(target)
     with staged_save(target, replace_all=replace_all) as staging:
-        with detached(denoiser) if denoiser is not None else contextlib.nullcontext():  # its own weights, without adapters
+        with contextlib.ExitStack() as stack:
+            for model in adapted.values():  # their own weights, without adapters
+                stack.enter_context(detached(model))
             specs = {item.name: _write(pipe.manager, item, staging, variant, max_shard_size) for item in items}
         write_loras(staging, lora_files)
         for file, data in code.items():

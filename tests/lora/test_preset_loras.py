@@ -147,3 +147,29 @@ def test_a_hub_lora_stays_a_pinned_reference_and_push_to_hub_round_trips(
     add_cached_repo(cache, "me/tiny-sd15-lora", exported, commit=commit)
     back = Pipeline.from_pretrained("me/tiny-sd15-lora")
     assert np.array_equal(image(back), expected)
+
+
+def test_a_lora_of_unet_and_text_encoder_is_one_entry_and_both_models_save_without_it(
+    repo: Path, loras: dict[str, Path], tmp_path: Path
+) -> None:
+    from safetensors.torch import save_file
+
+    from tests.lora.test_text_encoder_lora import CLIP_LAYERS, file_names, kohya_keys, random_update
+
+    pipe = Pipeline.from_pretrained(str(repo))
+    encoder = pipe.components["text_encoder"]
+    plain_encoder = {k: v.clone() for k, v in encoder.state_dict().items()}
+    both = tmp_path / "both.safetensors"
+    update = file_names(random_update(encoder, CLIP_LAYERS, seed=3), encoder)
+    save_file({**load_file(loras["a"]), **kohya_keys(update, "lora_te_")}, str(both))
+    pipe.load_lora_weights(both, adapter_name="both")
+    pipe.set_adapters("both", 0.6)
+    expected = image(pipe)
+    saved = pipe.save_pretrained(tmp_path / "saved")
+
+    assert [(e["adapter_name"], e["weight"], e["file"]) for e in entries(saved)] == [("both", 0.6, "loras/both.safetensors")]
+    written = load_file(next((saved / "text_encoder").glob("*.safetensors")))
+    assert written.keys() == plain_encoder.keys() and all(torch.equal(written[k], v) for k, v in plain_encoder.items())
+    back = Pipeline.from_pretrained(str(saved))
+    assert back.get_active_adapters() == ["both"]
+    assert np.array_equal(image(back), expected)

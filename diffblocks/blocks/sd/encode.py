@@ -11,6 +11,7 @@ from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
 from diffblocks.components.denoisers import Conditioning
 from diffblocks.components.memory import execution_device
+from diffblocks.components.textual_inversion import expand_prompt
 
 Prompt = str | list[str]
 
@@ -66,6 +67,7 @@ def clip_embeddings(
     does; ``penultimate`` takes the second-to-last layer without the norm, as SDXL does.
     """
     device = execution_device(encoder) or next(encoder.parameters()).device  # under offload: where it runs
+    texts = [expand_prompt(text, tokenizer) for text in texts]  # multi-vector textual inversion tokens written out
     ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
     if clip_skip is None and not penultimate:
         out = encoder(ids.to(device))

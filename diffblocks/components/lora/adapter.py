@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffblocks.components.lora.formats import LoRAWeights, convert, read_lora_file
+from diffblocks.components.lora.formats import PREFIXES, LoRAWeights, Naming, convert, read_lora_file
 from diffblocks.components.lora.names import layer_names
 from diffblocks.components.lora.sources import LoRASource
 from diffblocks.components.quantizers.gguf import GGUFLinear
@@ -86,9 +86,26 @@ class LoRA:
         """
         path = Path(path)
         tensors = read_lora_file(path, allow_pickle=allow_pickle)
+        source = source if source is not None else LoRASource.of_file(path)
+        return cls.from_state_dict(tensors, model, name=name or path.stem, source=source)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        tensors: Mapping[str, Tensor],
+        model: nn.Module,
+        *,
+        name: str,
+        prefixes: Mapping[str, Naming] = PREFIXES,
+        source: LoRASource | None = None,
+    ) -> LoRA:
+        """Read a LoRA file's tensors for ``model``; ``prefixes`` are the denoiser's unless a text encoder's are given.
+
+        ``source`` records where the tensors came from (a file, hashed, or a Hub file at its commit), so a
+        saved preset can name it; None: an adapter made from tensors, which a preset cannot save.
+        """
         ours, original = layer_names(model, targets(model))
-        layers = convert(tensors, ours, original, model=type(model).__name__)
-        return cls(name or path.stem, layers, source if source is not None else LoRASource.of_file(path))
+        return cls(name, convert(tensors, ours, original, model=type(model).__name__, prefixes=prefixes), source)
 
     @property
     def rank(self) -> int:
@@ -123,6 +140,16 @@ class LoRALayer(nn.Module):
         self.updates: dict[str, LoRAWeights] = {}
         self.weights: dict[str, float] = {}
         self.original: Tensor | None = None  # the base weight while fused
+        self.enabled = True  # False: the base layer alone, the updates kept
+
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's weight, for models that read it (T5 checks ``wo.weight.dtype``), as PEFT's layers allow."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
 
     def add(self, name: str, update: LoRAWeights) -> None:
         self.updates[name] = self._fitted(update)
@@ -175,8 +202,8 @@ class LoRALayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         result = self.base(x)
-        if self.original is not None:
-            return result  # fused: the updates are in the weight
+        if self.original is not None or not self.enabled:
+            return result  # fused: the updates are in the weight; disabled: left out
         for name, u in self.updates.items():
             scale = self.weights[name] * u.scale
             if scale == 0.0:
@@ -194,6 +221,8 @@ class LoRALayer(nn.Module):
         return result
 
     def check_fusable(self) -> None:
+        if not self.enabled:
+            raise ValueError("the LoRA adapters are disabled; enable them before fusing")
         weight = self.base.weight
         if not weight.dtype.is_floating_point or type(weight.data) is not torch.Tensor or isinstance(self.base, GGUFLinear):
             raise ValueError(_MSG_QUANTIZED.format(cls=type(weight.data).__name__, dtype=weight.dtype))
@@ -221,20 +250,26 @@ def inject(model: nn.Module, lora: LoRA) -> None:
     Raises:
         ValueError: the name is already attached, a layer is fused, or an update does not fit its layer.
     """
-    if lora.name in adapter_names(model):
-        raise ValueError(
-            f"a LoRA named {lora.name!r} is already attached to {type(model).__name__}; eject it first or pick another name"
-        )
+    check_injectable(model, lora)
     targets = {name: model.get_submodule(name) for name in lora.layers}
-    for name, module in targets.items():
-        base = module.base if isinstance(module, LoRALayer) else module
-        if isinstance(module, LoRALayer) and module.original is not None:
-            raise ValueError(f"{type(model).__name__} is fused; unfuse it before attaching LoRA {lora.name!r}")
-        _check_fits(lora, name, base, type(model).__name__)
     for name, module in targets.items():
         layer = module if isinstance(module, LoRALayer) else _wrap(model, name, module)
         layer.add(lora.name, lora.layers[name])
     _record(model, lora.name, lora.source)
+
+
+def check_injectable(model: nn.Module, lora: LoRA) -> None:
+    """Raise the error :func:`inject` would, changing nothing: so several models can be checked before any changes."""
+    if lora.name in adapter_names(model):
+        raise ValueError(
+            f"a LoRA named {lora.name!r} is already attached to {type(model).__name__}; eject it first or pick another name"
+        )
+    for name in lora.layers:
+        module = model.get_submodule(name)
+        base = module.base if isinstance(module, LoRALayer) else module
+        if isinstance(module, LoRALayer) and module.original is not None:
+            raise ValueError(f"{type(model).__name__} is fused; unfuse it before attaching LoRA {lora.name!r}")
+        _check_fits(lora, name, base, type(model).__name__)
 
 
 def hotswap(model: nn.Module, name: str, lora: LoRA) -> None:
@@ -250,6 +285,15 @@ def hotswap(model: nn.Module, name: str, lora: LoRA) -> None:
         KeyError: no adapter ``name`` is attached.
         ValueError: the layers or ranks differ, or the model is fused; nothing is changed.
     """
+    check_hotswappable(model, name, lora)
+    layers = {path: layer for path, layer in _layers(model) if name in layer.updates}
+    for path, layer in layers.items():
+        layer.swap(name, lora.layers[path])
+    _record(model, name, lora.source)
+
+
+def check_hotswappable(model: nn.Module, name: str, lora: LoRA) -> None:
+    """Raise the error :func:`hotswap` would, changing nothing: so several models can be checked first."""
     layers = {path: layer for path, layer in _layers(model) if name in layer.updates}
     if not layers:
         raise KeyError(f"no LoRA named {name!r} is attached to {type(model).__name__}; attached: {adapter_names(model)}")
@@ -267,9 +311,6 @@ def hotswap(model: nn.Module, name: str, lora: LoRA) -> None:
                 f"A LoRA of a higher rank needs room prepared before the first is attached: "
                 f"inject(model, lora.padded(rank)), or pipe.enable_lora_hotswap(target_rank=rank) before loading"
             )
-    for path, layer in layers.items():
-        layer.swap(name, lora.layers[path])
-    _record(model, name, lora.source)
 
 
 def eject(model: nn.Module, name: str) -> None:
@@ -297,6 +338,19 @@ def set_weights(model: nn.Module, weights: Mapping[str, float]) -> None:
             raise ValueError(f"{type(model).__name__} is fused; unfuse it before changing adapter weights")
         for name in layer.updates:
             layer.weights[name] = float(weights.get(name, 0.0))
+
+
+def set_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every adapter of ``model`` off (the base layers alone) or on again, keeping them and their weights.
+
+    Raises:
+        ValueError: the model is fused (its weights hold the updates); nothing is changed.
+    """
+    layers = [layer for _, layer in _layers(model)]
+    if any(layer.original is not None for layer in layers):
+        raise ValueError(f"{type(model).__name__} is fused; unfuse it before {'enabling' if enabled else 'disabling'} its LoRA adapters")
+    for layer in layers:
+        layer.enabled = enabled
 
 
 def fuse(model: nn.Module) -> None:
@@ -448,12 +502,15 @@ __all__ = [
     "LoRALayer",
     "adapter_names",
     "adapter_weights",
+    "check_hotswappable",
+    "check_injectable",
     "detached",
     "eject",
     "fuse",
     "hotswap",
     "inject",
     "is_fused",
+    "set_enabled",
     "set_weights",
     "source_of",
     "targets",

@@ -32,7 +32,8 @@ from torch import Tensor
 from diffblocks.components.lora.names import Target
 from diffblocks.components.lora.xlabs import from_xlabs
 
-Naming = Literal["ours", "flat", "original"]
+Naming = Literal["ours", "flat", "original", "dotted"]
+"""How a prefix names layers: our module paths, the original code's, either with ``.`` written ``_`` (flat), or either as it is (dotted)."""
 
 PREFIXES: Mapping[str, Naming] = {
     "unet.": "ours",
@@ -60,8 +61,8 @@ _MSG_UNKNOWN = (
 )
 _TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te_", "te1_", "te2_")
 _MSG_TEXT_ENCODER = (
-    " ({count} of them are for a text encoder, which diffblocks does not read LoRAs for yet; a file "
-    "without them loads)"
+    " ({count} of them are for a text encoder: load the file with pipe.load_lora_weights, which gives "
+    "each of the pipeline's models its own keys)"
 )
 
 
@@ -130,6 +131,7 @@ def convert(
     original: Mapping[str, tuple[Target, ...]],
     *,
     model: str,
+    prefixes: Mapping[str, Naming] = PREFIXES,
 ) -> dict[str, LoRAWeights]:
     """Read a LoRA state dict into ``{our module path: LoRAWeights}``.
 
@@ -138,6 +140,8 @@ def convert(
         ours, original: a layer name (ours, or the original checkpoint's) -> the targets it updates
             (see :func:`~diffblocks.components.lora.names.layer_names`).
         model: the model's class name, for errors.
+        prefixes: the key prefixes to read and how each names layers; the denoiser's by default,
+            a text encoder's from :data:`~diffblocks.components.lora.text_encoders.TEXT_ENCODER_PREFIXES`.
 
     Raises:
         ValueError: keys that name no layer of the model (all of them named), a layer without its
@@ -148,11 +152,12 @@ def convert(
         "ours": ours,
         "original": original,
         "flat": {name.replace(".", "_"): found for table in (original, ours) for name, found in table.items()},
+        "dotted": {**original, **ours},
     }
     grouped: dict[tuple[Target, ...], dict[str, Tensor]] = {}  # by the targets, each seen under one name
     unknown: list[str] = []
     for key, tensor in state_dict.items():
-        found = _split(key)
+        found = _split(key, prefixes)
         targets = None if found is None else names[found[0]].get(found[1])
         if found is None or targets is None:
             unknown.append(key)
@@ -184,9 +189,9 @@ def convert(
     return dict(sorted(layers.items()))
 
 
-def _split(key: str) -> tuple[Naming, str, str] | None:
+def _split(key: str, prefixes: Mapping[str, Naming]) -> tuple[Naming, str, str] | None:
     """``(naming, layer name, part)`` of a key, or None when its prefix or part is not in the table."""
-    for prefix, naming in PREFIXES.items():
+    for prefix, naming in prefixes.items():
         if key.startswith(prefix):
             for suffix, part in PARTS.items():
                 if key.endswith("." + suffix):

