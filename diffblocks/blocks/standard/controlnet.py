@@ -109,23 +109,23 @@ class PrepareControlImage(Block):
             problem = controlnet_mismatch(net, self.unet)
             if problem is not None:
                 raise FieldError("controlnet", problem)
-        starts = _per_net(known(inputs, "control_guidance_start"), len(nets), "control_guidance_start")
-        ends = _per_net(known(inputs, "control_guidance_end"), len(nets), "control_guidance_end")
-        _per_net(known(inputs, "controlnet_conditioning_scale"), len(nets), "controlnet_conditioning_scale")
+        starts = per_net(known(inputs, "control_guidance_start"), len(nets), "control_guidance_start")
+        ends = per_net(known(inputs, "control_guidance_end"), len(nets), "control_guidance_end")
+        per_net(known(inputs, "controlnet_conditioning_scale"), len(nets), "controlnet_conditioning_scale")
         for start, end in zip(starts, ends, strict=True):
             if isinstance(start, float) and isinstance(end, float) and start > end:
                 raise FieldError("control_guidance_start", _MSG_WINDOW.format(start=start, end=end))
         given = known(inputs, "control_image")
-        for image in _images(given, len(nets)) if given is not None else ():
+        for image in images_per_net(given, len(nets)) if given is not None else ():
             check_image(image, name="control_image")
 
     def __call__(self, inputs: Inputs) -> Outputs:
         nets = controlnets(self.controlnet)
         n = len(nets)
-        images = _images(inputs.control_image, n)
-        scales = _per_net(inputs.controlnet_conditioning_scale, n, "controlnet_conditioning_scale")
-        starts = _per_net(inputs.control_guidance_start, n, "control_guidance_start")
-        ends = _per_net(inputs.control_guidance_end, n, "control_guidance_end")
+        images = images_per_net(inputs.control_image, n)
+        scales = per_net(inputs.controlnet_conditioning_scale, n, "controlnet_conditioning_scale")
+        starts = per_net(inputs.control_guidance_start, n, "control_guidance_start")
+        ends = per_net(inputs.control_guidance_end, n, "control_guidance_end")
         controls = []
         for net, image, scale, start, end in zip(nets, images, scales, starts, ends, strict=True):
             device, dtype = placement(net)
@@ -148,7 +148,7 @@ class PrepareControlImage(Block):
         raise FieldError("control_image", _MSG_BATCH.format(got=image.shape[0], prompts=prompts, batch=batch))
 
 
-def _images(value: ImageLike | list[ImageLike], nets: int) -> list[ImageLike]:
+def images_per_net(value: ImageLike | list[ImageLike], nets: int) -> list[ImageLike]:
     """The control image of each net: the value itself for one net (a list is a batch), its entries for several."""
     if nets == 1:
         return [cast(ImageLike, value)]
@@ -158,7 +158,7 @@ def _images(value: ImageLike | list[ImageLike], nets: int) -> list[ImageLike]:
     return value
 
 
-def _per_net(value: T | list[T], nets: int, field: str) -> list[T]:
+def per_net(value: T | list[T], nets: int, field: str) -> list[T]:
     """One value per net: a single value repeated, or a list whose length is the number of nets."""
     if not isinstance(value, list):
         return [value] * nets
@@ -205,4 +205,4 @@ class PredictControlledNoise(Block):
         return ControlNetDenoiser(unet, [c for c in controls if c.active(step_index, num_steps)])
 
 
-__all__ = ["PredictControlledNoise", "PrepareControlImage", "controlnet_mismatch", "family_name"]
+__all__ = ["Fraction", "PredictControlledNoise", "PrepareControlImage", "controlnet_mismatch", "family_name", "images_per_net", "per_net"]
