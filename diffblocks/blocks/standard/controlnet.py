@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, TypeVar, cast
+
+import torch
 
 from pydantic import Field
 from torch import Tensor
@@ -15,7 +18,8 @@ from diffblocks.blocks.standard.guidance import Guidance
 from diffblocks.blocks.standard.images import ImageLike, check_image, to_tensor
 from diffblocks.blocks.standard.latents import placement
 from diffblocks.blocks.types import Float
-from diffblocks.components.denoisers import Control, ControlNetDenoiser, UNetDenoiser
+from diffblocks.components.denoisers import Control, ControlNetDenoiser, UNetDenoiser, control_residuals
+from diffblocks.components.guiders import GuidanceConditions
 from diffblocks.components.models.controlnet import ControlNetModel, MultiControlNetModel, controlnets
 from diffblocks.components.models.unet import UNet2DConditionModel
 from diffblocks.components.schedulers.base import AbstractScheduler
@@ -172,6 +176,11 @@ class PredictControlledNoise(Block):
 
     The denoiser is a :class:`~diffblocks.components.denoisers.ControlNetDenoiser` around the UNet's,
     holding the controls that act at this step (``control_guidance_start/end``).
+
+    In guess mode (``guess_mode=True``, diffusers' option of that name) the ControlNets run once
+    per step, on the prompt's conditioning only, with log-spaced scales (0.1 at the shallowest
+    residual up to 1 at the mid block); the prompt's passes get their residuals and the negative
+    prompt's passes none, so the control image alone must convey the content.
     """
 
     class Inputs(BlockIO):
@@ -181,6 +190,7 @@ class PredictControlledNoise(Block):
         controls: tuple[Control, ...] = produced(description="the ControlNets and their control images")
         step_index: int
         num_steps: int
+        guess_mode: bool = Field(False, description="the ControlNets read the prompt's pass only, with log-spaced scales")
 
     class Outputs(BlockIO):
         noise_pred: Float["batch channels height width"]
@@ -189,8 +199,14 @@ class PredictControlledNoise(Block):
     scheduler: AbstractScheduler = component(optional=True, description="its prediction_type is what the UNet predicts")
 
     def __call__(self, inputs: Inputs) -> Outputs:
-        denoiser = self.denoiser(inputs.controls, inputs.step_index, inputs.num_steps)
-        noise_pred = inputs.guidance.prediction(
+        guidance = inputs.guidance
+        if inputs.guess_mode:
+            active = [c for c in inputs.controls if c.active(inputs.step_index, inputs.num_steps)]
+            guidance = guessed(guidance, active, inputs.model_input, inputs.t)
+            denoiser = self.denoiser((), inputs.step_index, inputs.num_steps)
+        else:
+            denoiser = self.denoiser(inputs.controls, inputs.step_index, inputs.num_steps)
+        noise_pred = guidance.prediction(
             denoiser.at(inputs.t),
             latents=inputs.model_input,
             step_index=inputs.step_index,
@@ -205,4 +221,19 @@ class PredictControlledNoise(Block):
         return ControlNetDenoiser(unet, [c for c in controls if c.active(step_index, num_steps)])
 
 
-__all__ = ["Fraction", "PredictControlledNoise", "PrepareControlImage", "controlnet_mismatch", "family_name", "images_per_net", "per_net"]
+def guessed(guidance: Guidance, controls: list[Control], x: Tensor, t: Tensor) -> Guidance:
+    """``guidance`` whose prompt conditioning carries guess-mode residuals and whose other conditions zeros.
+
+    diffusers' guess mode: the ControlNets run on the prompt's half of the batch only and the
+    unconditional half gets zero residuals. Unchanged when no net acts at this step.
+    """
+    conditions = guidance.conditions
+    residuals = control_residuals(controls, x, t, conditions["cond"], guess_mode=True) if controls else None
+    if residuals is None:
+        return guidance
+    zeros = tuple(torch.zeros_like(r) for r in residuals)
+    guessing = {name: replace(c, control_residuals=residuals if name == "cond" else zeros) for name, c in conditions.items()}
+    return replace(guidance, conditions=GuidanceConditions(guessing))
+
+
+__all__ = ["Fraction", "PredictControlledNoise", "PrepareControlImage", "controlnet_mismatch", "family_name", "guessed", "images_per_net", "per_net"]

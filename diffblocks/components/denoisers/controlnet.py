@@ -83,22 +83,35 @@ class ControlNetDenoiser(AbstractDenoiser):
         return partial(self._predict, t, predict) if self.controls else predict
 
     def _predict(self, t: Tensor, predict: Predict, x: Tensor, c: Conditioning) -> Tensor:
-        residuals = c.control_residuals
-        added = None
-        if c.pooled_embeds is not None or c.time_ids is not None:
-            added = {k: v for k, v in (("text_embeds", c.pooled_embeds), ("time_ids", c.time_ids)) if v is not None}
-        for control in self.controls:
-            out = control.model(
-                x,
-                t,
-                c.prompt_embeds,
-                _tiled(control.image, x.shape[0]),
-                conditioning_scale=control.scale,
-                added_cond_kwargs=added,
-                encoder_attention_mask=c.prompt_mask,
-            )
-            residuals = out if residuals is None else tuple(a + b for a, b in zip(residuals, out, strict=True))
-        return predict(x, replace(c, control_residuals=residuals))
+        return predict(x, replace(c, control_residuals=control_residuals(self.controls, x, t, c)))
+
+
+def control_residuals(
+    controls: Sequence[Control], x: Tensor, t: Tensor, c: Conditioning, *, guess_mode: bool = False
+) -> tuple[Tensor, ...] | None:
+    """The residuals of ``controls`` for one UNet pass, summed in order and added to any ``c`` already carries.
+
+    Every control runs on the same ``x``, timestep, prompt embeddings and (SDXL) added conditioning
+    as the UNet; ``guess_mode`` scales each net's residuals by diffusers' log-spaced rule
+    (see :meth:`~diffblocks.components.models.controlnet.ControlNetModel.forward`).
+    """
+    residuals = c.control_residuals
+    added = None
+    if c.pooled_embeds is not None or c.time_ids is not None:
+        added = {k: v for k, v in (("text_embeds", c.pooled_embeds), ("time_ids", c.time_ids)) if v is not None}
+    for control in controls:
+        out = control.model(
+            x,
+            t,
+            c.prompt_embeds,
+            _tiled(control.image, x.shape[0]),
+            conditioning_scale=control.scale,
+            added_cond_kwargs=added,
+            encoder_attention_mask=c.prompt_mask,
+            guess_mode=guess_mode,
+        )
+        residuals = out if residuals is None else tuple(a + b for a, b in zip(residuals, out, strict=True))
+    return residuals
 
 
 def _tiled(image: Tensor, batch: int) -> Tensor:
@@ -110,4 +123,4 @@ def _tiled(image: Tensor, batch: int) -> Tensor:
     return image.repeat(batch // image.shape[0], 1, 1, 1)
 
 
-__all__ = ["Control", "ControlNetDenoiser"]
+__all__ = ["Control", "ControlNetDenoiser", "control_residuals"]
