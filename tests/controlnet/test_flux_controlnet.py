@@ -104,6 +104,7 @@ def test_bad_flux_control_input_is_refused(folders: dict[str, Path], base: Pipel
         (dict(control_mode=[1, 2]), "control_mode has 2 values but there are 1 control images"),
         (dict(control_mode=1, control_image=[control_image(1)] * 3), "control_image has 3 images but the run has 2 prompt(s)"),
         (dict(control_mode=1, control_guidance_start=0.8, control_guidance_end=0.2), "control_guidance_start 0.8 is after"),
+        (dict(control_mode=1, control_image=torch.rand(1, 4, H, W)), "control_image has 4 channels, but Flux ControlNets read RGB"),
     ]
     for changes, message in cases:
         with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -134,3 +135,14 @@ def test_a_controlnet_of_another_family_is_refused_at_build_time(folders: dict[s
     schnell_net = FluxControlNetModel(FluxControlNetParams(**{**flux_net.params.model_dump(), "guidance_embeds": False}))
     with pytest.raises(ValueError, match=r"guidance_embeds differs \(False vs True\)"):
         with_controlnet(base, schnell_net)
+
+
+def test_img2img_and_a_gray_control_image_run(folders: dict[str, Path], base: Pipeline) -> None:
+    ours = with_controlnet(base, FluxControlNetModel.from_pretrained(folders["instantx"]))
+    gray = torch.linspace(0, 1, W).expand(1, 1, H, W)
+    out = ours(**{**KWARGS, "prompt": "x"}, image=control_image(3, 40), strength=0.6, control_image=gray, output_type="np", progress=False)
+    assert out.workflow == "img2img" and out.images.shape == (1, H, W, 3)
+    same = ours(**{**KWARGS, "prompt": "x"}, control_image=gray.expand(1, 3, H, W), generator=torch.Generator().manual_seed(1),
+                output_type="np", progress=False)  # fmt: skip
+    again = ours(**{**KWARGS, "prompt": "x"}, control_image=gray, generator=torch.Generator().manual_seed(1), output_type="np", progress=False)
+    assert np.array_equal(same.images, again.images)  # a gray image is read as RGB

@@ -29,6 +29,7 @@ _MSG_FIT = (
     "the Flux ControlNet ({controlnet}) does not fit the transformer ({transformer}): {field} differs ({got} vs {expected}). "
     "A ControlNet steers the transformer it was trained beside: load one made for this base model"
 )
+_MSG_CHANNELS = "control_image has {got} channels, but Flux ControlNets read RGB images (3 channels) or gray ones (1)"
 _MSG_MODES = "control_mode has {got} values but there are {nets} control images: give one mode per control image (or one for all)"
 
 
@@ -142,8 +143,16 @@ class PrepareFluxControlImage(Block):
         return self.Outputs(controls=tuple(controls))
 
     def image(self, image: ImageLike, *, height: int, width: int) -> Tensor:
-        """A control image as a ``(batch, channels, height, width)`` tensor in [0, 1]; override to preprocess otherwise."""
-        return to_tensor(image, height=height, width=width)
+        """A control image as a ``(batch, 3, height, width)`` tensor in [0, 1]; override to preprocess otherwise.
+
+        A one-channel image (a depth map) is gray: its channel is repeated to RGB, which the VAE encodes.
+        """
+        tensor = to_tensor(image, height=height, width=width)
+        if tensor.shape[1] == 1:
+            return tensor.expand(-1, 3, -1, -1)
+        if tensor.shape[1] != 3:
+            raise FieldError("control_image", _MSG_CHANNELS.format(got=tensor.shape[1]))
+        return tensor
 
     def batched(self, image: Tensor, inputs: Inputs) -> Tensor:
         """``image`` with the run's batch: one image for all prompts, or one per prompt repeated per image of it."""
