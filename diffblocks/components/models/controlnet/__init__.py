@@ -10,12 +10,16 @@ from diffblocks.components.models.controlnet.flux import (
 )
 from diffblocks.components.models.controlnet.model import ControlNetConditioningEmbedding, ControlNetModel
 from diffblocks.components.models.controlnet.multi import MultiControlNetModel, controlnets
-from diffblocks.components.models.controlnet.params import ControlNetParams
+from diffblocks.components.models.controlnet.params import AbstractControlNetParams, ControlNetParams, ControlNetUnionParams
+from diffblocks.components.models.controlnet.union import ControlNetUnionModel
 
 __all__ = [
+    "AbstractControlNetParams",
     "ControlNetConditioningEmbedding",
     "ControlNetModel",
     "ControlNetParams",
+    "ControlNetUnionModel",
+    "ControlNetUnionParams",
     "FluxControlNetModel",
     "FluxControlNetOutput",
     "FluxControlNetParams",
