@@ -10,7 +10,13 @@ from diffblocks.blocks.flux.controlnet import flux_family_name
 from diffblocks.blocks.standard.controlnet import PredictControlledNoise, PrepareControlImage, controlnet_mismatch, family_name
 from diffblocks.blocks.standard import PredictNoise
 from diffblocks.blocks.tree import inserted, replaced, walk
-from diffblocks.components.models.controlnet import ControlNetModel, FluxControlNetModel, FluxMultiControlNetModel, MultiControlNetModel
+from diffblocks.components.models.controlnet import (
+    ControlNetModel,
+    ControlNetUnionModel,
+    FluxControlNetModel,
+    FluxMultiControlNetModel,
+    MultiControlNetModel,
+)
 from diffblocks.components.models.flux import FluxTransformer2DModel
 from diffblocks.components.models.unet import UNet2DConditionModel
 from diffblocks.presets.flux_controlnet import flux_controlnet_blocks
@@ -50,7 +56,12 @@ _MSG_OTHER_FAMILY = (
     "load a ControlNet made for this pipeline's base model"
 )
 
-AnyControlNet = ControlNetModel | FluxControlNetModel
+_MSG_UNION_ALONE = (
+    "a ControlNet-Union acts alone here, and {count} ControlNets were given: give the union one control image "
+    "per control_mode instead (a union beside other nets is not supported yet)"
+)
+
+AnyControlNet = ControlNetModel | ControlNetUnionModel | FluxControlNetModel
 
 
 def with_controlnet(pipe: Pipeline, controlnet: AnyControlNet | collections.abc.Sequence[AnyControlNet]) -> Pipeline:
@@ -62,6 +73,7 @@ def with_controlnet(pipe: Pipeline, controlnet: AnyControlNet | collections.abc.
     Several ControlNets (a sequence) act together as one :class:`MultiControlNetModel`; the call
     then takes a list of control images, one per net.
 
+    An SDXL :class:`ControlNetUnionModel` acts alone, with one control image per ``control_mode``.
     A Flux pipeline takes :class:`FluxControlNetModel` s (several act as one
     :class:`FluxMultiControlNetModel`), and the call also ``control_mode=`` for a ControlNet-Union.
 
@@ -69,7 +81,7 @@ def with_controlnet(pipe: Pipeline, controlnet: AnyControlNet | collections.abc.
         ValueError: the ControlNet was made for another family or size than ``pipe``'s UNet or
             transformer (naming both), or ``pipe`` is neither a UNet nor a Flux pipeline.
     """
-    nets = (controlnet,) if isinstance(controlnet, (ControlNetModel, FluxControlNetModel)) else tuple(controlnet)
+    nets = (controlnet,) if isinstance(controlnet, (ControlNetModel, ControlNetUnionModel, FluxControlNetModel)) else tuple(controlnet)
     transformer = pipe.components.get("transformer")
     if isinstance(transformer, FluxTransformer2DModel):
         return _with_flux_controlnet(pipe, transformer, nets)
@@ -83,8 +95,11 @@ def with_controlnet(pipe: Pipeline, controlnet: AnyControlNet | collections.abc.
         problem = controlnet_mismatch(net, unet)
         if problem is not None:
             raise ValueError(problem)
+    unions = [net for net in nets if isinstance(net, ControlNetUnionModel)]
+    if unions and len(nets) > 1:
+        raise ValueError(_MSG_UNION_ALONE.format(count=len(nets)))
     unet_nets = [net for net in nets if isinstance(net, ControlNetModel)]
-    component = unet_nets[0] if len(unet_nets) == 1 else MultiControlNetModel(unet_nets)
+    component = unions[0] if unions else unet_nets[0] if len(unet_nets) == 1 else MultiControlNetModel(unet_nets)
     components = {**pipe.components, "controlnet": component}
     return Pipeline(controlnet_blocks(pipe.blocks), components, manager=pipe.manager, name=pipe.name)
 
