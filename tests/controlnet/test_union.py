@@ -12,7 +12,7 @@ import torch
 from diffblocks.blocks import InputError, Pipeline
 from diffblocks.components.models.controlnet import ControlNetModel, ControlNetUnionModel
 from diffblocks.presets.controlnet import with_controlnet
-from tests.controlnet.test_controlnet import SDXL_NET, SIZE, control_image, run_both, tiny_controlnet
+from tests.controlnet.test_controlnet import SDXL_NET, SIZE, control_image, tiny_controlnet
 from tests.controlnet.test_union_model import tiny_union
 from tests.presets.sd_fixtures import tiny_sdxl
 
