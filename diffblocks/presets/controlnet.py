@@ -5,11 +5,21 @@ from __future__ import annotations
 import collections.abc
 
 from diffblocks.blocks import AbstractBlock, Loop, Pipeline, Sequence
-from diffblocks.blocks.standard.controlnet import PredictControlledNoise, PrepareControlImage, controlnet_mismatch
+from diffblocks.blocks.flux import flux_controlnet_mismatch
+from diffblocks.blocks.flux.controlnet import flux_family_name
+from diffblocks.blocks.standard.controlnet import PredictControlledNoise, PrepareControlImage, controlnet_mismatch, family_name
 from diffblocks.blocks.standard import PredictNoise
 from diffblocks.blocks.tree import inserted, replaced, walk
-from diffblocks.components.models.controlnet import ControlNetModel, MultiControlNetModel
+from diffblocks.components.models.controlnet import (
+    ControlNetModel,
+    ControlNetUnionModel,
+    FluxControlNetModel,
+    FluxMultiControlNetModel,
+    MultiControlNetModel,
+)
+from diffblocks.components.models.flux import FluxTransformer2DModel
 from diffblocks.components.models.unet import UNet2DConditionModel
+from diffblocks.presets.flux_controlnet import flux_controlnet_blocks
 
 _MSG_NO_SITE = (
     "{name!r} has no workflow with a PredictNoise step in a loop and a prepare_guidance step before it: "
@@ -41,7 +51,20 @@ def controlnet_blocks(root: AbstractBlock) -> AbstractBlock:
     return root
 
 
-def with_controlnet(pipe: Pipeline, controlnet: ControlNetModel | collections.abc.Sequence[ControlNetModel]) -> Pipeline:
+_MSG_OTHER_FAMILY = (
+    "the ControlNet ({controlnet}) does not fit the {model} ({family}): a {kind} steers {steers} only; "
+    "load a ControlNet made for this pipeline's base model"
+)
+
+_MSG_UNION_ALONE = (
+    "a ControlNet-Union acts alone here, and {count} ControlNets were given: give the union one control image "
+    "per control_mode instead (a union beside other nets is not supported yet)"
+)
+
+AnyControlNet = ControlNetModel | ControlNetUnionModel | FluxControlNetModel
+
+
+def with_controlnet(pipe: Pipeline, controlnet: AnyControlNet | collections.abc.Sequence[AnyControlNet]) -> Pipeline:
     """A new pipeline: ``pipe``'s blocks with ControlNet steps, its components and ``controlnet``.
 
     The call then takes ``control_image=`` (and ``controlnet_conditioning_scale``,
@@ -50,21 +73,51 @@ def with_controlnet(pipe: Pipeline, controlnet: ControlNetModel | collections.ab
     Several ControlNets (a sequence) act together as one :class:`MultiControlNetModel`; the call
     then takes a list of control images, one per net.
 
+    An SDXL :class:`ControlNetUnionModel` acts alone, with one control image per ``control_mode``.
+    A Flux pipeline takes :class:`FluxControlNetModel` s (several act as one
+    :class:`FluxMultiControlNetModel`), and the call also ``control_mode=`` for a ControlNet-Union.
+
     Raises:
-        ValueError: the ControlNet was made for another family or size than ``pipe``'s UNet
-            (naming both), or ``pipe`` is not a UNet pipeline.
+        ValueError: the ControlNet was made for another family or size than ``pipe``'s UNet or
+            transformer (naming both), or ``pipe`` is neither a UNet nor a Flux pipeline.
     """
+    nets = (controlnet,) if isinstance(controlnet, (ControlNetModel, ControlNetUnionModel, FluxControlNetModel)) else tuple(controlnet)
+    transformer = pipe.components.get("transformer")
+    if isinstance(transformer, FluxTransformer2DModel):
+        return _with_flux_controlnet(pipe, transformer, nets)
     unet = pipe.components.get("unet")
     if not isinstance(unet, UNet2DConditionModel):
         raise ValueError(f"{pipe.name!r} has no UNet2DConditionModel 'unet' for a ControlNet to steer (got {type(unet).__name__})")
-    nets = (controlnet,) if isinstance(controlnet, ControlNetModel) else tuple(controlnet)
     for net in nets:
+        if isinstance(net, FluxControlNetModel):
+            raise ValueError(_MSG_OTHER_FAMILY.format(controlnet=flux_family_name(net.params), model="UNet",
+                family=family_name(unet.params), kind="Flux ControlNet", steers="a Flux transformer"))  # fmt: skip
         problem = controlnet_mismatch(net, unet)
         if problem is not None:
             raise ValueError(problem)
-    component = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
+    unions = [net for net in nets if isinstance(net, ControlNetUnionModel)]
+    if unions and len(nets) > 1:
+        raise ValueError(_MSG_UNION_ALONE.format(count=len(nets)))
+    unet_nets = [net for net in nets if isinstance(net, ControlNetModel)]
+    component = unions[0] if unions else unet_nets[0] if len(unet_nets) == 1 else MultiControlNetModel(unet_nets)
     components = {**pipe.components, "controlnet": component}
     return Pipeline(controlnet_blocks(pipe.blocks), components, manager=pipe.manager, name=pipe.name)
+
+
+def _with_flux_controlnet(pipe: Pipeline, transformer: FluxTransformer2DModel, nets: tuple[AnyControlNet, ...]) -> Pipeline:
+    """``with_controlnet`` for a Flux pipeline: Flux ControlNets that fit its transformer."""
+    flux_nets: list[FluxControlNetModel] = []
+    for net in nets:
+        if not isinstance(net, FluxControlNetModel):
+            raise ValueError(_MSG_OTHER_FAMILY.format(controlnet=family_name(net.params), model="transformer",
+                family=flux_family_name(transformer.params), kind="UNet ControlNet", steers="an SD 1.x/2.x or SDXL UNet"))  # fmt: skip
+        problem = flux_controlnet_mismatch(net, transformer)
+        if problem is not None:
+            raise ValueError(problem)
+        flux_nets.append(net)
+    component = flux_nets[0] if len(flux_nets) == 1 else FluxMultiControlNetModel(flux_nets)
+    components = {**pipe.components, "controlnet": component}
+    return Pipeline(flux_controlnet_blocks(pipe.blocks), components, manager=pipe.manager, name=pipe.name)
 
 
 __all__ = ["controlnet_blocks", "with_controlnet"]

@@ -129,9 +129,10 @@ def test_flux_denoiser_names_what_is_missing_or_unsupported() -> None:
     with pytest.raises(ValueError, match="image_ids is None"):
         denoiser(x, t, Conditioning(randn(1, 6, 16), pooled_embeds=randn(1, 8), text_ids=prepare_text_ids(6)))
     c = flux_conditioning(1, guidance=None)
-    with pytest.raises(ValueError, match="control_residuals is set, but the Flux denoiser has no ControlNet"):
+    blocks = denoiser.model.params.num_layers + denoiser.model.params.num_single_layers
+    with pytest.raises(ValueError, match=f"block_residuals has {blocks + 1} tensors, but the transformer takes one per"):
         denoiser(x, t, Conditioning(c.prompt_embeds, pooled_embeds=c.pooled_embeds, text_ids=c.text_ids,
-                                    image_ids=c.image_ids, control_residuals=(randn(1, 12, 8),)))
+                                    image_ids=c.image_ids, control_residuals=(randn(1, 12, 8),) * (blocks + 1)))
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """Blocks specific to Flux.1 (dev and schnell): prompts, packed latents, shifted schedules, flow prediction."""
 
+from diffblocks.blocks.flux.controlnet import PredictControlledFlow, PrepareFluxControlImage, flux_controlnet_mismatch
 from diffblocks.blocks.flux.defaults import DEV, SCHNELL, FluxDefaults, VariantDefaults, variant_defaults
 from diffblocks.blocks.flux.denoise import PredictFlow
 from diffblocks.blocks.flux.encode import FluxEncodePrompt
@@ -14,13 +15,16 @@ __all__ = [
     "FluxEncodePrompt",
     "FluxSetImageTimesteps",
     "FluxSetTimesteps",
+    "PredictControlledFlow",
     "PredictFlow",
     "PrepareFluxConditions",
+    "PrepareFluxControlImage",
     "PrepareFluxGuidance",
     "PrepareFluxImageLatents",
     "PrepareFluxLatents",
     "PreprocessFluxImage",
     "UnpackLatents",
     "VariantDefaults",
+    "flux_controlnet_mismatch",
     "variant_defaults",
 ]

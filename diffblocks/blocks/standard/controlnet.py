@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, TypeVar, cast
+
+import torch
 
 from pydantic import Field
 from torch import Tensor
@@ -15,8 +18,9 @@ from diffblocks.blocks.standard.guidance import Guidance
 from diffblocks.blocks.standard.images import ImageLike, check_image, to_tensor
 from diffblocks.blocks.standard.latents import placement
 from diffblocks.blocks.types import Float
-from diffblocks.components.denoisers import Control, ControlNetDenoiser, UNetDenoiser
-from diffblocks.components.models.controlnet import ControlNetModel, MultiControlNetModel, controlnets
+from diffblocks.components.denoisers import AnyControl, Control, ControlNetDenoiser, UNetDenoiser, UnionControl, control_residuals
+from diffblocks.components.guiders import GuidanceConditions
+from diffblocks.components.models.controlnet import ControlNetModel, ControlNetUnionModel, MultiControlNetModel, controlnets
 from diffblocks.components.models.unet import UNet2DConditionModel
 from diffblocks.components.schedulers.base import AbstractScheduler
 
@@ -37,9 +41,12 @@ _MSG_COUNT = (
     "{field} has {got} values but there are {nets} ControlNets: give one value for all of them, or one per ControlNet"
 )
 _MSG_IMAGES = (
-    "control_image must be a list of {nets} control images, one per ControlNet (each an image or a batch), "
-    "got {got}"
+    "control_image must be a list of {nets} control images, one per ControlNet (a union's: one per control_mode; "
+    "each an image or a batch), got {got}"
 )
+_MSG_NOT_UNION = "control_mode {mode} is given, but the ControlNet is not a ControlNet-Union: leave control_mode out"
+_MSG_NO_MODE = "the ControlNet-Union reads the control type of each image: pass control_mode (0..{last} of its {n} types)"
+_MSG_MODE = "the ControlNet-Union knows {n} control types (0..{last}), got control_mode {got}: pick the type its model card gives"
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 T = TypeVar("T")
@@ -56,7 +63,7 @@ def family_name(params: object) -> str:
     return f"{family}, block_out_channels={tuple(widths)}, cross_attention_dim={getattr(params, 'cross_attention_dim', None)}"
 
 
-def controlnet_mismatch(controlnet: ControlNetModel, unet: UNet2DConditionModel) -> str | None:
+def controlnet_mismatch(controlnet: ControlNetModel | ControlNetUnionModel, unet: UNet2DConditionModel) -> str | None:
     """Why ``controlnet``'s residuals cannot be added to ``unet`` (naming both), or None when it fits."""
     ours, theirs = controlnet.params, unet.params
     for field in _FITTING:
@@ -96,42 +103,84 @@ class PrepareControlImage(Block):
         height: int
         width: int
         num_images_per_prompt: int = Field(1, ge=1, le=64)
+        control_mode: int | list[int] | None = Field(
+            None, description="a ControlNet-Union's control type of each control image (0..num_control_type-1)"
+        )
 
     class Outputs(BlockIO):
-        controls: tuple[Control, ...]
+        controls: tuple[AnyControl, ...]
 
-    controlnet: ControlNetModel | MultiControlNetModel = component(description="the ControlNet, or several")
+    controlnet: ControlNetModel | MultiControlNetModel | ControlNetUnionModel = component(
+        description="the ControlNet, several, or a ControlNet-Union"
+    )
     unet: UNet2DConditionModel = component(description="the UNet its residuals are added to")
 
     def check(self, inputs: Inputs) -> None:
-        nets = controlnets(self.controlnet)
+        nets = self.nets()
         for net in nets:
             problem = controlnet_mismatch(net, self.unet)
             if problem is not None:
                 raise FieldError("controlnet", problem)
-        starts = _per_net(known(inputs, "control_guidance_start"), len(nets), "control_guidance_start")
-        ends = _per_net(known(inputs, "control_guidance_end"), len(nets), "control_guidance_end")
-        _per_net(known(inputs, "controlnet_conditioning_scale"), len(nets), "controlnet_conditioning_scale")
+        modes = self.modes(known(inputs, "control_mode"))  # refused for a net that is not a union
+        n = len(modes) if self.union is not None else len(nets)
+        starts = per_net(known(inputs, "control_guidance_start"), n, "control_guidance_start")
+        ends = per_net(known(inputs, "control_guidance_end"), n, "control_guidance_end")
+        per_net(known(inputs, "controlnet_conditioning_scale"), n, "controlnet_conditioning_scale")
         for start, end in zip(starts, ends, strict=True):
             if isinstance(start, float) and isinstance(end, float) and start > end:
                 raise FieldError("control_guidance_start", _MSG_WINDOW.format(start=start, end=end))
         given = known(inputs, "control_image")
-        for image in _images(given, len(nets)) if given is not None else ():
+        for image in images_per_net(given, n) if given is not None else ():
             check_image(image, name="control_image")
 
     def __call__(self, inputs: Inputs) -> Outputs:
-        nets = controlnets(self.controlnet)
-        n = len(nets)
-        images = _images(inputs.control_image, n)
-        scales = _per_net(inputs.controlnet_conditioning_scale, n, "controlnet_conditioning_scale")
-        starts = _per_net(inputs.control_guidance_start, n, "control_guidance_start")
-        ends = _per_net(inputs.control_guidance_end, n, "control_guidance_end")
-        controls = []
-        for net, image, scale, start, end in zip(nets, images, scales, starts, ends, strict=True):
+        union = self.union
+        n = len(self.modes(inputs.control_mode)) if union is not None else len(self.nets())
+        images = images_per_net(inputs.control_image, n)
+        scales = per_net(inputs.controlnet_conditioning_scale, n, "controlnet_conditioning_scale")
+        starts = per_net(inputs.control_guidance_start, n, "control_guidance_start")
+        ends = per_net(inputs.control_guidance_end, n, "control_guidance_end")
+        prepared = []
+        for net, image in zip(self.nets() if union is None else (union,) * n, images, strict=True):
             device, dtype = placement(net)
             batched = self.batched(self.image(image, height=inputs.height, width=inputs.width), inputs)
-            controls.append(Control(net, batched.to(device=device, dtype=dtype), scale=scale, start=start, end=end))
+            prepared.append(batched.to(device=device, dtype=dtype))
+        if union is not None:
+            modes = self.modes(inputs.control_mode)
+            return self.Outputs(controls=(UnionControl(union, tuple(prepared), modes, tuple(scales), tuple(starts), tuple(ends)),))
+        controls = [
+            Control(net, image, scale=scale, start=start, end=end)
+            for net, image, scale, start, end in zip(self.nets(), prepared, scales, starts, ends, strict=True)
+        ]
         return self.Outputs(controls=tuple(controls))
+
+    @property
+    def union(self) -> ControlNetUnionModel | None:
+        """The ControlNet-Union, when that is the component."""
+        return self.controlnet if isinstance(self.controlnet, ControlNetUnionModel) else None
+
+    def nets(self) -> tuple[ControlNetModel | ControlNetUnionModel, ...]:
+        """The component's nets, in order."""
+        union = self.union
+        return (union,) if union is not None else controlnets(cast(ControlNetModel | MultiControlNetModel, self.controlnet))
+
+    def modes(self, mode: int | list[int] | None) -> tuple[int, ...]:
+        """The control types of a union's images, checked (one image per mode); refused for other nets."""
+        union = self.union
+        if union is None:
+            if mode is not None:
+                raise FieldError("control_mode", _MSG_NOT_UNION.format(mode=mode))
+            return ()
+        count = union.params.num_control_type
+        if mode is None:
+            raise FieldError("control_mode", _MSG_NO_MODE.format(n=count, last=count - 1))
+        modes = (mode,) if isinstance(mode, int) else tuple(mode)
+        for m in modes:
+            if not 0 <= m < count:
+                raise FieldError("control_mode", _MSG_MODE.format(n=count, last=count - 1, got=m))
+        if len(set(modes)) != len(modes):
+            raise FieldError("control_mode", f"control_mode {list(modes)} names a control type twice: give one image per type")
+        return modes
 
     def image(self, image: ImageLike, *, height: int, width: int) -> Tensor:
         """A control image as a ``(batch, channels, height, width)`` tensor in [0, 1]; override to preprocess otherwise."""
@@ -148,8 +197,8 @@ class PrepareControlImage(Block):
         raise FieldError("control_image", _MSG_BATCH.format(got=image.shape[0], prompts=prompts, batch=batch))
 
 
-def _images(value: ImageLike | list[ImageLike], nets: int) -> list[ImageLike]:
-    """The control image of each net: the value itself for one net (a list is a batch), its entries for several."""
+def images_per_net(value: ImageLike | list[ImageLike], nets: int) -> list[ImageLike]:
+    """The control image of each net (or a union's mode): the value itself for one (a list is a batch), its entries for several."""
     if nets == 1:
         return [cast(ImageLike, value)]
     if not isinstance(value, list) or len(value) != nets:
@@ -158,7 +207,7 @@ def _images(value: ImageLike | list[ImageLike], nets: int) -> list[ImageLike]:
     return value
 
 
-def _per_net(value: T | list[T], nets: int, field: str) -> list[T]:
+def per_net(value: T | list[T], nets: int, field: str) -> list[T]:
     """One value per net: a single value repeated, or a list whose length is the number of nets."""
     if not isinstance(value, list):
         return [value] * nets
@@ -172,15 +221,21 @@ class PredictControlledNoise(Block):
 
     The denoiser is a :class:`~diffblocks.components.denoisers.ControlNetDenoiser` around the UNet's,
     holding the controls that act at this step (``control_guidance_start/end``).
+
+    In guess mode (``guess_mode=True``, diffusers' option of that name) the ControlNets run once
+    per step, on the prompt's conditioning only, with log-spaced scales (0.1 at the shallowest
+    residual up to 1 at the mid block); the prompt's passes get their residuals and the negative
+    prompt's passes none, so the control image alone must convey the content.
     """
 
     class Inputs(BlockIO):
         model_input: Float["batch channels height width"] = produced(description="the latents scaled for the model")
         t: Tensor
         guidance: Guidance = produced(description="the guider and its passes for this run")
-        controls: tuple[Control, ...] = produced(description="the ControlNets and their control images")
+        controls: tuple[AnyControl, ...] = produced(description="the ControlNets and their control images")
         step_index: int
         num_steps: int
+        guess_mode: bool = Field(False, description="the ControlNets read the prompt's pass only, with log-spaced scales")
 
     class Outputs(BlockIO):
         noise_pred: Float["batch channels height width"]
@@ -189,8 +244,14 @@ class PredictControlledNoise(Block):
     scheduler: AbstractScheduler = component(optional=True, description="its prediction_type is what the UNet predicts")
 
     def __call__(self, inputs: Inputs) -> Outputs:
-        denoiser = self.denoiser(inputs.controls, inputs.step_index, inputs.num_steps)
-        noise_pred = inputs.guidance.prediction(
+        guidance = inputs.guidance
+        if inputs.guess_mode:
+            active = at_step(inputs.controls, inputs.step_index, inputs.num_steps)
+            guidance = guessed(guidance, active, inputs.model_input, inputs.t)
+            denoiser = self.denoiser((), inputs.step_index, inputs.num_steps)
+        else:
+            denoiser = self.denoiser(inputs.controls, inputs.step_index, inputs.num_steps)
+        noise_pred = guidance.prediction(
             denoiser.at(inputs.t),
             latents=inputs.model_input,
             step_index=inputs.step_index,
@@ -199,10 +260,30 @@ class PredictControlledNoise(Block):
         )
         return self.Outputs(noise_pred=noise_pred)
 
-    def denoiser(self, controls: tuple[Control, ...], step_index: int, num_steps: int) -> ControlNetDenoiser:
+    def denoiser(self, controls: tuple[AnyControl, ...], step_index: int, num_steps: int) -> ControlNetDenoiser:
         """The UNet with the controls that act at this step."""
         unet = UNetDenoiser(self.unet, prediction_type=prediction_type(self.scheduler))
-        return ControlNetDenoiser(unet, [c for c in controls if c.active(step_index, num_steps)])
+        return ControlNetDenoiser(unet, at_step(controls, step_index, num_steps))
 
 
-__all__ = ["PredictControlledNoise", "PrepareControlImage", "controlnet_mismatch", "family_name"]
+def at_step(controls: tuple[AnyControl, ...], step_index: int, num_steps: int) -> list[AnyControl]:
+    """The controls that act at this step, with this step's scales (see ``Control.at``)."""
+    return [c for c in (control.at(step_index, num_steps) for control in controls) if c is not None]
+
+
+def guessed(guidance: Guidance, controls: list[AnyControl], x: Tensor, t: Tensor) -> Guidance:
+    """``guidance`` whose prompt conditioning carries guess-mode residuals and whose other conditions zeros.
+
+    diffusers' guess mode: the ControlNets run on the prompt's half of the batch only and the
+    unconditional half gets zero residuals. Unchanged when no net acts at this step.
+    """
+    conditions = guidance.conditions
+    residuals = control_residuals(controls, x, t, conditions["cond"], guess_mode=True) if controls else None
+    if residuals is None:
+        return guidance
+    zeros = tuple(torch.zeros_like(r) for r in residuals)
+    guessing = {name: replace(c, control_residuals=residuals if name == "cond" else zeros) for name, c in conditions.items()}
+    return replace(guidance, conditions=GuidanceConditions(guessing))
+
+
+__all__ = ["Fraction", "PredictControlledNoise", "PrepareControlImage", "controlnet_mismatch", "at_step", "family_name", "guessed", "images_per_net", "per_net"]

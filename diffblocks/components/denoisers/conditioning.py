@@ -54,10 +54,11 @@ class Conditioning:
             Reserved: an image-encoding block will fill them before guidance, and the IP-Adapter
             attached to the denoiser wrapper will read them.
         control_residuals: ``(batch, ...)`` ControlNet residuals, one per injection point in the
-            model's order (the UNet's skip connections, then its mid block).
+            model's order (the UNet's skip connections, then its mid block; Flux's double blocks,
+            then its single blocks).
             :class:`~diffblocks.components.denoisers.ControlNetDenoiser` computes them per pass
             from the latents and the control image, and hands the UNet a conditioning that
-            carries them.
+            carries them; Flux's come from :func:`~diffblocks.components.denoisers.flux_control_residuals`.
         text_ids: ``(seq, 3)`` Flux positions of the prompt tokens (shared).
         image_ids: ``(image_seq, 3)`` Flux positions of the packed latent tokens (shared).
         embedded_guidance: ``(1,)`` Flux dev's distilled guidance scale, which the transformer

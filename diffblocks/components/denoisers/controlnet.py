@@ -7,13 +7,14 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import final
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from diffblocks.components.denoisers.base import AbstractDenoiser, Predict
 from diffblocks.components.denoisers.conditioning import Conditioning
 from diffblocks.components.denoisers.unet import UNetDenoiser
-from diffblocks.components.models.controlnet import ControlNetModel
+from diffblocks.components.models.controlnet import ControlNetModel, ControlNetUnionModel
 
 _MSG_BATCH = (
     "the control image has batch {image} but the denoiser input has batch {batch}, which is not a multiple of it: "
@@ -47,7 +48,77 @@ class Control:
         A step acts when it lies wholly inside ``[start, end]`` as fractions of the run; outside,
         diffusers still runs the ControlNet at scale 0, which adds zeros, so it is skipped here.
         """
-        return not (step_index / num_steps < self.start or (step_index + 1) / num_steps > self.end)
+        return keeps(step_index, num_steps, self.start, self.end)
+
+    def at(self, step_index: int, num_steps: int) -> Control | None:
+        """This control at one step: itself when it acts (see :meth:`active`), else None."""
+        return self if self.active(step_index, num_steps) else None
+
+    def __call__(
+        self, x: Tensor, t: Tensor, c: Conditioning, added: dict[str, Tensor] | None, *, guess_mode: bool = False
+    ) -> tuple[Tensor, ...]:
+        """Its residuals for one pass on ``x`` at ``t`` with the pass's conditioning (``added``: SDXL's)."""
+        return self.model(
+            x, t, c.prompt_embeds, _tiled(self.image, x.shape[0]), conditioning_scale=self.scale,
+            added_cond_kwargs=added, encoder_attention_mask=c.prompt_mask, guess_mode=guess_mode,
+        )  # fmt: skip
+
+
+@final
+@dataclass(frozen=True, slots=True, eq=False)
+class UnionControl:
+    """A ControlNet-Union with its control images, one per control mode, and their settings for one call.
+
+    Args:
+        model: the ControlNet-Union.
+        images: one control image per mode, each as :class:`Control`'s ``image``.
+        modes: the control type of each image.
+        scales: ``controlnet_conditioning_scale`` per image.
+        starts, ends: ``control_guidance_start`` and ``control_guidance_end`` per image.
+    """
+
+    model: ControlNetUnionModel
+    images: tuple[Float[Tensor, "batch channels height width"], ...]
+    modes: tuple[int, ...]
+    scales: tuple[float, ...]
+    starts: tuple[float, ...]
+    ends: tuple[float, ...]
+
+    def at(self, step_index: int, num_steps: int) -> UnionControl | None:
+        """This control at one step, each image's scale kept or zeroed by its window, as diffusers' union pipeline does.
+
+        With one image, a step outside its window is skipped (the residuals would be scaled to
+        zero). With several, the union scales the images' features rather than its residuals, so
+        diffusers runs it at every step and an image outside its window merely stops contributing.
+        """
+        kept = tuple(
+            scale * keeps(step_index, num_steps, start, end)
+            for scale, start, end in zip(self.scales, self.starts, self.ends, strict=True)
+        )
+        if len(kept) == 1 and not keeps(step_index, num_steps, self.starts[0], self.ends[0]):
+            return None
+        return replace(self, scales=kept)
+
+    def __call__(
+        self, x: Tensor, t: Tensor, c: Conditioning, added: dict[str, Tensor] | None, *, guess_mode: bool = False
+    ) -> tuple[Tensor, ...]:
+        """Its residuals for one pass on ``x`` at ``t`` with the pass's conditioning (``added``: SDXL's)."""
+        types = torch.zeros(self.model.params.num_control_type, device=x.device)
+        types[list(self.modes)] = 1
+        return self.model(
+            x, t, c.prompt_embeds, [_tiled(image, x.shape[0]) for image in self.images],
+            types.to(c.prompt_embeds.dtype).expand(x.shape[0], -1), self.modes, conditioning_scale=self.scales,
+            added_cond_kwargs=added, guess_mode=guess_mode,
+        )  # fmt: skip
+
+
+AnyControl = Control | UnionControl
+"""What a UNet ControlNet step runs: a ControlNet with its image, or a ControlNet-Union with its images and modes."""
+
+
+def keeps(step_index: int, num_steps: int, start: float, end: float) -> bool:
+    """diffusers' ``controlnet_keep``: whether step ``step_index`` of ``num_steps`` lies wholly inside ``[start, end]``."""
+    return not (step_index / num_steps < start or (step_index + 1) / num_steps > end)
 
 
 @final
@@ -63,13 +134,12 @@ class ControlNetDenoiser(AbstractDenoiser):
 
     Args:
         denoiser: the UNet's denoiser.
-        controls: the controls that act at this step (see :meth:`Control.active`); none gives the
-            plain UNet.
+        controls: the controls at this step (see :meth:`Control.at`); none gives the plain UNet.
     """
 
     __slots__ = ("controls", "denoiser", "model", "prediction_type")
 
-    def __init__(self, denoiser: UNetDenoiser, controls: Sequence[Control]) -> None:
+    def __init__(self, denoiser: UNetDenoiser, controls: Sequence[AnyControl]) -> None:
         self.denoiser = denoiser
         self.controls = tuple(controls)
         self.model = denoiser.model
@@ -83,22 +153,26 @@ class ControlNetDenoiser(AbstractDenoiser):
         return partial(self._predict, t, predict) if self.controls else predict
 
     def _predict(self, t: Tensor, predict: Predict, x: Tensor, c: Conditioning) -> Tensor:
-        residuals = c.control_residuals
-        added = None
-        if c.pooled_embeds is not None or c.time_ids is not None:
-            added = {k: v for k, v in (("text_embeds", c.pooled_embeds), ("time_ids", c.time_ids)) if v is not None}
-        for control in self.controls:
-            out = control.model(
-                x,
-                t,
-                c.prompt_embeds,
-                _tiled(control.image, x.shape[0]),
-                conditioning_scale=control.scale,
-                added_cond_kwargs=added,
-                encoder_attention_mask=c.prompt_mask,
-            )
-            residuals = out if residuals is None else tuple(a + b for a, b in zip(residuals, out, strict=True))
-        return predict(x, replace(c, control_residuals=residuals))
+        return predict(x, replace(c, control_residuals=control_residuals(self.controls, x, t, c)))
+
+
+def control_residuals(
+    controls: Sequence[AnyControl], x: Tensor, t: Tensor, c: Conditioning, *, guess_mode: bool = False
+) -> tuple[Tensor, ...] | None:
+    """The residuals of ``controls`` for one UNet pass, summed in order and added to any ``c`` already carries.
+
+    Every control runs on the same ``x``, timestep, prompt embeddings and (SDXL) added conditioning
+    as the UNet; ``guess_mode`` scales each net's residuals by diffusers' log-spaced rule
+    (see :meth:`~diffblocks.components.models.controlnet.ControlNetModel.forward`).
+    """
+    residuals = c.control_residuals
+    added = None
+    if c.pooled_embeds is not None or c.time_ids is not None:
+        added = {k: v for k, v in (("text_embeds", c.pooled_embeds), ("time_ids", c.time_ids)) if v is not None}
+    for control in controls:
+        out = control(x, t, c, added, guess_mode=guess_mode)
+        residuals = out if residuals is None else tuple(a + b for a, b in zip(residuals, out, strict=True))
+    return residuals
 
 
 def _tiled(image: Tensor, batch: int) -> Tensor:
@@ -110,4 +184,4 @@ def _tiled(image: Tensor, batch: int) -> Tensor:
     return image.repeat(batch // image.shape[0], 1, 1, 1)
 
 
-__all__ = ["Control", "ControlNetDenoiser"]
+__all__ = ["AnyControl", "Control", "ControlNetDenoiser", "UnionControl", "control_residuals", "keeps"]

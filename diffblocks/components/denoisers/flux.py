@@ -64,13 +64,11 @@ class FluxDenoiser(AbstractDenoiser):
         return partial(self._predict, t / 1000)
 
     def _predict(self, sigma: Tensor, x: Tensor, c: Conditioning) -> Tensor:
-        # Where the conditioning becomes transformer arguments (a Flux ControlNet or IP-Adapter attaches here).
+        # Where the conditioning becomes transformer arguments (a Flux IP-Adapter attaches here).
         pooled, text_ids, image_ids = c.pooled_embeds, c.text_ids, c.image_ids
         if pooled is None or text_ids is None or image_ids is None:
             field = "pooled_embeds" if pooled is None else "text_ids" if text_ids is None else "image_ids"
             raise ValueError(_MSG_MISSING.format(field=field))
-        if c.control_residuals is not None:
-            raise ValueError(_MSG_RESERVED.format(field="control_residuals", what="ControlNet"))
         if c.image_embeds is not None:
             raise ValueError(_MSG_RESERVED.format(field="image_embeds", what="IP-Adapter"))
         n, guidance = x.shape[0], c.embedded_guidance
@@ -82,6 +80,7 @@ class FluxDenoiser(AbstractDenoiser):
             img_ids=image_ids,
             txt_ids=text_ids,
             guidance=None if guidance is None else guidance.expand(n),
+            block_residuals=c.control_residuals,  # a Flux ControlNet's, one per block (see FluxControl)
         )
 
 

@@ -114,6 +114,7 @@ class ControlNetModel(AbstractModel[ControlNetParams]):
         conditioning_scale: float = 1.0,
         added_cond_kwargs: Mapping[str, Tensor] | None = None,
         encoder_attention_mask: Tensor | None = None,
+        guess_mode: bool = False,
     ) -> tuple[Tensor, ...]:
         """The residuals for one UNet call: one per skip connection, then the mid block's, each times ``conditioning_scale``.
 
@@ -125,6 +126,10 @@ class ControlNetModel(AbstractModel[ControlNetParams]):
             conditioning_scale: how strongly the control acts (0: not at all).
             added_cond_kwargs: SDXL only: ``text_embeds`` and ``time_ids``, as for the UNet.
             encoder_attention_mask: (batch, seq), 1/True to attend to a token, 0/False to ignore it.
+            guess_mode: scale the residuals from 0.1 at the first skip connection up to 1 at the
+                mid block (log-spaced, times ``conditioning_scale``), as diffusers' guess mode does:
+                the deep, semantic residuals act fully and the shallow ones barely, so the net can
+                recognise the control image's content without a prompt.
         """
         if self.params.controlnet_conditioning_channel_order == "bgr":
             controlnet_cond = torch.flip(controlnet_cond, dims=[1])
@@ -144,6 +149,9 @@ class ControlNetModel(AbstractModel[ControlNetParams]):
         h = self.mid_block(h, emb, encoder_hidden_states, context_mask=mask)
         out = [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips, strict=True)]
         out.append(self.controlnet_mid_block(h))
+        if guess_mode:
+            scales = torch.logspace(-1, 0, len(out), device=sample.device) * conditioning_scale
+            return tuple(r * scale for r, scale in zip(out, scales, strict=True))
         return tuple(r * conditioning_scale for r in out)
 
     def _text_time_embedding(self, added: Mapping[str, Tensor] | None, *, dtype: torch.dtype) -> Tensor:

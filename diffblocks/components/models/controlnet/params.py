@@ -25,9 +25,8 @@ CONTROLNET_FIXED_CONFIG: dict[str, object] = {
 }
 
 
-@final
-class ControlNetParams(AbstractParams):
-    """ControlNetModel architecture (Zhang et al. 2023): a copy of a UNet's encoder and mid block.
+class AbstractControlNetParams(AbstractParams):
+    """What every UNet ControlNet's architecture shares (Zhang et al. 2023): a copy of a UNet's encoder and mid block.
 
     The fields that describe the encoder mean what they mean in
     :class:`~diffblocks.components.models.unet.UNet2DConditionParams` (``attention_head_dim`` is
@@ -96,4 +95,42 @@ class ControlNetParams(AbstractParams):
         return self
 
 
-__all__ = ["CONTROLNET_FIXED_CONFIG", "ControlNetParams"]
+@final
+class ControlNetParams(AbstractControlNetParams):
+    """ControlNetModel architecture: see :class:`AbstractControlNetParams`."""
+
+
+@final
+class ControlNetUnionParams(AbstractControlNetParams):
+    """ControlNetUnionModel architecture (Xinsir's ControlNet++ for SDXL): a ControlNet that reads several kinds of control.
+
+    Besides a ControlNet's fields: ``num_control_type`` kinds of control image (each with a learnt
+    task embedding), and a small transformer (``num_trans_layer`` layers of ``num_trans_head``
+    heads, ``num_trans_channel`` wide) that fuses the control images' features; its output is
+    projected to ``num_proj_channel``. Both widths must equal the first stage width, as they are
+    added to its features.
+    """
+
+    conditioning_embedding_out_channels: tuple[int, ...] = (48, 96, 192, 384)
+    num_control_type: int = 6
+    num_trans_channel: int = 320
+    num_trans_head: int = 8
+    num_trans_layer: int = 1
+    num_proj_channel: int = 320
+
+    @model_validator(mode="after")
+    def _check_union(self) -> Self:
+        first = self.block_out_channels[0]
+        for name in ("num_trans_channel", "num_proj_channel"):
+            if getattr(self, name) != first:
+                raise ValueError(f"{name} {getattr(self, name)} must equal block_out_channels[0] {first}: it is added to that stage's features")
+        if self.num_trans_channel % self.num_trans_head:
+            raise ValueError(f"num_trans_channel {self.num_trans_channel} must be divisible by num_trans_head {self.num_trans_head}")
+        if self.num_control_type < 1:
+            raise ValueError(f"num_control_type must be >= 1, got {self.num_control_type}")
+        if self.addition_time_embed_dim is None:
+            raise ValueError("a ControlNet-Union embeds its control types like SDXL's size ids: set addition_time_embed_dim")
+        return self
+
+
+__all__ = ["CONTROLNET_FIXED_CONFIG", "AbstractControlNetParams", "ControlNetParams", "ControlNetUnionParams"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import ClassVar, final
 
 import torch
@@ -18,6 +19,10 @@ from diffblocks.components.models.flux.params import FluxParams
 _MSG_IDS = (
     "{name} must be 2-D (seq, {axes}) without a batch axis, as prepare_image_ids / prepare_text_ids "
     "build them; got shape {shape}"
+)
+_MSG_RESIDUALS = (
+    "block_residuals has {got} tensors, but the transformer takes one per double block ({double}) or one per block "
+    "({every}): spread a ControlNet's residuals with flux_block_residuals"
 )
 
 
@@ -79,6 +84,7 @@ class FluxTransformer2DModel(AbstractModel[FluxParams]):
         img_ids: Float[Tensor, "img_seq 3"],
         txt_ids: Float[Tensor, "txt_seq 3"],
         guidance: Float[Tensor, " batch"] | None = None,
+        block_residuals: Sequence[Float[Tensor, "batch img_seq dim"]] | None = None,
     ) -> Float[Tensor, "batch img_seq out_channels"]:
         """Predict the flow (velocity) for packed latent tokens.
 
@@ -91,6 +97,9 @@ class FluxTransformer2DModel(AbstractModel[FluxParams]):
             txt_ids: text position ids, ``prepare_text_ids``.
             guidance: distilled guidance scale (e.g. 3.5) for guidance-embedding models, else None;
                 like diffusers, the model multiplies it by 1000 too.
+            block_residuals: ControlNet residuals added to the image tokens after each block: one
+                per double block, then (optionally) one per single block, as
+                :func:`~diffblocks.components.models.controlnet.flux_block_residuals` spreads them.
 
         Returns:
             ``(batch, img_seq, patch_size**2 * out_channels)``, still packed.
@@ -108,10 +117,26 @@ class FluxTransformer2DModel(AbstractModel[FluxParams]):
         temb = F.silu(self.time_text_embed(timestep, pooled_projections, guidance=guidance))
         encoder_hidden_states = self.context_embedder(encoder_hidden_states)
         rope = self.pos_embed(torch.cat([txt_ids, img_ids], dim=0))
+        residuals = self._residuals(block_residuals)
 
         for block in self.transformer_blocks:
             encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb=temb, rope=rope)
+            residual = next(residuals, None)
+            if residual is not None:
+                hidden_states = hidden_states + residual
         for block in self.single_transformer_blocks:
             encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb=temb, rope=rope)
+            residual = next(residuals, None)
+            if residual is not None:
+                hidden_states = hidden_states + residual
 
         return self.proj_out(self.norm_out(hidden_states, temb))
+
+    def _residuals(self, block_residuals: Sequence[Tensor] | None) -> Iterator[Tensor]:
+        """The ControlNet residuals in block order; none, one per double block, or one per block."""
+        if block_residuals is None:
+            return iter(())
+        double, every = self.params.num_layers, self.params.num_layers + self.params.num_single_layers
+        if len(block_residuals) not in (double, every):
+            raise ValueError(_MSG_RESIDUALS.format(got=len(block_residuals), double=double, every=every))
+        return iter(block_residuals)
