@@ -55,7 +55,7 @@ def ip_adapter_blocks(root: AbstractBlock) -> AbstractBlock:
         if isinstance(node.block, SequenceBlock) and "prepare_guidance" in node.block.child_names()
         and BLOCK_NAME not in node.block.child_names()
     ]  # fmt: skip
-    if not sites and not any(node.name == BLOCK_NAME for node in walk(root)):
+    if not sites and not any(isinstance(node.block, EncodeImagePrompt) for node in walk(root)):
         raise ValueError(_MSG_NO_SITE.format(name=root.name))
     for site in sites:
         root = inserted(root, EncodeImagePrompt(name=BLOCK_NAME), before=site)

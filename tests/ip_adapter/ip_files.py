@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+import PIL.Image
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+SIZE = 32
 Kind = Literal["plain", "plus", "full"]
 ENCODER = dict(hidden_size=32, intermediate_size=37, projection_dim=16, num_hidden_layers=2, num_attention_heads=4,
                image_size=32, patch_size=8)  # fmt: skip
@@ -77,3 +80,9 @@ def ip_adapter_repo(root: Path, unet_folder: Path, kinds: dict[str, Kind], *, su
         save_file(ip_adapter_tensors(widths, kind, seed=seed), root / subfolder / name)
     image_encoder(root / subfolder / "image_encoder")
     return root
+
+
+def picture(seed: int = 0, size: int = SIZE) -> PIL.Image.Image:
+    return PIL.Image.fromarray((np.random.default_rng(seed).random((size, size, 3)) * 255).astype("uint8"))
+
+

@@ -6,34 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 
 from diffblocks.blocks import Pipeline
-from tests.ip_adapter.ip_files import ip_adapter_repo
-from tests.presets.sd_fixtures import tiny_sd15, tiny_sdxl
-
-SIZE = 32
-FILES: dict[str, Any] = {"plain.safetensors": "plain", "plus.safetensors": "plus", "full.safetensors": "full"}
-
-
-@pytest.fixture(scope="module")
-def sd15(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("ip_sd15")
-    base = tiny_sd15(root / "sd15")
-    return base, ip_adapter_repo(root / "ip", base / "unet", FILES)
-
-
-@pytest.fixture(scope="module")
-def sdxl(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("ip_sdxl")
-    base = tiny_sdxl(root / "sdxl")
-    return base, ip_adapter_repo(root / "ip", base / "unet", FILES, subfolder="sdxl_models")
-
-
-def picture(seed: int = 0, size: int = SIZE) -> PIL.Image.Image:
-    return PIL.Image.fromarray((np.random.default_rng(seed).random((size, size, 3)) * 255).astype("uint8"))
+from tests.ip_adapter.ip_files import SIZE, picture
 
 
 def run_both(ours: Pipeline, ref: Any, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:

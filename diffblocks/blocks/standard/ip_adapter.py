@@ -44,8 +44,8 @@ def clip_pixels(image: ImageLike, *, size: int = 224, mean: Sequence[float] = CL
 
     The shorter side is resized to ``size`` (bicubic, antialiased), the centre cut to a square, and
     the channels normalised by ``mean`` and ``std``. An image already ``size`` square is only
-    normalised, exactly as the processor does it; resizing differs from PIL's bicubic by a few
-    levels of 255 at most.
+    normalised, exactly as the processor does it; a resized one differs from PIL's bicubic by
+    about 0.3 levels of 255 on average (a few at sharp edges).
     """
     items = image if isinstance(image, list) else [image]
     out = []
