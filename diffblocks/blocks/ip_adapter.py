@@ -5,6 +5,9 @@ the CLIP image encoder as the components ``ip_adapter`` and ``image_encoder``, a
 :class:`~diffblocks.blocks.standard.ip_adapter.EncodeImagePrompt` before guidance in every UNet
 workflow; the denoise blocks pass the adapter to the UNet's denoiser. The UNet is never changed,
 so ``unload_ip_adapter`` only takes the blocks and components away again.
+
+The standard blocks sit above this layer (they import ``diffblocks.blocks``), so the block class is
+found by name in :data:`diffblocks.registry.BLOCKS`, as saved block trees find it.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ from transformers import CLIPVisionModelWithProjection
 
 from diffblocks.blocks.block import AbstractBlock
 from diffblocks.blocks.composites import Sequence as SequenceBlock
-from diffblocks.blocks.standard.ip_adapter import EncodeImagePrompt
-from diffblocks.blocks.standard.latents import placement
 from diffblocks.blocks.tree import inserted, join, removed, walk
 from diffblocks.components.containment import contained_path
 from diffblocks.components.hub import resolve_folder
+from diffblocks.components.memory.policies import execution_device
 from diffblocks.components.models.ip_adapter import IPAdapterModel, MultiIPAdapterModel, expand_scales, ip_adapters, load_ip_adapter_file
 from diffblocks.components.models.ip_adapter.scales import ScaleSpec
 from diffblocks.components.models.unet import UNet2DConditionModel
+from diffblocks.registry import BLOCKS
+
+ENCODE_BLOCK = ("diffblocks", "EncodeImagePrompt")
 
 BLOCK_NAME = "encode_image_prompt"
 _MSG_NO_SITE = (
@@ -44,27 +49,29 @@ T = TypeVar("T")
 
 
 def ip_adapter_blocks(root: AbstractBlock) -> AbstractBlock:
-    """A new tree where :class:`EncodeImagePrompt` runs before ``prepare_guidance`` in every workflow that has one.
+    """A new tree where ``EncodeImagePrompt`` runs before ``prepare_guidance`` in every workflow that has one.
 
     Raises:
         ValueError: the tree has no such workflow.
     """
+    block = BLOCKS.resolve(ENCODE_BLOCK)
     sites = [
         join(node.path, "prepare_guidance")
         for node in walk(root)
         if isinstance(node.block, SequenceBlock) and "prepare_guidance" in node.block.child_names()
         and BLOCK_NAME not in node.block.child_names()
     ]  # fmt: skip
-    if not sites and not any(isinstance(node.block, EncodeImagePrompt) for node in walk(root)):
+    if not sites and not any(isinstance(node.block, block) for node in walk(root)):
         raise ValueError(_MSG_NO_SITE.format(name=root.name))
     for site in sites:
-        root = inserted(root, EncodeImagePrompt(name=BLOCK_NAME), before=site)
+        root = inserted(root, block(name=BLOCK_NAME), before=site)
     return root
 
 
 def without_ip_adapter_blocks(root: AbstractBlock) -> AbstractBlock:
-    """A new tree without the :class:`EncodeImagePrompt` steps :func:`ip_adapter_blocks` added."""
-    for path in [node.path for node in walk(root) if isinstance(node.block, EncodeImagePrompt)]:
+    """A new tree without the ``EncodeImagePrompt`` steps :func:`ip_adapter_blocks` added."""
+    block = BLOCKS.resolve(ENCODE_BLOCK)
+    for path in [node.path for node in walk(root) if isinstance(node.block, block)]:
         root = removed(root, path)
     return root
 
@@ -120,7 +127,8 @@ class AbstractIPAdapterMethods(ABC):
         sources = _spread(path_or_repo, n, "path_or_repo")
         subfolders = _spread(subfolder, n, "subfolder")
         weight_names = _spread(weight_name, n, "weight_name")
-        device, dtype = placement(unet)
+        parameter = next(unet.parameters())
+        device, dtype = execution_device(unet) or parameter.device, parameter.dtype
         adapters = []
         for source, sub, name in zip(sources, subfolders, weight_names, strict=True):
             adapter = source if isinstance(source, IPAdapterModel) else load_ip_adapter_file(_file(source, sub, name), allow_pickle=allow_pickle)
