@@ -23,6 +23,7 @@ from transformers import CLIPVisionModelWithProjection
 from diffblocks.blocks.block import AbstractBlock
 from diffblocks.blocks.composites import Sequence as SequenceBlock
 from diffblocks.blocks.tree import inserted, join, removed, walk
+from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.containment import contained_path
 from diffblocks.components.hub import resolve_folder
 from diffblocks.components.memory.policies import execution_device
@@ -182,7 +183,7 @@ class AbstractIPAdapterMethods(ABC):
         return ip_adapters(component)
 
     def _ip_adapter_unet(self) -> UNet2DConditionModel:
-        unet = self.components.get("unet")
+        unet = unwrap_compiled(self.components.get("unet"))
         if not isinstance(unet, UNet2DConditionModel):
             raise ValueError(f"IP-Adapter acts on a pipeline's UNet2DConditionModel 'unet'; this pipeline has {type(unet).__name__}")
         return unet

@@ -196,3 +196,17 @@ def test_files_of_other_layouts_are_refused(tmp_path: Path) -> None:
                "ip_adapter.1.to_k_ip.weight": torch.zeros(8, 4)}, tmp_path / "faceid.safetensors")  # fmt: skip
     with pytest.raises(ValueError, match="IP-Adapter FaceID file"):
         load_ip_adapter_file(tmp_path / "faceid.safetensors")
+
+
+def test_negatives_of_precomputed_hidden_states(sd15: tuple[Path, Path]) -> None:
+    repo, ip = sd15
+    pipe = loaded(repo, ip, "plus.safetensors")
+    hidden = torch.randn(2, 17, 32)  # two images: 16 patches and the class token, 32 wide
+    assert run(pipe, ip_adapter_image_embeds=[hidden]).shape == (1, SIZE, SIZE, 3)  # negatives: the encoder's, two
+    with pytest.raises(InputError, match=r"negative_ip_adapter_image_embeds\[0\] has shape \(1, 17, 32\) but the image prompt's features have \(2, 17, 32\)"):
+        run(pipe, ip_adapter_image_embeds=[hidden], negative_ip_adapter_image_embeds=[torch.zeros(1, 17, 32)])
+    bare = Pipeline.from_pretrained(str(repo))
+    bare.load_ip_adapter(load_ip_adapter_file(ip / "models" / "plus.safetensors"))
+    with pytest.raises(InputError, match="negative_ip_adapter_image_embeds is needed for IP-Adapter 0"):
+        run(bare, ip_adapter_image_embeds=[hidden])
+    assert run(bare, ip_adapter_image_embeds=[hidden], negative_ip_adapter_image_embeds=[torch.zeros_like(hidden)]).shape == (1, SIZE, SIZE, 3)

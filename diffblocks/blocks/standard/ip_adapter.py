@@ -33,9 +33,13 @@ _MSG_EMBEDS = (
     "{field}[{i}] has shape {shape}, but IP-Adapter {i} reads {what}: give the image encoder's {source} "
     "of its images with that shape"
 )
+_MSG_NEGATIVE_SHAPE = (
+    "negative_ip_adapter_image_embeds[{i}] has shape {got} but the image prompt's features have {want}: "
+    "give one negative per image, of the same shape"
+)
 _MSG_NEGATIVE = (
     "negative_ip_adapter_image_embeds is needed for IP-Adapter {i}: it reads hidden states, whose negative is "
-    "the image encoder's output for a black image, and no image encoder is loaded to make it"
+    "the image encoder's output for all-zero pixels, and no image encoder is loaded to make it"
 )
 
 
@@ -70,7 +74,7 @@ class EncodeImagePrompt(Block):
     preprocessed as by ``CLIPImageProcessor`` (:func:`clip_pixels`) and encoded: the plain
     IP-Adapter reads the projected image embedding, the plus and full-face ones the penultimate
     hidden states. ``ip_adapter_image_embeds`` skips the encoder. The unconditional pass gets what
-    diffusers gives it: zero embeddings, or the hidden states of a black image
+    diffusers gives it: zero embeddings, or the hidden states of all-zero (normalised) pixels
     (``negative_ip_adapter_image_embeds`` overrides them). Each adapter's projection runs once per
     call; its tokens (of all its images, joined) are repeated to the run's batch, so every prompt
     and image per prompt sees the same image prompt.
@@ -135,6 +139,8 @@ class EncodeImagePrompt(Block):
         positive, negative = [], []
         for i, adapter in enumerate(adapters):
             features, zero = self.features(inputs, i, adapter)
+            if zero.shape != features.shape:
+                raise FieldError("negative_ip_adapter_image_embeds", _MSG_NEGATIVE_SHAPE.format(i=i, got=tuple(zero.shape), want=tuple(features.shape)))
             positive.append(adapter.project(features[None]).repeat(cond.batch_size, 1, 1))
             negative.append(adapter.project(zero[None]).repeat(uncond.batch_size, 1, 1))
         return self.Outputs(
@@ -152,7 +158,7 @@ class EncodeImagePrompt(Block):
             if zero is None and adapter.reads_hidden_states:
                 if self.image_encoder is None:
                     raise FieldError("negative_ip_adapter_image_embeds", _MSG_NEGATIVE.format(i=i))
-                zero = self.encode(torch.zeros(1, 3, *self.pixel_size()), hidden=True)
+                zero = self.encode(torch.zeros(features.shape[0], 3, *self.pixel_size()), hidden=True)
             return features, torch.zeros_like(features) if zero is None else zero
         assert self.image_encoder is not None and inputs.ip_adapter_image is not None  # check() refused it otherwise
         image = _per_adapter(inputs.ip_adapter_image, n, "ip_adapter_image")[i]

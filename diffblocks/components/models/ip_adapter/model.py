@@ -27,10 +27,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from typing import final
+from weakref import WeakKeyDictionary
 
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.models.ip_adapter.projection import ImageProjector
 from diffblocks.components.models.layers.attention import Attention, CrossAttentionExtras, ExtraKeysValues
 
@@ -40,15 +42,24 @@ _MSG_FIT = (
 )
 
 
+# the layers of each UNet seen, found once: the denoiser asks at every pass, and a walk over SDXL's modules costs ~1 ms
+_LAYERS: WeakKeyDictionary[nn.Module, list[tuple[str, Attention]]] = WeakKeyDictionary()
+
+
 def cross_attention_layers(unet: nn.Module) -> list[tuple[str, Attention]]:
     """The UNet's cross-attention layers in diffusers' processor order: down blocks, up blocks, mid block.
 
-    The i-th is ``ip_adapter.{2i+1}`` in an IP-Adapter file (see the module's table).
+    The i-th is ``ip_adapter.{2i+1}`` in an IP-Adapter file (see the module's table). The UNet's
+    modules are not expected to be replaced afterwards (LoRA and compilation keep them).
     """
-    found = [(name, module) for name, module in unet.named_modules() if name.endswith(".attn2") and isinstance(module, Attention)]
-    order = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}
-    # sorted() is stable: within a part the modules keep their registration order, which is diffusers'
-    return sorted(found, key=lambda item: order.get(item[0].split(".")[0], 3))
+    unet = unwrap_compiled(unet)  # a torch.compile wrapper prefixes every name with _orig_mod
+    found = _LAYERS.get(unet)
+    if found is None:
+        found = [(name, module) for name, module in unet.named_modules() if name.endswith(".attn2") and isinstance(module, Attention)]
+        order = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}
+        # sorted() is stable: within a part the modules keep their registration order, which is diffusers'
+        found = _LAYERS[unet] = sorted(found, key=lambda item: order.get(item[0].split(".")[0], 3))
+    return list(found)
 
 
 @final
@@ -126,7 +137,7 @@ class IPAdapterModel(nn.Module):
         """Why this adapter cannot act on ``unet`` (naming both shapes), or None when it fits."""
         layers = cross_attention_layers(unet)
         ours = [(layer.to_k_ip.in_features, layer.to_k_ip.out_features) for layer in self.layers]
-        theirs = [(attn.to_k.in_features, attn.to_k.out_features) for _, attn in layers]
+        theirs = [attn.key_dims for _, attn in layers]  # not to_k's own: LoRA may have wrapped it
         if ours == theirs:
             return None
         adapter = f"{len(ours)} cross-attention layers, cross_attention_dim {ours[0][0] if ours else None}"

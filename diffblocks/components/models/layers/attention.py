@@ -55,6 +55,7 @@ class Attention(nn.Module):
         inner = heads * head_dim
         self.heads = heads
         self.is_cross_attention = context_dim is not None
+        self.key_dims = (context_dim or query_dim, inner)  # (source width, key width): what extra keys must match
         self.to_q = nn.Linear(query_dim, inner, bias=bias)
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
