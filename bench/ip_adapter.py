@@ -27,7 +27,18 @@ import torch
 from cuda_timing import time_ms
 from safetensors.torch import save_file
 
-from gpu_denoisers import SD15_UNET, SDXL_UNET, share_weights
+from gpu_denoisers import SD15_UNET, SDXL_UNET
+
+
+def share_weights(ref: torch.nn.Module, cls: Any, params: Any, *, device: str) -> torch.nn.Module:
+    """Our model holding ``ref``'s own weight tensors (built on the meta device, then assigned)."""
+    from diffblocks.components.models.buffers import materialize_computed_buffers
+
+    with torch.device("meta"):
+        ours = cls(params)
+    ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
+    materialize_computed_buffers(ours, device=torch.device(device))
+    return ours.eval()
 
 
 def adapter_tensors(unet: Any, kind: str, embed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -84,11 +95,8 @@ def row(name: str, kind: str, repeat: int, device: str, latent: int | None) -> N
     config = SDXL_UNET if sdxl else SD15_UNET
     with torch.device(device):
         ref = diffusers.UNet2DConditionModel(**config).to(dtype).eval()
-    if device == "cuda":
-        ours = share_weights(ref, UNet2DConditionModel, UNet2DConditionModel.from_config(dict(ref.config)).params)
-    else:
-        ours = UNet2DConditionModel.from_config(dict(ref.config)).eval()
-        ours.load_state_dict(ref.state_dict())
+    params = UNet2DConditionModel.Params.model_validate({k: v for k, v in ref.config.items() if k in UNet2DConditionModel.Params.model_fields})
+    ours = share_weights(ref, UNet2DConditionModel, params, device=device)
     embed = (1280 if sdxl else 1024) if kind == "plain" else 1280
     tensors = adapter_tensors(ref, kind, embed, dtype)
     path = Path(tempfile.mkdtemp()) / "ip.safetensors"
@@ -98,8 +106,9 @@ def row(name: str, kind: str, repeat: int, device: str, latent: int | None) -> N
     for key, value in tensors.items():
         part, rest = key.split(".", 1)
         nested[part][rest] = value.to(device)
-    with_ip = diffusers.UNet2DConditionModel(**config).to(device=device, dtype=dtype).eval()
-    with_ip.load_state_dict(ref.state_dict())
+    with torch.device("meta"):
+        with_ip = diffusers.UNet2DConditionModel(**config).eval()
+    with_ip.load_state_dict(ref.state_dict(), assign=True)  # the same tensors: one copy of the weights in memory
     with_ip._load_ip_adapter_weights([nested], low_cpu_mem_usage=False)
 
     g = torch.Generator(device).manual_seed(1)
