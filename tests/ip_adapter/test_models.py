@@ -65,3 +65,18 @@ def test_clip_pixels_match_the_clip_image_processor() -> None:
     ours = clip_pixels(wide, size=32)
     assert ours.shape == expected.shape == (1, 3, 32, 32)
     assert (ours - expected).abs().mean() < 0.01  # bicubic in torch vs PIL: close (0.005 here), not equal
+
+
+def test_layer_table_of_the_released_models() -> None:
+    sd15 = {"cross_attention_dim": 768}  # diffusers' defaults are SD 1.5's layout otherwise
+    sdxl = dict(block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))  # fmt: skip
+    with torch.device("meta"):
+        small = cross_attention_layers(UNet2DConditionModel.from_config(sd15))
+        large = cross_attention_layers(UNet2DConditionModel.from_config(sdxl))
+    assert len(small) == 16 and small[15][0] == "mid_block.attentions.0.transformer_blocks.0.attn2"  # ip_adapter.31
+    assert small[6][0] == "up_blocks.1.attentions.0.transformer_blocks.0.attn2"  # ip_adapter.13
+    assert len(large) == 70 and large[24][0] == "up_blocks.0.attentions.0.transformer_blocks.0.attn2"  # ip_adapter.49

@@ -10,17 +10,16 @@ Which file key belongs to which layer (``ip_adapter.N``, N odd) is fixed by diff
 the UNet's attention processors: every ``attn1`` and ``attn2`` of the down blocks, then the up
 blocks, then the mid block, numbered from 0; the file keeps the ``attn2`` ones.
 
-=====  =========================================================================  ==========
-N      our layer (SD 1.5: 16 cross-attention layers)                              SDXL (70)
-=====  =========================================================================  ==========
-1, 3   ``down_blocks.0.attentions.{0,1}.transformer_blocks.0.attn2``              down 2, 3
-5..11  ``down_blocks.{1,2}.attentions.{0,1}.transformer_blocks.0.attn2``          ...
-13..29 ``up_blocks.{1,2,3}.attentions.{0,1,2}.transformer_blocks.0.attn2``        ...
-31     ``mid_block.attentions.0.transformer_blocks.0.attn2``                      139
-=====  =========================================================================  ==========
+======  ==================================================================
+N       our layer (SD 1.5: 16 cross-attention layers)
+======  ==================================================================
+1..11   ``down_blocks.{0,1,2}.attentions.{0,1}.transformer_blocks.0.attn2``
+13..29  ``up_blocks.{1,2,3}.attentions.{0,1,2}.transformer_blocks.0.attn2``
+31      ``mid_block.attentions.0.transformer_blocks.0.attn2``
+======  ==================================================================
 
 In general N = 2 i + 1 for the i-th ``attn2`` in that order (:func:`cross_attention_layers`), over
-every transformer block of every spatial transformer (SDXL's have 2 and 10 blocks).
+every transformer block of every spatial transformer (SDXL's hold 2 or 10: 70 layers, N = 1..139).
 """
 
 from __future__ import annotations
