@@ -23,6 +23,7 @@ from diffblocks.blocks.checks import (
 from diffblocks.blocks.errors import FieldError, InputError, PlanError, Problem
 from diffblocks.blocks.executor import Callback, RunContext, add_location_note, cuda_sync, run_steps
 from diffblocks.blocks.formats import pipeline_format
+from diffblocks.blocks.ip_adapter import AbstractIPAdapterMethods
 from diffblocks.blocks.lora import AbstractLoRAMethods
 from diffblocks.blocks.textual_inversion import AbstractTextualInversionMethods
 from diffblocks.blocks.introspect import json_schema, mermaid, outputs_schema, pipeline_doc, render_tree
@@ -76,7 +77,7 @@ class _Build:
     callers: int = 0
 
 
-class Pipeline(AbstractLoRAMethods, AbstractTextualInversionMethods):
+class Pipeline(AbstractLoRAMethods, AbstractTextualInversionMethods, AbstractIPAdapterMethods):
     """Blocks bound to components, with the data flow checked once at construction.
 
     Args:
@@ -270,6 +271,25 @@ class Pipeline(AbstractLoRAMethods, AbstractTextualInversionMethods):
                 self.manager.release(current[name], user=self.name)
         self._build = build
         return self
+
+    def _change(self, root: AbstractBlock, components: Mapping[str, Any], *, drop: Iterable[str] = ()) -> None:
+        """Swap the tree, add or replace components and drop others in one step; nothing changes if the plan fails."""
+        current = self._build.keys
+        keys = {name: key for name, key in current.items() if name not in set(drop)}
+        added: list[str] = []
+        for name, value in components.items():
+            keys[name] = self.manager.add(name, value, user=self.name)
+            if keys[name] not in current.values():
+                added.append(keys[name])
+        try:
+            build = self._compile(root, keys)
+        except PlanError:
+            for key in added:
+                self.manager.release(key, user=self.name)
+            raise
+        for key in set(current.values()) - set(keys.values()):
+            self.manager.release(key, user=self.name)
+        self._build = build
 
     def quantize(self, quantization: Quantization) -> Pipeline:
         """Quantize components, or change or remove their quantizer, always from the original weights.

@@ -31,7 +31,7 @@ _BLOCKS = {
     "diffblocks.blocks.standard": (
         "AddMaskChannels BlendMaskedLatents DecodeImages PredictNoise PrepareGuidance PrepareImageLatents "
         "PrepareInpaintImages PrepareInpaintLatents PrepareLatents PrepareMaskLatents ScaleModelInput SchedulerStep "
-        "SetImageTimesteps SetInpaintTimesteps SetTimesteps"
+        "SetImageTimesteps SetInpaintTimesteps SetTimesteps EncodeImagePrompt"
     ),
     "diffblocks.blocks.sd": "EncodePrompt EncodePromptXL PrepareTimeIds",
     "diffblocks.blocks.flux": (

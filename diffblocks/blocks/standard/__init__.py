@@ -5,6 +5,7 @@ from diffblocks.blocks.standard.decode import DecodeImages
 from diffblocks.blocks.standard.denoise import PredictNoise, ScaleModelInput, SchedulerStep
 from diffblocks.blocks.standard.guidance import Guidance, PrepareGuidance
 from diffblocks.blocks.standard.images import ImageLike, OutputType
+from diffblocks.blocks.standard.ip_adapter import EncodeImagePrompt
 from diffblocks.blocks.standard.inpaint import PrepareInpaintImages, PrepareInpaintLatents, PrepareMaskLatents, SetInpaintTimesteps
 from diffblocks.blocks.standard.inpaint_loop import AddMaskChannels, BlendMaskedLatents, inpaint_mode
 from diffblocks.blocks.standard.latents import PrepareImageLatents, PrepareLatents
@@ -16,6 +17,7 @@ __all__ = [
     "AddMaskChannels",
     "BlendMaskedLatents",
     "DecodeImages",
+    "EncodeImagePrompt",
     "Guidance",
     "ImageLike",
     "MaskLike",

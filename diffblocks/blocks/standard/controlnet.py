@@ -21,6 +21,7 @@ from diffblocks.blocks.types import Float
 from diffblocks.components.denoisers import AnyControl, Control, ControlNetDenoiser, UNetDenoiser, UnionControl, control_residuals
 from diffblocks.components.guiders import GuidanceConditions
 from diffblocks.components.models.controlnet import ControlNetModel, ControlNetUnionModel, MultiControlNetModel, controlnets
+from diffblocks.components.models.ip_adapter import IPAdapterModel, MultiIPAdapterModel
 from diffblocks.components.models.unet import UNet2DConditionModel
 from diffblocks.components.schedulers.base import AbstractScheduler
 
@@ -242,6 +243,9 @@ class PredictControlledNoise(Block):
 
     unet: UNet2DConditionModel = component(description="the denoiser")
     scheduler: AbstractScheduler = component(optional=True, description="its prediction_type is what the UNet predicts")
+    ip_adapter: IPAdapterModel | MultiIPAdapterModel = component(
+        optional=True, description="reads the image prompt's tokens in the conditioning (docs/ip_adapter.md)"
+    )
 
     def __call__(self, inputs: Inputs) -> Outputs:
         guidance = inputs.guidance
@@ -262,7 +266,7 @@ class PredictControlledNoise(Block):
 
     def denoiser(self, controls: tuple[AnyControl, ...], step_index: int, num_steps: int) -> ControlNetDenoiser:
         """The UNet with the controls that act at this step."""
-        unet = UNetDenoiser(self.unet, prediction_type=prediction_type(self.scheduler))
+        unet = UNetDenoiser(self.unet, prediction_type=prediction_type(self.scheduler), ip_adapter=self.ip_adapter)
         return ControlNetDenoiser(unet, at_step(controls, step_index, num_steps))
 
 

@@ -9,6 +9,7 @@ from diffblocks.blocks.fields import produced
 from diffblocks.blocks.standard.guidance import Guidance
 from diffblocks.blocks.types import Float
 from diffblocks.components.denoisers import PredictionType, UNetDenoiser
+from diffblocks.components.models.ip_adapter import IPAdapterModel, MultiIPAdapterModel
 from diffblocks.components.models.unet import UNet2DConditionModel
 from diffblocks.components.noise import Generator
 from diffblocks.components.schedulers.base import AbstractScheduler, SchedulerState
@@ -54,6 +55,9 @@ class PredictNoise(Block):
 
     unet: UNet2DConditionModel = component(description="the denoiser")
     scheduler: AbstractScheduler = component(optional=True, description="its prediction_type is what the UNet predicts")
+    ip_adapter: IPAdapterModel | MultiIPAdapterModel = component(
+        optional=True, description="reads the image prompt's tokens in the conditioning (docs/ip_adapter.md)"
+    )
 
     def __call__(self, inputs: Inputs) -> Outputs:
         denoiser = self.denoiser()
@@ -68,7 +72,7 @@ class PredictNoise(Block):
 
     def denoiser(self) -> UNetDenoiser:
         """The UNet as a denoiser, made at every step (it is a light wrapper, so a swapped UNet is seen at once)."""
-        return UNetDenoiser(self.unet, prediction_type=prediction_type(self.scheduler))
+        return UNetDenoiser(self.unet, prediction_type=prediction_type(self.scheduler), ip_adapter=self.ip_adapter)
 
 
 def prediction_type(scheduler: AbstractScheduler | None) -> PredictionType:

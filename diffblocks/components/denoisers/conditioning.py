@@ -50,9 +50,10 @@ class Conditioning:
         time_ids: ``(batch, ids)`` SDXL's size and crop micro-conditioning (see ``PrepareTimeIds``).
         prompt_mask: ``(batch, seq)`` True (or 1) for the prompt tokens to attend to, False (or 0)
             for padding, for text encoders whose padding must be masked (BERT in the tiny model).
-        image_embeds: one ``(batch, tokens, dim)`` tensor per IP-Adapter: image-prompt embeddings.
-            Reserved: an image-encoding block will fill them before guidance, and the IP-Adapter
-            attached to the denoiser wrapper will read them.
+        image_embeds: one ``(batch, tokens, dim)`` tensor per IP-Adapter: the image prompt's
+            projected tokens. ``EncodeImagePrompt`` fills them before guidance (the negative
+            conditioning gets the unconditional ones), and the IP-Adapter attached to the UNet's
+            denoiser reads them (``docs/ip_adapter.md``).
         control_residuals: ``(batch, ...)`` ControlNet residuals, one per injection point in the
             model's order (the UNet's skip connections, then its mid block; Flux's double blocks,
             then its single blocks).

@@ -11,11 +11,12 @@ from torch import Tensor
 
 from diffblocks.components.denoisers.base import AbstractDenoiser, Predict, PredictionType
 from diffblocks.components.denoisers.conditioning import Conditioning
+from diffblocks.components.models.ip_adapter import IPAdapterModel, MultiIPAdapterModel, cross_attention_extras
 from diffblocks.components.models.unet import UNet2DConditionModel
 
 _MSG_IMAGE_EMBEDS = (
     "Conditioning.image_embeds is set, but no IP-Adapter is attached to this UNet's denoiser to read them: "
-    "leave image_embeds None"
+    "give UNetDenoiser(unet, ip_adapter=...) or leave image_embeds None"
 )
 
 
@@ -25,12 +26,15 @@ class UNetDenoiser(AbstractDenoiser):
 
     The UNet takes the scheduler's timestep as it is. ``prompt_mask`` becomes its
     ``encoder_attention_mask``, ``control_residuals`` its ControlNet residuals (all but the last
-    to the skip connections, the last to the mid block).
+    to the skip connections, the last to the mid block). With an IP-Adapter attached,
+    ``image_embeds`` (one tensor of projected image tokens per adapter) become the image keys and
+    values its cross-attention layers also attend to, made once per pass.
 
     Args:
         unet: the UNet.
         prediction_type: what the checkpoint was trained to predict; diffusers keeps it in the
             scheduler config (``prediction_type``), so the denoise block passes the scheduler's.
+        ip_adapter: the IP-Adapter(s) that read ``image_embeds``; None refuses them.
 
     Example:
         >>> unet = UNet2DConditionModel.from_config({"block_out_channels": (8, 16), "layers_per_block": 1,
@@ -43,13 +47,20 @@ class UNetDenoiser(AbstractDenoiser):
         ...     assert torch.equal(denoiser(x, t, Conditioning(embeds)), unet(x, t, embeds))
     """
 
-    __slots__ = ("model", "prediction_type")
+    __slots__ = ("ip_adapter", "model", "prediction_type")
 
     model: UNet2DConditionModel
 
-    def __init__(self, unet: UNet2DConditionModel, *, prediction_type: PredictionType = "epsilon") -> None:
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        *,
+        prediction_type: PredictionType = "epsilon",
+        ip_adapter: IPAdapterModel | MultiIPAdapterModel | None = None,
+    ) -> None:
         self.model = unet
         self.prediction_type = prediction_type
+        self.ip_adapter = ip_adapter
 
     def __call__(self, x: Float[Tensor, "batch c h w"], t: Tensor, conditioning: Conditioning) -> Float[Tensor, "batch c h w"]:
         return self._predict(t, x, conditioning)
@@ -60,8 +71,11 @@ class UNetDenoiser(AbstractDenoiser):
     def _predict(self, t: Tensor, x: Tensor, c: Conditioning) -> Tensor:
         # Where the conditioning becomes UNet arguments: an IP-Adapter attached to this wrapper reads
         # c.image_embeds here, and a ControlNetDenoiser wrapped around it hands in c.control_residuals.
+        extras = None
         if c.image_embeds is not None:
-            raise ValueError(_MSG_IMAGE_EMBEDS)
+            if self.ip_adapter is None:
+                raise ValueError(_MSG_IMAGE_EMBEDS)
+            extras = cross_attention_extras(self.ip_adapter, self.model, c.image_embeds)
         residuals = c.control_residuals
         added = None
         if c.pooled_embeds is not None or c.time_ids is not None:
@@ -74,6 +88,7 @@ class UNetDenoiser(AbstractDenoiser):
             added_cond_kwargs=added,
             down_block_additional_residuals=None if residuals is None else residuals[:-1],
             mid_block_additional_residual=None if residuals is None else residuals[-1],
+            cross_attention_extras=extras,
         )
 
 

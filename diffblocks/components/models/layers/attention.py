@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import final
 
 from jaxtyping import Float
@@ -9,6 +10,13 @@ from torch import Tensor, nn
 
 from diffblocks.components.attention import attention
 from diffblocks.components.models.layers.norm import GroupNorm
+
+
+ExtraKeysValues = tuple[Tensor, Tensor, float]
+"""``(keys, values, scale)``: ``(batch, seq_k, heads * dim)`` projections a cross-attention layer also attends to."""
+
+CrossAttentionExtras = Mapping[nn.Module, Sequence[ExtraKeysValues]]
+"""The extra keys and values of each cross-attention layer (an :class:`Attention`) that has some, by the layer."""
 
 
 def multihead(q: Tensor, k: Tensor, v: Tensor, *, heads: int, mask: Tensor | None = None) -> Tensor:
@@ -47,6 +55,7 @@ class Attention(nn.Module):
         inner = heads * head_dim
         self.heads = heads
         self.is_cross_attention = context_dim is not None
+        self.key_dims = (context_dim or query_dim, inner)  # (source width, key width): what extra keys must match
         self.to_q = nn.Linear(query_dim, inner, bias=bias)
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=bias)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=bias)
@@ -58,11 +67,20 @@ class Attention(nn.Module):
         context: Float[Tensor, "batch seq_k ctx_dim"] | None = None,
         *,
         mask: Tensor | None = None,
+        extra: Sequence[ExtraKeysValues] = (),
     ) -> Float[Tensor, "batch seq dim"]:
         """Attend from ``x`` to ``context`` (``x`` itself when None); ``mask`` is an additive bias
-        or boolean keep-mask broadcastable to ``(batch, heads, seq, seq_k)``."""
+        or boolean keep-mask broadcastable to ``(batch, heads, seq, seq_k)``.
+
+        ``extra`` are further keys and values the same queries attend to, each result added at its
+        scale before the output projection: IP-Adapter's decoupled cross-attention to image tokens
+        (Ye et al. 2023, eq. 5), whose keys and values its own projections made.
+        """
         source = x if context is None else context
-        out = multihead(self.to_q(x), self.to_k(source), self.to_v(source), heads=self.heads, mask=mask)
+        q = self.to_q(x)
+        out = multihead(q, self.to_k(source), self.to_v(source), heads=self.heads, mask=mask)
+        for keys, values, scale in extra:
+            out = out + scale * multihead(q, keys, values, heads=self.heads)
         for layer in self.to_out:
             out = layer(out)
         return out
@@ -106,4 +124,4 @@ class SpatialSelfAttention(nn.Module):
         return h.transpose(1, 2).unflatten(2, (height, -1)) + x
 
 
-__all__ = ["Attention", "SpatialSelfAttention", "multihead"]
+__all__ = ["Attention", "CrossAttentionExtras", "ExtraKeysValues", "SpatialSelfAttention", "multihead"]

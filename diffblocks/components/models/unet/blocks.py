@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from diffblocks.components.models.layers.attention import CrossAttentionExtras
 from diffblocks.components.models.layers.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffblocks.components.models.unet.transformer import SpatialTransformer
 
@@ -91,14 +92,20 @@ class DownBlock(nn.Module):
         self.downsamplers = nn.ModuleList([Downsample2D(c_out, padding=downsample_padding)]) if add_downsample else None
 
     def forward(
-        self, x: Tensor, temb: Tensor, context: Tensor, *, context_mask: Tensor | None = None
+        self,
+        x: Tensor,
+        temb: Tensor,
+        context: Tensor,
+        *,
+        context_mask: Tensor | None = None,
+        extras: CrossAttentionExtras | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
         """Return the output and every intermediate the up path concatenates back."""
         skips: list[Tensor] = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions:
-                x = self.attentions[i](x, context, context_mask=context_mask)
+                x = self.attentions[i](x, context, context_mask=context_mask, extras=extras)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -117,9 +124,17 @@ class MidBlock(nn.Module):
         self.attentions = _transformers(channels, 1, heads=heads, context_dim=context_dim, depth=depth, spec=spec)
         self.resnets = nn.ModuleList(_resnet(channels, channels, spec, scale) for _ in range(2))
 
-    def forward(self, x: Tensor, temb: Tensor, context: Tensor, *, context_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        temb: Tensor,
+        context: Tensor,
+        *,
+        context_mask: Tensor | None = None,
+        extras: CrossAttentionExtras | None = None,
+    ) -> Tensor:
         x = self.resnets[0](x, temb)
-        x = self.attentions[0](x, context, context_mask=context_mask)
+        x = self.attentions[0](x, context, context_mask=context_mask, extras=extras)
         return self.resnets[1](x, temb)
 
 
@@ -169,13 +184,14 @@ class UpBlock(nn.Module):
         context: Tensor,
         *,
         context_mask: Tensor | None = None,
+        extras: CrossAttentionExtras | None = None,
         upsample_size: Sequence[int] | None = None,
     ) -> Tensor:
         """``skips`` are this stage's skip connections in down-path order; they are used last first."""
         for i, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips[-1 - i]], dim=1), temb)  # features first, as trained
             if self.attentions:
-                x = self.attentions[i](x, context, context_mask=context_mask)
+                x = self.attentions[i](x, context, context_mask=context_mask, extras=extras)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x

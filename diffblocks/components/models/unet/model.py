@@ -10,6 +10,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from diffblocks.components.models.base import AbstractModel
+from diffblocks.components.models.layers.attention import CrossAttentionExtras
 from diffblocks.components.models.layers.norm import GroupNorm
 from diffblocks.components.models.layers.resnet import ResnetBlock2D
 from diffblocks.components.models.unet.blocks import DownBlock, MidBlock, StageSpec, UpBlock
@@ -133,6 +134,7 @@ class UNet2DConditionModel(AbstractModel[UNet2DConditionParams]):
         encoder_attention_mask: Tensor | None = None,
         down_block_additional_residuals: Sequence[Tensor] | None = None,
         mid_block_additional_residual: Tensor | None = None,
+        cross_attention_extras: CrossAttentionExtras | None = None,
     ) -> Float[Tensor, "batch c_out height width"]:
         """Run the UNet.
 
@@ -144,6 +146,8 @@ class UNet2DConditionModel(AbstractModel[UNet2DConditionParams]):
             encoder_attention_mask: (batch, seq), 1/True to attend to a token, 0/False to ignore it.
             down_block_additional_residuals: ControlNet residuals, one per skip connection.
             mid_block_additional_residual: ControlNet residual for the mid block output.
+            cross_attention_extras: keys and values that cross-attention layers also attend to
+                (IP-Adapter's image tokens), by layer; see :class:`~diffblocks.components.models.layers.Attention`.
         """
         if self.params.center_input_sample:
             sample = 2 * sample - 1.0
@@ -160,11 +164,11 @@ class UNet2DConditionModel(AbstractModel[UNet2DConditionParams]):
         h = self.conv_in(sample)
         skips = [h]
         for down in self.down_blocks:
-            h, res = down(h, emb, encoder_hidden_states, context_mask=mask)
+            h, res = down(h, emb, encoder_hidden_states, context_mask=mask, extras=cross_attention_extras)
             skips += res
         if down_block_additional_residuals is not None:
             skips = [s + r for s, r in zip(skips, down_block_additional_residuals, strict=True)]
-        h = self.mid_block(h, emb, encoder_hidden_states, context_mask=mask)
+        h = self.mid_block(h, emb, encoder_hidden_states, context_mask=mask, extras=cross_attention_extras)
         if mid_block_additional_residual is not None:
             h = h + mid_block_additional_residual
         for up in self.up_blocks:
@@ -172,7 +176,7 @@ class UNet2DConditionModel(AbstractModel[UNet2DConditionParams]):
             res, skips = skips[-n:], skips[:-n]
             # Upsample to the next skip's size so inputs not divisible by 2**stages still line up.
             size = skips[-1].shape[-2:] if skips else None
-            h = up(h, res, emb, encoder_hidden_states, context_mask=mask, upsample_size=size)
+            h = up(h, res, emb, encoder_hidden_states, context_mask=mask, extras=cross_attention_extras, upsample_size=size)
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))
 
     def _text_time_embedding(self, added: Mapping[str, Tensor] | None, *, dtype: torch.dtype) -> Tensor:

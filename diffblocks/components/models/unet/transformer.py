@@ -13,7 +13,7 @@ from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from diffblocks.components.models.layers.attention import Attention
+from diffblocks.components.models.layers.attention import Attention, CrossAttentionExtras
 from diffblocks.components.models.layers.norm import GroupNorm
 
 
@@ -71,9 +71,10 @@ class BasicTransformerBlock(nn.Module):
         context: Float[Tensor, "batch seq_k ctx"],
         *,
         context_mask: Tensor | None = None,
+        extras: CrossAttentionExtras | None = None,
     ) -> Float[Tensor, "batch seq dim"]:
         x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context, mask=context_mask)
+        x = x + self.attn2(self.norm2(x), context, mask=context_mask, extra=extras.get(self.attn2, ()) if extras else ())
         return x + self.ff(self.norm3(x))
 
 
@@ -123,7 +124,9 @@ class SpatialTransformer(nn.Module):
         context: Float[Tensor, "batch seq_k ctx"],
         *,
         context_mask: Tensor | None = None,
+        extras: CrossAttentionExtras | None = None,
     ) -> Float[Tensor, "batch c height width"]:
+        """``extras``: further keys and values for the blocks' cross-attention (IP-Adapter's image tokens)."""
         height = x.shape[-2]
         h = self.norm(x)
         # Linear projections act on tokens, 1x1 convolutions on the map: same maths, different weights' shape.
@@ -133,7 +136,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear_projection:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context, context_mask=context_mask)
+            h = block(h, context, context_mask=context_mask, extras=extras)
         if self.use_linear_projection:
             h = self.proj_out(h)
         # Contiguous like diffusers': the residual sum and the next convolutions then round identically.

@@ -1,0 +1,241 @@
+"""The diffusers-style IP-Adapter methods of a pipeline: load, set the scales, unload.
+
+``load_ip_adapter`` reads IP-Adapter files (or takes :class:`IPAdapterModel` values), adds them and
+the CLIP image encoder as the components ``ip_adapter`` and ``image_encoder``, and inserts
+:class:`~diffblocks.blocks.standard.ip_adapter.EncodeImagePrompt` before guidance in every UNet
+workflow; the denoise blocks pass the adapter to the UNet's denoiser. The UNet is never changed,
+so ``unload_ip_adapter`` only takes the blocks and components away again.
+
+The standard blocks sit above this layer (they import ``diffblocks.blocks``), so the block class is
+found by name in :data:`diffblocks.registry.BLOCKS`, as saved block trees find it.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from transformers import CLIPVisionModelWithProjection
+
+from diffblocks.blocks.block import AbstractBlock
+from diffblocks.blocks.composites import Sequence as SequenceBlock
+from diffblocks.blocks.tree import inserted, join, removed, walk
+from diffblocks.components.compiled import unwrap_compiled
+from diffblocks.components.containment import contained_path
+from diffblocks.components.hub import resolve_folder
+from diffblocks.components.memory.policies import execution_device
+from diffblocks.components.models.ip_adapter import IPAdapterModel, MultiIPAdapterModel, expand_scales, ip_adapters, load_ip_adapter_file
+from diffblocks.components.models.ip_adapter.scales import ScaleSpec
+from diffblocks.components.models.unet import UNet2DConditionModel
+from diffblocks.registry import BLOCKS
+
+ENCODE_BLOCK = ("diffblocks", "EncodeImagePrompt")
+
+BLOCK_NAME = "encode_image_prompt"
+_MSG_NO_SITE = (
+    "{name!r} has no workflow with a prepare_guidance step: IP-Adapter blocks are added to the UNet families' "
+    "workflows (SD 1.x/2.x, SDXL)"
+)
+_MSG_ENCODER = (
+    "the image encoder ({encoder}) does not fit IP-Adapter {i}, which reads {what} of width {want}: "
+    "load the image encoder the IP-Adapter was trained with (its repository's image_encoder folder)"
+)
+_MSG_NOT_LOADED = "no IP-Adapter is loaded: call pipe.load_ip_adapter(...) first"
+
+Source = str | os.PathLike[str] | IPAdapterModel
+T = TypeVar("T")
+
+
+def ip_adapter_blocks(root: AbstractBlock) -> AbstractBlock:
+    """A new tree where ``EncodeImagePrompt`` runs before ``prepare_guidance`` in every workflow that has one.
+
+    Raises:
+        ValueError: the tree has no such workflow.
+    """
+    block = BLOCKS.resolve(ENCODE_BLOCK)
+    sites = [
+        join(node.path, "prepare_guidance")
+        for node in walk(root)
+        if isinstance(node.block, SequenceBlock) and "prepare_guidance" in node.block.child_names()
+        and BLOCK_NAME not in node.block.child_names()
+    ]  # fmt: skip
+    if not sites and not any(isinstance(node.block, block) for node in walk(root)):
+        raise ValueError(_MSG_NO_SITE.format(name=root.name))
+    for site in sites:
+        root = inserted(root, block(name=BLOCK_NAME), before=site)
+    return root
+
+
+def without_ip_adapter_blocks(root: AbstractBlock) -> AbstractBlock:
+    """A new tree without the ``EncodeImagePrompt`` steps :func:`ip_adapter_blocks` added."""
+    block = BLOCKS.resolve(ENCODE_BLOCK)
+    for path in [node.path for node in walk(root) if isinstance(node.block, block)]:
+        root = removed(root, path)
+    return root
+
+
+class AbstractIPAdapterMethods(ABC):
+    """``load_ip_adapter``, ``set_ip_adapter_scale``, ``unload_ip_adapter``."""
+
+    @property
+    @abstractmethod
+    def components(self) -> dict[str, Any]: ...
+
+    @property
+    @abstractmethod
+    def blocks(self) -> AbstractBlock: ...
+
+    @abstractmethod
+    def _change(self, root: AbstractBlock, components: Mapping[str, Any], *, drop: Iterable[str] = ()) -> None: ...
+
+    def load_ip_adapter(
+        self,
+        path_or_repo: Source | Sequence[Source],
+        subfolder: str | Sequence[str | None] | None = None,
+        weight_name: str | Sequence[str | None] | None = None,
+        *,
+        image_encoder: CLIPVisionModelWithProjection | str | os.PathLike[str] | None = None,
+        image_encoder_folder: str | None = "image_encoder",
+        allow_pickle: bool = False,
+    ) -> None:
+        """Attach one IP-Adapter, or several (lists), replacing any loaded before; each acts at scale 1.0.
+
+        The call then takes ``ip_adapter_image=`` (or ``ip_adapter_image_embeds=``) in text2img,
+        img2img and inpaint. The UNet is not changed: the adapter is the component ``ip_adapter``.
+
+        Args:
+            path_or_repo: an IP-Adapter file, a folder or Hub repository holding one, or an
+                :class:`IPAdapterModel` (by value); a list for several.
+            subfolder: where the file lies in the repository (``"models"``, ``"sdxl_models"``).
+            weight_name: the file (``"ip-adapter_sd15.safetensors"``); a ``.bin`` needs ``allow_pickle``.
+            image_encoder: a ``CLIPVisionModelWithProjection``, or a folder or repository holding
+                one. None: the pipeline's own, else ``image_encoder_folder`` inside ``subfolder``
+                of the first repository when it has one, else none (then only
+                ``ip_adapter_image_embeds`` can be given).
+            image_encoder_folder: the folder looked for when ``image_encoder`` is None.
+            allow_pickle: read pickled ``.bin`` files; only for files from a source you trust.
+
+        Raises:
+            ValueError: an adapter for another family or size than the UNet, or an image encoder of
+                another width than an adapter reads (naming both); nothing changes.
+        """
+        unet = self._ip_adapter_unet()
+        many = [v for v in (path_or_repo, subfolder, weight_name) if isinstance(v, Sequence) and not isinstance(v, str)]
+        n = len(many[0]) if many else 1  # one repository may hold several adapters, as in diffusers
+        sources = _spread(path_or_repo, n, "path_or_repo")
+        subfolders = _spread(subfolder, n, "subfolder")
+        weight_names = _spread(weight_name, n, "weight_name")
+        parameter = next(unet.parameters())
+        device, dtype = execution_device(unet) or parameter.device, parameter.dtype
+        adapters = []
+        for source, sub, name in zip(sources, subfolders, weight_names, strict=True):
+            adapter = source if isinstance(source, IPAdapterModel) else load_ip_adapter_file(_file(source, sub, name), allow_pickle=allow_pickle)
+            problem = adapter.mismatch(unet)
+            if problem is not None:
+                raise ValueError(problem)
+            adapters.append(adapter.to(device=device, dtype=dtype))
+        encoder = self._image_encoder(image_encoder, sources[0], subfolders[0], image_encoder_folder)
+        if encoder is not None:
+            encoder = encoder.to(device=device, dtype=dtype).eval()
+            for i, adapter in enumerate(adapters):
+                _check_encoder(encoder, adapter, i)
+        component = adapters[0] if len(adapters) == 1 else MultiIPAdapterModel(adapters)
+        added: dict[str, Any] = {"ip_adapter": component}
+        if encoder is not None:
+            added["image_encoder"] = encoder
+        self._change(ip_adapter_blocks(self.blocks), added)
+
+    def set_ip_adapter_scale(self, scale: ScaleSpec | Sequence[ScaleSpec]) -> None:
+        """Set each IP-Adapter's scale: one value or dict for all, or a list with one per adapter.
+
+        A number scales every layer; a dict ``{"down": {"block_2": [0.0, 1.0]}, "up": {"block_0":
+        [0.0, 1.0, 0.0]}, "mid": 0.5}`` scales the spatial transformers it names and sets the rest
+        to 0 (diffusers' ``set_ip_adapter_scale``; InstantStyle's "style only" and "style and
+        layout" settings are of this form).
+
+        Raises:
+            ValueError: a block that does not exist or has no attention (naming those that do), a
+                list of another length than the adapters; nothing changes.
+        """
+        adapters = self._ip_adapters()
+        specs = list(scale) if isinstance(scale, list) else [scale]
+        if len(specs) == 1:
+            specs *= len(adapters)
+        if len(specs) != len(adapters):
+            raise ValueError(f"set_ip_adapter_scale got {len(specs)} scales for {len(adapters)} IP-Adapters: give one for all, or one per adapter")
+        unet = self._ip_adapter_unet()
+        expanded = [expand_scales(unet, spec) for spec in specs]  # every spec checked before any is set
+        for adapter, scales in zip(adapters, expanded, strict=True):
+            adapter.set_scales(scales)
+
+    def unload_ip_adapter(self) -> None:
+        """Take the IP-Adapter blocks and the ``ip_adapter`` and ``image_encoder`` components away again."""
+        self._ip_adapters()
+        self._change(without_ip_adapter_blocks(self.blocks), {}, drop=("ip_adapter", "image_encoder"))
+
+    def _ip_adapters(self) -> tuple[IPAdapterModel, ...]:
+        component = self.components.get("ip_adapter")
+        if not isinstance(component, (IPAdapterModel, MultiIPAdapterModel)):
+            raise ValueError(_MSG_NOT_LOADED)
+        return ip_adapters(component)
+
+    def _ip_adapter_unet(self) -> UNet2DConditionModel:
+        unet = unwrap_compiled(self.components.get("unet"))
+        if not isinstance(unet, UNet2DConditionModel):
+            raise ValueError(f"IP-Adapter acts on a pipeline's UNet2DConditionModel 'unet'; this pipeline has {type(unet).__name__}")
+        return unet
+
+    def _image_encoder(
+        self, given: CLIPVisionModelWithProjection | str | os.PathLike[str] | None, source: Source, subfolder: str | None, folder: str | None
+    ) -> CLIPVisionModelWithProjection | None:
+        if isinstance(given, CLIPVisionModelWithProjection):
+            return given
+        if given is not None:
+            return CLIPVisionModelWithProjection.from_pretrained(resolve_folder(given))
+        current = self.components.get("image_encoder")
+        if isinstance(current, CLIPVisionModelWithProjection) or folder is None or isinstance(source, IPAdapterModel):
+            return current if isinstance(current, CLIPVisionModelWithProjection) else None
+        if Path(source).is_file():
+            return None
+        inner = folder if "/" in folder or subfolder is None else f"{subfolder}/{folder}"
+        try:
+            found = resolve_folder(source, subfolder=inner)
+        except FileNotFoundError:
+            return None
+        return CLIPVisionModelWithProjection.from_pretrained(found)
+
+
+def _file(source: str | os.PathLike[str], subfolder: str | None, weight_name: str | None) -> Path:
+    local = Path(source).expanduser()
+    if local.is_file():
+        return local
+    if weight_name is None:
+        raise ValueError(f"{str(source)!r} is a folder or repository: name the IP-Adapter file in it with weight_name")
+    pattern = f"{subfolder}/{weight_name}" if subfolder else weight_name
+    folder = resolve_folder(source, subfolder=subfolder, allow_patterns=[pattern])
+    return contained_path(folder, weight_name, repository=str(source), entry="weight_name")
+
+
+def _spread(value: T | Sequence[T], n: int, field: str) -> list[T]:
+    """One value per adapter: a single value repeated, or a list of ``n``."""
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        return [value] * n
+    if len(value) != n:
+        raise ValueError(f"load_ip_adapter got {n} IP-Adapters but {len(value)} values of {field}: give one for all, or one per adapter")
+    return list(value)
+
+
+def _check_encoder(encoder: CLIPVisionModelWithProjection, adapter: IPAdapterModel, i: int) -> None:
+    config = encoder.config
+    hidden = adapter.reads_hidden_states
+    width = int(config.hidden_size if hidden else config.projection_dim)
+    if width != adapter.embed_dim:
+        described = f"hidden_size {config.hidden_size}, projection_dim {config.projection_dim}"
+        what = "the penultimate hidden states" if hidden else "the projected image embedding"
+        raise ValueError(_MSG_ENCODER.format(encoder=described, i=i, what=what, want=adapter.embed_dim))
+
+
+__all__ = ["AbstractIPAdapterMethods", "ip_adapter_blocks", "without_ip_adapter_blocks"]
