@@ -31,8 +31,10 @@ FLUX = {
         ("80GiB", NoOffload()),           # 31.5 GiB in all
         ("32GiB", NoOffload()),
         ("24GiB", ModelOffload()),        # the transformer alone: 22.2 GiB
-        ("12GiB", GroupOffload(1)),       # 1.0 GiB outside the blocks + one 0.63 GiB double block
-        ("1.6GiB", GroupOffload(1)),
+        ("12GiB", GroupOffload(1)),       # 0.9 GiB outside the blocks + two 0.63 GiB double blocks (one running, one fetched ahead)
+        ("2.2GiB", GroupOffload(1)),
+        ("2.1GiB", GroupOffload(1, prefetch=False)),  # one double block at a time
+        ("1.6GiB", GroupOffload(1, prefetch=False)),
         ("1.5GiB", LeafOffload()),        # the largest layer: 0.23 GiB
         ("0.25GiB", LeafOffload()),
     ],
@@ -41,7 +43,7 @@ def test_the_cheapest_policy_that_fits(budget: str, expected: object) -> None:
     plan = plan_memory(FLUX, device="cuda", budget=ByteSize.parse(budget))
     assert plan.policy == expected
     assert plan.peak <= ByteSize.parse(budget)
-    assert [policy for policy, _ in plan.tried] == [NoOffload(), ModelOffload(), GroupOffload(1), LeafOffload()]
+    assert [policy for policy, _ in plan.tried] == [NoOffload(), ModelOffload(), GroupOffload(1), GroupOffload(1, prefetch=False), LeafOffload()]
     assert f"-> {expected!r}" in str(plan)
 
 

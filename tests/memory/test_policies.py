@@ -103,7 +103,9 @@ def test_policy_peaks_match_the_moves() -> None:
     assert (size.total, size.outside_blocks, size.largest_leaf) == (9 * LINEAR + HEAD, LINEAR + HEAD, LINEAR)
     assert NoOffload().peak([size, size]) == 2 * size.total
     assert ModelOffload().peak([size, size]) == size.total
-    assert GroupOffload(3).peak([size]) == LINEAR + HEAD + 6 * LINEAR
+    assert GroupOffload(3, prefetch=False).peak([size]) == LINEAR + HEAD + 6 * LINEAR
+    assert GroupOffload(1).peak([size]) == LINEAR + HEAD + 4 * LINEAR  # the running block and the one fetched ahead
+    assert GroupOffload(3).peak([size]) == size.total  # two groups of three: every block
     assert LeafOffload().peak([size, size]) == LINEAR
 
 

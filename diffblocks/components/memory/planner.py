@@ -10,8 +10,14 @@ from diffblocks.components.memory.measure import ModelSize
 from diffblocks.components.memory.policies import AbstractOffload, GroupOffload, LeafOffload, ModelOffload, NoOffload
 from diffblocks.components.memory.sizes import ByteSize
 
-LADDER: tuple[AbstractOffload, ...] = (NoOffload(), ModelOffload(), GroupOffload(blocks_per_group=1), LeafOffload())
-"""The policies the planner tries, cheapest (least traffic) first."""
+LADDER: tuple[AbstractOffload, ...] = (
+    NoOffload(),
+    ModelOffload(),
+    GroupOffload(blocks_per_group=1),
+    GroupOffload(blocks_per_group=1, prefetch=False),  # one group less on the device, its copies no longer hidden
+    LeafOffload(),
+)
+"""The policies the planner tries, cheapest (least traffic, then least waiting on it) first."""
 
 _MSG_BELOW = (
     "memory budget {budget} on {device} is below the smallest placement of {count} model(s) ({names}): "
