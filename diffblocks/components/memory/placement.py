@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from diffblocks.components.memory.measure import ModelSize
-from diffblocks.components.memory.planner import MemoryPlan, plan_memory
-from diffblocks.components.memory.policies import AbstractOffload, Attached, Mover, OnMove
+from diffblocks.components.memory.planner import LADDER, MemoryPlan, plan_memory
+from diffblocks.components.memory.policies import AbstractOffload, Attached, Mover, NoOffload, OnMove
 from diffblocks.components.memory.sizes import ByteSize
 
 
@@ -56,6 +56,28 @@ class Placement:
                 self._mover = Mover(target, on_move=self.on_move)
             self.plan, self._applied = plan, plan.policy
         return self.plan
+
+    def tighter(self) -> AbstractOffload | None:
+        """The policy after the current one on the planner's ladder (None: nothing uses less memory).
+
+        The current policy is the plan's (no plan: ``NoOffload``); one not on the ladder is followed
+        by the first rung whose peak is smaller for the models planned.
+        """
+        current = self.plan.policy if self.plan is not None and self.active else NoOffload()
+        if current in LADDER:
+            rungs = LADDER[LADDER.index(current) + 1 :]
+        else:
+            models = list(self.plan.sizes.values()) if self.plan is not None else []
+            rungs = tuple(each for each in LADDER if each.peak(models) < current.peak(models))
+        return rungs[0] if rungs else None
+
+    def tighten(self, policy: AbstractOffload) -> AbstractOffload:
+        """Use ``policy`` from now on (models get it when the plan is next made); returns the policy it replaces."""
+        previous = self.plan.policy if self.plan is not None and self.active else NoOffload()
+        self.policy = policy
+        self.detach_all()  # every model home: the new policy places them afresh
+        self.plan = None
+        return previous
 
     def outdated(self) -> None:
         """Models were added, removed or moved: plan again before the next model is handed out."""
