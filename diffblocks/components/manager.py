@@ -213,9 +213,10 @@ class ComponentsManager:
             for entry in self._entries.values():
                 if entry.obj is not None:
                     self.placement.attach(entry.key, entry.name, entry.obj)
+        change = f"{policy!r} ({policy.describe()})" if policy != previous else f"{policy!r}, its kept blocks streamed too"
         warnings.warn(
-            f"out of memory in block {where!r} on {self.device} ({message}): offload policy {previous!r} -> {policy!r} "
-            f"({policy.describe()}), and the step runs again. To start there next time, give the manager "
+            f"out of memory in block {where!r} on {self.device} ({message}): offload policy {previous!r} -> {change}, "
+            "and the step runs again. To start there next time, give the manager "
             f"offload={policy!r} or a memory_budget",
             OffloadTightened,
             stacklevel=2,

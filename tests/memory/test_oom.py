@@ -93,3 +93,14 @@ def test_each_policy_tightens_to_the_next_that_needs_less(current: object, expec
     if expected is not None and current is not None:
         size = measure(toy)
         assert expected in LADDER and plan_memory({"toy": size}, device="cpu", policy=expected).peak <= current.peak([size])  # type: ignore[attr-defined]
+
+
+def test_blocks_kept_in_a_spare_budget_are_streamed_first(unconstrained: np.ndarray) -> None:
+    manager = ComponentsManager(device="cpu", memory_budget="85MiB")  # group offload needs 78.7 MiB: 6.3 MiB of blocks stay
+    pipe = Pipeline.from_pretrained(builtin_model_dir(), manager=manager)
+    assert manager.plan().policy == GroupOffload(1) and manager.plan().kept
+    _failing(pipe, {3})
+    with pytest.warns(OffloadTightened, match=r"GroupOffload\(blocks_per_group=1\) -> GroupOffload\(blocks_per_group=1\), its kept blocks streamed too"):
+        image = _image(pipe, guidance_batched=False)
+    assert np.array_equal(image, unconstrained)
+    assert manager.plan().policy == GroupOffload(1) and manager.plan().kept == {}

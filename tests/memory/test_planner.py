@@ -90,3 +90,16 @@ def test_sizes_show_in_binary_units() -> None:
     assert [str(ByteSize(n)) for n in (0, 1023, 1024, 3 * 2**20, 12 * GIB, 3 * 2**40)] == [
         "0 B", "1023 B", "1.0 KiB", "3.0 MiB", "12.0 GiB", "3.0 TiB"
     ]
+
+
+def test_group_offload_keeps_blocks_on_the_device_in_the_spare_budget() -> None:
+    plan = plan_memory(FLUX, device="cuda", budget=ByteSize.parse("12GiB"))
+    streamed = GroupOffload(1).peak(list(FLUX.values()))
+    assert plan.policy == GroupOffload(1) and plan.kept == {"transformer": 12 * GIB - streamed}  # the largest model first
+    assert plan.peak == 12 * GIB
+    assert "and 9.8 GiB of transformer's repeated blocks stay on the device, in the spare budget" in str(plan)
+    roomy = plan_memory(FLUX, device="cuda", budget=ByteSize.parse("26GiB"), ladder=(GroupOffload(1),))
+    assert roomy.kept["transformer"] == sum(sum(each) for each in FLUX["transformer"].blocks)  # all of it, then the next model
+    assert 0 < roomy.kept["text_encoder_2"] <= roomy.budget - roomy.peak + roomy.kept["text_encoder_2"]
+    assert plan_memory(FLUX, device="cuda", budget=ByteSize.parse("12GiB"), keep=False).kept == {}
+    assert plan_memory(FLUX, device="cuda", budget=ByteSize.parse("24GiB")).kept == {}  # ModelOffload keeps nothing extra

@@ -126,3 +126,19 @@ def test_blocks_learn_where_an_offloaded_model_runs(policy: object) -> None:
     attached.mover.home = torch.device("meta")  # detaching moves home; meta tensors cannot be copied back to the CPU
     attached.detach()
     assert execution_device(model) is None
+
+
+@pytest.mark.parametrize(("allowance", "kept"), [(0, []), (159, []), (160, [2]), (320, [1, 3]), (480, [0, 2, 3]), (640, [0, 1, 2, 3])])
+def test_group_offload_keeps_groups_spread_evenly_within_the_allowance(allowance: int, kept: list[int]) -> None:
+    moves: list[tuple[str, int]] = []
+    mover = Mover("cpu", on_move=lambda name, device, size: moves.append((name, size)))
+    mover.keep = {"m": allowance}
+    torch.manual_seed(0)
+    model = Toy()
+    expected = model(torch.ones(1, 4))
+    attached = GroupOffload(1).attach("m", model, mover)
+    assert torch.equal(model(torch.ones(1, 4)), expected)
+    attached.detach()
+    streamed = sorted({name for name, _ in moves[1:-1]})
+    assert streamed == [f"m/blocks.{i}" for i in range(4) if i not in kept]
+    assert moves[0] == ("m/(outside blocks)" + (f" and {len(kept)} kept groups" if kept else ""), LINEAR + HEAD + 2 * LINEAR * len(kept))

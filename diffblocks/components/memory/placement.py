@@ -41,6 +41,7 @@ class Placement:
         self._mover: Mover | None = None
         self._applied: AbstractOffload | None = None
         self._attached: dict[str, Attached] = {}
+        self._keep = True  # spend a spare budget on kept blocks; off once an out-of-memory error showed there is none
 
     @property
     def active(self) -> bool:
@@ -50,10 +51,11 @@ class Placement:
         """The plan for the models now known (measured only when the plan is out of date)."""
         if self.plan is None:
             target = device if device is not None else torch.device("cpu")
-            plan = plan_memory(sizes(), device=str(target), budget=self.budget, policy=self.policy)
-            if self._mover is None or self._mover.device != target or plan.policy != self._applied:
+            plan = plan_memory(sizes(), device=str(target), budget=self.budget, policy=self.policy, keep=self._keep)
+            if self._mover is None or self._mover.device != target or plan.policy != self._applied or plan.kept != self._mover.keep:
                 self.detach_all()  # each model gets the new policy when it is next handed out
                 self._mover = Mover(target, on_move=self.on_move)
+                self._mover.keep = dict(plan.kept)
             self.plan, self._applied = plan, plan.policy
         return self.plan
 
@@ -61,9 +63,12 @@ class Placement:
         """The policy after the current one on the planner's ladder (None: nothing uses less memory).
 
         The current policy is the plan's (no plan: ``NoOffload``); one not on the ladder is followed
-        by the first rung whose peak is smaller for the models planned.
+        by the first rung whose peak is smaller for the models planned. A plan that keeps blocks on
+        the device in its spare budget is tightened first to the same policy, keeping none.
         """
         current = self.plan.policy if self.plan is not None and self.active else NoOffload()
+        if self.plan is not None and self.plan.kept:
+            return current  # the same policy, its kept blocks streamed too
         if current in LADDER:
             rungs = LADDER[LADDER.index(current) + 1 :]
         else:
@@ -74,7 +79,7 @@ class Placement:
     def tighten(self, policy: AbstractOffload) -> AbstractOffload:
         """Use ``policy`` from now on (models get it when the plan is next made); returns the policy it replaces."""
         previous = self.plan.policy if self.plan is not None and self.active else NoOffload()
-        self.policy = policy
+        self.policy, self._keep = policy, False
         self.detach_all()  # every model home: the new policy places them afresh
         self.plan = None
         return previous

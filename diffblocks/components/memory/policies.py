@@ -66,6 +66,7 @@ class Mover:
         self.resident: nn.Module | None = None  # the one model that ModelOffload keeps on the device
         self.resident_name = ""
         self.prefetching: Prefetcher | None = None  # the model whose next group is being fetched ahead
+        self.keep: dict[str, int] = {}  # bytes of each model's repeated blocks that GroupOffload keeps on the device (the plan's ``kept``)
 
     def move(self, name: str, modules: Iterable[nn.Module], device: torch.device, *, recurse: bool = True) -> None:
         moved = 0
@@ -179,6 +180,9 @@ class GroupOffload(AbstractOffload):
     Each group waits in pinned CPU memory (pinned once, when attached) and, from the second call
     on, the group that ran next last time is copied on a side stream while this one computes
     (:class:`~diffblocks.components.memory.streams.Prefetcher`); sending a group home copies nothing.
+    Groups worth ``mover.keep[name]`` bytes (the plan's spare budget) stay on the device instead,
+    spread evenly through the model, so each streamed group's copy hides behind the compute of
+    the kept groups before it.
 
     Args:
         blocks_per_group: consecutive entries of one ``nn.ModuleList`` that move together (>= 1).
@@ -207,17 +211,18 @@ class GroupOffload(AbstractOffload):
 
     def attach(self, name: str, model: nn.Module, mover: Mover) -> Attached:
         names = {id(m): n for n, m in model.named_modules()}
-        groups: list[tuple[list[nn.Module], StreamedGroup]] = []
-        grouped: set[int] = set()
+        every: list[tuple[str, list[nn.Module]]] = []
         for blocks in repeated_blocks(model):
             entries = list(blocks)
             for start in range(0, len(entries), self.blocks_per_group):
                 group = entries[start : start + self.blocks_per_group]
                 label = f"{name}/{names[id(group[0])]}" + (f"..{names[id(group[-1])].rsplit('.', 1)[-1]}" if len(group) > 1 else "")
-                groups.append((group, StreamedGroup(label, group, mover.streams)))
-                grouped.update(id(m) for block in group for m in block.modules())
+                every.append((label, group))
+        kept = _spread([sum(_nbytes(block) for block in group) for _, group in every], mover.keep.get(name, 0))
+        grouped = {id(m) for i, (_, group) in enumerate(every) if i not in kept for block in group for m in block.modules()}
         rest = [m for m in model.modules() if id(m) not in grouped]
-        mover.move(f"{name}/(outside blocks)", rest, mover.device, recurse=False)
+        mover.move(f"{name}/(outside blocks)" + (f" and {len(kept)} kept groups" if kept else ""), rest, mover.device, recurse=False)
+        groups = [(group, StreamedGroup(label, group, mover.streams)) for i, (label, group) in enumerate(every) if i not in kept]
         prefetcher = Prefetcher([streamed for _, streamed in groups], mover, prefetch=self.prefetch)
         handles: list[RemovableHandle] = []
         for group, streamed in groups:
@@ -258,6 +263,20 @@ def _stream(label: str, group: list[nn.Module], mover: Mover, *, recurse: bool =
         mover.move(label, group, mover.home, recurse=recurse)
 
     return [group[0].register_forward_pre_hook(bring), group[-1].register_forward_hook(send)]
+
+
+def _spread(sizes: list[int], allowance: int) -> set[int]:
+    """The most groups (indices into ``sizes``), spread evenly, whose bytes fit ``allowance``."""
+    count = len(sizes)
+    for keep in range(count, 0, -1):
+        chosen = {int((j + 0.5) * count / keep) for j in range(keep)}
+        if sum(sizes[i] for i in chosen) <= allowance:
+            return chosen
+    return set()
+
+
+def _nbytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(module, recurse=True))
 
 
 def _tensors(module: nn.Module, *, recurse: bool) -> Iterable[torch.Tensor]:
