@@ -119,3 +119,19 @@ def test_on_cuda_groups_wait_pinned_and_the_output_is_unchanged() -> None:
         assert torch.equal(got, expected)
         assert all(p.device.type == "cpu" for p in model.blocks.parameters())
     attached.detach()
+
+
+def test_a_model_converted_while_attached_streams_its_new_tensors() -> None:
+    # a float16 VAE whose config asks for float32 is converted for the decode and back (upcast_if_needed)
+    torch.manual_seed(0)
+    model = Toy()
+    attached = GroupOffload(1).attach("m", model, Mover("cpu", streams=Recording([])))
+    model.to(torch.float64)
+    expected = Toy()
+    expected.load_state_dict(model.state_dict())
+    got = model(torch.ones(1, 4, dtype=torch.float64))
+    assert got.dtype == torch.float64 and torch.equal(got, expected.to(torch.float64)(torch.ones(1, 4, dtype=torch.float64)))
+    model.to(torch.float32)
+    assert model(torch.ones(1, 4)).dtype == torch.float32
+    attached.detach()
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -125,6 +125,11 @@ class StreamedGroup:
         if self.fetched is not None:
             return False
         with torch.inference_mode(False), torch.no_grad():
+            for i, slot in enumerate(self.slots):
+                current = self._get(slot)
+                if _replaced(current, self.home[i]):  # model.to(dtype) or a new weight since: that is home now
+                    self.home[i] = self.streams.pin(current.to(self.home[i].device))
+                    self.nbytes = sum(t.numel() * t.element_size() for t in self.home)
             self.fetched, self.ready = self.streams.copy(self.label, self.home)
             self._put(self.fetched)
         self._versions = [self._version(slot) for slot in self.slots]
@@ -140,8 +145,11 @@ class StreamedGroup:
         if self.fetched is None:
             return False
         with torch.inference_mode(False), torch.no_grad():
-            for slot, home, fetched, version in zip(self.slots, self.home, self.fetched, self._versions):
-                if fetched is not home and self._version(slot) != version:
+            for i, (slot, home, fetched, version) in enumerate(zip(self.slots, self.home, self.fetched, self._versions)):
+                current = self._get(slot)
+                if _replaced(current, fetched):  # replaced on the device (model.to(dtype) while running): keep the new one
+                    self.home[i] = self.streams.pin(current.to(home.device))
+                elif fetched is not home and self._version(slot) != version:
                     home.copy_(fetched)
             self._put(self.home)
         self.fetched, self.ready = None, None
@@ -167,6 +175,11 @@ class StreamedGroup:
                 param.data = tensor
             else:
                 module._buffers[name] = tensor  # noqa: SLF001
+
+
+def _replaced(current: torch.Tensor, known: torch.Tensor) -> bool:
+    """Whether a slot now holds another tensor than the one the group put there."""
+    return current.dtype != known.dtype or current.device != known.device or current.data_ptr() != known.data_ptr()
 
 
 @final
