@@ -84,6 +84,9 @@ class ComponentsManager:
         offload: an offload policy to use (``ModelOffload()``, ``GroupOffload(2)``, ...), instead of
             the planner's choice; checked against ``memory_budget`` when both are given.
         on_move: told of each move an offload policy makes (name, device, bytes): for logs and tests.
+        activations: bytes of ``memory_budget`` left to activations (``"2GiB"``); weights are planned
+            in the rest, and a VAE decode that would not fit what the weights leave runs sliced or
+            tiled (see ``docs/memory.md``).
 
     Example:
         >>> import torch
@@ -104,8 +107,10 @@ class ComponentsManager:
         memory_budget: str | int | None = None,
         offload: AbstractOffload | None = None,
         on_move: OnMove | None = None,
+        activations: str | int | None = None,
     ) -> None:
-        self.placement = Placement(budget=memory_budget, policy=offload, on_move=on_move)  # checks the budget first
+        # checks the budget first
+        self.placement = Placement(budget=memory_budget, policy=offload, on_move=on_move, activations=activations)
         self.device = device  # the setter checks and converts names
         self.registry = registry if registry is not None else COMPONENTS
         self._entries: dict[str, _Entry] = {}

@@ -8,6 +8,7 @@ from typing import final
 import torch
 from torch import nn
 
+from diffblocks.components.memory.activations import set_activation_room
 from diffblocks.components.memory.measure import ModelSize
 from diffblocks.components.memory.planner import LADDER, MemoryPlan, plan_memory
 from diffblocks.components.memory.policies import AbstractOffload, Attached, Mover, NoOffload, OnMove
@@ -27,14 +28,25 @@ class Placement:
         budget: bytes of weights allowed on the device (``"12GiB"``, ``"8 GB"`` or an int).
         policy: a fixed policy (the planner then only checks it against the budget, if any).
         on_move: told of each move (see :data:`~diffblocks.components.memory.OnMove`).
+        activations: bytes of the budget left to activations (``"2GiB"``); weights are planned in the rest.
     """
 
-    def __init__(self, *, budget: str | int | None = None, policy: AbstractOffload | None = None, on_move: OnMove | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        budget: str | int | None = None,
+        policy: AbstractOffload | None = None,
+        on_move: OnMove | None = None,
+        activations: str | int | None = None,
+    ) -> None:
         if policy is not None and not isinstance(policy, AbstractOffload):
             raise TypeError(
                 f"offload={policy!r} is not an offload policy: give NoOffload(), ModelOffload(), GroupOffload(...) or LeafOffload()"
             )
         self.budget = ByteSize.parse(budget) if budget is not None else None
+        self.activations = ByteSize.parse(activations) if activations is not None else ByteSize(0)
+        if activations is not None and self.budget is None:
+            raise ValueError(f"activations={activations!r} reserves part of a memory budget: give memory_budget= too")
         self.policy = policy
         self.on_move = on_move
         self.plan: MemoryPlan | None = None
@@ -51,7 +63,8 @@ class Placement:
         """The plan for the models now known (measured only when the plan is out of date)."""
         if self.plan is None:
             target = device if device is not None else torch.device("cpu")
-            plan = plan_memory(sizes(), device=str(target), budget=self.budget, policy=self.policy, keep=self._keep)
+            plan = plan_memory(sizes(), device=str(target), budget=self.budget, policy=self.policy, keep=self._keep,
+                               activations=self.activations)
             if self._mover is None or self._mover.device != target or plan.policy != self._applied or plan.kept != self._mover.keep:
                 self.detach_all()  # each model gets the new policy when it is next handed out
                 self._mover = Mover(target, on_move=self.on_move)
@@ -93,11 +106,14 @@ class Placement:
         if key in self._attached or not isinstance(model, nn.Module) or self.plan is None or self._mover is None:
             return
         self._attached[key] = self.plan.policy.attach(name, model, self._mover)
+        # what the weights leave of the budget at their peak: the room a decode sizes itself to
+        set_activation_room(model, self.budget - self.plan.peak if self.budget is not None else None)
 
     def detach(self, key: str) -> None:
         attached = self._attached.pop(key, None)
         if attached is not None:
             attached.detach()
+            set_activation_room(attached.model, None)
 
     def detach_all(self) -> None:
         for key in list(self._attached):

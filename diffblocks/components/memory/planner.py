@@ -77,13 +77,15 @@ def plan_memory(
     policy: AbstractOffload | None = None,
     ladder: Sequence[AbstractOffload] = LADDER,
     keep: bool = True,
+    activations: int = 0,
 ) -> MemoryPlan:
     """The first policy of ``ladder`` (or the given ``policy``) whose peak fits ``budget``.
 
     Each model counts once however many pipelines use it: ``sizes`` is keyed by component. With
     ``keep``, a group-offload plan spends the budget it leaves spare on keeping repeated blocks on
     the device, so fewer are streamed each step: the largest model's first (the denoiser, which
-    runs every step, in every family we ship but the tiny one), then the next.
+    runs every step, in every family we ship but the tiny one), then the next. ``activations``
+    bytes of the budget are left to activations: weights get the rest.
 
     Raises:
         MemoryBudgetError: nothing fits; the message says the least any policy needs.
@@ -99,13 +101,17 @@ def plan_memory(
     """
     models = list(sizes.values())
     tried = tuple((each, ByteSize(each.peak(models))) for each in ((policy,) if policy is not None else ladder))
+    weights = ByteSize(max(budget - activations, 0)) if budget is not None else None
     for each, peak in tried:
-        if budget is None or peak <= budget:
-            kept = _kept(sizes, budget - peak) if keep and budget is not None and isinstance(each, GroupOffload) else {}
+        if weights is None or peak <= weights:
+            kept = _kept(sizes, weights - peak) if keep and weights is not None and isinstance(each, GroupOffload) else {}
             return MemoryPlan(device, budget, each, ByteSize(peak + sum(kept.values())), dict(sizes), tried, kept)
     smallest, minimum = min(tried, key=lambda pair: pair[1])
     biggest = max(sizes.items(), key=lambda item: item[1].total)
     why = f" (largest model: {biggest[0]}, {ByteSize(biggest[1].total)})" if biggest else ""
+    if activations:
+        minimum = ByteSize(minimum + activations)
+        why += f" plus the {ByteSize(activations)} reserved for activations"
     raise MemoryBudgetError(
         _MSG_BELOW.format(budget=budget, device=device, count=len(sizes), names=", ".join(sorted(sizes)),
                           policy=smallest, minimum=minimum, why=why)
