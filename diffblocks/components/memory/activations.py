@@ -13,22 +13,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, final
+from typing import Protocol, final
 from weakref import WeakKeyDictionary
 
 from torch import nn
 
-if TYPE_CHECKING:
-    from diffblocks.components.models.autoencoder_kl import AutoencoderKL
+
+class _Stages(Protocol):
+    @property
+    def block_out_channels(self) -> tuple[int, ...]: ...
+
+
+class Autoencoder(Protocol):
+    """What the estimate reads of a VAE (our ``AutoencoderKL``): its stages' widths (memory does not import the models)."""
+
+    @property
+    def params(self) -> _Stages: ...
 
 LIVE_TENSORS = 4
 """Tensors of the widest shape a decoder stage holds at once (its input, the group norm's and the
 activation's outputs, the convolution's output): the estimate's multiplier, on the high side."""
 
-_ROOM: WeakKeyDictionary[nn.Module, int] = WeakKeyDictionary()
+_ROOM: WeakKeyDictionary[object, int] = WeakKeyDictionary()
 
 
-def activation_room(model: nn.Module) -> int | None:
+def activation_room(model: object) -> int | None:
     """Bytes a model's activations may take on the device under its manager's budget (None: no budget)."""
     return _ROOM.get(model)
 
@@ -40,7 +49,7 @@ def set_activation_room(model: nn.Module, room: int | None) -> None:
         _ROOM[model] = room
 
 
-def decode_bytes(vae: AutoencoderKL, latents: Sequence[int], itemsize: int) -> int:
+def decode_bytes(vae: Autoencoder, latents: Sequence[int], itemsize: int) -> int:
     """An estimate of the activation bytes of decoding latents of shape ``latents`` at once.
 
     The decoder's stages run at rising resolution; the widest tensor is a stage's output channels
@@ -76,7 +85,7 @@ class DecodeMemory:
     tiling: bool = False
 
 
-def decode_memory(vae: AutoencoderKL, latents: Sequence[int], itemsize: int) -> DecodeMemory:
+def decode_memory(vae: Autoencoder, latents: Sequence[int], itemsize: int) -> DecodeMemory:
     """Whether decoding ``latents`` fits the VAE's activation room at once, one image at a time, or only in tiles.
 
     With no budget (no room known) the decode runs as the VAE is set.
