@@ -5,9 +5,9 @@ Flux.1-dev (bf16, 1024², the real transformer, T5-XXL, CLIP-L and VAE configs) 
 the same weight tensors (ours are built on the meta device and assigned diffusers' state dicts).
 
 A cap is real: ``torch.cuda.set_per_process_memory_fraction`` makes the caching allocator refuse
-more, for ours and diffusers alike. Our rows give the manager ``memory_budget = cap - reserve``,
-the reserve being room for activations and the VAE decode (the budget counts weights only), and
-the planner picks the policy. Rows, per model:
+more, for ours and diffusers alike. Our rows give the manager ``memory_budget=cap`` and
+``activations=`` a reserve for activations (3 GiB for Flux, 2.5 GiB for SDXL: a step and the VAE
+decode); the planner picks the policy and keeps what blocks it can in the rest. Rows, per model:
 
 - ``ours``: every model on the GPU (no budget).
 - ``ours@12GiB`` / ``ours@8GiB`` (Flux), ``ours@6GiB`` (SDXL): under the cap, the planner's choice.
@@ -223,7 +223,7 @@ def _ours_pipe(models: Models, row: str, device: str) -> tuple[Pipeline, Callabl
     if cap is None:
         manager = ComponentsManager(device=device)
     elif device == "cuda":
-        manager = ComponentsManager(device=device, memory_budget=cap - models.reserve)
+        manager = ComponentsManager(device=device, memory_budget=cap, activations=models.reserve)
     else:  # tiny, on the CPU: the tiny models are mostly embeddings, so the planner would not stream; the streaming path runs anyway
         manager = ComponentsManager(device=device, offload=GroupOffload(1))
     pipe = Pipeline(models.blocks, models.ours_components, manager=manager, name=f"{models.family}:{row}")
@@ -231,7 +231,8 @@ def _ours_pipe(models: Models, row: str, device: str) -> tuple[Pipeline, Callabl
         manager.to(device)
         policy = "every model on the device"
     else:
-        policy = repr(manager.plan().policy)
+        plan = manager.plan()
+        policy = repr(plan.policy) + (f", {ByteSize(sum(plan.kept.values()))} of blocks kept" if plan.kept else "")
 
     def undo() -> None:
         manager.placement.detach_all()
