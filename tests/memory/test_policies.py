@@ -142,3 +142,32 @@ def test_group_offload_keeps_groups_spread_evenly_within_the_allowance(allowance
     streamed = sorted({name for name, _ in moves[1:-1]})
     assert streamed == [f"m/blocks.{i}" for i in range(4) if i not in kept]
     assert moves[0] == ("m/(outside blocks)" + (f" and {len(kept)} kept groups" if kept else ""), LINEAR + HEAD + 2 * LINEAR * len(kept))
+
+
+def test_model_offload_keeps_one_model_on_the_device_under_concurrent_calls() -> None:
+    import threading
+
+    inside: set[str] = set()
+    most = 0
+
+    def count(name: str, device: torch.device, _size: int) -> None:
+        nonlocal most
+        (inside.add if device.type == "meta" else inside.discard)(name)
+        most = max(most, len(inside))
+
+    mover = Mover("meta", home="cpu", on_move=count)  # moves to meta are counted, never made: models stay on the CPU
+    mover.move = lambda name, modules, device, recurse=True: count(name, device, 0)  # type: ignore[method-assign]
+    models = [Toy(), Toy()]
+    for i, model in enumerate(models):
+        ModelOffload().attach(f"m{i}", model, mover)
+
+    def run(model: Toy) -> None:
+        for _ in range(200):
+            model(torch.ones(1, 4))
+
+    threads = [threading.Thread(target=run, args=(model,)) for model in models]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most == 1  # the check and the swap happen together: never two models in at once

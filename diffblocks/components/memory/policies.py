@@ -22,6 +22,7 @@ The policies, from cheapest to smallest (the planner tries them in this order):
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +68,8 @@ class Mover:
         self.resident_name = ""
         self.prefetching: Prefetcher | None = None  # the model whose next group is being fetched ahead
         self.keep: dict[str, int] = {}  # bytes of each model's repeated blocks that GroupOffload keeps on the device (the plan's ``kept``)
+        # Hooks of models run by concurrent calls check and change ``resident`` and the prefetch state together.
+        self.lock = threading.RLock()
 
     def move(self, name: str, modules: Iterable[nn.Module], device: torch.device, *, recurse: bool = True) -> None:
         moved = 0
@@ -158,11 +161,14 @@ class ModelOffload(AbstractOffload):
 
     def attach(self, name: str, model: nn.Module, mover: Mover) -> Attached:
         def bring(_module: nn.Module, _args: Any) -> None:
-            if mover.resident is not model:
-                if mover.resident is not None:
-                    mover.move(mover.resident_name, [mover.resident], mover.home)
-                mover.move(name, [model], mover.device)
-                mover.resident, mover.resident_name = model, name
+            if mover.resident is model:
+                return  # the common case, every layer of the running model: no lock
+            with mover.lock:
+                if mover.resident is not model:
+                    if mover.resident is not None:
+                        mover.move(mover.resident_name, [mover.resident], mover.home)
+                    mover.move(name, [model], mover.device)
+                    mover.resident, mover.resident_name = model, name
 
         # Every layer that holds tensors asks: a model may be entered by a method other than forward (vae.decode).
         handles = [sub.register_forward_pre_hook(bring) for sub in _holders(model)]

@@ -199,6 +199,10 @@ class Prefetcher:
 
     def enter(self, group: StreamedGroup) -> None:
         """``group`` is about to run: make sure it is there, then start fetching the group expected next."""
+        with self.mover.lock:
+            self._enter(group)
+
+    def _enter(self, group: StreamedGroup) -> None:
         if self._last is not None and self._last is not group:
             self._after[id(self._last)] = group
         self._last = group
@@ -217,7 +221,8 @@ class Prefetcher:
 
     def leave(self, group: StreamedGroup) -> None:
         """``group`` has run: its device copies are dropped."""
-        self._release(group)
+        with self.mover.lock:
+            self._release(group)
 
     def drop_ahead(self) -> None:
         """Release the group fetched ahead, if any (another model runs now)."""
