@@ -205,7 +205,7 @@ class ComponentsManager:
         """
         with self._lock:
             policy = self.placement.tighter()
-            if policy is None:
+            if policy is None or self.device is None:  # no device: the models are where their owner put them
                 return False
             was_active = self.placement.active
             previous = self.placement.tighten(policy)

@@ -71,8 +71,9 @@ def test_batched_guidance_runs_one_pass_at_a_time_before_the_plan_tightens() -> 
     assert set(calls[4:]) == {1} and manager.plan().policy == ModelOffload()
 
 
-def test_out_of_memory_with_nothing_cheaper_left_is_raised_and_says_so() -> None:
-    pipe = Pipeline.from_pretrained(builtin_model_dir(), manager=ComponentsManager(device="cpu", offload=LeafOffload()))
+@pytest.mark.parametrize("manager", [dict(device="cpu", offload=LeafOffload()), dict()], ids=["leaf-offload", "no-device"])
+def test_out_of_memory_with_nothing_cheaper_left_is_raised_and_says_so(manager: dict[str, Any]) -> None:
+    pipe = Pipeline.from_pretrained(builtin_model_dir(), manager=ComponentsManager(**manager))
     _failing(pipe, {2})
     with pytest.raises(torch.OutOfMemoryError, match=r"simulated\) \(in block '[\w.]*denoise.predict'; no cheaper placement is left"):
         _image(pipe, guidance_batched=False)
