@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from diffblocks.blocks.block import BlockIO
 from diffblocks.blocks.plan import LoopStep, Step
+from diffblocks.components.memory.oom import OutOfMemory, Relieve, attempt
 
 State = dict[str, Any]
 _PROGRESS_INTERVAL = 0.1  # seconds between progress-bar refreshes; tqdm.update per step costs more than a block
@@ -52,6 +53,7 @@ class RunContext:
     interrupted: bool = False
     sync: Callable[[], None] | None = None
     current: str = field(default="", repr=False)
+    relieve: Relieve | None = None  # after a step runs out of memory: make room, then the step runs again
 
 
 _new = object.__new__
@@ -87,10 +89,29 @@ def run_steps(steps: tuple[Step | LoopStep, ...], state: State, run: RunContext)
 def _run_step(step: Step, state: State, run: RunContext) -> None:
     """The one place a block runs: read its inputs from the state, call it, write its outputs back."""
     run.current = step.path
-    out = step.block(construct(step.input_cls, {name: state[name] for name in step.inputs}))
+    if run.relieve is None:
+        out = step.block(construct(step.input_cls, {name: state[name] for name in step.inputs}))
+    else:
+        out = _run_relieved(step, state, run.relieve)
     if type(out) is not step.output_cls:
         _bad_output(step, out)
     state.update(out.__dict__)
+
+
+def _run_relieved(step: Step, state: State, relieve: Relieve) -> Any:
+    """Run ``step``; after an out-of-memory error, while ``relieve`` makes room, run it again from the same inputs.
+
+    A block writes its outputs to the state only when it returns, so the failed try changed nothing.
+    """
+    while True:
+        out = attempt(lambda: step.block(construct(step.input_cls, {name: state[name] for name in step.inputs})))
+        if not isinstance(out, OutOfMemory):
+            return out
+        if not relieve(step.path, out.message):
+            raise torch.OutOfMemoryError(
+                f"{out.message} (in block {step.path!r}; no cheaper placement is left: generate a smaller image or batch, "
+                "or quantize the largest model, see docs/memory.md)"
+            )
 
 
 def _run_loop(step: LoopStep, state: State, run: RunContext) -> None:

@@ -208,7 +208,8 @@ class Pipeline(AbstractLoRAMethods, AbstractTextualInversionMethods, AbstractIPA
         context = f"call to {self.name!r} (workflow {plan.workflow!r})"
         known = frozenset(name for each in build.plans.values() for name in each.user_inputs)
         state = validate_inputs(plan, inputs, known=known, context=context)
-        run = RunContext(tuple(callbacks), progress, {} if timings else None, sync=cuda_sync() if timings else None)
+        run = RunContext(tuple(callbacks), progress, {} if timings else None, sync=cuda_sync() if timings else None,
+                         relieve=self.manager.relieve_memory)
         self._acquire(build)
         try:
             check_blocks(plan, state, context=context)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import warnings
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.loaders import check_random_weights, load_component
 from diffblocks.components.memory import AbstractOffload, MemoryPlan, ModelSize, OnMove, Placement, measure
 from diffblocks.components.memory.estimate import size_before_loading
+from diffblocks.components.memory.oom import OffloadTightened, free_memory
 from diffblocks.components.specs import ComponentSpec, read_index
 from diffblocks.registry import COMPONENTS, Registry, RegistryError
 
@@ -82,6 +84,9 @@ class ComponentsManager:
         offload: an offload policy to use (``ModelOffload()``, ``GroupOffload(2)``, ...), instead of
             the planner's choice; checked against ``memory_budget`` when both are given.
         on_move: told of each move an offload policy makes (name, device, bytes): for logs and tests.
+        activations: bytes of ``memory_budget`` left to activations (``"2GiB"``); weights are planned
+            in the rest, and a VAE decode that would not fit what the weights leave runs sliced or
+            tiled (see ``docs/memory.md``).
 
     Example:
         >>> import torch
@@ -102,8 +107,10 @@ class ComponentsManager:
         memory_budget: str | int | None = None,
         offload: AbstractOffload | None = None,
         on_move: OnMove | None = None,
+        activations: str | int | None = None,
     ) -> None:
-        self.placement = Placement(budget=memory_budget, policy=offload, on_move=on_move)  # checks the budget first
+        # checks the budget first
+        self.placement = Placement(budget=memory_budget, policy=offload, on_move=on_move, activations=activations)
         self.device = device  # the setter checks and converts names
         self.registry = registry if registry is not None else COMPONENTS
         self._entries: dict[str, _Entry] = {}
@@ -188,6 +195,38 @@ class ComponentsManager:
         """
         with self._lock:
             return self.placement.make_plan(self._model_sizes, self.device)
+
+    def relieve_memory(self, where: str, message: str) -> bool:
+        """After a step ran out of memory: move the offload policy one rung down the ladder; False if none is left.
+
+        Every loaded model moves home and gets the new policy at once (a running call holds its
+        models, so it does not ask for them again); a warning names the step, the old and the new
+        policy. See ``docs/memory.md`` and :mod:`diffblocks.components.memory.oom`.
+        """
+        with self._lock:
+            policy = self.placement.tighter()
+            if policy is None or self.device is None:  # no device: the models are where their owner put them
+                return False
+            was_active = self.placement.active
+            previous = self.placement.tighten(policy)
+            if not was_active:  # every model was simply on the device: send them home before the policy places them
+                for entry in self._entries.values():
+                    if isinstance(entry.obj, torch.nn.Module):
+                        entry.obj.to("cpu")
+            free_memory()
+            self.plan()
+            for entry in self._entries.values():
+                if entry.obj is not None:
+                    self.placement.attach(entry.key, entry.name, entry.obj)
+        change = f"{policy!r} ({policy.describe()})" if policy != previous else f"{policy!r}, its kept blocks streamed too"
+        warnings.warn(
+            f"out of memory in block {where!r} on {self.device} ({message}): offload policy {previous!r} -> {change}, "
+            "and the step runs again. To start there next time, give the manager "
+            f"offload={policy!r} or a memory_budget",
+            OffloadTightened,
+            stacklevel=2,
+        )
+        return True
 
     def _model_sizes(self) -> dict[str, ModelSize]:
         sizes: dict[str, ModelSize] = {}

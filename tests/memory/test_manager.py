@@ -47,7 +47,8 @@ def test_images_with_each_policy_equal_the_images_without(policy: object, uncons
 
 @pytest.mark.parametrize(
     ("budget", "expected"),  # the built-in model in float32: 86.6 MiB text encoder, 45.2 MiB UNet, 10.3 MiB VAE
-    [("1GiB", NoOffload()), ("100MiB", ModelOffload()), ("64MiB", GroupOffload(1)), ("45MiB", LeafOffload())],
+    [("1GiB", NoOffload()), ("100MiB", ModelOffload()), ("80MiB", GroupOffload(1)), ("64MiB", GroupOffload(1, prefetch=False)),
+     ("45MiB", LeafOffload())],
 )
 def test_a_budget_plans_before_loading_and_the_image_stays(budget: str, expected: object, unconstrained: np.ndarray) -> None:
     manager = ComponentsManager(device="cpu", memory_budget=budget)

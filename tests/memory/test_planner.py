@@ -31,8 +31,10 @@ FLUX = {
         ("80GiB", NoOffload()),           # 31.5 GiB in all
         ("32GiB", NoOffload()),
         ("24GiB", ModelOffload()),        # the transformer alone: 22.2 GiB
-        ("12GiB", GroupOffload(1)),       # 1.0 GiB outside the blocks + one 0.63 GiB double block
-        ("1.6GiB", GroupOffload(1)),
+        ("12GiB", GroupOffload(1)),       # 0.9 GiB outside the blocks + two 0.63 GiB double blocks (one running, one fetched ahead)
+        ("2.2GiB", GroupOffload(1)),
+        ("2.1GiB", GroupOffload(1, prefetch=False)),  # one double block at a time
+        ("1.6GiB", GroupOffload(1, prefetch=False)),
         ("1.5GiB", LeafOffload()),        # the largest layer: 0.23 GiB
         ("0.25GiB", LeafOffload()),
     ],
@@ -41,7 +43,7 @@ def test_the_cheapest_policy_that_fits(budget: str, expected: object) -> None:
     plan = plan_memory(FLUX, device="cuda", budget=ByteSize.parse(budget))
     assert plan.policy == expected
     assert plan.peak <= ByteSize.parse(budget)
-    assert [policy for policy, _ in plan.tried] == [NoOffload(), ModelOffload(), GroupOffload(1), LeafOffload()]
+    assert [policy for policy, _ in plan.tried] == [NoOffload(), ModelOffload(), GroupOffload(1), GroupOffload(1, prefetch=False), LeafOffload()]
     assert f"-> {expected!r}" in str(plan)
 
 
@@ -88,3 +90,16 @@ def test_sizes_show_in_binary_units() -> None:
     assert [str(ByteSize(n)) for n in (0, 1023, 1024, 3 * 2**20, 12 * GIB, 3 * 2**40)] == [
         "0 B", "1023 B", "1.0 KiB", "3.0 MiB", "12.0 GiB", "3.0 TiB"
     ]
+
+
+def test_group_offload_keeps_blocks_on_the_device_in_the_spare_budget() -> None:
+    plan = plan_memory(FLUX, device="cuda", budget=ByteSize.parse("12GiB"))
+    streamed = GroupOffload(1).peak(list(FLUX.values()))
+    assert plan.policy == GroupOffload(1) and plan.kept == {"transformer": 12 * GIB - streamed}  # the largest model first
+    assert plan.peak == 12 * GIB
+    assert "and 9.8 GiB of transformer's repeated blocks stay on the device, in the spare budget" in str(plan)
+    roomy = plan_memory(FLUX, device="cuda", budget=ByteSize.parse("26GiB"), ladder=(GroupOffload(1),))
+    assert roomy.kept["transformer"] == sum(sum(each) for each in FLUX["transformer"].blocks)  # all of it, then the next model
+    assert 0 < roomy.kept["text_encoder_2"] <= roomy.budget - roomy.peak + roomy.kept["text_encoder_2"]
+    assert plan_memory(FLUX, device="cuda", budget=ByteSize.parse("12GiB"), keep=False).kept == {}
+    assert plan_memory(FLUX, device="cuda", budget=ByteSize.parse("24GiB")).kept == {}  # ModelOffload keeps nothing extra

@@ -103,7 +103,9 @@ def test_policy_peaks_match_the_moves() -> None:
     assert (size.total, size.outside_blocks, size.largest_leaf) == (9 * LINEAR + HEAD, LINEAR + HEAD, LINEAR)
     assert NoOffload().peak([size, size]) == 2 * size.total
     assert ModelOffload().peak([size, size]) == size.total
-    assert GroupOffload(3).peak([size]) == LINEAR + HEAD + 6 * LINEAR
+    assert GroupOffload(3, prefetch=False).peak([size]) == LINEAR + HEAD + 6 * LINEAR
+    assert GroupOffload(1).peak([size]) == LINEAR + HEAD + 4 * LINEAR  # the running block and the one fetched ahead
+    assert GroupOffload(3).peak([size]) == size.total  # two groups of three: every block
     assert LeafOffload().peak([size, size]) == LINEAR
 
 
@@ -124,3 +126,48 @@ def test_blocks_learn_where_an_offloaded_model_runs(policy: object) -> None:
     attached.mover.home = torch.device("meta")  # detaching moves home; meta tensors cannot be copied back to the CPU
     attached.detach()
     assert execution_device(model) is None
+
+
+@pytest.mark.parametrize(("allowance", "kept"), [(0, []), (159, []), (160, [2]), (320, [1, 3]), (480, [0, 2, 3]), (640, [0, 1, 2, 3])])
+def test_group_offload_keeps_groups_spread_evenly_within_the_allowance(allowance: int, kept: list[int]) -> None:
+    moves: list[tuple[str, int]] = []
+    mover = Mover("cpu", on_move=lambda name, device, size: moves.append((name, size)))
+    mover.keep = {"m": allowance}
+    torch.manual_seed(0)
+    model = Toy()
+    expected = model(torch.ones(1, 4))
+    attached = GroupOffload(1).attach("m", model, mover)
+    assert torch.equal(model(torch.ones(1, 4)), expected)
+    attached.detach()
+    streamed = sorted({name for name, _ in moves[1:-1]})
+    assert streamed == [f"m/blocks.{i}" for i in range(4) if i not in kept]
+    assert moves[0] == ("m/(outside blocks)" + (f" and {len(kept)} kept groups" if kept else ""), LINEAR + HEAD + 2 * LINEAR * len(kept))
+
+
+def test_model_offload_keeps_one_model_on_the_device_under_concurrent_calls() -> None:
+    import threading
+
+    inside: set[str] = set()
+    most = 0
+
+    def count(name: str, device: torch.device, _size: int) -> None:
+        nonlocal most
+        (inside.add if device.type == "meta" else inside.discard)(name)
+        most = max(most, len(inside))
+
+    mover = Mover("meta", home="cpu", on_move=count)  # moves to meta are counted, never made: models stay on the CPU
+    mover.move = lambda name, modules, device, recurse=True: count(name, device, 0)  # type: ignore[method-assign]
+    models = [Toy(), Toy()]
+    for i, model in enumerate(models):
+        ModelOffload().attach(f"m{i}", model, mover)
+
+    def run(model: Toy) -> None:
+        for _ in range(200):
+            model(torch.ones(1, 4))
+
+    threads = [threading.Thread(target=run, args=(model,)) for model in models]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most == 1  # the check and the swap happen together: never two models in at once

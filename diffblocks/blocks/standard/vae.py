@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
-from diffblocks.components.models.autoencoder_kl import AutoencoderKL
+from diffblocks.components.memory.activations import decode_memory
+from diffblocks.components.models.autoencoder_kl import AutoencoderKL, VaeTiling
 from diffblocks.components.noise import Generator
 
 
@@ -43,6 +44,22 @@ def encode_latents(vae: AutoencoderKL, pixels: Tensor, generator: Generator | No
 
 
 def decode_latents(vae: AutoencoderKL, latents: Tensor) -> Tensor:
-    """Denoiser latents to images in about [-1, 1]."""
-    with upcast_if_needed(vae) as dtype:
+    """Denoiser latents to images in about [-1, 1] (sliced or tiled when a memory budget leaves too little room)."""
+    with upcast_if_needed(vae) as dtype, fitted_to_budget(vae, latents.shape, dtype):
         return vae.decode(vae.denormalize_latents(latents.to(dtype)))
+
+
+@contextmanager
+def fitted_to_budget(vae: AutoencoderKL, shape: Sequence[int], dtype: torch.dtype) -> Iterator[None]:
+    """Slice or tile this decode when it would not fit the activation room its manager's budget leaves, then restore the VAE's settings."""
+    choice = decode_memory(vae, shape, dtype.itemsize)
+    if not (choice.slicing or choice.tiling):
+        yield
+        return
+    slicing, tiling = vae.slicing, vae.tiling
+    vae.slicing = slicing or choice.slicing
+    vae.tiling = tiling if tiling is not None or not choice.tiling else VaeTiling()
+    try:
+        yield
+    finally:
+        vae.slicing, vae.tiling = slicing, tiling

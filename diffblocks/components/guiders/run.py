@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from diffblocks.components.denoisers import Conditioning, Predict, check_joinable
 from diffblocks.components.guiders.base import AbstractGuider, GuiderState
+from diffblocks.components.memory.oom import OutOfMemory, attempt
 
 
 class GuidanceConditions(Mapping[str, Conditioning]):
@@ -117,31 +118,23 @@ def plain_predictions(
     tensor are concatenated along the batch and the output split back. If that forward runs out
     of memory they run one by one, for the rest of the call with :class:`GuidanceConditions`
     (which then frees its concatenated conditions): batching is a speed choice, not a requirement.
+    This is the first, cheapest relief of :mod:`diffblocks.components.memory.oom`; if the passes
+    run out of memory one by one too, the pipeline tightens the offload plan and runs the step again.
     """
     sticky = isinstance(conditions, GuidanceConditions)
     if batched and len(names) > 1 and not (sticky and conditions.sequential_after_oom):
-        output = _batched(predict, latents, conditions, tuple(names))
-        if output is not None:
+        output = attempt(lambda: _batched(predict, latents, conditions, tuple(names)))
+        if not isinstance(output, OutOfMemory):
             return list(output.chunk(len(names)))
         if sticky:
             conditions.fall_back_to_sequential()
-        torch.cuda.empty_cache()
     return [predict(latents, conditions[name]) for name in names]
 
 
-def _batched(
-    predict: Predict, latents: Tensor, conditions: Mapping[str, Conditioning], names: tuple[str, ...]
-) -> Tensor | None:
-    """One forward of the passes ``names`` concatenated along the batch, or None when it ran out of memory.
-
-    The retry belongs to the caller, after this returns: inside the ``except`` block the traceback
-    would keep the failed forward's activations alive during the retry.
-    """
+def _batched(predict: Predict, latents: Tensor, conditions: Mapping[str, Conditioning], names: tuple[str, ...]) -> Tensor:
+    """One forward of the passes ``names`` concatenated along the batch."""
     inputs = conditions.batched(names) if isinstance(conditions, GuidanceConditions) else _concatenate(conditions, names)
-    try:
-        return predict(torch.cat([latents] * len(names)), inputs)
-    except torch.OutOfMemoryError:
-        return None
+    return predict(torch.cat([latents] * len(names)), inputs)
 
 
 __all__ = ["GuidanceConditions", "Predict", "guided_prediction", "plain_predictions"]

@@ -4,6 +4,7 @@ See ``docs/memory.md``.
 """
 
 from diffblocks.components.memory.measure import ModelSize, measure
+from diffblocks.components.memory.oom import OffloadTightened
 from diffblocks.components.memory.placement import Placement
 from diffblocks.components.memory.planner import LADDER, MemoryBudgetError, MemoryPlan, plan_memory
 from diffblocks.components.memory.policies import (
@@ -32,6 +33,7 @@ __all__ = [
     "ModelSize",
     "Mover",
     "NoOffload",
+    "OffloadTightened",
     "OnMove",
     "Placement",
     "execution_device",

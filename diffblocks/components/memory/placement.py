@@ -8,9 +8,10 @@ from typing import final
 import torch
 from torch import nn
 
+from diffblocks.components.memory.activations import set_activation_room
 from diffblocks.components.memory.measure import ModelSize
-from diffblocks.components.memory.planner import MemoryPlan, plan_memory
-from diffblocks.components.memory.policies import AbstractOffload, Attached, Mover, OnMove
+from diffblocks.components.memory.planner import LADDER, MemoryPlan, plan_memory
+from diffblocks.components.memory.policies import AbstractOffload, Attached, Mover, NoOffload, OnMove
 from diffblocks.components.memory.sizes import ByteSize
 
 
@@ -27,20 +28,32 @@ class Placement:
         budget: bytes of weights allowed on the device (``"12GiB"``, ``"8 GB"`` or an int).
         policy: a fixed policy (the planner then only checks it against the budget, if any).
         on_move: told of each move (see :data:`~diffblocks.components.memory.OnMove`).
+        activations: bytes of the budget left to activations (``"2GiB"``); weights are planned in the rest.
     """
 
-    def __init__(self, *, budget: str | int | None = None, policy: AbstractOffload | None = None, on_move: OnMove | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        budget: str | int | None = None,
+        policy: AbstractOffload | None = None,
+        on_move: OnMove | None = None,
+        activations: str | int | None = None,
+    ) -> None:
         if policy is not None and not isinstance(policy, AbstractOffload):
             raise TypeError(
                 f"offload={policy!r} is not an offload policy: give NoOffload(), ModelOffload(), GroupOffload(...) or LeafOffload()"
             )
         self.budget = ByteSize.parse(budget) if budget is not None else None
+        self.activations = ByteSize.parse(activations) if activations is not None else ByteSize(0)
+        if activations is not None and self.budget is None:
+            raise ValueError(f"activations={activations!r} reserves part of a memory budget: give memory_budget= too")
         self.policy = policy
         self.on_move = on_move
         self.plan: MemoryPlan | None = None
         self._mover: Mover | None = None
         self._applied: AbstractOffload | None = None
         self._attached: dict[str, Attached] = {}
+        self._keep = True  # spend a spare budget on kept blocks; off once an out-of-memory error showed there is none
 
     @property
     def active(self) -> bool:
@@ -50,12 +63,39 @@ class Placement:
         """The plan for the models now known (measured only when the plan is out of date)."""
         if self.plan is None:
             target = device if device is not None else torch.device("cpu")
-            plan = plan_memory(sizes(), device=str(target), budget=self.budget, policy=self.policy)
-            if self._mover is None or self._mover.device != target or plan.policy != self._applied:
+            plan = plan_memory(sizes(), device=str(target), budget=self.budget, policy=self.policy, keep=self._keep,
+                               activations=self.activations)
+            if self._mover is None or self._mover.device != target or plan.policy != self._applied or plan.kept != self._mover.keep:
                 self.detach_all()  # each model gets the new policy when it is next handed out
                 self._mover = Mover(target, on_move=self.on_move)
+                self._mover.keep = dict(plan.kept)
             self.plan, self._applied = plan, plan.policy
         return self.plan
+
+    def tighter(self) -> AbstractOffload | None:
+        """The policy after the current one on the planner's ladder (None: nothing uses less memory).
+
+        The current policy is the plan's (no plan: ``NoOffload``); one not on the ladder is followed
+        by the first rung whose peak is smaller for the models planned. A plan that keeps blocks on
+        the device in its spare budget is tightened first to the same policy, keeping none.
+        """
+        current = self.plan.policy if self.plan is not None and self.active else NoOffload()
+        if self.plan is not None and self.plan.kept:
+            return current  # the same policy, its kept blocks streamed too
+        if current in LADDER:
+            rungs = LADDER[LADDER.index(current) + 1 :]
+        else:
+            models = list(self.plan.sizes.values()) if self.plan is not None else []
+            rungs = tuple(each for each in LADDER if each.peak(models) < current.peak(models))
+        return rungs[0] if rungs else None
+
+    def tighten(self, policy: AbstractOffload) -> AbstractOffload:
+        """Use ``policy`` from now on (models get it when the plan is next made); returns the policy it replaces."""
+        previous = self.plan.policy if self.plan is not None and self.active else NoOffload()
+        self.policy, self._keep = policy, False
+        self.detach_all()  # every model home: the new policy places them afresh
+        self.plan = None
+        return previous
 
     def outdated(self) -> None:
         """Models were added, removed or moved: plan again before the next model is handed out."""
@@ -66,11 +106,14 @@ class Placement:
         if key in self._attached or not isinstance(model, nn.Module) or self.plan is None or self._mover is None:
             return
         self._attached[key] = self.plan.policy.attach(name, model, self._mover)
+        # what the weights leave of the budget at their peak: the room a decode sizes itself to
+        set_activation_room(model, self.budget - self.plan.peak if self.budget is not None else None)
 
     def detach(self, key: str) -> None:
         attached = self._attached.pop(key, None)
         if attached is not None:
             attached.detach()
+            set_activation_room(attached.model, None)
 
     def detach_all(self) -> None:
         for key in list(self._attached):

@@ -12,17 +12,20 @@ The policies, from cheapest to smallest (the planner tries them in this order):
 - :class:`ModelOffload`: a model moves to the device when one of its layers first runs, and the
   model that was there moves home (diffusers' ``enable_model_cpu_offload``).
 - :class:`GroupOffload`: a model's repeated blocks (its outermost ``nn.ModuleList`` entries) move
-  in ``blocks_per_group`` at a time as they run and back after; the rest stays on the device
-  (diffusers' ``apply_group_offloading``, ``offload_type="block_level"``).
+  in ``blocks_per_group`` at a time as they run and back after, the next group copied from pinned
+  memory on a side stream while one computes (:mod:`~diffblocks.components.memory.streams`); the
+  rest stays on the device (diffusers' ``apply_group_offloading``, ``offload_type="block_level"``,
+  ``use_stream=True``).
 - :class:`LeafOffload`: each layer's own tensors move in just before it runs and back after
   (``offload_type="leaf_level"``): the least memory, the most traffic.
 """
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, final
 from weakref import WeakKeyDictionary
 
@@ -31,6 +34,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from diffblocks.components.memory.measure import ModelSize, repeated_blocks
+from diffblocks.components.memory.streams import Prefetcher, StreamedGroup, Synchronous, streams_for
 
 OnMove = Callable[[str, torch.device, int], None]
 """Told of each move: the moved module's name (``"unet/down_blocks.0"``), where to, and the bytes moved."""
@@ -44,14 +48,28 @@ class Mover:
         device: where models run.
         home: where they wait (default: the CPU).
         on_move: called once per move (see :data:`OnMove`).
+        streams: how streamed groups are copied (default: a side stream on CUDA, plain copies elsewhere;
+            tests pass a stand-in that records the copies and waits).
     """
 
-    def __init__(self, device: torch.device | str, *, home: torch.device | str = "cpu", on_move: OnMove | None = None) -> None:
+    def __init__(
+        self,
+        device: torch.device | str,
+        *,
+        home: torch.device | str = "cpu",
+        on_move: OnMove | None = None,
+        streams: Synchronous | None = None,
+    ) -> None:
         self.device = torch.device(device)
         self.home = torch.device(home)
         self.on_move = on_move
+        self.streams = streams if streams is not None else streams_for(self.device)
         self.resident: nn.Module | None = None  # the one model that ModelOffload keeps on the device
         self.resident_name = ""
+        self.prefetching: Prefetcher | None = None  # the model whose next group is being fetched ahead
+        self.keep: dict[str, int] = {}  # bytes of each model's repeated blocks that GroupOffload keeps on the device (the plan's ``kept``)
+        # Hooks of models run by concurrent calls check and change ``resident`` and the prefetch state together.
+        self.lock = threading.RLock()
 
     def move(self, name: str, modules: Iterable[nn.Module], device: torch.device, *, recurse: bool = True) -> None:
         moved = 0
@@ -81,14 +99,18 @@ def execution_device(model: nn.Module) -> torch.device | None:
 class Attached:
     """A policy installed on one model: ``detach()`` removes its hooks and moves its tensors home."""
 
-    def __init__(self, name: str, model: nn.Module, mover: Mover, handles: Sequence[RemovableHandle]) -> None:
-        self.name, self.model, self.mover, self.handles = name, model, mover, tuple(handles)
+    def __init__(
+        self, name: str, model: nn.Module, mover: Mover, handles: Sequence[RemovableHandle], *, prefetcher: Prefetcher | None = None
+    ) -> None:
+        self.name, self.model, self.mover, self.handles, self.prefetcher = name, model, mover, tuple(handles), prefetcher
         _RUNS_ON[model] = mover.device
 
     def detach(self) -> None:
         _RUNS_ON.pop(self.model, None)
         for handle in self.handles:
             handle.remove()
+        if self.prefetcher is not None:
+            self.prefetcher.release_all()
         if self.mover.resident is self.model:
             self.mover.resident = None
         self.mover.move(self.name, [self.model], self.mover.home)
@@ -139,11 +161,14 @@ class ModelOffload(AbstractOffload):
 
     def attach(self, name: str, model: nn.Module, mover: Mover) -> Attached:
         def bring(_module: nn.Module, _args: Any) -> None:
-            if mover.resident is not model:
-                if mover.resident is not None:
-                    mover.move(mover.resident_name, [mover.resident], mover.home)
-                mover.move(name, [model], mover.device)
-                mover.resident, mover.resident_name = model, name
+            if mover.resident is model:
+                return  # the common case, every layer of the running model: no lock
+            with mover.lock:
+                if mover.resident is not model:
+                    if mover.resident is not None:
+                        mover.move(mover.resident_name, [mover.resident], mover.home)
+                    mover.move(name, [model], mover.device)
+                    mover.resident, mover.resident_name = model, name
 
         # Every layer that holds tensors asks: a model may be entered by a method other than forward (vae.decode).
         handles = [sub.register_forward_pre_hook(bring) for sub in _holders(model)]
@@ -158,37 +183,62 @@ class ModelOffload(AbstractOffload):
 class GroupOffload(AbstractOffload):
     """A model's repeated blocks move in ``blocks_per_group`` at a time as they run; the rest stays on the device.
 
+    Each group waits in pinned CPU memory (pinned once, when attached) and, from the second call
+    on, the group that ran next last time is copied on a side stream while this one computes
+    (:class:`~diffblocks.components.memory.streams.Prefetcher`); sending a group home copies nothing.
+    Groups worth ``mover.keep[name]`` bytes (the plan's spare budget) stay on the device instead,
+    spread evenly through the model, so each streamed group's copy hides behind the compute of
+    the kept groups before it.
+
     Args:
         blocks_per_group: consecutive entries of one ``nn.ModuleList`` that move together (>= 1).
+        prefetch: fetch the next group while one runs (two groups on the device at once, counted in
+            :meth:`peak`); False fetches each group when it is needed, one at a time.
     """
 
     blocks_per_group: int = 1
+    prefetch: bool = field(default=True, repr=False)  # shown only when off, see __repr__
 
     def __post_init__(self) -> None:
         if self.blocks_per_group < 1:
             raise ValueError(f"GroupOffload: blocks_per_group {self.blocks_per_group} must be >= 1")
 
+    def __repr__(self) -> str:
+        return f"GroupOffload(blocks_per_group={self.blocks_per_group}" + (")" if self.prefetch else ", prefetch=False)")
+
     def peak(self, sizes: Sequence[ModelSize]) -> int:
         resident = sum(size.outside_blocks for size in sizes)
-        return resident + max((size.largest_group(self.blocks_per_group) for size in sizes), default=0)
+        return resident + max((self._streamed(size) for size in sizes), default=0)
+
+    def _streamed(self, size: ModelSize) -> int:
+        group = size.largest_group(self.blocks_per_group)
+        # prefetching: the running group and the one fetched ahead, at most every block
+        return min(2 * group, sum(sum(each) for each in size.blocks)) if self.prefetch else group
 
     def attach(self, name: str, model: nn.Module, mover: Mover) -> Attached:
         names = {id(m): n for n, m in model.named_modules()}
-        handles: list[RemovableHandle] = []
-        grouped: set[int] = set()
+        every: list[tuple[str, list[nn.Module]]] = []
         for blocks in repeated_blocks(model):
             entries = list(blocks)
             for start in range(0, len(entries), self.blocks_per_group):
                 group = entries[start : start + self.blocks_per_group]
                 label = f"{name}/{names[id(group[0])]}" + (f"..{names[id(group[-1])].rsplit('.', 1)[-1]}" if len(group) > 1 else "")
-                handles += _stream(label, group, mover)
-                grouped.update(id(m) for block in group for m in block.modules())
+                every.append((label, group))
+        kept = _spread([sum(_nbytes(block) for block in group) for _, group in every], mover.keep.get(name, 0))
+        grouped = {id(m) for i, (_, group) in enumerate(every) if i not in kept for block in group for m in block.modules()}
         rest = [m for m in model.modules() if id(m) not in grouped]
-        mover.move(f"{name}/(outside blocks)", rest, mover.device, recurse=False)
-        return Attached(name, model, mover, handles)
+        mover.move(f"{name}/(outside blocks)" + (f" and {len(kept)} kept groups" if kept else ""), rest, mover.device, recurse=False)
+        groups = [(group, StreamedGroup(label, group, mover.streams)) for i, (label, group) in enumerate(every) if i not in kept]
+        prefetcher = Prefetcher([streamed for _, streamed in groups], mover, prefetch=self.prefetch)
+        handles: list[RemovableHandle] = []
+        for group, streamed in groups:
+            handles.append(group[0].register_forward_pre_hook(lambda _m, _a, s=streamed: prefetcher.enter(s)))
+            handles.append(group[-1].register_forward_hook(lambda _m, _a, _o, s=streamed: prefetcher.leave(s)))
+        return Attached(name, model, mover, handles, prefetcher=prefetcher)
 
     def describe(self) -> str:
-        return f"repeated blocks stream in {self.blocks_per_group} at a time; the rest stays on the device"
+        ahead = ", the next group copied while one runs" if self.prefetch else ""
+        return f"repeated blocks stream in {self.blocks_per_group} at a time{ahead}; the rest stays on the device"
 
 
 @final
@@ -219,6 +269,20 @@ def _stream(label: str, group: list[nn.Module], mover: Mover, *, recurse: bool =
         mover.move(label, group, mover.home, recurse=recurse)
 
     return [group[0].register_forward_pre_hook(bring), group[-1].register_forward_hook(send)]
+
+
+def _spread(sizes: list[int], allowance: int) -> set[int]:
+    """The most groups (indices into ``sizes``), spread evenly, whose bytes fit ``allowance``."""
+    count = len(sizes)
+    for keep in range(count, 0, -1):
+        chosen = {int((j + 0.5) * count / keep) for j in range(keep)}
+        if sum(sizes[i] for i in chosen) <= allowance:
+            return chosen
+    return set()
+
+
+def _nbytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in _tensors(module, recurse=True))
 
 
 def _tensors(module: nn.Module, *, recurse: bool) -> Iterable[torch.Tensor]:

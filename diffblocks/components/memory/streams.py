@@ -1,0 +1,246 @@
+"""Streaming groups of a model's tensors to the accelerator: pinned at home, copied ahead on a side stream.
+
+Group offload moves the same groups in the same order every step, so three things make it cheap:
+
+- Each group's home tensors live in pinned (page-locked) CPU memory, pinned once when the policy
+  is attached. A copy from pinned memory is a DMA the host does not wait for; from pageable memory
+  the driver stages it through a pinned buffer of its own, synchronously.
+- While group k computes on the current stream, group k+1 is copied on a side stream. The current
+  stream waits for the copy's event before group k+1's first kernel (a wait on the GPU, not the
+  host), so no kernel reads a half-copied weight; each copy is ``record_stream``-ed on the current
+  stream, so the caching allocator does not hand its memory to the next prefetch while a kernel
+  queued on the current stream may still read it (PyTorch's "CUDA semantics", *stream semantics
+  of the caching allocator*).
+- Sending a group home copies nothing: its pinned home tensors are still there, and the device
+  copies are dropped. A weight changed in place while on the device (its version counter moved)
+  is copied back first.
+
+The order to prefetch in is learned as the groups run (each group remembers which ran after it),
+since definition order is not execution order (a UNet's mid block is defined after its up
+blocks); the first call fetches each group when it is needed. Off CUDA, :class:`Synchronous` runs
+the same code with no stream: each copy is complete when it returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, final
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from diffblocks.components.memory.policies import Mover
+
+
+class Synchronous:
+    """Copies that are complete when they return (the CPU, the meta device): no pinning, no events.
+
+    Also the base of test stand-ins that record the order of copies and waits.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def pin(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` as the home copy to stream from (pinned where that helps)."""
+        return tensor
+
+    def copy(self, label: str, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
+        """Start copying ``tensors`` to the device; returns the copies and what to wait on before using them."""
+        return [t.to(self.device) for t in tensors], None
+
+    def wait(self, label: str, ready: Any) -> None:
+        """Make work queued after this call see the copies complete."""
+
+
+@final
+class CudaStreams(Synchronous):
+    """Copies on one side stream per device, from pinned memory, waited for by events on the current stream."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        self.side = torch.cuda.Stream(device)
+
+    def pin(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type != "cpu" or tensor.is_pinned():
+            return tensor
+        try:
+            return tensor.pin_memory()
+        except (RuntimeError, NotImplementedError):  # a tensor subclass without pin_memory: copied from pageable memory, still correct
+            return tensor
+
+    def copy(self, label: str, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
+        current = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.side):
+            copies = [t.to(self.device, non_blocking=True) for t in tensors]
+            ready = torch.cuda.Event()
+            ready.record(self.side)
+        for each in copies:
+            each.record_stream(current)  # allocated on the side stream, read on the current one
+        return copies, ready
+
+    def wait(self, label: str, ready: Any) -> None:
+        if ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(ready)
+
+
+def streams_for(device: torch.device) -> Synchronous:
+    """:class:`CudaStreams` on a CUDA device, :class:`Synchronous` elsewhere."""
+    return CudaStreams(device) if device.type == "cuda" else Synchronous(device)
+
+
+@final
+class StreamedGroup:
+    """One group's tensors (``modules``' own, or all of theirs with ``recurse``): pinned at home, fetched and released.
+
+    While fetched, the modules hold the device copies (the same ``nn.Parameter`` objects, their
+    ``.data`` swapped, so anything holding a parameter still holds it); released, they hold the
+    pinned home tensors again.
+    """
+
+    def __init__(self, label: str, modules: Iterable[nn.Module], streams: Synchronous, *, recurse: bool = True) -> None:
+        self.label, self.streams = label, streams
+        self.slots: list[tuple[nn.Module, str, bool]] = []  # (module, name, is a parameter)
+        seen: set[int] = set()  # a parameter tied into two modules of the group moves once
+        for module in modules:
+            for sub in module.modules() if recurse else (module,):
+                for name, param in sub._parameters.items():  # noqa: SLF001 - the slots nn.Module.to fills
+                    if param is not None and id(param) not in seen:
+                        seen.add(id(param))
+                        self.slots.append((sub, name, True))
+                for name, buffer in sub._buffers.items():  # noqa: SLF001
+                    if buffer is not None:
+                        self.slots.append((sub, name, False))
+        with torch.inference_mode(False), torch.no_grad():
+            self.home = [streams.pin(self._get(slot)) for slot in self.slots]
+            self._put(self.home)
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.home)
+        self.fetched: list[torch.Tensor] | None = None
+        self.ready: Any = None
+        self._versions: list[int] = []
+
+    def fetch(self) -> bool:
+        """Start copying the group to the device (nothing if it is there already); True if a copy started."""
+        if self.fetched is not None:
+            return False
+        with torch.inference_mode(False), torch.no_grad():
+            for i, slot in enumerate(self.slots):
+                current = self._get(slot)
+                if _replaced(current, self.home[i]):  # model.to(dtype) or a new weight since: that is home now
+                    self.home[i] = self.streams.pin(current.to(self.home[i].device))
+                    self.nbytes = sum(t.numel() * t.element_size() for t in self.home)
+            self.fetched, self.ready = self.streams.copy(self.label, self.home)
+            self._put(self.fetched)
+        self._versions = [self._version(slot) for slot in self.slots]
+        return True
+
+    def wait(self) -> None:
+        """Queue nothing that reads the group before its copy is complete (call before its first layer runs)."""
+        self.streams.wait(self.label, self.ready)
+        self.ready = None
+
+    def release(self) -> bool:
+        """Put the home tensors back (copying back any changed in place); True if the group was on the device."""
+        if self.fetched is None:
+            return False
+        with torch.inference_mode(False), torch.no_grad():
+            for i, (slot, home, fetched, version) in enumerate(zip(self.slots, self.home, self.fetched, self._versions)):
+                current = self._get(slot)
+                if _replaced(current, fetched):  # replaced on the device (model.to(dtype) while running): keep the new one
+                    self.home[i] = self.streams.pin(current.to(home.device))
+                elif fetched is not home and self._version(slot) != version:
+                    home.copy_(fetched)
+            self._put(self.home)
+        self.fetched, self.ready = None, None
+        return True
+
+    def _get(self, slot: tuple[nn.Module, str, bool]) -> torch.Tensor:
+        module, name, is_param = slot
+        tensor = module._parameters[name] if is_param else module._buffers[name]  # noqa: SLF001
+        assert tensor is not None
+        return tensor.data if is_param else tensor
+
+    def _version(self, slot: tuple[nn.Module, str, bool]) -> int:
+        module, name, is_param = slot
+        tensor = module._parameters[name] if is_param else module._buffers[name]  # noqa: SLF001
+        assert tensor is not None
+        return tensor._version  # noqa: SLF001 - bumped by every in-place change
+
+    def _put(self, tensors: list[torch.Tensor]) -> None:
+        for (module, name, is_param), tensor in zip(self.slots, tensors):
+            if is_param:
+                param = module._parameters[name]  # noqa: SLF001
+                assert param is not None
+                param.data = tensor
+            else:
+                module._buffers[name] = tensor  # noqa: SLF001
+
+
+def _replaced(current: torch.Tensor, known: torch.Tensor) -> bool:
+    """Whether a slot now holds another tensor than the one the group put there."""
+    return current.dtype != known.dtype or current.device != known.device or current.data_ptr() != known.data_ptr()
+
+
+@final
+class Prefetcher:
+    """The groups of one model, each fetched before it runs and the one that ran after it last time fetched ahead.
+
+    At most two groups of all the models sharing ``mover`` are on the device at once: the one
+    running and the one fetched ahead (a model that starts running drops another model's guess),
+    so a policy that prefetches counts two groups in its peak.
+    """
+
+    def __init__(self, groups: list[StreamedGroup], mover: Mover, *, prefetch: bool = True) -> None:
+        self.groups, self.mover, self.prefetch = groups, mover, prefetch
+        self._after: dict[int, StreamedGroup] = {}  # id(group) -> the group that ran after it last time
+        self._last: StreamedGroup | None = None
+        self._ahead: StreamedGroup | None = None
+
+    def enter(self, group: StreamedGroup) -> None:
+        """``group`` is about to run: make sure it is there, then start fetching the group expected next."""
+        with self.mover.lock:
+            self._enter(group)
+
+    def _enter(self, group: StreamedGroup) -> None:
+        if self._last is not None and self._last is not group:
+            self._after[id(self._last)] = group
+        self._last = group
+        if self.mover.prefetching is not None and self.mover.prefetching is not self:
+            self.mover.prefetching.drop_ahead()
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead is not group:
+            self._release(ahead)  # a wrong guess: its memory is not counted beside the next one's
+        if group.fetch():
+            self._moved(group, self.mover.device)
+        group.wait()
+        following = self._after.get(id(group)) if self.prefetch else None
+        if following is not None and following is not group and following.fetch():
+            self._moved(following, self.mover.device)
+            self._ahead, self.mover.prefetching = following, self
+
+    def leave(self, group: StreamedGroup) -> None:
+        """``group`` has run: its device copies are dropped."""
+        with self.mover.lock:
+            self._release(group)
+
+    def drop_ahead(self) -> None:
+        """Release the group fetched ahead, if any (another model runs now)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            self._release(ahead)
+        if self.mover.prefetching is self:
+            self.mover.prefetching = None
+
+    def release_all(self) -> None:
+        self.drop_ahead()
+        for group in self.groups:
+            self._release(group)
+
+    def _release(self, group: StreamedGroup) -> None:
+        if group.release():
+            self._moved(group, self.mover.home)
+
+    def _moved(self, group: StreamedGroup, device: torch.device) -> None:
+        if self.mover.on_move is not None:
+            self.mover.on_move(group.label, device, group.nbytes)
