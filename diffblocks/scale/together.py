@@ -1,0 +1,67 @@
+"""Requests that can share one pipeline call, and that call.
+
+Requests that differ only in their prompt and seed run as one batch: the prompts as a list, one
+generator per image in request order. Each image keeps its own generator, so its starting noise is
+bit for bit the noise it gets alone; the denoised image can still differ in the last bit of a float
+(batched CPU kernels add in another order), which moves a pixel by at most one level of 255.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from diffblocks.scale.request import GenerationRequest, RequestRunner
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+_OWN = frozenset({"prompt", "seed"})  # what each request of a shared call keeps to itself
+
+
+def batch_key(request: GenerationRequest) -> tuple[tuple[str, Any], ...]:
+    """What requests must share to run in one call: every setting but the prompt and the seed."""
+    return tuple((name, value) for name, value in request.model_dump().items() if name not in _OWN)
+
+
+def groups(requests: Sequence[GenerationRequest]) -> list[list[int]]:
+    """Indices of ``requests`` grouped by :func:`batch_key`, each group in arrival order, groups by first arrival."""
+    by_key: dict[tuple[tuple[str, Any], ...], list[int]] = {}
+    for index, request in enumerate(requests):
+        by_key.setdefault(batch_key(request), []).append(index)
+    return list(by_key.values())
+
+
+def images_together(runner: RequestRunner, requests: Sequence[GenerationRequest]) -> list[list[Image]]:
+    """The images of each request, made in one pipeline call; the requests must share :func:`batch_key`.
+
+    Example:
+        >>> runner = RequestRunner.load(device="cpu")
+        >>> a, b = (GenerationRequest(prompt=p, seed=s, height=32, width=32, num_inference_steps=2)
+        ...         for p, s in (("a red circle", 1), ("a blue square", 2)))
+        >>> [len(images) for images in images_together(runner, [a, b])]
+        [1, 1]
+    """
+    if not requests:
+        return []
+    first = requests[0]
+    for request in requests[1:]:
+        if batch_key(request) != batch_key(first):
+            differ = [name for (name, mine), (_, theirs) in zip(batch_key(first), batch_key(request)) if mine != theirs]
+            raise ValueError(f"requests differ in {', '.join(differ)}, so they cannot share a call; run them apart (groups())")
+    out = runner.run(
+        first,
+        prompt=[request.prompt for request in requests],
+        generator=[generator for request in requests for generator in request.generators()],
+    )
+    latents = out.get("latents")
+    if isinstance(latents, torch.Tensor) and not bool(torch.isfinite(latents).all()):
+        raise ValueError(
+            "the run produced NaN or infinite latents, so every image would be black. "
+            "Try a lower guidance scale, float32 weights, or another scheduler"
+        )
+    images = list(out.images)
+    per = first.num_images
+    return [images[k * per : (k + 1) * per] for k in range(len(requests))]
