@@ -2,7 +2,8 @@
 
 ``POST /generate`` takes a JSON :class:`GenerationRequest` and answers ``image/png`` (one image), or
 JSON with base64 PNGs, the seeds and the request when the client accepts ``application/json``
-(needed for ``num_images`` above 1). ``GET /health`` answers 200 once the replica holds its model:
+(needed for ``num_images`` above 1); ``X-Batch-Size`` tells how many requests shared the pipeline call.
+``GET /health`` answers 200 once the replica holds its model:
 Serve routes to a replica only after its constructor, which loads the model, has returned.
 
 A request is refused (422, the Python API's message) before it queues behind others: pydantic's
@@ -51,6 +52,7 @@ class _Outcome:
 
     images: "list[Image] | None" = None
     error: Exception | None = None
+    together: int = 1  # requests in the pipeline call that made the images
 
 
 # Serve pickles the deployment class by value when it is decorated, so what its methods use is defined above it
@@ -125,15 +127,17 @@ class Generator:
             return JSONResponse({"error": f"{type(outcome.error).__name__}: {outcome.error}"}, status_code=500)
         assert outcome.images is not None
         pngs = [_png(image) for image in outcome.images]
+        together = {"X-Batch-Size": str(outcome.together)}
         if as_json:
             return JSONResponse(
                 {
                     "images": [base64.b64encode(png).decode("ascii") for png in pngs],
                     "seeds": [request.seed + k for k in range(request.num_images)],
                     "request": request.model_dump(),
-                }
+                },
+                headers=together,
             )
-        return Response(pngs[0], media_type="image/png", headers={"X-Seed": str(request.seed)})
+        return Response(pngs[0], media_type="image/png", headers={"X-Seed": str(request.seed), **together})
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)  # replaced per deployment in __init__
     async def _run_batch(self, requests: list[GenerationRequest]) -> list[_Outcome]:
@@ -147,7 +151,8 @@ class Generator:
 
     def _run_group(self, requests: list[GenerationRequest]) -> list[_Outcome]:
         try:
-            return [_Outcome(images=images) for images in images_together(self.runner, requests)]
+            made = images_together(self.runner, requests)
+            return [_Outcome(images=images, together=len(requests)) for images in made]
         except _REFUSED as error:
             if len(requests) == 1:
                 return [_Outcome(error=error)]
