@@ -2,8 +2,8 @@
 
 One server answers health, PNG and JSON requests, concurrent requests (batched, each image as it is
 alone) and bad ones (422 with the Python API's messages), then shuts down and frees its port; a second
-one with a queue of one answers 503 under overload. The options, the command line and a missing Ray
-are checked without a cluster.
+one with a queue of one answers 503 under overload. The options, a missing Ray and the command line
+are checked without the module's cluster; the command serves until Ctrl-C in a process of its own.
 """
 
 from __future__ import annotations
@@ -13,8 +13,12 @@ import io
 import json
 import logging
 import os
+import re
+import signal
 import socket
+import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -72,6 +76,29 @@ def test_command_line_options(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Ca
     err = capsys.readouterr().err
     assert "--max-batch-size: Input should be greater than or equal to 1" in err
     assert "--max-queued: Input should be greater than or equal to 0" in err
+
+
+def test_command_serves_until_ctrl_c() -> None:
+    pytest.importorskip("ray")
+    command = [sys.executable, "-m", "diffblocks.cli", "serve", "--port", "0", "--max-batch-size", "2"]
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=environment) as process:
+        watchdog = threading.Timer(300, process.kill)  # a server that never comes up fails the test, not the run
+        watchdog.start()
+        try:
+            assert process.stdout is not None
+            pattern = re.compile(r"^serving the built-in model at (http://127\.0\.0\.1:(\d+)) \(Ctrl-C to stop\)$")
+            found = next((match for line in process.stdout if (match := pattern.search(line.strip()))), None)
+            assert found, "the command ended without printing its URL"
+            with urllib.request.urlopen(found.group(1) + "/health", timeout=60) as answer:
+                assert answer.status == 200
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=120) == 0
+        finally:
+            watchdog.cancel()
+            process.kill()
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", int(found.group(2))), timeout=5):
+        pass
 
 
 # --- on a local cluster -----------------------------------------------------------------------------------
