@@ -48,9 +48,9 @@ app = FastAPI(title="diffblocks", description="Generate images from a JSON reque
 
 @dataclass(frozen=True)
 class _Outcome:
-    """One request's share of a batch: its images, or why it has none."""
+    """One request's share of a batch: its images as PNG files, or why it has none."""
 
-    images: "list[Image] | None" = None
+    pngs: list[bytes] | None = None
     error: Exception | None = None
     together: int = 1  # requests in the pipeline call that made the images
 
@@ -90,6 +90,7 @@ def _refusal(error: Exception) -> JSONResponse:
 
 
 def _png(image: "Image") -> bytes:
+    """The image as a PNG file's bytes."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
@@ -125,8 +126,8 @@ class Generator:
             if isinstance(outcome.error, _REFUSED):  # a value only known at run time
                 return _refusal(outcome.error)
             return JSONResponse({"error": f"{type(outcome.error).__name__}: {outcome.error}"}, status_code=500)
-        assert outcome.images is not None
-        pngs = [_png(image) for image in outcome.images]
+        assert outcome.pngs is not None
+        pngs = outcome.pngs
         together = {"X-Batch-Size": str(outcome.together)}
         if as_json:
             return JSONResponse(
@@ -143,7 +144,8 @@ class Generator:
     async def _run_batch(self, requests: list[GenerationRequest]) -> list[_Outcome]:
         outcomes = [_Outcome()] * len(requests)
         for group in groups(requests):
-            # a worker thread, so the event loop keeps answering while the model runs; Serve runs one batch at a time
+            # a worker thread, so the event loop keeps answering while the model runs and the PNGs are written;
+            # Serve runs one batch at a time, and the runner serves one caller at a time
             done = await asyncio.to_thread(self._run_group, [requests[k] for k in group])
             for k, outcome in zip(group, done):
                 outcomes[k] = outcome
@@ -152,7 +154,7 @@ class Generator:
     def _run_group(self, requests: list[GenerationRequest]) -> list[_Outcome]:
         try:
             made = images_together(self.runner, requests)
-            return [_Outcome(images=images, together=len(requests)) for images in made]
+            return [_Outcome(pngs=[_png(image) for image in images], together=len(requests)) for images in made]
         except _REFUSED as error:
             if len(requests) == 1:
                 return [_Outcome(error=error)]

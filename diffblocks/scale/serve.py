@@ -10,13 +10,15 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 APP_NAME = "diffblocks"
 
 _MSG_NO_RAY = 'serving needs Ray Serve, an optional extra: pip install -e ".[ray]" (missing: {missing})'
+_MSG_SERVE_RUNNING = (
+    "Serve already runs on this Ray cluster, and its host and port cannot change while it does; "
+    "shut the earlier server down (Server.shutdown(), or ray.serve.shutdown()) first"
+)
 _MSG_BATCH_ABOVE_ONGOING = (
     "max_batch_size {batch} is above max_ongoing_requests {ongoing}: a replica holds at most "
     "max_ongoing_requests requests, so it could never fill a batch; raise max_ongoing_requests or lower max_batch_size"
@@ -113,20 +115,44 @@ class Server:
         return f"Server({self.url!r}, running={self._running})"
 
 
-def serve(model: str | None = None, *, blocking: bool = False, **options: Any) -> Server:
-    """Serve ``model`` over HTTP on Ray Serve; returns once the replicas hold the model.
+def serve(
+    model: str | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    replicas: int = 1,
+    max_batch_size: int = 4,
+    batch_wait_timeout_s: float = 0.05,
+    max_ongoing_requests: int | None = None,
+    max_queued_requests: int = 64,
+    device: str | None = None,
+    blocking: bool = False,
+) -> Server:
+    """Serve ``model`` over HTTP on Ray Serve; returns once every replica holds the model.
+
+    The options are :class:`ServeOptions`' (checked before Ray starts). Serve runs on the Ray cluster
+    this process is connected to, else on a local one started here and stopped by :meth:`Server.shutdown`.
+    Serve is one per cluster: shutting the server down stops Serve, with any other application on it.
 
     Args:
-        model: a Hub id or folder of a supported family; None: the built-in model.
         blocking: serve until Ctrl-C, then shut down (the command line's way).
-        **options: the other fields of :class:`ServeOptions` (``host``, ``port``, ``replicas``, ...).
 
     Example:
         >>> with serve(port=0, max_batch_size=2) as server:  # doctest: +SKIP
         ...     urllib.request.urlopen(server.url + "/health").status
         200
     """
-    settings = ServeOptions(model=model, **options)  # refused before Ray starts
+    settings = ServeOptions(
+        model=model,
+        host=host,
+        port=port,
+        replicas=replicas,
+        max_batch_size=max_batch_size,
+        batch_wait_timeout_s=batch_wait_timeout_s,
+        max_ongoing_requests=max_ongoing_requests,
+        max_queued_requests=max_queued_requests,
+        device=device,
+    )
     require_ray()
     import ray
     from ray import serve as ray_serve
@@ -137,6 +163,8 @@ def serve(model: str | None = None, *, blocking: bool = False, **options: Any) -
     if owns_ray:
         # a cluster of our own ("local"), not one another program on this machine started
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    elif ray_serve.status().proxies:
+        raise RuntimeError(_MSG_SERVE_RUNNING)
     try:
         port = settings.port or _free_port(settings.host)
         ray_serve.start(http_options={"host": settings.host, "port": port})

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from diffblocks.scale.request import GenerationRequest, RequestRunner
+from diffblocks.scale.request import MAX_IMAGES_PER_REQUEST, GenerationRequest, RequestRunner
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -26,12 +26,25 @@ def batch_key(request: GenerationRequest) -> tuple[tuple[str, Any], ...]:
     return tuple((name, value) for name, value in request.model_dump().items() if name not in _OWN)
 
 
-def groups(requests: Sequence[GenerationRequest]) -> list[list[int]]:
-    """Indices of ``requests`` grouped by :func:`batch_key`, each group in arrival order, groups by first arrival."""
-    by_key: dict[tuple[tuple[str, Any], ...], list[int]] = {}
+def groups(requests: Sequence[GenerationRequest], *, max_images: int = MAX_IMAGES_PER_REQUEST) -> list[list[int]]:
+    """Indices of ``requests`` that can share a call, in arrival order; groups in order of their first request.
+
+    Requests share a call when they share :func:`batch_key`, up to ``max_images`` images in all (one
+    request's own images are never split), so a batch of large requests does not become one huge call.
+    """
+    open_groups: dict[tuple[tuple[str, Any], ...], list[int]] = {}
+    done: list[list[int]] = []
     for index, request in enumerate(requests):
-        by_key.setdefault(batch_key(request), []).append(index)
-    return list(by_key.values())
+        key = batch_key(request)
+        group = open_groups.get(key)
+        if group is not None and (len(group) + 1) * request.num_images > max_images:
+            done.append(group)  # full: later requests like it start a new call
+            group = None
+        if group is None:
+            group = open_groups[key] = []
+        group.append(index)
+    done += open_groups.values()
+    return sorted(done, key=lambda group: group[0])
 
 
 def images_together(runner: RequestRunner, requests: Sequence[GenerationRequest]) -> list[list[Image]]:

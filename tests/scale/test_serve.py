@@ -48,8 +48,8 @@ def test_options_are_refused_before_ray_starts() -> None:
         ServeOptions(port=70000)
     with pytest.raises(ValidationError, match="max_batch_size 8 is above max_ongoing_requests 4"):
         ServeOptions(max_batch_size=8, max_ongoing_requests=4)
-    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
-        serve(replica=2)  # a typo of replicas, refused without touching Ray
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        serve(replicas=0)  # refused without touching Ray
     assert ServeOptions(max_batch_size=3).ongoing == 6
 
 
@@ -204,6 +204,11 @@ def test_bad_requests_422_with_the_python_messages(server: Server) -> None:
     assert status == 422 and "guidance_scale" in json.loads(body)["error"]  # the pipeline's own bound
     status, _, body = post(server.url, b"{not json")
     assert status == 422 and json.loads(body)["problems"][0]["message"].startswith("Invalid JSON")
+
+
+def test_one_server_per_cluster(server: Server) -> None:
+    with pytest.raises(RuntimeError, match="Serve already runs on this Ray cluster"):
+        serve(port=0)
 
 
 def test_shutdown_closes_the_port(server: Server) -> None:

@@ -37,6 +37,10 @@ def test_groups_by_everything_but_prompt_and_seed() -> None:
     assert groups(requests) == [[0, 2], [1, 4], [3]]
     assert batch_key(requests[0]) == batch_key(requests[2]) != batch_key(requests[3])
     assert groups([]) == []
+    # at most max_images images per call; a request's own images stay together
+    big = [request(seed=k, num_images=3) for k in range(5)]
+    assert groups(big, max_images=6) == [[0, 1], [2, 3], [4]]
+    assert groups(big, max_images=2) == [[0], [1], [2], [3], [4]]
 
 
 def test_each_image_as_it_is_alone(runner: RequestRunner) -> None:
