@@ -320,6 +320,8 @@ def _serve(args: argparse.Namespace) -> int:
         message = str(error)
     except RuntimeError as error:  # Serve could not deploy, e.g. a replica failed to load the model
         message = str(error).strip().splitlines()[0]
+    except KeyboardInterrupt:  # Ctrl-C before the replicas were ready: serve() has already cleaned up
+        return 130
     else:
         return 0
     print(f"diffblocks serve: error: {message}", file=sys.stderr)
