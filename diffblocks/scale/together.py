@@ -3,7 +3,7 @@
 Requests that differ only in their prompt and seed run as one batch: the prompts as a list, one
 generator per image in request order. Each image keeps its own generator, so its starting noise is
 bit for bit the noise it gets alone; the denoised image can still differ in the last bit of a float
-(batched CPU kernels add in another order), which moves a pixel by at most one level of 255.
+(batched kernels add in another order), which on the CPU has moved a pixel by one level of 255 at most.
 """
 
 from __future__ import annotations
