@@ -137,10 +137,7 @@ def serve(
     Args:
         blocking: serve until Ctrl-C, then shut down (the command line's way).
 
-    Example:
-        >>> with serve(port=0, max_batch_size=2) as server:  # doctest: +SKIP
-        ...     urllib.request.urlopen(server.url + "/health").status
-        200
+    ``docs/scale.md`` has a runnable example: serve on loopback, send requests, stop.
     """
     settings = ServeOptions(
         model=model,
