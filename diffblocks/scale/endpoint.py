@@ -20,7 +20,6 @@ This module imports Ray; :mod:`diffblocks.scale.serve` imports it only once Ray 
 import asyncio
 import base64
 import io
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -30,13 +29,10 @@ from ray import serve
 
 from diffblocks.blocks import InputError
 from diffblocks.scale.request import GenerationRequest, RequestRunner
-from diffblocks.scale.together import groups, images_together
+from diffblocks.scale.together import REFUSED, Outcome, run_batch
 
 if TYPE_CHECKING:
     from PIL.Image import Image
-
-# what a request can be refused for: its fields, its pipeline inputs, a guider or scheduler the model cannot take
-_REFUSED = (ValidationError, InputError, ValueError)
 
 _MSG_ONE_PNG = (
     "num_images {count} makes {count} images but image/png holds one; "
@@ -44,15 +40,6 @@ _MSG_ONE_PNG = (
 )
 
 app = FastAPI(title="diffblocks", description="Generate images from a JSON request; see docs/scale.md.")
-
-
-@dataclass(frozen=True)
-class _Outcome:
-    """One request's share of a batch: its images as PNG files, or why it has none."""
-
-    pngs: list[bytes] | None = None
-    error: Exception | None = None
-    together: int = 1  # requests in the pipeline call that made the images
 
 
 # Serve pickles the deployment class by value when it is decorated, so what its methods use is defined above it
@@ -89,11 +76,14 @@ def _refusal(error: Exception) -> JSONResponse:
     return JSONResponse({"error": str(error), "problems": problems}, status_code=422)
 
 
-def _png(image: "Image") -> bytes:
-    """The image as a PNG file's bytes."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+def _pngs(images: "list[Image]") -> list[bytes]:
+    """The images as PNG files' bytes."""
+    files = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        files.append(buffer.getvalue())
+    return files
 
 
 @serve.deployment
@@ -117,17 +107,17 @@ class Generator:
             request = GenerationRequest.model_validate_json(await http.body())
             as_json = _wants_json(http.headers.get("accept"), request.num_images)
             self.runner.check(request)  # milliseconds: the blocks' checks, no model runs
-        except _REFUSED as error:
+        except REFUSED as error:
             return _refusal(error)
         except _NotAcceptable as error:
             return JSONResponse({"error": str(error)}, status_code=406)
         outcome = await self._run_batch(request)
         if outcome.error is not None:
-            if isinstance(outcome.error, _REFUSED):  # a value only known at run time
+            if isinstance(outcome.error, REFUSED):  # a value only known at run time
                 return _refusal(outcome.error)
             return JSONResponse({"error": f"{type(outcome.error).__name__}: {outcome.error}"}, status_code=500)
-        assert outcome.pngs is not None
-        pngs = outcome.pngs
+        assert outcome.images is not None
+        pngs = await asyncio.to_thread(_pngs, outcome.images)
         together = {"X-Batch-Size": str(outcome.together)}
         if as_json:
             return JSONResponse(
@@ -141,24 +131,7 @@ class Generator:
         return Response(pngs[0], media_type="image/png", headers={"X-Seed": str(request.seed), **together})
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)  # replaced per deployment in __init__
-    async def _run_batch(self, requests: list[GenerationRequest]) -> list[_Outcome]:
-        outcomes = [_Outcome()] * len(requests)
-        for group in groups(requests):
-            # a worker thread, so the event loop keeps answering while the model runs and the PNGs are written;
-            # Serve runs one batch at a time, and the runner serves one caller at a time
-            done = await asyncio.to_thread(self._run_group, [requests[k] for k in group])
-            for k, outcome in zip(group, done):
-                outcomes[k] = outcome
-        return outcomes
-
-    def _run_group(self, requests: list[GenerationRequest]) -> list[_Outcome]:
-        try:
-            made = images_together(self.runner, requests)
-            return [_Outcome(pngs=[_png(image) for image in images], together=len(requests)) for images in made]
-        except _REFUSED as error:
-            if len(requests) == 1:
-                return [_Outcome(error=error)]
-            # one request refused at run time: run each alone, so only that one fails
-            return [self._run_group([request])[0] for request in requests]
-        except Exception as error:  # noqa: BLE001 - reported as a 500 to this group's callers only
-            return [_Outcome(error=error)] * len(requests)
+    async def _run_batch(self, requests: list[GenerationRequest]) -> list[Outcome]:
+        # a worker thread, so the event loop keeps answering health checks and refusals while the model
+        # runs; Serve runs one batch at a time, and the runner serves one caller at a time
+        return await asyncio.to_thread(run_batch, self.runner, requests)

@@ -9,16 +9,31 @@ bit for bit the noise it gets alone; the denoised image can still differ in the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from pydantic import ValidationError
 
+from diffblocks.blocks import InputError
 from diffblocks.scale.request import MAX_IMAGES_PER_REQUEST, GenerationRequest, RequestRunner
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
 _OWN = frozenset({"prompt", "seed"})  # what each request of a shared call keeps to itself
+
+REFUSED = (ValidationError, InputError, ValueError)
+"""What a request is refused for, alone: its fields, its pipeline inputs, settings the model cannot take."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One request's share of a batch: its images, or the error that stopped it."""
+
+    images: list[Image] | None = None
+    error: Exception | None = None
+    together: int = 1  # requests in the pipeline call that made the images
 
 
 def batch_key(request: GenerationRequest) -> tuple[tuple[str, Any], ...]:
@@ -78,3 +93,28 @@ def images_together(runner: RequestRunner, requests: Sequence[GenerationRequest]
     images = list(out.images)
     per = first.num_images
     return [images[k * per : (k + 1) * per] for k in range(len(requests))]
+
+
+def run_batch(runner: RequestRunner, requests: Sequence[GenerationRequest], *, max_images: int = MAX_IMAGES_PER_REQUEST) -> list[Outcome]:
+    """Each request's outcome, the requests run in as few calls as :func:`groups` allows.
+
+    A request refused when its call runs (:data:`REFUSED`) fails alone: its group runs again one
+    request at a time. Any other error fails the requests of its call, not the rest of the batch.
+    """
+    outcomes = [Outcome()] * len(requests)
+    for group in groups(requests, max_images=max_images):
+        for index, outcome in zip(group, _run_group(runner, [requests[k] for k in group])):
+            outcomes[index] = outcome
+    return outcomes
+
+
+def _run_group(runner: RequestRunner, requests: list[GenerationRequest]) -> list[Outcome]:
+    try:
+        made = images_together(runner, requests)
+    except REFUSED as error:
+        if len(requests) == 1:
+            return [Outcome(error=error)]
+        return [_run_group(runner, [request])[0] for request in requests]
+    except Exception as error:  # noqa: BLE001 - the callers of this call get it, the batch goes on
+        return [Outcome(error=error)] * len(requests)
+    return [Outcome(images=images, together=len(requests)) for images in made]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from PIL.Image import Image
 
 from diffblocks.blocks import InputError
 from diffblocks.scale import GenerationRequest, RequestRunner
-from diffblocks.scale.together import batch_key, groups, images_together
+from diffblocks.scale.together import batch_key, groups, images_together, run_batch
 
 SMALL = {"height": 32, "width": 32, "num_inference_steps": 2}
 
@@ -68,3 +70,25 @@ def test_check_refuses_before_any_run(runner: RequestRunner) -> None:
         runner.check(request(scheduler="EulerDiscreteScheduler"))
     runner.check(request(guider="AdaptiveProjectedGuidance"))  # a good one passes, and the guider stays
     assert type(runner.pipe.components["guider"]).__name__ == "ClassifierFreeGuidance"
+
+
+def test_a_request_refused_at_run_time_fails_alone(runner: RequestRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_run = runner.run
+
+    def refusing(request: GenerationRequest, **extra: Any) -> Any:
+        # a value only known at run time, as a block's FieldError would be
+        prompts = extra.get("prompt", [request.prompt])
+        if "a bad circle" in prompts:
+            raise InputError([], context="the bad one")
+        if "a broken square" in prompts:
+            raise RuntimeError("out of memory")
+        return real_run(request, **extra)
+
+    monkeypatch.setattr(runner, "run", refusing)
+    requests = [request("a red circle"), request("a bad circle"), request("a blue square"), request("a broken square", num_images=2)]
+    outcomes = run_batch(runner, requests)
+    assert [outcome.error is None for outcome in outcomes] == [True, False, True, False]
+    assert isinstance(outcomes[1].error, InputError) and isinstance(outcomes[3].error, RuntimeError)
+    assert [outcome.together for outcome in outcomes] == [1, 1, 1, 1]  # the first group ran again one by one
+    assert [len(outcome.images or []) for outcome in outcomes] == [1, 0, 1, 0]
+    assert [outcome.together for outcome in run_batch(runner, requests[::2])] == [2, 2]
