@@ -1,4 +1,4 @@
-"""The ``diffblocks`` command line: ``env`` (versions and a self-check) and ``generate`` (text to image)."""
+"""The ``diffblocks`` command line: ``env`` (versions and a self-check), ``generate`` (text to image) and ``serve`` (HTTP)."""
 
 from __future__ import annotations
 
@@ -277,12 +277,72 @@ def _quiet_transformers() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
+# --- serve ------------------------------------------------------------------------------------------------
+
+
+def _add_serve(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model over HTTP on Ray Serve (needs the ray extra)",
+        description="Serve POST /generate (JSON in; a PNG, or JSON with base64 PNGs, out) and GET /health "
+        "on a local Ray cluster until Ctrl-C. See docs/scale.md.",
+    )
+    serve.add_argument("--model", default=None, help="a Hub id or folder of a supported family (default: built-in)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port; 0 picks a free one (default: 8000)")
+    serve.add_argument("--replicas", type=int, default=1, help="model copies, one CPU or GPU each (default: 1)")
+    serve.add_argument("--max-batch-size", type=int, default=4, help="requests run as one call (default: 4)")
+    serve.add_argument("--max-queued", type=int, default=64, help="waiting requests before 503 (default: 64)")
+    serve.add_argument("--device", default=None, help="the replicas' device (default: cuda on a GPU replica, else cpu)")
+    serve.set_defaults(run=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Run ``serve`` until Ctrl-C; bad options or a missing Ray print one line and return 2."""
+    from pydantic import ValidationError
+
+    from diffblocks.scale import serve
+
+    try:
+        serve(
+            args.model,
+            host=args.host,
+            port=args.port,
+            replicas=args.replicas,
+            max_batch_size=args.max_batch_size,
+            max_queued_requests=args.max_queued,
+            device=args.device,
+            blocking=True,
+        )
+    except ValidationError as error:
+        message = "; ".join(_option_problem(each) for each in error.errors(include_url=False))
+    except ModuleNotFoundError as error:
+        message = str(error)
+    except RuntimeError as error:  # Serve could not deploy, e.g. a replica failed to load the model
+        message = str(error).strip().splitlines()[0]
+    except KeyboardInterrupt:  # Ctrl-C before the replicas were ready: serve() has already cleaned up
+        return 130
+    else:
+        return 0
+    print(f"diffblocks serve: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _option_problem(error: Any) -> str:
+    """One refused serve option, named by its flag."""
+    field = str(error["loc"][0]) if error["loc"] else ""
+    flag = {"max_queued_requests": "max-queued"}.get(field, field.replace("_", "-"))
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"--{flag}: {message}" if flag else message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffblocks", description="Compose diffusion pipelines from typed blocks.")
     commands = parser.add_subparsers(dest="command", required=True)
     env = commands.add_parser("env", help="show versions and devices, and run a self-check")
     env.set_defaults(run=_env)
     _add_generate(commands)
+    _add_serve(commands)
     args = parser.parse_args(argv)
     return int(args.run(args))
 

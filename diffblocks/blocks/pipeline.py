@@ -225,6 +225,25 @@ class Pipeline(AbstractLoRAMethods, AbstractTextualInversionMethods, AbstractIPA
             self._release(build)
         return PipelineOutput(state, workflow=plan.workflow, timings=run.timings, interrupted=run.interrupted)
 
+    def check(self, **inputs: Any) -> str:
+        """Validate ``inputs`` as a call would, without running a block; returns the workflow they pick.
+
+        Raises the call's :class:`InputError` (unknown or mistyped inputs, every block's ``check``), so a
+        server or a batch can refuse a request before it queues behind others. Values known only at run
+        time are still refused by the run itself.
+        """
+        build = self._build
+        plan = self._select(build, frozenset(k for k, v in inputs.items() if v is not None))
+        context = f"call to {self.name!r} (workflow {plan.workflow!r})"
+        known = frozenset(name for each in build.plans.values() for name in each.user_inputs)
+        state = validate_inputs(plan, inputs, known=known, context=context)
+        self._acquire(build)  # checks read the components (the VAE's factor, the denoiser's size)
+        try:
+            check_blocks(plan, state, context=context)
+        finally:
+            self._release(build)
+        return plan.workflow
+
     @staticmethod
     def _select(build: _Build, given: frozenset[str]) -> Plan:
         choices = choose_workflow(build.switches, given)

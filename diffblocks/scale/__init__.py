@@ -1,5 +1,6 @@
 """Generation at scale: one request model shared by the command line, batch runs and the served endpoint."""
 
 from diffblocks.scale.request import GenerationRequest, RequestRunner
+from diffblocks.scale.serve import Server, ServeOptions, serve  # imports Ray only when serve() is called
 
-__all__ = ["GenerationRequest", "RequestRunner"]
+__all__ = ["GenerationRequest", "RequestRunner", "ServeOptions", "Server", "serve"]

@@ -110,13 +110,17 @@ class RequestRunner:
         return preset is not None and preset.family == "flux"
 
     def run(self, request: GenerationRequest, *, progress: bool = False, **extra: Any) -> PipelineOutput:
-        """Run one request; ``extra`` inputs (e.g. ``image=`` for image-to-image) go to the pipeline as they are."""
+        """Run one request; ``extra`` inputs (e.g. ``image=`` for image-to-image) go to the pipeline as they are.
+
+        An ``extra`` input the request also sets replaces the request's (requests run together pass their
+        prompts and generators this way).
+        """
         swapped = self._swaps(request)
         previous = {name: self.pipe.components[name] for name in swapped}
         if swapped:
             self.pipe.update_components(**swapped)
         try:
-            return self.pipe(**self.call_inputs(request), **extra, progress=progress)
+            return self.pipe(**(self.call_inputs(request) | extra), progress=progress)
         finally:
             if swapped:
                 self.pipe.update_components(**previous)
@@ -131,6 +135,15 @@ class RequestRunner:
                 "Try a lower guidance scale, float32 weights, or another scheduler"
             )
         return list(out.images)
+
+    def check(self, request: GenerationRequest) -> None:
+        """Refuse ``request`` as its run would, before any heavy work.
+
+        Raises what the run would raise: ``ValueError`` for a guider or scheduler that cannot serve this
+        model, the pipeline's :class:`InputError` for its inputs (e.g. a size the VAE cannot take).
+        """
+        self._swaps(request)
+        self.pipe.check(**self.call_inputs(request))
 
     def call_inputs(self, request: GenerationRequest) -> dict[str, Any]:
         """The pipeline inputs of ``request``: the prompt, one generator per image, and the settings it gives."""
