@@ -35,7 +35,6 @@ from diffblocks.components.quantizers import (
 from tests.guiders.tiny_denoisers import TINY_UNET_CONFIG
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
 FLUX = dict(
     patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
