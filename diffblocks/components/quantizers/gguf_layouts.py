@@ -6,7 +6,9 @@ final modulation as ``(shift, scale)`` where diffusers stores ``(scale, shift)``
 maps one file tensor to one or more model tensors by splitting *rows*. Quantized blocks never span
 rows, so a row split of the raw bytes is the split of the weights, and the weights stay quantized.
 
-A file whose keys already are the model's (diffusers layout) is read as it is.
+The names come from the single-file BFL table (:mod:`diffblocks.components.models.single_file.bfl`),
+the one source of Flux's key layout, read from BFL to diffusers. A file whose keys already are the
+model's (diffusers layout) is read as it is.
 """
 
 from __future__ import annotations
@@ -16,37 +18,32 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final, final
 
-# (pattern on the file key, replacement for the model key); applied in order, first match wins.
-_FLUX_RENAMES: Final[tuple[tuple[str, str], ...]] = (
-    (r"^img_in\.", "x_embedder."),
-    (r"^txt_in\.", "context_embedder."),
-    (r"^time_in\.in_layer\.", "time_text_embed.timestep_embedder.linear_1."),
-    (r"^time_in\.out_layer\.", "time_text_embed.timestep_embedder.linear_2."),
-    (r"^guidance_in\.in_layer\.", "time_text_embed.guidance_embedder.linear_1."),
-    (r"^guidance_in\.out_layer\.", "time_text_embed.guidance_embedder.linear_2."),
-    (r"^vector_in\.in_layer\.", "time_text_embed.text_embedder.linear_1."),
-    (r"^vector_in\.out_layer\.", "time_text_embed.text_embedder.linear_2."),
-    (r"^final_layer\.linear\.", "proj_out."),
-    (r"^double_blocks\.(\d+)\.img_mod\.lin\.", r"transformer_blocks.\1.norm1.linear."),
-    (r"^double_blocks\.(\d+)\.txt_mod\.lin\.", r"transformer_blocks.\1.norm1_context.linear."),
-    (r"^double_blocks\.(\d+)\.img_attn\.norm\.query_norm\.scale$", r"transformer_blocks.\1.attn.norm_q.weight"),
-    (r"^double_blocks\.(\d+)\.img_attn\.norm\.key_norm\.scale$", r"transformer_blocks.\1.attn.norm_k.weight"),
-    (r"^double_blocks\.(\d+)\.txt_attn\.norm\.query_norm\.scale$", r"transformer_blocks.\1.attn.norm_added_q.weight"),
-    (r"^double_blocks\.(\d+)\.txt_attn\.norm\.key_norm\.scale$", r"transformer_blocks.\1.attn.norm_added_k.weight"),
-    (r"^double_blocks\.(\d+)\.img_attn\.proj\.", r"transformer_blocks.\1.attn.to_out.0."),
-    (r"^double_blocks\.(\d+)\.txt_attn\.proj\.", r"transformer_blocks.\1.attn.to_add_out."),
-    (r"^double_blocks\.(\d+)\.img_mlp\.0\.", r"transformer_blocks.\1.ff.net.0.proj."),
-    (r"^double_blocks\.(\d+)\.img_mlp\.2\.", r"transformer_blocks.\1.ff.net.2."),
-    (r"^double_blocks\.(\d+)\.txt_mlp\.0\.", r"transformer_blocks.\1.ff_context.net.0.proj."),
-    (r"^double_blocks\.(\d+)\.txt_mlp\.2\.", r"transformer_blocks.\1.ff_context.net.2."),
-    (r"^single_blocks\.(\d+)\.modulation\.lin\.", r"single_transformer_blocks.\1.norm.linear."),
-    (r"^single_blocks\.(\d+)\.norm\.query_norm\.scale$", r"single_transformer_blocks.\1.attn.norm_q.weight"),
-    (r"^single_blocks\.(\d+)\.norm\.key_norm\.scale$", r"single_transformer_blocks.\1.attn.norm_k.weight"),
-    (r"^single_blocks\.(\d+)\.linear2\.", r"single_transformer_blocks.\1.proj_out."),
-)
+from diffblocks.components.models.single_file.bfl import DOUBLE, EMBEDDERS, FINAL_MODULATION, FUSED_QKV, LINEAR1, SINGLE, TOP
+
+
+def _flux_renames() -> tuple[tuple[str, str], ...]:
+    """(pattern on the file key, replacement for the model key), from the single-file BFL table read backwards.
+
+    BFL's RMSNorm weight is ``scale`` where diffusers' is ``weight``; everything else keeps its parameter name.
+    """
+    renames: list[tuple[str, str]] = [(rf"^{re.escape(bfl)}\.", f"{ours}.") for ours, bfl in TOP.items()]
+    for embedder, bfl in EMBEDDERS.items():
+        renames.append((rf"^{bfl}\.in_layer\.", f"time_text_embed.{embedder}.linear_1."))
+        renames.append((rf"^{bfl}\.out_layer\.", f"time_text_embed.{embedder}.linear_2."))
+    for blocks, ours_blocks, table in (("double_blocks", "transformer_blocks", DOUBLE), ("single_blocks", "single_transformer_blocks", SINGLE)):
+        for ours, bfl in table.items():
+            if bfl.endswith("_norm"):
+                renames.append((rf"^{blocks}\.(\d+)\.{re.escape(bfl)}\.scale$", rf"{ours_blocks}.\1.{ours}.weight"))
+            else:
+                renames.append((rf"^{blocks}\.(\d+)\.{re.escape(bfl)}\.", rf"{ours_blocks}.\1.{ours}."))
+    return tuple(renames)
+
+
+# applied in order, first match wins (no two patterns match one key)
+_FLUX_RENAMES: Final[tuple[tuple[str, str], ...]] = _flux_renames()
 _QKV = re.compile(r"^double_blocks\.(\d+)\.(img|txt)_attn\.qkv\.(weight|bias)$")
 _LINEAR1 = re.compile(r"^single_blocks\.(\d+)\.linear1\.(weight|bias)$")
-_FINAL_MOD = re.compile(r"^final_layer\.adaLN_modulation\.1\.(weight|bias)$")
+_FINAL_MOD = re.compile(rf"^{re.escape(FINAL_MODULATION[1])}\.(weight|bias)$")
 
 
 @final
@@ -63,14 +60,12 @@ def flux_rule(key: str, *, inner_dim: int) -> str | Split | None:
     """Where BFL Flux file tensor ``key`` goes in our ``FluxTransformer2DModel``; None if it is not BFL."""
     if m := _QKV.match(key):
         block, stream, kind = m.groups()
-        names = ("to_q", "to_k", "to_v") if stream == "img" else ("add_q_proj", "add_k_proj", "add_v_proj")
-        return Split(tuple(f"transformer_blocks.{block}.attn.{n}.{kind}" for n in names), (inner_dim,) * 3)
+        return Split(tuple(f"transformer_blocks.{block}.attn.{n}.{kind}" for n in FUSED_QKV[stream]), (inner_dim,) * 3)
     if m := _LINEAR1.match(key):
         block, kind = m.groups()
-        names = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
-        return Split(tuple(f"single_transformer_blocks.{block}.{n}.{kind}" for n in names), (inner_dim,) * 3 + (-1,))
+        return Split(tuple(f"single_transformer_blocks.{block}.{n}.{kind}" for n in LINEAR1), (inner_dim,) * 3 + (-1,))
     if m := _FINAL_MOD.match(key):
-        return Split((f"norm_out.linear.{m.group(1)}",), (-1,), swap_halves=True)
+        return Split((f"{FINAL_MODULATION[0]}.{m.group(1)}",), (-1,), swap_halves=True)
     for pattern, replacement in _FLUX_RENAMES:
         if re.match(pattern, key):
             return re.sub(pattern, replacement, key)
