@@ -206,3 +206,23 @@ def test_saved_tensors_with_no_place_or_missing_are_named(flux_folder: Path, tmp
     save_file(state, str(weights), metadata={"format": "pt"})
     with warnings.catch_warnings(), pytest.raises(ValueError, match=r"do not fill FluxTransformer2DModel: .*to_q\.weight_quantizer\._scale"):
         FluxTransformer2DModel.from_pretrained(tmp_path)
+
+
+def test_a_pipeline_with_a_modelopt_unet_runs_saves_and_loads_the_same_image(tmp_path: Path) -> None:
+    import numpy as np
+
+    from diffblocks.blocks import Pipeline
+    from diffblocks.presets.tiny.preset import builtin_model_dir
+
+    def image(pipe: Pipeline) -> np.ndarray:
+        out = pipe(prompt="a small green cross in the center", num_inference_steps=2,
+                   generator=torch.Generator().manual_seed(0), progress=False)
+        return np.asarray(out.images[0])
+
+    floats = image(Pipeline.from_pretrained(builtin_model_dir()))
+    # the UNet's first weight (conv_in) is int8 storage: latents still come in the compute dtype
+    pipe = Pipeline.from_pretrained(builtin_model_dir(), quantization={"unet": ModelOptQuantizer("INT8")})
+    quantized = image(pipe)
+    assert not np.array_equal(quantized, floats)
+    pipe.save_pretrained(tmp_path)
+    assert np.array_equal(image(Pipeline.from_pretrained(tmp_path)), quantized)
