@@ -100,3 +100,18 @@ def test_keys_of_no_known_layout_name_the_closest(reference: tuple[DiffusersUNet
     state = {f"unknown.{k}": v for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointError, match=r"UNet2DConditionModel.*input_blocks\.0\.0\.weight"):
         load_gguf(write_gguf(tmp_path / "odd.gguf", stored(state, "Q8_0")), UNet2DConditionModel, config=dict(model.config))
+
+
+def test_a_diffusers_layout_file_missing_a_tensor_lists_it(reference: tuple[DiffusersUNet, Path, Any], tmp_path: Path) -> None:
+    model, _, _ = reference
+    state = {k: v for k, v in model.state_dict().items() if k != "conv_in.bias"}
+    with pytest.raises(CheckpointError, match=r"missing tensors: conv_in\.bias \(1 in all\)"):
+        load_gguf(write_gguf(tmp_path / "short.gguf", stored(state, "Q8_0")), UNet2DConditionModel, config=dict(model.config))
+
+
+def test_an_original_layout_tensor_of_the_wrong_shape_is_named(reference: tuple[DiffusersUNet, Path, Any], tmp_path: Path) -> None:
+    model, _, layout = reference
+    original = original_state(layout.parts[0], "", model.state_dict(), dict(model.config))
+    original["out.2.bias"] = torch.zeros(3)
+    with pytest.raises(CheckpointError, match=r"tensor 'out\.2\.bias' in .* has shape \(3,\), but UNet2DConditionModel needs \(4,\) \(for conv_out\.bias\)"):
+        load_gguf(write_gguf(tmp_path / "bad.gguf", stored(original, "Q8_0")), UNet2DConditionModel, config=dict(model.config))

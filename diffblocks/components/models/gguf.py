@@ -2,7 +2,7 @@
 
 The ``gguf`` package parses the container. Files in diffusers' keys load as they are; Flux files in
 the community (Black Forest Labs) layout are converted by the table in
-:mod:`~diffblocks.components.quantizers.gguf_layouts`, splitting fused tensors by rows so that they
+:mod:`~diffblocks.components.models.gguf_layouts`, splitting fused tensors by rows so that they
 stay quantized; UNet files in the original checkpoints' keys (LDM, SGM) by the single-file tables
 (:mod:`~diffblocks.components.models.single_file`).
 """
@@ -25,7 +25,7 @@ from diffblocks.components.models.loading import CheckpointError
 from diffblocks.components.quantizers.base import mark_quantized
 from diffblocks.components.quantizers.gguf import GGUFLinear, GGUFQuantizer
 from diffblocks.components.quantizers.gguf_kernels import BLOCK_TYPES, FLOAT_TYPES, dequantize
-from diffblocks.components.quantizers.gguf_layouts import Rule, Split, layout_rule
+from diffblocks.components.models.gguf_layouts import Rule, Split, layout_rule
 
 _LIST_LIMIT = 8
 _FAMILY_OF_CLASS = {"FluxTransformer2DModel": "flux"}
@@ -127,7 +127,7 @@ def load_gguf(
     """Build ``model_cls`` from ``config`` and fill it from a GGUF file, keeping its weights quantized.
 
     Files in diffusers' key layout load as they are; Flux files in the community (BFL) layout are
-    converted by the table in :mod:`~diffblocks.components.quantizers.gguf_layouts`; SD 1.x/2.x and
+    converted by the table in :mod:`~diffblocks.components.models.gguf_layouts`; SD 1.x/2.x and
     SDXL UNet files in the original keys (LDM, SGM; with or without ``model.diffusion_model.``) by
     the single-file tables. Only linear layers stay quantized; convolutions are dequantized on load.
 
@@ -151,7 +151,7 @@ def load_gguf(
         model = model_cls.from_config(config)  # type: ignore[attr-defined]
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     rule = _rule_for(model, tensors)
-    if rule is None and not all(key in tensors for key in expected):
+    if rule is None and not any(key in tensors for key in expected):  # no diffusers key: an original layout
         tensors = _from_single_file_layout(tensors, model, expected, where=Path(path))
     converted = _convert(tensors, expected, rule, where=Path(path), model=model_cls.__name__)
     _assign(model, converted, quantizer, device)
@@ -204,14 +204,14 @@ def _from_single_file_layout(
         if source is None:
             continue  # reported as missing
         used.add(source.name)
+        # each keeps the file's name, so that an error names the tensor as the file has it
         if isinstance(rule, Take):
-            out[key] = GGUFTensor(key, source.type_name, source.shape, source.data)
+            out[key] = source
         elif isinstance(rule, Rows):
-            part_rows = source.rows(rule.start, rule.stop)
-            out[key] = GGUFTensor(key, part_rows.type_name, part_rows.shape, part_rows.data)
+            out[key] = source.rows(rule.start, rule.stop)
         else:
             data = converted(rule, {rule.key: source.to_float(torch.float32)}, expected[key])
-            out[key] = GGUFTensor(key, "F32", tuple(data.shape), data)
+            out[key] = GGUFTensor(source.name, "F32", tuple(data.shape), data)
     out.update({name: tensor for name, tensor in tensors.items() if name not in used and name not in out})
     return out
 
