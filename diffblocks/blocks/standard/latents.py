@@ -36,10 +36,16 @@ PROMPT_FOR_CHECKS = "the prompts, read to check the generators and images agains
 def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
     """Device and dtype of a module's first parameter: where a block puts the tensors it makes for it.
 
-    Under an offload policy the device is where the module runs, not where its weights wait.
+    Under an offload policy the device is where the module runs, not where its weights wait. A
+    quantized layer's weight may be its storage (ModelOpt keeps ``int8`` and ``float8`` weights as
+    parameters), so the dtype is that of the first parameter in a compute dtype.
     """
-    parameter = next(module.parameters())
-    return execution_device(module) or parameter.device, parameter.dtype
+    parameters = list(module.parameters())
+    computed = next((p for p in parameters if p.dtype in _COMPUTE_DTYPES), parameters[0])
+    return execution_device(module) or parameters[0].device, computed.dtype
+
+
+_COMPUTE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
 def check_size(factor: int, *, height: int | None, width: int | None) -> None:

@@ -2,8 +2,9 @@
 
 The ``gguf`` package parses the container. Files in diffusers' keys load as they are; Flux files in
 the community (Black Forest Labs) layout are converted by the table in
-:mod:`~diffblocks.components.quantizers.gguf_layouts`, splitting fused tensors by rows so that they
-stay quantized.
+:mod:`~diffblocks.components.models.gguf_layouts`, splitting fused tensors by rows so that they
+stay quantized; UNet files in the original checkpoints' keys (LDM, SGM) by the single-file tables
+(:mod:`~diffblocks.components.models.single_file`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from diffblocks.components.models.loading import CheckpointError
 from diffblocks.components.quantizers.base import mark_quantized
 from diffblocks.components.quantizers.gguf import GGUFLinear, GGUFQuantizer
 from diffblocks.components.quantizers.gguf_kernels import BLOCK_TYPES, FLOAT_TYPES, dequantize
-from diffblocks.components.quantizers.gguf_layouts import Rule, Split, layout_rule
+from diffblocks.components.models.gguf_layouts import Rule, Split, layout_rule
 
 _LIST_LIMIT = 8
 _FAMILY_OF_CLASS = {"FluxTransformer2DModel": "flux"}
@@ -126,11 +127,13 @@ def load_gguf(
     """Build ``model_cls`` from ``config`` and fill it from a GGUF file, keeping its weights quantized.
 
     Files in diffusers' key layout load as they are; Flux files in the community (BFL) layout are
-    converted by the table in :mod:`~diffblocks.components.quantizers.gguf_layouts`.
+    converted by the table in :mod:`~diffblocks.components.models.gguf_layouts`; SD 1.x/2.x and
+    SDXL UNet files in the original keys (LDM, SGM; with or without ``model.diffusion_model.``) by
+    the single-file tables. Only linear layers stay quantized; convolutions are dequantized on load.
 
     Args:
         path: the ``.gguf`` file.
-        model_cls: one of our models (``FluxTransformer2DModel``).
+        model_cls: one of our models (``FluxTransformer2DModel``, ``UNet2DConditionModel``).
         config: the model's diffusers ``config.json`` mapping (the file does not carry one).
         quantizer: the compute dtype (default ``GGUFQuantizer()``: bfloat16).
         device: where the weights go (default: CPU).
@@ -147,7 +150,10 @@ def load_gguf(
     with torch.device("meta"):
         model = model_cls.from_config(config)  # type: ignore[attr-defined]
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    converted = _convert(tensors, expected, _rule_for(model, tensors), where=Path(path), model=model_cls.__name__)
+    rule = _rule_for(model, tensors)
+    if rule is None and not any(key in tensors for key in expected):  # no diffusers key: an original layout
+        tensors = _from_single_file_layout(tensors, model, expected, where=Path(path))
+    converted = _convert(tensors, expected, rule, where=Path(path), model=model_cls.__name__)
     _assign(model, converted, quantizer, device)
     materialize_computed_buffers(model, device=device)
     left = meta_tensor_names(model)
@@ -164,6 +170,50 @@ def _rule_for(model: nn.Module, tensors: Mapping[str, GGUFTensor]) -> Rule | Non
         return None
     params = getattr(model, "params", None)
     return layout_rule(family, params.model_dump() if params is not None else {})
+
+
+def _from_single_file_layout(
+    tensors: Mapping[str, GGUFTensor], model: nn.Module, expected: Mapping[str, tuple[int, ...]], *, where: Path
+) -> dict[str, GGUFTensor]:
+    """The file's tensors under our keys, read through the single-file table of the layout its keys fit.
+
+    SD 1.x/2.x and SDXL UNet files keep the original checkpoint's keys (LDM's, SGM's), with or
+    without the ``model.diffusion_model.`` prefix. A tensor taken as it is, or a range of its rows,
+    stays quantized; one the table reshapes, swaps or transposes is dequantized first (in LDM and
+    SGM UNets none is). Tensors the table does not name are left for :func:`_convert` to report.
+
+    Raises:
+        CheckpointError: the keys fit no known layout (naming the closest and what it lacks).
+    """
+    from diffblocks.components.models.single_file.layout import find_part
+    from diffblocks.components.models.single_file.loading import LAYOUTS, rules_for
+    from diffblocks.components.models.single_file.rules import Rows, Take, converted
+
+    class_name = getattr(model, "diffusers_class_name", type(model).__name__)
+    shapes = {name: tensor.shape for name, tensor in tensors.items()}
+    try:
+        part, prefix = find_part(shapes, class_name, LAYOUTS, file=str(where))
+    except ValueError as err:
+        raise CheckpointError(str(err)) from err
+    params = getattr(model, "params", None)
+    config = params.model_dump() if params is not None else {}
+    out: dict[str, GGUFTensor] = {}
+    used: set[str] = set()
+    for key, rule in rules_for(part, list(expected), config).items():
+        source = tensors.get(prefix + rule.key)
+        if source is None:
+            continue  # reported as missing
+        used.add(source.name)
+        # each keeps the file's name, so that an error names the tensor as the file has it
+        if isinstance(rule, Take):
+            out[key] = source
+        elif isinstance(rule, Rows):
+            out[key] = source.rows(rule.start, rule.stop)
+        else:
+            data = converted(rule, {rule.key: source.to_float(torch.float32)}, expected[key])
+            out[key] = GGUFTensor(source.name, "F32", tuple(data.shape), data)
+    out.update({name: tensor for name, tensor in tensors.items() if name not in used and name not in out})
+    return out
 
 
 def _convert(

@@ -1,4 +1,4 @@
-"""Quantizers: frozen settings per backend (torchao, optimum-quanto, GGUF, bitsandbytes) and one verb.
+"""Quantizers: frozen settings per backend (torchao, optimum-quanto, GGUF, bitsandbytes, ModelOpt) and one verb.
 
 >>> import torch
 >>> from diffblocks.components.quantizers import TorchAoQuantizer, quantize, quantizer_of
@@ -22,6 +22,7 @@ from diffblocks.components.quantizers.base import (
 )
 from diffblocks.components.quantizers.bitsandbytes import BitsAndBytesQuantizer
 from diffblocks.components.quantizers.gguf import GGUFLinear, GGUFQuantizer
+from diffblocks.components.quantizers.modelopt import ModelOptQuantizer
 from diffblocks.components.quantizers.quanto import QuantoQuantizer
 from diffblocks.components.quantizers.registry import (
     QUANTIZERS,
@@ -37,6 +38,7 @@ __all__ = [
     "BitsAndBytesQuantizer",
     "GGUFLinear",
     "GGUFQuantizer",
+    "ModelOptQuantizer",
     "QuantizerNotInstalledError",
     "QuantoQuantizer",
     "TorchAoQuantizer",

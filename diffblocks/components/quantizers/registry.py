@@ -9,10 +9,13 @@ from typing import Any
 from diffblocks.components.quantizers.base import AbstractQuantizer
 from diffblocks.components.quantizers.bitsandbytes import BitsAndBytesQuantizer
 from diffblocks.components.quantizers.gguf import GGUFQuantizer
+from diffblocks.components.quantizers.modelopt import ModelOptQuantizer
 from diffblocks.components.quantizers.quanto import QuantoQuantizer
 from diffblocks.components.quantizers.torchao import TorchAoQuantizer
 
-_BUILT_IN: tuple[type[AbstractQuantizer], ...] = (TorchAoQuantizer, QuantoQuantizer, GGUFQuantizer, BitsAndBytesQuantizer)
+_BUILT_IN: tuple[type[AbstractQuantizer], ...] = (
+    TorchAoQuantizer, QuantoQuantizer, GGUFQuantizer, BitsAndBytesQuantizer, ModelOptQuantizer,
+)
 _QUANTIZERS: dict[str, type[AbstractQuantizer]] = {cls.__name__: cls for cls in _BUILT_IN}
 
 QUANTIZERS: Mapping[str, type[AbstractQuantizer]] = MappingProxyType(_QUANTIZERS)

@@ -41,7 +41,19 @@ DOUBLE = {
 SINGLE = {"norm.linear": "modulation.lin", "attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm", "proj_out": "linear2"}
 """A single block's layers, diffusers -> BFL; q, k, v and the MLP input are fused in ``linear1``."""
 
-_QKV = {"to_q": 0, "to_k": 1, "to_v": 2, "add_q_proj": 0, "add_k_proj": 1, "add_v_proj": 2, "proj_mlp": 3}
+TOP = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear"}
+"""The model's outer layers, diffusers -> BFL (the final modulation is ``norm_out.linear``, swapped below)."""
+
+FINAL_MODULATION = ("norm_out.linear", "final_layer.adaLN_modulation.1")
+"""diffusers' final modulation (scale, shift) and BFL's (shift, scale): the two halves of its rows trade places."""
+
+FUSED_QKV = {"img": ("to_q", "to_k", "to_v"), "txt": ("add_q_proj", "add_k_proj", "add_v_proj")}
+"""A double block's ``{stream}_attn.qkv`` rows, in order: the ``attn`` projections each stream's third holds."""
+
+LINEAR1 = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+"""A single block's ``linear1`` rows, in order: q, k, v (``inner_dim`` rows each), then the 4x wide MLP input."""
+
+_QKV = {name.rpartition(".")[2]: i for names in (*FUSED_QKV.values(), LINEAR1) for i, name in enumerate(names)}
 
 
 def _inner(c: Config) -> int:
@@ -69,8 +81,7 @@ TRANSFORMER: tuple[Row, ...] = (
         r"time_text_embed\.(?P<e>\w+_embedder)\.linear_(?P<n>[12])\.(?P<p>.+)",
         lambda m, c: Take(f"{EMBEDDERS[m['e']]}.{'in_layer' if m['n'] == '1' else 'out_layer'}.{m['p']}"),
     ),
-    (r"context_embedder\.(?P<p>.+)", lambda m, c: Take(f"txt_in.{m['p']}")),
-    (r"x_embedder\.(?P<p>.+)", lambda m, c: Take(f"img_in.{m['p']}")),
+    (r"(?P<l>context_embedder|x_embedder)\.(?P<p>.+)", lambda m, c: Take(f"{TOP[m['l']]}.{m['p']}")),
     (r"transformer_blocks\.(?P<i>\d+)\.attn\.(?P<x>to_[qkv]|add_[qkv]_proj)\.(?P<p>weight|bias)", _double_qkv),
     (
         r"transformer_blocks\.(?P<i>\d+)\.(?P<l>.+)\.(?P<p>weight|bias)",
@@ -81,8 +92,8 @@ TRANSFORMER: tuple[Row, ...] = (
         r"single_transformer_blocks\.(?P<i>\d+)\.(?P<l>.+)\.(?P<p>weight|bias)",
         lambda m, c: Take(f"single_blocks.{m['i']}.{SINGLE[m['l']]}.{_norm_param(SINGLE[m['l']], m['p'])}"),
     ),
-    (r"proj_out\.(?P<p>.+)", lambda m, c: Take(f"final_layer.linear.{m['p']}")),
-    (r"norm_out\.linear\.(?P<p>.+)", lambda m, c: Swapped(f"final_layer.adaLN_modulation.1.{m['p']}")),
+    (r"proj_out\.(?P<p>.+)", lambda m, c: Take(f"{TOP['proj_out']}.{m['p']}")),
+    (r"norm_out\.linear\.(?P<p>.+)", lambda m, c: Swapped(f"{FINAL_MODULATION[1]}.{m['p']}")),
 )
 """FluxTransformer2DModel key (diffusers) -> BFL key."""
 
@@ -166,7 +177,11 @@ __all__ = [
     "BFL",
     "DOUBLE",
     "EMBEDDERS",
+    "FINAL_MODULATION",
+    "FUSED_QKV",
+    "LINEAR1",
     "SINGLE",
+    "TOP",
     "TRANSFORMER",
     "TRANSFORMER_PART",
     "has_guidance",
