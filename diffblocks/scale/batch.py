@@ -50,7 +50,7 @@ class ImageRunner(Protocol):
 
 @dataclass(frozen=True)
 class WorkerStats:
-    """What one actor made in a run: images and the seconds it spent making them."""
+    """What one actor made in a run: images and the seconds it spent making them (not starting up)."""
 
     images: int
     seconds: float
@@ -80,8 +80,8 @@ class BatchSummary:
 
     def __str__(self) -> str:
         lines = [
-            f"{self.images} images from {self.made} rows in {self.seconds:.1f}s ({self.images_per_second:.2f} images/s); "
-            f"{self.skipped} rows already done, {self.failed} failed (errors in {self.manifest})"
+            f"{self.images} images from {self.made} rows in {self.seconds:.1f}s ({self.images_per_second:.2f} images/s), "
+            f"{self.skipped} rows already done, {self.failed} failed; manifest: {self.manifest}"
         ]
         lines += [f"  {name}: {s.images} images, {s.images_per_second:.2f} images/s" for name, s in sorted(self.workers.items())]
         return "\n".join(lines)
@@ -119,10 +119,9 @@ def generate_batch(
         defaults: :class:`GenerationRequest` fields for rows that leave them out (``num_images``,
             ``num_inference_steps``, ``height``, ...); row ``k`` without a seed gets ``seed + k``.
 
-    Example:
-        >>> summary = generate_batch(["a red circle", "a blue square"], "out", workers=1, num_inference_steps=2)  # doctest: +SKIP
-        >>> summary.images  # doctest: +SKIP
-        2
+    Example (docs/scale.md runs a longer one):
+        >>> summary = generate_batch(["a red circle", "a blue square"], "out", num_inference_steps=2)  # doctest: +SKIP
+        >>> assert (summary.images, summary.failed) == (2, 0)  # doctest: +SKIP
     """
     from diffblocks.scale.manifest import Manifest, error_record
 
@@ -144,7 +143,11 @@ def generate_batch(
     try:
         if todo:
             with _connected(ray, address):
-                for batch in _run(ray, todo, out, model, loader, workers, batch_size, device, cpus_per_worker, retries, progress):
+                batches = _run(
+                    ray, todo, output=out, model=model, loader=loader, workers=workers, batch_size=batch_size,
+                    device=device, cpus_per_worker=cpus_per_worker, retries=retries, progress=progress,
+                )
+                for batch in batches:
                     manifest.write_part(batch)
                     records.extend(batch)
     finally:
@@ -189,6 +192,7 @@ def _connected(ray: Any, address: str | None) -> Iterator[None]:
 def _run(
     ray: Any,
     todo: Sequence[BatchRow],
+    *,
     output: Path,
     model: str | None,
     loader: Callable[[], ImageRunner] | None,
@@ -235,7 +239,8 @@ def _run(
     with tqdm(total=total, unit="image", disable=not progress, desc="batch") as bar, _quiet_ray_data():
         for batch in made.iter_batches(batch_size=None, batch_format="numpy"):
             records = [json.loads(text) for text in batch["record"]]
-            bar.update(sum(1 for record in records if record["file"] is not None))
+            # a failed row counts its images as done too, so the bar ends full
+            bar.update(sum(1 if record["error"] is None else record["num_images"] for record in records))
             yield records
 
 
