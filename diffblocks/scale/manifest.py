@@ -53,7 +53,7 @@ def image_records(row: BatchRow, files: Sequence[str], *, seconds: float, worker
     assert row.request is not None
     request = row.request.model_dump(exclude={"prompt", "seed"})
     base = {"row": row.index, "prompt": row.request.prompt, **request, "model": model, "request": row.key}
-    share = seconds / len(files)
+    share = seconds / max(len(files), 1)
     return [
         {**base, "image": k, "file": file, "seed": row.request.seed + k, "seconds": share, "error": None, "worker": worker}
         for k, file in enumerate(files)
@@ -129,7 +129,7 @@ class Manifest:
         """Merge the parts into ``manifest.parquet`` (atomically), then remove them; returns the records."""
         parts = sorted(self.parts.glob("part-*.parquet")) if self.parts.is_dir() else []
         records = self.records()
-        if parts or not self.path.is_file():
+        if parts:  # (a run stopped before its first batch leaves no manifest rather than an empty one)
             _write(self.path, records)
         for part in parts:  # after the manifest holds them: a run stopped here reads them twice, not never
             part.unlink()

@@ -153,3 +153,9 @@ def test_without_ray_the_command_and_the_function_give_the_install_hint(
     err = capsys.readouterr().err
     assert err.startswith("diffblocks batch: error: batch generation runs on Ray, which is not installed")
     assert 'pip install -e ".[ray]"' in err and not (tmp_path / "out").exists()
+
+
+def test_merging_without_parts_writes_nothing(tmp_path: Path) -> None:
+    """A run stopped before its first batch leaves no manifest, and no folder where there was none."""
+    assert Manifest(tmp_path / "never").merge() == []
+    assert not (tmp_path / "never").exists()
