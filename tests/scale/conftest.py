@@ -18,7 +18,6 @@ import pytest
 # stats are not needed to run tasks and cost a second or two of start-up on 2 CPUs.
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
 @pytest.fixture(scope="module")
