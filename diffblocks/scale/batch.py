@@ -119,9 +119,10 @@ def generate_batch(
         defaults: :class:`GenerationRequest` fields for rows that leave them out (``num_images``,
             ``num_inference_steps``, ``height``, ...); row ``k`` without a seed gets ``seed + k``.
 
-    Example (docs/scale.md runs a longer one):
-        >>> summary = generate_batch(["a red circle", "a blue square"], "out", num_inference_steps=2)  # doctest: +SKIP
-        >>> assert (summary.images, summary.failed) == (2, 0)  # doctest: +SKIP
+    Example (it starts Ray, so it runs with ``docs/scale.md`` rather than as a doctest)::
+
+        summary = generate_batch(["a red circle", {"prompt": "a blue square", "seed": 7}], "out", num_inference_steps=2)
+        assert (summary.images, summary.failed) == (2, 0)
     """
     from diffblocks.scale.manifest import Manifest, error_record
 
@@ -209,50 +210,55 @@ def _run(
     gpus = ray.cluster_resources().get("GPU", 0) > 0 if device is None else device.startswith("cuda")
     if loader is None:
         loader = functools.partial(RequestRunner.load, model, device=device if device is not None else ("cuda" if gpus else "cpu"))
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # ours counts images across the whole run
-    context.print_on_execution_start = False
     items = [{"row": row.index, "request": row.request.model_dump_json() if row.request else "", "key": row.key} for row in todo]
     # one block per batch, and at least one batch per worker where there are rows enough; a worker
     # that would get no batch is not started (it would load the model for nothing)
     blocks = max(math.ceil(len(items) / batch_size), min(workers, len(items)))
     batch_size = math.ceil(len(items) / blocks)
     workers = min(workers, blocks)
-    dataset = ray.data.from_items(items, override_num_blocks=blocks)
     resources = {"num_gpus": 1} if gpus else {"num_cpus": cpus_per_worker}
-    with warnings.catch_warnings():
-        # Ray 2.60 names no parameter for an actor's restarts and retries yet, and warns on the
-        # remote arguments that carry them; without them Ray Data retries a dying row forever
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        made = dataset.map_batches(
-            _Worker,
-            fn_constructor_kwargs={"loader": loader, "output": str(output), "model": model, "threads": None if gpus else cpus_per_worker},
-            batch_size=batch_size,
-            # one batch in flight per actor: a batch waits for the next idle actor instead of queueing
-            # behind a busy one, so the last batches do not run on one worker while the others idle
-            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
-            max_restarts=retries,
-            max_task_retries=retries,
-            **resources,
-        )
-    total = sum(row.request.num_images for row in todo if row.request is not None)
-    with tqdm(total=total, unit="image", disable=not progress, desc="batch") as bar, _quiet_ray_data():
-        for batch in made.iter_batches(batch_size=None, batch_format="numpy"):
-            records = [json.loads(text) for text in batch["record"]]
-            # a failed row counts its images as done too, so the bar ends full
-            bar.update(sum(1 if record["error"] is None else record["num_images"] for record in records))
-            yield records
+    with _quiet_ray_data(ray):
+        dataset = ray.data.from_items(items, override_num_blocks=blocks)
+        with warnings.catch_warnings():
+            # Ray 2.60 names no parameter for an actor's restarts and retries yet, and warns on the
+            # remote arguments that carry them; without them Ray Data retries a dying row forever
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            made = dataset.map_batches(
+                _Worker,
+                fn_constructor_kwargs={"loader": loader, "output": str(output), "model": model, "threads": None if gpus else cpus_per_worker},
+                batch_size=batch_size,
+                # one batch in flight per actor: a batch waits for the next idle actor instead of queueing
+                # behind a busy one, so the last batches do not run on one worker while the others idle
+                compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
+                max_restarts=retries,
+                max_task_retries=retries,
+                **resources,
+            )
+        total = sum(row.request.num_images for row in todo if row.request is not None)
+        with tqdm(total=total, unit="image", disable=not progress, desc="batch") as bar:
+            for batch in made.iter_batches(batch_size=None, batch_format="numpy"):
+                records = [json.loads(text) for text in batch["record"]]
+                # a failed row counts its images as done too, so the bar ends full
+                bar.update(sum(1 if record["error"] is None else record["num_images"] for record in records))
+                yield records
 
 
 @contextmanager
-def _quiet_ray_data() -> Iterator[None]:
-    """Hide Ray Data's note that its progress bars are off (ours is on), restoring its logger after."""
-    logger = logging.getLogger("ray.data._internal.progress")
+def _quiet_ray_data(ray: Any) -> Iterator[None]:
+    """Turn off Ray Data's progress bars and notes for the run (ours counts images), then put them back."""
+    context = ray.data.DataContext.get_current()
+    settings = {"enable_progress_bars": False, "print_on_execution_start": False}
+    previous = {name: getattr(context, name) for name in settings}
+    logger = logging.getLogger("ray.data._internal.progress")  # says once that the bars are off
     level = logger.level
+    for name, value in settings.items():
+        setattr(context, name, value)
     logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        for name, value in previous.items():
+            setattr(context, name, value)
         logger.setLevel(level)
 
 
@@ -261,11 +267,11 @@ class _Worker:
 
     def __init__(self, loader: Callable[[], ImageRunner], output: str, model: str | None, threads: float | None) -> None:
         import torch
-        from transformers.utils import logging
+        from transformers.utils import logging as transformers_logging
 
         if threads is not None:  # as many torch threads as CPUs reserved, whatever the machine has
             torch.set_num_threads(max(1, int(threads)))
-        logging.disable_progress_bar()  # the driver shows one bar for the run
+        transformers_logging.disable_progress_bar()  # the driver shows one bar for the run
         self.runner = loader()
         self.output = Path(output)
         self.model = model
