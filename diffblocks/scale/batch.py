@@ -236,7 +236,9 @@ def _run(
             )
         total = sum(row.request.num_images for row in todo if row.request is not None)
         with tqdm(total=total, unit="image", disable=not progress, desc="batch") as bar:
-            for batch in made.iter_batches(batch_size=None, batch_format="numpy"):
+            # no prefetching: with it, a finished batch waits on the driver until the next one is
+            # done, and a run stopped in between would make that batch again
+            for batch in made.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
                 records = [json.loads(text) for text in batch["record"]]
                 # a failed row counts its images as done too, so the bar ends full
                 bar.update(sum(1 if record["error"] is None else record["num_images"] for record in records))
