@@ -42,7 +42,7 @@ def main() -> None:
     import torch
 
     from diffblocks.presets.tiny import EVAL_PROMPTS
-    from diffblocks.scale import GenerationRequest, RequestRunner
+    from diffblocks.scale import RequestRunner
     from diffblocks.scale.batch import _run
     from diffblocks.scale.rows import read_rows
 
@@ -56,7 +56,7 @@ def main() -> None:
         started = time.perf_counter()
         for row in rows:
             assert row.request is not None
-            (image,) = runner.images(GenerationRequest(**row.request.model_dump()))
+            (image,) = runner.images(row.request)
             image.save(folder / f"{row.index:06d}-0.png")
         seconds = time.perf_counter() - started
         return seconds / len(rows), seconds
