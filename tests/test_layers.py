@@ -20,6 +20,7 @@ LAYERS = (
     "diffblocks.components",
     "diffblocks.blocks",
     "diffblocks.presets",
+    "diffblocks.scale",
     "diffblocks",  # the package's face: the names users reach for first, imported lazily
     "diffblocks.cli",
     "diffblocks.__main__",
