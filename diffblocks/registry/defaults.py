@@ -15,6 +15,8 @@ _OURS = {
     "ControlNetModel": "diffblocks.components.models.controlnet:ControlNetModel",
     "ControlNetUnionModel": "diffblocks.components.models.controlnet:ControlNetUnionModel",
     "FluxControlNetModel": "diffblocks.components.models.controlnet:FluxControlNetModel",
+    "MultiControlNetModel": "diffblocks.components.models.controlnet:MultiControlNetModel",
+    "FluxMultiControlNetModel": "diffblocks.components.models.controlnet:FluxMultiControlNetModel",
 }
 _SCHEDULERS = (
     "DDPMScheduler DDIMScheduler PNDMScheduler LMSDiscreteScheduler EulerDiscreteScheduler "

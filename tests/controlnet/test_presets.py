@@ -68,3 +68,29 @@ def test_a_controlnet_added_to_a_loaded_pipeline_saves_as_diffusers_controlnet_p
     kwargs = dict(**KWARGS, control_image=control_image(), output_type="np", progress=False)
     first = ours(**kwargs, generator=torch.Generator().manual_seed(1)).images
     assert np.array_equal(loaded(**kwargs, generator=torch.Generator().manual_seed(1)).images, first)
+
+
+def test_a_multi_controlnet_folder_loads_and_saves_as_diffusers_does(tmp_path: Path) -> None:
+    import diffusers
+
+    repo = tiny_sd15(tmp_path / "base")
+    nets = [tiny_controlnet(tmp_path / "a", **SD15_NET), tiny_controlnet(tmp_path / "b", **SD15_NET, conditioning_channels=1)]
+    ref = diffusers.StableDiffusionControlNetPipeline.from_pretrained(
+        repo, controlnet=[diffusers.ControlNetModel.from_pretrained(net) for net in nets], safety_checker=None)  # fmt: skip
+    ref.set_progress_bar_config(disable=True)
+    ref.save_pretrained(tmp_path / "pipeline")
+    assert json.loads((tmp_path / "pipeline" / "model_index.json").read_text())["controlnet"] == ["diffusers", "MultiControlNetModel"]
+    ours = Pipeline.from_pretrained(str(tmp_path / "pipeline"))
+    assert len(ours.components["controlnet"]) == 2
+    images = [control_image(0), torch.rand(1, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(0))]  # gray: 1 channel
+    kwargs = dict(KWARGS, controlnet_conditioning_scale=[0.8, 0.5], control_image=images)
+    out, expected = run_both(ours, ref, **kwargs)
+    assert np.abs(out.images - expected).max() < 1e-5
+
+    saved = ours.save_pretrained(tmp_path / "ours")
+    assert (saved / "controlnet_1" / "config.json").is_file()
+    again, _ = run_both(Pipeline.from_pretrained(str(saved)), ref, **kwargs)
+    assert np.array_equal(again.images, out.images)
+    theirs = diffusers.StableDiffusionControlNetPipeline.from_pretrained(saved)
+    theirs.set_progress_bar_config(disable=True)
+    assert len(theirs.controlnet.nets) == 2
