@@ -157,6 +157,15 @@ class Block(AbstractBlock):
         time are checked in ``__call__``: a ``FieldError`` raised there is reported the same way.
         """
 
+    def check_fit(self, components: Mapping[str, Any]) -> None:
+        """Check, once when the pipeline is built, that this block's loaded components fit together.
+
+        ``components`` holds those of this block's components that are loaded objects (a
+        component still a :class:`ComponentSpec` is left out, and checked by :meth:`check` at the
+        call). Raise :class:`FieldError` naming the component and both sides (a ControlNet made for
+        another UNet); the pipeline reports every block's problems in one ``PlanError``.
+        """
+
     def bind(self, components: Mapping[str, Any]) -> Block:
         """Give this block its components directly (pipelines do this; useful in unit tests)."""
         self._bound = components

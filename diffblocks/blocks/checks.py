@@ -9,7 +9,7 @@ from typing import Any
 from diffblocks.blocks.block import AbstractBlock, Block
 from diffblocks.blocks.compat import describe_type
 from diffblocks.blocks.composites import Switch
-from diffblocks.blocks.errors import Problem
+from diffblocks.blocks.errors import FieldError, Problem
 from diffblocks.blocks.plan import Choices, Plan
 from diffblocks.blocks.tree import Node, walk
 from diffblocks.components.manager import ComponentsManager
@@ -62,7 +62,29 @@ def _within(node: Node) -> Choices:
 
 
 def check_components(plans: Mapping[Choices, Plan], keys: Mapping[str, str], manager: ComponentsManager) -> list[Problem]:
-    """Every needed component is given (or optional) and of the declared type, resolved without loading."""
+    """Every needed component is given (or optional) and of the declared type, resolved without loading;
+    then, when all are, each block's loaded components fit together (:meth:`Block.check_fit`)."""
+    problems = _check_types(plans, keys, manager)
+    return problems or _check_fit(plans, keys, manager)
+
+
+def _check_fit(plans: Mapping[Choices, Plan], keys: Mapping[str, str], manager: ComponentsManager) -> list[Problem]:
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    for plan in plans.values():
+        for path, block in plan.blocks:
+            if path in seen or type(block).check_fit is Block.check_fit:
+                continue
+            seen.add(path)
+            loaded = {name: manager.loaded(keys[name]) for name in block.components() if name in keys}
+            try:
+                block.check_fit({name: obj for name, obj in loaded.items() if obj is not None})
+            except FieldError as err:
+                problems.append(Problem(path, err.field, str(err), "", block.declaration_site()))
+    return problems
+
+
+def _check_types(plans: Mapping[Choices, Plan], keys: Mapping[str, str], manager: ComponentsManager) -> list[Problem]:
     problems: list[Problem] = []
     for name, (needed, optional, users) in component_needs(plans).items():
         site = users[0][1].declaration_site()

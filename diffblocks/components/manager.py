@@ -258,6 +258,10 @@ class ComponentsManager:
     def is_loaded(self, key: str) -> bool:
         return self._entry(key).obj is not None
 
+    def loaded(self, key: str) -> Any:
+        """The object for ``key`` if it is loaded, else None; never loads, places or counts a use."""
+        return self._entry(key).obj
+
     def _size_before_loading(self, key: str, spec: ComponentSpec) -> ModelSize | None:
         cls = self.component_type(key)
         if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)) or spec.quantization is not None:

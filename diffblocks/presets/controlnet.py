@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import collections.abc
+from collections.abc import Callable
+from typing import Any
 
 from diffblocks.blocks import AbstractBlock, Loop, Pipeline, Sequence
+from diffblocks.blocks.pipeline import PresetInfo
 from diffblocks.blocks.flux import flux_controlnet_mismatch
 from diffblocks.blocks.flux.controlnet import flux_family_name
 from diffblocks.blocks.standard.controlnet import PredictControlledNoise, PrepareControlImage, controlnet_mismatch, family_name
@@ -19,6 +22,8 @@ from diffblocks.components.models.controlnet import (
 )
 from diffblocks.components.models.flux import FluxTransformer2DModel
 from diffblocks.components.models.unet import UNet2DConditionModel
+from diffblocks.presets import flux, sd15, sdxl
+from diffblocks.presets.families import Family
 from diffblocks.presets.flux_controlnet import flux_controlnet_blocks
 
 _MSG_NO_SITE = (
@@ -101,7 +106,7 @@ def with_controlnet(pipe: Pipeline, controlnet: AnyControlNet | collections.abc.
     unet_nets = [net for net in nets if isinstance(net, ControlNetModel)]
     component = unions[0] if unions else unet_nets[0] if len(unet_nets) == 1 else MultiControlNetModel(unet_nets)
     components = {**pipe.components, "controlnet": component}
-    return Pipeline(controlnet_blocks(pipe.blocks), components, manager=pipe.manager, name=pipe.name)
+    return Pipeline(controlnet_blocks(pipe.blocks), components, manager=pipe.manager, name=pipe.name, preset=_preset(pipe))
 
 
 def _with_flux_controlnet(pipe: Pipeline, transformer: FluxTransformer2DModel, nets: tuple[AnyControlNet, ...]) -> Pipeline:
@@ -117,7 +122,53 @@ def _with_flux_controlnet(pipe: Pipeline, transformer: FluxTransformer2DModel, n
         flux_nets.append(net)
     component = flux_nets[0] if len(flux_nets) == 1 else FluxMultiControlNetModel(flux_nets)
     components = {**pipe.components, "controlnet": component}
-    return Pipeline(flux_controlnet_blocks(pipe.blocks), components, manager=pipe.manager, name=pipe.name)
+    return Pipeline(flux_controlnet_blocks(pipe.blocks), components, manager=pipe.manager, name=pipe.name, preset=_preset(pipe))
 
 
-__all__ = ["controlnet_blocks", "with_controlnet"]
+def _controlled(base: Callable[..., Sequence], add: Callable[[AbstractBlock], AbstractBlock]) -> Callable[..., Sequence]:
+    """A family's blocks function with ControlNet steps added."""
+
+    def blocks(**settings: Any) -> Sequence:
+        tree = add(base(**settings))
+        assert isinstance(tree, Sequence)  # the steps are added inside the root, which stays a Sequence
+        return tree
+
+    return blocks
+
+
+SD15_CONTROLNET = Family(
+    "sd15_controlnet",
+    _controlled(sd15.sd15_blocks, controlnet_blocks),
+    sd15.default_guider,
+    ("StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline", "StableDiffusionControlNetInpaintPipeline"),
+)
+"""diffusers' SD 1.x/2.x ControlNet pipelines: the ``sd15`` blocks with ControlNet steps and a ``controlnet`` component."""
+SDXL_CONTROLNET = Family(
+    "sdxl_controlnet",
+    _controlled(sdxl.sdxl_blocks, controlnet_blocks),
+    sdxl.default_guider,
+    ("StableDiffusionXLControlNetPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
+     "StableDiffusionXLControlNetInpaintPipeline", "StableDiffusionXLControlNetUnionPipeline"),
+    settings=sdxl.SETTINGS,
+)  # fmt: skip
+"""diffusers' SDXL ControlNet pipelines (and the ControlNet-Union one): the ``sdxl`` blocks with ControlNet steps."""
+FLUX_CONTROLNET = Family(
+    "flux_controlnet",
+    _controlled(flux.flux_blocks, flux_controlnet_blocks),
+    flux.default_guider,
+    ("FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline"),
+)
+"""diffusers' Flux ControlNet pipelines: the ``flux`` blocks with Flux ControlNet steps."""
+
+_CONTROLLED = {"sd15": SD15_CONTROLNET, "sdxl": SDXL_CONTROLNET, "flux": FLUX_CONTROLNET}
+
+
+def _preset(pipe: Pipeline) -> PresetInfo | None:
+    """The ControlNet family's preset for a pipeline loaded as a base family's, so that it saves as diffusers' ControlNet pipeline."""
+    info = pipe.preset
+    if info is None or info.family not in _CONTROLLED:
+        return None
+    return PresetInfo(_CONTROLLED[info.family].name, None, dict(info.settings), dict(info.sources))
+
+
+__all__ = ["FLUX_CONTROLNET", "SD15_CONTROLNET", "SDXL_CONTROLNET", "controlnet_blocks", "with_controlnet"]

@@ -20,6 +20,10 @@ _BUILT_IN = {
     "sdxl": "diffblocks.presets.sdxl",
     "flux": "diffblocks.presets.flux",
     "tiny": "diffblocks.presets.tiny.preset",
+    # diffusers' ControlNet pipelines: a base family's blocks with ControlNet steps
+    "sd15_controlnet": "diffblocks.presets.controlnet:SD15_CONTROLNET",
+    "sdxl_controlnet": "diffblocks.presets.controlnet:SDXL_CONTROLNET",
+    "flux_controlnet": "diffblocks.presets.controlnet:FLUX_CONTROLNET",
 }
 
 
@@ -64,7 +68,8 @@ class _Families(Mapping[str, Family]):
     def __getitem__(self, name: str) -> Family:
         family = _FAMILIES[name]
         if isinstance(family, str):
-            family = importlib.import_module(family).FAMILY
+            module, _, attribute = family.partition(":")  # "module" holds FAMILY; "module:NAME" holds NAME
+            family = getattr(importlib.import_module(module), attribute or "FAMILY")
             assert isinstance(family, Family) and family.name == name, f"{_BUILT_IN[name]}.FAMILY is not {name!r}"
             _FAMILIES[name] = family
         return family
@@ -77,7 +82,8 @@ class _Families(Mapping[str, Family]):
 
 
 FAMILIES: Mapping[str, Family] = _Families()
-"""Families by name (``"sd15"``, ``"sdxl"``, ``"flux"``, ``"tiny"``); read-only, extended by :func:`register_family`."""
+"""Families by name (``"sd15"``, ``"sdxl"``, ``"flux"``, ``"tiny"``, and ``"sd15_controlnet"``, ``"sdxl_controlnet"``,
+``"flux_controlnet"`` for diffusers' ControlNet pipelines); read-only, extended by :func:`register_family`."""
 
 
 def register_family(family: Family) -> Family:

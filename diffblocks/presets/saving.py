@@ -38,6 +38,7 @@ from diffblocks.components.containment import is_hub_id
 from diffblocks.components.guiders import AbstractGuider
 from diffblocks.components.lora import detached
 from diffblocks.components.models import AbstractModel
+from diffblocks.components.models.controlnet import FluxMultiControlNetModel, MultiControlNetModel
 from diffblocks.components.quantizers import quantizer_of
 from diffblocks.components.schedulers import AbstractScheduler
 from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX
@@ -258,7 +259,9 @@ def _write(
 def _savable_classes() -> tuple[type, ...]:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    return (AbstractModel, PreTrainedModel, PreTrainedTokenizerBase, AbstractScheduler, AbstractGuider)
+    # several ControlNets save as diffusers saves them: one folder per net (controlnet, controlnet_1, ...)
+    multi = (MultiControlNetModel, FluxMultiControlNetModel)
+    return (AbstractModel, PreTrainedModel, PreTrainedTokenizerBase, AbstractScheduler, AbstractGuider, *multi)
 
 
 def _dtype_name(module: torch.nn.Module) -> str | None:

@@ -12,6 +12,11 @@ _OURS = {
     "UNet2DConditionModel": "diffblocks.components.models.unet:UNet2DConditionModel",
     "AutoencoderKL": "diffblocks.components.models.autoencoder_kl:AutoencoderKL",
     "FluxTransformer2DModel": "diffblocks.components.models.flux:FluxTransformer2DModel",
+    "ControlNetModel": "diffblocks.components.models.controlnet:ControlNetModel",
+    "ControlNetUnionModel": "diffblocks.components.models.controlnet:ControlNetUnionModel",
+    "FluxControlNetModel": "diffblocks.components.models.controlnet:FluxControlNetModel",
+    "MultiControlNetModel": "diffblocks.components.models.controlnet:MultiControlNetModel",
+    "FluxMultiControlNetModel": "diffblocks.components.models.controlnet:FluxMultiControlNetModel",
 }
 _SCHEDULERS = (
     "DDPMScheduler DDIMScheduler PNDMScheduler LMSDiscreteScheduler EulerDiscreteScheduler "

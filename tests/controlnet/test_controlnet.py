@@ -23,14 +23,14 @@ def tiny_controlnet(folder: Path, **changes: Any) -> Path:
     import diffusers
 
     torch.manual_seed(1)
-    net = diffusers.ControlNetModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        norm_num_groups=32,
-        conditioning_embedding_out_channels=(16, 32),
+    net = diffusers.ControlNetModel(**{
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "norm_num_groups": 32,
+        "conditioning_embedding_out_channels": (16, 32),
         **changes,
-    )
+    })
     with torch.no_grad():
         for param in net.parameters():
             if not param.abs().sum():  # the zero convolutions: give them weights, so the control shows

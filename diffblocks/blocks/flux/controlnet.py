@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -95,6 +97,16 @@ class PrepareFluxControlImage(Block):
     controlnet: FluxControlNetModel | FluxMultiControlNetModel = component(description="the Flux ControlNet, or several")
     vae: AutoencoderKL = component(description="encodes the control image for nets that read latents")
     transformer: FluxTransformer2DModel = component(description="the transformer the residuals are added to")
+
+    def check_fit(self, components: Mapping[str, Any]) -> None:
+        """A hand-built tree's Flux ControlNet is refused when it is built, as ``with_controlnet`` refuses it."""
+        net, transformer = components.get("controlnet"), components.get("transformer")
+        if not isinstance(net, (FluxControlNetModel, FluxMultiControlNetModel)) or not isinstance(transformer, FluxTransformer2DModel):
+            return
+        for each in flux_controlnets(net):
+            problem = flux_controlnet_mismatch(each, transformer)
+            if problem is not None:
+                raise FieldError("controlnet", problem)
 
     def check(self, inputs: Inputs) -> None:
         nets = flux_controlnets(self.controlnet)

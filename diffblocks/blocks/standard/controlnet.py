@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import Annotated, TypeVar, cast
+from typing import Annotated, Any, TypeVar, cast
 
 import torch
 
@@ -72,6 +73,8 @@ def controlnet_mismatch(controlnet: ControlNetModel | ControlNetUnionModel, unet
         if field == "layers_per_block":
             expected = theirs.layers
             got = (got,) * len(expected)
+        if field == "in_channels" and expected == 2 * got + 1:
+            continue  # an inpainting UNet: the latents, the mask and the masked image's latents; the ControlNet reads the latents
         if field == "cross_attention_dim":
             expected = theirs.cross_dims[0] if len(set(theirs.cross_dims)) == 1 else theirs.cross_dims
         if got != expected:
@@ -115,6 +118,17 @@ class PrepareControlImage(Block):
         description="the ControlNet, several, or a ControlNet-Union"
     )
     unet: UNet2DConditionModel = component(description="the UNet its residuals are added to")
+
+    def check_fit(self, components: Mapping[str, Any]) -> None:
+        """A hand-built tree's ControlNet is refused when it is built, as ``with_controlnet`` refuses it."""
+        net, unet = components.get("controlnet"), components.get("unet")
+        if not isinstance(unet, UNet2DConditionModel) or net is None:
+            return
+        nets = controlnets(net) if isinstance(net, (ControlNetModel, MultiControlNetModel)) else (net,)
+        for each in nets:
+            problem = controlnet_mismatch(each, unet) if isinstance(each, (ControlNetModel, ControlNetUnionModel)) else None
+            if problem is not None:
+                raise FieldError("controlnet", problem)
 
     def check(self, inputs: Inputs) -> None:
         nets = self.nets()

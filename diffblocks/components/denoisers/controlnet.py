@@ -59,7 +59,7 @@ class Control:
     ) -> tuple[Tensor, ...]:
         """Its residuals for one pass on ``x`` at ``t`` with the pass's conditioning (``added``: SDXL's)."""
         return self.model(
-            x, t, c.prompt_embeds, _tiled(self.image, x.shape[0]), conditioning_scale=self.scale,
+            _latents(x, self.model), t, c.prompt_embeds, _tiled(self.image, x.shape[0]), conditioning_scale=self.scale,
             added_cond_kwargs=added, encoder_attention_mask=c.prompt_mask, guess_mode=guess_mode,
         )  # fmt: skip
 
@@ -106,7 +106,7 @@ class UnionControl:
         types = torch.zeros(self.model.params.num_control_type, device=x.device)
         types[list(self.modes)] = 1
         return self.model(
-            x, t, c.prompt_embeds, [_tiled(image, x.shape[0]) for image in self.images],
+            _latents(x, self.model), t, c.prompt_embeds, [_tiled(image, x.shape[0]) for image in self.images],
             types.to(c.prompt_embeds.dtype).expand(x.shape[0], -1), self.modes, conditioning_scale=self.scales,
             added_cond_kwargs=added, guess_mode=guess_mode,
         )  # fmt: skip
@@ -114,6 +114,16 @@ class UnionControl:
 
 AnyControl = Control | UnionControl
 """What a UNet ControlNet step runs: a ControlNet with its image, or a ControlNet-Union with its images and modes."""
+
+
+def _latents(x: Tensor, model: ControlNetModel | ControlNetUnionModel) -> Tensor:
+    """The latents of an inpainting UNet's input (mask and masked image's latents after them), which a ControlNet reads alone.
+
+    diffusers' ``StableDiffusionControlNetInpaintPipeline`` runs the ControlNet on the latents before
+    it puts the mask channels beside them; for any other UNet the input is the latents.
+    """
+    channels = model.params.in_channels
+    return x if x.shape[1] == channels else x[:, :channels]
 
 
 def keeps(step_index: int, num_steps: int, start: float, end: float) -> bool:

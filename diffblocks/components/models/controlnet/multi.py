@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
-from typing import final
+from pathlib import Path
+from typing import Any, TypeVar, final
 
+import torch
 from torch import nn
 
+from diffblocks.components.hub import resolve_folder
+from diffblocks.components.models.base import AbstractModel
 from diffblocks.components.models.controlnet.model import ControlNetModel
+from diffblocks.components.models.loading import CONFIG_NAME
+
+M = TypeVar("M", bound=AbstractModel[Any])
 
 
 @final
@@ -42,10 +50,65 @@ class MultiControlNetModel(nn.Module):
     def __iter__(self) -> Iterator[ControlNetModel]:
         return (net for net in self.nets if isinstance(net, ControlNetModel))
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo: str | os.PathLike[str],
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        variant: str | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> MultiControlNetModel:
+        """The nets of a diffusers ``MultiControlNetModel`` folder: ``controlnet``, ``controlnet_1``, ... (see :func:`numbered_nets`)."""
+        return cls(numbered_nets(ControlNetModel, path_or_repo, subfolder=subfolder, revision=revision,
+                                 variant=variant, dtype=dtype, device=device))  # fmt: skip
+
+    def save_pretrained(self, folder: str | os.PathLike[str], *, variant: str | None = None, max_shard_size: int | str | None = None) -> None:
+        """Save as diffusers does: the first net in ``folder``, net ``i`` in ``folder_i``."""
+        save_numbered(list(self), folder, variant=variant, max_shard_size=max_shard_size)
+
+
+def numbered_nets(
+    cls: type[M],
+    path_or_repo: str | os.PathLike[str],
+    *,
+    subfolder: str | None,
+    revision: str | None = None,
+    **kwargs: Any,
+) -> list[M]:
+    """Several nets saved as diffusers saves a multi-ControlNet: ``<folder>``, ``<folder>_1``, ``<folder>_2``, ...
+
+    ``<folder>`` is ``subfolder`` inside ``path_or_repo``, or ``path_or_repo`` itself. ``kwargs``
+    (``variant``, ``dtype``, ``device``) go to each net's ``from_pretrained``.
+
+    Raises:
+        FileNotFoundError: the first folder holds no ``config.json``.
+    """
+    if subfolder:
+        root, first = resolve_folder(path_or_repo, revision=revision, allow_patterns=[f"{subfolder}*/*"]), subfolder
+    else:
+        folder = resolve_folder(path_or_repo, revision=revision)
+        root, first = folder.parent, folder.name
+    names = [first]
+    while (root / f"{first}_{len(names)}" / CONFIG_NAME).is_file():
+        names.append(f"{first}_{len(names)}")
+    if not (root / first / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{root / first} holds no {CONFIG_NAME}: it is not a saved {cls.__name__}")
+    return [cls.from_pretrained(root, subfolder=name, **kwargs) for name in names]
+
+
+def save_numbered(nets: list[Any], folder: str | os.PathLike[str], **kwargs: Any) -> None:
+    """Save ``nets`` as :func:`numbered_nets` reads them (and diffusers writes them)."""
+    path = Path(folder)
+    for i, net in enumerate(nets):
+        net.save_pretrained(path if i == 0 else path.with_name(f"{path.name}_{i}"), **kwargs)
+
 
 def controlnets(component: ControlNetModel | MultiControlNetModel) -> tuple[ControlNetModel, ...]:
     """The ControlNets of a ``controlnet`` component, one or several, in order."""
     return (component,) if isinstance(component, ControlNetModel) else tuple(component)
 
 
-__all__ = ["MultiControlNetModel", "controlnets"]
+__all__ = ["MultiControlNetModel", "controlnets", "numbered_nets", "save_numbered"]

@@ -196,7 +196,15 @@ def _count(shapes: Shapes, pattern: str) -> int:
 
 
 def infer_unet(shapes: Shapes) -> dict[str, Any]:
-    """The UNet's diffusers config from an LDM UNet's shapes.
+    """The UNet's diffusers config from an LDM UNet's shapes: its encoder's (:func:`infer_encoder`) and its decoder's."""
+    config = infer_encoder(shapes)
+    down = config["down_block_types"]
+    flip = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+    return {**config, "out_channels": shapes["out.2.weight"][0], "up_block_types": tuple(flip[kind] for kind in reversed(down))}
+
+
+def infer_encoder(shapes: Shapes) -> dict[str, Any]:
+    """The diffusers config of an LDM UNet's encoder and mid block, from their shapes (a ControlNet has these only).
 
     What the weights do not hold follows the released models: 8 heads with convolution
     projections (SD 1.x), else heads of 64 channels (SD 2.x, SDXL); SDXL's time ids are embedded
@@ -213,11 +221,9 @@ def infer_unet(shapes: Shapes) -> dict[str, Any]:
     linear = len(next(shape for key, shape in shapes.items() if key.endswith("proj_in.weight"))) == 2
     config: dict[str, Any] = {
         "in_channels": shapes["input_blocks.0.0.weight"][1],
-        "out_channels": shapes["out.2.weight"][0],
         "block_out_channels": channels,
         "layers_per_block": layers,
         "down_block_types": tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
-        "up_block_types": tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
         "cross_attention_dim": context,
         "use_linear_projection": linear,
         "transformer_layers_per_block": depth[0] if len(set(depth)) == 1 else depth,
@@ -301,6 +307,7 @@ __all__ = [
     "VAE_ATTENTION",
     "VAE_PART",
     "clip_table",
+    "infer_encoder",
     "infer_unet",
     "infer_vae",
     "lookup",

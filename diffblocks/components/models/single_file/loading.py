@@ -14,6 +14,7 @@ from diffblocks.components.containment import contained_path
 from diffblocks.components.hub import resolve_folder
 from diffblocks.components.models.loading import CONFIG_NAME, CheckpointError, load_state
 from diffblocks.components.models.single_file.bfl import BFL
+from diffblocks.components.models.single_file.controlnet import CONTROL
 from diffblocks.components.models.single_file.layout import Layout, Part, find_part
 from diffblocks.components.models.single_file.ldm import LDM
 from diffblocks.components.models.single_file.reading import SingleFile
@@ -23,7 +24,7 @@ from diffblocks.components.models.single_file.sgm import SGM
 if TYPE_CHECKING:  # the model base calls this module, so it is imported for the annotations only
     from diffblocks.components.models.base import AbstractModel
 
-LAYOUTS: tuple[Layout, ...] = (LDM, SGM, BFL)
+LAYOUTS: tuple[Layout, ...] = (LDM, SGM, BFL, CONTROL)
 """The layouts read, in the order they are tried."""
 
 M = TypeVar("M", bound="AbstractModel[Any]")
