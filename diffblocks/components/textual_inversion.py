@@ -19,12 +19,19 @@ The file layouts, one table:
 
 A ``token`` argument replaces the file's. Pickles (``.pt``, ``.bin``) are read only with
 ``allow_pickle=True``, and then with ``torch.load(weights_only=True)``.
+
+Each encoder remembers the file every token's vectors came from (:func:`record_source`,
+:func:`sources_of`), pinned and hashed like a LoRA's, so that a saved preset can name it; and
+:func:`without_tokens` takes the tokens out for the length of a ``with`` block, so that the
+tokenizer and the encoder are saved as themselves.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, final
@@ -32,6 +39,8 @@ from typing import Any, final
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from diffblocks.components.lora.sources import LoRASource
 
 _MSG_PICKLE = (
     "{path} is a pickle; loading one can run code hidden in it. Prefer a .safetensors file, or pass "
@@ -203,6 +212,55 @@ def expand_prompt(prompt: str, tokenizer: Any) -> str:
     return prompt
 
 
+def token_family(token: str, added: Mapping[str, int]) -> list[str]:
+    """``token`` and its ``token_1``, ``token_2``, ... among the ``added`` tokens: what one embedding added."""
+    return [t for t in added if t == token or (t.startswith(f"{token}_") and t[len(token) + 1 :].isdigit())]
+
+
+def record_source(encoder: nn.Module, token: str, source: LoRASource | None) -> None:
+    """Remember the file that ``token``'s vectors in ``encoder`` were read from; None: they were given as tensors."""
+    sources = _SOURCES.setdefault(encoder, {})
+    sources.pop(token, None)  # a token added again goes to the end, as its ids do
+    sources[token] = source
+
+
+def sources_of(encoder: nn.Module, tokenizer: Any) -> dict[str, LoRASource | None]:
+    """The recorded embedding tokens ``encoder`` holds now, in the order they were added, each with its file.
+
+    Tokens added without :func:`record_source` are not listed: they are part of the tokenizer and
+    encoder as they were given, and are saved with them.
+    """
+    added = added_tokens(tokenizer)
+    return {token: source for token, source in _SOURCES.get(encoder, {}).items() if token in added}
+
+
+@contextmanager
+def without_tokens(tokens: list[str], tokenizer: Any, encoder: nn.Module) -> Iterator[None]:
+    """``tokenizer`` and ``encoder`` without the embeddings ``tokens`` (each with its ``_1``, ... tokens) for the ``with`` block.
+
+    Afterwards the very backend, matrix parameter and counts come back, so that ids, vectors and
+    ``requires_grad`` are as they were, bit for bit (removing and adding again would renumber).
+    """
+    added = added_tokens(tokenizer)
+    removed = [t for token in tokens for t in token_family(token, added)]
+    if not removed:
+        yield
+        return
+    table = _table(encoder)
+    config = getattr(encoder, "config", None)
+    saved = (tokenizer._tokenizer, table.weight, table.num_embeddings, getattr(config, "vocab_size", None))
+    remove_tokens(removed, tokenizer, encoder)
+    try:
+        yield
+    finally:
+        tokenizer._tokenizer, table.weight, table.num_embeddings = saved[:3]
+        if config is not None and saved[3] is not None:
+            config.vocab_size = saved[3]
+
+
+_SOURCES: weakref.WeakKeyDictionary[nn.Module, dict[str, LoRASource]] = weakref.WeakKeyDictionary()
+
+
 def _backend(tokenizer: Any) -> Any:
     backend = getattr(tokenizer, "_tokenizer", None)
     if backend is None or not hasattr(backend, "to_str"):
@@ -230,4 +288,15 @@ def _set_rows(encoder: nn.Module, weight: Tensor) -> None:
         config.vocab_size = weight.shape[0]
 
 
-__all__ = ["Embedding", "add_tokens", "added_tokens", "check_addable", "expand_prompt", "remove_tokens"]
+__all__ = [
+    "Embedding",
+    "add_tokens",
+    "added_tokens",
+    "check_addable",
+    "expand_prompt",
+    "record_source",
+    "remove_tokens",
+    "sources_of",
+    "token_family",
+    "without_tokens",
+]

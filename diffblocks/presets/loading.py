@@ -20,6 +20,7 @@ from diffblocks.components import ComponentsManager, ComponentSpec, read_index
 from diffblocks.components.hub import resolve_folder
 from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX, PipelineIndex, dtype_name
 from diffblocks.presets.families import FAMILIES, Family, family_of, register_family
+from diffblocks.presets.embeddings import EMBEDDINGS_KEY, apply_embeddings
 from diffblocks.presets.loras import LORAS_KEY, apply_loras
 from diffblocks.presets.remote_code import RemoteCodeError, code_class, load_code
 from diffblocks.presets.treefile import CODE_KEY, TREE_KEY, code_files, tree_from_json
@@ -134,6 +135,8 @@ def from_pretrained(
     pipe = pipe.quantize(quantization) if quantization is not None else pipe
     if LORAS_KEY in index.extras:  # the adapters saved with the preset, on the (quantized) denoiser
         apply_loras(pipe, index.extras[LORAS_KEY], path_or_repo, revision=revision)
+    if EMBEDDINGS_KEY in index.extras:  # the textual inversions saved with it (docs/lora.md)
+        apply_embeddings(pipe, index.extras[EMBEDDINGS_KEY], path_or_repo, revision=revision)
     return pipe
 
 

@@ -41,6 +41,7 @@ from diffblocks.components.models import AbstractModel
 from diffblocks.components.quantizers import quantizer_of
 from diffblocks.components.schedulers import AbstractScheduler
 from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX
+from diffblocks.presets.embeddings import EMBEDDINGS_KEY, detached_embeddings, embedding_references
 from diffblocks.presets.families import FAMILIES
 from diffblocks.presets.loras import LORAS_KEY, lora_models, lora_references, write_loras
 from diffblocks.presets.staging import MANIFEST_KEY, saved_files, staged_save
@@ -98,7 +99,9 @@ def save_pretrained(
 
     The LoRAs attached to the denoiser are recorded under ``_diffblocks_loras`` (a local file copied
     into ``loras/``, a Hub file pinned to its commit, each with its sha256, weight and fused state;
-    see :mod:`diffblocks.presets.loras`), and the denoiser's own weights are saved without them.
+    see :mod:`diffblocks.presets.loras`), and the denoiser's own weights are saved without them. The
+    textual inversion embeddings are recorded alike under ``_diffblocks_textual_inversions``
+    (:mod:`diffblocks.presets.embeddings`), the tokenizers and text encoders saved without them.
 
     Args:
         pipe: a preset pipeline (from ``Pipeline.from_pretrained``, or built from a family's blocks),
@@ -118,8 +121,8 @@ def save_pretrained(
 
     Raises:
         ValueError: the pipeline comes from no known preset, a block can be neither named nor saved
-            as code, ``safe_serialization`` is False, a setting is not JSON, or a LoRA has no
-            safetensors file to record (made from tensors, read from a pickle, or changed since).
+            as code, ``safe_serialization`` is False, a setting is not JSON, or a LoRA or an embedding
+            has no safetensors file to record (made from tensors, read from a pickle, or changed since).
         RegistryError: a component's class is not in the manager's registry (nothing is written).
         TypeError: a component is of a kind diffblocks cannot save (nothing is written).
         FileExistsError: ``folder`` is a file or a broken link, a foreign non-empty folder without
@@ -140,6 +143,7 @@ def save_pretrained(
     json.dumps(settings)  # a setting that is not JSON fails here, before anything is written
     items = [_plan(pipe, name, key, preset, copy_references) for name, key in sorted(pipe.component_keys().items())]
     loras, lora_files = lora_references(pipe)  # the adapters: references, and local files copied in (docs/lora.md)
+    embeddings, embedding_files = embedding_references(pipe)  # textual inversions, alike
     adapted = lora_models(pipe)
     target = Path(folder).expanduser().absolute()
     _check_target(target, overwrite=overwrite)
@@ -153,8 +157,9 @@ def save_pretrained(
         with contextlib.ExitStack() as stack:
             for model in adapted.values():  # their own weights, without adapters
                 stack.enter_context(detached(model))
+            stack.enter_context(detached_embeddings(pipe))  # tokenizers and text encoders without the added tokens
             specs = {item.name: _write(pipe.manager, item, staging, variant, max_shard_size) for item in items}
-        write_loras(staging, lora_files)
+        write_loras(staging, {**lora_files, **embedding_files})
         for file, data in code.items():
             (staging / file).parent.mkdir(parents=True, exist_ok=True)
             (staging / file).write_bytes(data)
@@ -162,6 +167,8 @@ def save_pretrained(
         # what this save wrote, so that the next save onto the folder removes these and nothing else
         written = [*saved_files(staging), MODULAR_INDEX, *([CLASSIC_INDEX] if classic is not None else [])]
         adapters = {LORAS_KEY: [reference.model_dump(mode="json") for reference in loras]} if loras else {}
+        if embeddings:
+            adapters[EMBEDDINGS_KEY] = [reference.model_dump(mode="json") for reference in embeddings]
         ours = {**modular, **settings, **adapters, MANIFEST_KEY: sorted(written)}
         write_modular_index(staging, specs, class_name=modular_class, settings=ours)
         if classic is not None:
