@@ -21,6 +21,7 @@ from diffblocks.components.hub import resolve_folder
 from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX, PipelineIndex, dtype_name
 from diffblocks.presets.families import FAMILIES, Family, family_of, register_family
 from diffblocks.presets.embeddings import EMBEDDINGS_KEY, apply_embeddings
+from diffblocks.presets.ip_adapters import IP_ADAPTER_KEY, apply_ip_adapter
 from diffblocks.presets.loras import LORAS_KEY, apply_loras
 from diffblocks.presets.remote_code import RemoteCodeError, code_class, load_code
 from diffblocks.presets.treefile import CODE_KEY, TREE_KEY, code_files, tree_from_json
@@ -137,6 +138,8 @@ def from_pretrained(
         apply_loras(pipe, index.extras[LORAS_KEY], path_or_repo, revision=revision)
     if EMBEDDINGS_KEY in index.extras:  # the textual inversions saved with it (docs/lora.md)
         apply_embeddings(pipe, index.extras[EMBEDDINGS_KEY], path_or_repo, revision=revision)
+    if IP_ADAPTER_KEY in index.extras:  # the IP-Adapter saved beside it (docs/ip_adapter.md)
+        apply_ip_adapter(pipe, index.extras[IP_ADAPTER_KEY], path_or_repo, revision=revision)
     return pipe
 
 

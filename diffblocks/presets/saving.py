@@ -43,6 +43,7 @@ from diffblocks.components.schedulers import AbstractScheduler
 from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX
 from diffblocks.presets.embeddings import EMBEDDINGS_KEY, detached_embeddings, embedding_references
 from diffblocks.presets.families import FAMILIES
+from diffblocks.presets.ip_adapters import IP_ADAPTER_KEY, HeldIPAdapter, ip_adapter_detached, write_ip_adapter
 from diffblocks.presets.loras import LORAS_KEY, lora_models, lora_references, write_loras
 from diffblocks.presets.staging import MANIFEST_KEY, saved_files, staged_save
 from diffblocks.presets.structure import edited, preset_of
@@ -101,7 +102,9 @@ def save_pretrained(
     into ``loras/``, a Hub file pinned to its commit, each with its sha256, weight and fused state;
     see :mod:`diffblocks.presets.loras`), and the denoiser's own weights are saved without them. The
     textual inversion embeddings are recorded alike under ``_diffblocks_textual_inversions``
-    (:mod:`diffblocks.presets.embeddings`), the tokenizers and text encoders saved without them.
+    (:mod:`diffblocks.presets.embeddings`), the tokenizers and text encoders saved without them. An
+    IP-Adapter is saved beside the pipeline without it: its weights in ``ip_adapter/``, its image
+    encoder in ``image_encoder/``, its scales under ``_diffblocks_ip_adapter`` (:mod:`diffblocks.presets.ip_adapters`).
 
     Args:
         pipe: a preset pipeline (from ``Pipeline.from_pretrained``, or built from a family's blocks),
@@ -130,6 +133,19 @@ def save_pretrained(
     """
     if not safe_serialization:
         raise ValueError(_MSG_UNSAFE)
+    with ip_adapter_detached(pipe) as ip_adapter:  # saved as the pipeline without it, and it beside (docs/ip_adapter.md)
+        return _save_pretrained(pipe, folder, variant, max_shard_size, overwrite, copy_references, ip_adapter)
+
+
+def _save_pretrained(
+    pipe: Pipeline,
+    folder: str | os.PathLike[str],
+    variant: str | None,
+    max_shard_size: int | str | None,
+    overwrite: bool,
+    copy_references: bool,
+    ip_adapter: HeldIPAdapter | None,
+) -> Path:
     preset = preset_of(pipe)
     settings = {**preset.settings, "family": preset.family}
     if edited(pipe, preset) is not None:
@@ -160,6 +176,7 @@ def save_pretrained(
             stack.enter_context(detached_embeddings(pipe))  # tokenizers and text encoders without the added tokens
             specs = {item.name: _write(pipe.manager, item, staging, variant, max_shard_size) for item in items}
         write_loras(staging, {**lora_files, **embedding_files})
+        ip_entry = write_ip_adapter(staging, ip_adapter) if ip_adapter is not None else None
         for file, data in code.items():
             (staging / file).parent.mkdir(parents=True, exist_ok=True)
             (staging / file).write_bytes(data)
@@ -169,6 +186,8 @@ def save_pretrained(
         adapters = {LORAS_KEY: [reference.model_dump(mode="json") for reference in loras]} if loras else {}
         if embeddings:
             adapters[EMBEDDINGS_KEY] = [reference.model_dump(mode="json") for reference in embeddings]
+        if ip_entry is not None:
+            adapters[IP_ADAPTER_KEY] = ip_entry.model_dump(mode="json")
         ours = {**modular, **settings, **adapters, MANIFEST_KEY: sorted(written)}
         write_modular_index(staging, specs, class_name=modular_class, settings=ours)
         if classic is not None:
