@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.lora.sources import LoRASource, resolve_lora_file
 from diffblocks.components.textual_inversion import (
     Embedding,
@@ -96,7 +97,7 @@ class AbstractTextualInversionMethods(ABC):
         added: list[str] = []
         for component in embedding.vectors:
             added += [t for t in add_tokens(embedding, component, *pairs[component]) if t not in added]
-            record_source(pairs[component][1], embedding.token, source)
+            record_source(unwrap_compiled(pairs[component][1]), embedding.token, source)  # the module a save finds
         return added
 
     def unload_textual_inversion(self, tokens: str | Sequence[str] | None = None) -> None:

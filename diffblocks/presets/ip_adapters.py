@@ -79,11 +79,12 @@ def ip_adapter_detached(pipe: Pipeline) -> Iterator[HeldIPAdapter | None]:
 
     The very adapter and encoder objects come back, with their scales; None: the pipeline has no IP-Adapter.
     """
-    component = pipe.components.get("ip_adapter") if "ip_adapter" in pipe.component_keys() else None
+    keys = pipe.component_keys()  # by key: pipe.components would load every lazy component
+    component = pipe.manager.get(keys["ip_adapter"]) if "ip_adapter" in keys else None
     if not isinstance(component, (IPAdapterModel, MultiIPAdapterModel)):
         yield None
         return
-    encoder = pipe.components.get("image_encoder") if "image_encoder" in pipe.component_keys() else None
+    encoder = pipe.manager.get(keys["image_encoder"]) if "image_encoder" in keys else None
     held = HeldIPAdapter(ip_adapters(component), encoder if isinstance(encoder, CLIPVisionModelWithProjection) else None)
     scales = [adapter.scales for adapter in held.adapters]
     pipe.unload_ip_adapter()

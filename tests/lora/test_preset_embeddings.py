@@ -151,3 +151,21 @@ def test_a_hub_embedding_stays_a_pinned_reference_and_push_to_hub_round_trips(
     add_cached_repo(cache, "me/tiny-sd15-embeddings", exported, commit=commit)
     back = Pipeline.from_pretrained("me/tiny-sd15-embeddings")
     assert np.array_equal(image(back), expected)
+
+
+def test_an_sdxl_pair_is_one_entry_and_both_encoders_get_it_back(tmp_path: Path) -> None:
+    from tests.presets.sd_fixtures import tiny_sdxl
+
+    repo = tiny_sdxl(tmp_path / "sdxl")
+    widths = [json.loads((repo / name / "config.json").read_text())["hidden_size"] for name in ("text_encoder", "text_encoder_2")]
+    g = torch.Generator().manual_seed(6)
+    save_file({"clip_l": torch.randn(1, widths[0], generator=g), "clip_g": torch.randn(1, widths[1], generator=g)}, tmp_path / "zqxpair.safetensors")
+    pipe = Pipeline.from_pretrained(str(repo))
+    pipe.load_textual_inversion(tmp_path / "zqxpair.safetensors")
+    call = dict(prompt="a zqxpair circle", **CALL)
+    expected = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    saved = pipe.save_pretrained(tmp_path / "saved")
+    assert [(e["token"], e["file"]) for e in entries(saved)] == [("zqxpair", "embeddings/zqxpair.safetensors")]
+    back = Pipeline.from_pretrained(str(saved))
+    assert all("zqxpair" in added_tokens(back.components[name]) for name in ("tokenizer", "tokenizer_2"))
+    assert np.array_equal(back(**call, generator=torch.Generator().manual_seed(0)).images, expected)
