@@ -3,8 +3,9 @@
 ``load_textual_inversion`` reads an embedding file and adds its token to each text encoder it
 has vectors for (SD 1.x's one; SDXL's two for a ``clip_l``/``clip_g`` file) and to that encoder's
 tokenizer, recording the file (a Hub file at the commit read) so that a saved preset names it;
-``add_textual_inversion`` adds an :class:`Embedding` value; ``unload_textual_inversion`` removes tokens again. The prompt encoders write a
-multi-vector token out in full (``<cat>`` becomes ``<cat> <cat>_1 ...``), as diffusers does.
+``add_textual_inversion`` adds an :class:`Embedding` value; ``unload_textual_inversion`` removes
+tokens again. The prompt encoders write a multi-vector token out in full (``<cat>`` becomes
+``<cat> <cat>_1 ...``), as diffusers does.
 """
 
 from __future__ import annotations
