@@ -11,6 +11,7 @@ tokens again. The prompt encoders write a multi-vector token out in full (``<cat
 from __future__ import annotations
 
 import os
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -24,7 +25,6 @@ from diffblocks.components.textual_inversion import (
     add_tokens,
     added_tokens,
     check_addable,
-    record_source,
     remove_tokens,
     token_family,
 )
@@ -136,4 +136,24 @@ class AbstractTextualInversionMethods(ABC):
         return pairs
 
 
-__all__ = ["DEFAULT_EMBEDDING_NAME", "ENCODER_TOKENIZERS", "AbstractTextualInversionMethods"]
+def record_source(encoder: nn.Module, token: str, source: LoRASource | None) -> None:
+    """Remember the file that ``token``'s vectors in ``encoder`` were read from; None: they were given as tensors."""
+    sources = _SOURCES.setdefault(encoder, {})
+    sources.pop(token, None)  # a token added again goes to the end, as its ids do
+    sources[token] = source
+
+
+def sources_of(encoder: nn.Module, tokenizer: Any) -> dict[str, LoRASource | None]:
+    """The recorded embedding tokens ``encoder`` holds now, in the order they were added, each with its file.
+
+    Tokens added without :func:`record_source` are not listed: they are part of the tokenizer and
+    encoder as they were given, and are saved with them.
+    """
+    added = added_tokens(tokenizer)
+    return {token: source for token, source in _SOURCES.get(encoder, {}).items() if token in added}
+
+
+_SOURCES: weakref.WeakKeyDictionary[nn.Module, dict[str, LoRASource | None]] = weakref.WeakKeyDictionary()
+
+
+__all__ = ["DEFAULT_EMBEDDING_NAME", "ENCODER_TOKENIZERS", "AbstractTextualInversionMethods", "record_source", "sources_of"]

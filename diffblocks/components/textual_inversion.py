@@ -20,16 +20,13 @@ The file layouts, one table:
 A ``token`` argument replaces the file's. Pickles (``.pt``, ``.bin``) are read only with
 ``allow_pickle=True``, and then with ``torch.load(weights_only=True)``.
 
-Each encoder remembers the file every token's vectors came from (:func:`record_source`,
-:func:`sources_of`), pinned and hashed like a LoRA's, so that a saved preset can name it; and
-:func:`without_tokens` takes the tokens out for the length of a ``with`` block, so that the
-tokenizer and the encoder are saved as themselves.
+:func:`without_tokens` takes tokens out for the length of a ``with`` block, so that a saved
+preset writes the tokenizer and the encoder as themselves.
 """
 
 from __future__ import annotations
 
 import json
-import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,8 +36,6 @@ from typing import Any, final
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
-
-from diffblocks.components.lora.sources import LoRASource
 
 _MSG_PICKLE = (
     "{path} is a pickle; loading one can run code hidden in it. Prefer a .safetensors file, or pass "
@@ -217,23 +212,6 @@ def token_family(token: str, added: Mapping[str, int]) -> list[str]:
     return [t for t in added if t == token or (t.startswith(f"{token}_") and t[len(token) + 1 :].isdigit())]
 
 
-def record_source(encoder: nn.Module, token: str, source: LoRASource | None) -> None:
-    """Remember the file that ``token``'s vectors in ``encoder`` were read from; None: they were given as tensors."""
-    sources = _SOURCES.setdefault(encoder, {})
-    sources.pop(token, None)  # a token added again goes to the end, as its ids do
-    sources[token] = source
-
-
-def sources_of(encoder: nn.Module, tokenizer: Any) -> dict[str, LoRASource | None]:
-    """The recorded embedding tokens ``encoder`` holds now, in the order they were added, each with its file.
-
-    Tokens added without :func:`record_source` are not listed: they are part of the tokenizer and
-    encoder as they were given, and are saved with them.
-    """
-    added = added_tokens(tokenizer)
-    return {token: source for token, source in _SOURCES.get(encoder, {}).items() if token in added}
-
-
 @contextmanager
 def without_tokens(tokens: list[str], tokenizer: Any, encoder: nn.Module) -> Iterator[None]:
     """``tokenizer`` and ``encoder`` without the embeddings ``tokens`` (each with its ``_1``, ... tokens) for the ``with`` block.
@@ -256,9 +234,6 @@ def without_tokens(tokens: list[str], tokenizer: Any, encoder: nn.Module) -> Ite
         tokenizer._tokenizer, table.weight, table.num_embeddings = saved[:3]
         if config is not None and saved[3] is not None:
             config.vocab_size = saved[3]
-
-
-_SOURCES: weakref.WeakKeyDictionary[nn.Module, dict[str, LoRASource]] = weakref.WeakKeyDictionary()
 
 
 def _backend(tokenizer: Any) -> Any:
@@ -294,9 +269,7 @@ __all__ = [
     "added_tokens",
     "check_addable",
     "expand_prompt",
-    "record_source",
     "remove_tokens",
-    "sources_of",
     "token_family",
     "without_tokens",
 ]

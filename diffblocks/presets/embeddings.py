@@ -26,10 +26,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from diffblocks.blocks import Pipeline
-from diffblocks.blocks.textual_inversion import ENCODER_TOKENIZERS
+from diffblocks.blocks.textual_inversion import ENCODER_TOKENIZERS, sources_of
 from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.lora import LoRASource
-from diffblocks.components.textual_inversion import Embedding, sources_of, without_tokens
+from diffblocks.components.textual_inversion import Embedding, without_tokens
 from diffblocks.presets.loras import resolve_pinned
 
 EMBEDDINGS_KEY = "_diffblocks_textual_inversions"
