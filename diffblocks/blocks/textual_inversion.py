@@ -2,23 +2,32 @@
 
 ``load_textual_inversion`` reads an embedding file and adds its token to each text encoder it
 has vectors for (SD 1.x's one; SDXL's two for a ``clip_l``/``clip_g`` file) and to that encoder's
-tokenizer; ``unload_textual_inversion`` removes tokens again. The prompt encoders write a
-multi-vector token out in full (``<cat>`` becomes ``<cat> <cat>_1 ...``), as diffusers does.
+tokenizer, recording the file (a Hub file at the commit read) so that a saved preset names it;
+``add_textual_inversion`` adds an :class:`Embedding` value; ``unload_textual_inversion`` removes
+tokens again. The prompt encoders write a multi-vector token out in full (``<cat>`` becomes
+``<cat> <cat>_1 ...``), as diffusers does.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from diffblocks.components.containment import contained_path
-from diffblocks.components.hub import resolve_folder
-from diffblocks.components.textual_inversion import Embedding, add_tokens, added_tokens, check_addable, remove_tokens
+from diffblocks.components.compiled import unwrap_compiled
+from diffblocks.components.lora.sources import LoRASource, resolve_lora_file
+from diffblocks.components.textual_inversion import (
+    Embedding,
+    add_tokens,
+    added_tokens,
+    check_addable,
+    remove_tokens,
+    token_family,
+)
 
 DEFAULT_EMBEDDING_NAME = "learned_embeds.safetensors"
 ENCODER_TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
@@ -39,6 +48,7 @@ class AbstractTextualInversionMethods(ABC):
         *,
         weight_name: str | None = None,
         allow_pickle: bool = False,
+        revision: str | None = None,
     ) -> list[str]:
         """Add a textual inversion embedding's token to the tokenizers and its vectors to the text encoders.
 
@@ -47,6 +57,7 @@ class AbstractTextualInversionMethods(ABC):
             token: the token prompts use; default the file's (see :mod:`diffblocks.components.textual_inversion`).
             weight_name: the file inside the folder or repository; default ``learned_embeds.safetensors``.
             allow_pickle: accept a pickled ``.pt``/``.bin``; only for files from a source you trust.
+            revision: a Hub branch, tag or commit; a saved preset records the commit read.
 
         Returns:
             The tokens added (``token``, then ``token_1``, ... for a multi-vector embedding).
@@ -56,14 +67,20 @@ class AbstractTextualInversionMethods(ABC):
                 named), vectors for a text encoder the pipeline lacks, a pickle without
                 ``allow_pickle``, a file of no known layout; nothing changes.
         """
-        local = Path(path_or_repo).expanduser()
-        if local.is_file():
-            path = local
-        else:
-            wanted = weight_name or DEFAULT_EMBEDDING_NAME
-            folder = resolve_folder(path_or_repo, allow_patterns=[wanted])
-            path = contained_path(folder, wanted, repository=str(path_or_repo), entry="weight_name")
-        embedding = Embedding.from_file(path, token=token, allow_pickle=allow_pickle)
+        path, source = resolve_lora_file(
+            path_or_repo, weight_name, revision=revision, default=DEFAULT_EMBEDDING_NAME, kind="textual inversion file"
+        )
+        return self.add_textual_inversion(Embedding.from_file(path, token=token, allow_pickle=allow_pickle), source=source)
+
+    def add_textual_inversion(self, embedding: Embedding, *, source: LoRASource | None = None) -> list[str]:
+        """Add an embedding value's tokens and vectors, as :meth:`load_textual_inversion` does with a file's.
+
+        ``source`` is the file it was read from (pinned and hashed), which a saved preset records; a
+        pipeline holding an embedding without one cannot be saved.
+
+        Raises:
+            ValueError: as :meth:`load_textual_inversion`; nothing changes.
+        """
         pairs = self._encoder_pairs()
         for component in embedding.vectors:  # every encoder checked before any changes
             if component not in pairs:
@@ -81,6 +98,7 @@ class AbstractTextualInversionMethods(ABC):
         added: list[str] = []
         for component in embedding.vectors:
             added += [t for t in add_tokens(embedding, component, *pairs[component]) if t not in added]
+            record_source(unwrap_compiled(pairs[component][1]), embedding.token, source)  # the module a save finds
         return added
 
     def unload_textual_inversion(self, tokens: str | Sequence[str] | None = None) -> None:
@@ -103,7 +121,7 @@ class AbstractTextualInversionMethods(ABC):
             if missing:
                 raise KeyError(f"no textual inversion token {missing[0]!r} is loaded; loaded: {sorted(every)}")
         for component, (tokenizer, encoder) in pairs.items():
-            found = [t for t in added[component] if t in names or any(t.startswith(f"{n}_") and t[len(n) + 1 :].isdigit() for n in names)]
+            found = [t for n in names for t in token_family(n, added[component])]
             if found:
                 remove_tokens(found, tokenizer, encoder)
 
@@ -118,4 +136,24 @@ class AbstractTextualInversionMethods(ABC):
         return pairs
 
 
-__all__ = ["DEFAULT_EMBEDDING_NAME", "ENCODER_TOKENIZERS", "AbstractTextualInversionMethods"]
+def record_source(encoder: nn.Module, token: str, source: LoRASource | None) -> None:
+    """Remember the file that ``token``'s vectors in ``encoder`` were read from; None: they were given as tensors."""
+    sources = _SOURCES.setdefault(encoder, {})
+    sources.pop(token, None)  # a token added again goes to the end, as its ids do
+    sources[token] = source
+
+
+def sources_of(encoder: nn.Module, tokenizer: Any) -> dict[str, LoRASource | None]:
+    """The recorded embedding tokens ``encoder`` holds now, in the order they were added, each with its file.
+
+    Tokens added without :func:`record_source` are not listed: they are part of the tokenizer and
+    encoder as they were given, and are saved with them.
+    """
+    added = added_tokens(tokenizer)
+    return {token: source for token, source in _SOURCES.get(encoder, {}).items() if token in added}
+
+
+_SOURCES: weakref.WeakKeyDictionary[nn.Module, dict[str, LoRASource | None]] = weakref.WeakKeyDictionary()
+
+
+__all__ = ["DEFAULT_EMBEDDING_NAME", "ENCODER_TOKENIZERS", "AbstractTextualInversionMethods", "record_source", "sources_of"]

@@ -19,12 +19,16 @@ The file layouts, one table:
 
 A ``token`` argument replaces the file's. Pickles (``.pt``, ``.bin``) are read only with
 ``allow_pickle=True``, and then with ``torch.load(weights_only=True)``.
+
+:func:`without_tokens` takes tokens out for the length of a ``with`` block, so that a saved
+preset writes the tokenizer and the encoder as themselves.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, final
@@ -203,6 +207,35 @@ def expand_prompt(prompt: str, tokenizer: Any) -> str:
     return prompt
 
 
+def token_family(token: str, added: Mapping[str, int]) -> list[str]:
+    """``token`` and its ``token_1``, ``token_2``, ... among the ``added`` tokens: what one embedding added."""
+    return [t for t in added if t == token or (t.startswith(f"{token}_") and t[len(token) + 1 :].isdigit())]
+
+
+@contextmanager
+def without_tokens(tokens: list[str], tokenizer: Any, encoder: nn.Module) -> Iterator[None]:
+    """``tokenizer`` and ``encoder`` without the embeddings ``tokens`` (each with its ``_1``, ... tokens) for the ``with`` block.
+
+    Afterwards the very backend, matrix parameter and counts come back, so that ids, vectors and
+    ``requires_grad`` are as they were, bit for bit (removing and adding again would renumber).
+    """
+    added = added_tokens(tokenizer)
+    removed = [t for token in tokens for t in token_family(token, added)]
+    if not removed:
+        yield
+        return
+    table = _table(encoder)
+    config = getattr(encoder, "config", None)
+    saved = (tokenizer._tokenizer, table.weight, table.num_embeddings, getattr(config, "vocab_size", None))
+    remove_tokens(removed, tokenizer, encoder)
+    try:
+        yield
+    finally:
+        tokenizer._tokenizer, table.weight, table.num_embeddings = saved[:3]
+        if config is not None and saved[3] is not None:
+            config.vocab_size = saved[3]
+
+
 def _backend(tokenizer: Any) -> Any:
     backend = getattr(tokenizer, "_tokenizer", None)
     if backend is None or not hasattr(backend, "to_str"):
@@ -230,4 +263,13 @@ def _set_rows(encoder: nn.Module, weight: Tensor) -> None:
         config.vocab_size = weight.shape[0]
 
 
-__all__ = ["Embedding", "add_tokens", "added_tokens", "check_addable", "expand_prompt", "remove_tokens"]
+__all__ = [
+    "Embedding",
+    "add_tokens",
+    "added_tokens",
+    "check_addable",
+    "expand_prompt",
+    "remove_tokens",
+    "token_family",
+    "without_tokens",
+]

@@ -19,7 +19,9 @@ from diffblocks.blocks.quantizing import Quantization
 from diffblocks.components import ComponentsManager, ComponentSpec, read_index
 from diffblocks.components.hub import resolve_folder
 from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX, PipelineIndex, dtype_name
+from diffblocks.presets.embeddings import EMBEDDINGS_KEY, apply_embeddings
 from diffblocks.presets.families import FAMILIES, Family, family_of, register_family
+from diffblocks.presets.ip_adapters import IP_ADAPTER_KEY, apply_ip_adapter
 from diffblocks.presets.loras import LORAS_KEY, apply_loras
 from diffblocks.presets.remote_code import RemoteCodeError, code_class, load_code
 from diffblocks.presets.treefile import CODE_KEY, TREE_KEY, code_files, tree_from_json
@@ -83,7 +85,9 @@ def from_pretrained(
     :mod:`diffblocks.presets.remote_code`).
 
     A preset saved with LoRAs attaches them again (each file's sha256 checked first, see
-    :mod:`diffblocks.presets.loras`), which loads the denoiser now.
+    :mod:`diffblocks.presets.loras`), which loads the denoiser now; textual inversion embeddings
+    and an IP-Adapter saved with it are added again alike (:mod:`diffblocks.presets.embeddings`,
+    :mod:`diffblocks.presets.ip_adapters`), which loads the text encoders, or the UNet, now.
 
     Args:
         path_or_repo: a local folder or a Hub id (resolved through the cache; ``HF_HUB_OFFLINE`` respected).
@@ -134,6 +138,10 @@ def from_pretrained(
     pipe = pipe.quantize(quantization) if quantization is not None else pipe
     if LORAS_KEY in index.extras:  # the adapters saved with the preset, on the (quantized) denoiser
         apply_loras(pipe, index.extras[LORAS_KEY], path_or_repo, revision=revision)
+    if EMBEDDINGS_KEY in index.extras:  # the textual inversions saved with it (docs/lora.md)
+        apply_embeddings(pipe, index.extras[EMBEDDINGS_KEY], path_or_repo, revision=revision)
+    if IP_ADAPTER_KEY in index.extras:  # the IP-Adapter saved beside it (docs/ip_adapter.md)
+        apply_ip_adapter(pipe, index.extras[IP_ADAPTER_KEY], path_or_repo, revision=revision)
     return pipe
 
 

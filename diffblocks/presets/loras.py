@@ -50,7 +50,7 @@ _MSG_PICKLE = (
     "(safetensors.torch.save_file(torch.load(path, weights_only=True), 'lora.safetensors')) and load that instead."
 )
 _MSG_REPO = (
-    "{repository}: the modular index's {key} entry {name!r} names {repo!r} as the LoRA's repository, which is not a Hub "
+    "{repository}: the modular index's {key} entry {name!r} names {repo!r} as the {kind}'s repository, which is not a Hub "
     "id ('owner/name'), or is also a folder under the working directory. An index names other repositories by Hub id "
     "only, so that a downloaded repository cannot read files of this machine; nothing was loaded."
 )
@@ -178,24 +178,64 @@ def apply_loras(pipe: Pipeline, entry: Any, path_or_repo: str | os.PathLike[str]
 
 def _resolve(reference: LoRAReference, path_or_repo: str | os.PathLike[str], *, revision: str | None) -> tuple[Path, LoRASource]:
     """The reference's file, inside the repository that holds it, its hash checked."""
+    return resolve_pinned(
+        path_or_repo, reference.file, reference.sha256, reference.repo, reference.revision,
+        revision=revision, key=LORAS_KEY, name=reference.adapter_name, kind="LoRA",
+    )
+
+
+def resolve_pinned(
+    path_or_repo: str | os.PathLike[str],
+    file: str,
+    sha256: str,
+    repo: str | None,
+    pinned: str | None,
+    *,
+    revision: str | None,
+    key: str,
+    name: str,
+    kind: str,
+) -> tuple[Path, LoRASource]:
+    """A recorded file (in the preset's repository, or in ``repo`` at commit ``pinned``), found inside it and its hash checked.
+
+    Args:
+        path_or_repo, revision: the preset's folder or repository, and the revision it is read at.
+        file, sha256, repo, pinned: the record (see :class:`LoRAReference`).
+        key, name, kind: the index entry, the record's name in it and what the file holds, for errors.
+
+    Returns:
+        The file, and the source to record should the pipeline be saved again.
+
+    Raises:
+        RepositoryPathError: the file leads out of its repository, or ``repo`` is not a Hub id.
+        FileNotFoundError: the repository has no such file.
+        ValueError: the file's sha256 is not the recorded one.
+    """
     repository = str(path_or_repo)
-    entry = f"{LORAS_KEY} entry {reference.adapter_name!r}, file"
-    if reference.repo is None:
-        root = resolve_folder(path_or_repo, revision=revision, allow_patterns=[reference.file])
-        path = contained_path(root, reference.file, repository=repository, entry=entry)
-        source = LoRASource(os.fspath(path), reference.sha256)  # a copy of the folder's file, should it be saved again
+    entry = f"{key} entry {name!r}, file"
+    if repo is None:
+        root = resolve_folder(path_or_repo, revision=revision, allow_patterns=[file])
+        path = contained_path(root, file, repository=repository, entry=entry)
+        source = LoRASource(os.fspath(path), sha256)  # a copy of the folder's file, should it be saved again
     else:
-        if not is_hub_id(reference.repo) or Path(reference.repo).exists():
-            raise RepositoryPathError(
-                _MSG_REPO.format(repository=repository, key=LORAS_KEY, name=reference.adapter_name, repo=reference.repo)
-            )
-        root = resolve_folder(reference.repo, revision=reference.revision, allow_patterns=[reference.file])
-        path = contained_path(root, reference.file, repository=reference.repo, entry=entry)
-        source = LoRASource(reference.file, reference.sha256, reference.repo, reference.revision)
+        if not is_hub_id(repo) or Path(repo).exists():
+            raise RepositoryPathError(_MSG_REPO.format(repository=repository, key=key, name=name, repo=repo, kind=kind))
+        root = resolve_folder(repo, revision=pinned, allow_patterns=[file])
+        path = contained_path(root, file, repository=repo, entry=entry)
+        source = LoRASource(file, sha256, repo, pinned)
     if not path.is_file():
-        raise FileNotFoundError(f"{repository}: {entry} names {reference.file!r}, which is not in the repository")
-    LoRASource(os.fspath(path), reference.sha256).check(path, name=reference.adapter_name, where=f"{repository}'s {LORAS_KEY}")
+        raise FileNotFoundError(f"{repository}: {entry} names {file!r}, which is not in the repository")
+    LoRASource(os.fspath(path), sha256).check(path, name=name, where=f"{repository}'s {key}", kind=kind)
     return path, source
 
 
-__all__ = ["LORAS_KEY", "LORA_FOLDER", "LoRAReference", "apply_loras", "lora_models", "lora_references", "write_loras"]
+__all__ = [
+    "LORAS_KEY",
+    "LORA_FOLDER",
+    "LoRAReference",
+    "apply_loras",
+    "lora_models",
+    "lora_references",
+    "resolve_pinned",
+    "write_loras",
+]

@@ -42,7 +42,9 @@ from diffblocks.components.models.controlnet import FluxMultiControlNetModel, Mu
 from diffblocks.components.quantizers import quantizer_of
 from diffblocks.components.schedulers import AbstractScheduler
 from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX
+from diffblocks.presets.embeddings import EMBEDDINGS_KEY, detached_embeddings, embedding_references
 from diffblocks.presets.families import FAMILIES
+from diffblocks.presets.ip_adapters import IP_ADAPTER_KEY, HeldIPAdapter, ip_adapter_detached, write_ip_adapter
 from diffblocks.presets.loras import LORAS_KEY, lora_models, lora_references, write_loras
 from diffblocks.presets.staging import MANIFEST_KEY, saved_files, staged_save
 from diffblocks.presets.structure import edited, preset_of
@@ -99,7 +101,11 @@ def save_pretrained(
 
     The LoRAs attached to the denoiser are recorded under ``_diffblocks_loras`` (a local file copied
     into ``loras/``, a Hub file pinned to its commit, each with its sha256, weight and fused state;
-    see :mod:`diffblocks.presets.loras`), and the denoiser's own weights are saved without them.
+    see :mod:`diffblocks.presets.loras`), and the denoiser's own weights are saved without them. The
+    textual inversion embeddings are recorded alike under ``_diffblocks_textual_inversions``
+    (:mod:`diffblocks.presets.embeddings`), the tokenizers and text encoders saved without them. An
+    IP-Adapter is saved beside the pipeline without it: its weights in ``ip_adapter/``, its image
+    encoder in ``image_encoder/``, its scales under ``_diffblocks_ip_adapter`` (:mod:`diffblocks.presets.ip_adapters`).
 
     Args:
         pipe: a preset pipeline (from ``Pipeline.from_pretrained``, or built from a family's blocks),
@@ -119,8 +125,8 @@ def save_pretrained(
 
     Raises:
         ValueError: the pipeline comes from no known preset, a block can be neither named nor saved
-            as code, ``safe_serialization`` is False, a setting is not JSON, or a LoRA has no
-            safetensors file to record (made from tensors, read from a pickle, or changed since).
+            as code, ``safe_serialization`` is False, a setting is not JSON, or a LoRA or an embedding
+            has no safetensors file to record (made from tensors, read from a pickle, or changed since).
         RegistryError: a component's class is not in the manager's registry (nothing is written).
         TypeError: a component is of a kind diffblocks cannot save (nothing is written).
         FileExistsError: ``folder`` is a file or a broken link, a foreign non-empty folder without
@@ -128,6 +134,19 @@ def save_pretrained(
     """
     if not safe_serialization:
         raise ValueError(_MSG_UNSAFE)
+    with ip_adapter_detached(pipe) as ip_adapter:  # saved as the pipeline without it, and it beside (docs/ip_adapter.md)
+        return _save_pretrained(pipe, folder, variant, max_shard_size, overwrite, copy_references, ip_adapter)
+
+
+def _save_pretrained(
+    pipe: Pipeline,
+    folder: str | os.PathLike[str],
+    variant: str | None,
+    max_shard_size: int | str | None,
+    overwrite: bool,
+    copy_references: bool,
+    ip_adapter: HeldIPAdapter | None,
+) -> Path:
     preset = preset_of(pipe)
     settings = {**preset.settings, "family": preset.family}
     if edited(pipe, preset) is not None:
@@ -141,6 +160,7 @@ def save_pretrained(
     json.dumps(settings)  # a setting that is not JSON fails here, before anything is written
     items = [_plan(pipe, name, key, preset, copy_references) for name, key in sorted(pipe.component_keys().items())]
     loras, lora_files = lora_references(pipe)  # the adapters: references, and local files copied in (docs/lora.md)
+    embeddings, embedding_files = embedding_references(pipe)  # textual inversions, alike
     adapted = lora_models(pipe)
     target = Path(folder).expanduser().absolute()
     _check_target(target, overwrite=overwrite)
@@ -154,8 +174,10 @@ def save_pretrained(
         with contextlib.ExitStack() as stack:
             for model in adapted.values():  # their own weights, without adapters
                 stack.enter_context(detached(model))
+            stack.enter_context(detached_embeddings(pipe))  # tokenizers and text encoders without the added tokens
             specs = {item.name: _write(pipe.manager, item, staging, variant, max_shard_size) for item in items}
-        write_loras(staging, lora_files)
+        write_loras(staging, {**lora_files, **embedding_files})
+        ip_entry = write_ip_adapter(staging, ip_adapter) if ip_adapter is not None else None
         for file, data in code.items():
             (staging / file).parent.mkdir(parents=True, exist_ok=True)
             (staging / file).write_bytes(data)
@@ -163,6 +185,10 @@ def save_pretrained(
         # what this save wrote, so that the next save onto the folder removes these and nothing else
         written = [*saved_files(staging), MODULAR_INDEX, *([CLASSIC_INDEX] if classic is not None else [])]
         adapters = {LORAS_KEY: [reference.model_dump(mode="json") for reference in loras]} if loras else {}
+        if embeddings:
+            adapters[EMBEDDINGS_KEY] = [reference.model_dump(mode="json") for reference in embeddings]
+        if ip_entry is not None:
+            adapters[IP_ADAPTER_KEY] = ip_entry.model_dump(mode="json")
         ours = {**modular, **settings, **adapters, MANIFEST_KEY: sorted(written)}
         write_modular_index(staging, specs, class_name=modular_class, settings=ours)
         if classic is not None:

@@ -12,20 +12,26 @@ and the part which matrix it is: ``lora_A.weight`` or ``lora_down.weight`` (down
 or ``lora_up.weight`` (up), ``alpha``. Original names (LDM/SGM for the UNet, BFL for Flux) are
 placed by :mod:`diffblocks.components.lora.names`, which splits a fused layer's update by rows.
 XLabs' Flux files are rewritten into these names first (:mod:`diffblocks.components.lora.xlabs`).
-A missing ``alpha`` means ``alpha = rank`` (scale 1), as in PEFT's default config. Every key of
-a file must fall into the table; any that does not is named in the error, never dropped.
+A missing ``alpha`` means ``alpha = rank`` (scale 1), as in PEFT's default config, unless the
+file's safetensors metadata holds the PEFT ``LoraConfig`` that diffusers writes beside the
+tensors (``lora_adapter_metadata``, one config per prefix: ``unet.lora_alpha``,
+``transformer.alpha_pattern``, ...): :func:`read_lora_file` then writes each layer's alpha from it
+as an ``alpha`` key (:func:`metadata_alphas`). Every key of a file must fall into the table; any
+that does not is named in the error, never dropped.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, final
-
-import math
+from typing import Any, Literal, final
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -49,6 +55,8 @@ PARTS: Mapping[str, str] = {
     "lora_up.weight": "up",
     "alpha": "alpha",
 }
+METADATA_KEY = "lora_adapter_metadata"
+"""The safetensors metadata entry where diffusers writes a LoRA file's adapter configs (``LORA_ADAPTER_METADATA_KEY``)."""
 
 _MSG_PICKLE = (
     "{path} is a pickle; loading one can run code hidden in it. Prefer the .safetensors file, or pass "
@@ -116,13 +124,79 @@ class LoRAWeights:
 
 
 def read_lora_file(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Tensor]:
-    """The tensors of a LoRA file: safetensors, or a pickled ``.bin``/``.pt`` only with ``allow_pickle``."""
+    """The tensors of a LoRA file: safetensors, or a pickled ``.bin``/``.pt`` only with ``allow_pickle``.
+
+    A safetensors file's adapter config (diffusers' ``lora_adapter_metadata``) comes back as ``alpha``
+    keys, one per layer that has none (:func:`metadata_alphas`), so that every reader scales it as diffusers does.
+    """
     path = Path(path)
     if path.suffix == ".safetensors":
-        return load_file(path)
+        tensors = load_file(path)
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        raw = metadata.get(METADATA_KEY)
+        return tensors if not raw else {**tensors, **metadata_alphas(tensors, _parse_metadata(raw, path))}
     if not allow_pickle:
         raise ValueError(_MSG_PICKLE.format(path=path))
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def metadata_alphas(tensors: Mapping[str, Tensor], metadata: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The ``alpha`` keys that diffusers' adapter metadata implies, for the layers of ``tensors`` that lack one.
+
+    ``metadata`` is the parsed ``lora_adapter_metadata``: PEFT ``LoraConfig`` fields packed per
+    prefix (``{"unet.r": 4, "unet.lora_alpha": 8, "unet.alpha_pattern": {...}}``), as
+    ``save_lora_weights(..., unet_lora_adapter_metadata=...)`` writes them. A layer's rank and alpha
+    follow ``rank_pattern`` / ``alpha_pattern`` first, matched as PEFT's ``get_pattern_key`` does (the
+    pattern is a suffix of the module path at a dot), then ``r`` / ``lora_alpha``; its scale is
+    ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora`` (Kalajdzievski, 2023), which is written
+    as the alpha that gives that scale at the layer's rank.
+
+    Raises:
+        ValueError: a layer's rank differs from the one the config gives it, or the config asks for
+            DoRA (``use_dora``), which diffblocks does not apply.
+    """
+    configs: dict[str, dict[str, Any]] = {}
+    for key, value in metadata.items():
+        prefix, _, name = key.rpartition(".")
+        configs.setdefault(prefix, {})[name] = value
+    alphas: dict[str, Tensor] = {}
+    for prefix, config in configs.items():
+        if "lora_alpha" not in config or not prefix:
+            continue
+        if config.get("use_dora"):
+            raise ValueError(f"this LoRA file's {prefix!r} adapter is a DoRA (use_dora in its metadata), which diffblocks does not apply")
+        ranks: Mapping[str, int] = config.get("rank_pattern") or {}
+        patterns: Mapping[str, float] = config.get("alpha_pattern") or {}
+        for key, down in tensors.items():
+            if not key.startswith(prefix + ".") or not key.endswith(".lora_A.weight"):
+                continue
+            module = key[len(prefix) + 1 : -len(".lora_A.weight")]
+            if f"{prefix}.{module}.alpha" in tensors:
+                continue
+            r = int(ranks.get(_pattern_key(ranks, module), config.get("r", down.shape[0])))
+            if r != down.shape[0]:
+                raise ValueError(f"LoRA layer {module!r} has rank {down.shape[0]}, but the file's metadata gives it rank {r}")
+            alpha = float(patterns.get(_pattern_key(patterns, module), config["lora_alpha"]))
+            scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+            alphas[f"{prefix}.{module}.alpha"] = torch.tensor(scale * r)
+    return alphas
+
+
+
+def _parse_metadata(raw: str, path: Path) -> dict[str, Any]:
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: its {METADATA_KEY} metadata is not JSON ({err}); nothing was loaded") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{path}: its {METADATA_KEY} metadata is not a JSON object; nothing was loaded")
+    return parsed
+
+
+def _pattern_key(patterns: Mapping[str, Any], module: str) -> str:
+    """The first pattern that ends ``module`` at a dot (PEFT's ``get_pattern_key``), else ``module`` itself."""
+    return next((p for p in patterns if re.match(rf"(.*\.)?({p})$", module)), module)
 
 
 def convert(
@@ -199,4 +273,4 @@ def _split(key: str, prefixes: Mapping[str, Naming]) -> tuple[Naming, str, str] 
     return None
 
 
-__all__ = ["PARTS", "PREFIXES", "LoRAWeights", "Naming", "convert", "read_lora_file"]
+__all__ = ["METADATA_KEY", "PARTS", "PREFIXES", "LoRAWeights", "Naming", "convert", "metadata_alphas", "read_lora_file"]

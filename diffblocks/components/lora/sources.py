@@ -22,15 +22,15 @@ DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _MSG_HASH = (
-    "{file}: its sha256 is {actual}, but {where} records {expected} for LoRA {name!r}. The file changed since "
-    "it was recorded (or was replaced); nothing was loaded. Load the LoRA again from a file you trust and save anew."
+    "{file}: its sha256 is {actual}, but {where} records {expected} for {kind} {name!r}. The file changed since "
+    "it was recorded (or was replaced); nothing was loaded. Load the {kind} again from a file you trust and save anew."
 )
 
 
 @final
 @dataclass(frozen=True, slots=True)
 class LoRASource:
-    """A LoRA file's origin and content hash.
+    """A LoRA file's origin and content hash (a textual inversion file's too: they are pinned alike).
 
     Args:
         file: the local file's path (``repo`` None), or the file's name inside ``repo``.
@@ -56,11 +56,11 @@ class LoRASource:
         """The source of ``path``, hashed now; a Hub file records its ``name`` inside ``repo``."""
         return cls(name if repo is not None and name is not None else os.fspath(path), file_sha256(path), repo, revision)
 
-    def check(self, path: Path, *, name: str, where: str) -> None:
-        """Raise ValueError naming ``path`` unless its bytes hash to :attr:`sha256`."""
+    def check(self, path: Path, *, name: str, where: str, kind: str = "LoRA") -> None:
+        """Raise ValueError naming ``path`` unless its bytes hash to :attr:`sha256`; ``kind`` names what the file holds."""
         actual = file_sha256(path)
         if actual != self.sha256:
-            raise ValueError(_MSG_HASH.format(file=path, actual=actual, where=where, expected=self.sha256, name=name))
+            raise ValueError(_MSG_HASH.format(file=path, actual=actual, where=where, expected=self.sha256, name=name, kind=kind))
 
 
 def file_sha256(path: Path) -> str:
@@ -73,14 +73,21 @@ def file_sha256(path: Path) -> str:
 
 
 def resolve_lora_file(
-    path_or_repo: str | os.PathLike[str], weight_name: str | None = None, *, revision: str | None = None
+    path_or_repo: str | os.PathLike[str],
+    weight_name: str | None = None,
+    *,
+    revision: str | None = None,
+    default: str = DEFAULT_WEIGHT_NAME,
+    kind: str = "LoRA file",
 ) -> tuple[Path, LoRASource]:
     """The LoRA file that ``path_or_repo`` names, and its source.
 
     Args:
         path_or_repo: a file, a folder, or a Hub repository id.
-        weight_name: the file inside the folder or repository (default ``pytorch_lora_weights.safetensors``).
+        weight_name: the file inside the folder or repository (default ``default``).
         revision: a Hub branch, tag or commit; the source records the commit actually read.
+        default: the file's name when ``weight_name`` is None (another for textual inversion's files).
+        kind: what the file holds, for the error when it is missing.
 
     Raises:
         RepositoryPathError: ``weight_name`` leads out of the folder or repository.
@@ -89,11 +96,11 @@ def resolve_lora_file(
     local = Path(path_or_repo).expanduser()
     if local.is_file():
         return local, LoRASource.of_file(local)
-    wanted = weight_name or DEFAULT_WEIGHT_NAME
+    wanted = weight_name or default
     folder = resolve_folder(path_or_repo, revision=revision, allow_patterns=[wanted])
     path = contained_path(folder, wanted, repository=str(path_or_repo), entry="weight_name")
     if not path.is_file():
-        raise FileNotFoundError(f"{str(path_or_repo)!r} has no LoRA file {wanted!r} (looked in {folder})")
+        raise FileNotFoundError(f"{str(path_or_repo)!r} has no {kind} {wanted!r} (looked in {folder})")
     commit = snapshot_commit(folder)
     if local.is_dir() or not is_hub_id(str(path_or_repo)) or commit is None:
         return path, LoRASource.of_file(path)  # a local file (a Hub file not pinned to a commit is kept as one)
