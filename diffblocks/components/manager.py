@@ -88,6 +88,9 @@ class ComponentsManager:
         activations: bytes of ``memory_budget`` left to activations (``"2GiB"``); weights are planned
             in the rest, and a VAE decode that would not fit what the weights leave runs sliced or
             tiled (see ``docs/memory.md``).
+        cpu_memory_budget: bytes of CPU memory allowed for the models' weights (``"16GiB"``): a plan
+            whose home copies would not fit puts them in memory-mapped files (``DiskOffload``);
+            below the largest model, which loads through CPU memory, it fails before loading.
 
     Example:
         >>> import torch
@@ -109,9 +112,11 @@ class ComponentsManager:
         offload: AbstractOffload | None = None,
         on_move: OnMove | None = None,
         activations: str | int | None = None,
+        cpu_memory_budget: str | int | None = None,
     ) -> None:
         # checks the budget first
-        self.placement = Placement(budget=memory_budget, policy=offload, on_move=on_move, activations=activations)
+        self.placement = Placement(budget=memory_budget, policy=offload, on_move=on_move, activations=activations,
+                                   cpu_budget=cpu_memory_budget)
         self.device = device  # the setter checks and converts names
         self.registry = registry if registry is not None else COMPONENTS
         self._entries: dict[str, _Entry] = {}
