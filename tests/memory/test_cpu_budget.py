@@ -108,3 +108,13 @@ def test_disk_offload_tightens_to_one_group_at_a_time_and_no_further() -> None:
     placement.tighten(DiskOffload(1, prefetch=False))
     placement.make_plan(lambda: dict(FLUX), torch.device("cpu"))
     assert placement.tighter() is None  # the rungs below keep their homes in CPU memory
+
+
+
+@pytest.mark.parametrize(("cpu_budget", "expected"), [("64GiB", ModelOffload()), ("24GiB", DiskOffload(1))])
+def test_under_a_cpu_budget_a_tighter_rung_whose_homes_do_not_fit_becomes_disk_offload(cpu_budget: str, expected: object) -> None:
+    from diffblocks.components.memory import Placement
+
+    placement = Placement(policy=NoOffload(), cpu_budget=cpu_budget)  # NoOffload holds the largest model: 22.2 GiB
+    placement.make_plan(lambda: dict(FLUX), torch.device("cpu"))
+    assert placement.tighter() == expected  # ModelOffload keeps all 31.5 GiB at home

@@ -11,8 +11,8 @@ from torch import nn
 from diffblocks.components.memory.activations import set_activation_room
 from diffblocks.components.memory.disk import DiskOffload
 from diffblocks.components.memory.measure import ModelSize
-from diffblocks.components.memory.planner import LADDER, MemoryPlan, plan_memory
-from diffblocks.components.memory.policies import AbstractOffload, Attached, Mover, NoOffload, OnMove
+from diffblocks.components.memory.planner import LADDER, MemoryPlan, host_peak, plan_memory
+from diffblocks.components.memory.policies import AbstractOffload, Attached, GroupOffload, ModelOffload, Mover, NoOffload, OnMove
 from diffblocks.components.memory.sizes import ByteSize
 
 
@@ -82,7 +82,9 @@ class Placement:
 
         The current policy is the plan's (no plan: ``NoOffload``); one not on the ladder is followed
         by the first rung whose peak is smaller for the models planned. A plan that keeps blocks on
-        the device in its spare budget is tightened first to the same policy, keeping none.
+        the device in its spare budget is tightened first to the same policy, keeping none. Under a
+        CPU budget, a rung whose home copies would not fit CPU memory becomes disk offload, and disk
+        offload tightens only to one group at a time.
         """
         current = self.plan.policy if self.plan is not None and self.active else NoOffload()
         if self.plan is not None and self.plan.kept:
@@ -94,7 +96,11 @@ class Placement:
         else:
             models = list(self.plan.sizes.values()) if self.plan is not None else []
             rungs = tuple(each for each in LADDER if each.peak(models) < current.peak(models))
-        return rungs[0] if rungs else None
+        rung = rungs[0] if rungs else None
+        if rung is not None and self.cpu_budget is not None and self.plan is not None:
+            if host_peak(rung, list(self.plan.sizes.values())) > self.cpu_budget:  # its homes would not fit CPU memory
+                return DiskOffload(1, prefetch=isinstance(rung, ModelOffload) or rung == GroupOffload(1))
+        return rung
 
     def tighten(self, policy: AbstractOffload) -> AbstractOffload:
         """Use ``policy`` from now on (models get it when the plan is next made); returns the policy it replaces."""
