@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from diffblocks.blocks.block import BlockIO
 from diffblocks.blocks.plan import LoopStep, Step
-from diffblocks.components.memory.oom import OutOfMemory, Relieve, attempt
+from diffblocks.components.memory.oom import Relieve, Reliefs, run_relieved
 
 State = dict[str, Any]
 _PROGRESS_INTERVAL = 0.1  # seconds between progress-bar refreshes; tqdm.update per step costs more than a block
@@ -103,15 +103,9 @@ def _run_relieved(step: Step, state: State, relieve: Relieve) -> Any:
 
     A block writes its outputs to the state only when it returns, so the failed try changed nothing.
     """
-    while True:
-        out = attempt(lambda: step.block(construct(step.input_cls, {name: state[name] for name in step.inputs})))
-        if not isinstance(out, OutOfMemory):
-            return out
-        if not relieve(step.path, out.message):
-            raise torch.OutOfMemoryError(
-                f"{out.message} (in block {step.path!r}; no cheaper placement is left: generate a smaller image or batch, "
-                "or quantize the largest model, see docs/memory.md)"
-            )
+    # the step's components offer their reliefs (a guider: its passes one by one) first, then the manager's
+    return run_relieved(lambda: step.block(construct(step.input_cls, {name: state[name] for name in step.inputs})),
+                        Reliefs(relieve), where=step.path)
 
 
 def _run_loop(step: LoopStep, state: State, run: RunContext) -> None:

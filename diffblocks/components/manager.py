@@ -14,6 +14,7 @@ import torch
 from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.loaders import check_random_weights, load_component
 from diffblocks.components.memory import AbstractOffload, MemoryPlan, ModelSize, OnMove, Placement, measure
+from diffblocks.components.memory.disk import register_weight_files
 from diffblocks.components.memory.estimate import size_before_loading
 from diffblocks.components.memory.oom import OffloadTightened, free_memory
 from diffblocks.components.specs import ComponentSpec, read_index
@@ -87,6 +88,9 @@ class ComponentsManager:
         activations: bytes of ``memory_budget`` left to activations (``"2GiB"``); weights are planned
             in the rest, and a VAE decode that would not fit what the weights leave runs sliced or
             tiled (see ``docs/memory.md``).
+        cpu_memory_budget: bytes of CPU memory allowed for the models' weights (``"16GiB"``): a plan
+            whose home copies would not fit puts them in memory-mapped files (``DiskOffload``);
+            below the largest model, which loads through CPU memory, it fails before loading.
 
     Example:
         >>> import torch
@@ -108,9 +112,11 @@ class ComponentsManager:
         offload: AbstractOffload | None = None,
         on_move: OnMove | None = None,
         activations: str | int | None = None,
+        cpu_memory_budget: str | int | None = None,
     ) -> None:
         # checks the budget first
-        self.placement = Placement(budget=memory_budget, policy=offload, on_move=on_move, activations=activations)
+        self.placement = Placement(budget=memory_budget, policy=offload, on_move=on_move, activations=activations,
+                                   cpu_budget=cpu_memory_budget)
         self.device = device  # the setter checks and converts names
         self.registry = registry if registry is not None else COMPONENTS
         self._entries: dict[str, _Entry] = {}
@@ -179,6 +185,8 @@ class ComponentsManager:
                     assert entry.spec is not None
                     device = None if placing else self.device  # offloaded models wait on the CPU
                     entry.obj = load_component(self.component_type(key) or object, entry.spec, device=device)
+                    if placing:
+                        _record_weight_files(entry.obj, entry.spec)
         if placing:
             self.placement.attach(entry.key, entry.name, entry.obj)
         return entry.obj
@@ -347,6 +355,16 @@ class ComponentsManager:
             known = ", ".join(sorted({e.name for e in self._entries.values()}))
             raise KeyError(f"no component {key!r} in the manager; known names: {known or 'none'}")
         return entry
+
+
+def _record_weight_files(obj: Any, spec: ComponentSpec) -> None:
+    """Tell disk offload which local safetensors files a model came from, so it maps them rather than writing its own."""
+    if not isinstance(obj, torch.nn.Module) or spec.repo is None or spec.quantization is not None:
+        return
+    folder = Path(spec.repo) / (spec.subfolder or "")
+    if folder.is_dir():
+        files = sorted(folder.glob("*.safetensors"))
+        register_weight_files(obj, [f for f in files if (spec.variant is None) or f".{spec.variant}." in f.name])
 
 
 def _placement(obj: Any) -> tuple[str, str, int]:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from diffblocks.components.denoisers import Conditioning, Predict, check_joinable
 from diffblocks.components.guiders.base import AbstractGuider, GuiderState
-from diffblocks.components.memory.oom import OutOfMemory, attempt
+from diffblocks.components.memory.oom import Reliefs, offer_relief, run_relieved
 
 
 class GuidanceConditions(Mapping[str, Conditioning]):
@@ -31,7 +31,7 @@ class GuidanceConditions(Mapping[str, Conditioning]):
         if self._conditions:
             check_joinable(list(self._conditions.values()))
         self._batched: dict[tuple[str, ...], Conditioning] = {}
-        self.sequential_after_oom = False
+        self.sequential_after_oom = False  # set by run_sequentially(): the relief ladder decided so
 
     def __getitem__(self, name: str) -> Conditioning:
         return self._conditions[name]
@@ -49,8 +49,12 @@ class GuidanceConditions(Mapping[str, Conditioning]):
             found = self._batched[names] = _concatenate(self._conditions, names)
         return found
 
-    def fall_back_to_sequential(self) -> None:
-        """Run the passes one by one for the rest of the call, and free the concatenated conditions."""
+    def run_sequentially(self) -> None:
+        """Run the passes one by one for the rest of the call, and free the concatenated conditions.
+
+        The relief this offers after an out-of-memory error (:mod:`diffblocks.components.memory.oom`
+        decides when to take it).
+        """
         self.sequential_after_oom = True
         self._batched.clear()
 
@@ -115,19 +119,36 @@ def plain_predictions(
     """Unperturbed predictions for the conditions ``names``, in that order.
 
     With ``batched`` and two or more names they run as one forward: latents and each condition
-    tensor are concatenated along the batch and the output split back. If that forward runs out
-    of memory they run one by one, for the rest of the call with :class:`GuidanceConditions`
-    (which then frees its concatenated conditions): batching is a speed choice, not a requirement.
-    This is the first, cheapest relief of :mod:`diffblocks.components.memory.oom`; if the passes
-    run out of memory one by one too, the pipeline tightens the offload plan and runs the step again.
+    tensor are concatenated along the batch and the output split back. Batching is a speed choice,
+    not a requirement: a :class:`GuidanceConditions` offers running the passes one by one for the
+    rest of the call (:meth:`GuidanceConditions.run_sequentially`) as the first, cheapest relief
+    of :mod:`diffblocks.components.memory.oom`, which decides, in a pipeline, when to take it and
+    what comes after (the manager's tighter placements). Used on their own (no pipeline step
+    around them), or with a plain mapping, the passes fall back to one by one through the same
+    ladder, with that one rung.
     """
     sticky = isinstance(conditions, GuidanceConditions)
-    if batched and len(names) > 1 and not (sticky and conditions.sequential_after_oom):
-        output = attempt(lambda: _batched(predict, latents, conditions, tuple(names)))
-        if not isinstance(output, OutOfMemory):
-            return list(output.chunk(len(names)))
-        if sticky:
-            conditions.fall_back_to_sequential()
+    if not batched or len(names) < 2 or (sticky and conditions.sequential_after_oom):
+        return _one_by_one(predict, latents, conditions, names)
+    if sticky and offer_relief(conditions, conditions.run_sequentially):
+        return _together(predict, latents, conditions, names)  # out of memory: the step's ladder splits the batch, runs the step again
+    split: list[bool] = []
+    reliefs = Reliefs()
+    reliefs.offer(conditions, conditions.run_sequentially if sticky else lambda: split.append(True))
+
+    def passes() -> list[Tensor]:
+        if split or (sticky and conditions.sequential_after_oom):
+            return _one_by_one(predict, latents, conditions, names)
+        return _together(predict, latents, conditions, names)
+
+    return run_relieved(passes, reliefs, where="guidance passes")
+
+
+def _together(predict: Predict, latents: Tensor, conditions: Mapping[str, Conditioning], names: Sequence[str]) -> list[Tensor]:
+    return list(_batched(predict, latents, conditions, tuple(names)).chunk(len(names)))
+
+
+def _one_by_one(predict: Predict, latents: Tensor, conditions: Mapping[str, Conditioning], names: Sequence[str]) -> list[Tensor]:
     return [predict(latents, conditions[name]) for name in names]
 
 

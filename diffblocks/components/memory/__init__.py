@@ -3,6 +3,7 @@
 See ``docs/memory.md``.
 """
 
+from diffblocks.components.memory.disk import DiskOffload
 from diffblocks.components.memory.measure import ModelSize, measure
 from diffblocks.components.memory.oom import OffloadTightened
 from diffblocks.components.memory.placement import Placement
@@ -25,6 +26,7 @@ __all__ = [
     "AbstractOffload",
     "Attached",
     "ByteSize",
+    "DiskOffload",
     "GroupOffload",
     "LeafOffload",
     "MemoryBudgetError",

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from diffblocks.components.memory.activations import set_activation_room
+from diffblocks.components.memory.disk import DiskOffload
 from diffblocks.components.memory.measure import ModelSize
-from diffblocks.components.memory.planner import LADDER, MemoryPlan, plan_memory
-from diffblocks.components.memory.policies import AbstractOffload, Attached, Mover, NoOffload, OnMove
+from diffblocks.components.memory.planner import LADDER, MemoryPlan, host_peak, plan_memory
+from diffblocks.components.memory.policies import AbstractOffload, Attached, GroupOffload, ModelOffload, Mover, NoOffload, OnMove
 from diffblocks.components.memory.sizes import ByteSize
 
 
@@ -29,6 +30,8 @@ class Placement:
         policy: a fixed policy (the planner then only checks it against the budget, if any).
         on_move: told of each move (see :data:`~diffblocks.components.memory.OnMove`).
         activations: bytes of the budget left to activations (``"2GiB"``); weights are planned in the rest.
+        cpu_budget: bytes of CPU memory allowed for the weights' home copies (``"16GiB"``); what does
+            not fit waits in memory-mapped files (:class:`~diffblocks.components.memory.DiskOffload`).
     """
 
     def __init__(
@@ -38,6 +41,7 @@ class Placement:
         policy: AbstractOffload | None = None,
         on_move: OnMove | None = None,
         activations: str | int | None = None,
+        cpu_budget: str | int | None = None,
     ) -> None:
         if policy is not None and not isinstance(policy, AbstractOffload):
             raise TypeError(
@@ -47,6 +51,7 @@ class Placement:
         self.activations = ByteSize.parse(activations) if activations is not None else ByteSize(0)
         if activations is not None and self.budget is None:
             raise ValueError(f"activations={activations!r} reserves part of a memory budget: give memory_budget= too")
+        self.cpu_budget = ByteSize.parse(cpu_budget) if cpu_budget is not None else None
         self.policy = policy
         self.on_move = on_move
         self.plan: MemoryPlan | None = None
@@ -57,14 +62,14 @@ class Placement:
 
     @property
     def active(self) -> bool:
-        return self.budget is not None or self.policy is not None
+        return self.budget is not None or self.policy is not None or self.cpu_budget is not None
 
     def make_plan(self, sizes: Callable[[], Mapping[str, ModelSize]], device: torch.device | None) -> MemoryPlan:
         """The plan for the models now known (measured only when the plan is out of date)."""
         if self.plan is None:
             target = device if device is not None else torch.device("cpu")
             plan = plan_memory(sizes(), device=str(target), budget=self.budget, policy=self.policy, keep=self._keep,
-                               activations=self.activations)
+                               activations=self.activations, cpu_budget=self.cpu_budget)
             if self._mover is None or self._mover.device != target or plan.policy != self._applied or plan.kept != self._mover.keep:
                 self.detach_all()  # each model gets the new policy when it is next handed out
                 self._mover = Mover(target, on_move=self.on_move)
@@ -77,17 +82,25 @@ class Placement:
 
         The current policy is the plan's (no plan: ``NoOffload``); one not on the ladder is followed
         by the first rung whose peak is smaller for the models planned. A plan that keeps blocks on
-        the device in its spare budget is tightened first to the same policy, keeping none.
+        the device in its spare budget is tightened first to the same policy, keeping none. Under a
+        CPU budget, a rung whose home copies would not fit CPU memory becomes disk offload, and disk
+        offload tightens only to one group at a time.
         """
         current = self.plan.policy if self.plan is not None and self.active else NoOffload()
         if self.plan is not None and self.plan.kept:
             return current  # the same policy, its kept blocks streamed too
+        if isinstance(current, DiskOffload):  # the rungs below keep their homes in CPU memory, which disk offload was chosen to spare
+            return DiskOffload(current.blocks_per_group, prefetch=False, folder=current.folder) if current.prefetch else None
         if current in LADDER:
             rungs = LADDER[LADDER.index(current) + 1 :]
         else:
             models = list(self.plan.sizes.values()) if self.plan is not None else []
             rungs = tuple(each for each in LADDER if each.peak(models) < current.peak(models))
-        return rungs[0] if rungs else None
+        rung = rungs[0] if rungs else None
+        if rung is not None and self.cpu_budget is not None and self.plan is not None:
+            if host_peak(rung, list(self.plan.sizes.values())) > self.cpu_budget:  # its homes would not fit CPU memory
+                return DiskOffload(1, prefetch=isinstance(rung, ModelOffload) or rung == GroupOffload(1))
+        return rung
 
     def tighten(self, policy: AbstractOffload) -> AbstractOffload:
         """Use ``policy`` from now on (models get it when the plan is next made); returns the policy it replaces."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import final
 
 from diffblocks.components.memory.measure import ModelSize
+from diffblocks.components.memory.disk import DiskOffload
 from diffblocks.components.memory.policies import AbstractOffload, GroupOffload, LeafOffload, ModelOffload, NoOffload
 from diffblocks.components.memory.sizes import ByteSize
 
@@ -23,6 +24,13 @@ _MSG_BELOW = (
     "memory budget {budget} on {device} is below the smallest placement of {count} model(s) ({names}): "
     "{policy!r} needs at least {minimum}{why}. Raise memory_budget to at least {minimum}, quantize the largest "
     "model (pipe.quantize(...), see docs/quantization.md), or run on a device with more memory"
+)
+
+
+_MSG_CPU_BELOW = (
+    "cpu_memory_budget {cpu_budget} is below {minimum}, the size of the largest model ({name}), which is read into CPU "
+    "memory when it loads (disk offload maps it from a file only once loaded). Raise cpu_memory_budget to at least "
+    "{minimum}, or quantize {name} (pipe.quantize(...), see docs/quantization.md)"
 )
 
 
@@ -44,6 +52,10 @@ class MemoryPlan:
         tried: each policy considered, in order, with its peak.
         kept: under group offload, the bytes of each model's repeated blocks kept on the device
             (not streamed), from the budget the policy leaves spare; counted in ``peak``.
+        cpu_budget: the bytes of CPU memory allowed for the models' weights (None: no CPU budget).
+        host: the most bytes of weights the chosen policy holds in CPU memory (see :func:`host_peak`).
+        instead: the policy the device budget alone chose, when the CPU budget made the plan put
+            the weights' home on disk instead (None: it did not).
     """
 
     device: str
@@ -53,6 +65,9 @@ class MemoryPlan:
     sizes: Mapping[str, ModelSize]
     tried: tuple[tuple[AbstractOffload, ByteSize], ...]
     kept: Mapping[str, int] = field(default_factory=dict)
+    cpu_budget: ByteSize | None = None
+    host: ByteSize | None = None
+    instead: AbstractOffload | None = None
 
     def __str__(self) -> str:
         total = ByteSize(sum(size.total for size in self.sizes.values()))
@@ -63,7 +78,12 @@ class MemoryPlan:
             mark = "->" if policy == self.policy else "  "
             verdict = "fits" if self.budget is None or peak <= self.budget else "does not fit"
             lines.append(f"{mark} {policy!r}: {peak} at most on {self.device}, {verdict}")
+        if self.instead is not None:
+            lines.append(f"   {self.instead!r} fits {self.device} but keeps {ByteSize(host_peak(self.instead, list(self.sizes.values())))} "
+                         f"of weights in CPU memory, over the CPU budget {self.cpu_budget}: their home is a memory-mapped file instead")
         lines.append(f"chosen: {self.policy!r}: {self.policy.describe()}")
+        if self.cpu_budget is not None:
+            lines.append(f"  {self.host} at most of weights in CPU memory (CPU budget {self.cpu_budget})")
         lines += [f"  and {ByteSize(kept)} of {name}'s repeated blocks stay on the device, in the spare budget"
                   for name, kept in self.kept.items()]
         return "\n".join(lines)
@@ -78,6 +98,7 @@ def plan_memory(
     ladder: Sequence[AbstractOffload] = LADDER,
     keep: bool = True,
     activations: int = 0,
+    cpu_budget: ByteSize | None = None,
 ) -> MemoryPlan:
     """The first policy of ``ladder`` (or the given ``policy``) whose peak fits ``budget``.
 
@@ -87,8 +108,13 @@ def plan_memory(
     runs every step, in every family we ship but the tiny one), then the next. ``activations``
     bytes of the budget are left to activations: weights get the rest.
 
+    With a ``cpu_budget``, a policy whose home copies of the weights would not fit CPU memory
+    (:func:`host_peak`) is replaced by :class:`~diffblocks.components.memory.DiskOffload`, whose
+    home is a memory-mapped file, if its streamed groups fit the device.
+
     Raises:
-        MemoryBudgetError: nothing fits; the message says the least any policy needs.
+        MemoryBudgetError: nothing fits; the message says the least any policy needs. Also a
+            ``cpu_budget`` below the largest model, which is read into CPU memory when it loads.
 
     Example:
         >>> from diffblocks.components.memory import ByteSize, ModelSize
@@ -100,12 +126,34 @@ def plan_memory(
         GroupOffload(blocks_per_group=1)
     """
     models = list(sizes.values())
+    if cpu_budget is not None:
+        _check_cpu_budget(sizes, cpu_budget, policy)
     tried = tuple((each, ByteSize(each.peak(models))) for each in ((policy,) if policy is not None else ladder))
     weights = ByteSize(max(budget - activations, 0)) if budget is not None else None
+    over_cpu = False
     for each, peak in tried:
         if weights is None or peak <= weights:
-            kept = _kept(sizes, weights - peak) if keep and weights is not None and isinstance(each, GroupOffload) else {}
-            return MemoryPlan(device, budget, each, ByteSize(peak + sum(kept.values())), dict(sizes), tried, kept)
+            chosen, instead = each, None
+            if cpu_budget is not None and host_peak(each, models) > cpu_budget:  # only a policy of the ladder gets here
+                chosen, instead = _on_disk(each, models, weights), each
+                if chosen is None:
+                    over_cpu = True
+                    continue  # the streamed groups of disk offload do not fit the device either: a smaller rung may
+                peak = ByteSize(chosen.peak(models))
+                tried += ((chosen, peak),)
+            streams = isinstance(chosen, (GroupOffload, DiskOffload))
+            kept = _kept(sizes, weights - peak) if keep and weights is not None and streams else {}
+            host = ByteSize(host_peak(chosen, models)) if cpu_budget is not None else None
+            return MemoryPlan(device, budget, chosen, ByteSize(peak + sum(kept.values())), dict(sizes), tried, kept,
+                              cpu_budget=cpu_budget, host=host, instead=instead)
+    if over_cpu:
+        least = ByteSize(DiskOffload(1, prefetch=False).peak(models) + activations)
+        raise MemoryBudgetError(
+            f"memory budget {budget} on {device} and cpu_memory_budget {cpu_budget} leave no placement: what fits {device} "
+            f"keeps more weights than {cpu_budget} in CPU memory, and DiskOffload(blocks_per_group=1, prefetch=False), which "
+            f"keeps them on disk, needs at least {least} on {device}. Raise memory_budget to at least {least} or "
+            "cpu_memory_budget, or quantize the largest model (pipe.quantize(...), see docs/quantization.md)"
+        )
     smallest, minimum = min(tried, key=lambda pair: pair[1])
     biggest = max(sizes.items(), key=lambda item: item[1].total)
     why = f" (largest model: {biggest[0]}, {ByteSize(biggest[1].total)})" if biggest else ""
@@ -116,6 +164,45 @@ def plan_memory(
         _MSG_BELOW.format(budget=budget, device=device, count=len(sizes), names=", ".join(sorted(sizes)),
                           policy=smallest, minimum=minimum, why=why)
     )
+
+
+def host_peak(policy: AbstractOffload, sizes: Sequence[ModelSize]) -> int:
+    """The most bytes of the models' weights that ``policy`` holds in CPU memory at once, on the high side.
+
+    Every model is read into CPU memory when it loads (built on the meta device, each tensor read
+    into place: its own size, see ``docs/memory.md``). Then :class:`NoOffload` moves it to the
+    device and :class:`DiskOffload` maps it from a file, so they hold the largest model at most;
+    the other policies keep a home copy of every model there.
+    """
+    largest = max((size.total for size in sizes), default=0)
+    if isinstance(policy, (NoOffload, DiskOffload)):
+        return largest
+    return sum(size.total for size in sizes)
+
+
+def _on_disk(policy: AbstractOffload, models: Sequence[ModelSize], weights: int | None) -> DiskOffload | None:
+    """Disk offload in place of ``policy``: prefetching if that fits the device, else one group at a time (None: neither)."""
+    for each in (DiskOffload(1), DiskOffload(1, prefetch=False)):
+        if isinstance(policy, GroupOffload) and not policy.prefetch and each.prefetch:
+            continue  # the device budget already ruled out prefetching
+        if weights is None or each.peak(models) <= weights:
+            return each
+    return None
+
+
+def _check_cpu_budget(sizes: Mapping[str, ModelSize], cpu_budget: ByteSize, policy: AbstractOffload | None) -> None:
+    models = list(sizes.values())
+    if not models:
+        return
+    name, biggest = max(sizes.items(), key=lambda item: item[1].total)
+    if biggest.total > cpu_budget:
+        raise MemoryBudgetError(_MSG_CPU_BELOW.format(cpu_budget=cpu_budget, name=name, minimum=ByteSize(biggest.total)))
+    if policy is not None and host_peak(policy, models) > cpu_budget:
+        raise MemoryBudgetError(
+            f"offload={policy!r} keeps {ByteSize(host_peak(policy, models))} of weights in CPU memory, over "
+            f"cpu_memory_budget {cpu_budget}: give offload=DiskOffload(...) (its home is a memory-mapped file), or no "
+            "offload= and let the planner choose, or raise cpu_memory_budget"
+        )
 
 
 def _kept(sizes: Mapping[str, ModelSize], spare: int) -> dict[str, int]:

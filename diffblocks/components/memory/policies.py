@@ -216,25 +216,7 @@ class GroupOffload(AbstractOffload):
         return min(2 * group, sum(sum(each) for each in size.blocks)) if self.prefetch else group
 
     def attach(self, name: str, model: nn.Module, mover: Mover) -> Attached:
-        names = {id(m): n for n, m in model.named_modules()}
-        every: list[tuple[str, list[nn.Module]]] = []
-        for blocks in repeated_blocks(model):
-            entries = list(blocks)
-            for start in range(0, len(entries), self.blocks_per_group):
-                group = entries[start : start + self.blocks_per_group]
-                label = f"{name}/{names[id(group[0])]}" + (f"..{names[id(group[-1])].rsplit('.', 1)[-1]}" if len(group) > 1 else "")
-                every.append((label, group))
-        kept = _spread([sum(_nbytes(block) for block in group) for _, group in every], mover.keep.get(name, 0))
-        grouped = {id(m) for i, (_, group) in enumerate(every) if i not in kept for block in group for m in block.modules()}
-        rest = [m for m in model.modules() if id(m) not in grouped]
-        mover.move(f"{name}/(outside blocks)" + (f" and {len(kept)} kept groups" if kept else ""), rest, mover.device, recurse=False)
-        groups = [(group, StreamedGroup(label, group, mover.streams)) for i, (label, group) in enumerate(every) if i not in kept]
-        prefetcher = Prefetcher([streamed for _, streamed in groups], mover, prefetch=self.prefetch)
-        handles: list[RemovableHandle] = []
-        for group, streamed in groups:
-            handles.append(group[0].register_forward_pre_hook(lambda _m, _a, s=streamed: prefetcher.enter(s)))
-            handles.append(group[-1].register_forward_hook(lambda _m, _a, _o, s=streamed: prefetcher.leave(s)))
-        return Attached(name, model, mover, handles, prefetcher=prefetcher)
+        return attach_groups(name, model, mover, blocks_per_group=self.blocks_per_group, prefetch=self.prefetch, streams=mover.streams)
 
     def describe(self) -> str:
         ahead = ", the next group copied while one runs" if self.prefetch else ""
@@ -258,6 +240,36 @@ class LeafOffload(AbstractOffload):
 
     def describe(self) -> str:
         return "each layer's tensors move in as it runs and back after"
+
+
+def attach_groups(
+    name: str, model: nn.Module, mover: Mover, *, blocks_per_group: int, prefetch: bool, streams: Synchronous
+) -> Attached:
+    """Group offload of ``model``: its repeated blocks streamed through ``streams``, the rest moved to the device.
+
+    The home of each streamed group is whatever tensors the model holds when this is called (pinned
+    by ``streams``): CPU tensors for :class:`GroupOffload`, views of a memory-mapped file for
+    :class:`~diffblocks.components.memory.disk.DiskOffload`.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    every: list[tuple[str, list[nn.Module]]] = []
+    for blocks in repeated_blocks(model):
+        entries = list(blocks)
+        for start in range(0, len(entries), blocks_per_group):
+            group = entries[start : start + blocks_per_group]
+            label = f"{name}/{names[id(group[0])]}" + (f"..{names[id(group[-1])].rsplit('.', 1)[-1]}" if len(group) > 1 else "")
+            every.append((label, group))
+    kept = _spread([sum(_nbytes(block) for block in group) for _, group in every], mover.keep.get(name, 0))
+    grouped = {id(m) for i, (_, group) in enumerate(every) if i not in kept for block in group for m in block.modules()}
+    rest = [m for m in model.modules() if id(m) not in grouped]
+    mover.move(f"{name}/(outside blocks)" + (f" and {len(kept)} kept groups" if kept else ""), rest, mover.device, recurse=False)
+    groups = [(group, StreamedGroup(label, group, streams)) for i, (label, group) in enumerate(every) if i not in kept]
+    prefetcher = Prefetcher([streamed for _, streamed in groups], mover, prefetch=prefetch)
+    handles: list[RemovableHandle] = []
+    for group, streamed in groups:
+        handles.append(group[0].register_forward_pre_hook(lambda _m, _a, s=streamed: prefetcher.enter(s)))
+        handles.append(group[-1].register_forward_hook(lambda _m, _a, _o, s=streamed: prefetcher.leave(s)))
+    return Attached(name, model, mover, handles, prefetcher=prefetcher)
 
 
 def _stream(label: str, group: list[nn.Module], mover: Mover, *, recurse: bool = True) -> list[RemovableHandle]:
