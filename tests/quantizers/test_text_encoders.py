@@ -200,3 +200,17 @@ def test_a_gguf_text_encoder_is_not_saved_quietly(tmp_path: Path) -> None:
         pipe.save_pretrained(tmp_path / "saved")
     assert not (tmp_path / "saved").exists()
     assert isinstance(encoder, PreTrainedModel)
+
+
+def test_truncated_weights_and_missing_tensors_are_named(tmp_path: Path) -> None:
+    model = quantize(_clip(), TorchAoQuantizer("int8wo"))
+    save_quantized_transformers(model, tmp_path / "cut")
+    weights = tmp_path / "cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_quantized_transformers(CLIPTextModel, tmp_path / "cut")
+    save_quantized_transformers(model, tmp_path / "deeper")
+    config = json.loads((tmp_path / "deeper" / "config.json").read_text())
+    (tmp_path / "deeper" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(ValueError, match=r"encoder\.layers\.2\..* stay empty"):
+        load_quantized_transformers(CLIPTextModel, tmp_path / "deeper")

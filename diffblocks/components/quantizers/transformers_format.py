@@ -10,7 +10,7 @@ stored once, as transformers does.
 | backend | ``quantization_config`` | transformers reads the folder |
 |---|---|---|
 | torchao | ``TorchAoConfig(<torchao config>).to_dict()`` | yes (torchao >= 0.16, safetensors) |
-| bitsandbytes | ``BitsAndBytesConfig(...).to_dict()`` | yes, where bitsandbytes runs |
+| bitsandbytes | ``BitsAndBytesConfig(...).to_dict()`` | CLIP, where bitsandbytes runs; not T5 (transformers keeps its ``wo`` unquantized) |
 | optimum-quanto | ``QuantoConfig(weights=...).to_dict()`` | no: transformers cannot save or read quantized quanto weights (``is_serializable`` is False), so the tensors are quanto's safetensors layout, read by diffblocks only |
 
 ModelOpt and GGUF text encoders are not saved (transformers has no ModelOpt text encoders to match,
@@ -101,7 +101,7 @@ def save_quantized_transformers(
         model: a transformers model that :func:`~diffblocks.components.quantizers.quantize` quantized.
         folder: created if missing.
         name: the component's name, for the error message.
-        variant: ``"fp16"`` writes ``model.fp16.safetensors``.
+        variant: ``"fp16"`` writes ``model.fp16.safetensors``. The weights are one file (not sharded).
 
     Raises:
         ValueError: ``model`` is not quantized, or its backend is not saved (the message says what to do).
@@ -149,14 +149,10 @@ def load_quantized_transformers(
         FileNotFoundError: the folder has no safetensors weights (pickled folders are not read).
         ValueError: the ``quantization_config`` names a backend diffblocks does not read.
         QuantizerNotInstalledError, UnsupportedQuantizationError: before any weight is read.
-        CheckpointError: the files are unreadable or leave parts of the model empty.
+        ValueError: the files are truncated or corrupt, or leave parts of the model empty (named).
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig
-
-    from diffblocks.components.models.buffers import meta_tensor_names
-    from diffblocks.components.models.loading import CheckpointError
-    from diffblocks.components.models.quantized import read_safetensors
 
     path = Path(folder)
     saved = saved_quantization(path)
@@ -171,20 +167,36 @@ def load_quantized_transformers(
         del config.quantization_config  # the model is built plain; the quantizer lays out its weights
     with init_empty_weights(include_buffers=False):  # computed buffers (CLIP's position_ids) are built for real
         model = cls(config)
-    tensors, metadata = read_safetensors(files, device)
+    tensors, metadata = _read_safetensors(files, device)
     quantizer.load_state(model, tensors, metadata, device)
     model.tie_weights()
     for module in model.modules():
         for child, buffer in module.named_buffers(recurse=False):
             setattr(module, child, buffer.to(device))
-    left = meta_tensor_names(model)
+    left = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
     if left:
-        raise CheckpointError(
+        raise ValueError(
             f"{path} does not fill {cls.__name__} quantized with {quantizer.describe()}: {', '.join(left[:10])} "
             f"({len(left)} tensors) stay empty"
         )
     mark_quantized(model, quantizer)
     return model.eval()
+
+
+def _read_safetensors(files: list[Path], device: torch.device) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Every tensor of ``files`` on ``device``, and their header metadata merged."""
+    from safetensors import SafetensorError, safe_open
+
+    tensors: dict[str, Tensor] = {}
+    metadata: dict[str, str] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                metadata.update(f.metadata() or {})
+                tensors.update({key: f.get_tensor(key) for key in f.keys()})
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"cannot read {path}: {err}. The file is truncated or corrupt.") from err
+    return tensors, metadata
 
 
 def _weight_files(folder: Path, variant: str | None) -> list[Path]:
