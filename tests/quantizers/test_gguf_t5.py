@@ -213,3 +213,8 @@ def test_truncated_file(floats: T5EncoderModel, tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         load_gguf_text_encoder(path, config=CONFIG)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no GGUF file"):
+        load_gguf_text_encoder(tmp_path / "absent.gguf", config=CONFIG)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,11 +124,13 @@ def load_gguf_text_encoder(
     device = torch.device(device if device is not None else "cpu")
     quantizer.check(device)
     path = Path(path)
-    tensors = read_gguf(path)  # a missing, truncated or corrupt file fails here, naming it
-    metadata = _metadata(path)
-    arch = metadata.get("general.architecture")
+    metadata = _metadata(path)  # the architecture is checked before any tensor is read
+    if metadata is None:
+        read_gguf(path)  # a missing, truncated or corrupt file: raises, naming it
+    arch = (metadata or {}).get("general.architecture")
     if arch not in _ARCHITECTURES:
         raise CheckpointError(_MSG_NOT_T5.format(path=path, arch=arch))
+    tensors = read_gguf(path)
     t5_config = _config(config, metadata, tensors, path=path, arch=str(arch))
     with torch.device("meta"):
         model = T5EncoderModel(t5_config)
@@ -148,10 +151,18 @@ def load_gguf_text_encoder(
     return model.eval()
 
 
-def _metadata(path: Path) -> dict[str, Any]:
-    """The file's key-value metadata (scalars and strings; arrays such as the vocabulary are left out)."""
-    reader = GGUFQuantizer().require().GGUFReader(str(path))  # read_gguf has read it already
-    return {name: field.contents() for name, field in reader.fields.items() if len(field.data) == 1}
+def _metadata(path: Path) -> dict[str, Any] | None:
+    """The file's key-value metadata (scalars and strings; arrays such as the vocabulary are left out).
+
+    None when the file cannot be parsed; :func:`~diffblocks.components.models.gguf.read_gguf` says why.
+    """
+    if not path.is_file():
+        return None
+    try:
+        reader = GGUFQuantizer().require().GGUFReader(str(path))
+        return {name: field.contents() for name, field in reader.fields.items() if len(field.data) == 1}
+    except (ValueError, IndexError, KeyError, OSError, struct.error, TypeError):
+        return None
 
 
 def _config(
