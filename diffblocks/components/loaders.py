@@ -75,6 +75,11 @@ def _load_transformers(cls: type, spec: ComponentSpec, device: torch.device | st
     folder = resolve_folder(spec.repo, subfolder=spec.subfolder, revision=spec.revision)
     from transformers import PreTrainedModel
 
+    from diffblocks.components.quantizers.transformers_format import load_quantized_transformers, saved_quantization
+
+    if issubclass(cls, PreTrainedModel) and saved_quantization(folder) is not None:
+        # saved quantized (by diffblocks, transformers or diffusers): the backend's quantizer reads the tensors
+        return load_quantized_transformers(cls, folder, variant=spec.variant, device=device)
     if issubclass(cls, PreTrainedModel):
         kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": _has_safetensors(folder, spec.variant)}
         if spec.variant:

@@ -39,7 +39,7 @@ from diffblocks.components.guiders import AbstractGuider
 from diffblocks.components.lora import detached
 from diffblocks.components.models import AbstractModel
 from diffblocks.components.models.controlnet import FluxMultiControlNetModel, MultiControlNetModel
-from diffblocks.components.quantizers import quantizer_of
+from diffblocks.components.quantizers import AbstractQuantizer, quantizer_of
 from diffblocks.components.schedulers import AbstractScheduler
 from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX
 from diffblocks.presets.embeddings import EMBEDDINGS_KEY, detached_embeddings, embedding_references
@@ -64,9 +64,10 @@ _MSG_UNSAVABLE = (
     "transformers models and tokenizers, schedulers and guiders."
 )
 _MSG_QUANTIZED_FOREIGN = (
-    "component {name!r} ({cls}) is quantized with {quantizer}, and diffblocks saves quantized weights of its own "
-    "models only. Save the pipeline with that component unquantized (pipe.quantize({{{name!r}: None}})) and quantize "
-    "it again after loading, or keep it a reference to its repository."
+    "component {name!r} ({cls}) is quantized with {quantizer}, whose weights diffblocks saves for its own models only "
+    "(transformers text encoders are saved quantized with torchao, bitsandbytes or quanto). Save the pipeline with "
+    "that component unquantized (pipe.quantize({{{name!r}: None}})) and quantize it again after loading, or keep it "
+    "a reference to its repository."
 )
 _CLASSIC_LIBRARIES = frozenset({"diffusers", "transformers"})
 _OUR_SETTINGS = frozenset({"family", TREE_KEY, CODE_KEY})  # settings only diffblocks reads: kept out of diffusers' index
@@ -270,8 +271,14 @@ def _write(
     spec = ComponentSpec(name=item.name, type_hint=item.type_hint, subfolder=item.name)
     quantizer = quantizer_of(obj) if isinstance(obj, torch.nn.Module) else None
     if quantizer is not None and not isinstance(obj, AbstractModel):
-        raise TypeError(_MSG_QUANTIZED_FOREIGN.format(name=item.name, cls=type(obj).__name__, quantizer=quantizer.describe()))
-    if isinstance(obj, torch.nn.Module):
+        if not _saves_quantized_transformers(obj, quantizer):
+            raise TypeError(_MSG_QUANTIZED_FOREIGN.format(name=item.name, cls=type(obj).__name__, quantizer=quantizer.describe()))
+        from diffblocks.components.quantizers.transformers_format import save_quantized_transformers
+
+        # transformers' layout: its quantization_config in config.json, the backend's tensors in model.safetensors
+        save_quantized_transformers(obj, folder, name=item.name, variant=variant)
+        spec = spec.with_(variant=variant)
+    elif isinstance(obj, torch.nn.Module):
         shards = {"max_shard_size": max_shard_size} if max_shard_size is not None else {}
         obj.save_pretrained(folder, variant=variant, **shards)
         spec = spec.with_(variant=variant, dtype=_dtype_name(obj))
@@ -280,6 +287,15 @@ def _write(
     if not was_loaded and manager.spec(item.key) is not None:
         manager.unload(item.key)  # saving should not keep a lazy component in memory
     return spec
+
+
+def _saves_quantized_transformers(obj: object, quantizer: AbstractQuantizer) -> bool:
+    """Whether ``obj`` is a transformers model whose quantizer's weights transformers' layout holds."""
+    from transformers import PreTrainedModel
+
+    from diffblocks.components.quantizers.transformers_format import SAVED_BACKENDS
+
+    return isinstance(obj, PreTrainedModel) and isinstance(quantizer, SAVED_BACKENDS)
 
 
 def _savable_classes() -> tuple[type, ...]:
