@@ -11,8 +11,7 @@ depth, pose, ...) as one extra text token.
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, final
 
@@ -26,7 +25,7 @@ from typing_extensions import Self
 
 from diffblocks.components.models.base import AbstractModel, AbstractParams
 from diffblocks.components.models.controlnet.model import ControlNetConditioningEmbedding
-from diffblocks.components.models.controlnet.multi import numbered_nets, save_numbered
+from diffblocks.components.models.controlnet.multi import AbstractMultiControlNet
 from diffblocks.components.models.flux.blocks import FluxSingleTransformerBlock, FluxTransformerBlock
 from diffblocks.components.models.flux.embeddings import RotaryEmbedding, TimeTextEmbedding
 from diffblocks.components.models.flux.params import FluxParams
@@ -267,7 +266,7 @@ def sum_residuals(a: tuple[Tensor, ...] | None, b: tuple[Tensor, ...]) -> tuple[
 
 
 @final
-class FluxMultiControlNetModel(nn.Module):
+class FluxMultiControlNetModel(AbstractMultiControlNet[FluxControlNetModel]):
     """Flux ControlNets that act together: their residuals are summed, in order (diffusers' ``FluxMultiControlNetModel``).
 
     It holds the nets only; the denoiser runs each with its own control image, mode, scale and
@@ -277,39 +276,7 @@ class FluxMultiControlNetModel(nn.Module):
         nets: two or more Flux ControlNets for the same transformer.
     """
 
-    def __init__(self, nets: Iterable[FluxControlNetModel]) -> None:
-        super().__init__()
-        self.nets = nn.ModuleList(nets)
-        if len(self.nets) < 2:
-            raise ValueError(f"FluxMultiControlNetModel takes two or more ControlNets, got {len(self.nets)}: give one FluxControlNetModel as it is")
-        for i, net in enumerate(self.nets):
-            if not isinstance(net, FluxControlNetModel):
-                raise TypeError(f"FluxMultiControlNetModel takes FluxControlNetModels, but net {i} is a {type(net).__name__}")
-
-    def __len__(self) -> int:
-        return len(self.nets)
-
-    def __iter__(self) -> Iterator[FluxControlNetModel]:
-        return (net for net in self.nets if isinstance(net, FluxControlNetModel))
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path_or_repo: str | os.PathLike[str],
-        *,
-        subfolder: str | None = None,
-        revision: str | None = None,
-        variant: str | None = None,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> FluxMultiControlNetModel:
-        """The nets of a diffusers ``FluxMultiControlNetModel`` folder: ``controlnet``, ``controlnet_1``, ..."""
-        return cls(numbered_nets(FluxControlNetModel, path_or_repo, subfolder=subfolder, revision=revision,
-                                 variant=variant, dtype=dtype, device=device))  # fmt: skip
-
-    def save_pretrained(self, folder: str | os.PathLike[str], *, variant: str | None = None, max_shard_size: int | str | None = None) -> None:
-        """Save as diffusers does: the first net in ``folder``, net ``i`` in ``folder_i``."""
-        save_numbered(list(self), folder, variant=variant, max_shard_size=max_shard_size)
+    net_class = FluxControlNetModel
 
 
 def flux_controlnets(component: FluxControlNetModel | FluxMultiControlNetModel) -> tuple[FluxControlNetModel, ...]:

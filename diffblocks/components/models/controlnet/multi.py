@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar, final
+from typing import Any, ClassVar, Generic, TypeVar, cast, final
 
 import torch
 from torch import nn
+from typing_extensions import Self
 
 from diffblocks.components.hub import resolve_folder
 from diffblocks.components.models.base import AbstractModel
@@ -16,10 +17,56 @@ from diffblocks.components.models.controlnet.model import ControlNetModel
 from diffblocks.components.models.loading import CONFIG_NAME
 
 M = TypeVar("M", bound=AbstractModel[Any])
+N = TypeVar("N", bound=nn.Module)
+
+
+class AbstractMultiControlNet(nn.Module, Generic[N]):
+    """Several ControlNets of one kind (:attr:`net_class`), held as one component, in order.
+
+    It holds the nets only; the denoiser runs each with its own control image, scale and window,
+    and sums their residuals. Saved and loaded as diffusers saves its multi-ControlNets.
+    """
+
+    net_class: ClassVar[type[AbstractModel[Any]]]
+
+    def __init__(self, nets: Iterable[N]) -> None:
+        super().__init__()
+        self.nets = nn.ModuleList(nets)
+        kind, name = self.net_class.__name__, type(self).__name__
+        if len(self.nets) < 2:
+            raise ValueError(f"{name} takes two or more ControlNets, got {len(self.nets)}: give one {kind} as it is")
+        for i, net in enumerate(self.nets):
+            if not isinstance(net, self.net_class):
+                raise TypeError(f"{name} takes {kind}s, but net {i} is a {type(net).__name__}")
+
+    def __len__(self) -> int:
+        return len(self.nets)
+
+    def __iter__(self) -> Iterator[N]:
+        return iter(cast("list[N]", list(self.nets)))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo: str | os.PathLike[str],
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        variant: str | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Self:
+        """The nets of a diffusers multi-ControlNet folder: ``controlnet``, ``controlnet_1``, ... (see :func:`numbered_nets`)."""
+        nets = numbered_nets(cls.net_class, path_or_repo, subfolder=subfolder, revision=revision, variant=variant, dtype=dtype, device=device)
+        return cls(cast("list[N]", nets))
+
+    def save_pretrained(self, folder: str | os.PathLike[str], *, variant: str | None = None, max_shard_size: int | str | None = None) -> None:
+        """Save as diffusers does: the first net in ``folder``, net ``i`` in ``folder_i``."""
+        save_numbered(list(self), folder, variant=variant, max_shard_size=max_shard_size)
 
 
 @final
-class MultiControlNetModel(nn.Module):
+class MultiControlNetModel(AbstractMultiControlNet[ControlNetModel]):
     """ControlNets that act together: their residuals are summed, in order (diffusers' ``MultiControlNetModel``).
 
     It holds the nets only; the denoiser runs each with its own control image, scale and window.
@@ -35,39 +82,7 @@ class MultiControlNetModel(nn.Module):
         2
     """
 
-    def __init__(self, nets: Iterable[ControlNetModel]) -> None:
-        super().__init__()
-        self.nets = nn.ModuleList(nets)
-        if len(self.nets) < 2:
-            raise ValueError(f"MultiControlNetModel takes two or more ControlNets, got {len(self.nets)}: give one ControlNetModel as it is")
-        for i, net in enumerate(self.nets):
-            if not isinstance(net, ControlNetModel):
-                raise TypeError(f"MultiControlNetModel takes ControlNetModels, but net {i} is a {type(net).__name__}")
-
-    def __len__(self) -> int:
-        return len(self.nets)
-
-    def __iter__(self) -> Iterator[ControlNetModel]:
-        return (net for net in self.nets if isinstance(net, ControlNetModel))
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path_or_repo: str | os.PathLike[str],
-        *,
-        subfolder: str | None = None,
-        revision: str | None = None,
-        variant: str | None = None,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> MultiControlNetModel:
-        """The nets of a diffusers ``MultiControlNetModel`` folder: ``controlnet``, ``controlnet_1``, ... (see :func:`numbered_nets`)."""
-        return cls(numbered_nets(ControlNetModel, path_or_repo, subfolder=subfolder, revision=revision,
-                                 variant=variant, dtype=dtype, device=device))  # fmt: skip
-
-    def save_pretrained(self, folder: str | os.PathLike[str], *, variant: str | None = None, max_shard_size: int | str | None = None) -> None:
-        """Save as diffusers does: the first net in ``folder``, net ``i`` in ``folder_i``."""
-        save_numbered(list(self), folder, variant=variant, max_shard_size=max_shard_size)
+    net_class = ControlNetModel
 
 
 def numbered_nets(
@@ -111,4 +126,4 @@ def controlnets(component: ControlNetModel | MultiControlNetModel) -> tuple[Cont
     return (component,) if isinstance(component, ControlNetModel) else tuple(component)
 
 
-__all__ = ["MultiControlNetModel", "controlnets", "numbered_nets", "save_numbered"]
+__all__ = ["AbstractMultiControlNet", "MultiControlNetModel", "controlnets", "numbered_nets", "save_numbered"]
