@@ -10,7 +10,7 @@ tiny pipeline's image for the picture's caption with that control image (``with_
 without it, from the same seed.
 
     python docs/scripts/controlnet_picture.py                # about 10 minutes on a CPU: 1500 steps of 8 pictures
-    python docs/scripts/controlnet_picture.py --steps 1 --samples 8 --rows 1 --inference-steps 2 --out /tmp/x.png  # a smoke run
+    python docs/scripts/controlnet_picture.py --steps 1 --samples 8 --rows 1 --inference-steps 2 --out smoke.png  # a smoke run
 """
 
 from __future__ import annotations
