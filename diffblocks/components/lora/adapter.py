@@ -43,6 +43,7 @@ class LoRA:
             a LoRA made from tensors (a pipeline holding one cannot be saved).
 
     Example:
+        >>> import torch
         >>> lora = LoRA("style", {"proj": LoRAWeights(torch.ones(2, 4), torch.zeros(3, 2), alpha=2.0)})
         >>> assert lora.layers["proj"].scale == 1.0
     """
