@@ -5,13 +5,16 @@ reading diffusers' layout needs the model families of :mod:`diffblocks.presets`,
 from blocks. So this layer declares what a format does and finds the implementation by name in
 :data:`diffblocks.registry.FORMATS`, where the built-in one is a module path imported on first use:
 nothing in ``diffblocks.blocks`` imports ``diffblocks.presets``. A plugin ships another format under
-the ``diffblocks.formats`` entry-point group.
+the ``diffblocks.formats`` entry-point group. What a format needs to know of the preset a pipeline
+was built from (its family and settings) is the pipeline's :class:`PresetInfo`.
 """
 
 from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +26,26 @@ if TYPE_CHECKING:
     from diffblocks.blocks.pipeline import Pipeline
 
 _MSG_NOT_A_FORMAT = "pipeline format {key} is {cls}, which is not an AbstractPipelineFormat subclass"
+
+
+@dataclass(frozen=True)
+class PresetInfo:
+    """What saving needs to know about a preset pipeline: its family, index class name and settings.
+
+    ``Pipeline.from_pretrained`` records it; set it yourself (``Pipeline(..., preset=...)``) for a
+    preset built by hand whose family cannot be recognised from its blocks.
+
+    Args:
+        family: a key of :data:`diffblocks.presets.FAMILIES` (``"sd15"``, ``"sdxl"``, ...).
+        class_name: the index ``_class_name``; None means the family's first class name.
+        settings: the index's plain values beside the components (``requires_safety_checker``, ...).
+        sources: portable references (``package://...``) of local folders the index named, by folder.
+    """
+
+    family: str
+    class_name: str | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    sources: Mapping[str, str] = field(default_factory=dict)
 
 
 class AbstractPipelineFormat(ABC):
@@ -64,4 +87,4 @@ def pipeline_format(key: Key = DIFFUSERS_FORMAT, *, registry: Registry = FORMATS
     return cls()
 
 
-__all__ = ["AbstractPipelineFormat", "pipeline_format"]
+__all__ = ["AbstractPipelineFormat", "PresetInfo", "pipeline_format"]

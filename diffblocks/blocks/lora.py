@@ -22,7 +22,7 @@ from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.lora import LoRA, LoRALayer, eject, fuse, inject, read_lora_file, set_weights, unfuse
 from diffblocks.components.lora import adapter_names as attached_names
 from diffblocks.components.lora import hotswap as hot_swap
-from diffblocks.components.lora.adapter import check_hotswappable, check_injectable, set_enabled
+from diffblocks.components.lora import check_hotswappable, check_injectable, set_enabled
 from diffblocks.components.lora.sources import DEFAULT_WEIGHT_NAME, LoRASource, resolve_lora_file
 from diffblocks.components.lora.text_encoders import DENOISER, prefixes_of, split_by_model
 from diffblocks.components.models.compile import DENOISER_NAMES

@@ -5,32 +5,24 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from diffblocks.blocks.block import AbstractBlock
-from diffblocks.blocks.checks import (
-    SwitchPoint,
-    check_components,
-    check_triggers,
-    check_user_inputs,
-    choose_workflow,
-    switch_points,
-)
+from diffblocks.blocks.build import Build, compile_build
 from diffblocks.blocks.errors import FieldError, InputError, PlanError, Problem
 from diffblocks.blocks.executor import Callback, RunContext, add_location_note, cuda_sync, run_steps
-from diffblocks.blocks.formats import pipeline_format
+from diffblocks.blocks.formats import PresetInfo, pipeline_format
 from diffblocks.blocks.ip_adapter import AbstractIPAdapterMethods
 from diffblocks.blocks.lora import AbstractLoRAMethods
 from diffblocks.blocks.textual_inversion import AbstractTextualInversionMethods
 from diffblocks.blocks.introspect import json_schema, mermaid, outputs_schema, pipeline_doc, render_tree
 from diffblocks.blocks.output import PipelineOutput
-from diffblocks.blocks.plan import Choices, Plan, compile_plan, expand_workflows
+from diffblocks.blocks.plan import Plan
 from diffblocks.blocks.quantizing import Quantization, replacements
-from diffblocks.blocks.tree import copy_tree, inserted, removed, replaced
+from diffblocks.blocks.tree import inserted, removed, replaced
 from diffblocks.blocks.validation import check_blocks, validate_inputs
 from diffblocks.components.manager import ComponentsManager
 from diffblocks.components.models.compile import DENOISER_NAMES, compile_model
@@ -39,42 +31,6 @@ from diffblocks.components.quantizers.memory import ComponentMemory, component_m
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
-
-@dataclass(frozen=True)
-class PresetInfo:
-    """What saving needs to know about a preset pipeline: its family, index class name and settings.
-
-    ``Pipeline.from_pretrained`` records it; set it yourself (``Pipeline(..., preset=...)``) for a
-    preset built by hand whose family cannot be recognised from its blocks.
-
-    Args:
-        family: a key of :data:`diffblocks.presets.FAMILIES` (``"sd15"``, ``"sdxl"``, ...).
-        class_name: the index ``_class_name``; None means the family's first class name.
-        settings: the index's plain values beside the components (``requires_safety_checker``, ...).
-        sources: portable references (``package://...``) of local folders the index named, by folder.
-    """
-
-    family: str
-    class_name: str | None = None
-    settings: Mapping[str, Any] = field(default_factory=dict)
-    sources: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(eq=False)
-class _Build:
-    """One version of a pipeline: its tree, plans and component keys, and the components its blocks read.
-
-    Changing the components or the tree makes a new version; a call keeps the version it started
-    with, so a call started after ``update_components`` runs with the new components while one in
-    flight finishes with the old. ``bound`` holds the components while ``callers`` calls use them.
-    """
-
-    root: AbstractBlock
-    plans: dict[Choices, Plan]
-    switches: tuple[SwitchPoint, ...]
-    keys: dict[str, str]
-    bound: dict[str, Any] = field(default_factory=dict)
-    callers: int = 0
 
 
 class Pipeline(AbstractLoRAMethods, AbstractTextualInversionMethods, AbstractIPAdapterMethods):
@@ -163,24 +119,9 @@ class Pipeline(AbstractLoRAMethods, AbstractTextualInversionMethods, AbstractIPA
 
     # --- building -------------------------------------------------------------------------------------------
 
-    def _compile(self, blocks: AbstractBlock, keys: Mapping[str, str]) -> _Build:
-        root = copy_tree(blocks)  # the pipeline's own leaves: binding them never reaches the caller's tree
-        plans: dict[Choices, Plan] = {}
-        problems: list[Problem] = []
-        for choices in expand_workflows(root):
-            plans[choices], found = compile_plan(choices, root, user_inputs=self.user_inputs)
-            problems += [p for p in found if p not in problems]
-        switches = switch_points(root)
-        problems += check_triggers(switches, plans)
-        problems += check_user_inputs(self.user_inputs, plans)
-        problems += check_components(plans, keys, self.manager)
-        if problems:
-            raise PlanError(problems, context=f"pipeline {self.name!r}")
-        build = _Build(root, plans, switches, dict(keys))
-        for plan in plans.values():
-            for _, block in plan.blocks:
-                block.bind(build.bound)
-        return build
+    def _compile(self, blocks: AbstractBlock, keys: Mapping[str, str]) -> Build:
+        """A new version of this pipeline: ``blocks`` compiled with the components ``keys`` name; see :func:`compile_build`."""
+        return compile_build(blocks, keys, manager=self.manager, user_inputs=self.user_inputs, name=self.name)
 
     # --- calling --------------------------------------------------------------------------------------------
 
@@ -204,10 +145,9 @@ class Pipeline(AbstractLoRAMethods, AbstractTextualInversionMethods, AbstractIPA
             **inputs: the pipeline's inputs (see :meth:`input_schema`).
         """
         build = self._build  # this call's version, whatever update_components does meanwhile
-        plan = self._select(build, frozenset(k for k, v in inputs.items() if v is not None))
+        plan = build.select(frozenset(k for k, v in inputs.items() if v is not None))
         context = f"call to {self.name!r} (workflow {plan.workflow!r})"
-        known = frozenset(name for each in build.plans.values() for name in each.user_inputs)
-        state = validate_inputs(plan, inputs, known=known, context=context)
+        state = validate_inputs(plan, inputs, known=build.input_names, context=context)
         run = RunContext(tuple(callbacks), progress, {} if timings else None, sync=cuda_sync() if timings else None,
                          relieve=self.manager.relieve_memory)
         self._acquire(build)
@@ -233,10 +173,9 @@ class Pipeline(AbstractLoRAMethods, AbstractTextualInversionMethods, AbstractIPA
         time are still refused by the run itself.
         """
         build = self._build
-        plan = self._select(build, frozenset(k for k, v in inputs.items() if v is not None))
+        plan = build.select(frozenset(k for k, v in inputs.items() if v is not None))
         context = f"call to {self.name!r} (workflow {plan.workflow!r})"
-        known = frozenset(name for each in build.plans.values() for name in each.user_inputs)
-        state = validate_inputs(plan, inputs, known=known, context=context)
+        state = validate_inputs(plan, inputs, known=build.input_names, context=context)
         self._acquire(build)  # checks read the components (the VAE's factor, the denoiser's size)
         try:
             check_blocks(plan, state, context=context)
@@ -244,14 +183,7 @@ class Pipeline(AbstractLoRAMethods, AbstractTextualInversionMethods, AbstractIPA
             self._release(build)
         return plan.workflow
 
-    @staticmethod
-    def _select(build: _Build, given: frozenset[str]) -> Plan:
-        choices = choose_workflow(build.switches, given)
-        if isinstance(choices, Problem):
-            raise InputError([choices])
-        return build.plans[choices]
-
-    def _acquire(self, build: _Build) -> None:
+    def _acquire(self, build: Build) -> None:
         """Bind the components (loading lazy ones) for a call; concurrent calls of one version share one binding."""
         with self._binding:
             if build.callers == 0:
@@ -263,7 +195,7 @@ class Pipeline(AbstractLoRAMethods, AbstractTextualInversionMethods, AbstractIPA
                     raise
             build.callers += 1
 
-    def _release(self, build: _Build) -> None:
+    def _release(self, build: Build) -> None:
         with self._binding:
             build.callers -= 1
             if build.callers == 0:
@@ -377,7 +309,7 @@ class Pipeline(AbstractLoRAMethods, AbstractTextualInversionMethods, AbstractIPA
 
     @property
     def input_names(self) -> frozenset[str]:
-        return frozenset(name for plan in self._build.plans.values() for name in plan.user_inputs)
+        return self._build.input_names
 
     @property
     def components(self) -> dict[str, Any]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,11 @@ from diffblocks.blocks.textual_inversion import ENCODER_TOKENIZERS, sources_of
 from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.lora import LoRASource
 from diffblocks.components.textual_inversion import Embedding, without_tokens
-from diffblocks.presets.loras import resolve_pinned
+from diffblocks.presets.pinned import pin, resolve_pinned
 
 EMBEDDINGS_KEY = "_diffblocks_textual_inversions"
 EMBEDDING_FOLDER = "embeddings"
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 _MSG_NO_SOURCE = (
     "textual inversion {token!r} was added from tensors (add_textual_inversion without a source), not read from a "
     "file, so a saved preset cannot record it. Save it as a .safetensors file and load it with "
@@ -97,16 +95,15 @@ def embedding_references(pipe: Pipeline) -> tuple[list[EmbeddingReference], dict
             seen.add(token)
             if source is None:
                 raise ValueError(_MSG_NO_SOURCE.format(token=token))
-            if source.repo is not None:
-                references.append(EmbeddingReference(token=token, file=source.file, sha256=source.sha256, repo=source.repo, revision=source.revision))
-                continue
-            path = Path(source.file)
-            if path.suffix != ".safetensors":
-                raise ValueError(_MSG_PICKLE.format(token=token, file=path))
-            source.check(path, name=token, where="the loaded embedding", kind="textual inversion")
-            saved = f"{EMBEDDING_FOLDER}/{token if _SAFE_NAME.match(token) else source.sha256[:16]}.safetensors"
-            copies[saved] = path
-            references.append(EmbeddingReference(token=token, file=saved, sha256=source.sha256))
+            pinned, local = pin(
+                source, name=token, folder=EMBEDDING_FOLDER, kind="textual inversion", where="the loaded embedding",
+                pickle_error=_MSG_PICKLE.format(token=token, file=Path(source.file)),
+            )
+            if local is not None:
+                copies[pinned.file] = local
+            references.append(
+                EmbeddingReference(token=token, file=pinned.file, sha256=pinned.sha256, repo=pinned.repo, revision=pinned.revision)
+            )
     return references, copies
 
 

@@ -13,14 +13,13 @@ stands on its own and ``push_to_hub`` uploads it; one read from the Hub stays a 
 repository at the commit it was read from. Loading resolves every file inside the repository
 that names it (:mod:`diffblocks.components.containment`), checks its sha256 before reading a
 tensor (a mismatch is an error naming the file), attaches the adapters under their names, sets
-their weights, and fuses them if they were fused: the same image as the pipeline saved.
+their weights, and fuses them if they were fused: the same image as the pipeline saved. Files are
+pinned and checked as :mod:`diffblocks.presets.pinned` does for every file a preset names.
 """
 
 from __future__ import annotations
 
 import os
-import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +29,14 @@ from torch import nn
 from diffblocks.blocks import Pipeline
 from diffblocks.blocks.lora import TEXT_ENCODER_NAMES, lora_parts
 from diffblocks.components.compiled import unwrap_compiled
-from diffblocks.components.containment import RepositoryPathError, contained_path, is_hub_id
-from diffblocks.components.hub import resolve_folder
 from diffblocks.components.lora import LoRASource, adapter_weights, check_injectable, inject, is_fused, read_lora_file, source_of
 from diffblocks.components.lora.text_encoders import DENOISER
 from diffblocks.components.models.compile import DENOISER_NAMES
+from diffblocks.presets.pinned import pin, resolve_pinned
 
 LORAS_KEY = "_diffblocks_loras"
 LORA_FOLDER = "loras"
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 _MSG_NO_SOURCE = (
     "LoRA {name!r} on the {model} was attached from tensors, not read from a file, so a saved preset cannot "
     "record it. Save it as a .safetensors file and attach it with pipe.load_lora_weights(path, adapter_name={name!r}), "
@@ -48,11 +45,6 @@ _MSG_NO_SOURCE = (
 _MSG_PICKLE = (
     "LoRA {name!r} was read from the pickle {file}; a saved preset holds safetensors files only. Convert it "
     "(safetensors.torch.save_file(torch.load(path, weights_only=True), 'lora.safetensors')) and load that instead."
-)
-_MSG_REPO = (
-    "{repository}: the modular index's {key} entry {name!r} names {repo!r} as the {kind}'s repository, which is not a Hub "
-    "id ('owner/name'), or is also a folder under the working directory. An index names other repositories by Hub id "
-    "only, so that a downloaded repository cannot read files of this machine; nothing was loaded."
 )
 _MSG_BAD_ENTRY = "{repository}: the modular index's {key} is not a list of LoRA references ({err}); nothing was loaded."
 
@@ -116,29 +108,19 @@ def lora_references(pipe: Pipeline) -> tuple[list[LoRAReference], dict[str, Path
             source = source_of(model, name)
             if source is None:
                 raise ValueError(_MSG_NO_SOURCE.format(name=name, model=type(model).__name__))
-            if source.repo is not None:
-                references.append(
-                    LoRAReference(
-                        adapter_name=name, weight=weight, fused=fused, file=source.file, sha256=source.sha256,
-                        repo=source.repo, revision=source.revision,
-                    )
+            pinned, local = pin(
+                source, name=name, folder=LORA_FOLDER, kind="LoRA", where="the attached adapter",
+                pickle_error=_MSG_PICKLE.format(name=name, file=Path(source.file)),
+            )
+            if local is not None:
+                copies[pinned.file] = local
+            references.append(
+                LoRAReference(
+                    adapter_name=name, weight=weight, fused=fused, file=pinned.file, sha256=pinned.sha256,
+                    repo=pinned.repo, revision=pinned.revision,
                 )
-                continue
-            path = Path(source.file)
-            if path.suffix != ".safetensors":
-                raise ValueError(_MSG_PICKLE.format(name=name, file=path))
-            source.check(path, name=name, where="the attached adapter")
-            saved = f"{LORA_FOLDER}/{name if _SAFE_NAME.match(name) else source.sha256[:16]}.safetensors"
-            copies[saved] = path
-            references.append(LoRAReference(adapter_name=name, weight=weight, fused=fused, file=saved, sha256=source.sha256))
+            )
     return references, copies
-
-
-def write_loras(staging: Path, copies: dict[str, Path]) -> None:
-    """Copy the LoRA files into the folder being saved."""
-    for saved, path in copies.items():
-        (staging / saved).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, staging / saved)
 
 
 def apply_loras(pipe: Pipeline, entry: Any, path_or_repo: str | os.PathLike[str], *, revision: str | None = None) -> None:
@@ -184,51 +166,6 @@ def _resolve(reference: LoRAReference, path_or_repo: str | os.PathLike[str], *, 
     )
 
 
-def resolve_pinned(
-    path_or_repo: str | os.PathLike[str],
-    file: str,
-    sha256: str,
-    repo: str | None,
-    pinned: str | None,
-    *,
-    revision: str | None,
-    key: str,
-    name: str,
-    kind: str,
-) -> tuple[Path, LoRASource]:
-    """A recorded file (in the preset's repository, or in ``repo`` at commit ``pinned``), found inside it and its hash checked.
-
-    Args:
-        path_or_repo, revision: the preset's folder or repository, and the revision it is read at.
-        file, sha256, repo, pinned: the record (see :class:`LoRAReference`).
-        key, name, kind: the index entry, the record's name in it and what the file holds, for errors.
-
-    Returns:
-        The file, and the source to record should the pipeline be saved again.
-
-    Raises:
-        RepositoryPathError: the file leads out of its repository, or ``repo`` is not a Hub id.
-        FileNotFoundError: the repository has no such file.
-        ValueError: the file's sha256 is not the recorded one.
-    """
-    repository = str(path_or_repo)
-    entry = f"{key} entry {name!r}, file"
-    if repo is None:
-        root = resolve_folder(path_or_repo, revision=revision, allow_patterns=[file])
-        path = contained_path(root, file, repository=repository, entry=entry)
-        source = LoRASource(os.fspath(path), sha256)  # a copy of the folder's file, should it be saved again
-    else:
-        if not is_hub_id(repo) or Path(repo).exists():
-            raise RepositoryPathError(_MSG_REPO.format(repository=repository, key=key, name=name, repo=repo, kind=kind))
-        root = resolve_folder(repo, revision=pinned, allow_patterns=[file])
-        path = contained_path(root, file, repository=repo, entry=entry)
-        source = LoRASource(file, sha256, repo, pinned)
-    if not path.is_file():
-        raise FileNotFoundError(f"{repository}: {entry} names {file!r}, which is not in the repository")
-    LoRASource(os.fspath(path), sha256).check(path, name=name, where=f"{repository}'s {key}", kind=kind)
-    return path, source
-
-
 __all__ = [
     "LORAS_KEY",
     "LORA_FOLDER",
@@ -237,5 +174,4 @@ __all__ = [
     "lora_models",
     "lora_references",
     "resolve_pinned",
-    "write_loras",
 ]

@@ -45,7 +45,8 @@ from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX
 from diffblocks.presets.embeddings import EMBEDDINGS_KEY, detached_embeddings, embedding_references
 from diffblocks.presets.families import FAMILIES
 from diffblocks.presets.ip_adapters import IP_ADAPTER_KEY, HeldIPAdapter, ip_adapter_detached, write_ip_adapter
-from diffblocks.presets.loras import LORAS_KEY, lora_models, lora_references, write_loras
+from diffblocks.presets.loras import LORAS_KEY, lora_models, lora_references
+from diffblocks.presets.pinned import copy_pinned
 from diffblocks.presets.staging import MANIFEST_KEY, saved_files, staged_save
 from diffblocks.presets.structure import edited, preset_of
 from diffblocks.presets.treefile import CODE_KEY, TREE_KEY, tree_to_json
@@ -177,7 +178,7 @@ def _save_pretrained(
                 stack.enter_context(detached(model))
             stack.enter_context(detached_embeddings(pipe))  # tokenizers and text encoders without the added tokens
             specs = {item.name: _write(pipe.manager, item, staging, variant, max_shard_size) for item in items}
-        write_loras(staging, {**lora_files, **embedding_files})
+        copy_pinned(staging, {**lora_files, **embedding_files})
         ip_entry = write_ip_adapter(staging, ip_adapter) if ip_adapter is not None else None
         for file, data in code.items():
             (staging / file).parent.mkdir(parents=True, exist_ok=True)

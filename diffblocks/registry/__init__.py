@@ -1,5 +1,7 @@
-"""Names -> classes, by allowlist: components named by index files, blocks of saved pipelines, pipeline formats."""
+"""Names -> classes, by allowlist: components named by index files, blocks of saved pipelines, pipeline formats,
+and the values (guiders, quantizers) a config names by ``_class_name``."""
 
+from diffblocks.registry.allowlist import ConfigAllowlist
 from diffblocks.registry.defaults import (
     DIFFUSERS_FORMAT,
     default_block_registry,
@@ -20,6 +22,7 @@ FORMATS: Registry = default_format_registry()
 __all__ = [
     "BLOCKS",
     "COMPONENTS",
+    "ConfigAllowlist",
     "DIFFUSERS_FORMAT",
     "FORMATS",
     "Key",

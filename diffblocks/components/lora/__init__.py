@@ -1,23 +1,19 @@
 """LoRA adapters for the UNet, the Flux transformer and the text encoders: read, attached, weighted, fused and removed by value, their files pinned."""
 
-from diffblocks.components.lora.adapter import (
-    LoRA,
-    LoRALayer,
+from diffblocks.components.lora.adapter import LoRA, check_hotswappable, check_injectable, eject, hotswap, inject
+from diffblocks.components.lora.attached import (
     adapter_names,
     adapter_weights,
-    check_injectable,
     detached,
-    eject,
     fuse,
-    hotswap,
-    inject,
     is_fused,
+    set_enabled,
     set_weights,
     source_of,
-    targets,
     unfuse,
 )
 from diffblocks.components.lora.formats import LoRAWeights, convert, read_lora_file
+from diffblocks.components.lora.layer import LoRALayer, targets
 from diffblocks.components.lora.names import Target, layer_names
 from diffblocks.components.lora.sources import LoRASource, resolve_lora_file
 from diffblocks.components.lora.text_encoders import TEXT_ENCODER_PREFIXES, split_by_model
@@ -30,6 +26,7 @@ __all__ = [
     "TEXT_ENCODER_PREFIXES",
     "adapter_names",
     "adapter_weights",
+    "check_hotswappable",
     "check_injectable",
     "detached",
     "convert",
@@ -41,6 +38,7 @@ __all__ = [
     "layer_names",
     "read_lora_file",
     "resolve_lora_file",
+    "set_enabled",
     "set_weights",
     "source_of",
     "split_by_model",

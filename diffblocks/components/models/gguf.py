@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, final
@@ -154,11 +154,9 @@ def load_gguf(
     if rule is None and not any(key in tensors for key in expected):  # no diffusers key: an original layout
         tensors = _from_single_file_layout(tensors, model, expected, where=Path(path))
     converted = _convert(tensors, expected, rule, where=Path(path), model=model_cls.__name__)
-    _assign(model, converted, quantizer, device)
+    assign_gguf_tensors(model, converted, quantizer, device)
     materialize_computed_buffers(model, device=device)
-    left = meta_tensor_names(model)
-    if left:
-        raise CheckpointError(f"{model_cls.__name__} has tensors that {path} does not fill: {', '.join(left[:_LIST_LIMIT])}")
+    check_filled(model, where=Path(path), model_name=model_cls.__name__)
     mark_quantized(model, quantizer)
     return model.eval()
 
@@ -232,20 +230,11 @@ def _convert(
             unexpected.append(name)
             continue
         if isinstance(target, str):
-            _check_shape(tensor, expected[target], target, where=where, model=model)
+            check_shape(tensor, expected[target], target, where=where, model=model)
             out[target] = tensor
             continue
         out.update(_split(tensor, target, expected, where=where, model=model))
-    missing = [k for k in expected if k not in out]
-    if missing or unexpected:
-        problems = [
-            f"missing tensors: {', '.join(missing[:_LIST_LIMIT])} ({len(missing)} in all)" if missing else "",
-            f"tensors the model has no place for: {', '.join(unexpected[:_LIST_LIMIT])} ({len(unexpected)} in all)"
-            if unexpected
-            else "",
-        ]
-        detail = "\n  ".join(p for p in problems if p)
-        raise CheckpointError(f"{where} does not fit {model} built from the config given:\n  {detail}")
+    check_placed([k for k in expected if k not in out], unexpected, where=where, model=model)
     return out
 
 
@@ -274,7 +263,8 @@ def _split(
     return parts
 
 
-def _check_shape(tensor: GGUFTensor, want: tuple[int, ...], target: str, *, where: Path, model: str) -> None:
+def check_shape(tensor: GGUFTensor, want: tuple[int, ...], target: str, *, where: Path, model: str) -> None:
+    """Raise CheckpointError naming ``tensor`` (and the key ``target`` it fills) unless its shape is ``want``."""
     if tensor.shape != want:
         into = "" if target == tensor.name else f" (for {target})"
         raise CheckpointError(
@@ -283,7 +273,33 @@ def _check_shape(tensor: GGUFTensor, want: tuple[int, ...], target: str, *, wher
         )
 
 
-def _assign(model: nn.Module, tensors: Mapping[str, GGUFTensor], quantizer: GGUFQuantizer, device: torch.device) -> None:
+def check_placed(missing: Sequence[str], unexpected: Sequence[str], *, where: Path, model: str) -> None:
+    """Raise one CheckpointError listing the keys ``model`` lacks and the file's tensors it has no place for, if any."""
+    if missing or unexpected:
+        problems = [
+            f"missing tensors: {', '.join(missing[:_LIST_LIMIT])} ({len(missing)} in all)" if missing else "",
+            f"tensors the model has no place for: {', '.join(unexpected[:_LIST_LIMIT])} ({len(unexpected)} in all)"
+            if unexpected
+            else "",
+        ]
+        detail = "\n  ".join(p for p in problems if p)
+        raise CheckpointError(f"{where} does not fit {model} built from the config given:\n  {detail}")
+
+
+def check_filled(model: nn.Module, *, where: Path, model_name: str) -> None:
+    """Raise CheckpointError naming the tensors of ``model`` still on the meta device after loading ``where``."""
+    left = meta_tensor_names(model)
+    if left:
+        raise CheckpointError(f"{model_name} has tensors that {where} does not fill: {', '.join(left[:_LIST_LIMIT])}")
+
+
+def assign_gguf_tensors(model: nn.Module, tensors: Mapping[str, GGUFTensor], quantizer: GGUFQuantizer, device: torch.device) -> None:
+    """Fill ``model`` (built on the meta device) with ``tensors`` under its keys, on ``device``.
+
+    Each ``nn.Linear`` whose weight is stored in a block type, and that ``quantizer`` converts,
+    becomes a :class:`~diffblocks.components.quantizers.GGUFLinear` holding the blocks; every other
+    tensor is dequantized into the quantizer's compute dtype.
+    """
     dtype = quantizer.dtype
     plain: dict[str, Tensor] = {}
     for name, module in list(model.named_modules()):
@@ -308,4 +324,4 @@ def _assign(model: nn.Module, tensors: Mapping[str, GGUFTensor], quantizer: GGUF
     model.load_state_dict(plain, strict=False, assign=True)
 
 
-__all__ = ["GGUFTensor", "load_gguf", "read_gguf"]
+__all__ = ["GGUFTensor", "assign_gguf_tensors", "check_filled", "check_placed", "check_shape", "load_gguf", "read_gguf"]

@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from diffblocks.components.models.buffers import meta_tensor_names
-from diffblocks.components.models.gguf import GGUFTensor, _assign, read_gguf
+from diffblocks.components.models.gguf import GGUFTensor, assign_gguf_tensors, check_filled, check_placed, check_shape, read_gguf
 from diffblocks.components.models.loading import CheckpointError
 from diffblocks.components.quantizers.base import mark_quantized
 from diffblocks.components.quantizers.gguf import GGUFQuantizer
@@ -50,7 +49,6 @@ _TOP_KEYS: Mapping[str, str] = {"token_embd.weight": "shared.weight", "enc.outpu
 _BLOCK = re.compile(r"enc\.blk\.(\d+)\.(\w+)\.(weight|bias)")
 _DECODER = ("dec.", "output.weight")  # a whole T5's decoder and head: an encoder has no place for them
 _ARCHITECTURES = ("t5encoder", "t5")
-_LIST_LIMIT = 8
 _KEPT_FLOAT = ("wo",)  # transformers' T5PreTrainedModel._keep_in_fp32_modules
 
 # t5encoder.<key> in the file's metadata -> T5Config field (transformers' GGUF_CONFIG_MAPPING["t5"])
@@ -139,14 +137,12 @@ def load_gguf_text_encoder(
     # transformers' T5 casts the feed-forward's input to ``wo.weight.dtype``, which for a GGUFLinear is
     # its uint8 blocks; so ``wo`` is dequantized, as transformers keeps it unquantized (_keep_in_fp32_modules)
     skipped = (*(quantizer.modules_to_not_convert or ()), *_KEPT_FLOAT)
-    _assign(model, converted, quantizer.model_copy(update={"modules_to_not_convert": skipped}), device)
+    assign_gguf_tensors(model, converted, quantizer.model_copy(update={"modules_to_not_convert": skipped}), device)
     if quantizer.dtype == torch.float16:
         for block in model.encoder.block:  # float16 overflows in T5's last projection (transformers keeps it in float32)
             block.layer[1].DenseReluDense.wo.float()
     model.encoder.embed_tokens = model.shared  # tied, as T5EncoderModel ties them (the file stores one)
-    left = meta_tensor_names(model)
-    if left:
-        raise CheckpointError(f"T5EncoderModel has tensors that {path} does not fill: {', '.join(left[:_LIST_LIMIT])}")
+    check_filled(model, where=path, model_name="T5EncoderModel")
     mark_quantized(model, quantizer)
     return model.eval()
 
@@ -197,22 +193,10 @@ def _convert(
         if key is None or key not in expected:
             unexpected.append(name)
             continue
-        if tensor.shape != expected[key]:
-            raise CheckpointError(
-                f"tensor {name!r} in {path} has shape {tensor.shape}, but T5EncoderModel needs {expected[key]} "
-                f"(for {key}); is the file for a different model size, or the config?"
-            )
+        check_shape(tensor, expected[key], key, where=path, model="T5EncoderModel")
         out[key] = tensor
     missing = [k for k in expected if k not in out and k != "encoder.embed_tokens.weight"]  # tied to shared.weight
-    if missing or unexpected:
-        problems = [
-            f"missing tensors: {', '.join(missing[:_LIST_LIMIT])} ({len(missing)} in all)" if missing else "",
-            f"tensors the model has no place for: {', '.join(unexpected[:_LIST_LIMIT])} ({len(unexpected)} in all)"
-            if unexpected
-            else "",
-        ]
-        detail = "\n  ".join(p for p in problems if p)
-        raise CheckpointError(f"{path} does not fit T5EncoderModel built from the config given:\n  {detail}")
+    check_placed(missing, unexpected, where=path, model="T5EncoderModel")
     return out
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from types import MappingProxyType
 from typing import Any
 
+from diffblocks.registry.allowlist import ConfigAllowlist
 from diffblocks.components.quantizers.base import AbstractQuantizer
 from diffblocks.components.quantizers.bitsandbytes import BitsAndBytesQuantizer
 from diffblocks.components.quantizers.gguf import GGUFQuantizer
@@ -16,9 +16,8 @@ from diffblocks.components.quantizers.torchao import TorchAoQuantizer
 _BUILT_IN: tuple[type[AbstractQuantizer], ...] = (
     TorchAoQuantizer, QuantoQuantizer, GGUFQuantizer, BitsAndBytesQuantizer, ModelOptQuantizer,
 )
-_QUANTIZERS: dict[str, type[AbstractQuantizer]] = {cls.__name__: cls for cls in _BUILT_IN}
 
-QUANTIZERS: Mapping[str, type[AbstractQuantizer]] = MappingProxyType(_QUANTIZERS)
+QUANTIZERS: ConfigAllowlist[AbstractQuantizer] = ConfigAllowlist("quantizer", {cls.__name__: cls for cls in _BUILT_IN})
 """Quantizer classes by ``_class_name``; read-only, extended by :func:`register_quantizer`."""
 
 
@@ -28,11 +27,10 @@ def register_quantizer(cls: type[AbstractQuantizer]) -> type[AbstractQuantizer]:
     Raises:
         ValueError: another class is registered under the same name or the same ``quant_method``.
     """
-    for known in _QUANTIZERS.values():
+    for known in QUANTIZERS.values():
         if known is not cls and (known.__name__ == cls.__name__ or known.quant_method == cls.quant_method):
             raise ValueError(f"a quantizer {known.__name__} ({known.quant_method}) is already registered ({known.__module__}).")
-    _QUANTIZERS[cls.__name__] = cls
-    return cls
+    return QUANTIZERS.register(cls)
 
 
 def quantizer_from_config(config: Mapping[str, Any]) -> AbstractQuantizer:
@@ -42,11 +40,7 @@ def quantizer_from_config(config: Mapping[str, Any]) -> AbstractQuantizer:
         ValueError: the name is missing or not registered (the message lists the known ones), or
             the settings are invalid.
     """
-    name = config.get("_class_name")
-    cls = _QUANTIZERS.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise ValueError(f"Unknown quantizer {name!r}; known quantizers: {', '.join(sorted(_QUANTIZERS))}.")
-    return cls.from_config(config)
+    return QUANTIZERS.from_config(config)
 
 
 def quantizer_from_diffusers(config: Mapping[str, Any]) -> AbstractQuantizer:
@@ -61,10 +55,10 @@ def quantizer_from_diffusers(config: Mapping[str, Any]) -> AbstractQuantizer:
     method = config.get("quant_method")
     if method is None and ("load_in_4bit" in config or "load_in_8bit" in config):
         method = BitsAndBytesQuantizer.quant_method
-    for cls in _QUANTIZERS.values():
+    for cls in QUANTIZERS.values():
         if cls.quant_method == method:
             return cls.from_diffusers(config)
-    known = ", ".join(sorted(cls.quant_method for cls in _QUANTIZERS.values()))
+    known = ", ".join(sorted(cls.quant_method for cls in QUANTIZERS.values()))
     raise ValueError(f"quantization_config names quant_method {method!r}, which diffblocks does not read; it reads: {known}.")
 
 

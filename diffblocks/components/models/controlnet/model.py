@@ -11,16 +11,12 @@ from torch import Tensor, nn
 
 from diffblocks.components.models.base import AbstractModel
 from diffblocks.components.models.controlnet.params import CONTROLNET_FIXED_CONFIG, ControlNetParams
+from diffblocks.components.models.controlnet.residuals import encoder_residuals, guess_mode_scales, skip_convs, zero_conv
 from diffblocks.components.models.layers.resnet import ResnetBlock2D
 from diffblocks.components.models.unet.blocks import StageSpec
 from diffblocks.components.models.unet.model import encoder_stages, middle_stage
-from diffblocks.components.models.unet.embeddings import TimestepEmbedding, Timesteps
+from diffblocks.components.models.unet.embeddings import batch_timesteps, text_time_embedding, time_embeddings
 from diffblocks.components.models.unet.transformer import SpatialTransformer
-
-_MSG_TEXT_TIME = (
-    "this ControlNet uses SDXL's text-time conditioning: pass added_cond_kwargs={{'text_embeds': (batch, dim), "
-    "'time_ids': (batch, ids)}}, as for its UNet; got {got}"
-)
 
 
 @final
@@ -40,7 +36,7 @@ class ControlNetConditioningEmbedding(nn.Module):
         for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):
             self.blocks.append(nn.Conv2d(c_in, c_in, 3, padding=1))
             self.blocks.append(nn.Conv2d(c_in, c_out, 3, padding=1, stride=2))
-        self.conv_out = _zero(nn.Conv2d(widths[-1], out_channels, 3, padding=1))
+        self.conv_out = zero_conv(nn.Conv2d(widths[-1], out_channels, 3, padding=1))
 
     def forward(self, image: Float[Tensor, "batch c height width"]) -> Float[Tensor, "batch out h w"]:
         x = nn.functional.silu(self.conv_in(image))
@@ -84,25 +80,14 @@ class ControlNetModel(AbstractModel[ControlNetParams]):
         spec = StageSpec(unet.time_embed_dim, p.norm_num_groups, p.norm_eps, 0.0, p.use_linear_projection)
 
         self.conv_in = nn.Conv2d(p.in_channels, chans[0], 3, padding=1)
-        self.time_proj = Timesteps(chans[0], flip_sin_to_cos=p.flip_sin_to_cos, freq_shift=p.freq_shift)
-        self.time_embedding = TimestepEmbedding(chans[0], unet.time_embed_dim)
-        self.add_time_proj: Timesteps | None = None
-        self.add_embedding: TimestepEmbedding | None = None
-        if p.addition_embed_type == "text_time":
-            assert p.addition_time_embed_dim is not None and p.projection_class_embeddings_input_dim is not None
-            self.add_time_proj = Timesteps(p.addition_time_embed_dim, flip_sin_to_cos=p.flip_sin_to_cos, freq_shift=p.freq_shift)
-            self.add_embedding = TimestepEmbedding(p.projection_class_embeddings_input_dim, unet.time_embed_dim)
+        self.time_proj, self.time_embedding, self.add_time_proj, self.add_embedding = time_embeddings(unet)
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             p.conditioning_channels, p.conditioning_embedding_out_channels, chans[0]
         )
         self.down_blocks = encoder_stages(unet, spec)
-        # one zero conv per skip connection, in the UNet's order: conv_in, then each stage's layers and downsampler
-        widths = [chans[0]]
-        for i in range(unet.num_blocks):
-            widths += [chans[i]] * (unet.layers[i] + (i < unet.num_blocks - 1))
-        self.controlnet_down_blocks = nn.ModuleList(_zero(nn.Conv2d(c, c, 1)) for c in widths)
+        self.controlnet_down_blocks = skip_convs(unet)
         self.mid_block = middle_stage(unet, spec)
-        self.controlnet_mid_block = _zero(nn.Conv2d(chans[-1], chans[-1], 1))
+        self.controlnet_mid_block = zero_conv(nn.Conv2d(chans[-1], chans[-1], 1))
 
     def forward(
         self,
@@ -133,7 +118,7 @@ class ControlNetModel(AbstractModel[ControlNetParams]):
         """
         if self.params.controlnet_conditioning_channel_order == "bgr":
             controlnet_cond = torch.flip(controlnet_cond, dims=[1])
-        emb = self.time_embedding(self.time_proj(_batch_timesteps(timestep, sample)).to(sample.dtype))
+        emb = self.time_embedding(self.time_proj(batch_timesteps(timestep, sample)).to(sample.dtype))
         if self.add_embedding is not None:
             emb = emb + self._text_time_embedding(added_cond_kwargs, dtype=emb.dtype)
         emb = nn.functional.silu(emb)  # every ResNet reads the embedding through SiLU (see the UNet)
@@ -142,43 +127,16 @@ class ControlNetModel(AbstractModel[ControlNetParams]):
             mask = ((1 - encoder_attention_mask.to(sample.dtype)) * -10000.0)[:, None, None, :]
 
         h = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond)
-        skips = [h]
-        for down in self.down_blocks:
-            h, res = down(h, emb, encoder_hidden_states, context_mask=mask)
-            skips += res
-        h = self.mid_block(h, emb, encoder_hidden_states, context_mask=mask)
-        out = [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips, strict=True)]
-        out.append(self.controlnet_mid_block(h))
+        out = encoder_residuals(self, h, emb, encoder_hidden_states, context_mask=mask)
         if guess_mode:
-            scales = torch.logspace(-1, 0, len(out), device=sample.device) * conditioning_scale
+            scales = guess_mode_scales(len(out), sample.device) * conditioning_scale
             return tuple(r * scale for r, scale in zip(out, scales, strict=True))
         return tuple(r * conditioning_scale for r in out)
 
     def _text_time_embedding(self, added: Mapping[str, Tensor] | None, *, dtype: torch.dtype) -> Tensor:
         """SDXL micro-conditioning, as in the UNet: pooled text embedding + sinusoidal features of the size ids."""
         assert self.add_time_proj is not None and self.add_embedding is not None
-        if added is None or "text_embeds" not in added or "time_ids" not in added:
-            raise ValueError(_MSG_TEXT_TIME.format(got="None" if added is None else sorted(added)))
-        text, time_ids = added["text_embeds"], added["time_ids"]
-        time_feats = self.add_time_proj(time_ids.flatten()).reshape(text.shape[0], -1)
-        return self.add_embedding(torch.cat([text, time_feats], dim=-1).to(dtype))
-
-
-def _zero(conv: nn.Conv2d) -> nn.Conv2d:
-    """A convolution that starts at zero, so a new ControlNet leaves its UNet unchanged (the paper's "zero convolution")."""
-    nn.init.zeros_(conv.weight)
-    if conv.bias is not None:
-        nn.init.zeros_(conv.bias)
-    return conv
-
-
-def _batch_timesteps(timestep: Tensor | float | int, sample: Tensor) -> Tensor:
-    """One timestep per batch item, on the sample's device."""
-    if not isinstance(timestep, Tensor):
-        timestep = torch.tensor([timestep], device=sample.device)
-    elif timestep.ndim == 0:
-        timestep = timestep[None].to(sample.device)
-    return timestep.expand(sample.shape[0])
+        return text_time_embedding(self.add_time_proj, self.add_embedding, added, dtype=dtype, model="ControlNet")
 
 
 __all__ = ["ControlNetConditioningEmbedding", "ControlNetModel"]

@@ -10,11 +10,12 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from diffblocks.components.models.base import AbstractModel
-from diffblocks.components.models.controlnet.model import ControlNetConditioningEmbedding, _batch_timesteps, _zero
+from diffblocks.components.models.controlnet.model import ControlNetConditioningEmbedding
 from diffblocks.components.models.controlnet.params import CONTROLNET_FIXED_CONFIG, ControlNetUnionParams
+from diffblocks.components.models.controlnet.residuals import encoder_residuals, guess_mode_scales, skip_convs, zero_conv
 from diffblocks.components.models.layers.resnet import ResnetBlock2D
 from diffblocks.components.models.unet.blocks import StageSpec
-from diffblocks.components.models.unet.embeddings import TimestepEmbedding, Timesteps
+from diffblocks.components.models.unet.embeddings import TimestepEmbedding, Timesteps, batch_timesteps, text_time_embedding, time_embeddings
 from diffblocks.components.models.unet.model import encoder_stages, middle_stage
 from diffblocks.components.models.unet.transformer import SpatialTransformer
 
@@ -83,14 +84,7 @@ class ControlNetUnionModel(AbstractModel[ControlNetUnionParams]):
         assert p.addition_time_embed_dim is not None  # checked by the params
 
         self.conv_in = nn.Conv2d(p.in_channels, chans[0], 3, padding=1)
-        self.time_proj = Timesteps(chans[0], flip_sin_to_cos=p.flip_sin_to_cos, freq_shift=p.freq_shift)
-        self.time_embedding = TimestepEmbedding(chans[0], unet.time_embed_dim)
-        self.add_time_proj: Timesteps | None = None
-        self.add_embedding: TimestepEmbedding | None = None
-        if p.addition_embed_type == "text_time":
-            assert p.projection_class_embeddings_input_dim is not None
-            self.add_time_proj = Timesteps(p.addition_time_embed_dim, flip_sin_to_cos=p.flip_sin_to_cos, freq_shift=p.freq_shift)
-            self.add_embedding = TimestepEmbedding(p.projection_class_embeddings_input_dim, unet.time_embed_dim)
+        self.time_proj, self.time_embedding, self.add_time_proj, self.add_embedding = time_embeddings(unet)
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
             p.conditioning_channels, p.conditioning_embedding_out_channels, chans[0]
         )
@@ -102,12 +96,9 @@ class ControlNetUnionModel(AbstractModel[ControlNetUnionParams]):
         self.control_type_proj = Timesteps(p.addition_time_embed_dim, flip_sin_to_cos=p.flip_sin_to_cos, freq_shift=p.freq_shift)
         self.control_add_embedding = TimestepEmbedding(p.addition_time_embed_dim * p.num_control_type, unet.time_embed_dim)
         self.down_blocks = encoder_stages(unet, spec)
-        widths = [chans[0]]
-        for i in range(unet.num_blocks):
-            widths += [chans[i]] * (unet.layers[i] + (i < unet.num_blocks - 1))
-        self.controlnet_down_blocks = nn.ModuleList(_zero(nn.Conv2d(c, c, 1)) for c in widths)
+        self.controlnet_down_blocks = skip_convs(unet)
         self.mid_block = middle_stage(unet, spec)
-        self.controlnet_mid_block = _zero(nn.Conv2d(chans[-1], chans[-1], 1))
+        self.controlnet_mid_block = zero_conv(nn.Conv2d(chans[-1], chans[-1], 1))
 
     def forward(
         self,
@@ -147,7 +138,7 @@ class ControlNetUnionModel(AbstractModel[ControlNetUnionParams]):
         scales = [conditioning_scale] * len(controlnet_cond) if isinstance(conditioning_scale, (float, int)) else list(conditioning_scale)
         outer = from_multi or len(control_type_idx) == 1  # whether the residuals, not the image features, are scaled
 
-        t_emb = self.time_proj(_batch_timesteps(timestep, sample)).to(sample.dtype)
+        t_emb = self.time_proj(batch_timesteps(timestep, sample)).to(sample.dtype)
         emb = self.time_embedding(t_emb)
         types = self.control_type_proj(control_type.flatten()).reshape(t_emb.shape[0], -1).to(emb.dtype)
         emb = emb + self.control_add_embedding(types)
@@ -172,15 +163,9 @@ class ControlNetUnionModel(AbstractModel[ControlNetUnionParams]):
             fused += condition + (alpha if outer else alpha * scale)
         h = h + fused
 
-        skips = [h]
-        for down in self.down_blocks:
-            h, res = down(h, emb, encoder_hidden_states)
-            skips += res
-        h = self.mid_block(h, emb, encoder_hidden_states)
-        out = [conv(s) for conv, s in zip(self.controlnet_down_blocks, skips, strict=True)]
-        out.append(self.controlnet_mid_block(h))
+        out = encoder_residuals(self, h, emb, encoder_hidden_states)
         if guess_mode:
-            factors = torch.logspace(-1, 0, len(out), device=sample.device)
+            factors = guess_mode_scales(len(out), sample.device)
             if outer:
                 factors = factors * scales[0]
             return tuple(r * f for r, f in zip(out, factors, strict=True))
@@ -191,11 +176,7 @@ class ControlNetUnionModel(AbstractModel[ControlNetUnionParams]):
     def _text_time_embedding(self, added: Mapping[str, Tensor] | None, *, dtype: torch.dtype) -> Tensor:
         """SDXL micro-conditioning, as in the UNet: pooled text embedding + sinusoidal features of the size ids."""
         assert self.add_time_proj is not None and self.add_embedding is not None
-        if added is None or "text_embeds" not in added or "time_ids" not in added:
-            raise ValueError(f"this ControlNet-Union uses SDXL's text-time conditioning: pass added_cond_kwargs with text_embeds and time_ids; got {added}")
-        text, time_ids = added["text_embeds"], added["time_ids"]
-        time_feats = self.add_time_proj(time_ids.flatten()).reshape(text.shape[0], -1)
-        return self.add_embedding(torch.cat([text, time_feats], dim=-1).to(dtype))
+        return text_time_embedding(self.add_time_proj, self.add_embedding, added, dtype=dtype, model="ControlNet-Union")
 
 
 __all__ = ["ControlNetUnionModel", "FusionBlock"]

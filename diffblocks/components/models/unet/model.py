@@ -14,16 +14,9 @@ from diffblocks.components.models.layers.attention import CrossAttentionExtras
 from diffblocks.components.models.layers.norm import GroupNorm
 from diffblocks.components.models.layers.resnet import ResnetBlock2D
 from diffblocks.components.models.unet.blocks import DownBlock, MidBlock, StageSpec, UpBlock
-from diffblocks.components.models.unet.embeddings import TimestepEmbedding, Timesteps
+from diffblocks.components.models.unet.embeddings import batch_timesteps, text_time_embedding, time_embeddings
 from diffblocks.components.models.unet.params import UNET_FIXED_CONFIG, UNet2DConditionParams
 from diffblocks.components.models.unet.transformer import SpatialTransformer
-
-_MSG_TEXT_TIME = (
-    "this UNet uses SDXL's text-time conditioning: pass added_cond_kwargs={{'text_embeds': the pooled "
-    "text embedding (batch, dim), 'time_ids': (batch, 6) = original size, crop top-left, target size}}; "
-    "got {got}."
-)
-
 
 
 def encoder_stages(p: UNet2DConditionParams, spec: StageSpec) -> nn.ModuleList:
@@ -90,16 +83,7 @@ class UNet2DConditionModel(AbstractModel[UNet2DConditionParams]):
         spec = StageSpec(p.time_embed_dim, p.norm_num_groups, p.norm_eps, p.dropout, p.use_linear_projection)
 
         self.conv_in = nn.Conv2d(p.in_channels, chans[0], p.conv_in_kernel, padding=p.conv_in_kernel // 2)
-        self.time_proj = Timesteps(chans[0], flip_sin_to_cos=p.flip_sin_to_cos, freq_shift=p.freq_shift)
-        self.time_embedding = TimestepEmbedding(chans[0], p.time_embed_dim)
-        self.add_time_proj: Timesteps | None = None
-        self.add_embedding: TimestepEmbedding | None = None
-        if p.addition_embed_type == "text_time":
-            assert p.addition_time_embed_dim is not None and p.projection_class_embeddings_input_dim is not None
-            self.add_time_proj = Timesteps(
-                p.addition_time_embed_dim, flip_sin_to_cos=p.flip_sin_to_cos, freq_shift=p.freq_shift
-            )
-            self.add_embedding = TimestepEmbedding(p.projection_class_embeddings_input_dim, p.time_embed_dim)
+        self.time_proj, self.time_embedding, self.add_time_proj, self.add_embedding = time_embeddings(p)
 
         self.down_blocks = encoder_stages(p, spec)
         self.mid_block = middle_stage(p, spec)
@@ -151,7 +135,7 @@ class UNet2DConditionModel(AbstractModel[UNet2DConditionParams]):
         """
         if self.params.center_input_sample:
             sample = 2 * sample - 1.0
-        emb = self.time_embedding(self.time_proj(_batch_timesteps(timestep, sample)).to(sample.dtype))
+        emb = self.time_embedding(self.time_proj(batch_timesteps(timestep, sample)).to(sample.dtype))
         if self.add_embedding is not None:
             emb = emb + self._text_time_embedding(added_cond_kwargs, dtype=emb.dtype)
         # every ResNet reads the embedding through SiLU: apply it once here, not once per ResNet
@@ -182,27 +166,7 @@ class UNet2DConditionModel(AbstractModel[UNet2DConditionParams]):
     def _text_time_embedding(self, added: Mapping[str, Tensor] | None, *, dtype: torch.dtype) -> Tensor:
         """SDXL micro-conditioning: pooled text embedding + sinusoidal features of the six size ids."""
         assert self.add_time_proj is not None and self.add_embedding is not None
-        pooled = self.add_embedding.linear_1.in_features
-        if added is None or "text_embeds" not in added or "time_ids" not in added:
-            raise ValueError(_MSG_TEXT_TIME.format(got="None" if added is None else sorted(added)))
-        text, time_ids = added["text_embeds"], added["time_ids"]
-        time_feats = self.add_time_proj(time_ids.flatten()).reshape(text.shape[0], -1)
-        features = torch.cat([text, time_feats], dim=-1)
-        if features.shape[-1] != pooled:
-            raise ValueError(
-                f"text_embeds {tuple(text.shape)} and time_ids {tuple(time_ids.shape)} give "
-                f"{features.shape[-1]} features but projection_class_embeddings_input_dim is {pooled}."
-            )
-        return self.add_embedding(features.to(dtype))
-
-
-def _batch_timesteps(timestep: Tensor | float | int, sample: Tensor) -> Tensor:
-    """One timestep per batch item, on the sample's device."""
-    if not isinstance(timestep, Tensor):
-        timestep = torch.tensor([timestep], device=sample.device)
-    elif timestep.ndim == 0:
-        timestep = timestep[None].to(sample.device)
-    return timestep.expand(sample.shape[0])
+        return text_time_embedding(self.add_time_proj, self.add_embedding, added, dtype=dtype, model="UNet")
 
 
 __all__ = ["UNet2DConditionModel"]
