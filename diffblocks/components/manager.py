@@ -17,6 +17,7 @@ from diffblocks.components.memory import AbstractOffload, MemoryPlan, ModelSize,
 from diffblocks.components.memory.disk import register_weight_files
 from diffblocks.components.memory.estimate import size_before_loading
 from diffblocks.components.memory.oom import OffloadTightened, free_memory
+from diffblocks.components.memory.reserve import StepNeed
 from diffblocks.components.specs import ComponentSpec, read_index
 from diffblocks.registry import COMPONENTS, Registry, RegistryError
 
@@ -87,7 +88,8 @@ class ComponentsManager:
         on_move: told of each move an offload policy makes (name, device, bytes): for logs and tests.
         activations: bytes of ``memory_budget`` left to activations (``"2GiB"``); weights are planned
             in the rest, and a VAE decode that would not fit what the weights leave runs sliced or
-            tiled (see ``docs/memory.md``).
+            tiled (see ``docs/memory.md``). Without it, a budget reserves what the largest denoiser
+            step a call has run is estimated to need, planned again when a call's size grows.
         cpu_memory_budget: bytes of CPU memory allowed for the models' weights (``"16GiB"``): a plan
             whose home copies would not fit puts them in memory-mapped files (``DiskOffload``);
             below the largest model, which loads through CPU memory, it fails before loading.
@@ -116,7 +118,7 @@ class ComponentsManager:
     ) -> None:
         # checks the budget first
         self.placement = Placement(budget=memory_budget, policy=offload, on_move=on_move, activations=activations,
-                                   cpu_budget=cpu_memory_budget)
+                                   cpu_budget=cpu_memory_budget, on_step=self._reserve_step)
         self.device = device  # the setter checks and converts names
         self.registry = registry if registry is not None else COMPONENTS
         self._entries: dict[str, _Entry] = {}
@@ -196,7 +198,10 @@ class ComponentsManager:
 
         Models are measured without loading them where their spec allows (from their config on
         the meta device, or from their safetensors headers); a model shared by several pipelines
-        counts once. ``print(manager.plan())`` explains the choice.
+        counts once. ``print(manager.plan())`` explains the choice, and what part of the budget it
+        left to activations and why: ``activations=`` when given, else the largest denoiser step a
+        call has run (``plan.activations``, ``plan.reserved_for``; see
+        :mod:`~diffblocks.components.memory.reserve`).
 
         Raises:
             MemoryBudgetError: the budget is below what the smallest placement needs (the message says how much).
@@ -235,6 +240,20 @@ class ComponentsManager:
             stacklevel=2,
         )
         return True
+
+    def _reserve_step(self, need: StepNeed) -> None:
+        """A denoiser step is about to run at a size that needs more activations than reserved: plan again with them.
+
+        Loaded models get the new plan's policy at once (the running call holds its models and does
+        not ask for them again), before the step's forward.
+        """
+        with self._lock:
+            if not self.placement.reserve(need):
+                return
+            self.plan()
+            for entry in self._entries.values():
+                if entry.obj is not None:
+                    self.placement.attach(entry.key, entry.name, entry.obj)
 
     def _model_sizes(self) -> dict[str, ModelSize]:
         sizes: dict[str, ModelSize] = {}

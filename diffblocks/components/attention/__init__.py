@@ -22,6 +22,7 @@ from diffblocks.components.attention.registry import (
 )
 from diffblocks.components.attention.selection import (
     attention_backend,
+    attention_backend_for,
     attention_checks,
     attention_checks_enabled,
     current_attention_backend,
@@ -49,6 +50,7 @@ __all__ = [
     "UnsupportedAttentionError",
     "attention",
     "attention_backend",
+    "attention_backend_for",
     "attention_backend_names",
     "attention_checks",
     "attention_checks_enabled",

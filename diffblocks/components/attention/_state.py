@@ -80,6 +80,11 @@ def selected_name() -> str:
     return _FORCED.get() or _MODEL.get() or ENV_BACKEND_NAME
 
 
+def forced_name() -> str | None:
+    """The backend name an ``attention_backend(...)`` context forces here, or None."""
+    return _FORCED.get()
+
+
 def checks_enabled() -> bool:
     """Whether checks mode is on in this context."""
     return _CHECKS.get()

@@ -150,8 +150,19 @@ def model_attention_backend(model: nn.Module) -> str | None:
     return None if binding is None else binding.name
 
 
+def attention_backend_for(model: nn.Module) -> str:
+    """The backend name ``model``'s attention would run with if it were called here and now.
+
+    The precedence of :func:`current_attention_backend`, seen from outside the model's forward:
+    an ``attention_backend(...)`` context, else the model's own (:func:`set_attention_backend`),
+    else the environment's. The memory planner reads it to estimate what attention will hold.
+    """
+    return _state.forced_name() or model_attention_backend(model) or _state.ENV_BACKEND_NAME
+
+
 __all__ = [
     "attention_backend",
+    "attention_backend_for",
     "attention_checks",
     "attention_checks_enabled",
     "current_attention_backend",

@@ -11,6 +11,8 @@ from torch import Tensor
 
 from diffblocks.components.denoisers.base import AbstractDenoiser, Predict, PredictionType
 from diffblocks.components.denoisers.conditioning import Conditioning
+from diffblocks.components.memory.reserve import reserve_step
+from diffblocks.components.memory.steps import flux_tokens_shape
 from diffblocks.components.models.flux import FluxTransformer2DModel
 
 _MSG_MISSING = (
@@ -72,6 +74,10 @@ class FluxDenoiser(AbstractDenoiser):
         if c.image_embeds is not None:
             raise ValueError(_MSG_RESERVED.format(field="image_embeds", what="IP-Adapter"))
         n, guidance = x.shape[0], c.embedded_guidance
+        # under a memory budget, the manager reserves this forward's activations first (once per size)
+        text = c.prompt_embeds.shape[1]
+        reserve_step(self.model, x, lambda: flux_tokens_shape(self.model.to_config(), image_tokens=x.shape[1], text_tokens=text),
+                     text_tokens=text)
         return self.model(
             x,
             encoder_hidden_states=c.prompt_embeds,

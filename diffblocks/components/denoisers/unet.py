@@ -11,6 +11,8 @@ from torch import Tensor
 
 from diffblocks.components.denoisers.base import AbstractDenoiser, Predict, PredictionType
 from diffblocks.components.denoisers.conditioning import Conditioning
+from diffblocks.components.memory.reserve import reserve_step
+from diffblocks.components.memory.steps import StepShape, unet_shape
 from diffblocks.components.models.ip_adapter import IPAdapterModel, MultiIPAdapterModel, cross_attention_extras
 from diffblocks.components.models.unet import UNet2DConditionModel
 
@@ -76,6 +78,8 @@ class UNetDenoiser(AbstractDenoiser):
             if self.ip_adapter is None:
                 raise ValueError(_MSG_IMAGE_EMBEDS)
             extras = cross_attention_extras(self.ip_adapter, self.model, c.image_embeds)
+        # under a memory budget, the manager reserves this forward's activations first (once per size)
+        reserve_step(self.model, x, partial(_step_shape, self.model, x))
         residuals = c.control_residuals
         added = None
         if c.pooled_embeds is not None or c.time_ids is not None:
@@ -90,6 +94,11 @@ class UNetDenoiser(AbstractDenoiser):
             mid_block_additional_residual=None if residuals is None else residuals[-1],
             cross_attention_extras=extras,
         )
+
+
+def _step_shape(unet: UNet2DConditionModel, x: Tensor) -> StepShape:
+    """The UNet's widest attention for latents ``x`` (8 image pixels per latent pixel, per side)."""
+    return unet_shape(unet.to_config(), height=x.shape[-2] * 8, width=x.shape[-1] * 8)
 
 
 __all__ = ["UNetDenoiser"]

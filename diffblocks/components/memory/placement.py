@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import final
 
 import torch
@@ -11,8 +12,9 @@ from torch import nn
 from diffblocks.components.memory.activations import set_activation_room
 from diffblocks.components.memory.disk import DiskOffload
 from diffblocks.components.memory.measure import ModelSize
-from diffblocks.components.memory.planner import LADDER, MemoryPlan, host_peak, plan_memory
+from diffblocks.components.memory.planner import LADDER, MemoryBudgetError, MemoryPlan, host_peak, plan_memory
 from diffblocks.components.memory.policies import AbstractOffload, Attached, GroupOffload, ModelOffload, Mover, NoOffload, OnMove
+from diffblocks.components.memory.reserve import Grow, StepNeed, watch_steps
 from diffblocks.components.memory.sizes import ByteSize
 
 
@@ -32,6 +34,9 @@ class Placement:
         activations: bytes of the budget left to activations (``"2GiB"``); weights are planned in the rest.
         cpu_budget: bytes of CPU memory allowed for the weights' home copies (``"16GiB"``); what does
             not fit waits in memory-mapped files (:class:`~diffblocks.components.memory.DiskOffload`).
+        on_step: told when a denoiser step needs more activations than the plan reserves (under a
+            budget without ``activations``; see :mod:`~diffblocks.components.memory.reserve`): the
+            manager reserves it with :meth:`reserve` and places its loaded models afresh.
     """
 
     def __init__(
@@ -42,6 +47,7 @@ class Placement:
         on_move: OnMove | None = None,
         activations: str | int | None = None,
         cpu_budget: str | int | None = None,
+        on_step: Grow | None = None,
     ) -> None:
         if policy is not None and not isinstance(policy, AbstractOffload):
             raise TypeError(
@@ -54,6 +60,9 @@ class Placement:
         self.cpu_budget = ByteSize.parse(cpu_budget) if cpu_budget is not None else None
         self.policy = policy
         self.on_move = on_move
+        # an explicit reservation wins; without one, the largest step a call has run is reserved
+        self.on_step = on_step if self.budget is not None and activations is None else None
+        self.step: StepNeed | None = None
         self.plan: MemoryPlan | None = None
         self._mover: Mover | None = None
         self._applied: AbstractOffload | None = None
@@ -68,14 +77,37 @@ class Placement:
         """The plan for the models now known (measured only when the plan is out of date)."""
         if self.plan is None:
             target = device if device is not None else torch.device("cpu")
-            plan = plan_memory(sizes(), device=str(target), budget=self.budget, policy=self.policy, keep=self._keep,
-                               activations=self.activations, cpu_budget=self.cpu_budget)
+            plan = self._plan(sizes(), str(target))
             if self._mover is None or self._mover.device != target or plan.policy != self._applied or plan.kept != self._mover.keep:
                 self.detach_all()  # each model gets the new policy when it is next handed out
                 self._mover = Mover(target, on_move=self.on_move)
                 self._mover.keep = dict(plan.kept)
             self.plan, self._applied = plan, plan.policy
         return self.plan
+
+    def _plan(self, sizes: Mapping[str, ModelSize], device: str) -> MemoryPlan:
+        def make(activations: int) -> MemoryPlan:
+            return plan_memory(sizes, device=device, budget=self.budget, policy=self.policy, keep=self._keep,
+                               activations=activations, cpu_budget=self.cpu_budget)
+
+        step = self.step
+        if step is None or self.budget is None:
+            return make(self.activations)
+        try:
+            return replace(make(step.nbytes), reserved_for=step.why)
+        except MemoryBudgetError:
+            # No placement leaves the step all of its estimate (which is on the high side): the smallest
+            # placement leaves what it can, and an out-of-memory error in the step still has the ladder.
+            models = list(sizes.values())
+            least = min(each.peak(models) for each in ((self.policy,) if self.policy is not None else LADDER))
+            return replace(make(max(self.budget - least, 0)), reserved_for=step.why, needed=step.nbytes)
+
+    def reserve(self, need: StepNeed) -> bool:
+        """Reserve ``need`` for activations if it is more than reserved so far; True if the plan must be made again."""
+        if self.on_step is None or (self.step is not None and need.nbytes <= self.step.nbytes):
+            return False
+        self.step, self.plan = need, None
+        return True
 
     def tighter(self) -> AbstractOffload | None:
         """The policy after the current one on the planner's ladder (None: nothing uses less memory).
@@ -119,6 +151,8 @@ class Placement:
         if key in self._attached or not isinstance(model, nn.Module) or self.plan is None or self._mover is None:
             return
         self._attached[key] = self.plan.policy.attach(name, model, self._mover)
+        if self.on_step is not None:
+            watch_steps(model, name, self.on_step)
         # what the weights leave of the budget at their peak: the room a decode sizes itself to
         set_activation_room(model, self.budget - self.plan.peak if self.budget is not None else None)
 
@@ -127,6 +161,7 @@ class Placement:
         if attached is not None:
             attached.detach()
             set_activation_room(attached.model, None)
+            watch_steps(attached.model, attached.name, None)
 
     def detach_all(self) -> None:
         for key in list(self._attached):

@@ -56,6 +56,11 @@ class MemoryPlan:
         host: the most bytes of weights the chosen policy holds in CPU memory (see :func:`host_peak`).
         instead: the policy the device budget alone chose, when the CPU budget made the plan put
             the weights' home on disk instead (None: it did not).
+        activations: the bytes of ``budget`` left to activations; the weights were planned in the rest.
+        reserved_for: why (empty: none reserved, or ``activations=`` given): the step of the
+            largest call so far, see :mod:`~diffblocks.components.memory.reserve`.
+        needed: what that step is estimated to need, when no placement leaves that much and
+            ``activations`` is less (0: it is all reserved).
     """
 
     device: str
@@ -68,15 +73,24 @@ class MemoryPlan:
     cpu_budget: ByteSize | None = None
     host: ByteSize | None = None
     instead: AbstractOffload | None = None
+    activations: ByteSize = ByteSize(0)
+    reserved_for: str = ""
+    needed: ByteSize = ByteSize(0)
 
     def __str__(self) -> str:
         total = ByteSize(sum(size.total for size in self.sizes.values()))
         budget = f"budget {self.budget}" if self.budget is not None else "no budget"
         lines = [f"{len(self.sizes)} model(s), {total} of weights, on {self.device} ({budget})"]
         lines += [f"  {name:<16} {ByteSize(size.total)!s:>10}" for name, size in sorted(self.sizes.items())]
+        if self.activations:
+            lines.append(f"  {self.activations} of the budget reserved for activations: "
+                         + (self.reserved_for or "activations= given"))
+            if self.needed > self.activations:
+                lines.append(f"  (of {self.needed} estimated: no placement leaves more; an out-of-memory error tightens the plan further)")
+        weights = self.budget - self.activations if self.budget is not None else None
         for policy, peak in self.tried:
             mark = "->" if policy == self.policy else "  "
-            verdict = "fits" if self.budget is None or peak <= self.budget else "does not fit"
+            verdict = "fits" if weights is None or peak <= weights else "does not fit"
             lines.append(f"{mark} {policy!r}: {peak} at most on {self.device}, {verdict}")
         if self.instead is not None:
             lines.append(f"   {self.instead!r} fits {self.device} but keeps {ByteSize(host_peak(self.instead, list(self.sizes.values())))} "
@@ -145,7 +159,8 @@ def plan_memory(
             kept = _kept(sizes, weights - peak) if keep and weights is not None and streams else {}
             host = ByteSize(host_peak(chosen, models)) if cpu_budget is not None else None
             return MemoryPlan(device, budget, chosen, ByteSize(peak + sum(kept.values())), dict(sizes), tried, kept,
-                              cpu_budget=cpu_budget, host=host, instead=instead)
+                              cpu_budget=cpu_budget, host=host, instead=instead,
+                              activations=ByteSize(activations if budget is not None else 0))
     if over_cpu:
         least = ByteSize(DiskOffload(1, prefetch=False).peak(models) + activations)
         raise MemoryBudgetError(

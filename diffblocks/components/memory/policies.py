@@ -18,6 +18,12 @@ The policies, from cheapest to smallest (the planner tries them in this order):
   ``use_stream=True``).
 - :class:`LeafOffload`: each layer's own tensors move in just before it runs and back after
   (``offload_type="leaf_level"``): the least memory, the most traffic.
+
+Calls in several threads may share a manager's models, so what a running forward reads is counted,
+and moves home only when no call uses it any more: a model under :class:`ModelOffload` (another
+model waits for the device rather than sending it home; :meth:`Mover.pin`), a streamed group
+(:class:`~diffblocks.components.memory.streams.Prefetcher`), a layer under :class:`LeafOffload`.
+Each thread keeps its own count, so a forward that fails releases exactly what it held.
 """
 
 from __future__ import annotations
@@ -64,12 +70,61 @@ class Mover:
         self.home = torch.device(home)
         self.on_move = on_move
         self.streams = streams if streams is not None else streams_for(self.device)
-        self.resident: nn.Module | None = None  # the one model that ModelOffload keeps on the device
-        self.resident_name = ""
+        # the models ModelOffload placed on the device, by name: one, or more while one call runs
+        # a model inside another's forward (it cannot wait for itself)
+        self.resident: dict[nn.Module, str] = {}
+        self.users: dict[int, int] = {}  # id(model) -> threads whose forwards run it now: it stays on the device
         self.prefetching: Prefetcher | None = None  # the model whose next group is being fetched ahead
         self.keep: dict[str, int] = {}  # bytes of each model's repeated blocks that GroupOffload keeps on the device (the plan's ``kept``)
         # Hooks of models run by concurrent calls check and change ``resident`` and the prefetch state together.
         self.lock = threading.RLock()
+        self.freed = threading.Condition(self.lock)  # notified when a model is no longer in use
+        self._pins = threading.local()  # this thread's own count per model, so a forward never waits for itself
+
+    def held(self) -> dict[int, int]:
+        """This thread's pins: id(model) -> forwards (and layers) of it running in this thread now."""
+        pins: dict[int, int] | None = getattr(self._pins, "count", None)
+        if pins is None:
+            pins = self._pins.count = {}
+        return pins
+
+    def pin(self, model: object, bring: Callable[[bool], None] | None = None) -> None:
+        """Count a use of ``model`` (a model, or what stands for a layer's tensors) in this thread; the first one, under the lock, runs ``bring`` first.
+
+        ``bring(holding)`` puts the model on the device (``holding``: this thread uses other models
+        too, so it must not wait for them). While a model is pinned by any thread it does not move.
+        """
+        pins, key = self.held(), id(model)
+        count = pins.get(key, 0)
+        if count:  # this thread runs it already: it cannot have moved
+            pins[key] = count + 1
+            return
+        with self.lock:
+            if bring is not None:
+                bring(bool(pins))
+            self.users[key] = self.users.get(key, 0) + 1
+        pins[key] = 1
+
+    def unpin(self, model: object) -> None:
+        """End one use of ``model`` in this thread (nothing if this thread did not pin it: its pin failed)."""
+        pins, key = self.held(), id(model)
+        count = pins.get(key, 0)
+        if count > 1:
+            pins[key] = count - 1
+        elif count == 1:
+            del pins[key]
+            with self.lock:
+                left = self.users.get(key, 0) - 1
+                if left > 0:
+                    self.users[key] = left
+                else:
+                    self.users.pop(key, None)
+                    self.freed.notify_all()
+
+    def wait_unused(self, model: nn.Module) -> None:
+        """Return once no other thread runs ``model`` (call with the lock held; this thread's own uses do not count)."""
+        while self.users.get(id(model), 0) > self.held().get(id(model), 0):
+            self.freed.wait()
 
     def move(self, name: str, modules: Iterable[nn.Module], device: torch.device, *, recurse: bool = True) -> None:
         moved = 0
@@ -109,11 +164,12 @@ class Attached:
         _RUNS_ON.pop(self.model, None)
         for handle in self.handles:
             handle.remove()
-        if self.prefetcher is not None:
-            self.prefetcher.release_all()
-        if self.mover.resident is self.model:
-            self.mover.resident = None
-        self.mover.move(self.name, [self.model], self.mover.home)
+        with self.mover.lock:
+            self.mover.wait_unused(self.model)  # a call running the model finishes its forward first
+            if self.prefetcher is not None:
+                self.prefetcher.release_all()
+            self.mover.resident.pop(self.model, None)
+            self.mover.move(self.name, [self.model], self.mover.home)
 
 
 class AbstractOffload(ABC):
@@ -153,25 +209,49 @@ class ModelOffload(AbstractOffload):
     """One model on the device at a time: a model moves in when one of its layers runs, the previous one moves home.
 
     A model stays on the device until another needs it, so the denoiser moves once per call, not
-    once per step.
+    once per step. A model is pinned while a forward runs it (:meth:`Mover.pin`): a call that
+    needs another model then waits for that forward to end instead of sending the model home
+    under it, so concurrent calls take turns on the device, a forward at a time. A call that
+    needs a second model inside a forward of the first (it cannot wait for itself) brings it in
+    beside the first.
     """
 
     def peak(self, sizes: Sequence[ModelSize]) -> int:
         return max((size.total for size in sizes), default=0)
 
     def attach(self, name: str, model: nn.Module, mover: Mover) -> Attached:
-        def bring(_module: nn.Module, _args: Any) -> None:
-            if mover.resident is model:
-                return  # the common case, every layer of the running model: no lock
-            with mover.lock:
-                if mover.resident is not model:
-                    if mover.resident is not None:
-                        mover.move(mover.resident_name, [mover.resident], mover.home)
-                    mover.move(name, [model], mover.device)
-                    mover.resident, mover.resident_name = model, name
+        def bring(holding: bool) -> None:  # under the mover's lock
+            while model not in mover.resident:
+                if not holding and any(mover.users.get(id(other)) for other in mover.resident):
+                    mover.freed.wait()  # another call's forward runs its model: wait for it, do not move it
+                    continue
+                for other, other_name in list(mover.resident.items()):
+                    if not mover.users.get(id(other)):
+                        mover.move(other_name, [other], mover.home)
+                        del mover.resident[other]
+                mover.move(name, [model], mover.device)
+                mover.resident[model] = name
 
-        # Every layer that holds tensors asks: a model may be entered by a method other than forward (vae.decode).
-        handles = [sub.register_forward_pre_hook(bring) for sub in _holders(model)]
+        def enter(_module: nn.Module, _args: Any) -> None:
+            mover.pin(model, bring)
+
+        def leave(_module: nn.Module, _args: Any, _output: Any) -> None:
+            mover.unpin(model)
+
+        def enter_layer(_module: nn.Module, _args: Any) -> None:
+            if not torch.compiler.is_compiling():  # a compiled region runs inside the model's forward, pinned by it
+                mover.pin(model, bring)
+
+        def leave_layer(_module: nn.Module, _args: Any, _output: Any) -> None:
+            if not torch.compiler.is_compiling():
+                mover.unpin(model)
+
+        # The model's forward pins it for its whole run (compiled whole, dynamo runs these hooks
+        # eagerly: a lock cannot be traced); every layer that holds tensors pins it too, since a model
+        # may be entered by a method other than forward (vae.decode). In a forward, a layer's pin is a count.
+        handles = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True)]
+        for sub in _holders(model):
+            handles += [sub.register_forward_pre_hook(enter_layer), sub.register_forward_hook(leave_layer, always_call=True)]
         return Attached(name, model, mover, handles)
 
     def describe(self) -> str:
@@ -232,7 +312,7 @@ class LeafOffload(AbstractOffload):
         return max((size.largest_leaf for size in sizes), default=0)
 
     def attach(self, name: str, model: nn.Module, mover: Mover) -> Attached:
-        handles: list[RemovableHandle] = []
+        handles = _pinned_forward(model, mover)
         for sub_name, sub in model.named_modules():
             if any(True for _ in _tensors(sub, recurse=False)):
                 handles += _stream(f"{name}/{sub_name or '(top)'}", [sub], mover, recurse=False)
@@ -268,19 +348,52 @@ def attach_groups(
     handles: list[RemovableHandle] = []
     for group, streamed in groups:
         handles.append(group[0].register_forward_pre_hook(lambda _m, _a, s=streamed: prefetcher.enter(s)))
-        handles.append(group[-1].register_forward_hook(lambda _m, _a, _o, s=streamed: prefetcher.leave(s)))
+        handles.append(group[-1].register_forward_hook(lambda _m, _a, _o, s=streamed: prefetcher.leave(s), always_call=True))
+    # a forward that fails inside a group leaves it unended: the forward's end ends them
+    handles += _pinned_forward(model, mover, then=prefetcher.finish)
     return Attached(name, model, mover, handles, prefetcher=prefetcher)
 
 
+def _pinned_forward(model: nn.Module, mover: Mover, *, then: Callable[[], None] | None = None) -> list[RemovableHandle]:
+    """Hooks that pin ``model`` while a forward runs it (so ``detach`` waits for it), and call ``then`` when it ends.
+
+    A model compiled whole is pinned too: dynamo runs these hooks eagerly (a lock cannot be traced).
+    Not ``torch.compiler.disable``: that imports dynamo, which costs a process without compiling
+    about 70 MiB of memory.
+    """
+    def enter(_module: nn.Module, _args: Any) -> None:
+        mover.pin(model)
+
+    def leave(_module: nn.Module, _args: Any, _output: Any) -> None:
+        if then is not None:
+            then()
+        mover.unpin(model)
+
+    return [model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True)]
+
+
 def _stream(label: str, group: list[nn.Module], mover: Mover, *, recurse: bool = True) -> list[RemovableHandle]:
-    """Hooks that move ``group`` in before its first module runs and home after its last one has."""
+    """Hooks that move ``group`` in before its first module runs and home after its last one has.
+
+    Counted like a model under :class:`ModelOffload` (a key of its own stands for it): a
+    group that calls in other threads are running stays on the device until the last one is done.
+    """
+    key = object()  # not the module: a model's own tensors are a layer of it, pinned apart from its forward
+
     def bring(_module: nn.Module, _args: Any) -> None:
-        mover.move(label, group, mover.device, recurse=recurse)
+        def move_in(_holding: bool) -> None:
+            if not mover.users.get(id(key)):
+                mover.move(label, group, mover.device, recurse=recurse)
+
+        mover.pin(key, move_in)
 
     def send(_module: nn.Module, _args: Any, _output: Any) -> None:
-        mover.move(label, group, mover.home, recurse=recurse)
+        with mover.lock:
+            mover.unpin(key)
+            if not mover.users.get(id(key)):
+                mover.move(label, group, mover.home, recurse=recurse)
 
-    return [group[0].register_forward_pre_hook(bring), group[-1].register_forward_hook(send)]
+    return [group[0].register_forward_pre_hook(bring), group[-1].register_forward_hook(send, always_call=True)]
 
 
 def _spread(sizes: list[int], allowance: int) -> set[int]:

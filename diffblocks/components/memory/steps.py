@@ -93,10 +93,15 @@ def flux_shape(config: Mapping[str, Any], *, height: int, width: int, text_token
     ``config`` holds what differs from Flux.1's defaults (diffusers' keys).
     """
     _check_size(height, width, multiple=2 * _VAE_FACTOR)
+    image = (height // (2 * _VAE_FACTOR)) * (width // (2 * _VAE_FACTOR))
+    return flux_tokens_shape(config, image_tokens=image, text_tokens=text_tokens)
+
+
+def flux_tokens_shape(config: Mapping[str, Any], *, image_tokens: int, text_tokens: int) -> StepShape:
+    """A Flux transformer's widest attention over ``image_tokens`` packed latent tokens and ``text_tokens`` (a call's own counts)."""
     heads = int(config.get("num_attention_heads", 24))
     channels = heads * int(config.get("attention_head_dim", 128))
-    image = (height // (2 * _VAE_FACTOR)) * (width // (2 * _VAE_FACTOR))
-    return StepShape(tokens=image + text_tokens, channels=channels, heads=heads)
+    return StepShape(tokens=image_tokens + text_tokens, channels=channels, heads=heads)
 
 
 def unet_shape(config: Mapping[str, Any], *, height: int, width: int) -> StepShape:

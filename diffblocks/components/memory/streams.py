@@ -23,6 +23,7 @@ the same code with no stream: each copy is complete when it returns.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, final
 
@@ -118,6 +119,7 @@ class StreamedGroup:
         self.nbytes = sum(t.numel() * t.element_size() for t in self.home)
         self.fetched: list[torch.Tensor] | None = None
         self.ready: Any = None
+        self.users = 0  # calls running the group now (in any thread): it is not released under them
         self._versions: list[int] = []
 
     def fetch(self) -> bool:
@@ -188,7 +190,10 @@ class Prefetcher:
 
     At most two groups of all the models sharing ``mover`` are on the device at once: the one
     running and the one fetched ahead (a model that starts running drops another model's guess),
-    so a policy that prefetches counts two groups in its peak.
+    so a policy that prefetches counts two groups in its peak. Calls in other threads running the
+    same model add the groups they run, which stay until the last of them has run them: a group is
+    released only when no thread is in it (each thread counts its own, :meth:`finish` ends them
+    when a forward fails half-way).
     """
 
     def __init__(self, groups: list[StreamedGroup], mover: Mover, *, prefetch: bool = True) -> None:
@@ -196,11 +201,22 @@ class Prefetcher:
         self._after: dict[int, StreamedGroup] = {}  # id(group) -> the group that ran after it last time
         self._last: StreamedGroup | None = None
         self._ahead: StreamedGroup | None = None
+        self._mine = threading.local()  # the groups this thread has entered and not left
+
+    def _held(self) -> list[StreamedGroup]:
+        held: list[StreamedGroup] | None = getattr(self._mine, "groups", None)
+        if held is None:
+            held = self._mine.groups = []
+        return held
 
     def enter(self, group: StreamedGroup) -> None:
         """``group`` is about to run: make sure it is there, then start fetching the group expected next."""
         with self.mover.lock:
             self._enter(group)
+            held = self._held()
+            if not any(each is group for each in held):  # entered again after a failed run: counted once
+                group.users += 1
+                held.append(group)
 
     def _enter(self, group: StreamedGroup) -> None:
         if self._last is not None and self._last is not group:
@@ -220,9 +236,24 @@ class Prefetcher:
             self._ahead, self.mover.prefetching = following, self
 
     def leave(self, group: StreamedGroup) -> None:
-        """``group`` has run: its device copies are dropped."""
+        """``group`` has run: its device copies are dropped, unless a call in another thread is running it."""
         with self.mover.lock:
-            self._release(group)
+            self._done(group)
+
+    def finish(self) -> None:
+        """The model's forward has ended in this thread (returned or failed): end this thread's groups too."""
+        with self.mover.lock:
+            for group in list(self._held()):
+                self._done(group)
+
+    def _done(self, group: StreamedGroup) -> None:
+        held = self._held()
+        for i, each in enumerate(held):
+            if each is group:
+                del held[i]
+                group.users -= 1
+                self._release(group)
+                return
 
     def drop_ahead(self) -> None:
         """Release the group fetched ahead, if any (another model runs now)."""
@@ -238,6 +269,8 @@ class Prefetcher:
             self._release(group)
 
     def _release(self, group: StreamedGroup) -> None:
+        if group.users:  # a call is running it: the last one to leave releases it
+            return
         if group.release():
             self._moved(group, self.mover.home)
 
