@@ -16,6 +16,7 @@ _OURS = {
     "ControlNetUnionModel": "diffblocks.components.models.controlnet:ControlNetUnionModel",
     "FluxControlNetModel": "diffblocks.components.models.controlnet:FluxControlNetModel",
     "MultiControlNetModel": "diffblocks.components.models.controlnet:MultiControlNetModel",
+    "MultiControlNetUnionModel": "diffblocks.components.models.controlnet:MultiControlNetUnionModel",
     "FluxMultiControlNetModel": "diffblocks.components.models.controlnet:FluxMultiControlNetModel",
 }
 _SCHEDULERS = (
