@@ -115,7 +115,8 @@ class PrepareControlImage(Block):
         width: int
         num_images_per_prompt: int = Field(1, ge=1, le=64)
         control_mode: int | list[Mode | None] | None = Field(
-            None, description="a ControlNet-Union's control type of each control image (0..num_control_type-1); one entry per net for several"
+            None,
+            description="a ControlNet-Union's control type of each control image (0..num_control_type-1); one entry per net for several",
         )
 
     class Outputs(BlockIO):

@@ -18,6 +18,8 @@ from diffblocks.components.models.controlnet.model import ControlNetModel
 from diffblocks.components.models.controlnet.union import ControlNetUnionModel
 from diffblocks.components.models.loading import CONFIG_NAME
 
+_MSG_NO_UNION = "MultiControlNetUnionModel holds at least one ControlNetUnionModel: give plain ControlNets a MultiControlNetModel"
+
 M = TypeVar("M", bound=AbstractModel[Any])
 N = TypeVar("N", bound=nn.Module)
 
@@ -119,7 +121,7 @@ class MultiControlNetUnionModel(AbstractMultiControlNet[ControlNetUnionModel | C
     def __init__(self, nets: Iterable[ControlNetUnionModel | ControlNetModel]) -> None:
         super().__init__(nets)
         if not any(isinstance(net, ControlNetUnionModel) for net in self.nets):
-            raise TypeError("MultiControlNetUnionModel holds at least one ControlNetUnionModel: give plain ControlNets a MultiControlNetModel")
+            raise TypeError(_MSG_NO_UNION)
 
     @classmethod
     def from_pretrained(
