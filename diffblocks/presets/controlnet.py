@@ -19,6 +19,7 @@ from diffblocks.components.models.controlnet import (
     FluxControlNetModel,
     FluxMultiControlNetModel,
     MultiControlNetModel,
+    MultiControlNetUnionModel,
 )
 from diffblocks.components.models.flux import FluxTransformer2DModel
 from diffblocks.components.models.unet import UNet2DConditionModel
@@ -61,11 +62,6 @@ _MSG_OTHER_FAMILY = (
     "load a ControlNet made for this pipeline's base model"
 )
 
-_MSG_UNION_ALONE = (
-    "a ControlNet-Union acts alone here, and {count} ControlNets were given: give the union one control image "
-    "per control_mode instead (a union beside other nets is not supported yet)"
-)
-
 AnyControlNet = ControlNetModel | ControlNetUnionModel | FluxControlNetModel
 
 
@@ -78,8 +74,9 @@ def with_controlnet(pipe: Pipeline, controlnet: AnyControlNet | collections.abc.
     Several ControlNets (a sequence) act together as one :class:`MultiControlNetModel`; the call
     then takes a list of control images, one per net.
 
-    An SDXL :class:`ControlNetUnionModel` acts alone, with one control image per ``control_mode``.
-    A Flux pipeline takes :class:`FluxControlNetModel` s (several act as one
+    An SDXL :class:`ControlNetUnionModel` alone reads one control image per ``control_mode``; beside
+    other nets (unions or plain ControlNets) they act as one :class:`MultiControlNetUnionModel`, and
+    ``control_mode`` has one entry per net (None for a plain one). A Flux pipeline takes :class:`FluxControlNetModel` s (several act as one
     :class:`FluxMultiControlNetModel`), and the call also ``control_mode=`` for a ControlNet-Union.
 
     Raises:
@@ -100,11 +97,12 @@ def with_controlnet(pipe: Pipeline, controlnet: AnyControlNet | collections.abc.
         problem = controlnet_mismatch(net, unet)
         if problem is not None:
             raise ValueError(problem)
-    unions = [net for net in nets if isinstance(net, ControlNetUnionModel)]
-    if unions and len(nets) > 1:
-        raise ValueError(_MSG_UNION_ALONE.format(count=len(nets)))
-    unet_nets = [net for net in nets if isinstance(net, ControlNetModel)]
-    component = unions[0] if unions else unet_nets[0] if len(unet_nets) == 1 else MultiControlNetModel(unet_nets)
+    unet_nets = [net for net in nets if isinstance(net, (ControlNetModel, ControlNetUnionModel))]
+    component: ControlNetModel | ControlNetUnionModel | MultiControlNetModel | MultiControlNetUnionModel = unet_nets[0]
+    if len(unet_nets) > 1 and any(isinstance(net, ControlNetUnionModel) for net in unet_nets):
+        component = MultiControlNetUnionModel(unet_nets)
+    elif len(unet_nets) > 1:
+        component = MultiControlNetModel([net for net in unet_nets if isinstance(net, ControlNetModel)])
     components = {**pipe.components, "controlnet": component}
     return Pipeline(controlnet_blocks(pipe.blocks), components, manager=pipe.manager, name=pipe.name, preset=_preset(pipe))
 
@@ -148,10 +146,11 @@ SDXL_CONTROLNET = Family(
     _controlled(sdxl.sdxl_blocks, controlnet_blocks),
     sdxl.default_guider,
     ("StableDiffusionXLControlNetPipeline", "StableDiffusionXLControlNetImg2ImgPipeline",
-     "StableDiffusionXLControlNetInpaintPipeline", "StableDiffusionXLControlNetUnionPipeline"),
+     "StableDiffusionXLControlNetInpaintPipeline", "StableDiffusionXLControlNetUnionPipeline",
+     "StableDiffusionXLControlNetUnionImg2ImgPipeline", "StableDiffusionXLControlNetUnionInpaintPipeline"),
     settings=sdxl.SETTINGS,
 )  # fmt: skip
-"""diffusers' SDXL ControlNet pipelines (and the ControlNet-Union one): the ``sdxl`` blocks with ControlNet steps."""
+"""diffusers' SDXL ControlNet pipelines (and the ControlNet-Union ones): the ``sdxl`` blocks with ControlNet steps."""
 FLUX_CONTROLNET = Family(
     "flux_controlnet",
     _controlled(flux.flux_blocks, flux_controlnet_blocks),

@@ -38,7 +38,7 @@ from diffblocks.components.containment import is_hub_id
 from diffblocks.components.guiders import AbstractGuider
 from diffblocks.components.lora import detached
 from diffblocks.components.models import AbstractModel
-from diffblocks.components.models.controlnet import FluxMultiControlNetModel, MultiControlNetModel
+from diffblocks.components.models.controlnet.multi import AbstractMultiControlNet
 from diffblocks.components.quantizers import AbstractQuantizer, quantizer_of
 from diffblocks.components.schedulers import AbstractScheduler
 from diffblocks.components.specs import CLASSIC_INDEX, MODULAR_INDEX
@@ -303,8 +303,7 @@ def _savable_classes() -> tuple[type, ...]:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     # several ControlNets save as diffusers saves them: one folder per net (controlnet, controlnet_1, ...)
-    multi = (MultiControlNetModel, FluxMultiControlNetModel)
-    return (AbstractModel, PreTrainedModel, PreTrainedTokenizerBase, AbstractScheduler, AbstractGuider, *multi)
+    return (AbstractModel, PreTrainedModel, PreTrainedTokenizerBase, AbstractScheduler, AbstractGuider, AbstractMultiControlNet)
 
 
 def _dtype_name(module: torch.nn.Module) -> str | None:

@@ -16,6 +16,7 @@ _OURS = {
     "ControlNetUnionModel": "diffblocks.components.models.controlnet:ControlNetUnionModel",
     "FluxControlNetModel": "diffblocks.components.models.controlnet:FluxControlNetModel",
     "MultiControlNetModel": "diffblocks.components.models.controlnet:MultiControlNetModel",
+    "MultiControlNetUnionModel": "diffblocks.components.models.controlnet:MultiControlNetUnionModel",
     "FluxMultiControlNetModel": "diffblocks.components.models.controlnet:FluxMultiControlNetModel",
 }
 _SCHEDULERS = (
@@ -36,12 +37,13 @@ _BLOCKS = {
     "diffblocks.blocks.standard": (
         "AddMaskChannels BlendMaskedLatents DecodeImages PredictNoise PrepareGuidance PrepareImageLatents "
         "PrepareInpaintImages PrepareInpaintLatents PrepareLatents PrepareMaskLatents ScaleModelInput SchedulerStep "
-        "SetImageTimesteps SetInpaintTimesteps SetTimesteps EncodeImagePrompt"
+        "SetImageTimesteps SetInpaintTimesteps SetTimesteps EncodeImagePrompt PrepareControlImage PredictControlledNoise"
     ),
     "diffblocks.blocks.sd": "EncodePrompt EncodePromptXL PrepareTimeIds",
     "diffblocks.blocks.flux": (
         "FluxDefaults PredictFlow FluxEncodePrompt PrepareFluxConditions PrepareFluxGuidance PrepareFluxImageLatents "
-        "PrepareFluxLatents PreprocessFluxImage UnpackLatents FluxSetImageTimesteps FluxSetTimesteps"
+        "PrepareFluxLatents PreprocessFluxImage UnpackLatents FluxSetImageTimesteps FluxSetTimesteps "
+        "PrepareFluxControlImage PredictControlledFlow"
     ),
     "diffblocks.presets.tiny.blocks": "EncodeBertPrompt",
 }

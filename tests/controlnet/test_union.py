@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffblocks.blocks import InputError, Pipeline
-from diffblocks.components.models.controlnet import ControlNetModel, ControlNetUnionModel
+from diffblocks.components.models.controlnet import ControlNetModel, ControlNetUnionModel, MultiControlNetUnionModel
 from diffblocks.presets.controlnet import with_controlnet
 from tests.controlnet.test_controlnet import SDXL_NET, SIZE, control_image, tiny_controlnet
 from tests.controlnet.test_union_model import tiny_union
@@ -72,5 +72,5 @@ def test_bad_union_input_is_refused(folders: tuple[Path, Path], controlled: Pipe
     plain = with_controlnet(Pipeline.from_pretrained(str(repo)), ControlNetModel.from_pretrained(tiny_controlnet(tmp_path / "n", **SDXL_NET)))
     with pytest.raises(InputError, match="control_mode 1 is given, but the ControlNet is not a ControlNet-Union"):
         plain(**kwargs, control_image=control_image(), control_mode=1)
-    with pytest.raises(ValueError, match="a ControlNet-Union acts alone here, and 2 ControlNets were given"):
-        with_controlnet(Pipeline.from_pretrained(str(repo)), [ControlNetUnionModel.from_pretrained(net), plain.components["controlnet"]])
+    beside = with_controlnet(Pipeline.from_pretrained(str(repo)), [ControlNetUnionModel.from_pretrained(net), plain.components["controlnet"]])
+    assert isinstance(beside.components["controlnet"], MultiControlNetUnionModel)  # tests/controlnet/test_multi_union.py

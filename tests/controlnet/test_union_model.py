@@ -15,11 +15,11 @@ UNION = dict(num_control_type=4, num_trans_channel=32, num_trans_head=4, num_tra
              conditioning_embedding_out_channels=(16, 32))  # fmt: skip
 
 
-def tiny_union(folder: Path) -> Path:
+def tiny_union(folder: Path, *, seed: int = 3) -> Path:
     """A diffusers ControlNetUnionModel shaped like the tiny SDXL UNet, with random (not zero) output layers."""
     import diffusers
 
-    torch.manual_seed(3)
+    torch.manual_seed(seed)
     net = diffusers.ControlNetUnionModel(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32,
                                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), **SDXL_NET, **UNION)  # fmt: skip
     with torch.no_grad():

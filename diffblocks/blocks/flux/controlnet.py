@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from pydantic import Field
@@ -131,7 +131,7 @@ class PrepareFluxControlImage(Block):
                 raise FieldError("control_mode", str(err)) from err
         given = known(inputs, "control_image")
         for image in images_per_net(given, n) if given is not None else ():
-            check_image(image, name="control_image")
+            check_image(cast(ImageLike, image), name="control_image")  # a Flux net's entry is one image or a batch
         check_flux_size(self.vae, height=known(inputs, "height"), width=known(inputs, "width"))
         check_generators(inputs, placement(self.transformer)[0])
 
@@ -148,7 +148,7 @@ class PrepareFluxControlImage(Block):
         controls = []
         for net, image, mode, scale, start, end in zip(nets, images, modes, scales, starts, ends, strict=True):
             device, dtype = placement(net)
-            pixels = self.batched(normalize(self.image(image, height=height, width=width)), inputs)
+            pixels = self.batched(normalize(self.image(cast(ImageLike, image), height=height, width=width)), inputs)
             read = self.encoded(pixels, inputs.generator) if net.reads_latents else pixels
             mode_ids = None if mode is None else torch.full((read.shape[0], 1), mode, dtype=torch.long, device=device)
             controls.append(FluxControl(net, read.to(device=device, dtype=dtype), mode_ids, scale=scale, start=start, end=end))

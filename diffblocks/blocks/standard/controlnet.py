@@ -14,6 +14,7 @@ from torch import Tensor
 from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.fields import produced
+from diffblocks.blocks.standard.control_modes import Mode, modes_per_net
 from diffblocks.blocks.standard.denoise import prediction_type
 from diffblocks.blocks.standard.guidance import Guidance
 from diffblocks.blocks.standard.images import ImageLike, check_image, to_tensor
@@ -21,7 +22,13 @@ from diffblocks.blocks.standard.latents import placement
 from diffblocks.blocks.types import Float
 from diffblocks.components.denoisers import AnyControl, Control, ControlNetDenoiser, UNetDenoiser, UnionControl, control_residuals
 from diffblocks.components.guiders import GuidanceConditions
-from diffblocks.components.models.controlnet import ControlNetModel, ControlNetUnionModel, MultiControlNetModel, controlnets
+from diffblocks.components.models.controlnet import (
+    ControlNetModel,
+    ControlNetUnionModel,
+    MultiControlNetModel,
+    MultiControlNetUnionModel,
+    controlnets,
+)
 from diffblocks.components.models.ip_adapter import IPAdapterModel, MultiIPAdapterModel
 from diffblocks.components.models.unet import UNet2DConditionModel
 from diffblocks.components.schedulers.base import AbstractScheduler
@@ -46,9 +53,6 @@ _MSG_IMAGES = (
     "control_image must be a list of {nets} control images, one per ControlNet (a union's: one per control_mode; "
     "each an image or a batch), got {got}"
 )
-_MSG_NOT_UNION = "control_mode {mode} is given, but the ControlNet is not a ControlNet-Union: leave control_mode out"
-_MSG_NO_MODE = "the ControlNet-Union reads the control type of each image: pass control_mode (0..{last} of its {n} types)"
-_MSG_MODE = "the ControlNet-Union knows {n} control types (0..{last}), got control_mode {got}: pick the type its model card gives"
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 T = TypeVar("T")
@@ -90,12 +94,15 @@ class PrepareControlImage(Block):
     not normalised: ControlNets read it in [0, 1]. One control image serves every prompt; else
     there is one per prompt, repeated for each of its ``num_images_per_prompt`` images.
 
-    With several ControlNets (a :class:`MultiControlNetModel`), ``control_image`` is a list with one
-    entry per net, and each setting is one value for all nets or a list with one per net.
+    With several ControlNets (a :class:`MultiControlNetModel`, or a :class:`MultiControlNetUnionModel`
+    holding unions and perhaps plain nets), ``control_image`` is a list with one entry per net, and
+    each setting is one value for all nets or a list with one per net; ``control_mode`` then has
+    one entry per net (a union's type, or list of types with a list of as many images as its
+    entry of ``control_image``; None for a plain net).
     """
 
     class Inputs(BlockIO):
-        control_image: ImageLike | list[ImageLike] = Field(
+        control_image: ImageLike | list[ImageLike | list[ImageLike]] = Field(
             description="the control image (edges, depth, pose, ...); a list of one per ControlNet for several"
         )
         controlnet_conditioning_scale: float | list[float] = Field(
@@ -107,15 +114,16 @@ class PrepareControlImage(Block):
         height: int
         width: int
         num_images_per_prompt: int = Field(1, ge=1, le=64)
-        control_mode: int | list[int] | None = Field(
-            None, description="a ControlNet-Union's control type of each control image (0..num_control_type-1)"
+        control_mode: int | list[Mode | None] | None = Field(
+            None,
+            description="a ControlNet-Union's control type of each control image (0..num_control_type-1); one entry per net for several",
         )
 
     class Outputs(BlockIO):
         controls: tuple[AnyControl, ...]
 
-    controlnet: ControlNetModel | MultiControlNetModel | ControlNetUnionModel = component(
-        description="the ControlNet, several, or a ControlNet-Union"
+    controlnet: ControlNetModel | MultiControlNetModel | ControlNetUnionModel | MultiControlNetUnionModel = component(
+        description="the ControlNet, several, or a ControlNet-Union (alone or beside other nets)"
     )
     unet: UNet2DConditionModel = component(description="the UNet its residuals are added to")
 
@@ -124,9 +132,10 @@ class PrepareControlImage(Block):
         net, unet = components.get("controlnet"), components.get("unet")
         if not isinstance(unet, UNet2DConditionModel) or net is None:
             return
-        nets = controlnets(net) if isinstance(net, (ControlNetModel, MultiControlNetModel)) else (net,)
-        for each in nets:
-            problem = controlnet_mismatch(each, unet) if isinstance(each, (ControlNetModel, ControlNetUnionModel)) else None
+        if not isinstance(net, (ControlNetModel, ControlNetUnionModel, MultiControlNetModel, MultiControlNetUnionModel)):
+            return
+        for each in controlnets(net):
+            problem = controlnet_mismatch(each, unet)
             if problem is not None:
                 raise FieldError("controlnet", problem)
 
@@ -136,8 +145,8 @@ class PrepareControlImage(Block):
             problem = controlnet_mismatch(net, self.unet)
             if problem is not None:
                 raise FieldError("controlnet", problem)
-        modes = self.modes(known(inputs, "control_mode"))  # refused for a net that is not a union
-        n = len(modes) if self.union is not None else len(nets)
+        modes = modes_per_net(nets, known(inputs, "control_mode"))  # refused for a net that is not a union
+        n = len(modes[0] or ()) if self.union is not None else len(nets)
         starts = per_net(known(inputs, "control_guidance_start"), n, "control_guidance_start")
         ends = per_net(known(inputs, "control_guidance_end"), n, "control_guidance_end")
         per_net(known(inputs, "controlnet_conditioning_scale"), n, "controlnet_conditioning_scale")
@@ -145,29 +154,39 @@ class PrepareControlImage(Block):
             if isinstance(start, float) and isinstance(end, float) and start > end:
                 raise FieldError("control_guidance_start", _MSG_WINDOW.format(start=start, end=end))
         given = known(inputs, "control_image")
-        for image in images_per_net(given, n) if given is not None else ():
-            check_image(image, name="control_image")
+        if given is None:
+            return
+        for image, net_modes in zip(images_per_net(given, n), modes if self.union is None else [None] * n, strict=True):
+            for each in images_per_net(image, len(net_modes)) if net_modes is not None else [image]:
+                check_image(cast(ImageLike, each), name="control_image")
 
     def __call__(self, inputs: Inputs) -> Outputs:
-        union = self.union
-        n = len(self.modes(inputs.control_mode)) if union is not None else len(self.nets())
+        union, nets = self.union, self.nets()
+        modes = modes_per_net(nets, inputs.control_mode)
+        n = len(modes[0] or ()) if union is not None else len(nets)
         images = images_per_net(inputs.control_image, n)
         scales = per_net(inputs.controlnet_conditioning_scale, n, "controlnet_conditioning_scale")
         starts = per_net(inputs.control_guidance_start, n, "control_guidance_start")
         ends = per_net(inputs.control_guidance_end, n, "control_guidance_end")
-        prepared = []
-        for net, image in zip(self.nets() if union is None else (union,) * n, images, strict=True):
-            device, dtype = placement(net)
-            batched = self.batched(self.image(image, height=inputs.height, width=inputs.width), inputs)
-            prepared.append(batched.to(device=device, dtype=dtype))
         if union is not None:
-            modes = self.modes(inputs.control_mode)
-            return self.Outputs(controls=(UnionControl(union, tuple(prepared), modes, tuple(scales), tuple(starts), tuple(ends)),))
-        controls = [
-            Control(net, image, scale=scale, start=start, end=end)
-            for net, image, scale, start, end in zip(self.nets(), prepared, scales, starts, ends, strict=True)
-        ]
+            prepared = tuple(self.prepared(union, image, inputs) for image in images)
+            return self.Outputs(controls=(UnionControl(union, prepared, modes[0] or (), tuple(scales), tuple(starts), tuple(ends)),))
+        controls: list[AnyControl] = []
+        for net, image, net_modes, scale, start, end in zip(nets, images, modes, scales, starts, ends, strict=True):
+            if isinstance(net, ControlNetModel):
+                controls.append(Control(net, self.prepared(net, image, inputs), scale=scale, start=start, end=end))
+                continue
+            assert net_modes is not None  # modes_per_net gives each union its modes
+            k = len(net_modes)  # one net of several: the union's residuals take the net's one scale and window
+            prepared = tuple(self.prepared(net, each, inputs) for each in images_per_net(image, k))
+            controls.append(UnionControl(net, prepared, net_modes, (scale,) * k, (start,) * k, (end,) * k, from_multi=True))
         return self.Outputs(controls=tuple(controls))
+
+    def prepared(self, net: ControlNetModel | ControlNetUnionModel, image: ImageLike | list[ImageLike], inputs: Inputs) -> Tensor:
+        """One control image at the run's size and batch, on ``net``'s device and dtype."""
+        device, dtype = placement(net)
+        batched = self.batched(self.image(cast(ImageLike, image), height=inputs.height, width=inputs.width), inputs)
+        return batched.to(device=device, dtype=dtype)
 
     @property
     def union(self) -> ControlNetUnionModel | None:
@@ -176,26 +195,7 @@ class PrepareControlImage(Block):
 
     def nets(self) -> tuple[ControlNetModel | ControlNetUnionModel, ...]:
         """The component's nets, in order."""
-        union = self.union
-        return (union,) if union is not None else controlnets(cast(ControlNetModel | MultiControlNetModel, self.controlnet))
-
-    def modes(self, mode: int | list[int] | None) -> tuple[int, ...]:
-        """The control types of a union's images, checked (one image per mode); refused for other nets."""
-        union = self.union
-        if union is None:
-            if mode is not None:
-                raise FieldError("control_mode", _MSG_NOT_UNION.format(mode=mode))
-            return ()
-        count = union.params.num_control_type
-        if mode is None:
-            raise FieldError("control_mode", _MSG_NO_MODE.format(n=count, last=count - 1))
-        modes = (mode,) if isinstance(mode, int) else tuple(mode)
-        for m in modes:
-            if not 0 <= m < count:
-                raise FieldError("control_mode", _MSG_MODE.format(n=count, last=count - 1, got=m))
-        if len(set(modes)) != len(modes):
-            raise FieldError("control_mode", f"control_mode {list(modes)} names a control type twice: give one image per type")
-        return modes
+        return controlnets(self.controlnet)
 
     def image(self, image: ImageLike, *, height: int, width: int) -> Tensor:
         """A control image as a ``(batch, channels, height, width)`` tensor in [0, 1]; override to preprocess otherwise."""
@@ -212,10 +212,10 @@ class PrepareControlImage(Block):
         raise FieldError("control_image", _MSG_BATCH.format(got=image.shape[0], prompts=prompts, batch=batch))
 
 
-def images_per_net(value: ImageLike | list[ImageLike], nets: int) -> list[ImageLike]:
+def images_per_net(value: ImageLike | list[ImageLike | list[ImageLike]], nets: int) -> list[ImageLike | list[ImageLike]]:
     """The control image of each net (or a union's mode): the value itself for one (a list is a batch), its entries for several."""
     if nets == 1:
-        return [cast(ImageLike, value)]
+        return [value]
     if not isinstance(value, list) or len(value) != nets:
         got = f"a list of {len(value)}" if isinstance(value, list) else type(value).__name__
         raise FieldError("control_image", _MSG_IMAGES.format(nets=nets, got=got))

@@ -75,6 +75,9 @@ class UnionControl:
         modes: the control type of each image.
         scales: ``controlnet_conditioning_scale`` per image.
         starts, ends: ``control_guidance_start`` and ``control_guidance_end`` per image.
+        from_multi: the union is one net of several (diffusers' ``from_multi``): its residuals are
+            scaled by the net's one scale, and it acts inside the net's one window; ``scales``,
+            ``starts`` and ``ends`` then repeat the net's values for each image.
     """
 
     model: ControlNetUnionModel
@@ -83,14 +86,18 @@ class UnionControl:
     scales: tuple[float, ...]
     starts: tuple[float, ...]
     ends: tuple[float, ...]
+    from_multi: bool = False
 
     def at(self, step_index: int, num_steps: int) -> UnionControl | None:
         """This control at one step, each image's scale kept or zeroed by its window, as diffusers' union pipeline does.
 
-        With one image, a step outside its window is skipped (the residuals would be scaled to
-        zero). With several, the union scales the images' features rather than its residuals, so
-        diffusers runs it at every step and an image outside its window merely stops contributing.
+        With one image, or as one net of several, a step outside its window is skipped (the
+        residuals would be scaled to zero). With several images of a union acting alone, the union
+        scales the images' features rather than its residuals, so diffusers runs it at every step
+        and an image outside its window merely stops contributing.
         """
+        if self.from_multi:
+            return self if keeps(step_index, num_steps, self.starts[0], self.ends[0]) else None
         kept = tuple(
             scale * keeps(step_index, num_steps, start, end)
             for scale, start, end in zip(self.scales, self.starts, self.ends, strict=True)
@@ -108,7 +115,7 @@ class UnionControl:
         return self.model(
             _latents(x, self.model), t, c.prompt_embeds, [_tiled(image, x.shape[0]) for image in self.images],
             types.to(c.prompt_embeds.dtype).expand(x.shape[0], -1), self.modes, conditioning_scale=self.scales,
-            added_cond_kwargs=added, guess_mode=guess_mode,
+            added_cond_kwargs=added, guess_mode=guess_mode, from_multi=self.from_multi,
         )  # fmt: skip
 
 

@@ -9,7 +9,7 @@ from diffblocks.components.models.controlnet.flux import (
     flux_controlnets,
 )
 from diffblocks.components.models.controlnet.model import ControlNetConditioningEmbedding, ControlNetModel
-from diffblocks.components.models.controlnet.multi import MultiControlNetModel, controlnets
+from diffblocks.components.models.controlnet.multi import MultiControlNetModel, MultiControlNetUnionModel, controlnets
 from diffblocks.components.models.controlnet.params import AbstractControlNetParams, ControlNetParams, ControlNetUnionParams
 from diffblocks.components.models.controlnet.union import ControlNetUnionModel
 
@@ -25,6 +25,7 @@ __all__ = [
     "FluxControlNetParams",
     "FluxMultiControlNetModel",
     "MultiControlNetModel",
+    "MultiControlNetUnionModel",
     "controlnets",
     "flux_block_residuals",
     "flux_controlnets",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -14,7 +15,10 @@ from typing_extensions import Self
 from diffblocks.components.hub import resolve_folder
 from diffblocks.components.models.base import AbstractModel
 from diffblocks.components.models.controlnet.model import ControlNetModel
+from diffblocks.components.models.controlnet.union import ControlNetUnionModel
 from diffblocks.components.models.loading import CONFIG_NAME
+
+_MSG_NO_UNION = "MultiControlNetUnionModel holds at least one ControlNetUnionModel: give plain ControlNets a MultiControlNetModel"
 
 M = TypeVar("M", bound=AbstractModel[Any])
 N = TypeVar("N", bound=nn.Module)
@@ -28,16 +32,19 @@ class AbstractMultiControlNet(nn.Module, Generic[N]):
     """
 
     net_class: ClassVar[type[AbstractModel[Any]]]
+    # the classes it holds: net_class, and for a union's multi-ControlNet also plain ControlNets
+    held_classes: ClassVar[tuple[type[AbstractModel[Any]], ...]] = ()
 
     def __init__(self, nets: Iterable[N]) -> None:
         super().__init__()
         self.nets = nn.ModuleList(nets)
-        kind, name = self.net_class.__name__, type(self).__name__
+        held = self.held_classes or (self.net_class,)
+        kind, name = " or ".join(f"{c.__name__}s" for c in held), type(self).__name__
         if len(self.nets) < 2:
-            raise ValueError(f"{name} takes two or more ControlNets, got {len(self.nets)}: give one {kind} as it is")
+            raise ValueError(f"{name} takes two or more ControlNets, got {len(self.nets)}: give one {self.net_class.__name__} as it is")
         for i, net in enumerate(self.nets):
-            if not isinstance(net, self.net_class):
-                raise TypeError(f"{name} takes {kind}s, but net {i} is a {type(net).__name__}")
+            if not isinstance(net, held):
+                raise TypeError(f"{name} takes {kind}, but net {i} is a {type(net).__name__}")
 
     def __len__(self) -> int:
         return len(self.nets)
@@ -85,6 +92,79 @@ class MultiControlNetModel(AbstractMultiControlNet[ControlNetModel]):
     net_class = ControlNetModel
 
 
+@final
+class MultiControlNetUnionModel(AbstractMultiControlNet[ControlNetUnionModel | ControlNetModel]):
+    """SDXL ControlNet-Unions, and plain ControlNets beside them, that act together (diffusers' ``MultiControlNetUnionModel``).
+
+    Each net reads its own control image (a union: one per control mode it is given) and its own
+    scale and window; inside a multi-ControlNet a union scales its residuals, not its images'
+    features (diffusers' ``from_multi``), and the residuals of all nets are summed in order.
+    diffusers' class holds unions only; a plain :class:`ControlNetModel` may stand beside them
+    here, and a folder holding one loads here only (each net by its config's ``_class_name``).
+
+    Args:
+        nets: two or more nets for the same UNet, at least one a :class:`ControlNetUnionModel`.
+
+    Example:
+        >>> from diffblocks.components.models.controlnet import ControlNetUnionParams
+        >>> params = ControlNetUnionParams(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+        ...     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=2, addition_embed_type="text_time",
+        ...     addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32, num_trans_channel=32,
+        ...     num_trans_head=4, num_proj_channel=32)
+        >>> len(MultiControlNetUnionModel([ControlNetUnionModel(params), ControlNetUnionModel(params)]))
+        2
+    """
+
+    net_class = ControlNetUnionModel
+    held_classes = (ControlNetUnionModel, ControlNetModel)
+
+    def __init__(self, nets: Iterable[ControlNetUnionModel | ControlNetModel]) -> None:
+        super().__init__(nets)
+        if not any(isinstance(net, ControlNetUnionModel) for net in self.nets):
+            raise TypeError(_MSG_NO_UNION)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo: str | os.PathLike[str],
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        variant: str | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> Self:
+        """The nets of a multi-ControlNet folder, each loaded as the class its ``config.json`` names."""
+        root, names = numbered_folders(path_or_repo, subfolder=subfolder, revision=revision, kind=cls.__name__)
+        nets = []
+        for name in names:
+            class_name = json.loads((root / name / CONFIG_NAME).read_text()).get("_class_name")
+            net_class = ControlNetModel if class_name == ControlNetModel.diffusers_class_name else ControlNetUnionModel
+            nets.append(net_class.from_pretrained(root, subfolder=name, variant=variant, dtype=dtype, device=device))
+        return cls(nets)
+
+
+def numbered_folders(
+    path_or_repo: str | os.PathLike[str], *, subfolder: str | None, revision: str | None = None, kind: str
+) -> tuple[Path, list[str]]:
+    """The folder holding a saved multi-ControlNet's nets, and their names: ``<folder>``, ``<folder>_1``, ...
+
+    Raises:
+        FileNotFoundError: the first folder holds no ``config.json`` (``kind`` names what was looked for).
+    """
+    if subfolder:
+        root, first = resolve_folder(path_or_repo, revision=revision, allow_patterns=[f"{subfolder}*/*"]), subfolder
+    else:
+        folder = resolve_folder(path_or_repo, revision=revision)
+        root, first = folder.parent, folder.name
+    names = [first]
+    while (root / f"{first}_{len(names)}" / CONFIG_NAME).is_file():
+        names.append(f"{first}_{len(names)}")
+    if not (root / first / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{root / first} holds no {CONFIG_NAME}: it is not a saved {kind}")
+    return root, names
+
+
 def numbered_nets(
     cls: type[M],
     path_or_repo: str | os.PathLike[str],
@@ -101,16 +181,7 @@ def numbered_nets(
     Raises:
         FileNotFoundError: the first folder holds no ``config.json``.
     """
-    if subfolder:
-        root, first = resolve_folder(path_or_repo, revision=revision, allow_patterns=[f"{subfolder}*/*"]), subfolder
-    else:
-        folder = resolve_folder(path_or_repo, revision=revision)
-        root, first = folder.parent, folder.name
-    names = [first]
-    while (root / f"{first}_{len(names)}" / CONFIG_NAME).is_file():
-        names.append(f"{first}_{len(names)}")
-    if not (root / first / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{root / first} holds no {CONFIG_NAME}: it is not a saved {cls.__name__}")
+    root, names = numbered_folders(path_or_repo, subfolder=subfolder, revision=revision, kind=cls.__name__)
     return [cls.from_pretrained(root, subfolder=name, **kwargs) for name in names]
 
 
@@ -121,9 +192,19 @@ def save_numbered(nets: list[Any], folder: str | os.PathLike[str], **kwargs: Any
         net.save_pretrained(path if i == 0 else path.with_name(f"{path.name}_{i}"), **kwargs)
 
 
-def controlnets(component: ControlNetModel | MultiControlNetModel) -> tuple[ControlNetModel, ...]:
-    """The ControlNets of a ``controlnet`` component, one or several, in order."""
-    return (component,) if isinstance(component, ControlNetModel) else tuple(component)
+def controlnets(
+    component: ControlNetModel | ControlNetUnionModel | MultiControlNetModel | MultiControlNetUnionModel,
+) -> tuple[ControlNetModel | ControlNetUnionModel, ...]:
+    """The nets of a UNet ``controlnet`` component, one or several, in order."""
+    return (component,) if isinstance(component, (ControlNetModel, ControlNetUnionModel)) else tuple(component)
 
 
-__all__ = ["AbstractMultiControlNet", "MultiControlNetModel", "controlnets", "numbered_nets", "save_numbered"]
+__all__ = [
+    "AbstractMultiControlNet",
+    "MultiControlNetModel",
+    "MultiControlNetUnionModel",
+    "controlnets",
+    "numbered_folders",
+    "numbered_nets",
+    "save_numbered",
+]
