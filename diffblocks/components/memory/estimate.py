@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import defaultdict
 from collections.abc import Mapping
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from diffblocks.components.config_files import read_json_object
 from diffblocks.components.memory.measure import ModelSize, measure
 
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}  # others: 1 byte
@@ -68,3 +70,30 @@ def header_size(files: list[Path], *, dtype: torch.dtype | None = None) -> Model
                     blocks[".".join(parts[:at])][int(parts[at])] += size
     grouped = tuple(sorted(tuple(entries[i] for i in sorted(entries)) for entries in blocks.values()))
     return ModelSize(total=total, blocks=grouped, largest_leaf=max(leaves.values(), default=0))
+
+
+def mapped_loading_peak(cls: type, *, folder: Path, variant: str | None = None, dtype: torch.dtype | None = None) -> int | None:
+    """The most bytes of CPU memory loading ``cls`` from ``folder`` straight into memory maps holds at once.
+
+    That is its largest tensor at the dtype it loads as, on the high side: only a tensor cast to
+    another dtype is ever made in memory, and one at a time (``MemoryMap`` in
+    :mod:`~diffblocks.components.memory.disk`). None where the model cannot load so and is read
+    into CPU memory whole: a class whose ``from_pretrained`` takes no ``memory_map`` (transformers'
+    models), a folder without safetensors (pickles) or saved quantized, a folder not on this machine.
+    """
+    load = getattr(cls, "from_pretrained", None)
+    if load is None or "memory_map" not in inspect.signature(load).parameters or not folder.is_dir():
+        return None
+    config = folder / "config.json"
+    if config.is_file() and "quantization_config" in read_json_object(config, what="a model config"):
+        return None
+    files = [f for f in sorted(folder.glob("*.safetensors")) if variant is None or f".{variant}." in f.name]
+    largest = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                piece = f.get_slice(name)
+                kind = piece.get_dtype()
+                itemsize = (dtype or torch.float32).itemsize if kind.startswith(("F", "BF")) else _ITEMSIZE.get(kind, 1)
+                largest = max(largest, math.prod(piece.get_shape()) * itemsize)
+    return largest if files else None
