@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from collections import defaultdict
 from collections.abc import Mapping
@@ -12,7 +13,6 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from diffblocks.components.config_files import read_json_object
 from diffblocks.components.memory.measure import ModelSize, measure
 
 _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}  # others: 1 byte
@@ -85,7 +85,11 @@ def mapped_loading_peak(cls: type, *, folder: Path, variant: str | None = None, 
     if load is None or "memory_map" not in inspect.signature(load).parameters or not folder.is_dir():
         return None
     config = folder / "config.json"
-    if config.is_file() and "quantization_config" in read_json_object(config, what="a model config"):
+    try:
+        saved_quantized = config.is_file() and "quantization_config" in json.loads(config.read_text())
+    except (ValueError, TypeError):  # not a JSON object: loading says so, with the file's name
+        return None
+    if saved_quantized:
         return None
     files = [f for f in sorted(folder.glob("*.safetensors")) if variant is None or f".{variant}." in f.name]
     largest = 0
