@@ -8,18 +8,23 @@ from typing import Any
 import torch
 
 from diffblocks.components.hub import resolve_folder
+from diffblocks.components.memory.disk import MemoryMap
 from diffblocks.components.specs import ComponentSpec
 
 
-def load_component(cls: type, spec: ComponentSpec, *, device: torch.device | str | None = None) -> Any:
+def load_component(
+    cls: type, spec: ComponentSpec, *, device: torch.device | str | None = None, memory_map: MemoryMap | None = None
+) -> Any:
     """Create ``cls`` from ``spec``: from its config when the spec carries one and no repository,
     otherwise from the spec's repository folder (resolved through the Hub cache).
 
     A spec with ``quantization`` is quantized once loaded; the backend's package and the device
-    are checked before anything is read.
+    are checked before anything is read. With ``memory_map``, a model whose ``from_pretrained``
+    takes one loads straight into memory-mapped files (disk offload); others, and quantized specs,
+    load into memory as usual.
     """
     if spec.quantization is None:
-        return _load(cls, spec, device)
+        return _load(cls, spec, device, **({"memory_map": memory_map} if memory_map is not None else {}))
     from diffblocks.components.quantizers import AbstractQuantizer, quantize
 
     quantizer = AbstractQuantizer.from_config(spec.quantization)
@@ -39,6 +44,8 @@ def _load(cls: type, spec: ComponentSpec, device: torch.device | str | None, **e
         return _load_transformers(cls, spec, device)
     kwargs: dict[str, Any] = {"subfolder": spec.subfolder, "revision": spec.revision}
     accepted = inspect.signature(cls.from_pretrained).parameters  # type: ignore[attr-defined]
+    if "memory_map" not in accepted:
+        extra.pop("memory_map", None)  # read into memory; disk offload maps it from a file of its own once loaded
     if "variant" in accepted:
         kwargs["variant"] = spec.variant
     if "dtype" in accepted:

@@ -6,7 +6,7 @@ import gc
 import threading
 import warnings
 from pathlib import Path
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.loaders import check_random_weights, load_component
 from diffblocks.components.memory import AbstractOffload, MemoryPlan, ModelSize, OnMove, Placement, measure
 from diffblocks.components.memory.disk import register_weight_files
-from diffblocks.components.memory.estimate import size_before_loading
+from diffblocks.components.memory.estimate import mapped_loading_peak, size_before_loading
 from diffblocks.components.memory.oom import OffloadTightened, free_memory
 from diffblocks.components.memory.reserve import StepNeed
 from diffblocks.components.specs import ComponentSpec, read_index
@@ -91,8 +91,9 @@ class ComponentsManager:
             tiled (see ``docs/memory.md``). Without it, a budget reserves what the largest denoiser
             step a call has run is estimated to need, planned again when a call's size grows.
         cpu_memory_budget: bytes of CPU memory allowed for the models' weights (``"16GiB"``): a plan
-            whose home copies would not fit puts them in memory-mapped files (``DiskOffload``);
-            below the largest model, which loads through CPU memory, it fails before loading.
+            whose home copies would not fit puts them in memory-mapped files (``DiskOffload``), and
+            our models load straight into them; below what loading then needs (the largest model
+            read through CPU memory, or the largest tensor cast on loading) it fails before loading.
 
     Example:
         >>> import torch
@@ -186,7 +187,8 @@ class ComponentsManager:
                 if entry.obj is None:
                     assert entry.spec is not None
                     device = None if placing else self.device  # offloaded models wait on the CPU
-                    entry.obj = load_component(self.component_type(key) or object, entry.spec, device=device)
+                    entry.obj = load_component(self.component_type(key) or object, entry.spec, device=device,
+                                               memory_map=self.placement.memory_map() if placing else None)
                     if placing:
                         _record_weight_files(entry.obj, entry.spec)
         if placing:
@@ -268,6 +270,8 @@ class ComponentsManager:
                 size = self._size_before_loading(entry.key, entry.spec)
             else:
                 size = None
+            if size is not None and entry.spec is not None:
+                size = self._with_loading_peak(entry.key, entry.spec, size)
             if size is not None:
                 sizes[entry.name if entry.name not in sizes else entry.key] = size
         return sizes
@@ -297,6 +301,15 @@ class ComponentsManager:
             return size_before_loading(cls, config=spec.config, dtype=spec.torch_dtype)
         folder = Path(spec.repo) / (spec.subfolder or "")  # a local folder; a Hub id is measured once loaded
         return size_before_loading(cls, folder=folder, variant=spec.variant, dtype=spec.torch_dtype)
+
+    def _with_loading_peak(self, key: str, spec: ComponentSpec, size: ModelSize) -> ModelSize:
+        """``size`` with what loading it straight into memory maps would hold of CPU memory, where it can (disk offload)."""
+        cls = self.component_type(key)
+        if spec.repo is None or spec.quantization is not None or not isinstance(cls, type):
+            return size
+        folder = Path(spec.repo) / (spec.subfolder or "")  # a local folder; a Hub id counts whole, on the high side
+        peak = mapped_loading_peak(cls, folder=folder, variant=spec.variant, dtype=spec.torch_dtype)
+        return replace(size, loading=peak) if peak is not None else size
 
     def unload(self, key: str) -> None:
         """Drop the loaded object (a spec-backed component reloads on next use) and free its memory."""

@@ -3,7 +3,7 @@
 See ``docs/memory.md``.
 """
 
-from diffblocks.components.memory.disk import DiskOffload
+from diffblocks.components.memory.disk import DiskOffload, MemoryMap
 from diffblocks.components.memory.measure import ModelSize, measure
 from diffblocks.components.memory.oom import OffloadTightened
 from diffblocks.components.memory.placement import Placement
@@ -30,6 +30,7 @@ __all__ = [
     "GroupOffload",
     "LeafOffload",
     "MemoryBudgetError",
+    "MemoryMap",
     "MemoryPlan",
     "ModelOffload",
     "ModelSize",

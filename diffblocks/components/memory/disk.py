@@ -23,10 +23,11 @@ to the process's own copy of that page, never to the file.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, final
@@ -59,6 +60,47 @@ def register_weight_files(model: nn.Module, files: Sequence[Path]) -> None:
 def weight_files(model: nn.Module) -> tuple[Path, ...]:
     """The safetensors files recorded for ``model`` (empty: none known)."""
     return _SOURCES.get(model, ())
+
+
+def record_mapped(model: nn.Module, keys: Collection[str]) -> None:
+    """Record that ``model``'s tensors named ``keys`` are views of memory maps already (a loader put them there).
+
+    Disk offload then keeps them where they are when it attaches, as it keeps what it mapped itself.
+    """
+    _MAPPED[model] = {slot[1]: _get(slot).data_ptr() for slot in _slots(model) if slot[1] in keys}
+
+
+def is_mapped(model: nn.Module) -> bool:
+    """Whether every tensor of ``model`` is a view of a memory map that disk offload made or was told of."""
+    mapped = _MAPPED.get(model, {})
+    return all(mapped.get(slot[1]) == _get(slot).data_ptr() for slot in _slots(model))
+
+
+@final
+@dataclass(frozen=True)
+class MemoryMap:
+    """How to load a model straight into memory maps (``from_pretrained(..., memory_map=MemoryMap())``).
+
+    The model is built on the meta device and each weight becomes a view of the safetensors file
+    that holds it, where the file holds it as the model needs it (the dtype it loads as; 64-byte
+    aligned when ``aligned``). The rest (weights cast to another dtype, unaligned ones) is written
+    once, one tensor at a time, to a file of its own, unlinked at once (the map keeps it). CPU
+    memory then holds at most the largest cast tensor while loading, and none of the weights after.
+
+    Args:
+        folder: where that file is written (default: the system's temporary folder; give a folder
+            on a real disk if that is a RAM disk, ``tmpfs``).
+        aligned: take a file's tensor only where it starts at a multiple of 64 bytes, as the model
+            needs when it computes on the CPU (unaligned tensors take slower kernels that round
+            differently); a model that computes on an accelerator copies its weights there anyway.
+    """
+
+    folder: str | None = None
+    aligned: bool = True
+
+    def __post_init__(self) -> None:
+        if self.folder is not None and not Path(self.folder).is_dir():
+            raise ValueError(f"MemoryMap: folder {self.folder!r} is not a folder: give an existing folder on a disk with room for the weights")
 
 
 @final
@@ -107,26 +149,40 @@ def write_aligned(f: IO[bytes], tensors: Iterable[tuple[str, torch.Tensor]]) -> 
     valid safetensors file. Each tensor is written from its own memory (no serialised copy of the whole file is made, as
     ``safetensors.torch.save_file`` would), so writing costs at most one tensor's bytes on top.
     """
-    items = [(name, t.detach()) for name, t in tensors]
+    items = {name: t.detach() for name, t in tensors}
+    write_lazily(f, [(name, t.dtype, tuple(t.shape)) for name, t in items.items()], items.__getitem__)
+
+
+def write_lazily(
+    f: IO[bytes], entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], tensor: Callable[[str], torch.Tensor]
+) -> None:
+    """:func:`write_aligned` for tensors made one at a time: ``tensor(name)`` is called when its turn comes, and dropped after.
+
+    The header needs only each tensor's name, dtype and shape, so a loader that casts weights on
+    their way to the file holds one cast tensor at a time, never the model.
+    """
     header: dict[str, Any] = {}
     offset = 0
-    for name, tensor in items:
+    for name, dtype, shape in entries:
         gap = -offset % _ALIGNMENT
         if gap:  # safetensors wants no holes between tensors: the padding is a byte tensor of its own
             header[f"{_PADDING}{len(header)}"] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
             offset += gap
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header).encode()
     text += b" " * (-(8 + len(text)) % _ALIGNMENT)  # the data starts aligned too
     f.write(struct.pack("<Q", len(text)) + text)
     written = 0
-    for name, tensor in items:
+    for name, dtype, shape in entries:
         begin, end = header[name]["data_offsets"]
         f.write(b"\0" * (begin - written))
         if end > begin:
-            f.write(memoryview(tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
+            made = tensor(name).detach()
+            assert made.dtype == dtype and tuple(made.shape) == tuple(shape), f"{name}: {made.dtype} {tuple(made.shape)}"
+            f.write(memoryview(made.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
+            del made
         written = end
     f.flush()
 

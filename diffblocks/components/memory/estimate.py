@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
 from collections import defaultdict
 from collections.abc import Mapping
@@ -68,3 +70,34 @@ def header_size(files: list[Path], *, dtype: torch.dtype | None = None) -> Model
                     blocks[".".join(parts[:at])][int(parts[at])] += size
     grouped = tuple(sorted(tuple(entries[i] for i in sorted(entries)) for entries in blocks.values()))
     return ModelSize(total=total, blocks=grouped, largest_leaf=max(leaves.values(), default=0))
+
+
+def mapped_loading_peak(cls: type, *, folder: Path, variant: str | None = None, dtype: torch.dtype | None = None) -> int | None:
+    """The most bytes of CPU memory loading ``cls`` from ``folder`` straight into memory maps holds at once.
+
+    That is its largest tensor at the dtype it loads as, on the high side: only a tensor cast to
+    another dtype is ever made in memory, and one at a time (``MemoryMap`` in
+    :mod:`~diffblocks.components.memory.disk`). None where the model cannot load so and is read
+    into CPU memory whole: a class whose ``from_pretrained`` takes no ``memory_map`` (transformers'
+    models), a folder without safetensors (pickles) or saved quantized, a folder not on this machine.
+    """
+    load = getattr(cls, "from_pretrained", None)
+    if load is None or "memory_map" not in inspect.signature(load).parameters or not folder.is_dir():
+        return None
+    config = folder / "config.json"
+    try:
+        saved_quantized = config.is_file() and "quantization_config" in json.loads(config.read_text())
+    except (ValueError, TypeError):  # not a JSON object: loading says so, with the file's name
+        return None
+    if saved_quantized:
+        return None
+    files = [f for f in sorted(folder.glob("*.safetensors")) if variant is None or f".{variant}." in f.name]
+    largest = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                piece = f.get_slice(name)
+                kind = piece.get_dtype()
+                itemsize = (dtype or torch.float32).itemsize if kind.startswith(("F", "BF")) else _ITEMSIZE.get(kind, 1)
+                largest = max(largest, math.prod(piece.get_shape()) * itemsize)
+    return largest if files else None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import final
 
 from torch import nn
@@ -21,11 +21,19 @@ class ModelSize:
         blocks: the bytes of each entry of each outermost ``nn.ModuleList`` (the repeated blocks that
             group offload streams), one tuple per list, the lists sorted (their order means nothing).
         largest_leaf: the bytes of the largest module's own tensors (what leaf offload holds at once).
+        loading: the most bytes of CPU memory loading the model straight into memory maps holds at
+            once, its largest tensor (None: it cannot load so, and is read into CPU memory whole).
     """
 
     total: int
     blocks: tuple[tuple[int, ...], ...] = ()
     largest_leaf: int = 0
+    loading: int | None = field(default=None, repr=False)
+
+    @property
+    def loading_peak(self) -> int:
+        """The most bytes of CPU memory loading holds at once under disk offload (see ``loading``)."""
+        return self.total if self.loading is None else self.loading
 
     @property
     def outside_blocks(self) -> int:

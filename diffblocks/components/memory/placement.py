@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from diffblocks.components.memory.activations import set_activation_room
-from diffblocks.components.memory.disk import DiskOffload
+from diffblocks.components.memory.disk import DiskOffload, MemoryMap
 from diffblocks.components.memory.measure import ModelSize
 from diffblocks.components.memory.planner import LADDER, MemoryBudgetError, MemoryPlan, host_peak, plan_memory
 from diffblocks.components.memory.policies import AbstractOffload, Attached, GroupOffload, ModelOffload, Mover, NoOffload, OnMove
@@ -108,6 +108,16 @@ class Placement:
             return False
         self.step, self.plan = need, None
         return True
+
+    def memory_map(self) -> MemoryMap | None:
+        """How a model loads under the plan: straight into memory-mapped files under disk offload (None: into CPU memory).
+
+        The maps are taken as disk offload would take them (64-byte aligned for models that compute on
+        the CPU), so it keeps them when it attaches, and its folder holds what is written.
+        """
+        if self.plan is None or self._mover is None or not isinstance(self.plan.policy, DiskOffload):
+            return None
+        return MemoryMap(folder=self.plan.policy.folder, aligned=self._mover.device.type == "cpu")
 
     def tighter(self) -> AbstractOffload | None:
         """The policy after the current one on the planner's ladder (None: nothing uses less memory).

@@ -27,11 +27,16 @@ _MSG_BELOW = (
 )
 
 
-_MSG_CPU_BELOW = (
-    "cpu_memory_budget {cpu_budget} is below {minimum}, the size of the largest model ({name}), which is read into CPU "
-    "memory when it loads (disk offload maps it from a file only once loaded). Raise cpu_memory_budget to at least "
-    "{minimum}, or quantize {name} (pipe.quantize(...), see docs/quantization.md)"
+_MSG_CPU_BELOW = "cpu_memory_budget {cpu_budget} is below {minimum}, {why}. Raise cpu_memory_budget to at least {minimum}"
+_WHY_READ = (
+    "the size of {what}, which is read into CPU memory when it loads (only our own models, from local safetensors "
+    "folders, load straight into a memory-mapped file under disk offload)"
 )
+_WHY_MAPPED = (
+    "the largest tensor of {name}, which is made in CPU memory while {name} loads straight into a memory-mapped file "
+    "under disk offload (a weight cast to the dtype it loads as; the casts are made one at a time)"
+)
+_OR_QUANTIZE = ", or quantize {name} (pipe.quantize(...), see docs/quantization.md)"
 
 
 class MemoryBudgetError(ValueError):
@@ -128,7 +133,7 @@ def plan_memory(
 
     Raises:
         MemoryBudgetError: nothing fits; the message says the least any policy needs. Also a
-            ``cpu_budget`` below the largest model, which is read into CPU memory when it loads.
+            ``cpu_budget`` below what loading the models needs (:func:`host_peak` of disk offload).
 
     Example:
         >>> from diffblocks.components.memory import ByteSize, ModelSize
@@ -184,14 +189,16 @@ def plan_memory(
 def host_peak(policy: AbstractOffload, sizes: Sequence[ModelSize]) -> int:
     """The most bytes of the models' weights that ``policy`` holds in CPU memory at once, on the high side.
 
-    Every model is read into CPU memory when it loads (built on the meta device, each tensor read
-    into place: its own size, see ``docs/memory.md``). Then :class:`NoOffload` moves it to the
-    device and :class:`DiskOffload` maps it from a file, so they hold the largest model at most;
-    the other policies keep a home copy of every model there.
+    Under :class:`DiskOffload` a model loads straight into a memory-mapped file where it can,
+    holding its largest tensor at most (:attr:`ModelSize.loading`), and is mapped from a file once
+    loaded where it cannot; so the most is one model's :attr:`ModelSize.loading_peak`. Under
+    :class:`NoOffload` each model is read into CPU memory and moved to the device: the largest
+    model. The other policies keep a home copy of every model there.
     """
-    largest = max((size.total for size in sizes), default=0)
-    if isinstance(policy, (NoOffload, DiskOffload)):
-        return largest
+    if isinstance(policy, DiskOffload):
+        return max((size.loading_peak for size in sizes), default=0)
+    if isinstance(policy, NoOffload):
+        return max((size.total for size in sizes), default=0)
     return sum(size.total for size in sizes)
 
 
@@ -209,9 +216,16 @@ def _check_cpu_budget(sizes: Mapping[str, ModelSize], cpu_budget: ByteSize, poli
     models = list(sizes.values())
     if not models:
         return
-    name, biggest = max(sizes.items(), key=lambda item: item[1].total)
-    if biggest.total > cpu_budget:
-        raise MemoryBudgetError(_MSG_CPU_BELOW.format(cpu_budget=cpu_budget, name=name, minimum=ByteSize(biggest.total)))
+    # the least any placement keeps in CPU memory is disk offload's: one model loading at a time
+    name, least = max(sizes.items(), key=lambda item: item[1].loading_peak)
+    if least.loading_peak > cpu_budget:
+        minimum = ByteSize(least.loading_peak)
+        if least.loading is None:
+            what = f"the largest model ({name})" if least.total == max(size.total for size in models) else name
+            why, fix = _WHY_READ.format(what=what), _OR_QUANTIZE.format(name=name)
+        else:
+            why, fix = _WHY_MAPPED.format(name=name), ""
+        raise MemoryBudgetError(_MSG_CPU_BELOW.format(cpu_budget=cpu_budget, minimum=minimum, why=why) + fix)
     if policy is not None and host_peak(policy, models) > cpu_budget:
         raise MemoryBudgetError(
             f"offload={policy!r} keeps {ByteSize(host_peak(policy, models))} of weights in CPU memory, over "

@@ -22,12 +22,14 @@ from diffblocks.components.models.loading import (
     find_weight_files,
     hub_patterns,
     load_weights,
+    load_weights_mapped,
 )
 from diffblocks.components.models.saving import save_config, save_weights
 from diffblocks.components.models.single_file.loading import load_model
 from diffblocks.components.models.single_file.reading import SingleFile, resolve_file
 
 if TYPE_CHECKING:
+    from diffblocks.components.memory.disk import MemoryMap
     from diffblocks.components.quantizers import AbstractQuantizer
 
 logger = logging.getLogger(__name__)
@@ -147,6 +149,7 @@ class AbstractModel(nn.Module, ABC, Generic[P]):
         device: torch.device | str | None = None,
         allow_pickle: bool = False,
         quantizer: AbstractQuantizer | None = None,
+        memory_map: MemoryMap | None = None,
     ) -> Self:
         """Load a diffusers model folder (local, or a Hub id through the cache) without re-allocating.
 
@@ -164,6 +167,9 @@ class AbstractModel(nn.Module, ABC, Generic[P]):
             quantizer: quantize the float weights once loaded (see :mod:`diffblocks.components.quantizers`).
                 A folder saved quantized (``quantization_config`` in its ``config.json``) loads
                 quantized without one.
+            memory_map: load straight into memory maps of the safetensors files instead of CPU memory
+                (see :class:`~diffblocks.components.memory.disk.MemoryMap`, what disk offload loads with).
+                Pickles and folders saved quantized are read into memory as usual.
 
         Raises:
             FileNotFoundError: the folder, ``config.json`` or the weights are missing.
@@ -174,6 +180,11 @@ class AbstractModel(nn.Module, ABC, Generic[P]):
         """
         if quantizer is not None:
             quantizer.check(device)  # a missing package or an impossible type fails before the download
+        if memory_map is not None and (quantizer is not None or torch.device(device or "cpu").type != "cpu"):
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained: memory_map= keeps the weights in files mapped into CPU memory, so it takes "
+                f"neither device={device!r} nor a quantizer (whose tensors are made in memory): load with one or the other"
+            )
         stem = f"{subfolder}/" if subfolder else ""
         patterns = [stem + name for name in hub_patterns(variant, allow_pickle=allow_pickle)]
         folder = resolve_folder(path_or_repo, subfolder=subfolder, revision=revision, allow_patterns=patterns)
@@ -198,6 +209,9 @@ class AbstractModel(nn.Module, ABC, Generic[P]):
             from diffblocks.components.models.quantized import load_quantized_weights
 
             load_quantized_weights(model, files, saved, asked=quantizer, device=device or "cpu", where=config_path)
+            return model.eval()
+        if memory_map is not None and files[0].suffix == ".safetensors":
+            load_weights_mapped(model, files, dtype=dtype, memory_map=memory_map)
             return model.eval()
         load_weights(model, files, dtype=dtype, device=device or "cpu")
         if quantizer is not None:

@@ -10,12 +10,13 @@ A diffusers model folder holds ``config.json`` plus the weights, in one of these
 - the same with ``.bin`` pickles, read only on explicit opt-in.
 
 Tensors are read shard by shard, cast, and *assigned* into the module, so the weights are
-allocated once.
+allocated once. :func:`load_weights_mapped` allocates none: each weight is a view of a memory map.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import tempfile
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from diffblocks.components.config_files import read_json_object
 from diffblocks.components.containment import check_shard_names
+from diffblocks.components.memory.disk import MappedFile, MappedWeights, MemoryMap, record_mapped, register_weight_files, write_lazily
 from diffblocks.components.models.buffers import materialize_computed_buffers, meta_tensor_names
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -233,6 +235,53 @@ def load_weights(
     _finish(module, device)
 
 
+def load_weights_mapped(
+    module: nn.Module, files: Sequence[Path], *, dtype: torch.dtype | None = None, memory_map: MemoryMap
+) -> MappedWeights:
+    """Fill a meta-built ``module`` from safetensors ``files`` with views of their memory maps (see :class:`MemoryMap`).
+
+    The keys, shapes and dtypes are checked as :func:`load_weights` checks them, before a weight is
+    read. A weight the file holds at the dtype it loads as (and aligned, if asked) is a view of the
+    file: nothing is read until it is used, and then into the page cache, not the process's memory.
+    The others are cast (or copied, to align them) one at a time on their way to a file of the
+    loader's own, then mapped from it. Disk offload keeps the maps when it attaches.
+
+    Returns:
+        the bytes mapped from ``files`` and the bytes written first.
+    """
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    declared = {k: v.dtype for k, v in module.state_dict().items()}
+    headers = {path: _read_header(path) for path in files}
+    found = {key: shape for header in headers.values() for key, (shape, _) in header.items()}
+    check_keys(expected, found, model=type(module).__name__, where=files[0].parent)
+    check_dtypes(declared, {key: kind for h in headers.values() for key, (_, kind) in h.items()},
+                 model=type(module).__name__, where=files[0].parent)
+    views: dict[str, Tensor] = {}
+    cast: dict[str, tuple[Tensor, torch.dtype]] = {}  # read through a cast or a copy into the loader's own file
+    for path in files:
+        source = MappedFile(path)
+        for key in headers[path]:
+            view = source.tensor(key)
+            target = (dtype or declared[key]) if view.is_floating_point() else view.dtype
+            aligned = not memory_map.aligned or view.numel() == 0 or view.data_ptr() % _ALIGNMENT == 0
+            if view.dtype == target and aligned:
+                views[key] = view
+            else:
+                cast[key] = (view, target)
+    from_source = sum(t.numel() * t.element_size() for t in views.values())
+    if cast:
+        with tempfile.TemporaryFile(dir=memory_map.folder) as f:  # unlinked: the map keeps its pages, nothing is left behind
+            write_lazily(f, [(key, target, tuple(view.shape)) for key, (view, target) in cast.items()],
+                         lambda key: cast[key][0].to(cast[key][1]))
+            own = MappedFile(f)
+        views.update({key: own.tensor(key) for key in cast})
+    module.load_state_dict(views, strict=False, assign=True)
+    _finish(module, torch.device("cpu"))
+    record_mapped(module, views.keys())
+    register_weight_files(module, files)
+    return MappedWeights(from_source=from_source, written=sum(t.numel() * t.element_size() for t in views.values()) - from_source)
+
+
 def load_state(
     module: nn.Module,
     state: Mapping[str, Tensor],
@@ -296,5 +345,6 @@ __all__ = [
     "index_names",
     "load_state",
     "load_weights",
+    "load_weights_mapped",
     "single_name",
 ]
