@@ -32,7 +32,16 @@ from diffblocks.blocks.lora import TEXT_ENCODER_NAMES, lora_parts
 from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.containment import RepositoryPathError, contained_path, is_hub_id
 from diffblocks.components.hub import resolve_folder
-from diffblocks.components.lora import LoRASource, adapter_weights, check_injectable, inject, is_fused, read_lora_file, source_of
+from diffblocks.components.lora import (
+    LoRALayer,
+    LoRASource,
+    adapter_weights,
+    check_injectable,
+    inject,
+    is_fused,
+    read_lora_file,
+    source_of,
+)
 from diffblocks.components.lora.text_encoders import DENOISER
 from diffblocks.components.models.compile import DENOISER_NAMES
 
@@ -53,6 +62,11 @@ _MSG_REPO = (
     "{repository}: the modular index's {key} entry {name!r} names {repo!r} as the {kind}'s repository, which is not a Hub "
     "id ('owner/name'), or is also a folder under the working directory. An index names other repositories by Hub id "
     "only, so that a downloaded repository cannot read files of this machine; nothing was loaded."
+)
+_MSG_DISABLED = (
+    "the LoRA adapters of the {model} are disabled (pipe.disable_lora()), but a saved preset attaches them enabled "
+    "when it loads, which would make other images. Enable them (pipe.enable_lora()) or remove them "
+    "(pipe.unload_lora_weights()) before saving."
 )
 _MSG_BAD_ENTRY = "{repository}: the modular index's {key} is not a list of LoRA references ({err}); nothing was loaded."
 
@@ -101,7 +115,8 @@ def lora_references(pipe: Pipeline) -> tuple[list[LoRAReference], dict[str, Path
     An adapter attached to several models (a file with denoiser and text-encoder parts) is one reference.
 
     Raises:
-        ValueError: an adapter has no file, was read from a pickle, or its file changed since (named).
+        ValueError: an adapter has no file, was read from a pickle, or its file changed since (named), or the
+            adapters are disabled (a preset loads them enabled).
     """
     models = lora_models(pipe)
     fused = any(is_fused(model) for model in models.values())
@@ -109,6 +124,8 @@ def lora_references(pipe: Pipeline) -> tuple[list[LoRAReference], dict[str, Path
     copies: dict[str, Path] = {}
     seen: set[str] = set()
     for model in models.values():
+        if any(isinstance(layer, LoRALayer) and not layer.enabled for layer in model.modules()):
+            raise ValueError(_MSG_DISABLED.format(model=type(model).__name__))
         for name, weight in adapter_weights(model).items():
             if name in seen:
                 continue

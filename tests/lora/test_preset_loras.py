@@ -173,3 +173,17 @@ def test_a_lora_of_unet_and_text_encoder_is_one_entry_and_both_models_save_witho
     back = Pipeline.from_pretrained(str(saved))
     assert back.get_active_adapters() == ["both"]
     assert np.array_equal(image(back), expected)
+
+
+def test_saving_disabled_loras_is_refused_as_the_preset_would_load_them_enabled(
+    repo: Path, loras: dict[str, Path], tmp_path: Path
+) -> None:
+    pipe = Pipeline.from_pretrained(str(repo))
+    pipe.load_lora_weights(loras["a"], adapter_name="style")
+    pipe.disable_lora()
+    with pytest.raises(ValueError, match=r"LoRA adapters of the UNet2DConditionModel are disabled.*pipe.enable_lora\(\)"):
+        pipe.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+    pipe.enable_lora()
+    expected = image(pipe)
+    assert np.array_equal(image(Pipeline.from_pretrained(str(pipe.save_pretrained(tmp_path / "saved")))), expected)
