@@ -116,3 +116,26 @@ def test_linear_and_1x1_convolution_updates_are_interchangeable() -> None:
         expected = conv(x) + torch.einsum("or,ri,bihw->bohw", up, down, x)
         torch.testing.assert_close(host_conv(x), expected)
         torch.testing.assert_close(host_linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), expected)
+
+
+def test_set_weights_on_a_partly_fused_model_changes_nothing() -> None:
+    # ejecting one adapter of a fused model unfuses the layers it held; the others stay fused, and
+    # set_weights must refuse before it changes any layer's weights
+    from torch import nn
+
+    from diffblocks.components.lora import adapter_weights, is_fused
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+
+    def lora(name: str, layer: str) -> LoRA:
+        return LoRA(name, {layer: LoRAWeights(torch.ones(2, 4), torch.ones(4, 2), alpha=2.0)})
+
+    for name, layer in (("a", "0"), ("c", "0"), ("b", "1")):
+        inject(model, lora(name, layer))
+    fuse(model)
+    eject(model, "a")
+    assert is_fused(model)
+    before = adapter_weights(model)
+    with pytest.raises(ValueError, match="is fused; unfuse it before changing adapter weights"):
+        set_weights(model, {"c": 0.5})
+    assert adapter_weights(model) == before and model[0].weights == {"c": 1.0}

@@ -338,9 +338,10 @@ def set_weights(model: nn.Module, weights: Mapping[str, float]) -> None:
     missing = sorted(set(weights) - set(attached))
     if missing:
         raise KeyError(f"no LoRA named {missing} is attached to {type(model).__name__}; attached: {attached}")
-    for _, layer in _layers(model):
-        if layer.original is not None:
-            raise ValueError(f"{type(model).__name__} is fused; unfuse it before changing adapter weights")
+    layers = [layer for _, layer in _layers(model)]
+    if any(layer.original is not None for layer in layers):  # every layer checked before any changes
+        raise ValueError(f"{type(model).__name__} is fused; unfuse it before changing adapter weights")
+    for layer in layers:
         for name in layer.updates:
             layer.weights[name] = float(weights.get(name, 0.0))
 
