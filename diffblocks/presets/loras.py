@@ -172,6 +172,10 @@ def apply_loras(pipe: Pipeline, entry: Any, path_or_repo: str | os.PathLike[str]
         references = [LoRAReference.model_validate(item) for item in entry]
     except (TypeError, ValidationError) as err:
         raise ValueError(_MSG_BAD_ENTRY.format(repository=repository, key=LORAS_KEY, err=err)) from None
+    names = [reference.adapter_name for reference in references]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:  # the second would fail to attach after the first had changed the models
+        raise ValueError(_MSG_BAD_ENTRY.format(repository=repository, key=LORAS_KEY, err=f"adapter {twice!r} is given twice"))
     if not references:
         return
     files = [_resolve(reference, path_or_repo, revision=revision) for reference in references]
