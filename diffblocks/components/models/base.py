@@ -259,25 +259,21 @@ class AbstractModel(nn.Module, ABC, Generic[P]):
                 an index file. None writes a single file.
 
         A quantized model writes its quantizer's ``quantization_config`` into ``config.json`` and
-        its quantized tensors as the backend stores them, as diffusers does. Attached LoRA adapters
-        are left out (unfused for the save, fused again after): record them with a pipeline's preset.
+        its quantized tensors as the backend stores them, as diffusers does.
         """
-        from diffblocks.components.lora import detached
         from diffblocks.components.quantizers import quantizer_of
 
         path = Path(folder)
         quantizer = quantizer_of(self)
-        # attached LoRA adapters are not the model's: its own layers and weights are saved, under its own names
-        with detached(self):
-            if quantizer is None:
-                save_config(self.to_config(), path)
-                save_weights(self.state_dict(), path, variant=variant, max_shard_size=max_shard_size)
-                return
-            # diffusers' layout: the backend's config beside the architecture, its tensors as the backend stores them
-            tensors, metadata = quantizer.state_to_save(self)
-            config = {**self.to_config(), "quantization_config": quantizer.to_diffusers()}
-            save_config(config, path)
-            save_weights(tensors, path, variant=variant, max_shard_size=max_shard_size, metadata=metadata)
+        if quantizer is None:
+            save_config(self.to_config(), path)
+            save_weights(self.state_dict(), path, variant=variant, max_shard_size=max_shard_size)
+            return
+        # diffusers' layout: the backend's config beside the architecture, its tensors as the backend stores them
+        tensors, metadata = quantizer.state_to_save(self)
+        config = {**self.to_config(), "quantization_config": quantizer.to_diffusers()}
+        save_config(config, path)
+        save_weights(tensors, path, variant=variant, max_shard_size=max_shard_size, metadata=metadata)
 
     def num_parameters(self) -> int:
         """Number of parameter elements."""
