@@ -139,3 +139,19 @@ def test_set_weights_on_a_partly_fused_model_changes_nothing() -> None:
     with pytest.raises(ValueError, match="is fused; unfuse it before changing adapter weights"):
         set_weights(model, {"c": 0.5})
     assert adapter_weights(model) == before and model[0].weights == {"c": 1.0}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_a_model_saved_with_adapters_attached_saves_its_own_weights(fused: bool, tmp_path: Path) -> None:
+    # as a pipeline's save does: the model's own names and weights, the adapters kept attached after
+    _, ours = _pair(SD15, tmp_path)
+    original = {k: v.clone() for k, v in ours.state_dict().items()}
+    inject(ours, LoRA.from_file(peft_lora(SD15, tmp_path / "a", seed=1), ours, name="a"))
+    if fused:
+        fuse(ours)
+    before = _run(ours, SD15)
+    ours.save_pretrained(tmp_path / "saved")
+    assert adapter_names(ours) == ["a"] and torch.equal(_run(ours, SD15), before)
+    back = UNet2DConditionModel.from_pretrained(tmp_path / "saved")
+    state = back.state_dict()
+    assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in original)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from diffblocks.components.lora.formats import PREFIXES, LoRAWeights, Naming, convert, read_lora_file
 from diffblocks.components.lora.names import layer_names
 from diffblocks.components.lora.sources import LoRASource
+from diffblocks.components.models.saving import register_save_view
 from diffblocks.components.quantizers.gguf import GGUFLinear
 
 Base = nn.Linear | nn.Conv2d | GGUFLinear
@@ -412,6 +413,9 @@ def detached(model: nn.Module) -> Iterator[nn.Module]:
             _replace(model, path, layer)
         for layer in fused:
             layer.fuse()
+
+
+register_save_view(detached)  # a model's own save_pretrained writes it without its adapters, as a pipeline's save does
 
 
 # Which file each attached adapter came from: kept beside the model (as quantizers are), and forgotten with it.

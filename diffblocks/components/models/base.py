@@ -23,7 +23,7 @@ from diffblocks.components.models.loading import (
     hub_patterns,
     load_weights,
 )
-from diffblocks.components.models.saving import save_config, save_weights
+from diffblocks.components.models.saving import save_config, save_weights, saved_as_itself
 from diffblocks.components.models.single_file.loading import load_model
 from diffblocks.components.models.single_file.reading import SingleFile, resolve_file
 
@@ -259,21 +259,23 @@ class AbstractModel(nn.Module, ABC, Generic[P]):
                 an index file. None writes a single file.
 
         A quantized model writes its quantizer's ``quantization_config`` into ``config.json`` and
-        its quantized tensors as the backend stores them, as diffusers does.
+        its quantized tensors as the backend stores them, as diffusers does. Attached LoRA adapters
+        are left out (unfused for the save, fused again after): a pipeline's preset records them.
         """
         from diffblocks.components.quantizers import quantizer_of
 
         path = Path(folder)
         quantizer = quantizer_of(self)
-        if quantizer is None:
-            save_config(self.to_config(), path)
-            save_weights(self.state_dict(), path, variant=variant, max_shard_size=max_shard_size)
-            return
-        # diffusers' layout: the backend's config beside the architecture, its tensors as the backend stores them
-        tensors, metadata = quantizer.state_to_save(self)
-        config = {**self.to_config(), "quantization_config": quantizer.to_diffusers()}
-        save_config(config, path)
-        save_weights(tensors, path, variant=variant, max_shard_size=max_shard_size, metadata=metadata)
+        with saved_as_itself(self):  # attached LoRA adapters left out: the model's own layers, names and weights
+            if quantizer is None:
+                save_config(self.to_config(), path)
+                save_weights(self.state_dict(), path, variant=variant, max_shard_size=max_shard_size)
+                return
+            # diffusers' layout: the backend's config beside the architecture, its tensors as the backend stores them
+            tensors, metadata = quantizer.state_to_save(self)
+            config = {**self.to_config(), "quantization_config": quantizer.to_diffusers()}
+            save_config(config, path)
+            save_weights(tensors, path, variant=variant, max_shard_size=max_shard_size, metadata=metadata)
 
     def num_parameters(self) -> int:
         """Number of parameter elements."""
