@@ -229,22 +229,35 @@ def _builtin_model() -> Path:
     return builtin_model_dir()
 
 
+_FLAGS = {"num_images": "num-images", "num_inference_steps": "steps", "guidance_scale": "guidance", "negative_prompt": "negative-prompt"}
+"""The command's flag for each request field whose name differs from it."""
+
+
 def _request(args: argparse.Namespace) -> Any:
-    """The arguments as the request that batch rows and served calls are too."""
+    """The arguments as the request that batch rows and served calls are too; a value it refuses is named by its flag."""
+    from pydantic import ValidationError
+
     from diffblocks.scale import GenerationRequest
 
-    return GenerationRequest(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        seed=args.seed,
-        num_images=args.num_images,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        guider=args.guider,
-        scheduler=args.scheduler,
-    )
+    try:
+        return GenerationRequest(
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            seed=args.seed,
+            num_images=args.num_images,
+            height=args.height,
+            width=args.width,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            guider=args.guider,
+            scheduler=args.scheduler,
+        )
+    except ValidationError as error:
+        problems = [
+            f"--{_FLAGS.get(str(each['loc'][0]), str(each['loc'][0]))}: {each['msg']}" if each["loc"] else each["msg"]
+            for each in error.errors(include_url=False)
+        ]
+        raise CommandError("; ".join(problems)) from None
 
 
 def _image_inputs(args: argparse.Namespace) -> dict[str, Any]:

@@ -120,6 +120,8 @@ def test_generate_from_an_image(tmp_path: Path, capsys: pytest.CaptureFixture[st
         (["--size", "8192", "--num-images", "64"], "num_images_per_prompt: 64 images of 8192x8192 need"),
         (["--guidance", "inf"], "--guidance must be a finite number, got inf"),
         (["--guidance", "nan", "--guider", "AdaptiveProjectedGuidance"], "--guidance must be a finite number, got nan"),
+        (["--seed", "-1"], "--seed: Input should be greater than or equal to 0"),
+        (["--num-images", "65"], "--num-images: Input should be less than or equal to 64"),
     ],
 )
 def test_generate_errors_are_one_line(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

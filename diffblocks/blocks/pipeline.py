@@ -257,6 +257,7 @@ class Pipeline(AbstractLoRAMethods, AbstractTextualInversionMethods, AbstractIPA
 
         Raises:
             ValueError: a named component holds no weights (scheduler, tokenizer, guider) or is unknown.
+                Or it holds LoRA adapters or textual inversion tokens, which the new module would lack.
             QuantizerNotInstalledError, UnsupportedQuantizationError: before any weight is read.
         """
         originals = dict(self._originals)

@@ -14,6 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffblocks.blocks.textual_inversion import ENCODER_TOKENIZERS, sources_of
+from diffblocks.components.compiled import unwrap_compiled
+from diffblocks.components.lora import adapter_names
 from diffblocks.components.manager import ComponentsManager
 from diffblocks.components.quantizers.base import AbstractQuantizer, quantize, quantizer_of
 
@@ -28,6 +31,10 @@ _MSG_NO_WEIGHTS = (
 _MSG_FROM_FILE = (
     "{quantizer} cannot quantize component {name!r}: GGUF weights come quantized in .gguf files. Load the file "
     "with load_gguf(...) and pass the model as components={{{name!r}: model}}."
+)
+_MSG_HELD = (
+    "component {name!r} holds the {what}(s) {held}, which live in the module that quantizing replaces: the new one "
+    "would come without them{why}. Remove them ({remove}), quantize, then load them again."
 )
 _MSG_GIVEN_QUANTIZED = (
     "component {name!r} was given already quantized ({done}); the pipeline has no original weights to "
@@ -64,7 +71,8 @@ def replacements(
     resolved without loading it), each backend is installed and runs on the manager's device.
 
     Raises:
-        ValueError: a component without weights, or one given quantized, or GGUF asked to quantize floats.
+        ValueError: a component without weights, or one given quantized, or GGUF asked to quantize floats,
+            or a loaded one holding LoRA adapters or textual inversion tokens (the new module would lack them).
         QuantizerNotInstalledError, UnsupportedQuantizationError: as :meth:`AbstractQuantizer.check`.
     """
     wanted = requested(quantization, keys)
@@ -77,6 +85,7 @@ def replacements(
             raise ValueError(_MSG_FROM_FILE.format(quantizer=quantizer.describe(), name=name))
         if quantizer is not None:
             quantizer.check(manager.device)
+        _check_holds_nothing(manager, keys, name)
     changes: dict[str, Any] = {}
     for name, quantizer in wanted.items():
         key = keys[name]
@@ -91,6 +100,29 @@ def replacements(
         originals[name] = original
         changes[name] = original if quantizer is None else quantize(copy.deepcopy(original), quantizer)
     return changes
+
+
+def _check_holds_nothing(manager: ComponentsManager, keys: Mapping[str, str], name: str) -> None:
+    """Refuse to replace a loaded model that holds LoRA adapters or textual inversion rows (they would be lost)."""
+    loaded = manager.loaded(keys[name])
+    model = unwrap_compiled(loaded) if loaded is not None else None
+    if not isinstance(model, nn.Module):
+        return  # not loaded yet: nothing is attached to it
+    adapters = adapter_names(model)
+    if adapters:
+        raise ValueError(
+            _MSG_HELD.format(name=name, what="LoRA adapter", held=adapters, why="", remove=f"pipe.delete_adapters({adapters!r})")
+        )
+    tokenizer_name = ENCODER_TOKENIZERS.get(name)
+    tokenizer = manager.loaded(keys[tokenizer_name]) if tokenizer_name is not None and tokenizer_name in keys else None
+    tokens = list(sources_of(model, tokenizer)) if tokenizer is not None else []
+    if tokens:
+        why = f", while {tokenizer_name} keeps their ids, so a prompt naming them would fail"
+        raise ValueError(
+            _MSG_HELD.format(
+                name=name, what="textual inversion token", held=tokens, why=why, remove=f"pipe.unload_textual_inversion({tokens!r})"
+            )
+        )
 
 
 def _holds_weights(manager: ComponentsManager, key: str) -> bool:

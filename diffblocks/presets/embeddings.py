@@ -119,7 +119,8 @@ def detached_embeddings(pipe: Pipeline) -> Iterator[None]:
 def apply_embeddings(pipe: Pipeline, entry: Any, path_or_repo: str | os.PathLike[str], *, revision: str | None = None) -> None:
     """Add the embeddings a saved preset records (``entry``, its ``_diffblocks_textual_inversions``), in their order.
 
-    Every file is found, checked and read before any token is added.
+    Every file is found, checked and read before any token is added; an embedding refused when it is
+    added (its token taken) removes those added before it.
 
     Raises:
         ValueError: the entry is malformed, or a file's sha256 differs from the recorded one (named).
@@ -137,8 +138,17 @@ def apply_embeddings(pipe: Pipeline, entry: Any, path_or_repo: str | os.PathLike
             revision=revision, key=EMBEDDINGS_KEY, name=reference.token, kind="textual inversion",
         )
         read.append((Embedding.from_file(path, token=reference.token), source))
-    for embedding, source in read:
-        pipe.add_textual_inversion(embedding, source=source)
+    added: list[str] = []
+    try:
+        for embedding, source in read:
+            pipe.add_textual_inversion(embedding, source=source)
+            added.append(embedding.token)
+    except Exception:
+        # an entry refused half-way (two under one token): the tokenizers and encoders, which other
+        # pipelines of the manager may share, get back the state they had
+        if added:
+            pipe.unload_textual_inversion(added)
+        raise
 
 
 __all__ = [

@@ -29,7 +29,7 @@ from torch import nn
 from diffblocks.blocks import Pipeline
 from diffblocks.blocks.lora import TEXT_ENCODER_NAMES, lora_parts
 from diffblocks.components.compiled import unwrap_compiled
-from diffblocks.components.lora import LoRASource, adapter_weights, check_injectable, inject, is_fused, read_lora_file, source_of
+from diffblocks.components.lora import LoRALayer, LoRASource, adapter_weights, check_injectable, inject, is_fused, read_lora_file, source_of
 from diffblocks.components.lora.text_encoders import DENOISER
 from diffblocks.components.models.compile import DENOISER_NAMES
 from diffblocks.presets.pinned import pin, resolve_pinned
@@ -45,6 +45,11 @@ _MSG_NO_SOURCE = (
 _MSG_PICKLE = (
     "LoRA {name!r} was read from the pickle {file}; a saved preset holds safetensors files only. Convert it "
     "(safetensors.torch.save_file(torch.load(path, weights_only=True), 'lora.safetensors')) and load that instead."
+)
+_MSG_DISABLED = (
+    "the LoRA adapters of the {model} are disabled (pipe.disable_lora()), but a saved preset attaches them enabled "
+    "when it loads, which would make other images. Enable them (pipe.enable_lora()) or remove them "
+    "(pipe.unload_lora_weights()) before saving."
 )
 _MSG_BAD_ENTRY = "{repository}: the modular index's {key} is not a list of LoRA references ({err}); nothing was loaded."
 
@@ -93,7 +98,8 @@ def lora_references(pipe: Pipeline) -> tuple[list[LoRAReference], dict[str, Path
     An adapter attached to several models (a file with denoiser and text-encoder parts) is one reference.
 
     Raises:
-        ValueError: an adapter has no file, was read from a pickle, or its file changed since (named).
+        ValueError: an adapter has no file, was read from a pickle, or its file changed since (named), or the
+            adapters are disabled (a preset loads them enabled).
     """
     models = lora_models(pipe)
     fused = any(is_fused(model) for model in models.values())
@@ -101,6 +107,8 @@ def lora_references(pipe: Pipeline) -> tuple[list[LoRAReference], dict[str, Path
     copies: dict[str, Path] = {}
     seen: set[str] = set()
     for model in models.values():
+        if any(isinstance(layer, LoRALayer) and not layer.enabled for layer in model.modules()):
+            raise ValueError(_MSG_DISABLED.format(model=type(model).__name__))
         for name, weight in adapter_weights(model).items():
             if name in seen:
                 continue
@@ -137,6 +145,10 @@ def apply_loras(pipe: Pipeline, entry: Any, path_or_repo: str | os.PathLike[str]
         references = [LoRAReference.model_validate(item) for item in entry]
     except (TypeError, ValidationError) as err:
         raise ValueError(_MSG_BAD_ENTRY.format(repository=repository, key=LORAS_KEY, err=err)) from None
+    names = [reference.adapter_name for reference in references]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:  # the second would fail to attach after the first had changed the models
+        raise ValueError(_MSG_BAD_ENTRY.format(repository=repository, key=LORAS_KEY, err=f"adapter {twice!r} is given twice"))
     if not references:
         return
     files = [_resolve(reference, path_or_repo, revision=revision) for reference in references]

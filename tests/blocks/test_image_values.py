@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffblocks.blocks.standard.images import ImageLike, image_range_problem, to_tensor
-from diffblocks.blocks.standard.masks import mask_to_tensor
+from diffblocks.blocks.standard.masks import MaskLike, mask_to_tensor
 
 
 @pytest.mark.parametrize(
@@ -23,8 +23,9 @@ from diffblocks.blocks.standard.masks import mask_to_tensor
         np.full((4, 4, 3), 128 / 255, dtype=np.float32),
         torch.full((1, 3, 4, 4), 128, dtype=torch.uint8),
         torch.full((1, 3, 4, 4), 128 / 255),
+        torch.full((1, 3, 4, 4), 128 * 257, dtype=torch.uint16),
     ],
-    ids=["rgb8", "pil-i16", "pil-i", "pil-f", "uint8", "uint16", "float", "tensor-uint8", "tensor-float"],
+    ids=["rgb8", "pil-i16", "pil-i", "pil-f", "uint8", "uint16", "float", "tensor-uint8", "tensor-float", "tensor-uint16"],
 )
 def test_every_kind_of_image_reads_as_the_same_mid_grey(image: ImageLike) -> None:
     assert image_range_problem(image) is None
@@ -58,3 +59,20 @@ def test_uint8_masks_are_read_as_0_to_255() -> None:
     binary = mask_to_tensor(mask, height=4, width=4)
     assert binary[0, 0, :2].eq(1).all() and binary[0, 0, 2:].eq(0).all()
     assert torch.equal(mask_to_tensor(torch.from_numpy(mask), height=4, width=4), binary)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        np.array([[1.0, 0.6], [0.4, 0.0]], dtype=np.float32),
+        PIL.Image.fromarray(np.array([[1.0, 0.6], [0.4, 0.0]], dtype=np.float32)),  # "F", read as [0, 1]
+        PIL.Image.fromarray(np.array([[65535, 39321], [26214, 0]], dtype=np.uint16)),  # "I;16", read as [0, 65535]
+        np.array([[65535, 39321], [26214, 0]], dtype=np.uint16),
+        torch.tensor([[65535, 39321], [26214, 0]], dtype=torch.uint16),
+    ],
+    ids=["float", "pil-f", "pil-i16", "uint16", "tensor-uint16"],
+)
+def test_every_kind_of_mask_is_read_by_its_type_as_images_are(mask: MaskLike) -> None:
+    # 1.0 and 0.6 repainted, 0.4 and 0 kept, whatever type carries them
+    binary = mask_to_tensor(mask, height=2, width=2)
+    assert binary[0, 0].tolist() == [[1.0, 1.0], [0.0, 0.0]]

@@ -70,3 +70,28 @@ def test_pipeline_load_lora_weights_hotswap(tmp_path: Path) -> None:
         pipe.load_lora_weights(b, hotswap=True)
     assert pipe.load_lora_weights(b, adapter_name="style", hotswap=True) == "style"
     torch.testing.assert_close(pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images, expected, atol=1e-5, rtol=0)
+
+
+def test_hotswap_leaves_the_attached_lora_value_as_it_was() -> None:
+    # a LoRA value is frozen: swapping another in must not write into the tensors it was attached from,
+    # or swapping it back (or another model holding it) would get the new weights
+    import copy
+
+    from torch import nn
+
+    from diffblocks.components.lora import LoRAWeights
+
+    base = nn.Linear(4, 3)
+    model, other, unchanged = (nn.Sequential(copy.deepcopy(base)) for _ in range(3))
+    first = LoRA("a", {"0": LoRAWeights(torch.ones(2, 4), torch.ones(3, 2), alpha=2.0)})
+    second = LoRA("b", {"0": LoRAWeights(torch.full((2, 4), 5.0), torch.full((3, 2), 7.0), alpha=2.0)})
+    inject(model, first)
+    inject(other, first)
+    x = torch.randn(2, 4)
+    before = other(x)
+    hotswap(model, "a", second)
+    assert torch.equal(first.layers["0"].down, torch.ones(2, 4)) and torch.equal(first.layers["0"].up, torch.ones(3, 2))
+    assert torch.equal(other(x), before)
+    hotswap(model, "a", first)  # back to the first LoRA's weights
+    inject(unchanged, first)
+    torch.testing.assert_close(model(x), unchanged(x), atol=0, rtol=0)

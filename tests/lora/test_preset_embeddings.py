@@ -169,3 +169,23 @@ def test_an_sdxl_pair_is_one_entry_and_both_encoders_get_it_back(tmp_path: Path)
     back = Pipeline.from_pretrained(str(saved))
     assert all("zqxpair" in added_tokens(back.components[name]) for name in ("tokenizer", "tokenizer_2"))
     assert np.array_equal(back(**call, generator=torch.Generator().manual_seed(0)).images, expected)
+
+
+def test_an_index_that_fails_half_way_leaves_shared_tokenizers_as_they_were(
+    repo: Path, files: dict[str, Path], tmp_path: Path
+) -> None:
+    from diffblocks.components import ComponentsManager
+
+    pipe = Pipeline.from_pretrained(str(repo))
+    pipe.load_textual_inversion(files["cat"])
+    pipe.load_textual_inversion(files["red"])
+    saved = pipe.save_pretrained(tmp_path / "saved")
+    index = saved / "modular_model_index.json"
+    data = json.loads(index.read_text())
+    data["_diffblocks_textual_inversions"][1]["token"] = "<cat>"  # the second file under the first one's token
+    index.write_text(json.dumps(data))
+    manager = ComponentsManager()
+    with pytest.raises(ValueError, match=r"token '<cat>' is already in the vocabulary"):
+        Pipeline.from_pretrained(str(saved), manager=manager)
+    tokenizers = [manager.loaded(key) for key in manager.keys() if "CLIPTokenizer" in key]
+    assert tokenizers and all(t is not None and added_tokens(t) == {} for t in tokenizers)

@@ -173,3 +173,38 @@ def test_a_lora_of_unet_and_text_encoder_is_one_entry_and_both_models_save_witho
     back = Pipeline.from_pretrained(str(saved))
     assert back.get_active_adapters() == ["both"]
     assert np.array_equal(image(back), expected)
+
+
+def test_saving_disabled_loras_is_refused_as_the_preset_would_load_them_enabled(
+    repo: Path, loras: dict[str, Path], tmp_path: Path
+) -> None:
+    pipe = Pipeline.from_pretrained(str(repo))
+    pipe.load_lora_weights(loras["a"], adapter_name="style")
+    pipe.disable_lora()
+    with pytest.raises(ValueError, match=r"LoRA adapters of the UNet2DConditionModel are disabled.*pipe.enable_lora\(\)"):
+        pipe.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+    pipe.enable_lora()
+    expected = image(pipe)
+    assert np.array_equal(image(Pipeline.from_pretrained(str(pipe.save_pretrained(tmp_path / "saved")))), expected)
+
+
+def test_an_index_naming_one_adapter_twice_is_refused_before_a_shared_model_changes(
+    repo: Path, loras: dict[str, Path], tmp_path: Path
+) -> None:
+    from diffblocks.components import ComponentsManager
+    from diffblocks.components.lora import adapter_names
+
+    pipe = Pipeline.from_pretrained(str(repo))
+    pipe.load_lora_weights(loras["a"], adapter_name="style")
+    pipe.load_lora_weights(loras["b"], adapter_name="ink")
+    saved = pipe.save_pretrained(tmp_path / "saved")
+    index = saved / "modular_model_index.json"
+    data = json.loads(index.read_text())
+    data["_diffblocks_loras"][1]["adapter_name"] = "style"  # two files under one name
+    index.write_text(json.dumps(data))
+    manager = ComponentsManager()
+    with pytest.raises(ValueError, match=r"is not a list of LoRA references \(adapter 'style' is given twice\)"):
+        Pipeline.from_pretrained(str(saved), manager=manager)
+    models = [manager.loaded(key) for key in manager.keys()]
+    assert not any(adapter_names(m) for m in models if isinstance(m, torch.nn.Module))

@@ -116,3 +116,42 @@ def test_linear_and_1x1_convolution_updates_are_interchangeable() -> None:
         expected = conv(x) + torch.einsum("or,ri,bihw->bohw", up, down, x)
         torch.testing.assert_close(host_conv(x), expected)
         torch.testing.assert_close(host_linear(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2), expected)
+
+
+def test_set_weights_on_a_partly_fused_model_changes_nothing() -> None:
+    # ejecting one adapter of a fused model unfuses the layers it held; the others stay fused, and
+    # set_weights must refuse before it changes any layer's weights
+    from torch import nn
+
+    from diffblocks.components.lora import adapter_weights, is_fused
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+
+    def lora(name: str, layer: str) -> LoRA:
+        return LoRA(name, {layer: LoRAWeights(torch.ones(2, 4), torch.ones(4, 2), alpha=2.0)})
+
+    for name, layer in (("a", "0"), ("c", "0"), ("b", "1")):
+        inject(model, lora(name, layer))
+    fuse(model)
+    eject(model, "a")
+    assert is_fused(model)
+    before = adapter_weights(model)
+    with pytest.raises(ValueError, match="is fused; unfuse it before changing adapter weights"):
+        set_weights(model, {"c": 0.5})
+    assert adapter_weights(model) == before and model[0].weights == {"c": 1.0}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+def test_a_model_saved_with_adapters_attached_saves_its_own_weights(fused: bool, tmp_path: Path) -> None:
+    # as a pipeline's save does: the model's own names and weights, the adapters kept attached after
+    _, ours = _pair(SD15, tmp_path)
+    original = {k: v.clone() for k, v in ours.state_dict().items()}
+    inject(ours, LoRA.from_file(peft_lora(SD15, tmp_path / "a", seed=1), ours, name="a"))
+    if fused:
+        fuse(ours)
+    before = _run(ours, SD15)
+    ours.save_pretrained(tmp_path / "saved")
+    assert adapter_names(ours) == ["a"] and torch.equal(_run(ours, SD15), before)
+    back = UNet2DConditionModel.from_pretrained(tmp_path / "saved")
+    state = back.state_dict()
+    assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in original)

@@ -31,3 +31,11 @@ def test_absurd_model_configs_are_refused_before_building(model: Any, config: di
 def test_schedulers_refuse_billions_of_training_timesteps(name: str) -> None:
     with pytest.raises(ValueError, match="num_train_timesteps\n  Input should be less than or equal to 100000"):
         SCHEDULERS[name](num_train_timesteps=10**9)
+
+
+@pytest.mark.parametrize("model", [UNet2DConditionModel, AutoencoderKL, FluxTransformer2DModel])
+def test_a_transformers_config_is_refused_not_built_at_full_size(model: Any) -> None:
+    # a text encoder's config.json shares no key with ours: skipping unknown keys would build the default (full) size
+    config = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "hidden_size": 32}
+    with pytest.raises(ValueError, match=rf"{model.__name__}.from_config was given a transformers config \(model_type 'clip_text_model'"):
+        model.from_config(config)

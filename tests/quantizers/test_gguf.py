@@ -178,3 +178,20 @@ def test_gguf_quantizes_nothing_itself_and_is_not_saved(reference: tuple[Diffuse
     ours = load_gguf(write_gguf(tmp_path / "f.gguf", stored(model.state_dict(), "Q8_0")), FluxTransformer2DModel, config=model.config)
     with pytest.raises(ValueError, match="keep the .gguf file"):
         ours.save_pretrained(tmp_path / "saved")
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_a_gguf_layer_cast_to_another_dtype_computes_in_it(bias: bool) -> None:
+    # model.half() / .to(dtype) reaches a GGUF layer: its weight stays in its blocks, and it now
+    # dequantizes to (and adds its bias in) the new dtype, like every other layer of the model
+    kind = BLOCK_TYPES["Q8_0"]
+    data = torch.randint(0, 255, (4, 64 // kind.block_size * kind.type_size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data.view(-1, kind.type_size)[:, :2] = torch.tensor([0, 60], dtype=torch.uint8)  # a small finite float16 scale per block
+    layer = GGUFLinear(64, 4, type_name="Q8_0", data=data, bias=torch.ones(4) if bias else None, compute_dtype=torch.bfloat16)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
+    reference = torch.nn.functional.linear(x.half(), layer.dequantized_weight().float().half(), torch.ones(4).half() if bias else None)
+    layer.half()
+    assert torch.equal(layer.weight, data) and layer.compute_dtype == torch.float16
+    out = layer(x.half())
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, reference, atol=1e-2, rtol=1e-3)

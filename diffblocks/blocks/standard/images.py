@@ -15,9 +15,10 @@ ImageLike = Union[PIL.Image.Image, np.ndarray, Tensor, list[PIL.Image.Image]]
 """A PIL image or a list of them, a ``(batch, height, width, channels)`` / ``(height, width, channels)``
 array, or a ``(batch, channels, height, width)`` tensor. Values are read by their type: 8-bit images
 and ``uint8`` arrays and tensors span [0, 255], 16-bit ones (PIL ``I;16`` and ``I``, ``uint16``
-arrays) [0, 65535]; float images, arrays and tensors must lie in [0, 1] and are refused otherwise."""
+arrays and tensors) [0, 65535]; float images, arrays and tensors must lie in [0, 1] and are refused otherwise."""
 
 _HIGH_DEPTH = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+_INTEGER_RANGE = {torch.uint8: 255.0, torch.uint16: 65535.0}  # the integer tensors read as images, by their range
 _UNIT_SLACK = 1e-3  # float images a hair outside [0, 1] (resampling overshoot) are clamped, not refused
 _MSG_RANGE = (
     "{name} is a float {kind} with values in [{low:.4g}, {high:.4g}], but float images must lie in [0, 1]{hint}"
@@ -105,8 +106,8 @@ def to_tensor(image: ImageLike, *, height: int, width: int, mode: Literal["RGB",
         array = image[None] if image.ndim == 3 else image
         scale = {"uint8": 255.0, "uint16": 65535.0}.get(str(array.dtype), 1.0)
         image = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32) / np.float32(scale)).permute(0, 3, 1, 2)
-    elif image.dtype == torch.uint8:
-        image = image.float() / 255.0
+    elif image.dtype in _INTEGER_RANGE:
+        image = image.float() / _INTEGER_RANGE[image.dtype]
     tensor = image[None] if image.ndim == 3 else image
     if tuple(tensor.shape[-2:]) != (height, width):
         tensor = torch.nn.functional.interpolate(tensor.float(), size=(height, width), mode="bilinear", antialias=True)

@@ -15,7 +15,7 @@ import PIL.Image
 import torch
 from torch import Tensor
 
-from diffblocks.blocks.standard.images import image_range_problem, image_size
+from diffblocks.blocks.standard.images import _HIGH_DEPTH, _INTEGER_RANGE, _pil_array, image_range_problem, image_size
 
 MaskLike = Union[PIL.Image.Image, list[PIL.Image.Image], np.ndarray, Tensor]
 """A PIL image (any mode) or a list of them; an array ``(height, width)``, ``(height, width, 1)``,
@@ -61,6 +61,9 @@ def mask_to_tensor(mask: MaskLike, *, height: int, width: int) -> Tensor:
         images = mask if isinstance(mask, list) else [mask]
         arrays = []
         for item in images:
+            if item.mode in _HIGH_DEPTH:  # 16-bit and float images: PIL's convert("L") would clip them to 8 bits
+                arrays.append(_pil_array(item, height=height, width=width, mode="L")[..., 0])
+                continue
             if item.size != (width, height):
                 item = item.resize((width, height), resample=PIL.Image.Resampling.LANCZOS)
             arrays.append(np.asarray(item.convert("L"), dtype=np.float32) / 255.0)
@@ -73,7 +76,7 @@ def mask_to_tensor(mask: MaskLike, *, height: int, width: int) -> Tensor:
             array = array[None] if array.shape[-1] == 1 else array[..., None]
         tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2)
     else:
-        tensor = mask.float() / 255.0 if mask.dtype == torch.uint8 else mask.float()
+        tensor = mask.float() / _INTEGER_RANGE[mask.dtype] if mask.dtype in _INTEGER_RANGE else mask.float()
         if tensor.ndim == 2:
             tensor = tensor[None, None]
         elif tensor.ndim == 3:

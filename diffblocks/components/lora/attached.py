@@ -15,6 +15,7 @@ from torch import nn
 
 from diffblocks.components.lora.layer import lora_layers, replace_module
 from diffblocks.components.lora.sources import LoRASource
+from diffblocks.components.models.saving import register_save_view
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -31,9 +32,10 @@ def set_weights(model: nn.Module, weights: Mapping[str, float]) -> None:
     missing = sorted(set(weights) - set(attached))
     if missing:
         raise KeyError(f"no LoRA named {missing} is attached to {type(model).__name__}; attached: {attached}")
-    for _, layer in lora_layers(model):
-        if layer.original is not None:
-            raise ValueError(f"{type(model).__name__} is fused; unfuse it before changing adapter weights")
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.original is not None for layer in layers):  # every layer checked before any changes
+        raise ValueError(f"{type(model).__name__} is fused; unfuse it before changing adapter weights")
+    for layer in layers:
         for name in layer.updates:
             layer.weights[name] = float(weights.get(name, 0.0))
 
@@ -99,6 +101,9 @@ def detached(model: nn.Module) -> Iterator[nn.Module]:
             replace_module(model, path, layer)
         for layer in fused:
             layer.fuse()
+
+
+register_save_view(detached)  # a model's own save_pretrained writes it without its adapters, as a pipeline's save does
 
 
 # Which file each attached adapter came from: kept beside the model (as quantizers are), and forgotten with it.

@@ -46,7 +46,12 @@ class LoRALayer(nn.Module):
         return self.base.bias
 
     def add(self, name: str, update: LoRAWeights) -> None:
-        self.updates[name] = self._fitted(update)
+        fitted = self._fitted(update)
+        # The layer owns its tensors: :meth:`swap` writes into them in place, which must not reach the
+        # LoRA value they came from (``.to`` and ``flatten`` return it as it is when nothing changes),
+        # nor another model or layer holding that value
+        down, up = (_own(t, given) for t, given in ((fitted.down, update.down), (fitted.up, update.up)))
+        self.updates[name] = LoRAWeights(down, up, fitted.alpha)
         self.weights[name] = 1.0
 
     @torch.no_grad()
@@ -161,3 +166,9 @@ def _parent(model: nn.Module, path: str) -> nn.Module | None:
 
 
 __all__ = ["LoRALayer", "lora_layers", "replace_module", "targets"]
+
+
+def _own(tensor: Tensor, given: Tensor) -> Tensor:
+    """``tensor``, copied if it shares memory with ``given`` (a view of it, or the very tensor)."""
+    same = tensor.untyped_storage().data_ptr() == given.untyped_storage().data_ptr()
+    return tensor.clone() if same else tensor

@@ -24,7 +24,7 @@ from diffblocks.components.models.loading import (
     load_weights,
     load_weights_mapped,
 )
-from diffblocks.components.models.saving import save_config, save_weights
+from diffblocks.components.models.saving import save_config, save_weights, saved_as_itself
 from diffblocks.components.models.single_file.loading import load_model
 from diffblocks.components.models.single_file.reading import SingleFile, resolve_file
 
@@ -110,9 +110,17 @@ class AbstractModel(nn.Module, ABC, Generic[P]):
         """Build a randomly initialised model from a diffusers ``config.json`` mapping.
 
         Raises:
-            ValueError: a key is set to a value this implementation does not support, or the
-                params fail validation.
+            ValueError: a key is set to a value this implementation does not support, the params
+                fail validation, or ``config`` is a transformers model's (``model_type``/``architectures``).
         """
+        if "model_type" in config or "architectures" in config:
+            # unknown keys are skipped (diffusers' configs carry some), so a text encoder's config would
+            # otherwise build this model at its default, full size without a word
+            raise ValueError(
+                f"{cls.__name__}.from_config was given a transformers config (model_type "
+                f"{config.get('model_type')!r}, architectures {config.get('architectures')!r}), not this model's: "
+                f"pass the config.json of the {cls.__name__} folder"
+            )
         fields = cls.Params.model_fields
         values: dict[str, Any] = {}
         for key, value in config.items():
@@ -273,21 +281,23 @@ class AbstractModel(nn.Module, ABC, Generic[P]):
                 an index file. None writes a single file.
 
         A quantized model writes its quantizer's ``quantization_config`` into ``config.json`` and
-        its quantized tensors as the backend stores them, as diffusers does.
+        its quantized tensors as the backend stores them, as diffusers does. Attached LoRA adapters
+        are left out (unfused for the save, fused again after): a pipeline's preset records them.
         """
         from diffblocks.components.quantizers import quantizer_of
 
         path = Path(folder)
         quantizer = quantizer_of(self)
-        if quantizer is None:
-            save_config(self.to_config(), path)
-            save_weights(self.state_dict(), path, variant=variant, max_shard_size=max_shard_size)
-            return
-        # diffusers' layout: the backend's config beside the architecture, its tensors as the backend stores them
-        tensors, metadata = quantizer.state_to_save(self)
-        config = {**self.to_config(), "quantization_config": quantizer.to_diffusers()}
-        save_config(config, path)
-        save_weights(tensors, path, variant=variant, max_shard_size=max_shard_size, metadata=metadata)
+        with saved_as_itself(self):  # attached LoRA adapters left out: the model's own layers, names and weights
+            if quantizer is None:
+                save_config(self.to_config(), path)
+                save_weights(self.state_dict(), path, variant=variant, max_shard_size=max_shard_size)
+                return
+            # diffusers' layout: the backend's config beside the architecture, its tensors as the backend stores them
+            tensors, metadata = quantizer.state_to_save(self)
+            config = {**self.to_config(), "quantization_config": quantizer.to_diffusers()}
+            save_config(config, path)
+            save_weights(tensors, path, variant=variant, max_shard_size=max_shard_size, metadata=metadata)
 
     def num_parameters(self) -> int:
         """Number of parameter elements."""

@@ -4,17 +4,40 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from diffblocks.components.models.loading import CONFIG_NAME, index_names, single_name
 
 _SHARD = re.compile(r"-\d{5}-of-\d{5}")
+
+SaveView = Callable[[nn.Module], AbstractContextManager[Any]]
+"""A context in which a model holds only its own layers and weights (LoRA's ``detached``)."""
+
+_SAVE_VIEWS: list[SaveView] = []
+
+
+def register_save_view(view: SaveView) -> SaveView:
+    """Save every model inside ``view(model)``: for wrappers a package above this one puts into models
+    (LoRA adapters), so that a saved model is the model itself, under its own names."""
+    if view not in _SAVE_VIEWS:
+        _SAVE_VIEWS.append(view)
+    return view
+
+
+@contextmanager
+def saved_as_itself(model: nn.Module) -> Iterator[None]:
+    """``model`` inside every registered save view for the ``with`` block."""
+    with ExitStack() as stack:
+        for view in _SAVE_VIEWS:
+            stack.enter_context(view(model))
+        yield
 
 
 def _stale_weight_files(folder: Path, variant: str | None) -> list[Path]:
@@ -78,4 +101,4 @@ def save_config(config: Mapping[str, Any], folder: Path) -> Path:
     return path
 
 
-__all__ = ["save_config", "save_weights"]
+__all__ = ["SaveView", "register_save_view", "save_config", "save_weights", "saved_as_itself"]

@@ -123,6 +123,15 @@ class GGUFLinear(nn.Module):
         self.register_buffer("weight", data)
         self.bias = nn.Parameter(bias.to(compute_dtype), requires_grad=False) if bias is not None else None
 
+    def _apply(self, fn: Any, recurse: bool = True) -> GGUFLinear:
+        # ``.half()`` and ``.to(dtype)`` cast the floats (the bias) and leave the uint8 blocks as they are;
+        # the compute dtype follows the cast, or the weight would meet a bias and inputs of another dtype
+        super()._apply(fn, recurse)
+        cast = fn(torch.empty(0, dtype=self.compute_dtype)).dtype
+        if cast in _DTYPES.values():
+            self.compute_dtype = cast
+        return self
+
     def dequantized_weight(self) -> Tensor:
         """The ``(out_features, in_features)`` weight in the compute dtype."""
         return dequantize(self.weight, self.type_name, (self.out_features, self.in_features), self.compute_dtype)
