@@ -3,8 +3,10 @@
 ``load_ip_adapter`` reads IP-Adapter files (or takes :class:`IPAdapterModel` values), adds them and
 the CLIP image encoder as the components ``ip_adapter`` and ``image_encoder``, and inserts
 :class:`~diffblocks.blocks.standard.ip_adapter.EncodeImagePrompt` before guidance in every UNet
-workflow; the denoise blocks pass the adapter to the UNet's denoiser. The UNet is never changed,
-so ``unload_ip_adapter`` only takes the blocks and components away again.
+workflow; the denoise blocks pass the adapter to the UNet's denoiser. The UNet's weights are never
+changed: a FaceID file's LoRA is attached to it as the LoRA adapter ``faceid_<i>`` (the i-th
+IP-Adapter; diffusers' name), and ``unload_ip_adapter`` ejects it and takes the blocks and
+components away again.
 
 The standard blocks sit above this layer (they import ``diffblocks.blocks``), so the block class is
 found by name in :data:`diffblocks.registry.BLOCKS`, as saved block trees find it.
@@ -26,6 +28,7 @@ from diffblocks.blocks.tree import inserted, join, removed, walk
 from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.containment import contained_path
 from diffblocks.components.hub import resolve_folder
+from diffblocks.components.lora import LoRA, LoRAWeights, adapter_names, eject, inject, is_fused
 from diffblocks.components.memory.policies import execution_device
 from diffblocks.components.models.ip_adapter import IPAdapterModel, MultiIPAdapterModel, expand_scales, ip_adapters, load_ip_adapter_file
 from diffblocks.components.models.ip_adapter.scales import ScaleSpec
@@ -44,6 +47,12 @@ _MSG_ENCODER = (
     "load the image encoder the IP-Adapter was trained with (its repository's image_encoder folder)"
 )
 _MSG_NOT_LOADED = "no IP-Adapter is loaded: call pipe.load_ip_adapter(...) first"
+_MSG_LORA_NAME = (
+    "IP-Adapter {i} is a FaceID adapter, whose LoRA is attached to the UNet as {name!r}, but a LoRA of that name "
+    "is attached already: delete it (pipe.delete_adapters({name!r})) first"
+)
+FACEID_LORA = "faceid_{i}"
+"""The LoRA adapter name of the i-th IP-Adapter's FaceID LoRA (diffusers' name)."""
 
 Source = str | os.PathLike[str] | IPAdapterModel
 T = TypeVar("T")
@@ -104,7 +113,9 @@ class AbstractIPAdapterMethods(ABC):
         """Attach one IP-Adapter, or several (lists), replacing any loaded before; each acts at scale 1.0.
 
         The call then takes ``ip_adapter_image=`` (or ``ip_adapter_image_embeds=``) in text2img,
-        img2img and inpaint. The UNet is not changed: the adapter is the component ``ip_adapter``.
+        img2img and inpaint. The UNet's weights are not changed: the adapter is the component
+        ``ip_adapter``, and a FaceID adapter's LoRA is attached to the UNet as the LoRA adapter
+        ``faceid_<i>`` at weight 1.0 (the other LoRA adapters keep their weights).
 
         Args:
             path_or_repo: an IP-Adapter file, a folder or Hub repository holding one, or an
@@ -120,7 +131,8 @@ class AbstractIPAdapterMethods(ABC):
 
         Raises:
             ValueError: an adapter for another family or size than the UNet, or an image encoder of
-                another width than an adapter reads (naming both); nothing changes.
+                another width than an adapter reads (naming both), a LoRA named ``faceid_<i>``
+                attached already; nothing changes.
         """
         unet = self._ip_adapter_unet()
         many = [v for v in (path_or_repo, subfolder, weight_name) if isinstance(v, Sequence) and not isinstance(v, str)]
@@ -142,10 +154,21 @@ class AbstractIPAdapterMethods(ABC):
             encoder = encoder.to(device=device, dtype=dtype).eval()
             for i, adapter in enumerate(adapters):
                 _check_encoder(encoder, adapter, i)
+        loras = _faceid_loras(unet, adapters)
+        ours = self._faceid_lora_names()
+        clash = sorted(set(adapter_names(unet)) & {lora.name for lora in loras} - ours)
+        if clash:
+            raise ValueError(_MSG_LORA_NAME.format(i=clash[0].removeprefix("faceid_"), name=clash[0]))
+        if loras and is_fused(unet):
+            raise ValueError("the UNet's LoRA adapters are fused: unfuse them (pipe.unfuse_lora()) before loading a FaceID IP-Adapter, whose LoRA joins them")
         component = adapters[0] if len(adapters) == 1 else MultiIPAdapterModel(adapters)
         added: dict[str, Any] = {"ip_adapter": component}
         if encoder is not None:
             added["image_encoder"] = encoder
+        for name in ours:  # the FaceID LoRA of the adapters replaced
+            eject(unet, name)
+        for lora in loras:
+            inject(unet, lora)
         self._change(ip_adapter_blocks(self.blocks), added)
 
     def set_ip_adapter_scale(self, scale: ScaleSpec | Sequence[ScaleSpec]) -> None:
@@ -172,9 +195,21 @@ class AbstractIPAdapterMethods(ABC):
             adapter.set_scales(scales)
 
     def unload_ip_adapter(self) -> None:
-        """Take the IP-Adapter blocks and the ``ip_adapter`` and ``image_encoder`` components away again."""
+        """Take the IP-Adapter blocks and the ``ip_adapter`` and ``image_encoder`` components away, and FaceID's LoRA off the UNet."""
         self._ip_adapters()
+        unet = self._ip_adapter_unet()
+        for name in self._faceid_lora_names():
+            eject(unet, name)
         self._change(without_ip_adapter_blocks(self.blocks), {}, drop=("ip_adapter", "image_encoder"))
+
+    def _faceid_lora_names(self) -> set[str]:
+        """The LoRA adapters that the loaded IP-Adapters' FaceID LoRA are attached as (none loaded: empty)."""
+        component = self.components.get("ip_adapter")
+        if not isinstance(component, (IPAdapterModel, MultiIPAdapterModel)):
+            return set()
+        attached = adapter_names(self._ip_adapter_unet())
+        held = {FACEID_LORA.format(i=i) for i, adapter in enumerate(ip_adapters(component)) if adapter.lora_dims}
+        return held & set(attached)
 
     def _ip_adapters(self) -> tuple[IPAdapterModel, ...]:
         component = self.components.get("ip_adapter")
@@ -219,6 +254,17 @@ def _file(source: str | os.PathLike[str], subfolder: str | None, weight_name: st
     return contained_path(folder, weight_name, repository=str(source), entry="weight_name")
 
 
+def _faceid_loras(unet: UNet2DConditionModel, adapters: Sequence[IPAdapterModel]) -> list[LoRA]:
+    """Each FaceID adapter's LoRA, as our LoRA value named ``faceid_<i>``: scale 1 (alpha = rank), as the original applies it."""
+    loras = []
+    for i, adapter in enumerate(adapters):
+        updates = adapter.lora_updates(unet)
+        if updates:
+            weights = {path: LoRAWeights(down, up, alpha=float(down.shape[0])) for path, (down, up) in updates.items()}
+            loras.append(LoRA(FACEID_LORA.format(i=i), weights))
+    return loras
+
+
 def _spread(value: T | Sequence[T], n: int, field: str) -> list[T]:
     """One value per adapter: a single value repeated, or a list of ``n``."""
     if not isinstance(value, Sequence) or isinstance(value, str):
@@ -230,6 +276,11 @@ def _spread(value: T | Sequence[T], n: int, field: str) -> list[T]:
 
 def _check_encoder(encoder: CLIPVisionModelWithProjection, adapter: IPAdapterModel, i: int) -> None:
     config = encoder.config
+    if adapter.reads_face_embeddings:  # FaceID reads no CLIP feature; FaceID-Plus reads the face crop's hidden states
+        if adapter.clip_dim is not None and adapter.clip_dim != config.hidden_size:
+            described = f"hidden_size {config.hidden_size}"
+            raise ValueError(_MSG_ENCODER.format(encoder=described, i=i, what="the face crop's penultimate hidden states", want=adapter.clip_dim))
+        return
     hidden = adapter.reads_hidden_states
     width = int(config.hidden_size if hidden else config.projection_dim)
     if width != adapter.embed_dim:
@@ -238,4 +289,4 @@ def _check_encoder(encoder: CLIPVisionModelWithProjection, adapter: IPAdapterMod
         raise ValueError(_MSG_ENCODER.format(encoder=described, i=i, what=what, want=adapter.embed_dim))
 
 
-__all__ = ["AbstractIPAdapterMethods", "ip_adapter_blocks", "without_ip_adapter_blocks"]
+__all__ = ["FACEID_LORA", "AbstractIPAdapterMethods", "ip_adapter_blocks", "without_ip_adapter_blocks"]
