@@ -51,6 +51,9 @@ _MSG_LORA_NAME = (
     "IP-Adapter {i} is a FaceID adapter, whose LoRA is attached to the UNet as {name!r}, but a LoRA of that name "
     "is attached already: delete it (pipe.delete_adapters({name!r})) first"
 )
+_MSG_FUSED = (
+    "the UNet's LoRA adapters are fused: unfuse them (pipe.unfuse_lora()) before loading a FaceID IP-Adapter, whose LoRA joins them"
+)
 FACEID_LORA = "faceid_{i}"
 """The LoRA adapter name of the i-th IP-Adapter's FaceID LoRA (diffusers' name)."""
 
@@ -124,8 +127,8 @@ class AbstractIPAdapterMethods(ABC):
             weight_name: the file (``"ip-adapter_sd15.safetensors"``); a ``.bin`` needs ``allow_pickle``.
             image_encoder: a ``CLIPVisionModelWithProjection``, or a folder or repository holding
                 one. None: the pipeline's own, else ``image_encoder_folder`` inside ``subfolder``
-                of the first repository when it has one, else none (then only
-                ``ip_adapter_image_embeds`` can be given).
+                of the first repository when it has one and an adapter reads CLIP features (plain
+                FaceID does not), else none (then only ``ip_adapter_image_embeds`` can be given).
             image_encoder_folder: the folder looked for when ``image_encoder`` is None.
             allow_pickle: read pickled ``.bin`` files; only for files from a source you trust.
 
@@ -149,7 +152,9 @@ class AbstractIPAdapterMethods(ABC):
             if problem is not None:
                 raise ValueError(problem)
             adapters.append(adapter.to(device=device, dtype=dtype))
-        encoder = self._image_encoder(image_encoder, sources[0], subfolders[0], image_encoder_folder)
+        # plain FaceID reads no CLIP feature: a repository's encoder (ViT-H: 2.5 GB) is not loaded for it
+        reads_clip = any(not adapter.reads_face_embeddings or adapter.clip_dim is not None for adapter in adapters)
+        encoder = self._image_encoder(image_encoder, sources[0], subfolders[0], image_encoder_folder if reads_clip else None)
         if encoder is not None:
             encoder = encoder.to(device=device, dtype=dtype).eval()
             for i, adapter in enumerate(adapters):
@@ -160,7 +165,7 @@ class AbstractIPAdapterMethods(ABC):
         if clash:
             raise ValueError(_MSG_LORA_NAME.format(i=clash[0].removeprefix("faceid_"), name=clash[0]))
         if loras and is_fused(unet):
-            raise ValueError("the UNet's LoRA adapters are fused: unfuse them (pipe.unfuse_lora()) before loading a FaceID IP-Adapter, whose LoRA joins them")
+            raise ValueError(_MSG_FUSED)
         component = adapters[0] if len(adapters) == 1 else MultiIPAdapterModel(adapters)
         added: dict[str, Any] = {"ip_adapter": component}
         if encoder is not None:
@@ -278,8 +283,8 @@ def _check_encoder(encoder: CLIPVisionModelWithProjection, adapter: IPAdapterMod
     config = encoder.config
     if adapter.reads_face_embeddings:  # FaceID reads no CLIP feature; FaceID-Plus reads the face crop's hidden states
         if adapter.clip_dim is not None and adapter.clip_dim != config.hidden_size:
-            described = f"hidden_size {config.hidden_size}"
-            raise ValueError(_MSG_ENCODER.format(encoder=described, i=i, what="the face crop's penultimate hidden states", want=adapter.clip_dim))
+            what = "the face crop's penultimate hidden states"
+            raise ValueError(_MSG_ENCODER.format(encoder=f"hidden_size {config.hidden_size}", i=i, what=what, want=adapter.clip_dim))
         return
     hidden = adapter.reads_hidden_states
     width = int(config.hidden_size if hidden else config.projection_dim)

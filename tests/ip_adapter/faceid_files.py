@@ -24,8 +24,10 @@ def attention_widths(unet_folder: Path) -> list[tuple[int, int, int]]:
     return [(layer.to_q.in_features, layer.to_k.in_features, layer.to_q.out_features) for layer in layers]
 
 
-def faceid_tensors(widths: list[tuple[int, int, int]], kind: FaceKind, *, seed: int = 7, clip_dim: int = ENCODER["hidden_size"]) -> dict[str, Tensor]:
-    """The tensors of a FaceID (or FaceID-Plus) file: ``image_proj.*``, and per attention layer N the LoRA, plus ``to_k_ip``/``to_v_ip`` for N odd."""
+def faceid_tensors(
+    widths: list[tuple[int, int, int]], kind: FaceKind, *, seed: int = 7, clip_dim: int = ENCODER["hidden_size"]
+) -> dict[str, Tensor]:
+    """The tensors of a FaceID (or FaceID-Plus) file: ``image_proj.*``, and per attention layer N the LoRA (and for N odd ``to_k_ip``, ``to_v_ip``)."""
     generator = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int, std: float = 0.2) -> Tensor:

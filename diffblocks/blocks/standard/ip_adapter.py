@@ -124,7 +124,8 @@ class EncodeImagePrompt(Block):
             None, description="what the unconditional pass of FaceID-Plus reads instead; default: the encoder's output for all-zero pixels"
         )
         ip_adapter_shortcut_scale: float | None = Field(
-            None, description="FaceID-PlusV2: the identity tokens are added to the output at this scale (the original's s_scale); None for Plus"
+            None,
+            description="FaceID-PlusV2: the identity tokens are added to the output at this scale (the original's s_scale); None for Plus",
         )
         conditioning: Conditioning = produced(description="the prompt's embeddings")
         negative_conditioning: Conditioning = produced(description="the negative prompt's embeddings")
@@ -199,7 +200,8 @@ class EncodeImagePrompt(Block):
         for i, adapter in enumerate(adapters):
             features, zero = self.features(inputs, i, adapter)
             if zero.shape != features.shape:
-                raise FieldError("negative_ip_adapter_image_embeds", _MSG_NEGATIVE_SHAPE.format(field="negative_ip_adapter_image_embeds", i=i, got=tuple(zero.shape), want=tuple(features.shape)))
+                field, got, want = "negative_ip_adapter_image_embeds", tuple(zero.shape), tuple(features.shape)
+                raise FieldError(field, _MSG_NEGATIVE_SHAPE.format(field=field, i=i, got=got, want=want))
             clip, clip_zero = self.clip_features(inputs, i, adapter)
             shortcut = inputs.ip_adapter_shortcut_scale
             positive.append(adapter.project(features[None], clip=clip, shortcut_scale=shortcut).repeat(cond.batch_size, 1, 1))
@@ -233,7 +235,10 @@ class EncodeImagePrompt(Block):
         return features, torch.zeros_like(features)
 
     def clip_features(self, inputs: Inputs, i: int, adapter: IPAdapterModel) -> tuple[Tensor | None, Tensor | None]:
-        """FaceID-Plus: the CLIP hidden states of the faces adapter ``i`` reads and its unconditional ones, ``(1, images, seq, hidden)``; else None."""
+        """FaceID-Plus: the CLIP hidden states of the faces adapter ``i`` reads, and its unconditional ones.
+
+        Each ``(1, images, seq, hidden)``; ``(None, None)`` for the other kinds.
+        """
         if adapter.clip_dim is None:
             return None, None
         assert inputs.ip_adapter_clip_embeds is not None  # check() refused it otherwise
@@ -246,8 +251,8 @@ class EncodeImagePrompt(Block):
                 raise FieldError("negative_ip_adapter_clip_embeds", _MSG_NEGATIVE_CLIP.format(i=i))
             zero = self.encode(torch.zeros(clip.shape[0], 3, *self.pixel_size()), hidden=True)
         if zero.shape != clip.shape:
-            got, want = tuple(zero.shape), tuple(clip.shape)
-            raise FieldError("negative_ip_adapter_clip_embeds", _MSG_NEGATIVE_SHAPE.format(field="negative_ip_adapter_clip_embeds", i=i, got=got, want=want))
+            field, got, want = "negative_ip_adapter_clip_embeds", tuple(zero.shape), tuple(clip.shape)
+            raise FieldError(field, _MSG_NEGATIVE_SHAPE.format(field=field, i=i, got=got, want=want))
         return clip[None], zero[None]
 
     def pixel_size(self) -> tuple[int, int]:

@@ -135,8 +135,8 @@ def faceid_projection_from_state_dict(tensors: dict[str, Tensor]) -> FaceIDProje
         return None
     wanted = ["proj.0.weight", "proj.2.weight", "norm.weight"]
     if plus:
-        wanted += ["perceiver_resampler.proj_in.weight", "perceiver_resampler.proj_out.weight", "perceiver_resampler.layers.0.0.to_q.weight",
-                   "perceiver_resampler.layers.0.1.1.weight"]
+        inner = ("proj_in.weight", "proj_out.weight", "layers.0.0.to_q.weight", "layers.0.1.1.weight")
+        wanted += [f"perceiver_resampler.{key}" for key in inner]
     missing = [key for key in wanted if key not in tensors]
     if missing:
         raise ValueError(_MSG_INCOMPLETE.format(missing=missing, keys=sorted(tensors)[:8]))

@@ -80,9 +80,11 @@ def _lora_dims(layers: dict[str, Tensor], count: int, source: str) -> tuple[list
     if numbers != list(range(count)):
         problem = f"its LoRA layers are numbered {numbers[:6]}..., but {count} attention layers (0 .. {count - 1}) need one each"
         raise ValueError(_MSG_LAYOUT.format(path=source, problem=problem))
-    missing = [f"{n}.{name}.{part}.weight" for n in numbers for name in LORA_PROJECTIONS for part in ("down", "up") if f"{n}.{name}.{part}.weight" not in layers]
+    wanted = [f"{n}.{name}.{part}.weight" for n in numbers for name in LORA_PROJECTIONS for part in ("down", "up")]
+    missing = [key for key in wanted if key not in layers]
     if missing:
-        raise ValueError(_MSG_LAYOUT.format(path=source, problem=f"its LoRA lacks ip_adapter.{missing[0]} ({len(missing)} tensors missing)"))
+        problem = f"its LoRA lacks ip_adapter.{missing[0]} ({len(missing)} tensors missing)"
+        raise ValueError(_MSG_LAYOUT.format(path=source, problem=problem))
     ranks = sorted({layers[f"{n}.to_q_lora.down.weight"].shape[0] for n in numbers})
     if len(ranks) != 1:
         raise ValueError(_MSG_LAYOUT.format(path=source, problem=f"its LoRA layers have ranks {ranks}; one rank is read"))

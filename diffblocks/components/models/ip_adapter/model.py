@@ -56,7 +56,9 @@ def attention_layers(unet: nn.Module) -> list[tuple[str, Attention]]:
     unet = unwrap_compiled(unet)  # a torch.compile wrapper prefixes every name with _orig_mod
     found = _LAYERS.get(unet)
     if found is None:
-        found = [(name, module) for name, module in unet.named_modules() if name.endswith((".attn1", ".attn2")) and isinstance(module, Attention)]
+        found = [
+            (name, module) for name, module in unet.named_modules() if name.endswith((".attn1", ".attn2")) and isinstance(module, Attention)
+        ]
         order = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}
         # sorted() is stable: within a part the modules keep their registration order, which is diffusers'
         found = _LAYERS[unet] = sorted(found, key=lambda item: order.get(item[0].split(".")[0], 3))

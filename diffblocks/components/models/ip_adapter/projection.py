@@ -170,4 +170,12 @@ _MSG_KINDS = (
     "and FaceID-Plus (perceiver_resampler.*) IP-Adapters are read"
 )
 
-__all__ = ["ImageProjection", "ImageProjector", "MLPProjection", "PerceiverAttention", "Resampler", "feed_forward", "projection_from_state_dict"]
+__all__ = [
+    "ImageProjection",
+    "ImageProjector",
+    "MLPProjection",
+    "PerceiverAttention",
+    "Resampler",
+    "feed_forward",
+    "projection_from_state_dict",
+]
