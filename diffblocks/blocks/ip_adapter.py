@@ -52,7 +52,7 @@ _MSG_LORA_NAME = (
     "is attached already: delete it (pipe.delete_adapters({name!r})) first"
 )
 _MSG_FUSED = (
-    "the UNet's LoRA adapters are fused: unfuse them (pipe.unfuse_lora()) before loading a FaceID IP-Adapter, whose LoRA joins them"
+    "the UNet's LoRA adapters are fused: unfuse them (pipe.unfuse_lora()) before {verb} a FaceID IP-Adapter, whose LoRA is one of them"
 )
 FACEID_LORA = "faceid_{i}"
 """The LoRA adapter name of the i-th IP-Adapter's FaceID LoRA (diffusers' name)."""
@@ -164,8 +164,8 @@ class AbstractIPAdapterMethods(ABC):
         clash = sorted(set(adapter_names(unet)) & {lora.name for lora in loras} - ours)
         if clash:
             raise ValueError(_MSG_LORA_NAME.format(i=clash[0].removeprefix("faceid_"), name=clash[0]))
-        if loras and is_fused(unet):
-            raise ValueError(_MSG_FUSED)
+        if (loras or ours) and is_fused(unet):
+            raise ValueError(_MSG_FUSED.format(verb="loading"))
         component = adapters[0] if len(adapters) == 1 else MultiIPAdapterModel(adapters)
         added: dict[str, Any] = {"ip_adapter": component}
         if encoder is not None:
@@ -200,10 +200,17 @@ class AbstractIPAdapterMethods(ABC):
             adapter.set_scales(scales)
 
     def unload_ip_adapter(self) -> None:
-        """Take the IP-Adapter blocks and the ``ip_adapter`` and ``image_encoder`` components away, and FaceID's LoRA off the UNet."""
+        """Take the IP-Adapter blocks and the ``ip_adapter`` and ``image_encoder`` components away, and FaceID's LoRA off the UNet.
+
+        Raises:
+            ValueError: a FaceID adapter is loaded and the UNet's LoRA adapters are fused (unfuse first); nothing changes.
+        """
         self._ip_adapters()
         unet = self._ip_adapter_unet()
-        for name in self._faceid_lora_names():
+        names = self._faceid_lora_names()
+        if names and is_fused(unet):  # ejecting one adapter out of fused weights would unfuse only its layers
+            raise ValueError(_MSG_FUSED.format(verb="unloading"))
+        for name in names:
             eject(unet, name)
         self._change(without_ip_adapter_blocks(self.blocks), {}, drop=("ip_adapter", "image_encoder"))
 

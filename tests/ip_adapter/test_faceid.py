@@ -131,6 +131,10 @@ def test_faceid_inputs_refused(sd15: tuple[Path, Path]) -> None:
         run(pipe, ip_adapter_image=picture())
     with pytest.raises(InputError, match=r"ip_adapter_image_embeds\[0\] has shape \(1, 1, 512\), but IP-Adapter 0 is a FaceID adapter and reads \(images, 512\)"):
         run(pipe, ip_adapter_image_embeds=[face_embeds(1)[None]])
+    with pytest.raises(InputError, match=r"ip_adapter_shortcut_scale is given, but only FaceID-Plus IP-Adapters read"):
+        run(pipe, ip_adapter_image_embeds=[face_embeds(1)], ip_adapter_shortcut_scale=1.0)
+    with pytest.raises(InputError, match=r"ip_adapter_clip_embeds\[0\] is given for IP-Adapter 0, but only FaceID-Plus .*: give None for it"):
+        run(pipe, ip_adapter_image_embeds=[face_embeds(1)], ip_adapter_clip_embeds=[torch.randn(1, 17, 32)])
     pipe.load_ip_adapter(str(ip), subfolder="models", weight_name="plus.safetensors")  # with the image encoder
     ids = face_embeds(2)
     with pytest.raises(InputError, match=r"ip_adapter_clip_embeds is needed for IP-Adapter 0, a FaceID-Plus adapter"):
@@ -153,6 +157,13 @@ def test_faceid_lora_comes_and_goes_with_the_adapter(sd15: tuple[Path, Path]) ->
     for _ in range(2):  # loading again replaces the adapter and its LoRA
         pipe.load_ip_adapter(str(ip), subfolder="models", weight_name="faceid.safetensors")
         assert adapter_names(unet) == ["faceid_0"]
+    ids = face_embeds(1)
+    unfused = run(pipe, ip_adapter_image_embeds=[ids])
+    pipe.fuse_lora()  # FaceID's LoRA fuses like any other, and must be unfused before it can go
+    assert np.abs(run(pipe, ip_adapter_image_embeds=[ids]) - unfused).max() < 1e-5
+    with pytest.raises(ValueError, match=r"unfuse them \(pipe.unfuse_lora\(\)\) before unloading a FaceID IP-Adapter"):
+        pipe.unload_ip_adapter()
+    pipe.unfuse_lora()
     pipe.load_ip_adapter(str(ip), subfolder="models", weight_name=["faceid.safetensors", "plus.safetensors"])
     assert adapter_names(unet) == ["faceid_0", "faceid_1"]
     pipe.unload_ip_adapter()

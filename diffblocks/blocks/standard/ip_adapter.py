@@ -54,6 +54,7 @@ _MSG_CLIP = (
     "{field} is needed for IP-Adapter {i}, a FaceID-Plus adapter: it also reads the CLIP image encoder's penultimate "
     "hidden states of the face crops, one (images, seq, {dim}) tensor (entry {i} of a list with one entry per adapter, None for the others)"
 )
+_MSG_NOT_PLUS = "{what}, but only FaceID-Plus IP-Adapters read CLIP features of faces and the shortcut scale (PlusV2)"
 _MSG_CLIP_SHAPE = (
     "{field}[{i}] has shape {shape}, but IP-Adapter {i} (FaceID-Plus) reads ({images}, seq, {dim}): the CLIP image "
     "encoder's penultimate hidden states of each face crop, one per face embedding"
@@ -99,6 +100,11 @@ class EncodeImagePrompt(Block):
     (``negative_ip_adapter_image_embeds`` overrides them). Each adapter's projection runs once per
     call; its tokens (of all its images, joined) are repeated to the run's batch, so every prompt
     and image per prompt sees the same image prompt.
+
+    FaceID adapters read insightface face embeddings, given as ``ip_adapter_image_embeds``
+    (``ip_adapter_image`` is refused, naming the shape); FaceID-Plus also reads CLIP's hidden
+    states of the face crops (``ip_adapter_clip_embeds``; their negative: the encoder's for all-zero
+    pixels) and, as PlusV2, adds its identity tokens at ``ip_adapter_shortcut_scale``.
 
     With several IP-Adapters (a :class:`MultiIPAdapterModel`), each input is a list with one entry per adapter.
     """
@@ -154,28 +160,42 @@ class EncodeImagePrompt(Block):
             given = known(inputs, field)
             if given is not None:
                 self.check_embeds(given, field)
-        if embeds is not None:
-            self.check_clip_embeds(known(inputs, "ip_adapter_clip_embeds"), embeds, "ip_adapter_clip_embeds", required=True)
-            negative = known(inputs, "negative_ip_adapter_clip_embeds")
-            if negative is not None:
-                self.check_clip_embeds(negative, embeds, "negative_ip_adapter_clip_embeds", required=False)
+        self.check_faceid_plus(inputs, adapters)
 
-    def check_clip_embeds(self, clip: list[Tensor | None] | None, embeds: list[Tensor], field: str, *, required: bool) -> None:
-        """Refuse FaceID-Plus's CLIP hidden states missing, or of another count or shape than its face embeddings, naming both."""
+    def check_faceid_plus(self, inputs: Inputs, adapters: tuple[IPAdapterModel, ...]) -> None:
+        """Refuse FaceID-Plus's inputs missing, of another shape, or given where no FaceID-Plus adapter reads them."""
+        embeds, negative = known(inputs, "ip_adapter_image_embeds"), known(inputs, "negative_ip_adapter_clip_embeds")
+        plus = [i for i, adapter in enumerate(adapters) if adapter.clip_dim is not None]
+        if not plus and known(inputs, "ip_adapter_shortcut_scale") is not None:
+            raise FieldError("ip_adapter_shortcut_scale", _MSG_NOT_PLUS.format(what="ip_adapter_shortcut_scale is given"))
+        for field, required in (("ip_adapter_clip_embeds", embeds is not None), ("negative_ip_adapter_clip_embeds", False)):
+            clip = known(inputs, field)
+            if clip is not None or required:
+                self.check_clip_embeds(clip, embeds, field, required=required)
+        if embeds is not None and self.image_encoder is None:
+            for i in plus:
+                if negative is None or negative[i] is None:
+                    raise FieldError("negative_ip_adapter_clip_embeds", _MSG_NEGATIVE_CLIP.format(i=i))
+
+    def check_clip_embeds(self, clip: list[Tensor | None] | None, embeds: list[Tensor] | None, field: str, *, required: bool) -> None:
+        """Refuse FaceID-Plus's CLIP hidden states missing, of another count or shape than its face embeddings, or given for another kind."""
         adapters = ip_adapters(self.ip_adapter)
         if clip is not None and len(clip) != len(adapters):
             raise FieldError(field, _MSG_COUNT.format(field=field, n=len(adapters), got=f"a list of {len(clip)}"))
-        for i, (adapter, ids) in enumerate(zip(adapters, embeds, strict=True)):
-            if adapter.clip_dim is None:
-                continue
+        for i, adapter in enumerate(adapters):
             tensor = None if clip is None else clip[i]
+            if adapter.clip_dim is None:
+                if tensor is not None:
+                    raise FieldError(field, _MSG_NOT_PLUS.format(what=f"{field}[{i}] is given for IP-Adapter {i}") + ": give None for it")
+                continue
             if tensor is None:
                 if required:
                     raise FieldError(field, _MSG_CLIP.format(field=field, i=i, dim=adapter.clip_dim))
                 continue
-            if tensor.ndim != 3 or tensor.shape[0] != ids.shape[0] or tensor.shape[-1] != adapter.clip_dim:
+            images = tensor.shape[0] if embeds is None else embeds[i].shape[0]
+            if tensor.ndim != 3 or tensor.shape[0] != images or tensor.shape[-1] != adapter.clip_dim:
                 shape = tuple(tensor.shape)
-                raise FieldError(field, _MSG_CLIP_SHAPE.format(field=field, i=i, shape=shape, images=ids.shape[0], dim=adapter.clip_dim))
+                raise FieldError(field, _MSG_CLIP_SHAPE.format(field=field, i=i, shape=shape, images=images, dim=adapter.clip_dim))
 
     def check_embeds(self, embeds: list[Tensor], field: str) -> None:
         """Refuse embeddings of another count or shape than the adapters read, naming both."""

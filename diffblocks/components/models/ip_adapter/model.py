@@ -45,6 +45,7 @@ _MSG_FIT = (
 
 # the layers of each UNet seen, found once: the denoiser asks at every pass, and a walk over SDXL's modules costs ~1 ms
 _LAYERS: WeakKeyDictionary[nn.Module, list[tuple[str, Attention]]] = WeakKeyDictionary()
+_CROSS: WeakKeyDictionary[nn.Module, list[tuple[str, Attention]]] = WeakKeyDictionary()
 
 
 def attention_layers(unet: nn.Module) -> list[tuple[str, Attention]]:
@@ -70,7 +71,11 @@ def cross_attention_layers(unet: nn.Module) -> list[tuple[str, Attention]]:
 
     The i-th is ``ip_adapter.{2i+1}`` in an IP-Adapter file (see the module's table).
     """
-    return [(name, attn) for name, attn in attention_layers(unet) if name.endswith(".attn2")]
+    unet = unwrap_compiled(unet)
+    found = _CROSS.get(unet)
+    if found is None:
+        found = _CROSS[unet] = [(name, attn) for name, attn in attention_layers(unet) if name.endswith(".attn2")]
+    return list(found)
 
 
 def attention_dims(unet: nn.Module) -> list[AttentionDims]:
