@@ -3,8 +3,10 @@
 ``load_ip_adapter`` reads IP-Adapter files (or takes :class:`IPAdapterModel` values), adds them and
 the CLIP image encoder as the components ``ip_adapter`` and ``image_encoder``, and inserts
 :class:`~diffblocks.blocks.standard.ip_adapter.EncodeImagePrompt` before guidance in every UNet
-workflow; the denoise blocks pass the adapter to the UNet's denoiser. The UNet is never changed,
-so ``unload_ip_adapter`` only takes the blocks and components away again.
+workflow; the denoise blocks pass the adapter to the UNet's denoiser. The UNet's weights are never
+changed: a FaceID file's LoRA is attached to it as the LoRA adapter ``faceid_<i>`` (the i-th
+IP-Adapter; diffusers' name), and ``unload_ip_adapter`` ejects it and takes the blocks and
+components away again.
 
 The standard blocks sit above this layer (they import ``diffblocks.blocks``), so the block class is
 found by name in :data:`diffblocks.registry.BLOCKS`, as saved block trees find it.
@@ -26,6 +28,7 @@ from diffblocks.blocks.tree import inserted, join, removed, walk
 from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.containment import contained_path
 from diffblocks.components.hub import resolve_folder
+from diffblocks.components.lora import LoRA, LoRAWeights, adapter_names, eject, inject, is_fused
 from diffblocks.components.memory.policies import execution_device
 from diffblocks.components.models.ip_adapter import IPAdapterModel, MultiIPAdapterModel, expand_scales, ip_adapters, load_ip_adapter_file
 from diffblocks.components.models.ip_adapter.scales import ScaleSpec
@@ -44,6 +47,15 @@ _MSG_ENCODER = (
     "load the image encoder the IP-Adapter was trained with (its repository's image_encoder folder)"
 )
 _MSG_NOT_LOADED = "no IP-Adapter is loaded: call pipe.load_ip_adapter(...) first"
+_MSG_LORA_NAME = (
+    "IP-Adapter {i} is a FaceID adapter, whose LoRA is attached to the UNet as {name!r}, but a LoRA of that name "
+    "is attached already: delete it (pipe.delete_adapters({name!r})) first"
+)
+_MSG_FUSED = (
+    "the UNet's LoRA adapters are fused: unfuse them (pipe.unfuse_lora()) before {verb} a FaceID IP-Adapter, whose LoRA is one of them"
+)
+FACEID_LORA = "faceid_{i}"
+"""The LoRA adapter name of the i-th IP-Adapter's FaceID LoRA (diffusers' name)."""
 
 Source = str | os.PathLike[str] | IPAdapterModel
 T = TypeVar("T")
@@ -104,7 +116,9 @@ class AbstractIPAdapterMethods(ABC):
         """Attach one IP-Adapter, or several (lists), replacing any loaded before; each acts at scale 1.0.
 
         The call then takes ``ip_adapter_image=`` (or ``ip_adapter_image_embeds=``) in text2img,
-        img2img and inpaint. The UNet is not changed: the adapter is the component ``ip_adapter``.
+        img2img and inpaint. The UNet's weights are not changed: the adapter is the component
+        ``ip_adapter``, and a FaceID adapter's LoRA is attached to the UNet as the LoRA adapter
+        ``faceid_<i>`` at weight 1.0 (the other LoRA adapters keep their weights).
 
         Args:
             path_or_repo: an IP-Adapter file, a folder or Hub repository holding one, or an
@@ -113,14 +127,15 @@ class AbstractIPAdapterMethods(ABC):
             weight_name: the file (``"ip-adapter_sd15.safetensors"``); a ``.bin`` needs ``allow_pickle``.
             image_encoder: a ``CLIPVisionModelWithProjection``, or a folder or repository holding
                 one. None: the pipeline's own, else ``image_encoder_folder`` inside ``subfolder``
-                of the first repository when it has one, else none (then only
-                ``ip_adapter_image_embeds`` can be given).
+                of the first repository when it has one and an adapter reads CLIP features (plain
+                FaceID does not), else none (then only ``ip_adapter_image_embeds`` can be given).
             image_encoder_folder: the folder looked for when ``image_encoder`` is None.
             allow_pickle: read pickled ``.bin`` files; only for files from a source you trust.
 
         Raises:
             ValueError: an adapter for another family or size than the UNet, or an image encoder of
-                another width than an adapter reads (naming both); nothing changes.
+                another width than an adapter reads (naming both), a LoRA named ``faceid_<i>``
+                attached already; nothing changes.
         """
         unet = self._ip_adapter_unet()
         many = [v for v in (path_or_repo, subfolder, weight_name) if isinstance(v, Sequence) and not isinstance(v, str)]
@@ -137,15 +152,28 @@ class AbstractIPAdapterMethods(ABC):
             if problem is not None:
                 raise ValueError(problem)
             adapters.append(adapter.to(device=device, dtype=dtype))
-        encoder = self._image_encoder(image_encoder, sources[0], subfolders[0], image_encoder_folder)
+        # plain FaceID reads no CLIP feature: a repository's encoder (ViT-H: 2.5 GB) is not loaded for it
+        reads_clip = any(not adapter.reads_face_embeddings or adapter.clip_dim is not None for adapter in adapters)
+        encoder = self._image_encoder(image_encoder, sources[0], subfolders[0], image_encoder_folder if reads_clip else None)
         if encoder is not None:
             encoder = encoder.to(device=device, dtype=dtype).eval()
             for i, adapter in enumerate(adapters):
                 _check_encoder(encoder, adapter, i)
+        loras = _faceid_loras(unet, adapters)
+        ours = self._faceid_lora_names()
+        clash = sorted(set(adapter_names(unet)) & {lora.name for lora in loras} - ours)
+        if clash:
+            raise ValueError(_MSG_LORA_NAME.format(i=clash[0].removeprefix("faceid_"), name=clash[0]))
+        if (loras or ours) and is_fused(unet):
+            raise ValueError(_MSG_FUSED.format(verb="loading"))
         component = adapters[0] if len(adapters) == 1 else MultiIPAdapterModel(adapters)
         added: dict[str, Any] = {"ip_adapter": component}
         if encoder is not None:
             added["image_encoder"] = encoder
+        for name in ours:  # the FaceID LoRA of the adapters replaced
+            eject(unet, name)
+        for lora in loras:
+            inject(unet, lora)
         self._change(ip_adapter_blocks(self.blocks), added)
 
     def set_ip_adapter_scale(self, scale: ScaleSpec | Sequence[ScaleSpec]) -> None:
@@ -172,9 +200,28 @@ class AbstractIPAdapterMethods(ABC):
             adapter.set_scales(scales)
 
     def unload_ip_adapter(self) -> None:
-        """Take the IP-Adapter blocks and the ``ip_adapter`` and ``image_encoder`` components away again."""
+        """Take the IP-Adapter blocks and the ``ip_adapter`` and ``image_encoder`` components away, and FaceID's LoRA off the UNet.
+
+        Raises:
+            ValueError: a FaceID adapter is loaded and the UNet's LoRA adapters are fused (unfuse first); nothing changes.
+        """
         self._ip_adapters()
+        unet = self._ip_adapter_unet()
+        names = self._faceid_lora_names()
+        if names and is_fused(unet):  # ejecting one adapter out of fused weights would unfuse only its layers
+            raise ValueError(_MSG_FUSED.format(verb="unloading"))
+        for name in names:
+            eject(unet, name)
         self._change(without_ip_adapter_blocks(self.blocks), {}, drop=("ip_adapter", "image_encoder"))
+
+    def _faceid_lora_names(self) -> set[str]:
+        """The LoRA adapters that the loaded IP-Adapters' FaceID LoRA are attached as (none loaded: empty)."""
+        component = self.components.get("ip_adapter")
+        if not isinstance(component, (IPAdapterModel, MultiIPAdapterModel)):
+            return set()
+        attached = adapter_names(self._ip_adapter_unet())
+        held = {FACEID_LORA.format(i=i) for i, adapter in enumerate(ip_adapters(component)) if adapter.lora_dims}
+        return held & set(attached)
 
     def _ip_adapters(self) -> tuple[IPAdapterModel, ...]:
         component = self.components.get("ip_adapter")
@@ -219,6 +266,17 @@ def _file(source: str | os.PathLike[str], subfolder: str | None, weight_name: st
     return contained_path(folder, weight_name, repository=str(source), entry="weight_name")
 
 
+def _faceid_loras(unet: UNet2DConditionModel, adapters: Sequence[IPAdapterModel]) -> list[LoRA]:
+    """Each FaceID adapter's LoRA, as our LoRA value named ``faceid_<i>``: scale 1 (alpha = rank), as the original applies it."""
+    loras = []
+    for i, adapter in enumerate(adapters):
+        updates = adapter.lora_updates(unet)
+        if updates:
+            weights = {path: LoRAWeights(down, up, alpha=float(down.shape[0])) for path, (down, up) in updates.items()}
+            loras.append(LoRA(FACEID_LORA.format(i=i), weights))
+    return loras
+
+
 def _spread(value: T | Sequence[T], n: int, field: str) -> list[T]:
     """One value per adapter: a single value repeated, or a list of ``n``."""
     if not isinstance(value, Sequence) or isinstance(value, str):
@@ -230,6 +288,11 @@ def _spread(value: T | Sequence[T], n: int, field: str) -> list[T]:
 
 def _check_encoder(encoder: CLIPVisionModelWithProjection, adapter: IPAdapterModel, i: int) -> None:
     config = encoder.config
+    if adapter.reads_face_embeddings:  # FaceID reads no CLIP feature; FaceID-Plus reads the face crop's hidden states
+        if adapter.clip_dim is not None and adapter.clip_dim != config.hidden_size:
+            what = "the face crop's penultimate hidden states"
+            raise ValueError(_MSG_ENCODER.format(encoder=f"hidden_size {config.hidden_size}", i=i, what=what, want=adapter.clip_dim))
+        return
     hidden = adapter.reads_hidden_states
     width = int(config.hidden_size if hidden else config.projection_dim)
     if width != adapter.embed_dim:
@@ -238,4 +301,4 @@ def _check_encoder(encoder: CLIPVisionModelWithProjection, adapter: IPAdapterMod
         raise ValueError(_MSG_ENCODER.format(encoder=described, i=i, what=what, want=adapter.embed_dim))
 
 
-__all__ = ["AbstractIPAdapterMethods", "ip_adapter_blocks", "without_ip_adapter_blocks"]
+__all__ = ["FACEID_LORA", "AbstractIPAdapterMethods", "ip_adapter_blocks", "without_ip_adapter_blocks"]

@@ -8,6 +8,8 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from diffblocks.components.models.ip_adapter.faceid import faceid_projection_from_state_dict
+from diffblocks.components.models.ip_adapter.lora import LORA_PROJECTIONS, AttentionDims
 from diffblocks.components.models.ip_adapter.model import IPAdapterModel
 from diffblocks.components.models.ip_adapter.projection import projection_from_state_dict
 
@@ -45,9 +47,12 @@ def read_ip_adapter_file(path: str | Path, *, allow_pickle: bool = False) -> dic
 def ip_adapter_from_state_dict(tensors: dict[str, Tensor], *, source: str = "the state dict") -> IPAdapterModel:
     """An :class:`IPAdapterModel` holding ``tensors`` (flat, in the file's layout), in their dtype.
 
+    A FaceID file's LoRA (``ip_adapter.N.to_q_lora.down.weight``, ... for every attention layer,
+    N = 0, 1, 2, ...) is held by the adapter too.
+
     Raises:
-        ValueError: keys of another layout, layers numbered other than 1, 3, 5, ..., a FaceID file,
-            each naming what was found.
+        ValueError: keys of another layout, layers numbered other than 1, 3, 5, ... (0, 1, 2, ...
+            for a LoRA), LoRA layers of several ranks, each naming what was found.
     """
     image_proj = {key.removeprefix("image_proj."): t for key, t in tensors.items() if key.startswith("image_proj.")}
     layers = {key.removeprefix("ip_adapter."): t for key, t in tensors.items() if key.startswith("ip_adapter.")}
@@ -55,16 +60,41 @@ def ip_adapter_from_state_dict(tensors: dict[str, Tensor], *, source: str = "the
     if not image_proj or not layers or other:
         problem = f"found other keys: {other[:6]}" if other else "found none of " + ("ip_adapter.*" if image_proj else "image_proj.*")
         raise ValueError(_MSG_LAYOUT.format(path=source, problem=problem))
-    if any("lora" in key for key in layers):
-        raise ValueError(_MSG_LAYOUT.format(path=source, problem="its layers hold LoRA weights (an IP-Adapter FaceID file), which are not supported"))
-    numbers = sorted({int(key.split(".")[0]) for key in layers})
+    numbers = sorted({int(key.split(".")[0]) for key in layers if "_ip." in key})
     if numbers != list(range(1, 2 * len(numbers), 2)):
         raise ValueError(_MSG_LAYOUT.format(path=source, problem=f"layers are numbered {numbers[:6]}..., not 1, 3, 5, ..."))
     dims = [tuple(layers[f"{n}.to_k_ip.weight"].shape[::-1]) for n in numbers]
-    adapter = IPAdapterModel(projection_from_state_dict(image_proj), [(int(a), int(b)) for a, b in dims])
+    lora_dims, rank = _lora_dims(layers, 2 * len(numbers), source)
+    projection = faceid_projection_from_state_dict(image_proj) or projection_from_state_dict(image_proj)
+    adapter = IPAdapterModel(projection, [(int(a), int(b)) for a, b in dims], lora_dims=lora_dims, lora_rank=rank)
     dtype = next(iter(tensors.values())).dtype
     adapter.to(dtype=dtype).load_state_dict(tensors, strict=True)
     return adapter.eval()
+
+
+def _lora_dims(layers: dict[str, Tensor], count: int, source: str) -> tuple[list[AttentionDims], int]:
+    """A FaceID file's LoRA: the widths of the ``count`` attention layers it updates, and its rank; none: ``([], 0)``."""
+    numbers = sorted({int(key.split(".")[0]) for key in layers if "_lora." in key})
+    if not numbers:
+        return [], 0
+    if numbers != list(range(count)):
+        problem = f"its LoRA layers are numbered {numbers[:6]}..., but {count} attention layers (0 .. {count - 1}) need one each"
+        raise ValueError(_MSG_LAYOUT.format(path=source, problem=problem))
+    wanted = [f"{n}.{name}.{part}.weight" for n in numbers for name in LORA_PROJECTIONS for part in ("down", "up")]
+    missing = [key for key in wanted if key not in layers]
+    if missing:
+        problem = f"its LoRA lacks ip_adapter.{missing[0]} ({len(missing)} tensors missing)"
+        raise ValueError(_MSG_LAYOUT.format(path=source, problem=problem))
+    ranks = sorted({layers[f"{n}.to_q_lora.down.weight"].shape[0] for n in numbers})
+    if len(ranks) != 1:
+        raise ValueError(_MSG_LAYOUT.format(path=source, problem=f"its LoRA layers have ranks {ranks}; one rank is read"))
+    dims = []
+    for n in numbers:
+        query = layers[f"{n}.to_q_lora.down.weight"].shape[1]
+        source_dim = layers[f"{n}.to_k_lora.down.weight"].shape[1]
+        inner = layers[f"{n}.to_q_lora.up.weight"].shape[0]
+        dims.append(AttentionDims(int(query), int(source_dim), int(inner)))
+    return dims, int(ranks[0])
 
 
 def load_ip_adapter_file(path: str | Path, *, allow_pickle: bool = False) -> IPAdapterModel:

@@ -111,7 +111,7 @@ class Resampler(nn.Module):
         self.latents = nn.Parameter(torch.randn(1, num_queries, hidden_dim) / hidden_dim**0.5)
         self.proj_in = nn.Linear(embed_dim, hidden_dim)
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(hidden_dim, heads=heads), _feed_forward(hidden_dim, ff_mult)]) for _ in range(depth)
+            nn.ModuleList([PerceiverAttention(hidden_dim, heads=heads), feed_forward(hidden_dim, ff_mult)]) for _ in range(depth)
         )
         self.proj_out = nn.Linear(hidden_dim, output_dim)
         self.norm_out = nn.LayerNorm(output_dim)
@@ -125,7 +125,8 @@ class Resampler(nn.Module):
         return self.norm_out(self.proj_out(latents))
 
 
-def _feed_forward(dim: int, mult: int) -> nn.Sequential:
+def feed_forward(dim: int, mult: int) -> nn.Sequential:
+    """The perceivers' feed-forward: LayerNorm, Linear, GELU, Linear, without biases (the original's ``FeedForward``)."""
     return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(), nn.Linear(dim * mult, dim, bias=False))
 
 
@@ -139,8 +140,10 @@ def projection_from_state_dict(tensors: dict[str, Tensor]) -> ImageProjector:
     Recognised as diffusers recognises them: ``proj.weight`` is the plain projection,
     ``proj.3.weight`` the full-face MLP, ``latents`` the resampler.
 
+    FaceID's projections are read by :func:`~diffblocks.components.models.ip_adapter.faceid.faceid_projection_from_state_dict`.
+
     Raises:
-        ValueError: another layout (FaceID's, or unknown), naming the keys found.
+        ValueError: another layout, naming the keys found.
     """
     if "proj.weight" in tensors:
         embed, cross = tensors["proj.weight"].shape[1], tensors["norm.weight"].shape[0]
@@ -159,15 +162,20 @@ def projection_from_state_dict(tensors: dict[str, Tensor]) -> ImageProjector:
             num_queries=tensors["latents"].shape[1],
             ff_mult=tensors["layers.0.1.1.weight"].shape[0] // hidden,
         )
-    if "perceiver_resampler.proj_in.weight" in tensors or "norm.weight" in tensors:
-        raise ValueError(_MSG_FACEID)
     raise ValueError(f"image_proj holds no IP-Adapter projection that is known (keys: {sorted(tensors)[:8]}): {_MSG_KINDS}")
 
 
-_MSG_KINDS = "the plain (proj.weight), full-face (proj.3.weight) and plus (latents, a resampler) IP-Adapters are read"
-_MSG_FACEID = (
-    "this is an IP-Adapter FaceID file: its projection reads insightface face embeddings and it adds LoRA layers "
-    "to every attention; FaceID is not supported (insightface is not installed here). " + _MSG_KINDS
+_MSG_KINDS = (
+    "the plain (proj.weight), full-face (proj.3.weight), plus (latents, a resampler), FaceID (proj.0.weight and norm.weight) "
+    "and FaceID-Plus (perceiver_resampler.*) IP-Adapters are read"
 )
 
-__all__ = ["ImageProjection", "ImageProjector", "MLPProjection", "PerceiverAttention", "Resampler", "projection_from_state_dict"]
+__all__ = [
+    "ImageProjection",
+    "ImageProjector",
+    "MLPProjection",
+    "PerceiverAttention",
+    "Resampler",
+    "feed_forward",
+    "projection_from_state_dict",
+]
