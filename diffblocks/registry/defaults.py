@@ -41,7 +41,7 @@ _BLOCKS = {
     "diffblocks.blocks.sd": "EncodePrompt EncodePromptXL PrepareTimeIds",
     "diffblocks.blocks.flux": (
         "FluxDefaults PredictFlow FluxEncodePrompt PrepareFluxConditions PrepareFluxGuidance PrepareFluxImageLatents "
-        "PrepareFluxLatents PreprocessFluxImage UnpackLatents FluxSetImageTimesteps FluxSetTimesteps"
+        "PrepareFluxLatents PreprocessFluxImage UnpackLatents FluxSetImageTimesteps FluxSetTimesteps EncodeFluxImagePrompt"
     ),
     "diffblocks.presets.tiny.blocks": "EncodeBertPrompt",
 }
