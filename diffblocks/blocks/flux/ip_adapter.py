@@ -28,6 +28,10 @@ _MSG_NO_ENCODER = (
 _MSG_BOTH = "give {field} or {field}_embeds, not both"
 _MSG_COUNT = "{field} must be a list of {n} entries, one per IP-Adapter (each an image or a list of images), got {got}"
 _MSG_EMBEDS = "{field}[{i}] has shape {shape}, but IP-Adapter {i} reads (images, {dim}): the image encoder's image_embeds of its images"
+_MSG_COUNTS = (
+    "IP-Adapter {i} has {positive} images in ip_adapter_image but {negative} in negative_ip_adapter_image: the prompt's "
+    "and the negative prompt's passes run as one batch, so give as many negative images, or one"
+)
 _MSG_MISSING = (
     "{field} is not given for IP-Adapter {i}, and its default, the image encoder's embedding of a black picture, "
     "needs an image encoder, which is not loaded: pass {field}_embeds (the negative one is read by the negative "
@@ -103,10 +107,11 @@ class EncodeFluxImagePrompt(Block):
         positive, negative = [], []
         for i, adapter in enumerate(flux_ip_adapters(self.ip_adapter)):
             features = self.features(inputs.ip_adapter_image, inputs.ip_adapter_image_embeds, i, "ip_adapter_image")
-            positive.append(adapter.project(features[None]).repeat(cond.batch_size, 1, 1))
             if uncond is not None:  # only the negative prompt's pass reads it (true CFG)
                 zero = self.features(inputs.negative_ip_adapter_image, inputs.negative_ip_adapter_image_embeds, i, "negative_ip_adapter_image")
+                features, zero = _same_count(features, zero, i)
                 negative.append(adapter.project(zero[None]).repeat(uncond.batch_size, 1, 1))
+            positive.append(adapter.project(features[None]).repeat(cond.batch_size, 1, 1))
         return self.Outputs(
             conditioning=replace(cond, image_embeds=tuple(positive)),
             negative_conditioning=None if uncond is None else replace(uncond, image_embeds=tuple(negative)),
@@ -125,6 +130,21 @@ class EncodeFluxImagePrompt(Block):
             picture = _per_adapter(image, len(flux_ip_adapters(self.ip_adapter)), field)[i]
         device, dtype = placement(self.image_encoder)
         return self.image_encoder(clip_pixels(picture, size=size).to(device=device, dtype=dtype)).image_embeds
+
+
+def _same_count(features: Tensor, zero: Tensor, i: int) -> tuple[Tensor, Tensor]:
+    """The prompt's and the negative's image embeddings with as many images each, so that their passes batch.
+
+    The side with fewer images is tiled: attending to a set of keys and values repeated k times is
+    attending to the set (each copy takes an equal share of the weights), so the images come out as
+    diffusers' separate passes make them (a black picture against two images, by default).
+    """
+    small, large = sorted((features.shape[0], zero.shape[0]))
+    if small == large:
+        return features, zero
+    if large % small:
+        raise FieldError("negative_ip_adapter_image", _MSG_COUNTS.format(i=i, positive=features.shape[0], negative=zero.shape[0]))
+    return features.repeat(large // features.shape[0], 1), zero.repeat(large // zero.shape[0], 1)
 
 
 def _per_adapter(value: ImageLike | Sequence[ImageLike], n: int, field: str) -> list[ImageLike]:
