@@ -14,6 +14,7 @@ from transformers import CLIPVisionModelWithProjection
 from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.fields import produced
+from diffblocks.blocks.sd.encode import Prompt
 from diffblocks.blocks.standard.images import ImageLike, check_image
 from diffblocks.blocks.standard.ip_adapter import clip_pixels
 from diffblocks.blocks.standard.latents import placement
@@ -33,7 +34,7 @@ _MSG_COUNTS = (
     "and the negative prompt's passes run as one batch, so give as many negative images, or one"
 )
 _MSG_MISSING = (
-    "{field} is not given for IP-Adapter {i}, and its default, the image encoder's embedding of a black picture, "
+    "{field} is not given (for IP-Adapter {i}), and its default, the image encoder's embedding of a black picture, "
     "needs an image encoder, which is not loaded: pass {field}_embeds (the negative one is read by the negative "
     "prompt's pass, under true CFG)"
 )
@@ -66,6 +67,7 @@ class EncodeFluxImagePrompt(Block):
         negative_ip_adapter_image_embeds: list[Tensor] | None = Field(
             None, description="the negative image prompt's image_embeds, shaped as ip_adapter_image_embeds"
         )
+        negative_prompt: Prompt | None = Field(None, description="what true CFG steers away from (see true_cfg_scale)")
         conditioning: Conditioning = produced(description="the prompt's embeddings")
         negative_conditioning: Conditioning | None = produced(description="the negative prompt's embeddings")
 
@@ -89,6 +91,13 @@ class EncodeFluxImagePrompt(Block):
                     check_image(item, name=field)
             if embeds is not None:
                 self.check_embeds(embeds, f"{field}_embeds")
+        if self.image_encoder is None:  # a side not given defaults to a black picture, which needs the encoder
+            sides = {field: known(inputs, field) is not None or known(inputs, f"{field}_embeds") is not None
+                     for field in ("ip_adapter_image", "negative_ip_adapter_image")}  # fmt: skip
+            if sides["negative_ip_adapter_image"] and not sides["ip_adapter_image"]:
+                raise FieldError("ip_adapter_image_embeds", _MSG_MISSING.format(i=0, field="ip_adapter_image"))
+            if sides["ip_adapter_image"] and not sides["negative_ip_adapter_image"] and known(inputs, "negative_prompt") is not None:
+                raise FieldError("negative_ip_adapter_image_embeds", _MSG_MISSING.format(i=0, field="negative_ip_adapter_image"))
 
     def check_embeds(self, embeds: list[Tensor], field: str) -> None:
         """Refuse embeddings of another count or shape than the adapters read, naming both."""
