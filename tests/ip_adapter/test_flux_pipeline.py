@@ -192,3 +192,21 @@ def test_files_of_other_layouts_and_a_denoiser_without_the_adapter_are_refused(t
 def _saved(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
     save_file(tensors, folder / "ip_adapter.safetensors")
     return folder / "ip_adapter.safetensors"
+
+
+def test_with_a_flux_controlnet_both_act(flux: tuple[Path, Path]) -> None:
+    from diffblocks.components.models.controlnet import FluxControlNetModel, FluxControlNetParams
+    from diffblocks.presets.controlnet import with_controlnet
+
+    torch.manual_seed(0)
+    net = FluxControlNetModel(FluxControlNetParams(in_channels=64, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+        pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6), num_layers=1, num_single_layers=0)).eval()  # fmt: skip
+    with torch.no_grad():  # a ControlNet starts at zero: give it weights to see an effect
+        for layer in [*net.controlnet_blocks, net.controlnet_x_embedder]:
+            layer.weight.normal_(std=0.3)
+    repo, ip = flux
+    pipe = with_controlnet(Pipeline.from_pretrained(str(repo)), net)
+    pipe.load_ip_adapter(str(ip), weight_name="ip_adapter.safetensors", image_encoder=str(ip / "image_encoder"))
+    controlled = run(pipe, control_image=picture(7), **TRUE_CFG)
+    both = run(pipe, control_image=picture(7), ip_adapter_image=picture(), **TRUE_CFG)
+    assert np.abs(both - controlled).max() > 1e-3
