@@ -6,7 +6,9 @@ the CLIP image encoder as the components ``ip_adapter`` and ``image_encoder``, a
 workflow; the denoise blocks pass the adapter to the UNet's denoiser. The UNet's weights are never
 changed: a FaceID file's LoRA is attached to it as the LoRA adapter ``faceid_<i>`` (the i-th
 IP-Adapter; diffusers' name), and ``unload_ip_adapter`` ejects it and takes the blocks and
-components away again.
+components away again. A Flux pipeline takes Flux IP-Adapters (XLabs' files,
+:class:`FluxIPAdapterModel`) the same way: then ``EncodeFluxImagePrompt`` runs before
+``prepare_flux_conditions`` and the transformer's denoiser reads them.
 
 The standard blocks sit above this layer (they import ``diffblocks.blocks``), so the block class is
 found by name in :data:`diffblocks.registry.BLOCKS`, as saved block trees find it.
@@ -18,7 +20,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from transformers import CLIPVisionModelWithProjection
 
@@ -30,17 +32,35 @@ from diffblocks.components.containment import contained_path
 from diffblocks.components.hub import resolve_folder
 from diffblocks.components.lora import LoRA, LoRAWeights, adapter_names, eject, inject, is_fused
 from diffblocks.components.memory.policies import execution_device
-from diffblocks.components.models.ip_adapter import IPAdapterModel, MultiIPAdapterModel, expand_scales, ip_adapters, load_ip_adapter_file
+from diffblocks.components.models.flux import FluxTransformer2DModel
+from diffblocks.components.models.ip_adapter import (
+    FluxIPAdapterModel,
+    IPAdapterModel,
+    MultiFluxIPAdapterModel,
+    MultiIPAdapterModel,
+    cross_attention_layers,
+    expand_flux_scales,
+    expand_scales,
+    flux_ip_adapters,
+    ip_adapters,
+    load_any_ip_adapter_file,
+)
+from diffblocks.components.models.ip_adapter.flux import FluxScale
 from diffblocks.components.models.ip_adapter.scales import ScaleSpec
 from diffblocks.components.models.unet import UNet2DConditionModel
 from diffblocks.registry import BLOCKS
 
 ENCODE_BLOCK = ("diffblocks", "EncodeImagePrompt")
+FLUX_ENCODE_BLOCK = ("diffblocks", "EncodeFluxImagePrompt")
 
 BLOCK_NAME = "encode_image_prompt"
 _MSG_NO_SITE = (
-    "{name!r} has no workflow with a prepare_guidance step: IP-Adapter blocks are added to the UNet families' "
-    "workflows (SD 1.x/2.x, SDXL)"
+    "{name!r} has no workflow with a {site} step: IP-Adapter blocks are added to the UNet families' "
+    "workflows (SD 1.x/2.x, SDXL) before prepare_guidance, and to Flux's before prepare_flux_conditions"
+)
+_MSG_FAMILY = (
+    "the IP-Adapter ({adapter}) does not fit the {target} ({shape}): it is made for {made_for}. "
+    "An IP-Adapter is trained for one base model: load the one made for this pipeline's family"
 )
 _MSG_ENCODER = (
     "the image encoder ({encoder}) does not fit IP-Adapter {i}, which reads {what} of width {want}: "
@@ -57,36 +77,59 @@ _MSG_FUSED = (
 FACEID_LORA = "faceid_{i}"
 """The LoRA adapter name of the i-th IP-Adapter's FaceID LoRA (diffusers' name)."""
 
-Source = str | os.PathLike[str] | IPAdapterModel
+Adapter = IPAdapterModel | FluxIPAdapterModel
+Source = str | os.PathLike[str] | IPAdapterModel | FluxIPAdapterModel
+Target = UNet2DConditionModel | FluxTransformer2DModel
 T = TypeVar("T")
 
 
-def ip_adapter_blocks(root: AbstractBlock) -> AbstractBlock:
+def ip_adapter_blocks(root: AbstractBlock, *, flux: bool = False) -> AbstractBlock:
     """A new tree where ``EncodeImagePrompt`` runs before ``prepare_guidance`` in every workflow that has one.
+
+    With ``flux``, ``EncodeFluxImagePrompt`` runs before ``prepare_flux_conditions``.
 
     Raises:
         ValueError: the tree has no such workflow.
     """
-    block = BLOCKS.resolve(ENCODE_BLOCK)
+    block = BLOCKS.resolve(FLUX_ENCODE_BLOCK if flux else ENCODE_BLOCK)
+    site_name = "prepare_flux_conditions" if flux else "prepare_guidance"
     sites = [
-        join(node.path, "prepare_guidance")
+        join(node.path, site_name)
         for node in walk(root)
-        if isinstance(node.block, SequenceBlock) and "prepare_guidance" in node.block.child_names()
+        if isinstance(node.block, SequenceBlock) and site_name in node.block.child_names()
         and BLOCK_NAME not in node.block.child_names()
     ]  # fmt: skip
     if not sites and not any(isinstance(node.block, block) for node in walk(root)):
-        raise ValueError(_MSG_NO_SITE.format(name=root.name))
+        raise ValueError(_MSG_NO_SITE.format(name=root.name, site=site_name))
     for site in sites:
         root = inserted(root, block(name=BLOCK_NAME), before=site)
     return root
 
 
 def without_ip_adapter_blocks(root: AbstractBlock) -> AbstractBlock:
-    """A new tree without the ``EncodeImagePrompt`` steps :func:`ip_adapter_blocks` added."""
-    block = BLOCKS.resolve(ENCODE_BLOCK)
-    for path in [node.path for node in walk(root) if isinstance(node.block, block)]:
+    """A new tree without the ``EncodeImagePrompt`` (or ``EncodeFluxImagePrompt``) steps :func:`ip_adapter_blocks` added."""
+    blocks = (BLOCKS.resolve(ENCODE_BLOCK), BLOCKS.resolve(FLUX_ENCODE_BLOCK))
+    for path in [node.path for node in walk(root) if isinstance(node.block, blocks)]:
         root = removed(root, path)
     return root
+
+
+def adapter_mismatch(adapter: Adapter, target: Target) -> str | None:
+    """Why ``adapter`` cannot act on ``target`` (a UNet or a Flux transformer), naming both, or None when it fits."""
+    if isinstance(adapter, IPAdapterModel) and isinstance(target, UNet2DConditionModel):
+        return adapter.mismatch(target)
+    if isinstance(adapter, FluxIPAdapterModel) and isinstance(target, FluxTransformer2DModel):
+        return adapter.mismatch(target)
+    if isinstance(adapter, IPAdapterModel) and isinstance(target, FluxTransformer2DModel):
+        p = target.params
+        shape = f"{p.num_layers} double blocks, joint_attention_dim {p.joint_attention_dim}, width {p.inner_dim}"
+        layers = [(layer.to_k_ip.in_features, layer.to_k_ip.out_features) for layer in adapter.layers]
+        described = f"a UNet's: {len(layers)} cross-attention layers, cross_attention_dim {layers[0][0] if layers else None}"
+        return _MSG_FAMILY.format(adapter=described, target="Flux transformer", shape=shape, made_for="SD 1.x/2.x or SDXL")
+    assert isinstance(adapter, FluxIPAdapterModel)  # the one pair left: a Flux adapter, a UNet
+    dims = [attn.key_dims for _, attn in cross_attention_layers(target)]
+    shape = f"{len(dims)} cross-attention layers, cross_attention_dim {dims[0][0] if dims else None}"
+    return _MSG_FAMILY.format(adapter=adapter.describe(), target="UNet", shape=shape, made_for="Flux")
 
 
 class AbstractIPAdapterMethods(ABC):
@@ -116,13 +159,15 @@ class AbstractIPAdapterMethods(ABC):
         """Attach one IP-Adapter, or several (lists), replacing any loaded before; each acts at scale 1.0.
 
         The call then takes ``ip_adapter_image=`` (or ``ip_adapter_image_embeds=``) in text2img,
-        img2img and inpaint. The UNet's weights are not changed: the adapter is the component
-        ``ip_adapter``, and a FaceID adapter's LoRA is attached to the UNet as the LoRA adapter
-        ``faceid_<i>`` at weight 1.0 (the other LoRA adapters keep their weights).
+        img2img and inpaint. The UNet (or Flux transformer) weights are not changed: the adapter is
+        the component ``ip_adapter``, and a FaceID adapter's LoRA is attached to the UNet as the LoRA
+        adapter ``faceid_<i>`` at weight 1.0 (the other LoRA adapters keep their weights). A Flux
+        pipeline reads XLabs' files (``XLabs-AI/flux-ip-adapter``, ``weight_name="ip_adapter.safetensors"``,
+        with ``image_encoder="openai/clip-vit-large-patch14"``).
 
         Args:
             path_or_repo: an IP-Adapter file, a folder or Hub repository holding one, or an
-                :class:`IPAdapterModel` (by value); a list for several.
+                :class:`IPAdapterModel` / :class:`FluxIPAdapterModel` (by value); a list for several.
             subfolder: where the file lies in the repository (``"models"``, ``"sdxl_models"``).
             weight_name: the file (``"ip-adapter_sd15.safetensors"``); a ``.bin`` needs ``allow_pickle``.
             image_encoder: a ``CLIPVisionModelWithProjection``, or a folder or repository holding
@@ -133,69 +178,81 @@ class AbstractIPAdapterMethods(ABC):
             allow_pickle: read pickled ``.bin`` files; only for files from a source you trust.
 
         Raises:
-            ValueError: an adapter for another family or size than the UNet, or an image encoder of
-                another width than an adapter reads (naming both), a LoRA named ``faceid_<i>``
-                attached already; nothing changes.
+            ValueError: an adapter for another family or size than the UNet or transformer, or an
+                image encoder of another width than an adapter reads (naming both), a LoRA named
+                ``faceid_<i>`` attached already; nothing changes.
         """
-        unet = self._ip_adapter_unet()
+        target = self._ip_adapter_target()
         many = [v for v in (path_or_repo, subfolder, weight_name) if isinstance(v, Sequence) and not isinstance(v, str)]
         n = len(many[0]) if many else 1  # one repository may hold several adapters, as in diffusers
         sources = _spread(path_or_repo, n, "path_or_repo")
         subfolders = _spread(subfolder, n, "subfolder")
         weight_names = _spread(weight_name, n, "weight_name")
-        parameter = next(unet.parameters())
-        device, dtype = execution_device(unet) or parameter.device, parameter.dtype
-        adapters = []
+        parameter = next(target.parameters())
+        device, dtype = execution_device(target) or parameter.device, parameter.dtype
+        adapters: list[Adapter] = []
         for source, sub, name in zip(sources, subfolders, weight_names, strict=True):
-            adapter = source if isinstance(source, IPAdapterModel) else load_ip_adapter_file(_file(source, sub, name), allow_pickle=allow_pickle)
-            problem = adapter.mismatch(unet)
+            if isinstance(source, (IPAdapterModel, FluxIPAdapterModel)):
+                adapter: Adapter = source
+            else:
+                adapter = load_any_ip_adapter_file(_file(source, sub, name), allow_pickle=allow_pickle)
+            problem = adapter_mismatch(adapter, target)
             if problem is not None:
                 raise ValueError(problem)
             adapters.append(adapter.to(device=device, dtype=dtype))
         # plain FaceID reads no CLIP feature: a repository's encoder (ViT-H: 2.5 GB) is not loaded for it
-        reads_clip = any(not adapter.reads_face_embeddings or adapter.clip_dim is not None for adapter in adapters)
+        reads_clip = any(not isinstance(adapter, IPAdapterModel) or not adapter.reads_face_embeddings or adapter.clip_dim is not None
+                         for adapter in adapters)
         encoder = self._image_encoder(image_encoder, sources[0], subfolders[0], image_encoder_folder if reads_clip else None)
         if encoder is not None:
             encoder = encoder.to(device=device, dtype=dtype).eval()
             for i, adapter in enumerate(adapters):
                 _check_encoder(encoder, adapter, i)
-        loras = _faceid_loras(unet, adapters)
+        flux = isinstance(target, FluxTransformer2DModel)
+        loras = _faceid_loras(target, adapters)
         ours = self._faceid_lora_names()
-        clash = sorted(set(adapter_names(unet)) & {lora.name for lora in loras} - ours)
+        clash = sorted(set(adapter_names(target)) & {lora.name for lora in loras} - ours)
         if clash:
             raise ValueError(_MSG_LORA_NAME.format(i=clash[0].removeprefix("faceid_"), name=clash[0]))
-        if (loras or ours) and is_fused(unet):
+        if (loras or ours) and is_fused(target):
             raise ValueError(_MSG_FUSED.format(verb="loading"))
-        component = adapters[0] if len(adapters) == 1 else MultiIPAdapterModel(adapters)
+        component = adapters[0] if len(adapters) == 1 else _multi(adapters, flux=flux)
         added: dict[str, Any] = {"ip_adapter": component}
         if encoder is not None:
             added["image_encoder"] = encoder
         for name in ours:  # the FaceID LoRA of the adapters replaced
-            eject(unet, name)
+            eject(target, name)
         for lora in loras:
-            inject(unet, lora)
-        self._change(ip_adapter_blocks(self.blocks), added)
+            inject(target, lora)
+        self._change(ip_adapter_blocks(self.blocks, flux=flux), added)
 
-    def set_ip_adapter_scale(self, scale: ScaleSpec | Sequence[ScaleSpec]) -> None:
+    def set_ip_adapter_scale(self, scale: ScaleSpec | Sequence[ScaleSpec] | FluxScale | Sequence[FluxScale]) -> None:
         """Set each IP-Adapter's scale: one value or dict for all, or a list with one per adapter.
 
         A number scales every layer; a dict ``{"down": {"block_2": [0.0, 1.0]}, "up": {"block_0":
         [0.0, 1.0, 0.0]}, "mid": 0.5}`` scales the spatial transformers it names and sets the rest
         to 0 (diffusers' ``set_ip_adapter_scale``; InstantStyle's "style only" and "style and
-        layout" settings are of this form).
+        layout" settings are of this form). For Flux, as diffusers' Flux pipelines take it: a
+        number, or a list of one per double block; with several adapters, a list of one such
+        entry per adapter (:func:`~diffblocks.components.models.ip_adapter.expand_flux_scales`).
 
         Raises:
             ValueError: a block that does not exist or has no attention (naming those that do), a
-                list of another length than the adapters; nothing changes.
+                list of another length than the adapters (or, for Flux, than the double blocks); nothing changes.
         """
         adapters = self._ip_adapters()
+        target = self._ip_adapter_target()
+        if isinstance(target, FluxTransformer2DModel):
+            flux_scales = expand_flux_scales(cast(Any, scale), num_layers=target.params.num_layers, num_adapters=len(adapters))
+            for adapter, values in zip(adapters, flux_scales, strict=True):
+                adapter.set_scales(values)
+            return
         specs = list(scale) if isinstance(scale, list) else [scale]
         if len(specs) == 1:
             specs *= len(adapters)
         if len(specs) != len(adapters):
             raise ValueError(f"set_ip_adapter_scale got {len(specs)} scales for {len(adapters)} IP-Adapters: give one for all, or one per adapter")
-        unet = self._ip_adapter_unet()
-        expanded = [expand_scales(unet, spec) for spec in specs]  # every spec checked before any is set
+        expanded = [expand_scales(target, cast(ScaleSpec, spec)) for spec in specs]  # every spec checked before any is set
         for adapter, scales in zip(adapters, expanded, strict=True):
             adapter.set_scales(scales)
 
@@ -206,12 +263,12 @@ class AbstractIPAdapterMethods(ABC):
             ValueError: a FaceID adapter is loaded and the UNet's LoRA adapters are fused (unfuse first); nothing changes.
         """
         self._ip_adapters()
-        unet = self._ip_adapter_unet()
+        target = self._ip_adapter_target()
         names = self._faceid_lora_names()
-        if names and is_fused(unet):  # ejecting one adapter out of fused weights would unfuse only its layers
+        if names and is_fused(target):  # ejecting one adapter out of fused weights would unfuse only its layers
             raise ValueError(_MSG_FUSED.format(verb="unloading"))
         for name in names:
-            eject(unet, name)
+            eject(target, name)
         self._change(without_ip_adapter_blocks(self.blocks), {}, drop=("ip_adapter", "image_encoder"))
 
     def _faceid_lora_names(self) -> set[str]:
@@ -219,20 +276,29 @@ class AbstractIPAdapterMethods(ABC):
         component = self.components.get("ip_adapter")
         if not isinstance(component, (IPAdapterModel, MultiIPAdapterModel)):
             return set()
-        attached = adapter_names(self._ip_adapter_unet())
+        attached = adapter_names(self._ip_adapter_target())
         held = {FACEID_LORA.format(i=i) for i, adapter in enumerate(ip_adapters(component)) if adapter.lora_dims}
         return held & set(attached)
 
-    def _ip_adapters(self) -> tuple[IPAdapterModel, ...]:
+    def _ip_adapters(self) -> tuple[Adapter, ...]:
         component = self.components.get("ip_adapter")
+        if isinstance(component, (FluxIPAdapterModel, MultiFluxIPAdapterModel)):
+            return flux_ip_adapters(component)
         if not isinstance(component, (IPAdapterModel, MultiIPAdapterModel)):
             raise ValueError(_MSG_NOT_LOADED)
         return ip_adapters(component)
 
-    def _ip_adapter_unet(self) -> UNet2DConditionModel:
+    def _ip_adapter_target(self) -> Target:
+        """The model the IP-Adapter acts on: the pipeline's UNet, or its Flux transformer."""
+        transformer = unwrap_compiled(self.components.get("transformer"))
+        if isinstance(transformer, FluxTransformer2DModel):
+            return transformer
         unet = unwrap_compiled(self.components.get("unet"))
         if not isinstance(unet, UNet2DConditionModel):
-            raise ValueError(f"IP-Adapter acts on a pipeline's UNet2DConditionModel 'unet'; this pipeline has {type(unet).__name__}")
+            raise ValueError(
+                "IP-Adapter acts on a pipeline's UNet2DConditionModel 'unet' or FluxTransformer2DModel 'transformer'; "
+                f"this pipeline has {type(unet if unet is not None else transformer).__name__}"
+            )
         return unet
 
     def _image_encoder(
@@ -243,7 +309,7 @@ class AbstractIPAdapterMethods(ABC):
         if given is not None:
             return CLIPVisionModelWithProjection.from_pretrained(resolve_folder(given))
         current = self.components.get("image_encoder")
-        if isinstance(current, CLIPVisionModelWithProjection) or folder is None or isinstance(source, IPAdapterModel):
+        if isinstance(current, CLIPVisionModelWithProjection) or folder is None or isinstance(source, (IPAdapterModel, FluxIPAdapterModel)):
             return current if isinstance(current, CLIPVisionModelWithProjection) else None
         if Path(source).is_file():
             return None
@@ -266,11 +332,18 @@ def _file(source: str | os.PathLike[str], subfolder: str | None, weight_name: st
     return contained_path(folder, weight_name, repository=str(source), entry="weight_name")
 
 
-def _faceid_loras(unet: UNet2DConditionModel, adapters: Sequence[IPAdapterModel]) -> list[LoRA]:
-    """Each FaceID adapter's LoRA, as our LoRA value named ``faceid_<i>``: scale 1 (alpha = rank), as the original applies it."""
+def _faceid_loras(target: Target, adapters: Sequence[Adapter]) -> list[LoRA]:
+    """Each FaceID adapter's LoRA, as our LoRA value named ``faceid_<i>``: scale 1 (alpha = rank), as the original applies it.
+
+    Only the UNet families have FaceID adapters; a Flux transformer gets none.
+    """
+    if not isinstance(target, UNet2DConditionModel):
+        return []
     loras = []
     for i, adapter in enumerate(adapters):
-        updates = adapter.lora_updates(unet)
+        if not isinstance(adapter, IPAdapterModel):
+            continue
+        updates = adapter.lora_updates(target)
         if updates:
             weights = {path: LoRAWeights(down, up, alpha=float(down.shape[0])) for path, (down, up) in updates.items()}
             loras.append(LoRA(FACEID_LORA.format(i=i), weights))
@@ -286,9 +359,16 @@ def _spread(value: T | Sequence[T], n: int, field: str) -> list[T]:
     return list(value)
 
 
-def _check_encoder(encoder: CLIPVisionModelWithProjection, adapter: IPAdapterModel, i: int) -> None:
+def _multi(adapters: list[Adapter], *, flux: bool) -> MultiIPAdapterModel | MultiFluxIPAdapterModel:
+    """Several adapters as one component (each was checked against the pipeline's model, so all are of its family)."""
+    if flux:
+        return MultiFluxIPAdapterModel(a for a in adapters if isinstance(a, FluxIPAdapterModel))
+    return MultiIPAdapterModel(a for a in adapters if isinstance(a, IPAdapterModel))
+
+
+def _check_encoder(encoder: CLIPVisionModelWithProjection, adapter: Adapter, i: int) -> None:
     config = encoder.config
-    if adapter.reads_face_embeddings:  # FaceID reads no CLIP feature; FaceID-Plus reads the face crop's hidden states
+    if isinstance(adapter, IPAdapterModel) and adapter.reads_face_embeddings:  # FaceID reads no CLIP feature; FaceID-Plus reads the face crop's hidden states
         if adapter.clip_dim is not None and adapter.clip_dim != config.hidden_size:
             what = "the face crop's penultimate hidden states"
             raise ValueError(_MSG_ENCODER.format(encoder=f"hidden_size {config.hidden_size}", i=i, what=what, want=adapter.clip_dim))
@@ -301,4 +381,4 @@ def _check_encoder(encoder: CLIPVisionModelWithProjection, adapter: IPAdapterMod
         raise ValueError(_MSG_ENCODER.format(encoder=described, i=i, what=what, want=adapter.embed_dim))
 
 
-__all__ = ["FACEID_LORA", "AbstractIPAdapterMethods", "ip_adapter_blocks", "without_ip_adapter_blocks"]
+__all__ = ["FACEID_LORA", "AbstractIPAdapterMethods", "adapter_mismatch", "ip_adapter_blocks", "without_ip_adapter_blocks"]

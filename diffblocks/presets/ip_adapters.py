@@ -7,7 +7,8 @@ and the adapter beside it, recorded in the modular index under ``_diffblocks_ip_
      "scales": [[1.0, 1.0, 0.5, ...]], "image_encoder": "image_encoder"}
 
 Each adapter's weights are written in the layout of the original ``ip-adapter_*.safetensors`` files
-(``image_proj.*``, ``ip_adapter.N.to_k_ip.weight``, ...), so an adapter given by value saves as
+(``image_proj.*``, ``ip_adapter.N.to_k_ip.weight``, ...; a Flux IP-Adapter's in XLabs' layout,
+``ip_adapter_proj_model.*``, ``double_blocks.N.processor.*``), so an adapter given by value saves as
 well as one read from a file, and the files load in diffusers' ``load_ip_adapter`` too; the CLIP
 image encoder is written with ``save_pretrained`` into ``image_encoder/``, where diffusers' IP-Adapter
 repositories keep it. ``from_pretrained`` checks each file's sha256, calls ``load_ip_adapter`` with
@@ -31,7 +32,15 @@ from diffblocks.blocks import Pipeline
 from diffblocks.components.containment import contained_path
 from diffblocks.components.hub import resolve_folder
 from diffblocks.components.lora.sources import file_sha256
-from diffblocks.components.models.ip_adapter import IPAdapterModel, MultiIPAdapterModel, ip_adapters, load_ip_adapter_file
+from diffblocks.components.models.ip_adapter import (
+    FluxIPAdapterModel,
+    IPAdapterModel,
+    MultiFluxIPAdapterModel,
+    MultiIPAdapterModel,
+    flux_ip_adapters,
+    ip_adapters,
+    load_any_ip_adapter_file,
+)
 from diffblocks.presets.loras import resolve_pinned
 
 IP_ADAPTER_KEY = "_diffblocks_ip_adapter"
@@ -69,7 +78,7 @@ class IPAdapterEntry(BaseModel):
 class HeldIPAdapter:
     """A pipeline's IP-Adapters and image encoder, taken out for a save."""
 
-    adapters: tuple[IPAdapterModel, ...]
+    adapters: tuple[IPAdapterModel | FluxIPAdapterModel, ...]
     encoder: CLIPVisionModelWithProjection | None
 
 
@@ -81,11 +90,15 @@ def ip_adapter_detached(pipe: Pipeline) -> Iterator[HeldIPAdapter | None]:
     """
     keys = pipe.component_keys()  # by key: pipe.components would load every lazy component
     component = pipe.manager.get(keys["ip_adapter"]) if "ip_adapter" in keys else None
-    if not isinstance(component, (IPAdapterModel, MultiIPAdapterModel)):
+    if isinstance(component, (FluxIPAdapterModel, MultiFluxIPAdapterModel)):
+        adapters: tuple[IPAdapterModel | FluxIPAdapterModel, ...] = flux_ip_adapters(component)
+    elif isinstance(component, (IPAdapterModel, MultiIPAdapterModel)):
+        adapters = ip_adapters(component)
+    else:
         yield None
         return
     encoder = pipe.manager.get(keys["image_encoder"]) if "image_encoder" in keys else None
-    held = HeldIPAdapter(ip_adapters(component), encoder if isinstance(encoder, CLIPVisionModelWithProjection) else None)
+    held = HeldIPAdapter(adapters, encoder if isinstance(encoder, CLIPVisionModelWithProjection) else None)
     scales = [adapter.scales for adapter in held.adapters]
     pipe.unload_ip_adapter()
     try:
@@ -103,7 +116,8 @@ def write_ip_adapter(staging: Path, held: HeldIPAdapter) -> IPAdapterEntry:
     files: list[str] = []
     for i, adapter in enumerate(held.adapters):
         file = f"{IP_ADAPTER_FOLDER}/ip_adapter_{i}.safetensors"
-        save_file({key: tensor.detach().contiguous().cpu() for key, tensor in adapter.state_dict().items()}, staging / file)
+        tensors = adapter.xlabs_state_dict() if isinstance(adapter, FluxIPAdapterModel) else adapter.state_dict()
+        save_file({key: tensor.detach().contiguous().cpu() for key, tensor in tensors.items()}, staging / file)
         files.append(file)
     if held.encoder is not None:
         held.encoder.save_pretrained(staging / IMAGE_ENCODER_FOLDER)
@@ -133,7 +147,7 @@ def apply_ip_adapter(pipe: Pipeline, entry: Any, path_or_repo: str | os.PathLike
     adapters = []
     for i, (file, sha256) in enumerate(zip(record.files, record.sha256, strict=True)):
         path, _ = resolve_pinned(path_or_repo, file, sha256, None, None, revision=revision, key=IP_ADAPTER_KEY, name=f"adapter {i}", kind="IP-Adapter")
-        adapters.append(load_ip_adapter_file(path))
+        adapters.append(load_any_ip_adapter_file(path))
     for adapter, scales in zip(adapters, record.scales, strict=True):
         adapter.set_scales(scales)
     encoder = None

@@ -43,7 +43,7 @@ _BLOCKS = {
     "diffblocks.blocks.flux": (
         "FluxDefaults PredictFlow FluxEncodePrompt PrepareFluxConditions PrepareFluxGuidance PrepareFluxImageLatents "
         "PrepareFluxLatents PreprocessFluxImage UnpackLatents FluxSetImageTimesteps FluxSetTimesteps "
-        "PrepareFluxControlImage PredictControlledFlow"
+        "PrepareFluxControlImage PredictControlledFlow EncodeFluxImagePrompt"
     ),
     "diffblocks.presets.tiny.blocks": "EncodeBertPrompt",
 }

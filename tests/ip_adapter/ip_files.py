@@ -86,3 +86,30 @@ def picture(seed: int = 0, size: int = SIZE) -> PIL.Image.Image:
     return PIL.Image.fromarray((np.random.default_rng(seed).random((size, size, 3)) * 255).astype("uint8"))
 
 
+
+
+def xlabs_tensors(num_layers: int, joint: int, inner: int, *, embed: int = 16, tokens: int = 4, seed: int = 3) -> dict[str, Tensor]:
+    """Random tensors of a Flux IP-Adapter file in XLabs' layout (``XLabs-AI/flux-ip-adapter``'s ``ip_adapter.safetensors``)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, std: float = 0.3) -> Tensor:
+        return torch.randn(*shape, generator=generator) * std
+
+    tensors = {"ip_adapter_proj_model.proj.weight": rand(tokens * joint, embed), "ip_adapter_proj_model.proj.bias": rand(tokens * joint),
+               "ip_adapter_proj_model.norm.weight": 1 + rand(joint), "ip_adapter_proj_model.norm.bias": rand(joint)}  # fmt: skip
+    for i in range(num_layers):
+        for kv in "kv":
+            prefix = f"double_blocks.{i}.processor.ip_adapter_double_stream_{kv}_proj"
+            tensors[f"{prefix}.weight"], tensors[f"{prefix}.bias"] = rand(inner, joint, std=0.5), rand(inner)
+    return tensors
+
+
+def xlabs_repo(root: Path, num_layers: int, joint: int, inner: int, *, seeds: tuple[int, ...] = (3,)) -> Path:
+    """A folder laid out like XLabs-AI/flux-ip-adapter (``ip_adapter.safetensors``, then ``ip_adapter_<seed>.safetensors``)
+    and a random CLIP image encoder in ``image_encoder`` beside (XLabs' repository has none: it reads openai's)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for n, seed in enumerate(seeds):
+        name = "ip_adapter.safetensors" if n == 0 else f"ip_adapter_{seed}.safetensors"
+        save_file(xlabs_tensors(num_layers, joint, inner, seed=seed), root / name)
+    image_encoder(root / "image_encoder")
+    return root

@@ -5,12 +5,14 @@ from diffblocks.blocks.flux.defaults import DEV, SCHNELL, FluxDefaults, VariantD
 from diffblocks.blocks.flux.denoise import PredictFlow
 from diffblocks.blocks.flux.encode import FluxEncodePrompt
 from diffblocks.blocks.flux.guidance import PrepareFluxConditions, PrepareFluxGuidance
+from diffblocks.blocks.flux.ip_adapter import EncodeFluxImagePrompt
 from diffblocks.blocks.flux.latents import PrepareFluxImageLatents, PrepareFluxLatents, PreprocessFluxImage, UnpackLatents
 from diffblocks.blocks.flux.timesteps import FluxSetImageTimesteps, FluxSetTimesteps
 
 __all__ = [
     "DEV",
     "SCHNELL",
+    "EncodeFluxImagePrompt",
     "FluxDefaults",
     "FluxEncodePrompt",
     "FluxSetImageTimesteps",

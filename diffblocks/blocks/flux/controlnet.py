@@ -25,6 +25,7 @@ from diffblocks.components.guiders import GuidanceConditions
 from diffblocks.components.models.autoencoder_kl import AutoencoderKL
 from diffblocks.components.models.controlnet import FluxControlNetModel, FluxMultiControlNetModel, flux_controlnets
 from diffblocks.components.models.flux import FluxTransformer2DModel, pack_latents
+from diffblocks.components.models.ip_adapter import FluxIPAdapterModel, MultiFluxIPAdapterModel
 from diffblocks.components.noise import Generator
 
 _MSG_FIT = (
@@ -202,9 +203,12 @@ class PredictControlledFlow(Block):
         noise_pred: Float["batch seq channels"]
 
     transformer: FluxTransformer2DModel = component(description="the denoiser")
+    ip_adapter: FluxIPAdapterModel | MultiFluxIPAdapterModel = component(
+        optional=True, description="reads the image prompt's tokens in the conditioning (docs/ip_adapter.md)"
+    )
 
     def __call__(self, inputs: Inputs) -> Outputs:
-        denoiser = FluxDenoiser(self.transformer)
+        denoiser = FluxDenoiser(self.transformer, ip_adapter=self.ip_adapter)
         t = inputs.t.to(inputs.latents.dtype)
         guidance = self.controlled(inputs.guidance, inputs.controls, inputs.latents, t, inputs.step_index, inputs.num_steps)
         noise_pred = guidance.prediction(

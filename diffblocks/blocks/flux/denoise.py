@@ -10,6 +10,7 @@ from diffblocks.blocks.standard.guidance import Guidance
 from diffblocks.blocks.types import Float
 from diffblocks.components.denoisers import FluxDenoiser
 from diffblocks.components.models.flux import FluxTransformer2DModel
+from diffblocks.components.models.ip_adapter import FluxIPAdapterModel, MultiFluxIPAdapterModel
 
 
 class PredictFlow(Block):
@@ -31,6 +32,9 @@ class PredictFlow(Block):
         noise_pred: Float["batch seq channels"]
 
     transformer: FluxTransformer2DModel = component(description="the denoiser")
+    ip_adapter: FluxIPAdapterModel | MultiFluxIPAdapterModel = component(
+        optional=True, description="reads the image prompt's tokens in the conditioning (docs/ip_adapter.md)"
+    )
 
     def __call__(self, inputs: Inputs) -> Outputs:
         denoiser = self.denoiser()
@@ -43,4 +47,4 @@ class PredictFlow(Block):
 
     def denoiser(self) -> FluxDenoiser:
         """The transformer as a denoiser, made at every step (it is a light wrapper, so a swapped transformer is seen at once)."""
-        return FluxDenoiser(self.transformer)
+        return FluxDenoiser(self.transformer, ip_adapter=self.ip_adapter)

@@ -14,13 +14,17 @@ from diffblocks.components.denoisers.conditioning import Conditioning
 from diffblocks.components.memory.reserve import reserve_step
 from diffblocks.components.memory.steps import flux_tokens_shape
 from diffblocks.components.models.flux import FluxTransformer2DModel
+from diffblocks.components.models.ip_adapter.flux import FluxIPAdapterModel, MultiFluxIPAdapterModel, flux_image_prompt
 
 _MSG_MISSING = (
     "the Flux transformer needs Conditioning.pooled_embeds, text_ids and image_ids, and {field} is None: "
     "FluxEncodePrompt makes the pooled embeddings, PrepareFluxGuidance adds the token positions "
     "(see prepare_text_ids and prepare_image_ids)"
 )
-_MSG_RESERVED = "Conditioning.{field} is set, but the Flux denoiser has no {what} attached to read it: leave {field} None"
+_MSG_IMAGE_EMBEDS = (
+    "Conditioning.image_embeds is set, but no IP-Adapter is attached to the Flux denoiser to read them: "
+    "give FluxDenoiser(transformer, ip_adapter=...) or leave image_embeds None"
+)
 
 
 @final
@@ -30,10 +34,13 @@ class FluxDenoiser(AbstractDenoiser):
     The transformer takes ``t / 1000`` (a sigma in 0..1), computed in the latents' dtype as
     diffusers' ``FluxPipeline`` computes it, and, for dev, the embedded guidance; both are expanded
     to the batch of each pass. ``prompt_embeds`` are the T5 tokens, ``pooled_embeds`` the pooled
-    CLIP vector, and the shared ``text_ids`` and ``image_ids`` their positions.
+    CLIP vector, and the shared ``text_ids`` and ``image_ids`` their positions. With an IP-Adapter
+    attached, ``image_embeds`` (one tensor of projected image tokens per adapter) become the image
+    keys and values the double blocks also attend to, made once per pass.
 
     Args:
         transformer: the Flux transformer.
+        ip_adapter: the Flux IP-Adapter(s) that read ``image_embeds``; None refuses them.
 
     Example:
         >>> from diffblocks.components.models.flux import FluxParams, prepare_image_ids, prepare_text_ids
@@ -50,13 +57,14 @@ class FluxDenoiser(AbstractDenoiser):
         >>> assert torch.equal(flow, direct)
     """
 
-    __slots__ = ("model",)
+    __slots__ = ("ip_adapter", "model")
 
     model: FluxTransformer2DModel
     prediction_type: PredictionType = "flow"
 
-    def __init__(self, transformer: FluxTransformer2DModel) -> None:
+    def __init__(self, transformer: FluxTransformer2DModel, *, ip_adapter: FluxIPAdapterModel | MultiFluxIPAdapterModel | None = None) -> None:
         self.model = transformer
+        self.ip_adapter = ip_adapter
 
     def __call__(self, x: Float[Tensor, "batch seq c"], t: Tensor, conditioning: Conditioning) -> Float[Tensor, "batch seq c"]:
         return self.at(t.to(x.dtype))(x, conditioning)
@@ -66,13 +74,16 @@ class FluxDenoiser(AbstractDenoiser):
         return partial(self._predict, t / 1000)
 
     def _predict(self, sigma: Tensor, x: Tensor, c: Conditioning) -> Tensor:
-        # Where the conditioning becomes transformer arguments (a Flux IP-Adapter attaches here).
+        # Where the conditioning becomes transformer arguments: an IP-Adapter attached here reads c.image_embeds.
         pooled, text_ids, image_ids = c.pooled_embeds, c.text_ids, c.image_ids
         if pooled is None or text_ids is None or image_ids is None:
             field = "pooled_embeds" if pooled is None else "text_ids" if text_ids is None else "image_ids"
             raise ValueError(_MSG_MISSING.format(field=field))
+        image_prompt = None
         if c.image_embeds is not None:
-            raise ValueError(_MSG_RESERVED.format(field="image_embeds", what="IP-Adapter"))
+            if self.ip_adapter is None:
+                raise ValueError(_MSG_IMAGE_EMBEDS)
+            image_prompt = flux_image_prompt(self.ip_adapter, c.image_embeds)
         n, guidance = x.shape[0], c.embedded_guidance
         # under a memory budget, the manager reserves this forward's activations first (once per size)
         text = c.prompt_embeds.shape[1]
@@ -87,6 +98,7 @@ class FluxDenoiser(AbstractDenoiser):
             txt_ids=text_ids,
             guidance=None if guidance is None else guidance.expand(n),
             block_residuals=c.control_residuals,  # a Flux ControlNet's, one per block (see FluxControl)
+            image_prompt=image_prompt,
         )
 
 

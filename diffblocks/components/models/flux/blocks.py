@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
 from diffblocks.components.models.flux.layers import AdaLayerNormZero, FeedForward, JointAttention, SelfAttention
+from diffblocks.components.models.layers.attention import ExtraKeysValues
 
 _FP16_MAX = 65504.0
 
@@ -45,14 +48,21 @@ class FluxTransformerBlock(nn.Module):
         *,
         temb: Float[Tensor, "batch dim"],
         rope: tuple[Tensor, Tensor],
+        image_prompt: Sequence[ExtraKeysValues] = (),
     ) -> tuple[Float[Tensor, "batch txt_seq dim"], Float[Tensor, "batch img_seq dim"]]:
-        """Return ``(encoder_hidden_states, hidden_states)``, text first as diffusers' blocks do."""
+        """Return ``(encoder_hidden_states, hidden_states)``, text first as diffusers' blocks do.
+
+        ``image_prompt``: a Flux IP-Adapter's image keys and values for this block (see ``JointAttention``).
+        """
         img, (img_attn, img_mlp) = self.norm1(hidden_states, temb)
         txt, (txt_attn, txt_mlp) = self.norm1_context(encoder_hidden_states, temb)
-        img, txt = self.attn(img, txt, rope=rope)
+        img, txt, prompted = self.attn(img, txt, rope=rope, image_prompt=image_prompt)
 
         hidden_states = hidden_states + img_attn.gate * img
         hidden_states = hidden_states + img_mlp.gate * self.ff(img_mlp.apply(self.norm2(hidden_states)))
+        if prompted is not None:
+            # XLabs' IP-Adapter adds its attention after the MLP, ungated and unprojected (as diffusers does)
+            hidden_states = hidden_states + prompted
 
         encoder_hidden_states = encoder_hidden_states + txt_attn.gate * txt
         txt = self.ff_context(txt_mlp.apply(self.norm2_context(encoder_hidden_states)))

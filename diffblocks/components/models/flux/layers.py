@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 
 from diffblocks.components.attention import attention
 from diffblocks.components.models.flux.embeddings import apply_rope
+from diffblocks.components.models.layers.attention import ExtraKeysValues
 
 
 @dataclass(frozen=True)
@@ -166,14 +168,26 @@ class JointAttention(nn.Module):
         encoder_hidden_states: Float[Tensor, "batch txt_seq dim"],
         *,
         rope: tuple[Tensor, Tensor],
-    ) -> tuple[Float[Tensor, "batch img_seq dim"], Float[Tensor, "batch txt_seq dim"]]:
-        """Return ``(image, text)`` outputs; ``rope`` covers ``txt_seq + img_seq`` positions."""
+        image_prompt: Sequence[ExtraKeysValues] = (),
+    ) -> tuple[Float[Tensor, "batch img_seq dim"], Float[Tensor, "batch txt_seq dim"], Float[Tensor, "batch img_seq inner"] | None]:
+        """Return ``(image, text, image prompt)`` outputs; ``rope`` covers ``txt_seq + img_seq`` positions.
+
+        ``image_prompt`` are a Flux IP-Adapter's keys and values of image tokens, ``(batch, tokens,
+        inner)`` each, with their scale (XLabs 2024): the image queries, RMS-normed but not rotated,
+        attend to each, and the third output is the sum of those attentions at their scales, not
+        projected (the block adds it to the residual stream); None without ``image_prompt``.
+        """
         q, k, v = (_split_heads(proj(hidden_states), self.heads) for proj in (self.to_q, self.to_k, self.to_v))
         txt_projs = (self.add_q_proj, self.add_k_proj, self.add_v_proj)
         cq, ck, cv = (_split_heads(proj(encoder_hidden_states), self.heads) for proj in txt_projs)
-        q = apply_rope(torch.cat([self.norm_added_q(cq), self.norm_q(q)], dim=1), rope)
+        image_q = self.norm_q(q)
+        q = apply_rope(torch.cat([self.norm_added_q(cq), image_q], dim=1), rope)
         k = apply_rope(torch.cat([self.norm_added_k(ck), self.norm_k(k)], dim=1), rope)
         out = _attend(q, k, torch.cat([cv, v], dim=1))
         txt, img = out.split([encoder_hidden_states.shape[1], hidden_states.shape[1]], dim=1)
+        prompted = None
+        for keys, values, scale in image_prompt:
+            attended = scale * _attend(image_q, _split_heads(keys, self.heads), _split_heads(values, self.heads))
+            prompted = attended if prompted is None else prompted + attended
         # Strided views take another half-precision GEMM path; contiguous inputs round like diffusers.
-        return self.to_out[0](img.contiguous()), self.to_add_out(txt.contiguous())
+        return self.to_out[0](img.contiguous()), self.to_add_out(txt.contiguous()), prompted

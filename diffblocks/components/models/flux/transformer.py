@@ -15,6 +15,7 @@ from diffblocks.components.models.flux.blocks import FluxSingleTransformerBlock,
 from diffblocks.components.models.flux.embeddings import RotaryEmbedding, TimeTextEmbedding
 from diffblocks.components.models.flux.layers import AdaLayerNormContinuous
 from diffblocks.components.models.flux.params import FluxParams
+from diffblocks.components.models.layers.attention import ExtraKeysValues
 
 _MSG_IDS = (
     "{name} must be 2-D (seq, {axes}) without a batch axis, as prepare_image_ids / prepare_text_ids "
@@ -23,6 +24,10 @@ _MSG_IDS = (
 _MSG_RESIDUALS = (
     "block_residuals has {got} tensors, but the transformer takes one per double block ({double}) or one per block "
     "({every}): spread a ControlNet's residuals with flux_block_residuals"
+)
+_MSG_IMAGE_PROMPT = (
+    "image_prompt has {got} entries, but the transformer takes one per double block ({double}): "
+    "a Flux IP-Adapter's flux_image_prompt makes them"
 )
 
 
@@ -85,6 +90,7 @@ class FluxTransformer2DModel(AbstractModel[FluxParams]):
         txt_ids: Float[Tensor, "txt_seq 3"],
         guidance: Float[Tensor, " batch"] | None = None,
         block_residuals: Sequence[Float[Tensor, "batch img_seq dim"]] | None = None,
+        image_prompt: Sequence[Sequence[ExtraKeysValues]] | None = None,
     ) -> Float[Tensor, "batch img_seq out_channels"]:
         """Predict the flow (velocity) for packed latent tokens.
 
@@ -100,6 +106,8 @@ class FluxTransformer2DModel(AbstractModel[FluxParams]):
             block_residuals: ControlNet residuals added to the image tokens after each block: one
                 per double block, then (optionally) one per single block, as
                 :func:`~diffblocks.components.models.controlnet.flux_block_residuals` spreads them.
+            image_prompt: a Flux IP-Adapter's image keys and values, one sequence per double block
+                (:func:`~diffblocks.components.models.ip_adapter.flux_image_prompt` makes them).
 
         Returns:
             ``(batch, img_seq, patch_size**2 * out_channels)``, still packed.
@@ -118,9 +126,12 @@ class FluxTransformer2DModel(AbstractModel[FluxParams]):
         encoder_hidden_states = self.context_embedder(encoder_hidden_states)
         rope = self.pos_embed(torch.cat([txt_ids, img_ids], dim=0))
         residuals = self._residuals(block_residuals)
+        if image_prompt is not None and len(image_prompt) != len(self.transformer_blocks):
+            raise ValueError(_MSG_IMAGE_PROMPT.format(got=len(image_prompt), double=len(self.transformer_blocks)))
 
-        for block in self.transformer_blocks:
-            encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb=temb, rope=rope)
+        for i, block in enumerate(self.transformer_blocks):
+            prompt = () if image_prompt is None else image_prompt[i]
+            encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb=temb, rope=rope, image_prompt=prompt)
             residual = next(residuals, None)
             if residual is not None:
                 hidden_states = hidden_states + residual
