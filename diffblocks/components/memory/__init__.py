@@ -5,6 +5,7 @@ See ``docs/memory.md``.
 
 from diffblocks.components.memory.disk import DiskOffload, MemoryMap
 from diffblocks.components.memory.measure import ModelSize, measure
+from diffblocks.components.memory.mover import Mover, OnMove
 from diffblocks.components.memory.oom import OffloadTightened
 from diffblocks.components.memory.placement import Placement
 from diffblocks.components.memory.planner import LADDER, MemoryBudgetError, MemoryPlan, plan_memory
@@ -14,9 +15,7 @@ from diffblocks.components.memory.policies import (
     GroupOffload,
     LeafOffload,
     ModelOffload,
-    Mover,
     NoOffload,
-    OnMove,
     execution_device,
 )
 from diffblocks.components.memory.sizes import ByteSize

@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 from diffblocks.components.memory.measure import ModelSize
-from diffblocks.components.memory.policies import AbstractOffload, Attached, GroupOffload, Mover, attach_groups
+from diffblocks.components.memory.mover import Mover
+from diffblocks.components.memory.policies import AbstractOffload, Attached, GroupOffload, attach_groups
 from diffblocks.components.memory.streams import Synchronous
 
 _DTYPES = {

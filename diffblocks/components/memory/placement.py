@@ -13,7 +13,8 @@ from diffblocks.components.memory.activations import set_activation_room
 from diffblocks.components.memory.disk import DiskOffload, MemoryMap
 from diffblocks.components.memory.measure import ModelSize
 from diffblocks.components.memory.planner import LADDER, MemoryBudgetError, MemoryPlan, host_peak, plan_memory
-from diffblocks.components.memory.policies import AbstractOffload, Attached, GroupOffload, ModelOffload, Mover, NoOffload, OnMove
+from diffblocks.components.memory.mover import Mover, OnMove
+from diffblocks.components.memory.policies import AbstractOffload, Attached, GroupOffload, ModelOffload, NoOffload
 from diffblocks.components.memory.reserve import Grow, StepNeed, watch_steps
 from diffblocks.components.memory.sizes import ByteSize
 

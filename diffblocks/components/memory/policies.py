@@ -2,9 +2,8 @@
 
 A policy is a frozen value (compared and hashed by value, like a guider); :meth:`attach` installs
 forward hooks on one model and returns an :class:`Attached` whose ``detach()`` removes them and
-moves every tensor back home, leaving the model as it was. Moves go through one :class:`Mover`
-per manager, which knows the device, the home (the CPU), which model is resident, and whom to
-tell about each move (tests count them there).
+moves every tensor back home, leaving the model as it was. Moves go through the manager's one
+:class:`~diffblocks.components.memory.mover.Mover`.
 
 The policies, from cheapest to smallest (the planner tries them in this order):
 
@@ -28,9 +27,8 @@ Each thread keeps its own count, so a forward that fails releases exactly what i
 
 from __future__ import annotations
 
-import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, final
 from weakref import WeakKeyDictionary
@@ -40,103 +38,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from diffblocks.components.memory.measure import ModelSize, repeated_blocks
-from diffblocks.components.memory.streams import Prefetcher, StreamedGroup, Synchronous, streams_for
+from diffblocks.components.memory.mover import Mover, tensors_of
+from diffblocks.components.memory.streams import Prefetcher, StreamedGroup, Synchronous
 
-OnMove = Callable[[str, torch.device, int], None]
-"""Told of each move: the moved module's name (``"unet/down_blocks.0"``), where to, and the bytes moved."""
-
-
-@final
-class Mover:
-    """Moves modules' tensors between the device and home, for all models of one manager.
-
-    Args:
-        device: where models run.
-        home: where they wait (default: the CPU).
-        on_move: called once per move (see :data:`OnMove`).
-        streams: how streamed groups are copied (default: a side stream on CUDA, plain copies elsewhere;
-            tests pass a stand-in that records the copies and waits).
-    """
-
-    def __init__(
-        self,
-        device: torch.device | str,
-        *,
-        home: torch.device | str = "cpu",
-        on_move: OnMove | None = None,
-        streams: Synchronous | None = None,
-    ) -> None:
-        self.device = torch.device(device)
-        self.home = torch.device(home)
-        self.on_move = on_move
-        self.streams = streams if streams is not None else streams_for(self.device)
-        # the models ModelOffload placed on the device, by name: one, or more while one call runs
-        # a model inside another's forward (it cannot wait for itself)
-        self.resident: dict[nn.Module, str] = {}
-        self.users: dict[int, int] = {}  # id(model) -> threads whose forwards run it now: it stays on the device
-        self.prefetching: Prefetcher | None = None  # the model whose next group is being fetched ahead
-        self.keep: dict[str, int] = {}  # bytes of each model's repeated blocks that GroupOffload keeps on the device (the plan's ``kept``)
-        # Hooks of models run by concurrent calls check and change ``resident`` and the prefetch state together.
-        self.lock = threading.RLock()
-        self.freed = threading.Condition(self.lock)  # notified when a model is no longer in use
-        self._pins = threading.local()  # this thread's own count per model, so a forward never waits for itself
-
-    def held(self) -> dict[int, int]:
-        """This thread's pins: id(model) -> forwards (and layers) of it running in this thread now."""
-        pins: dict[int, int] | None = getattr(self._pins, "count", None)
-        if pins is None:
-            pins = self._pins.count = {}
-        return pins
-
-    def pin(self, model: object, bring: Callable[[bool], None] | None = None) -> None:
-        """Count a use of ``model`` (a model, or what stands for a layer's tensors) in this thread; the first one, under the lock, runs ``bring`` first.
-
-        ``bring(holding)`` puts the model on the device (``holding``: this thread uses other models
-        too, so it must not wait for them). While a model is pinned by any thread it does not move.
-        """
-        pins, key = self.held(), id(model)
-        count = pins.get(key, 0)
-        if count:  # this thread runs it already: it cannot have moved
-            pins[key] = count + 1
-            return
-        with self.lock:
-            if bring is not None:
-                bring(bool(pins))
-            self.users[key] = self.users.get(key, 0) + 1
-        pins[key] = 1
-
-    def unpin(self, model: object) -> None:
-        """End one use of ``model`` in this thread (nothing if this thread did not pin it: its pin failed)."""
-        pins, key = self.held(), id(model)
-        count = pins.get(key, 0)
-        if count > 1:
-            pins[key] = count - 1
-        elif count == 1:
-            del pins[key]
-            with self.lock:
-                left = self.users.get(key, 0) - 1
-                if left > 0:
-                    self.users[key] = left
-                else:
-                    self.users.pop(key, None)
-                    self.freed.notify_all()
-
-    def wait_unused(self, model: nn.Module) -> None:
-        """Return once no other thread runs ``model`` (call with the lock held; this thread's own uses do not count)."""
-        while self.users.get(id(model), 0) > self.held().get(id(model), 0):
-            self.freed.wait()
-
-    def move(self, name: str, modules: Iterable[nn.Module], device: torch.device, *, recurse: bool = True) -> None:
-        moved = 0
-        # Copies to the accelerator may overlap; copies home may not, since a later copy back would read a half-written buffer.
-        overlap = device.type != "cpu"
-        # Out of inference mode, so that moved parameters stay ordinary tensors that a later call with grad can use.
-        with torch.inference_mode(False), torch.no_grad():
-            for module in modules:
-                moved += sum(t.numel() * t.element_size() for t in _tensors(module, recurse=recurse))
-                module._apply(lambda t: t.to(device, non_blocking=overlap), recurse=recurse)  # noqa: SLF001 - what nn.Module.to calls, one level deep when asked
-        if self.on_move is not None:
-            self.on_move(name, device, moved)
 
 
 _RUNS_ON: WeakKeyDictionary[nn.Module, torch.device] = WeakKeyDictionary()
@@ -314,7 +218,7 @@ class LeafOffload(AbstractOffload):
     def attach(self, name: str, model: nn.Module, mover: Mover) -> Attached:
         handles = _pinned_forward(model, mover)
         for sub_name, sub in model.named_modules():
-            if any(True for _ in _tensors(sub, recurse=False)):
+            if any(True for _ in tensors_of(sub, recurse=False)):
                 handles += _stream(f"{name}/{sub_name or '(top)'}", [sub], mover, recurse=False)
         return Attached(name, model, mover, handles)
 
@@ -407,14 +311,9 @@ def _spread(sizes: list[int], allowance: int) -> set[int]:
 
 
 def _nbytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in _tensors(module, recurse=True))
-
-
-def _tensors(module: nn.Module, *, recurse: bool) -> Iterable[torch.Tensor]:
-    yield from module.parameters(recurse=recurse)
-    yield from module.buffers(recurse=recurse)
+    return sum(t.numel() * t.element_size() for t in tensors_of(module, recurse=True))
 
 
 def _holders(model: nn.Module) -> list[nn.Module]:
-    return [sub for sub in model.modules() if any(True for _ in _tensors(sub, recurse=False))]
+    return [sub for sub in model.modules() if any(True for _ in tensors_of(sub, recurse=False))]
 

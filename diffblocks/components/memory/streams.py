@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from diffblocks.components.memory.policies import Mover
+    from diffblocks.components.memory.mover import Mover
 
 
 class Synchronous:
