@@ -3,7 +3,8 @@
 from diffblocks.components.config_files import ConfigFileError
 from diffblocks.components.containment import RepositoryPathError
 from diffblocks.components.hub import resolve_folder
-from diffblocks.components.manager import ComponentInfo, ComponentsManager, usable_device
+from diffblocks.components.devices import usable_device
+from diffblocks.components.manager import ComponentInfo, ComponentsManager
 from diffblocks.components.specs import ComponentSpec, PipelineIndex, parse_index, read_index, write_modular_index
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""The device to run on when none is given: the best accelerator this machine has, else the CPU."""
+"""Devices: the one to run on when none is given (the best accelerator here, else the CPU), and checking a given one."""
 
 from __future__ import annotations
 
@@ -62,4 +62,29 @@ def default_device_type() -> str:
     return "cpu"
 
 
-__all__ = ["PROBES", "default_device", "default_device_type"]
+def usable_device(device: torch.device | str) -> torch.device:
+    """``device`` as a :class:`torch.device`, refused now if this machine cannot place tensors there.
+
+    Without this check a pipeline built for ``"cuda"`` on a machine without CUDA fails only at its
+    first call, deep inside a model.
+
+    Raises:
+        ValueError: not a device name, or its backend (CUDA, MPS) or index is not available here.
+    """
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a device: {err}; use 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, but no GPU is visible"
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine (torch {torch.__version__}, {build}); use device='cpu'")
+        count = torch.cuda.device_count()
+        if target.index is not None and target.index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    if target.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS (Apple GPUs) is not available on this machine; use device='cpu'")
+    return target
+
+
+__all__ = ["PROBES", "default_device", "default_device_type", "usable_device"]

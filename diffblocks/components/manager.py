@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import threading
 import warnings
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 
 from diffblocks.components.compiled import unwrap_compiled
+from diffblocks.components.devices import usable_device
 from diffblocks.components.loaders import check_random_weights, load_component
 from diffblocks.components.memory import AbstractOffload, MemoryPlan, ModelSize, OnMove, Placement, measure
 from diffblocks.components.memory.disk import register_weight_files
@@ -20,31 +20,6 @@ from diffblocks.components.memory.oom import OffloadTightened, free_memory
 from diffblocks.components.memory.reserve import StepNeed
 from diffblocks.components.specs import ComponentSpec, read_index
 from diffblocks.registry import COMPONENTS, Registry, RegistryError
-
-
-def usable_device(device: torch.device | str) -> torch.device:
-    """``device`` as a :class:`torch.device`, refused now if this machine cannot place tensors there.
-
-    Without this check a pipeline built for ``"cuda"`` on a machine without CUDA fails only at its
-    first call, deep inside a model.
-
-    Raises:
-        ValueError: not a device name, or its backend (CUDA, MPS) or index is not available here.
-    """
-    try:
-        target = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device {device!r} is not a device: {err}; use 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
-    if target.type == "cuda":
-        if not torch.cuda.is_available():
-            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, but no GPU is visible"
-            raise ValueError(f"device {device!r}: CUDA is not available on this machine (torch {torch.__version__}, {build}); use device='cpu'")
-        count = torch.cuda.device_count()
-        if target.index is not None and target.index >= count:
-            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    if target.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device!r}: MPS (Apple GPUs) is not available on this machine; use device='cpu'")
-    return target
 
 
 @dataclass
@@ -127,7 +102,7 @@ class ComponentsManager:
 
     @property
     def device(self) -> torch.device | None:
-        """Where loaded models are placed (None: where they load, the CPU); checked when set (see :func:`usable_device`)."""
+        """Where loaded models are placed (None: where they load, the CPU); checked when set (see :func:`~diffblocks.components.devices.usable_device`)."""
         return self._device
 
     @device.setter
@@ -318,14 +293,14 @@ class ComponentsManager:
             raise ValueError(f"{key!r} was added as an object, not a spec, so it could not be reloaded: use remove()")
         self.placement.detach(entry.key)
         entry.obj = None
-        _free_memory()
+        free_memory()
 
     def remove(self, key: str) -> None:
         """Forget a component entirely."""
         entry = self._entries.pop(self._entry(key).key)
         self.placement.detach(entry.key)
         self.placement.outdated()
-        _free_memory()
+        free_memory()
 
     def release(self, key: str, *, user: str) -> None:
         """A user (pipeline) no longer needs ``key``; unused entries are forgotten."""
@@ -409,11 +384,3 @@ def _placement(obj: Any) -> tuple[str, str, int]:
     devices = sorted({str(t.device) for t in tensors})
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors})
     return ",".join(devices), ",".join(dtypes), size
-
-
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
