@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,11 +101,35 @@ def _run_step(step: Step, state: State, run: RunContext) -> None:
 def _run_relieved(step: Step, state: State, relieve: Relieve) -> Any:
     """Run ``step``; after an out-of-memory error, while ``relieve`` makes room, run it again from the same inputs.
 
-    A block writes its outputs to the state only when it returns, so the failed try changed nothing.
+    A block writes its outputs to the state only when it returns, so the failed try changed nothing
+    there; but it may have drawn from a random generator it was given, so each try after the first
+    starts from the generators' states before the first (the image is the one no error would give).
     """
+    generators = _generators(state[name] for name in step.inputs)
+    before = [g.get_state() for g in generators]
+    tries = 0
+
+    def run() -> Any:
+        nonlocal tries
+        if tries:
+            for generator, saved in zip(generators, before, strict=True):
+                generator.set_state(saved)
+        tries += 1
+        return step.block(construct(step.input_cls, {name: state[name] for name in step.inputs}))
+
     # the step's components offer their reliefs (a guider: its passes one by one) first, then the manager's
-    return run_relieved(lambda: step.block(construct(step.input_cls, {name: state[name] for name in step.inputs})),
-                        Reliefs(relieve), where=step.path)
+    return run_relieved(run, Reliefs(relieve), where=step.path)
+
+
+def _generators(values: Iterable[Any]) -> list[torch.Generator]:
+    """The random generators among a step's inputs (one, or a list of one per image)."""
+    found: list[torch.Generator] = []
+    for value in values:
+        if isinstance(value, torch.Generator):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(v for v in value if isinstance(v, torch.Generator))
+    return found
 
 
 def _run_loop(step: LoopStep, state: State, run: RunContext) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffblocks.blocks import Pipeline
+from diffblocks.blocks import Block, BlockIO, Pipeline
 from diffblocks.components import ComponentsManager
 from diffblocks.components.memory import (
     LADDER,
@@ -105,3 +105,37 @@ def test_blocks_kept_in_a_spare_budget_are_streamed_first(unconstrained: np.ndar
         image = _image(pipe, guidance_batched=False)
     assert np.array_equal(image, unconstrained)
     assert manager.plan().policy == GroupOffload(1) and manager.plan().kept == {}
+
+
+class DrawThenRun(Block):
+    """Draws noise from the call's generator, then runs a model that may run out of memory."""
+
+    class Inputs(BlockIO):
+        generator: torch.Generator | list[torch.Generator]
+
+    class Outputs(BlockIO):
+        images: torch.Tensor
+
+    def __init__(self, fail_first: int) -> None:
+        super().__init__()
+        self.fail_first = fail_first
+
+    def __call__(self, inputs: Inputs) -> Outputs:
+        generators = inputs.generator if isinstance(inputs.generator, list) else [inputs.generator]
+        noise = torch.stack([torch.randn(4, generator=g) for g in generators])
+        if self.fail_first > 0:  # the model runs after the draw
+            self.fail_first -= 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB (simulated)")
+        return self.Outputs(images=noise)
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_a_retried_step_draws_the_same_noise_as_a_step_run_once(per_image: bool) -> None:
+    def generator() -> torch.Generator | list[torch.Generator]:
+        return [torch.Generator().manual_seed(s) for s in (0, 1)] if per_image else torch.Generator().manual_seed(0)
+
+    once = Pipeline(DrawThenRun(fail_first=0), manager=ComponentsManager(device="cpu"))(generator=generator(), progress=False).images
+    pipe = Pipeline(DrawThenRun(fail_first=1), manager=ComponentsManager(device="cpu"))
+    with pytest.warns(OffloadTightened, match="the step runs again"):
+        retried = pipe(generator=generator(), progress=False).images
+    assert torch.equal(retried, once)
