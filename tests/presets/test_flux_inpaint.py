@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from diffblocks.blocks import InputError, Pipeline
-from diffblocks.blocks.flux import BlendFluxMaskedLatents, PrepareFluxMaskLatents
+from diffblocks.blocks.flux import BlendFluxMaskedLatents, FluxSetImageTimesteps, PrepareFluxMaskLatents
 from diffblocks.components.models.flux import pack_latents
 from diffblocks.presets import family_of
 from tests.presets.flux_fixtures import tiny_flux
@@ -82,6 +82,29 @@ def test_batches_and_generator_lists_match_diffusers(ours: dict[str, Pipeline], 
     expected = references["dev"](**kwargs, generator=generators(), output_type="np").images
     out = ours["dev"](**kwargs, generator=generators(), output_type="np", progress=False)
     assert max_diff(out.images, expected) < TOLERANCE
+
+
+def test_the_mask_is_packed_like_the_latents_and_the_blend_keeps_the_image_outside_it(ours: dict[str, Pipeline]) -> None:
+    components = ours["dev"].components
+    pixel_mask = torch.zeros(1, 1, 32, 48)
+    pixel_mask[..., :, 24:] = 1.0  # repaint the right half: latent columns 3..5
+    mask = PrepareFluxMaskLatents().bind(components)(PrepareFluxMaskLatents.Inputs(pixel_mask=pixel_mask, batch_size=2)).mask
+    expected = torch.zeros(2, 16, 4, 6)
+    expected[..., 3:] = 1.0
+    assert torch.equal(mask, pack_latents(expected))  # (2, 6 tokens, 64): each token's 2x2 cells of every channel
+
+    schedule = FluxSetImageTimesteps().bind(components)(
+        FluxSetImageTimesteps.Inputs(num_inference_steps=3, height=32, width=48, strength=1.0)
+    ).schedule
+    image, noise, latents = (torch.randn(2, 16, 4, 6, generator=seeded()) for _ in range(3))
+    blend = BlendFluxMaskedLatents().bind(components)
+    inputs = dict(latents=pack_latents(latents), image_latents=image, noise=noise, mask=mask, schedule=schedule)
+    last = blend(blend.Inputs(**inputs, step_index=2)).latents
+    assert torch.equal(last, pack_latents(torch.where(expected.bool(), latents, image)))  # the last step keeps it clean
+    first = blend(blend.Inputs(**inputs, step_index=0)).latents
+    sigma = schedule.full_sigmas[schedule.position(1)]
+    noised = sigma * noise + (1 - sigma) * image  # the image at the next step's level
+    assert torch.allclose(first, pack_latents(torch.where(expected.bool(), latents, noised)), atol=1e-6)
 
 
 # --- bad input, each before any work -------------------------------------------------------------------------
