@@ -72,7 +72,7 @@ def test_inpaint_matches_diffusers(variant: str, strength: float, ours: dict[str
     assert out.workflow == "inpaint"
     assert len(out.timesteps) == 4 - int(4 - 4 * strength)
     assert out.images.shape == expected.shape == (1, 32, 48, 3)
-    assert max_diff(out.images, expected) < TOLERANCE
+    assert max_diff(out.images, expected) < TOLERANCE  # measured: 1.2e-6 to 2.2e-6
 
 
 def test_batches_and_generator_lists_match_diffusers(ours: dict[str, Pipeline], references: dict[str, Any]) -> None:
