@@ -155,7 +155,7 @@ FLUX_CONTROLNET = Family(
     "flux_controlnet",
     _controlled(flux.flux_blocks, flux_controlnet_blocks),
     flux.default_guider,
-    ("FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline"),
+    ("FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline", "FluxControlNetInpaintPipeline"),
 )
 """diffusers' Flux ControlNet pipelines: the ``flux`` blocks with Flux ControlNet steps."""
 

@@ -43,7 +43,8 @@ _BLOCKS = {
     "diffblocks.blocks.flux": (
         "FluxDefaults PredictFlow FluxEncodePrompt PrepareFluxConditions PrepareFluxGuidance PrepareFluxImageLatents "
         "PrepareFluxLatents PreprocessFluxImage UnpackLatents FluxSetImageTimesteps FluxSetTimesteps "
-        "PrepareFluxControlImage PredictControlledFlow EncodeFluxImagePrompt"
+        "PrepareFluxControlImage PredictControlledFlow EncodeFluxImagePrompt PreprocessFluxInpaintImages PrepareFluxMaskLatents "
+        "BlendFluxMaskedLatents"
     ),
     "diffblocks.presets.tiny.blocks": "EncodeBertPrompt",
 }

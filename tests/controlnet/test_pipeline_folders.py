@@ -87,6 +87,7 @@ CASES: dict[str, tuple[Callable[[Path], Path], Callable[[Path], Any], dict[str, 
     "StableDiffusionXLControlNetUnionInpaintPipeline": (sdxl_base, union_net, {**SD, **INPAINT, **UNION}),
     "FluxControlNetPipeline": (flux_base, flux_net, FLUX),
     "FluxControlNetImg2ImgPipeline": (flux_base, flux_net, {**FLUX, **IMG2IMG}),
+    "FluxControlNetInpaintPipeline": (flux_base, flux_net, {**FLUX, **INPAINT}),
 }
 WORKFLOW = {"Img2Img": "img2img", "Inpaint": "inpaint"}
 # The tiny random union amplifies its input's rounding about 10^4-fold (residuals of magnitude 40): in img2img the

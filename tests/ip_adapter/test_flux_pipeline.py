@@ -48,7 +48,9 @@ def test_load_and_unload_give_the_pipeline_back_exactly(flux: tuple[Path, Path])
     pipe.load_ip_adapter(str(ip), weight_name="ip_adapter.safetensors", image_encoder=str(ip / "image_encoder"))
     assert isinstance(pipe.components["ip_adapter"], FluxIPAdapterModel)
     assert {"ip_adapter_image", "negative_ip_adapter_image", "ip_adapter_image_embeds"} <= set(pipe.input_names)
-    assert pipe.blocks.names[3:6] == ("start", "encode_image_prompt", "prepare_flux_conditions")
+    for workflow in pipe.workflows:  # each workflow encodes the image prompt just before it prepares the conditions
+        names = pipe.blocks.get(f"start.{workflow}").names
+        assert names[names.index("prepare_flux_conditions") - 1] == "encode_image_prompt"
     assert np.abs(run(pipe, **TRUE_CFG, ip_adapter_image=picture()) - plain).max() > 1e-3
     assert np.array_equal(run(pipe, **TRUE_CFG), plain)  # no image prompt: the plain transformer
     pipe.set_ip_adapter_scale(0.0)  # every double block at 0: the plain transformer

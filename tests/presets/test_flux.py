@@ -68,7 +68,7 @@ def max_diff(ours: Any, expected: Any) -> float:
 
 def test_index_class_names_pick_the_flux_preset(ours: dict[str, Pipeline]) -> None:
     assert family_of("FluxPipeline", {}).name == family_of("FluxImg2ImgPipeline", {}).name == "flux"
-    assert ours["dev"].workflows == ("img2img", "text2img")
+    assert ours["dev"].workflows == ("inpaint", "img2img", "text2img")  # inpaint: tests/presets/test_flux_inpaint.py
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -5,11 +5,13 @@ from diffblocks.blocks.flux.defaults import DEV, SCHNELL, FluxDefaults, VariantD
 from diffblocks.blocks.flux.denoise import PredictFlow
 from diffblocks.blocks.flux.encode import FluxEncodePrompt
 from diffblocks.blocks.flux.guidance import PrepareFluxConditions, PrepareFluxGuidance
+from diffblocks.blocks.flux.inpaint import BlendFluxMaskedLatents, PrepareFluxMaskLatents, PreprocessFluxInpaintImages
 from diffblocks.blocks.flux.ip_adapter import EncodeFluxImagePrompt
 from diffblocks.blocks.flux.latents import PrepareFluxImageLatents, PrepareFluxLatents, PreprocessFluxImage, UnpackLatents
 from diffblocks.blocks.flux.timesteps import FluxSetImageTimesteps, FluxSetTimesteps
 
 __all__ = [
+    "BlendFluxMaskedLatents",
     "DEV",
     "SCHNELL",
     "EncodeFluxImagePrompt",
@@ -24,6 +26,8 @@ __all__ = [
     "PrepareFluxGuidance",
     "PrepareFluxImageLatents",
     "PrepareFluxLatents",
+    "PrepareFluxMaskLatents",
+    "PreprocessFluxInpaintImages",
     "PreprocessFluxImage",
     "UnpackLatents",
     "VariantDefaults",

@@ -70,20 +70,9 @@ class PrepareInpaintImages(Block):
         mask, image = known(inputs, "mask_image"), known(inputs, "image")
         if mask is None or image is None:
             return  # made by earlier blocks: checked when they run
-        check_image(image)
+        check_image_and_mask(image, mask)
         check_batch(inputs)
         check_call_size(self.vae, inputs)
-        try:
-            check_mask_shape(mask)
-        except ValueError as err:
-            raise FieldError("mask_image", str(err)) from None
-        image_hw, mask_hw = image_size(image), mask_size(mask)
-        if image_hw != mask_hw:
-            raise FieldError(
-                "mask_image",
-                f"mask_image is {mask_hw[0]}x{mask_hw[1]} but image is {image_hw[0]}x{image_hw[1]} (height x width); "
-                "give a mask of the image's size",
-            )
 
     def __call__(self, inputs: Inputs) -> Outputs:
         height, width = snap_size(*image_size(inputs.image), vae_scale_factor(self.vae))
@@ -91,6 +80,32 @@ class PrepareInpaintImages(Block):
         pixels = normalize(to_tensor(inputs.image, height=height, width=width))
         mask = mask_to_tensor(inputs.mask_image, height=height, width=width)
         return self.Outputs(pixels=pixels, pixel_mask=mask, height=height, width=width)
+
+
+def check_image_and_mask(image: ImageLike | None, mask: MaskLike | None) -> None:
+    """Refuse a bad image, a mask of a wrong layout, or a mask of another size than the image (not stretched over it).
+
+    Either may be None (made by an earlier block): what is known is checked.
+
+    Raises:
+        FieldError: naming ``image`` or ``mask_image``.
+    """
+    check_image(image)
+    if mask is None:
+        return
+    try:
+        check_mask_shape(mask)
+    except ValueError as err:
+        raise FieldError("mask_image", str(err)) from None
+    if image is None:
+        return
+    image_hw, mask_hw = image_size(image), mask_size(mask)
+    if image_hw != mask_hw:
+        raise FieldError(
+            "mask_image",
+            f"mask_image is {mask_hw[0]}x{mask_hw[1]} but image is {image_hw[0]}x{image_hw[1]} (height x width); "
+            "give a mask of the image's size",
+        )
 
 
 class PrepareInpaintLatents(Block):
@@ -178,4 +193,4 @@ def _encode(vae: AutoencoderKL, pixels: Tensor, generator: Generator | None) -> 
     return encode_latents(vae, pixels, list(generator)[: pixels.shape[0]])
 
 
-__all__ = ["PrepareInpaintImages", "PrepareInpaintLatents", "PrepareMaskLatents", "SetInpaintTimesteps"]
+__all__ = ["PrepareInpaintImages", "PrepareInpaintLatents", "PrepareMaskLatents", "SetInpaintTimesteps", "check_image_and_mask"]
