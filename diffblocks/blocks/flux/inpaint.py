@@ -16,9 +16,9 @@ from pydantic import Field
 
 from diffblocks.blocks.block import Block, BlockIO, component, known
 from diffblocks.blocks.fields import produced
-from diffblocks.blocks.flux.latents import check_flux_size, token_size
+from diffblocks.blocks.flux.latents import check_flux_size, run_size
 from diffblocks.blocks.sd.encode import Prompt
-from diffblocks.blocks.standard.images import ImageLike, image_size, normalize, snap_size, to_tensor
+from diffblocks.blocks.standard.images import ImageLike, normalize, to_tensor
 from diffblocks.blocks.standard.inpaint import check_image_and_mask
 from diffblocks.blocks.standard.latents import PROMPT_FOR_CHECKS, check_batch, check_call_size, placement, repeat_images
 from diffblocks.blocks.standard.masks import MaskLike, latent_mask, mask_to_tensor
@@ -59,10 +59,7 @@ class PreprocessFluxInpaintImages(Block):
         check_call_size(self.vae, inputs)
 
     def __call__(self, inputs: Inputs) -> Outputs:
-        height, width = snap_size(*image_size(inputs.image), token_size(self.vae))
-        height, width = inputs.height or height, inputs.width or width
-        if height < 1 or width < 1:
-            raise ValueError(f"the image is {image_size(inputs.image)} pixels, smaller than one {token_size(self.vae)}-pixel token")
+        height, width = run_size(self.vae, inputs.image, height=inputs.height, width=inputs.width)
         pixels = normalize(to_tensor(inputs.image, height=height, width=width))
         mask = mask_to_tensor(inputs.mask_image, height=height, width=width)
         return self.Outputs(pixels=pixels, pixel_mask=mask, height=height, width=width)

@@ -127,12 +127,22 @@ class PreprocessFluxImage(Block):
         check_call_size(self.vae, inputs)
 
     def __call__(self, inputs: Inputs) -> Outputs:
-        height, width = snap_size(*image_size(inputs.image), token_size(self.vae))
-        height, width = inputs.height or height, inputs.width or width
-        if height < 1 or width < 1:
-            raise ValueError(f"the image is {image_size(inputs.image)} pixels, smaller than one {token_size(self.vae)}-pixel token")
+        height, width = run_size(self.vae, inputs.image, height=inputs.height, width=inputs.width)
         pixels = normalize(to_tensor(inputs.image, height=height, width=width))
         return self.Outputs(pixels=pixels, height=height, width=width)
+
+
+def run_size(vae: AutoencoderKL, image: ImageLike, *, height: int | None, width: int | None) -> tuple[int, int]:
+    """The size a call on ``image`` runs at: ``height``/``width`` where given, else the image's own in whole tokens.
+
+    Raises:
+        ValueError: the image is smaller than one token.
+    """
+    own_height, own_width = snap_size(*image_size(image), token_size(vae))
+    height, width = height or own_height, width or own_width
+    if height < 1 or width < 1:
+        raise ValueError(f"the image is {image_size(image)} pixels, smaller than one {token_size(vae)}-pixel token")
+    return height, width
 
 
 class PrepareFluxImageLatents(Block):
