@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import replace
-from typing import cast
 
 import PIL.Image
 from pydantic import Field
@@ -16,7 +14,7 @@ from diffblocks.blocks.errors import FieldError
 from diffblocks.blocks.fields import produced
 from diffblocks.blocks.sd.encode import Prompt
 from diffblocks.blocks.standard.images import ImageLike, check_image
-from diffblocks.blocks.standard.ip_adapter import clip_pixels
+from diffblocks.blocks.standard.ip_adapter import MSG_COUNT, clip_pixels, per_adapter
 from diffblocks.blocks.standard.latents import placement
 from diffblocks.components.denoisers import Conditioning
 from diffblocks.components.models.ip_adapter import FluxIPAdapterModel, MultiFluxIPAdapterModel, flux_ip_adapters
@@ -27,7 +25,6 @@ _MSG_NO_ENCODER = (
     "or pass {field}_embeds"
 )
 _MSG_BOTH = "give {field} or {field}_embeds, not both"
-_MSG_COUNT = "{field} must be a list of {n} entries, one per IP-Adapter (each an image or a list of images), got {got}"
 _MSG_EMBEDS = "{field}[{i}] has shape {shape}, but IP-Adapter {i} reads (images, {dim}): the image encoder's image_embeds of its images"
 _MSG_COUNTS = (
     "IP-Adapter {i} has {positive} images in ip_adapter_image but {negative} in negative_ip_adapter_image: the prompt's "
@@ -87,7 +84,7 @@ class EncodeFluxImagePrompt(Block):
             if image is not None:
                 if self.image_encoder is None:
                     raise FieldError(field, _MSG_NO_ENCODER.format(field=field))
-                for item in _per_adapter(image, n, field):
+                for item in per_adapter(image, n, field):
                     check_image(item, name=field)
             if embeds is not None:
                 self.check_embeds(embeds, f"{field}_embeds")
@@ -103,7 +100,7 @@ class EncodeFluxImagePrompt(Block):
         """Refuse embeddings of another count or shape than the adapters read, naming both."""
         adapters = flux_ip_adapters(self.ip_adapter)
         if len(embeds) != len(adapters):
-            raise FieldError(field, _MSG_COUNT.format(field=field, n=len(adapters), got=f"a list of {len(embeds)}"))
+            raise FieldError(field, MSG_COUNT.format(field=field, n=len(adapters), got=f"a list of {len(embeds)}"))
         for i, (adapter, tensor) in enumerate(zip(adapters, embeds, strict=True)):
             if tensor.ndim != 2 or tensor.shape[-1] != adapter.embed_dim:
                 raise FieldError(field, _MSG_EMBEDS.format(field=field, i=i, shape=tuple(tensor.shape), dim=adapter.embed_dim))
@@ -136,7 +133,7 @@ class EncodeFluxImagePrompt(Block):
         if image is None:  # diffusers' default for the side not given: a black picture
             picture: ImageLike = PIL.Image.new("RGB", (size, size))
         else:
-            picture = _per_adapter(image, len(flux_ip_adapters(self.ip_adapter)), field)[i]
+            picture = per_adapter(image, len(flux_ip_adapters(self.ip_adapter)), field)[i]
         device, dtype = placement(self.image_encoder)
         return self.image_encoder(clip_pixels(picture, size=size).to(device=device, dtype=dtype)).image_embeds
 
@@ -154,16 +151,6 @@ def _same_count(features: Tensor, zero: Tensor, i: int) -> tuple[Tensor, Tensor]
     if large % small:
         raise FieldError("negative_ip_adapter_image", _MSG_COUNTS.format(i=i, positive=features.shape[0], negative=zero.shape[0]))
     return features.repeat(large // features.shape[0], 1), zero.repeat(large // zero.shape[0], 1)
-
-
-def _per_adapter(value: ImageLike | Sequence[ImageLike], n: int, field: str) -> list[ImageLike]:
-    """The image prompt of each adapter: the value itself for one adapter (a list is several images), its entries for several."""
-    if n == 1:
-        return [cast(ImageLike, value)]
-    if not isinstance(value, list) or len(value) != n:
-        got = f"a list of {len(value)}" if isinstance(value, list) else type(value).__name__
-        raise FieldError(field, _MSG_COUNT.format(field=field, n=n, got=got))
-    return value
 
 
 __all__ = ["EncodeFluxImagePrompt"]

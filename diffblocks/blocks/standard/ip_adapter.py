@@ -28,7 +28,7 @@ _MSG_NO_ENCODER = (
     "pipe.load_ip_adapter(..., image_encoder=CLIPVisionModelWithProjection...) or pass ip_adapter_image_embeds"
 )
 _MSG_BOTH = "give ip_adapter_image or ip_adapter_image_embeds, not both"
-_MSG_COUNT = "{field} must be a list of {n} entries, one per IP-Adapter (each an image or a list of images), got {got}"
+MSG_COUNT = "{field} must be a list of {n} entries, one per IP-Adapter (each an image or a list of images), got {got}"
 _MSG_EMBEDS = (
     "{field}[{i}] has shape {shape}, but IP-Adapter {i} reads {what}: give the image encoder's {source} "
     "of its images with that shape"
@@ -154,7 +154,7 @@ class EncodeImagePrompt(Block):
         if image is not None:
             if self.image_encoder is None:
                 raise FieldError("ip_adapter_image", _MSG_NO_ENCODER)
-            for item in _per_adapter(image, len(adapters), "ip_adapter_image"):
+            for item in per_adapter(image, len(adapters), "ip_adapter_image"):
                 check_image(item, name="ip_adapter_image")
         for field in ("ip_adapter_image_embeds", "negative_ip_adapter_image_embeds"):
             given = known(inputs, field)
@@ -181,7 +181,7 @@ class EncodeImagePrompt(Block):
         """Refuse FaceID-Plus's CLIP hidden states missing, of another count or shape than its face embeddings, or given for another kind."""
         adapters = ip_adapters(self.ip_adapter)
         if clip is not None and len(clip) != len(adapters):
-            raise FieldError(field, _MSG_COUNT.format(field=field, n=len(adapters), got=f"a list of {len(clip)}"))
+            raise FieldError(field, MSG_COUNT.format(field=field, n=len(adapters), got=f"a list of {len(clip)}"))
         for i, adapter in enumerate(adapters):
             tensor = None if clip is None else clip[i]
             if adapter.clip_dim is None:
@@ -201,7 +201,7 @@ class EncodeImagePrompt(Block):
         """Refuse embeddings of another count or shape than the adapters read, naming both."""
         adapters = ip_adapters(self.ip_adapter)
         if len(embeds) != len(adapters):
-            raise FieldError(field, _MSG_COUNT.format(field=field, n=len(adapters), got=f"a list of {len(embeds)}"))
+            raise FieldError(field, MSG_COUNT.format(field=field, n=len(adapters), got=f"a list of {len(embeds)}"))
         for i, (adapter, tensor) in enumerate(zip(adapters, embeds, strict=True)):
             rank = 3 if adapter.reads_hidden_states else 2
             if adapter.reads_face_embeddings and (tensor.ndim != 2 or tensor.shape[-1] != adapter.embed_dim):
@@ -244,7 +244,7 @@ class EncodeImagePrompt(Block):
                 zero = self.encode(torch.zeros(features.shape[0], 3, *self.pixel_size()), hidden=True)
             return features, torch.zeros_like(features) if zero is None else zero
         assert self.image_encoder is not None and inputs.ip_adapter_image is not None  # check() refused it otherwise
-        image = _per_adapter(inputs.ip_adapter_image, n, "ip_adapter_image")[i]
+        image = per_adapter(inputs.ip_adapter_image, n, "ip_adapter_image")[i]
         size = self.pixel_size()[0]
         pixels = clip_pixels(image, size=size)
         features = self.encode(pixels, hidden=adapter.reads_hidden_states)
@@ -288,14 +288,14 @@ class EncodeImagePrompt(Block):
         return out.hidden_states[-2] if hidden else out.image_embeds
 
 
-def _per_adapter(value: ImageLike | list[ImageLike], n: int, field: str) -> list[ImageLike]:
+def per_adapter(value: ImageLike | Sequence[ImageLike], n: int, field: str) -> list[ImageLike]:
     """The image prompt of each adapter: the value itself for one adapter (a list is several images), its entries for several."""
     if n == 1:
         return [cast(ImageLike, value)]
     if not isinstance(value, list) or len(value) != n:
         got = f"a list of {len(value)}" if isinstance(value, list) else type(value).__name__
-        raise FieldError(field, _MSG_COUNT.format(field=field, n=n, got=got))
+        raise FieldError(field, MSG_COUNT.format(field=field, n=n, got=got))
     return value
 
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "EncodeImagePrompt", "clip_pixels"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "MSG_COUNT", "EncodeImagePrompt", "clip_pixels", "per_adapter"]
