@@ -13,22 +13,9 @@ Run: python bench/faceid.py [--repeat 20] [--device cpu --latent 16] [--rank 128
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
-from cuda_timing import time_ms
-
-
-def time_cpu_ms(fn: Callable[[], object], *, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+from cuda_timing import time_cpu_ms, time_ms
 
 
 def main() -> None:

@@ -16,15 +16,12 @@ Run: python bench/ip_adapter.py [--rows sd15,sdxl] [--kinds plain,plus] [--repea
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from cuda_timing import time_ms
+from cuda_timing import time_cpu_ms, time_ms
 from safetensors.torch import save_file
 
 from gpu_denoisers import SD15_UNET, SDXL_UNET
@@ -72,16 +69,6 @@ def adapter_tensors(unet: Any, kind: str, embed: int, dtype: torch.dtype) -> dic
         out[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"] = rand(layer.to_k.out_features, cross)
         out[f"ip_adapter.{2 * i + 1}.to_v_ip.weight"] = rand(layer.to_k.out_features, cross)
     return out
-
-
-def time_cpu_ms(fn: Callable[[], object], *, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
 
 
 def row(name: str, kind: str, repeat: int, device: str, latent: int | None) -> None:
