@@ -12,7 +12,14 @@ from diffblocks.blocks import Pipeline
 from diffblocks.blocks.standard.vae import decode_latents
 from diffblocks.components import ComponentsManager
 from diffblocks.components.memory import GroupOffload, MemoryBudgetError, ModelOffload
-from diffblocks.components.memory.activations import LIVE_TENSORS, activation_room, decode_bytes, decode_memory, set_activation_room
+from diffblocks.components.memory.activations import (
+    LIVE_TENSORS,
+    MIN_TILE_LATENTS,
+    activation_room,
+    decode_bytes,
+    decode_memory,
+    set_activation_room,
+)
 from diffblocks.presets.tiny.preset import builtin_model_dir
 from tests.models.test_vae import SD, TOL, _pair
 
@@ -41,7 +48,9 @@ def test_a_decode_is_sliced_then_tiled_as_its_room_shrinks(room: object, slicing
 def test_a_decode_without_room_is_tiled_as_diffusers_enable_tiling_and_the_vae_left_as_it_was(tmp_path: Path) -> None:
     ref, ours = _pair(SD, tmp_path)
     latents = torch.randn(*LATENTS, generator=torch.Generator().manual_seed(5))
-    set_activation_room(ours, 0)
+    tile = ours.params.tile_sample_size // ours.params.downscale
+    set_activation_room(ours, decode_bytes(ours, (1, 4, tile, tile), itemsize=4))  # one default tile fits, the image does not
+    assert decode_memory(ours, LATENTS, itemsize=4).tile == ours.params.tile_sample_size
     got = decode_latents(ours, latents)
     ref.enable_tiling()
     ref.enable_slicing()
@@ -50,6 +59,27 @@ def test_a_decode_without_room_is_tiled_as_diffusers_enable_tiling_and_the_vae_l
     assert ours.tiling is None and not ours.slicing  # chosen for this decode only
     set_activation_room(ours, None)
     assert not torch.allclose(decode_latents(ours, latents), got)  # with no budget: decoded whole, as set
+
+
+@torch.no_grad()
+def test_tiles_shrink_until_one_fits_the_room(tmp_path: Path) -> None:
+    # A 1024² Flux decode under a 12 GiB budget has about 0.6 GiB of room; its VAE's own tile is the whole image.
+    ref, ours = _pair(SD, tmp_path)
+    latents = torch.randn(*LATENTS, generator=torch.Generator().manual_seed(5))
+    default, down = ours.params.tile_sample_size, ours.params.downscale
+    half = default // 2 // down
+    set_activation_room(ours, decode_bytes(ours, (1, 4, half, half), itemsize=4))
+    choice = decode_memory(ours, LATENTS, itemsize=4)
+    assert (choice.tiling, choice.tile) == (True, default // 2)
+    set_activation_room(ours, 0)  # nothing fits: the smallest tile, and an out-of-memory error has the relief ladder
+    assert decode_memory(ours, LATENTS, itemsize=4).tile == MIN_TILE_LATENTS * down
+    set_activation_room(ours, decode_bytes(ours, (1, 4, half, half), itemsize=4))
+    got = decode_latents(ours, latents)
+    ref.enable_tiling()
+    ref.enable_slicing()
+    ref.tile_sample_min_size, ref.tile_latent_min_size = default // 2, half
+    expected = ref.decode(ours.denormalize_latents(latents)).sample
+    assert (got - expected).abs().max().item() <= TOL
 
 
 def test_the_budget_reserves_activations_and_leaves_the_room_to_the_vae() -> None:

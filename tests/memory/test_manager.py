@@ -19,14 +19,16 @@ from diffblocks.components.memory import (
     measure,
 )
 from diffblocks.components.memory.estimate import size_before_loading
+from diffblocks.components.models.autoencoder_kl import VaeTiling
 from diffblocks.components.models.unet import UNet2DConditionModel
 from diffblocks.presets.tiny.preset import builtin_model_dir
 
 MIB = 2**20
 
 
-def _image(manager: ComponentsManager) -> np.ndarray:
+def _image(manager: ComponentsManager, tiling: VaeTiling | None = None) -> np.ndarray:
     pipe = Pipeline.from_pretrained(builtin_model_dir(), manager=manager)
+    pipe.components["vae"].tiling = tiling
     out = pipe(prompt="a small green cross in the center", num_inference_steps=2,
                generator=torch.Generator().manual_seed(0), progress=False)
     return np.asarray(out.images[0])
@@ -46,17 +48,25 @@ def test_images_with_each_policy_equal_the_images_without(policy: object, uncons
 
 
 @pytest.mark.parametrize(
-    ("budget", "expected"),  # the built-in model in float32: 86.6 MiB text encoder, 45.2 MiB UNet, 10.3 MiB VAE
-    [("1GiB", NoOffload()), ("100MiB", ModelOffload()), ("80MiB", GroupOffload(1)), ("64MiB", GroupOffload(1, prefetch=False)),
-     ("45MiB", LeafOffload())],
+    ("budget", "expected", "tile"),  # the built-in model in float32: 86.6 MiB text encoder, 45.2 MiB UNet, 10.3 MiB VAE
+    [("1GiB", NoOffload(), None), ("100MiB", ModelOffload(), None), ("80MiB", GroupOffload(1), None),
+     ("64MiB", GroupOffload(1, prefetch=False), None),
+     ("45MiB", LeafOffload(), 16)],  # 0.3 MiB left to activations: the 5 MiB decode runs in the smallest tiles
 )
-def test_a_budget_plans_before_loading_and_the_image_stays(budget: str, expected: object, unconstrained: np.ndarray) -> None:
+def test_a_budget_plans_before_loading_and_the_image_stays(
+    budget: str, expected: object, tile: int | None, unconstrained: np.ndarray
+) -> None:
     manager = ComponentsManager(device="cpu", memory_budget=budget)
     Pipeline.from_pretrained(builtin_model_dir(), manager=manager)
     plan = manager.plan()
     assert plan.policy == expected
     assert not any(row.loaded for row in manager.table())  # measured from headers, nothing read
-    assert np.array_equal(_image(manager), unconstrained)
+    image = _image(manager)
+    if tile is None:
+        assert np.array_equal(image, unconstrained)
+    else:  # the image is the one its decode's tiling gives without a budget
+        assert np.array_equal(image, _image(ComponentsManager(), VaeTiling(tile_sample_size=tile)))
+        assert not np.array_equal(image, unconstrained)
 
 
 def test_a_budget_below_the_minimum_fails_before_loading_and_says_the_minimum() -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from diffblocks.components.memory.streams import Synchronous
 from diffblocks.components.memory import GroupOffload, LeafOffload, ModelOffload, Mover, NoOffload, measure
 
 
@@ -131,17 +132,26 @@ def test_blocks_learn_where_an_offloaded_model_runs(policy: object) -> None:
 @pytest.mark.parametrize(("allowance", "kept"), [(0, []), (159, []), (160, [2]), (320, [1, 3]), (480, [0, 2, 3]), (640, [0, 1, 2, 3])])
 def test_group_offload_keeps_groups_spread_evenly_within_the_allowance(allowance: int, kept: list[int]) -> None:
     moves: list[tuple[str, int]] = []
-    mover = Mover("cpu", on_move=lambda name, device, size: moves.append((name, size)))
+    mover = Mover("cpu", home="meta", on_move=lambda name, device, size: moves.append((name, size)))  # meta: home, counted apart
     mover.keep = {"m": allowance}
     torch.manual_seed(0)
     model = Toy()
     expected = model(torch.ones(1, 4))
     attached = GroupOffload(1).attach("m", model, mover)
+    # the kept groups are fetched once, when attached
+    assert moves == [("m/(outside blocks)", LINEAR + HEAD)] + [(f"m/blocks.{i}", 2 * LINEAR) for i in kept]
+    del moves[:]
     assert torch.equal(model(torch.ones(1, 4)), expected)
+    assert sorted({name for name, _ in moves}) == [f"m/blocks.{i}" for i in range(4) if i not in kept]
+    attached.mover.home = torch.device("cpu")
     attached.detach()
-    streamed = sorted({name for name, _ in moves[1:-1]})
-    assert streamed == [f"m/blocks.{i}" for i in range(4) if i not in kept]
-    assert moves[0] == ("m/(outside blocks)" + (f" and {len(kept)} kept groups" if kept else ""), LINEAR + HEAD + 2 * LINEAR * len(kept))
+
+
+class Cloning(Synchronous):
+    """A device stand-in whose copies stay on the CPU (clones): the moves are counted, not made."""
+
+    def copy(self, label: str, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], object]:
+        return [t.clone() for t in tensors], None
 
 
 def test_model_offload_keeps_one_model_on_the_device_under_concurrent_calls() -> None:
@@ -155,8 +165,8 @@ def test_model_offload_keeps_one_model_on_the_device_under_concurrent_calls() ->
         (inside.add if device.type == "meta" else inside.discard)(name)
         most = max(most, len(inside))
 
-    mover = Mover("meta", home="cpu", on_move=count)  # moves to meta are counted, never made: models stay on the CPU
-    mover.move = lambda name, modules, device, recurse=True: count(name, device, 0)  # type: ignore[method-assign]
+    # moves to meta are counted, never made: the copies are CPU clones
+    mover = Mover("meta", home="cpu", on_move=count, streams=Cloning(torch.device("meta")))
     models = [Toy(), Toy()]
     for i, model in enumerate(models):
         ModelOffload().attach(f"m{i}", model, mover)

@@ -117,8 +117,10 @@ def test_on_cuda_groups_wait_pinned_and_the_output_is_unchanged() -> None:
     for _ in range(3):
         got = model(torch.ones(8, 256, device="cuda")).cpu()
         assert torch.equal(got, expected)
-        assert all(p.device.type == "cpu" for p in model.blocks.parameters())
+        # from the second call on, the last group fetches the first ahead, for the next call
+        assert all(p.device.type == "cpu" for p in model.blocks[1:].parameters())
     attached.detach()
+    assert all(p.device.type == "cpu" for p in model.parameters())
 
 
 def test_a_model_converted_while_attached_streams_its_new_tensors() -> None:
@@ -135,3 +137,24 @@ def test_a_model_converted_while_attached_streams_its_new_tensors() -> None:
     assert model(torch.ones(1, 4)).dtype == torch.float32
     attached.detach()
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: pinned memory")
+def test_on_cuda_model_offload_pins_each_home_once_and_going_home_copies_nothing() -> None:
+    from diffblocks.components.memory import ModelOffload
+
+    torch.manual_seed(0)
+    first, second = Toy(width=256), Toy(width=256)
+    x = torch.ones(8, 256, device="cuda")
+    expected = [model.cuda()(x).cpu() for model in (first, second)]
+    first.cpu(), second.cpu()
+    mover = Mover("cuda")
+    attached = [ModelOffload().attach(name, model, mover) for name, model in (("a", first), ("b", second))]
+    homes = {name: p.data_ptr() for name, p in first.named_parameters()}
+    assert all(p.is_pinned() for p in first.parameters())
+    for _ in range(3):
+        assert torch.equal(first(x).cpu(), expected[0]) and torch.equal(second(x).cpu(), expected[1])
+        assert {name: p.data_ptr() for name, p in first.named_parameters()} == homes  # sent home: the same pinned tensors
+    for each in attached:
+        each.detach()
+    assert all(p.device.type == "cpu" for p in second.parameters())

@@ -58,7 +58,7 @@ def fitted_to_budget(vae: AutoencoderKL, shape: Sequence[int], dtype: torch.dtyp
         return
     slicing, tiling = vae.slicing, vae.tiling
     vae.slicing = slicing or choice.slicing
-    vae.tiling = tiling if tiling is not None or not choice.tiling else VaeTiling()
+    vae.tiling = tiling if tiling is not None or not choice.tiling else VaeTiling(tile_sample_size=choice.tile)
     try:
         yield
     finally:

@@ -205,6 +205,15 @@ class _FromDisk(Synchronous):
     def wait(self, label: str, ready: Any) -> None:
         self.inner.wait(label, ready)
 
+    def done(self, label: str, ready: Any) -> None:
+        self.inner.done(label, ready)
+
+    def kept(self) -> Synchronous:
+        return _FromDisk(self.inner.kept())
+
+    def clear(self) -> None:
+        self.inner.clear()
+
 
 @final
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from torch import nn
 from diffblocks.components.memory.streams import Synchronous, streams_for
 
 if TYPE_CHECKING:
-    from diffblocks.components.memory.streams import Prefetcher
+    from diffblocks.components.memory.kept import KeptGroups
+    from diffblocks.components.memory.streams import Prefetcher, StreamedGroup
 
 OnMove = Callable[[str, torch.device, int], None]
 """Told of each move: the moved module's name (``"unet/down_blocks.0"``), where to, and the bytes moved."""
@@ -48,12 +49,13 @@ class Mover:
         self.home = torch.device(home)
         self.on_move = on_move
         self.streams = streams if streams is not None else streams_for(self.device)
-        # the models ModelOffload placed on the device, by name: one, or more while one call runs
-        # a model inside another's forward (it cannot wait for itself)
-        self.resident: dict[nn.Module, str] = {}
+        # the models ModelOffload placed on the device, each as one group: one, or more while one call
+        # runs a model inside another's forward (it cannot wait for itself)
+        self.resident: dict[nn.Module, StreamedGroup] = {}
         self.users: dict[int, int] = {}  # id(model) -> threads whose forwards run it now: it stays on the device
         self.prefetching: Prefetcher | None = None  # the model whose next group is being fetched ahead
         self.keep: dict[str, int] = {}  # bytes of each model's repeated blocks that GroupOffload keeps on the device (the plan's ``kept``)
+        self.kept: dict[nn.Module, KeptGroups] = {}  # those blocks, by model, once attached: lent by make_room
         # Hooks of models run by concurrent calls check and change ``resident`` and the prefetch state together.
         self.lock = threading.RLock()
         self.freed = threading.Condition(self.lock)  # notified when a model is no longer in use
@@ -104,6 +106,25 @@ class Mover:
         while self.users.get(id(model), 0) > self.held().get(id(model), 0):
             self.freed.wait()
 
+    def make_room(self, nbytes: int, *, asking: object = None) -> int:
+        """Lend up to ``nbytes`` of kept blocks of models no call is running (not ``asking``'s own); returns the bytes freed.
+
+        See :mod:`~diffblocks.components.memory.kept`: the lent blocks come back at their model's next forward.
+        """
+        freed = 0
+        with self.lock:
+            for model, kept in list(self.kept.items()):
+                if freed >= nbytes:
+                    break
+                if model is not asking and not self.users.get(id(model)):
+                    freed += kept.lend(nbytes - freed)
+        return freed
+
+    def report(self, name: str, device: torch.device, nbytes: int) -> None:
+        """Tell ``on_move`` of ``nbytes`` of ``name`` moved to ``device`` (by a move made elsewhere: a group's copy)."""
+        if self.on_move is not None:
+            self.on_move(name, device, nbytes)
+
     def move(self, name: str, modules: Iterable[nn.Module], device: torch.device, *, recurse: bool = True) -> None:
         moved = 0
         # Copies to the accelerator may overlap; copies home may not, since a later copy back would read a half-written buffer.
@@ -113,8 +134,7 @@ class Mover:
             for module in modules:
                 moved += sum(t.numel() * t.element_size() for t in tensors_of(module, recurse=recurse))
                 module._apply(lambda t: t.to(device, non_blocking=overlap), recurse=recurse)  # noqa: SLF001 - what nn.Module.to calls, one level deep when asked
-        if self.on_move is not None:
-            self.on_move(name, device, moved)
+        self.report(name, device, moved)
 
 
 def tensors_of(module: nn.Module, *, recurse: bool) -> Iterable[torch.Tensor]:

@@ -165,7 +165,7 @@ class Placement:
         if self.on_step is not None:
             watch_steps(model, name, self.on_step)
         # what the weights leave of the budget at their peak: the room a decode sizes itself to
-        set_activation_room(model, self.budget - self.plan.peak if self.budget is not None else None)
+        set_activation_room(model, self.budget - self.plan.peak if self.budget is not None else None, self._mover.make_room)
 
     def detach(self, key: str) -> None:
         attached = self._attached.pop(key, None)
@@ -177,3 +177,5 @@ class Placement:
     def detach_all(self) -> None:
         for key in list(self._attached):
             self.detach(key)
+        if self._mover is not None:
+            self._mover.streams.clear()  # no group is streamed now: the buffers kept for copying go back

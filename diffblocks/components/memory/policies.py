@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from diffblocks.components.memory.kept import KeptGroups
 from diffblocks.components.memory.measure import ModelSize, repeated_blocks
 from diffblocks.components.memory.mover import Mover, tensors_of
 from diffblocks.components.memory.streams import Prefetcher, StreamedGroup, Synchronous
@@ -72,7 +73,12 @@ class Attached:
             self.mover.wait_unused(self.model)  # a call running the model finishes its forward first
             if self.prefetcher is not None:
                 self.prefetcher.release_all()
-            self.mover.resident.pop(self.model, None)
+            kept = self.mover.kept.pop(self.model, None)
+            if kept is not None:
+                kept.release_all()
+            whole = self.mover.resident.pop(self.model, None)
+            if whole is not None:
+                whole.release()
             self.mover.move(self.name, [self.model], self.mover.home)
 
 
@@ -124,17 +130,23 @@ class ModelOffload(AbstractOffload):
         return max((size.total for size in sizes), default=0)
 
     def attach(self, name: str, model: nn.Module, mover: Mover) -> Attached:
+        # the whole model as one group: its home pinned once, so moving in is a fast copy and going home copies nothing
+        whole = StreamedGroup(name, [model], mover.streams.kept())
+
         def bring(holding: bool) -> None:  # under the mover's lock
             while model not in mover.resident:
                 if not holding and any(mover.users.get(id(other)) for other in mover.resident):
                     mover.freed.wait()  # another call's forward runs its model: wait for it, do not move it
                     continue
-                for other, other_name in list(mover.resident.items()):
+                for other, group in list(mover.resident.items()):
                     if not mover.users.get(id(other)):
-                        mover.move(other_name, [other], mover.home)
+                        group.release()
+                        mover.report(group.label, mover.home, group.nbytes)
                         del mover.resident[other]
-                mover.move(name, [model], mover.device)
-                mover.resident[model] = name
+                whole.fetch()
+                whole.wait()
+                mover.report(name, mover.device, whole.nbytes)
+                mover.resident[model] = whole
 
         def enter(_module: nn.Module, _args: Any) -> None:
             mover.pin(model, bring)
@@ -244,22 +256,29 @@ def attach_groups(
             label = f"{name}/{names[id(group[0])]}" + (f"..{names[id(group[-1])].rsplit('.', 1)[-1]}" if len(group) > 1 else "")
             every.append((label, group))
     kept = _spread([sum(_nbytes(block) for block in group) for _, group in every], mover.keep.get(name, 0))
-    grouped = {id(m) for i, (_, group) in enumerate(every) if i not in kept for block in group for m in block.modules()}
-    rest = [m for m in model.modules() if id(m) not in grouped]
-    mover.move(f"{name}/(outside blocks)" + (f" and {len(kept)} kept groups" if kept else ""), rest, mover.device, recurse=False)
+    grouped = {id(m) for _, group in every for block in group for m in block.modules()}
+    mover.move(f"{name}/(outside blocks)", [m for m in model.modules() if id(m) not in grouped], mover.device, recurse=False)
     groups = [(group, StreamedGroup(label, group, streams)) for i, (label, group) in enumerate(every) if i not in kept]
     prefetcher = Prefetcher([streamed for _, streamed in groups], mover, prefetch=prefetch)
+    keeping = KeptGroups([StreamedGroup(label, group, streams.kept()) for i, (label, group) in enumerate(every) if i in kept],
+                         prefetcher.moved, device=mover.device, home=mover.home)
     handles: list[RemovableHandle] = []
     for group, streamed in groups:
         handles.append(group[0].register_forward_pre_hook(lambda _m, _a, s=streamed: prefetcher.enter(s)))
         handles.append(group[-1].register_forward_hook(lambda _m, _a, _o, s=streamed: prefetcher.leave(s), always_call=True))
+    if keeping.groups:
+        with mover.lock:
+            keeping.ensure()
+            mover.kept[model] = keeping
     # a forward that fails inside a group leaves it unended: the forward's end ends them
-    handles += _pinned_forward(model, mover, then=prefetcher.finish)
+    handles += _pinned_forward(model, mover, first=keeping.ensure if keeping.groups else None, then=prefetcher.finish)
     return Attached(name, model, mover, handles, prefetcher=prefetcher)
 
 
-def _pinned_forward(model: nn.Module, mover: Mover, *, then: Callable[[], None] | None = None) -> list[RemovableHandle]:
-    """Hooks that pin ``model`` while a forward runs it (so ``detach`` waits for it), and call ``then`` when it ends.
+def _pinned_forward(
+    model: nn.Module, mover: Mover, *, first: Callable[[], None] | None = None, then: Callable[[], None] | None = None
+) -> list[RemovableHandle]:
+    """Hooks that pin ``model`` while a forward runs it (so ``detach`` waits for it), calling ``first`` once it is pinned and ``then`` when it ends.
 
     A model compiled whole is pinned too: dynamo runs these hooks eagerly (a lock cannot be traced).
     Not ``torch.compiler.disable``: that imports dynamo, which costs a process without compiling
@@ -267,6 +286,9 @@ def _pinned_forward(model: nn.Module, mover: Mover, *, then: Callable[[], None] 
     """
     def enter(_module: nn.Module, _args: Any) -> None:
         mover.pin(model)
+        if first is not None:
+            with mover.lock:
+                first()
 
     def leave(_module: nn.Module, _args: Any, _output: Any) -> None:
         if then is not None:

@@ -5,12 +5,11 @@ Group offload moves the same groups in the same order every step, so three thing
 - Each group's home tensors live in pinned (page-locked) CPU memory, pinned once when the policy
   is attached. A copy from pinned memory is a DMA the host does not wait for; from pageable memory
   the driver stages it through a pinned buffer of its own, synchronously.
-- While group k computes on the current stream, group k+1 is copied on a side stream. The current
-  stream waits for the copy's event before group k+1's first kernel (a wait on the GPU, not the
-  host), so no kernel reads a half-copied weight; each copy is ``record_stream``-ed on the current
-  stream, so the caching allocator does not hand its memory to the next prefetch while a kernel
-  queued on the current stream may still read it (PyTorch's "CUDA semantics", *stream semantics
-  of the caching allocator*).
+- While group k computes on the current stream, group k+1 is copied on a side stream, into one
+  of two device buffers reused group after group (:mod:`~diffblocks.components.memory.slots`).
+  The current stream waits for the copy's event before group k+1's first kernel (a wait on the
+  GPU, not the host), so no kernel reads a half-copied weight; a copy into a buffer waits for the
+  kernels that read its last group, so none reads a half-overwritten one.
 - Sending a group home copies nothing: its pinned home tensors are still there, and the device
   copies are dropped. A weight changed in place while on the device (its version counter moved)
   is copied back first.
@@ -30,6 +29,8 @@ from typing import TYPE_CHECKING, Any, final
 import torch
 from torch import nn
 
+from diffblocks.components.memory.slots import DeviceSlots, Slot, packed_bytes
+
 if TYPE_CHECKING:
     from diffblocks.components.memory.mover import Mover
 
@@ -40,8 +41,8 @@ class Synchronous:
     Also the base of test stand-ins that record the order of copies and waits.
     """
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, device: torch.device, *, non_blocking: bool = False) -> None:
+        self.device, self.non_blocking = device, non_blocking
 
     def pin(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` as the home copy to stream from (pinned where that helps)."""
@@ -49,19 +50,43 @@ class Synchronous:
 
     def copy(self, label: str, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
         """Start copying ``tensors`` to the device; returns the copies and what to wait on before using them."""
-        return [t.to(self.device) for t in tensors], None
+        return [t.to(self.device, non_blocking=self.non_blocking) for t in tensors], None
+
+    def kept(self) -> Synchronous:
+        """How groups that stay on the device are copied: on the current stream, into tensors of their own.
+
+        They are fetched rarely (when attached, and after lending their memory), so nothing is
+        gained by overlapping; and memory allocated on the current stream is memory that the
+        current stream's work (a VAE decode) can reuse once they are released.
+        """
+        return self
 
     def wait(self, label: str, ready: Any) -> None:
         """Make work queued after this call see the copies complete."""
 
+    def done(self, label: str, ready: Any) -> None:
+        """The copies ``ready`` stands for are dropped (their group went home): their memory may be reused."""
+
+    def clear(self) -> None:
+        """No group is on the device any more: give back what was kept for copying into."""
+
 
 @final
 class CudaStreams(Synchronous):
-    """Copies on one side stream per device, from pinned memory, waited for by events on the current stream."""
+    """Copies on one side stream per device, from pinned memory into reused slots, waited for by events on the current stream.
+
+    A group is copied into one of two device buffers kept for streaming (:mod:`~diffblocks.components.memory.slots`),
+    not into tensors of the caching allocator, so streaming under a memory cap neither fragments
+    the allocator's memory nor makes it synchronize to find room.
+    """
 
     def __init__(self, device: torch.device) -> None:
         super().__init__(device)
         self.side = torch.cuda.Stream(device)
+        self.slots = DeviceSlots(device)
+
+    def kept(self) -> Synchronous:
+        return _PinnedCopies(self)
 
     def pin(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.device.type != "cpu" or tensor.is_pinned():
@@ -73,17 +98,53 @@ class CudaStreams(Synchronous):
 
     def copy(self, label: str, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
         current = torch.cuda.current_stream(self.device)
+        nbytes = packed_bytes(tensors)
+        slot = self.slots.take(nbytes) if nbytes is not None else None
         with torch.cuda.stream(self.side):
-            copies = [t.to(self.device, non_blocking=True) for t in tensors]
+            if slot is None:  # tensors of their own, from the allocator
+                copies = [t.to(self.device, non_blocking=True) for t in tensors]
+            else:
+                self.side.wait_event(slot.free_after)  # type: ignore[arg-type] - a cuda_mark: an event
+                copies = slot.views(tensors)
+                for copy, tensor in zip(copies, tensors):
+                    copy.copy_(tensor, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(self.side)
-        for each in copies:
-            each.record_stream(current)  # allocated on the side stream, read on the current one
-        return copies, ready
+        if slot is None:
+            for each in copies:
+                each.record_stream(current)  # allocated on the side stream, read on the current one
+        return copies, _Ticket(ready, slot)
 
     def wait(self, label: str, ready: Any) -> None:
         if ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(ready)
+            torch.cuda.current_stream(self.device).wait_event(ready.copied)
+
+    def done(self, label: str, ready: Any) -> None:
+        if ready is not None and ready.slot is not None:
+            self.slots.give_back(ready.slot)
+
+    def clear(self) -> None:
+        self.side.synchronize()
+        self.slots.clear()
+
+
+@final
+class _PinnedCopies(Synchronous):
+    """Copies queued on the current stream from pinned homes (pinned as :class:`CudaStreams` pins them)."""
+
+    def __init__(self, streams: CudaStreams) -> None:
+        super().__init__(streams.device, non_blocking=True)
+        self.pin = streams.pin  # type: ignore[method-assign]
+
+
+@final
+class _Ticket:
+    """A copy in flight: the event it ends at, and the slot it fills (None: tensors of its own)."""
+
+    __slots__ = ("copied", "slot")
+
+    def __init__(self, copied: torch.cuda.Event, slot: Slot | None) -> None:
+        self.copied, self.slot = copied, slot
 
 
 def streams_for(device: torch.device) -> Synchronous:
@@ -118,7 +179,8 @@ class StreamedGroup:
             self._put(self.home)
         self.nbytes = sum(t.numel() * t.element_size() for t in self.home)
         self.fetched: list[torch.Tensor] | None = None
-        self.ready: Any = None
+        self.ready: Any = None  # what the streams returned for the copy in flight or done
+        self._waited = False
         self.users = 0  # calls running the group now (in any thread): it is not released under them
         self._versions: list[int] = []
 
@@ -133,14 +195,16 @@ class StreamedGroup:
                     self.home[i] = self.streams.pin(current.to(self.home[i].device))
                     self.nbytes = sum(t.numel() * t.element_size() for t in self.home)
             self.fetched, self.ready = self.streams.copy(self.label, self.home)
+            self._waited = False
             self._put(self.fetched)
         self._versions = [self._version(slot) for slot in self.slots]
         return True
 
     def wait(self) -> None:
         """Queue nothing that reads the group before its copy is complete (call before its first layer runs)."""
-        self.streams.wait(self.label, self.ready)
-        self.ready = None
+        if not self._waited:
+            self.streams.wait(self.label, self.ready)
+            self._waited = True
 
     def release(self) -> bool:
         """Put the home tensors back (copying back any changed in place); True if the group was on the device."""
@@ -154,6 +218,7 @@ class StreamedGroup:
                 elif fetched is not home and self._version(slot) != version:
                     home.copy_(fetched)
             self._put(self.home)
+        self.streams.done(self.label, self.ready)
         self.fetched, self.ready = None, None
         return True
 
@@ -228,11 +293,11 @@ class Prefetcher:
         if ahead is not None and ahead is not group:
             self._release(ahead)  # a wrong guess: its memory is not counted beside the next one's
         if group.fetch():
-            self._moved(group, self.mover.device)
+            self.moved(group, self.mover.device)
         group.wait()
         following = self._after.get(id(group)) if self.prefetch else None
         if following is not None and following is not group and following.fetch():
-            self._moved(following, self.mover.device)
+            self.moved(following, self.mover.device)
             self._ahead, self.mover.prefetching = following, self
 
     def leave(self, group: StreamedGroup) -> None:
@@ -272,8 +337,8 @@ class Prefetcher:
         if group.users:  # a call is running it: the last one to leave releases it
             return
         if group.release():
-            self._moved(group, self.mover.home)
+            self.moved(group, self.mover.home)
 
-    def _moved(self, group: StreamedGroup, device: torch.device) -> None:
-        if self.mover.on_move is not None:
-            self.mover.on_move(group.label, device, group.nbytes)
+    def moved(self, group: StreamedGroup, device: torch.device) -> None:
+        """Tell the mover's ``on_move`` of ``group`` copied to ``device`` (or sent home)."""
+        self.mover.report(group.label, device, group.nbytes)

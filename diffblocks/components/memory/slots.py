@@ -1,0 +1,136 @@
+"""Device buffers that streamed groups are copied into, the same few reused group after group.
+
+Group offload copies the same groups in every step. Copied into tensors from the caching
+allocator, each group's weights are allocated on the side stream and freed after the compute
+stream has read them; under a memory cap the allocator then runs out of blocks it may hand back
+yet, and on each such miss it synchronizes the device and returns its whole cache to the driver
+(``num_alloc_retries`` in ``torch.cuda.memory_stats()``), which stalls the very overlap streaming
+relies on. Measured on Flux.1-dev under a 12 GiB cap: about 600 such retries in three calls.
+
+So a group is copied into a **slot**: one flat byte buffer on the device, allocated once and sized
+to the largest group, with each tensor a view at an aligned offset. Two slots are enough for the
+group running and the one fetched ahead. A slot is handed back when its group goes home, with an
+event recorded on the compute stream after the group's last kernel; the next copy into that slot
+waits for the event on the side stream (a wait on the GPU, not the host), so no copy overwrites
+weights a queued kernel has yet to read.
+
+A group whose tensors cannot be views of bytes (a quantized tensor subclass, a strided tensor)
+or that finds every slot taken (calls in several threads running several groups at once) is
+copied into tensors of its own from the allocator, as before: correct, only not planned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol, final
+
+import torch
+
+ALIGN = 256
+"""Bytes each tensor's offset in a slot is a multiple of (what CUDA's allocator aligns to; every dtype's size divides it)."""
+
+
+def packed_bytes(tensors: Sequence[torch.Tensor]) -> int | None:
+    """The bytes ``tensors`` take packed into one slot, each at an aligned offset (None: one of them cannot be a view of bytes)."""
+    total = 0
+    for tensor in tensors:
+        if type(tensor) is not torch.Tensor or not tensor.is_contiguous():
+            return None
+        total += _aligned(tensor.numel() * tensor.element_size())
+    return total
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+class Mark(Protocol):
+    """A point in the compute stream's queue (a ``torch.cuda.Event`` recorded there)."""
+
+    def synchronize(self) -> None: ...
+
+
+def cuda_mark(device: torch.device) -> Mark:
+    """An event recorded on ``device``'s current stream now: what the side stream waits for before writing a slot."""
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+@final
+class Slot:
+    """One device buffer, and the mark its last reader's kernels end at."""
+
+    __slots__ = ("buffer", "busy", "free_after")
+
+    def __init__(self, buffer: torch.Tensor, free_after: Mark) -> None:
+        self.buffer = buffer
+        self.busy = False
+        self.free_after = free_after
+
+    def views(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """A view of this slot for each of ``tensors`` (same shape and dtype), packed from the start."""
+        views, offset = [], 0
+        for tensor in tensors:
+            nbytes = tensor.numel() * tensor.element_size()
+            views.append(self.buffer[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape))
+            offset += _aligned(nbytes)
+        return views
+
+
+@final
+class DeviceSlots:
+    """At most ``count`` slots on ``device``, made and grown as groups need them.
+
+    Args:
+        device: a CUDA device.
+        count: slots kept (two: the group running and the one fetched ahead).
+        mark: a mark on the compute stream now (default :func:`cuda_mark`; tests pass a stand-in).
+    """
+
+    def __init__(self, device: torch.device, count: int = 2, *, mark: Callable[[torch.device], Mark] = cuda_mark) -> None:
+        self.device, self.count, self.mark = device, count, mark
+        self.slots: list[Slot] = []
+
+    def take(self, nbytes: int) -> Slot | None:
+        """A free slot of at least ``nbytes``, marked busy (None: all are busy).
+
+        The smallest free slot that is large enough; else a new one while fewer than ``count``
+        exist; else the largest free one, grown.
+        """
+        free = [slot for slot in self.slots if not slot.busy]
+        fitting = [slot for slot in free if slot.buffer.numel() >= nbytes]
+        if fitting:
+            slot = min(fitting, key=lambda each: each.buffer.numel())
+        elif len(self.slots) < self.count:
+            slot = Slot(*self._allocate(nbytes))
+            self.slots.append(slot)
+        elif free:
+            slot = max(free, key=lambda each: each.buffer.numel())
+            slot.free_after.synchronize()  # its old buffer goes back to the allocator: nothing may still read it
+            del slot.buffer
+            slot.buffer, slot.free_after = self._allocate(nbytes)
+        else:
+            return None
+        slot.busy = True
+        return slot
+
+    def give_back(self, slot: Slot) -> None:
+        """``slot``'s group has gone home: the next copy into it waits for the kernels queued until now."""
+        slot.free_after, slot.busy = self.mark(self.device), False
+
+    @property
+    def nbytes(self) -> int:
+        return sum(slot.buffer.numel() for slot in self.slots)
+
+    def clear(self) -> None:
+        """Give every slot's memory back to the allocator (the caller has synchronized the copies into them)."""
+        for slot in self.slots:
+            slot.free_after.synchronize()
+        self.slots.clear()
+
+    def _allocate(self, nbytes: int) -> tuple[torch.Tensor, Mark]:
+        # allocated on the compute stream, whose queued kernels may still use the memory's last tenant:
+        # the side stream writes into it only after a mark made here
+        buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return buffer, self.mark(self.device)
