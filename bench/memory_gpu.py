@@ -70,7 +70,7 @@ class Models:
     family: str
     dtype: torch.dtype
     size: int
-    reserve: int  # bytes left for activations under a cap
+    reserve: int | None  # bytes left for activations under a cap (None: the planner's estimate of the call's step)
     diffusers_components: dict[str, Any]
     ours_components: dict[str, Any]
     blocks: Any
@@ -142,7 +142,7 @@ def flux_models(*, tiny: bool, device: str) -> Models:
     params = FLUX_DEV if not tiny else FluxParams(**{k: v for k, v in transformer_config.items() if k != "axes_dims_rope"},
                                                   axes_dims_rope=(4, 6, 6))
     return Models(
-        "flux", dtype, 64 if tiny else 1024, 0 if tiny else 3 * GIB,
+        "flux", dtype, 64 if tiny else 1024, None,
         dict(transformer=transformer, vae=vae, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), **shared),
         dict(transformer=_ours(transformer, FluxTransformer2DModel, params), vae=_ours(vae, AutoencoderKL, _params(AutoencoderKL, vae)),
              scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHEDULER), guider=default_guider(), **shared),
@@ -191,7 +191,7 @@ def sdxl_models(*, tiny: bool, device: str) -> Models:
     tokenizer = CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR)
     shared = dict(text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer)
     return Models(
-        "sdxl", dtype, 64 if tiny else 1024, 0 if tiny else int(2.5 * GIB),
+        "sdxl", dtype, 64 if tiny else 1024, None,
         dict(unet=unet, vae=vae, scheduler=diffusers.EulerDiscreteScheduler(**SDXL_SCHEDULER), **shared),
         dict(unet=_ours(unet, UNet2DConditionModel, _params(UNet2DConditionModel, unet)), vae=_ours(vae, AutoencoderKL, _params(AutoencoderKL, vae)),
              scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER), guider=default_guider(), **shared),
@@ -223,7 +223,8 @@ def _ours_pipe(models: Models, row: str, device: str) -> tuple[Pipeline, Callabl
     if cap is None:
         manager = ComponentsManager(device=device)
     elif device == "cuda":
-        manager = ComponentsManager(device=device, memory_budget=cap, activations=models.reserve)
+        reserve = {} if models.reserve is None else {"activations": models.reserve}  # None: the planner's own step estimate
+        manager = ComponentsManager(device=device, memory_budget=cap, **reserve)
     else:  # tiny, on the CPU: the tiny models are mostly embeddings, so the planner would not stream; the streaming path runs anyway
         manager = ComponentsManager(device=device, offload=GroupOffload(1))
     pipe = Pipeline(models.blocks, models.ours_components, manager=manager, name=f"{models.family}:{row}")
@@ -231,8 +232,7 @@ def _ours_pipe(models: Models, row: str, device: str) -> tuple[Pipeline, Callabl
         manager.to(device)
         policy = "every model on the device"
     else:
-        plan = manager.plan()
-        policy = repr(plan.policy) + (f", {ByteSize(sum(plan.kept.values()))} of blocks kept" if plan.kept else "")
+        policy = _described(manager.plan())
 
     def undo() -> None:
         manager.placement.detach_all()
@@ -240,7 +240,49 @@ def _ours_pipe(models: Models, row: str, device: str) -> tuple[Pipeline, Callabl
             if isinstance(value, torch.nn.Module):
                 value.to("cpu")
 
+    pipe.manager_for_report = manager if cap is not None else None  # type: ignore[attr-defined]
     return pipe, undo, policy
+
+
+class _Phases:
+    """The last call's denoise loop (first denoiser forward to the decode) and VAE decode, in seconds.
+
+    The device is synchronized three times a call, at those edges only: a synchronization inside
+    the loop would stall the copies that run ahead into the next step.
+    """
+
+    def __init__(self, models: Models, row: str) -> None:
+        components = models.ours_components if row.startswith("ours") else models.diffusers_components
+        denoiser = components["transformer" if models.family == "flux" else "unet"]
+        decoder = components["vae"].decoder
+        self.marks: dict[str, float] = {}
+        self.denoising = False
+        self.handles = [denoiser.register_forward_pre_hook(self._denoise),
+                        decoder.register_forward_pre_hook(lambda *_: self._mark("decode_start")),
+                        decoder.register_forward_hook(lambda *_: self._mark("decode_end"))]
+
+    def _denoise(self, *_: Any) -> None:
+        if not self.denoising:
+            self.denoising = True
+            self._mark("denoise_start")
+
+    def _mark(self, name: str) -> None:
+        torch.cuda.synchronize()
+        self.marks[name] = time.perf_counter()
+        self.denoising = self.denoising and name != "decode_start"
+
+    def last(self) -> dict[str, float]:
+        m = self.marks
+        return {"denoise_s": m["decode_start"] - m["denoise_start"], "decode_s": m["decode_end"] - m["decode_start"]}
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _described(plan: Any) -> str:
+    kept = f", {ByteSize(sum(plan.kept.values()))} of blocks kept" if plan.kept else ""
+    return f"{plan.policy!r}{kept}, {plan.activations} reserved"
 
 
 def _diffusers_pipe(models: Models, row: str, device: str) -> tuple[Any, Callable[[], None], str]:
@@ -288,6 +330,7 @@ def run_row(models: Models, row: str, *, device: str, steps: int, repeat: int) -
             pipe, undo, policy = _diffusers_pipe(models, row, device)
             call = lambda n: pipe(**_inputs(models, n), generator=torch.Generator().manual_seed(0)).images  # noqa: E731
         result["policy"] = policy
+        phases = _Phases(models, row) if cuda else None
         call(2)  # warm-up
         times = []
         for _ in range(repeat):
@@ -300,10 +343,20 @@ def run_row(models: Models, row: str, *, device: str, steps: int, repeat: int) -
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         result["seconds"] = statistics.median(times)
+        if phases is not None:
+            result.update(phases.last())
+            phases.remove()
         result["image"] = np.asarray(images[0], dtype=np.float32)
         if cuda:
             result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
             result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+            stats = torch.cuda.memory_stats()
+            result["allocator"] = {key: stats.get(key, 0) for key in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_ooms")}
+        manager = getattr(pipe, "manager_for_report", None)
+        if manager is not None:  # the plan after the calls: the planner may have re-planned for the step's activations
+            plan = manager.plan()
+            result["plan"] = str(plan)
+            result["policy"] = _described(plan)
     except torch.OutOfMemoryError as error:
         result["error"] = f"out of memory: {str(error).splitlines()[0]}"
     except Exception as error:  # noqa: BLE001 - a failing row is reported, the others still run
@@ -320,6 +373,8 @@ def main() -> None:
     parser.add_argument("--rows", default="flux,sdxl", help="families (flux, sdxl) or rows (flux/ours@12GiB), comma-separated")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--reserve", default="planner",
+                        help="activations reserved under a cap: 'planner' (its estimate of the call's step) or a size ('3GiB')")
     parser.add_argument("--tiny", action="store_true", help="tiny configs on the CPU: a check that the script runs")
     args = parser.parse_args()
     device = "cpu" if args.tiny else "cuda"
@@ -334,13 +389,15 @@ def main() -> None:
     import diffusers
 
     setting = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
-               "diffusers": diffusers.__version__, "steps": args.steps, "repeat": args.repeat, "tiny": args.tiny}
+               "diffusers": diffusers.__version__, "steps": args.steps, "repeat": args.repeat, "tiny": args.tiny,
+               "reserve": args.reserve, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
     print(" ".join(f"{k}={v}" for k, v in setting.items()))
     results = []
     for family, rows in wanted.items():
         build, order = FAMILIES[family]
         start = time.perf_counter()
         models = build(tiny=args.tiny, device="cuda" if device == "cuda" else "cpu")
+        models.reserve = None if args.reserve == "planner" else int(ByteSize.parse(args.reserve))
         print(f"{family}: models built in {time.perf_counter() - start:.0f} s")
         base: dict[str, Any] | None = None
         for row in [r for r in order if r in rows]:
@@ -358,7 +415,7 @@ def main() -> None:
         del models
         gc.collect()
     print()
-    print("| model | row | policy | s/call | vs ours | peak alloc GiB | peak reserved GiB | max diff vs ours (0-255) |")
+    print("| model | row | policy | s/call (denoise + decode) | vs ours | peak alloc GiB | peak reserved GiB | max diff vs ours (0-255) |")
     print("|---|---|---|---|---|---|---|---|")
     for result in results:
         print(_line(result))
@@ -373,7 +430,8 @@ def _line(r: dict[str, Any]) -> str:
     if "error" in r:
         return f"| {r['family']} | {r['row']} | {r.get('policy', '')} | {r['error'][:160]} | | | | |"
     fmt = lambda key, spec: format(r[key], spec) if r.get(key) is not None else "-"  # noqa: E731
-    return (f"| {r['family']} | {r['row']} | {r['policy']} | {r['seconds']:.2f} | {fmt('vs_ours', '.2f')} "
+    return (f"| {r['family']} | {r['row']} | {r['policy']} | {r['seconds']:.2f} ({fmt('denoise_s', '.2f')} + {fmt('decode_s', '.2f')}) "
+            f"| {fmt('vs_ours', '.2f')} "
             f"| {fmt('peak_allocated_gib', '.2f')} | {fmt('peak_reserved_gib', '.2f')} | {fmt('max_abs_diff_vs_ours', '.1f')} |")
 
 
