@@ -5,9 +5,9 @@ Flux.1-dev (bf16, 1024², the real transformer, T5-XXL, CLIP-L and VAE configs) 
 the same weight tensors (ours are built on the meta device and assigned diffusers' state dicts).
 
 A cap is real: ``torch.cuda.set_per_process_memory_fraction`` makes the caching allocator refuse
-more, for ours and diffusers alike. Our rows give the manager ``memory_budget=cap`` and
-``activations=`` a reserve for activations (3 GiB for Flux, 2.5 GiB for SDXL: a step and the VAE
-decode); the planner picks the policy and keeps what blocks it can in the rest. Rows, per model:
+more, for ours and diffusers alike. Our rows give the manager ``memory_budget=cap``; the planner
+reserves its own estimate of a step's activations at the call's size (``--reserve 3GiB`` fixes the
+reserve instead), picks the policy and keeps what blocks it can in the rest. Rows, per model:
 
 - ``ours``: every model on the GPU (no budget).
 - ``ours@12GiB`` / ``ours@8GiB`` (Flux), ``ours@6GiB`` (SDXL): under the cap, the planner's choice.
@@ -19,7 +19,8 @@ decode); the planner picks the policy and keeps what blocks it can in the rest. 
 Each row is called once with 2 steps (warm-up: kernels chosen, group order learned), then timed
 over ``--steps`` steps (the median of ``--repeat`` calls, wall clock around a synchronized call).
 Reported: seconds per call, the ratio to ``ours``, peak allocated and reserved GPU memory, the
-policy chosen, and the largest difference of the image (0-255) from ``ours``. JSON goes to
+policy chosen, and the largest difference of the image (0-255) from ``ours``; the JSON adds the
+allocator's retries and refused requests over the timed calls and any ``OffloadTightened`` warning. JSON goes to
 ``$OUT/memory_gpu.json`` when ``OUT`` is set.
 
 ``--tiny`` runs tiny configs on the CPU (the capped rows with ``offload=GroupOffload(1)``, diffusers'
@@ -37,6 +38,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' token
 
 from diffblocks.blocks import Pipeline  # noqa: E402
 from diffblocks.components import ComponentsManager  # noqa: E402
-from diffblocks.components.memory import ByteSize, GroupOffload  # noqa: E402
+from diffblocks.components.memory import ByteSize, GroupOffload, OffloadTightened  # noqa: E402
 from tests.conftest import CLIP_TOKENIZER_DIR, T5_TOKENIZER_DIR  # noqa: E402
 
 GIB = 2**30
@@ -331,17 +333,21 @@ def run_row(models: Models, row: str, *, device: str, steps: int, repeat: int) -
             call = lambda n: pipe(**_inputs(models, n), generator=torch.Generator().manual_seed(0)).images  # noqa: E731
         result["policy"] = policy
         phases = _Phases(models, row) if cuda else None
-        call(2)  # warm-up
-        times = []
-        for _ in range(repeat):
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            images = call(steps)
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", OffloadTightened)
+            call(2)  # warm-up
+            before = _allocator_counts() if cuda else {}
+            times = []
+            for _ in range(repeat):
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                images = call(steps)
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+        result["tightened"] = [str(w.message) for w in caught if issubclass(w.category, OffloadTightened)]
         result["seconds"] = statistics.median(times)
         if phases is not None:
             result.update(phases.last())
@@ -350,8 +356,12 @@ def run_row(models: Models, row: str, *, device: str, steps: int, repeat: int) -
         if cuda:
             result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
             result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
-            stats = torch.cuda.memory_stats()
-            result["allocator"] = {key: stats.get(key, 0) for key in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_ooms")}
+            # Counted over the timed calls only. The caching allocator counts every refused request as an
+            # out-of-memory error, also those caught inside torch (cuDNN tries each convolution
+            # algorithm's workspace and falls back to one that fits); the steps' own retries say
+            # so in an OffloadTightened warning ("tightened" above, warm-up included).
+            after = _allocator_counts()
+            result["allocator_timed"] = {key: after[key] - before[key] for key in after}
         manager = getattr(pipe, "manager_for_report", None)
         if manager is not None:  # the plan after the calls: the planner may have re-planned for the step's activations
             plan = manager.plan()
@@ -366,6 +376,11 @@ def run_row(models: Models, row: str, *, device: str, steps: int, repeat: int) -
         if cuda:
             torch.cuda.set_per_process_memory_fraction(1.0)
     return result
+
+
+def _allocator_counts() -> dict[str, int]:
+    stats = torch.cuda.memory_stats()
+    return {key: int(stats.get(key, 0)) for key in ("num_alloc_retries", "num_ooms", "num_device_alloc", "num_device_free")}
 
 
 def main() -> None:
@@ -412,6 +427,8 @@ def main() -> None:
                 result["max_abs_diff_vs_ours"] = float(np.abs(result["image"] - base["image"]).max() * (255 if result["image"].max() <= 1 else 1))
             results.append(result)
             print(_line(result), flush=True)
+            for message in result.get("tightened", []):
+                print(f"  tightened during the row: {message}", flush=True)
         del models
         gc.collect()
     print()
