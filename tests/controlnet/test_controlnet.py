@@ -218,3 +218,18 @@ def test_inpaint_runs_with_control(controlled: Pipeline) -> None:
     out = controlled(prompt="x", image=control_image(3), mask_image=PIL.Image.fromarray(mask), num_inference_steps=2,
                      control_image=control_image(), output_type="np", progress=False)  # fmt: skip
     assert out.workflow == "inpaint" and out.images.shape == (1, SIZE, SIZE, 3)
+
+
+def test_under_a_memory_budget_the_step_reserves_the_residuals_and_the_image_stays(sd15: tuple[Path, Path]) -> None:
+    from diffblocks.components import ComponentsManager
+
+    repo, net = sd15
+    kwargs = dict(prompt="a red circle", height=SIZE, width=SIZE, num_inference_steps=2, control_image=control_image(),
+                  generator=torch.Generator().manual_seed(5), output_type="np", progress=False)  # fmt: skip
+    plain = with_controlnet(Pipeline.from_pretrained(str(repo)), ControlNetModel.from_pretrained(net))(**kwargs)
+    manager = ComponentsManager(device="cpu", memory_budget="1GiB")
+    ours = with_controlnet(Pipeline.from_pretrained(str(repo), manager=manager), ControlNetModel.from_pretrained(net))
+    kwargs["generator"] = torch.Generator().manual_seed(5)
+    out = ours(**kwargs)
+    assert np.array_equal(out.images, plain.images)
+    assert "KiB of ControlNet residuals held through it" in str(manager.plan())

@@ -12,7 +12,7 @@ from diffblocks.components.attention import attention_backend
 from diffblocks.components.denoisers import Conditioning, FluxDenoiser, UNetDenoiser
 from diffblocks.components.memory import ByteSize, GroupOffload, LeafOffload, ModelOffload, ModelSize, NoOffload, Placement
 from diffblocks.components.memory.policies import AbstractOffload
-from diffblocks.components.memory.reserve import StepNeed, watch_steps
+from diffblocks.components.memory.reserve import StepNeed, held_bytes, watch_steps
 from diffblocks.components.memory.steps import flux_tokens_shape, step_bytes, unet_shape
 from diffblocks.components.models.flux import FluxParams, FluxTransformer2DModel, prepare_image_ids, prepare_text_ids
 from diffblocks.components.models.unet import UNet2DConditionModel
@@ -103,6 +103,29 @@ def test_the_unet_denoiser_reports_its_forward_batch_backend_and_dtype_once_per_
                                                step_bytes(shape, batch=2, backend="reference", itemsize=4)]
     assert "a step of unet with 2 sample(s) at once" in needs[0].why and "sdpa attention, float32" in needs[0].why
     watch_steps(unet, "unet", None)
+
+
+def test_controlnet_residuals_held_through_the_step_are_reserved_beside_it() -> None:
+    unet, needs = _tiny_unet(), []
+    watch_steps(unet, "unet", needs.append)
+    x, embeds = torch.randn(2, 4, 16, 8), torch.randn(2, 5, 8)
+    # conv_in's, the first resnet's, the downsampler's, the second resnet's, then the mid block's
+    shapes = [(2, 8, 16, 8), (2, 8, 16, 8), (2, 8, 8, 4), (2, 16, 8, 4), (2, 16, 8, 4)]
+    residuals = tuple(torch.zeros(shape) for shape in shapes)
+    with torch.no_grad():
+        UNetDenoiser(unet)(x, torch.tensor(10), Conditioning(embeds))
+        UNetDenoiser(unet)(x, torch.tensor(10), Conditioning(embeds, control_residuals=residuals))
+    plain = step_bytes(unet_shape(unet.to_config(), height=16 * 8, width=8 * 8), batch=2, itemsize=4)
+    held = sum(r.numel() * 4 for r in residuals)
+    assert [need.nbytes for need in needs] == [plain, plain + held]
+    assert needs[1].why.endswith(f"and {ByteSize(held)} of ControlNet residuals held through it")
+    watch_steps(unet, "unet", None)
+
+
+def test_a_residual_handed_to_several_blocks_is_held_once() -> None:
+    one, other = torch.zeros(2, 3), torch.zeros(4)
+    assert held_bytes((one, one, other, one[:1])) == (6 + 4) * 4  # a view shares its base's storage
+    assert held_bytes(None) == 0
 
 
 def test_the_flux_denoiser_counts_the_text_tokens_it_attends_over_jointly() -> None:

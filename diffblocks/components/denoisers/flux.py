@@ -88,7 +88,7 @@ class FluxDenoiser(AbstractDenoiser):
         # under a memory budget, the manager reserves this forward's activations first (once per size)
         text = c.prompt_embeds.shape[1]
         reserve_step(self.model, x, lambda: flux_tokens_shape(self.model.to_config(), image_tokens=x.shape[1], text_tokens=text),
-                     text_tokens=text)
+                     text_tokens=text, held=c.control_residuals)
         return self.model(
             x,
             encoder_hidden_states=c.prompt_embeds,

@@ -79,8 +79,8 @@ class UNetDenoiser(AbstractDenoiser):
                 raise ValueError(_MSG_IMAGE_EMBEDS)
             extras = cross_attention_extras(self.ip_adapter, self.model, c.image_embeds)
         # under a memory budget, the manager reserves this forward's activations first (once per size)
-        reserve_step(self.model, x, partial(_step_shape, self.model, x))
         residuals = c.control_residuals
+        reserve_step(self.model, x, partial(_step_shape, self.model, x), held=residuals)
         added = None
         if c.pooled_embeds is not None or c.time_ids is not None:
             added = {k: v for k, v in (("text_embeds", c.pooled_embeds), ("time_ids", c.time_ids)) if v is not None}

@@ -13,13 +13,15 @@ step's activations; when that is more than the plan reserves, the manager plans 
 after a larger one keeps the larger plan, rather than moving weights back and forth between
 calls. An explicit ``activations=`` wins: then no model is watched here.
 
-The cost per forward of a watched model is one weak-dictionary lookup, one context-variable read
-for the backend and one set lookup; an unwatched model (no budget) pays the lookup alone.
+A ControlNet's residuals are made before the denoiser's forward and held through it: their bytes
+join the step's (``held=``). The cost per forward of a watched model is one weak-dictionary lookup,
+one context-variable read for the backend, a look at each residual's storage and one set lookup;
+an unwatched model (no budget) pays the lookup alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import final
 from weakref import WeakKeyDictionary
@@ -64,7 +66,18 @@ def watch_steps(model: nn.Module, name: str, grow: Grow | None) -> None:
         _WATCHED[model] = _Watch(name, grow)
 
 
-def reserve_step(model: nn.Module, x: Tensor, shape: Callable[[], StepShape], *, text_tokens: int = 0) -> None:
+def held_bytes(tensors: Iterable[Tensor] | None) -> int:
+    """Bytes of the distinct storages under ``tensors`` (a ControlNet's residuals; one tensor handed to several blocks counts once)."""
+    seen: dict[int, int] = {}
+    for tensor in tensors or ():
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def reserve_step(
+    model: nn.Module, x: Tensor, shape: Callable[[], StepShape], *, text_tokens: int = 0, held: Iterable[Tensor] | None = None
+) -> None:
     """Before a forward of ``model`` on ``x``: make sure its manager's plan reserves the step's activations.
 
     Args:
@@ -74,6 +87,9 @@ def reserve_step(model: nn.Module, x: Tensor, shape: Callable[[], StepShape], *,
         shape: the widest attention layer at this size, computed only for a size not seen before
             (:func:`~diffblocks.components.memory.steps.unet_shape`, :func:`~diffblocks.components.memory.steps.flux_tokens_shape`).
         text_tokens: the prompt's tokens, where they change the estimate (Flux attends over them jointly).
+        held: tensors made before the forward and held through it besides the model's own (a
+            ControlNet's residuals): their bytes are added to the step. The ControlNet's own forward
+            runs before, when the denoiser's activations are not yet made, and needs less than they do.
 
     A size the estimate cannot read (refused by ``shape``) reserves nothing: the forward reports its own error.
 
@@ -91,7 +107,8 @@ def reserve_step(model: nn.Module, x: Tensor, shape: Callable[[], StepShape], *,
     if watch is None:
         return
     backend = attention_backend_for(model)
-    key = (tuple(x.shape), text_tokens, x.dtype, backend)
+    extra = held_bytes(held)
+    key = (tuple(x.shape), text_tokens, x.dtype, backend, extra)
     if key in watch.seen:
         return
     watch.seen.add(key)
@@ -100,8 +117,10 @@ def reserve_step(model: nn.Module, x: Tensor, shape: Callable[[], StepShape], *,
     except ValueError:
         return
     batch = int(x.shape[0])
-    need = step_bytes(step, batch=batch, backend=backend, itemsize=x.element_size())
+    need = ByteSize(step_bytes(step, batch=batch, backend=backend, itemsize=x.element_size()) + extra)
     why = (f"a step of {watch.name} with {batch} sample(s) at once (images x guidance passes batched), "
            f"{step.tokens} tokens of {step.channels} channels at its widest attention, {backend} attention, "
            f"{str(x.dtype).removeprefix('torch.')}")
+    if extra:
+        why += f", and {ByteSize(extra)} of ControlNet residuals held through it"
     watch.grow(StepNeed(need, why))
