@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from diffblocks.components.hub import resolve_folder
-from diffblocks.components.memory.disk import MemoryMap
+from diffblocks.components.memory.disk import MemoryMap, record_mapped, register_weight_files
 from diffblocks.components.specs import ComponentSpec
 
 
@@ -41,7 +42,7 @@ def _load(cls: type, spec: ComponentSpec, device: torch.device | str | None, **e
         check_random_weights(cls, spec)
         return cls.from_config(spec.config)  # type: ignore[attr-defined]
     if _is_transformers(cls):
-        return _load_transformers(cls, spec, device)
+        return _load_transformers(cls, spec, device, memory_map=extra.get("memory_map"))
     kwargs: dict[str, Any] = {"subfolder": spec.subfolder, "revision": spec.revision}
     accepted = inspect.signature(cls.from_pretrained).parameters  # type: ignore[attr-defined]
     if "memory_map" not in accepted:
@@ -76,7 +77,7 @@ def _is_transformers(cls: type) -> bool:
     return cls.__module__.split(".")[0] == "transformers"
 
 
-def _load_transformers(cls: type, spec: ComponentSpec, device: torch.device | str | None) -> Any:
+def _load_transformers(cls: type, spec: ComponentSpec, device: torch.device | str | None, *, memory_map: MemoryMap | None = None) -> Any:
     # Resolve the folder ourselves so that Hub ids, revisions and offline mode behave as for every other component.
     assert spec.repo is not None
     folder = resolve_folder(spec.repo, subfolder=spec.subfolder, revision=spec.revision)
@@ -87,6 +88,9 @@ def _load_transformers(cls: type, spec: ComponentSpec, device: torch.device | st
     if issubclass(cls, PreTrainedModel) and saved_quantization(folder) is not None:
         # saved quantized (by diffblocks, transformers or diffusers): the backend's quantizer reads the tensors
         return load_quantized_transformers(cls, folder, variant=spec.variant, device=device)
+    if issubclass(cls, PreTrainedModel) and memory_map is not None and device is None:
+        _has_safetensors(folder, spec.variant)
+        return load_transformers_mapped(cls, folder, variant=spec.variant, dtype=spec.torch_dtype, memory_map=memory_map)
     if issubclass(cls, PreTrainedModel):
         kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": _has_safetensors(folder, spec.variant)}
         if spec.variant:
@@ -97,6 +101,46 @@ def _load_transformers(cls: type, spec: ComponentSpec, device: torch.device | st
         model.eval()
         return model.to(device) if device is not None else model
     return cls.from_pretrained(folder, local_files_only=True)  # type: ignore[attr-defined]
+
+
+def load_transformers_mapped(cls: type, folder: Path, *, variant: str | None, dtype: torch.dtype | None, memory_map: MemoryMap) -> Any:
+    """A transformers model loaded from ``folder`` with its weights in memory maps, as disk offload keeps them.
+
+    Each tensor of the safetensors files becomes a view of its file (cast ones: of a file of the
+    loader's own, written one tensor at a time; see :func:`~diffblocks.components.models.loading.mapped_views`),
+    and transformers builds the model on the meta device around those views (``from_pretrained``
+    with a ``state_dict``), which it keeps where their dtype is the one it loads: its key
+    conversions, tied weights and defaults are its own. A tensor it casts (``_keep_in_fp32_modules``
+    under float16) is made in CPU memory, and disk offload writes it to a file when it attaches.
+    """
+    from diffblocks.components.models.loading import mapped_views
+
+    files = transformers_weight_files(folder, variant)
+    views, _ = mapped_views(files, lambda _key, view: dtype if dtype is not None and view.is_floating_point() else view.dtype,
+                            memory_map=memory_map)
+    config = cls.config_class.from_pretrained(folder, local_files_only=True)  # type: ignore[attr-defined]
+    model = cls.from_pretrained(None, config=config, state_dict=views, **({"dtype": dtype} if dtype is not None else {}))  # type: ignore[attr-defined]
+    model.eval()
+    addresses = {view.data_ptr() for view in views.values() if view.numel()}
+    record_mapped(model, [key for key, tensor in model.state_dict().items() if tensor.data_ptr() in addresses])
+    register_weight_files(model, files)
+    return model
+
+
+def transformers_weight_files(folder: Path, variant: str | None) -> list[Path]:
+    """The safetensors files transformers loads from ``folder`` for ``variant``: ``model[.variant].safetensors`` or its shards."""
+    infix = f".{variant}" if variant else ""
+    single = folder / f"model{infix}.safetensors"
+    if single.is_file():
+        return [single]
+    shards = sorted(folder.glob(f"model{infix}-*-of-*.safetensors"))
+    if shards:
+        return shards
+    raise FileNotFoundError(
+        f"{folder} has no safetensors weights{f' for variant {variant!r}' if variant else ''} named as transformers names them "
+        "(model.safetensors or its shards); diffblocks loads text encoders from safetensors only "
+        "(transformers: model.save_pretrained(folder, safe_serialization=True))."
+    )
 
 
 def _has_safetensors(folder: Any, variant: str | None) -> bool:

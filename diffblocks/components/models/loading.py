@@ -15,7 +15,7 @@ allocated once. :func:`load_weights_mapped` allocates none: each weight is a vie
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import tempfile
 from pathlib import Path
 
@@ -256,30 +256,45 @@ def load_weights_mapped(
     check_keys(expected, found, model=type(module).__name__, where=files[0].parent)
     check_dtypes(declared, {key: kind for h in headers.values() for key, (_, kind) in h.items()},
                  model=type(module).__name__, where=files[0].parent)
-    views: dict[str, Tensor] = {}
-    cast: dict[str, tuple[Tensor, torch.dtype]] = {}  # read through a cast or a copy into the loader's own file
-    for path in files:
-        source = MappedFile(path)
-        for key in headers[path]:
-            view = source.tensor(key)
-            target = (dtype or declared[key]) if view.is_floating_point() else view.dtype
-            aligned = not memory_map.aligned or view.numel() == 0 or view.data_ptr() % _ALIGNMENT == 0
-            if view.dtype == target and aligned:
-                views[key] = view
-            else:
-                cast[key] = (view, target)
-    from_source = sum(t.numel() * t.element_size() for t in views.values())
-    if cast:
-        with tempfile.TemporaryFile(dir=memory_map.folder) as f:  # unlinked: the map keeps its pages, nothing is left behind
-            write_lazily(f, [(key, target, tuple(view.shape)) for key, (view, target) in cast.items()],
-                         lambda key: cast[key][0].to(cast[key][1]))
-            own = MappedFile(f)
-        views.update({key: own.tensor(key) for key in cast})
+    views, weights = mapped_views(files, lambda key, view: (dtype or declared[key]) if view.is_floating_point() else view.dtype,
+                                  memory_map=memory_map)
     module.load_state_dict(views, strict=False, assign=True)
     _finish(module, torch.device("cpu"))
     record_mapped(module, views.keys())
     register_weight_files(module, files)
-    return MappedWeights(from_source=from_source, written=sum(t.numel() * t.element_size() for t in views.values()) - from_source)
+    return weights
+
+
+def mapped_views(
+    files: Sequence[Path], target: Callable[[str, Tensor], torch.dtype], *, memory_map: MemoryMap
+) -> tuple[dict[str, Tensor], MappedWeights]:
+    """Every tensor of safetensors ``files`` as a view of a memory map, at the dtype ``target(key, view)`` names.
+
+    A tensor the file holds at that dtype (and aligned, if ``memory_map.aligned``) is a view of the
+    file itself; the others are cast (or copied, to align them) one at a time into a file of the
+    loader's own, unlinked at once, and mapped from it. Nothing else is held in CPU memory.
+    """
+    views: dict[str, Tensor] = {}
+    cast: dict[str, tuple[Tensor, torch.dtype]] = {}  # read through a cast or a copy into the loader's own file
+    for path in files:
+        source = MappedFile(path)
+        for key in source.entries:
+            view = source.tensor(key)
+            wanted = target(key, view)
+            aligned = not memory_map.aligned or view.numel() == 0 or view.data_ptr() % _ALIGNMENT == 0
+            if view.dtype == wanted and aligned:
+                views[key] = view
+            else:
+                cast[key] = (view, wanted)
+    from_source = sum(t.numel() * t.element_size() for t in views.values())
+    if cast:
+        with tempfile.TemporaryFile(dir=memory_map.folder) as f:  # unlinked: the map keeps its pages, nothing is left behind
+            write_lazily(f, [(key, wanted, tuple(view.shape)) for key, (view, wanted) in cast.items()],
+                         lambda key: cast[key][0].to(cast[key][1]))
+            own = MappedFile(f)
+        views.update({key: own.tensor(key) for key in cast})
+    written = sum(t.numel() * t.element_size() for t in views.values()) - from_source
+    return views, MappedWeights(from_source=from_source, written=written)
 
 
 def load_state(
@@ -346,5 +361,6 @@ __all__ = [
     "load_state",
     "load_weights",
     "load_weights_mapped",
+    "mapped_views",
     "single_name",
 ]

@@ -1,0 +1,122 @@
+"""transformers' models (the text encoders) load straight into memory maps under disk offload, as ours do."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffblocks.components.loaders import load_transformers_mapped
+from diffblocks.components.memory.disk import MemoryMap, is_mapped, weight_files
+from diffblocks.components.memory.estimate import mapped_loading_peak
+
+
+def _t5_config(d_model: int = 16, layers: int = 2):  # noqa: ANN202 - a transformers config
+    from transformers import T5Config
+
+    return T5Config(vocab_size=128, d_model=d_model, d_kv=d_model // 4, d_ff=3 * d_model // 2, num_layers=layers, num_heads=4,
+                    relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
+
+
+def _saved_t5(folder: Path, dtype: torch.dtype = torch.bfloat16, **save: object) -> None:
+    from transformers import T5EncoderModel
+
+    torch.manual_seed(0)
+    T5EncoderModel(_t5_config()).to(dtype).save_pretrained(folder, **save)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float32, torch.float16])
+def test_a_t5_loaded_into_maps_is_the_model_transformers_loads(tmp_path: Path, dtype: torch.dtype | None) -> None:
+    from transformers import T5EncoderModel
+
+    _saved_t5(tmp_path)
+    mapped = load_transformers_mapped(T5EncoderModel, tmp_path, variant=None, dtype=dtype, memory_map=MemoryMap(aligned=False))
+    plain = T5EncoderModel.from_pretrained(tmp_path, **({"dtype": dtype} if dtype is not None else {}))
+    ours, theirs = mapped.state_dict(), plain.state_dict()
+    assert list(ours) == list(theirs)
+    for key in ours:
+        assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+    ids = torch.tensor([[3, 17, 99, 1]])
+    with torch.inference_mode():
+        assert torch.equal(mapped(ids).last_hidden_state, plain(ids).last_hidden_state)
+    assert mapped.shared.weight is mapped.encoder.embed_tokens.weight  # tied as transformers ties them
+    assert weight_files(mapped) == (tmp_path / "model.safetensors",) and not mapped.training
+    # float16 keeps T5's feed-forward outputs in float32: transformers casts those in memory, disk offload maps them later
+    assert is_mapped(mapped) == (dtype != torch.float16)
+
+
+def test_a_sharded_variant_maps_its_own_shards(tmp_path: Path) -> None:
+    from transformers import T5EncoderModel
+
+    import shutil
+
+    _saved_t5(tmp_path / "plain", torch.float32)  # the plain file beside the shards is not read
+    _saved_t5(tmp_path, max_shard_size="4KB", variant="fp16")
+    shutil.copy(tmp_path / "plain" / "model.safetensors", tmp_path)
+    shards = sorted(tmp_path.glob("model.fp16-*-of-*.safetensors"))
+    assert len(shards) > 1
+    mapped = load_transformers_mapped(T5EncoderModel, tmp_path, variant="fp16", dtype=None, memory_map=MemoryMap(aligned=False))
+    assert weight_files(mapped) == tuple(shards) and is_mapped(mapped)
+    assert next(mapped.parameters()).dtype == torch.bfloat16
+    with pytest.raises(FileNotFoundError, match="no safetensors weights for variant 'int8' named as transformers names them"):
+        load_transformers_mapped(T5EncoderModel, tmp_path, variant="int8", dtype=None, memory_map=MemoryMap())
+
+
+def test_what_loading_a_transformers_model_into_maps_needs_is_its_largest_tensor(tmp_path: Path) -> None:
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    _saved_t5(tmp_path)
+    largest = 128 * 16  # the embedding, the largest tensor
+    assert mapped_loading_peak(T5EncoderModel, folder=tmp_path) == 2 * largest  # at the file's own bfloat16
+    assert mapped_loading_peak(T5EncoderModel, folder=tmp_path, dtype=torch.float32) == 4 * largest
+    assert mapped_loading_peak(T5EncoderModel, folder=tmp_path, dtype=torch.float16) is None  # casts in memory (keep-in-float32)
+    assert mapped_loading_peak(CLIPTextModel, folder=tmp_path, dtype=torch.float16) == 2 * largest
+    assert mapped_loading_peak(T5EncoderModel, folder=tmp_path, variant="fp16") is None  # no such files
+
+
+_PROBE = r"""
+import sys, threading, time
+import torch
+from diffblocks.components import ComponentsManager, ComponentSpec
+from diffblocks.components.memory import DiskOffload
+from diffblocks.components.memory.disk import is_mapped
+
+def anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon"):
+            return int(line.split()[1]) * 1024
+
+manager = ComponentsManager(device="cpu", offload=DiskOffload(1, folder=sys.argv[3]))
+spec = ComponentSpec(name="text_encoder_2", type_hint=("transformers", "T5EncoderModel"), repo=sys.argv[1], dtype=sys.argv[2])
+key = manager.add("text_encoder_2", spec)
+manager.plan()
+before = anon(); peak = [before]; done = [False]
+def sample():
+    while not done[0]:
+        peak[0] = max(peak[0], anon()); time.sleep(0.0005)
+thread = threading.Thread(target=sample); thread.start()
+model = manager.get(key)  # loaded, and disk offload attached
+done[0] = True; thread.join()
+print(peak[0] - before, sum(t.numel() * t.element_size() for t in model.state_dict().values()), int(is_mapped(model)))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc (Linux)")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_t5_under_disk_offload_loads_without_reading_its_weights_into_memory(tmp_path: Path, dtype: str) -> None:
+    from transformers import T5EncoderModel
+
+    torch.manual_seed(0)
+    T5EncoderModel(_t5_config(d_model=512, layers=8)).to(torch.bfloat16).save_pretrained(tmp_path)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors go back to the system at once
+    done = subprocess.run([sys.executable, "-c", _PROBE, str(tmp_path), dtype, tempfile.gettempdir()], capture_output=True,
+                          text=True, check=True, env=env)
+    peak, size, mapped = map(int, done.stdout.split()[-3:])
+    assert size > 30 * 2**20 and mapped == 1
+    # read into memory, loading would hold the whole model (and float32, twice the file); here a cast tensor at a time
+    assert peak < size / 4, f"loading peaked at {peak / 2**20:.1f} MiB above its start for a {size / 2**20:.0f} MiB model"
