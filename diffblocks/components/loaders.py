@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from diffblocks.components.hub import resolve_folder
-from diffblocks.components.memory.disk import MemoryMap, record_mapped, register_weight_files
+from diffblocks.components.memory.disk import MemoryMap, mapped_views, record_mapped, register_weight_files
 from diffblocks.components.specs import ComponentSpec
 
 
@@ -113,7 +113,7 @@ def load_transformers_mapped(cls: type, folder: Path, *, variant: str | None, dt
     conversions, tied weights and defaults are its own. A tensor it casts (``_keep_in_fp32_modules``
     under float16) is made in CPU memory, and disk offload writes it to a file when it attaches.
     """
-    from diffblocks.components.models.loading import mapped_views
+    from diffblocks.components.quantizers.transformers_format import transformers_weight_files
 
     files = transformers_weight_files(folder, variant)
     views, _ = mapped_views(files, lambda _key, view: dtype if dtype is not None and view.is_floating_point() else view.dtype,
@@ -125,22 +125,6 @@ def load_transformers_mapped(cls: type, folder: Path, *, variant: str | None, dt
     record_mapped(model, [key for key, tensor in model.state_dict().items() if tensor.data_ptr() in addresses])
     register_weight_files(model, files)
     return model
-
-
-def transformers_weight_files(folder: Path, variant: str | None) -> list[Path]:
-    """The safetensors files transformers loads from ``folder`` for ``variant``: ``model[.variant].safetensors`` or its shards."""
-    infix = f".{variant}" if variant else ""
-    single = folder / f"model{infix}.safetensors"
-    if single.is_file():
-        return [single]
-    shards = sorted(folder.glob(f"model{infix}-*-of-*.safetensors"))
-    if shards:
-        return shards
-    raise FileNotFoundError(
-        f"{folder} has no safetensors weights{f' for variant {variant!r}' if variant else ''} named as transformers names them "
-        "(model.safetensors or its shards); diffblocks loads text encoders from safetensors only "
-        "(transformers: model.save_pretrained(folder, safe_serialization=True))."
-    )
 
 
 def _has_safetensors(folder: Any, variant: str | None) -> bool:

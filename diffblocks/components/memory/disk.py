@@ -225,6 +225,38 @@ class MappedWeights:
     already: int = 0
 
 
+def mapped_views(
+    files: Sequence[Path], target: Callable[[str, torch.Tensor], torch.dtype], *, memory_map: MemoryMap
+) -> tuple[dict[str, torch.Tensor], MappedWeights]:
+    """Every tensor of safetensors ``files`` as a view of a memory map, at the dtype ``target(key, view)`` names.
+
+    A tensor the file holds at that dtype (and aligned, if ``memory_map.aligned``) is a view of the
+    file itself; the others are cast (or copied, to align them) one at a time into a file of the
+    loader's own, unlinked at once, and mapped from it. Nothing else is held in CPU memory.
+    """
+    views: dict[str, torch.Tensor] = {}
+    cast: dict[str, tuple[torch.Tensor, torch.dtype]] = {}  # read through a cast or a copy into the loader's own file
+    for path in files:
+        source = MappedFile(path)
+        for key in source.entries:
+            view = source.tensor(key)
+            wanted = target(key, view)
+            aligned = not memory_map.aligned or view.numel() == 0 or view.data_ptr() % _ALIGNMENT == 0
+            if view.dtype == wanted and aligned:
+                views[key] = view
+            else:
+                cast[key] = (view, wanted)
+    from_source = sum(t.numel() * t.element_size() for t in views.values())
+    if cast:
+        with tempfile.TemporaryFile(dir=memory_map.folder) as f:  # unlinked: the map keeps its pages, nothing is left behind
+            write_lazily(f, [(key, wanted, tuple(view.shape)) for key, (view, wanted) in cast.items()],
+                         lambda key: cast[key][0].to(cast[key][1]))
+            own = MappedFile(f)
+        views.update({key: own.tensor(key) for key in cast})
+    written = sum(t.numel() * t.element_size() for t in views.values()) - from_source
+    return views, MappedWeights(from_source=from_source, written=written)
+
+
 def map_model(model: nn.Module, *, folder: str | None = None, aligned: bool = True) -> MappedWeights:
     """Make every tensor of ``model`` a view of a memory-mapped safetensors file (see the module docstring).
 

@@ -86,7 +86,7 @@ def mapped_loading_peak(cls: type, *, folder: Path, variant: str | None = None, 
     if not folder.is_dir() or _saved_quantized(folder):
         return None
     if _is_transformers_model(cls):
-        from diffblocks.components.loaders import transformers_weight_files
+        from diffblocks.components.quantizers.transformers_format import transformers_weight_files
 
         if dtype == torch.float16 and (getattr(cls, "_keep_in_fp32_modules", None) or getattr(cls, "_keep_in_fp32_modules_strict", None)):
             return None

@@ -15,8 +15,7 @@ allocated once. :func:`load_weights_mapped` allocates none: each weight is a vie
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 
 from diffblocks.components.config_files import read_json_object
 from diffblocks.components.containment import check_shard_names
-from diffblocks.components.memory.disk import MappedFile, MappedWeights, MemoryMap, record_mapped, register_weight_files, write_lazily
+from diffblocks.components.memory.disk import MappedWeights, MemoryMap, mapped_views, record_mapped, register_weight_files
 from diffblocks.components.models.buffers import materialize_computed_buffers, meta_tensor_names
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -265,38 +264,6 @@ def load_weights_mapped(
     return weights
 
 
-def mapped_views(
-    files: Sequence[Path], target: Callable[[str, Tensor], torch.dtype], *, memory_map: MemoryMap
-) -> tuple[dict[str, Tensor], MappedWeights]:
-    """Every tensor of safetensors ``files`` as a view of a memory map, at the dtype ``target(key, view)`` names.
-
-    A tensor the file holds at that dtype (and aligned, if ``memory_map.aligned``) is a view of the
-    file itself; the others are cast (or copied, to align them) one at a time into a file of the
-    loader's own, unlinked at once, and mapped from it. Nothing else is held in CPU memory.
-    """
-    views: dict[str, Tensor] = {}
-    cast: dict[str, tuple[Tensor, torch.dtype]] = {}  # read through a cast or a copy into the loader's own file
-    for path in files:
-        source = MappedFile(path)
-        for key in source.entries:
-            view = source.tensor(key)
-            wanted = target(key, view)
-            aligned = not memory_map.aligned or view.numel() == 0 or view.data_ptr() % _ALIGNMENT == 0
-            if view.dtype == wanted and aligned:
-                views[key] = view
-            else:
-                cast[key] = (view, wanted)
-    from_source = sum(t.numel() * t.element_size() for t in views.values())
-    if cast:
-        with tempfile.TemporaryFile(dir=memory_map.folder) as f:  # unlinked: the map keeps its pages, nothing is left behind
-            write_lazily(f, [(key, wanted, tuple(view.shape)) for key, (view, wanted) in cast.items()],
-                         lambda key: cast[key][0].to(cast[key][1]))
-            own = MappedFile(f)
-        views.update({key: own.tensor(key) for key in cast})
-    written = sum(t.numel() * t.element_size() for t in views.values()) - from_source
-    return views, MappedWeights(from_source=from_source, written=written)
-
-
 def load_state(
     module: nn.Module,
     state: Mapping[str, Tensor],
@@ -361,6 +328,5 @@ __all__ = [
     "load_state",
     "load_weights",
     "load_weights_mapped",
-    "mapped_views",
     "single_name",
 ]

@@ -161,8 +161,6 @@ def load_quantized_transformers(
     quantizer = quantizer_from_transformers(saved)
     device = torch.device(device if device is not None else "cpu")
     quantizer.check(device)
-    from diffblocks.components.loaders import transformers_weight_files
-
     files = transformers_weight_files(path, variant)
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
@@ -199,6 +197,22 @@ def _read_safetensors(files: list[Path], device: torch.device) -> tuple[dict[str
         except (SafetensorError, OSError) as err:
             raise ValueError(f"cannot read {path}: {err}. The file is truncated or corrupt.") from err
     return tensors, metadata
+
+
+def transformers_weight_files(folder: Path, variant: str | None) -> list[Path]:
+    """The safetensors files transformers loads from ``folder`` for ``variant``: ``model[.variant].safetensors`` or its shards."""
+    infix = f".{variant}" if variant else ""
+    single = folder / f"model{infix}.safetensors"
+    if single.is_file():
+        return [single]
+    shards = sorted(folder.glob(f"model{infix}-*-of-*.safetensors"))
+    if shards:
+        return shards
+    raise FileNotFoundError(
+        f"{folder} has no safetensors weights{f' for variant {variant!r}' if variant else ''} named as transformers names them "
+        "(model.safetensors or its shards); diffblocks loads text encoders from safetensors only "
+        "(transformers: model.save_pretrained(folder, safe_serialization=True))."
+    )
 
 
 def _without_tied(model: nn.Module, tensors: dict[str, Tensor], metadata: dict[str, str]) -> tuple[dict[str, Tensor], dict[str, str]]:
