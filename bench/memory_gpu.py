@@ -283,7 +283,7 @@ class _Phases:
 
 
 def _described(plan: Any) -> str:
-    kept = f", {ByteSize(sum(plan.kept.values()))} of blocks kept" if plan.kept else ""
+    kept = f", up to {ByteSize(sum(plan.kept.values()))} of blocks kept" if plan.kept else ""
     return f"{plan.policy!r}{kept}, {plan.activations} reserved"
 
 

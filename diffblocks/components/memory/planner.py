@@ -103,7 +103,7 @@ class MemoryPlan:
         lines.append(f"chosen: {self.policy!r}: {self.policy.describe()}")
         if self.cpu_budget is not None:
             lines.append(f"  {self.host} at most of weights in CPU memory (CPU budget {self.cpu_budget})")
-        lines += [f"  and {ByteSize(kept)} of {name}'s repeated blocks stay on the device, in the spare budget"
+        lines += [f"  and up to {ByteSize(kept)} of {name}'s repeated blocks stay on the device (whole groups), in the spare budget"
                   for name, kept in self.kept.items()]
         return "\n".join(lines)
 
