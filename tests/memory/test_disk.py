@@ -14,6 +14,7 @@ import torch
 
 from diffblocks.components.memory import Mover, measure
 from diffblocks.components.memory.disk import DiskOffload, MappedFile, map_model, register_weight_files, write_aligned
+from tests.memory.anon_memory import probe_env
 from tests.memory.test_policies import Toy
 
 
@@ -102,38 +103,29 @@ def test_a_pipeline_under_disk_offload_makes_the_same_image(tmp_path: Path) -> N
 
 
 _PROBE = r"""
-import sys, threading, time
+import sys
 import torch
 from diffblocks.components.memory import Mover, measure
 from diffblocks.components.memory.disk import DiskOffload, register_weight_files
 from diffblocks.components.memory.streams import Synchronous
 from diffblocks.components.models.unet import UNet2DConditionModel
+from tests.memory.anon_memory import anon, peak_during
 
 class Copying(Synchronous):  # the device stand-in: a fetched group is a real copy in memory, as it would be on a GPU
     def copy(self, label, tensors):
         return [t.clone() for t in tensors], None
-
-def anon():
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon"):
-            return int(line.split()[1]) * 1024
 
 model = UNet2DConditionModel.from_pretrained(sys.argv[1])
 size = measure(model)
 register_weight_files(model, sorted(__import__("pathlib").Path(sys.argv[1]).glob("*.safetensors")))
 sample = torch.randn(1, 4, 16, 16); text = torch.randn(1, 8, 256)
 
-def call_peak():  # the most RssAnon above the start while the model runs three times
-    base = anon(); peak = [base]; done = [False]
-    def watch():
-        while not done[0]:
-            peak[0] = max(peak[0], anon()); time.sleep(0.0005)
-    thread = threading.Thread(target=watch); thread.start()
-    with torch.inference_mode():
-        for _ in range(3):
-            model(sample, 10, text)
-    done[0] = True; thread.join()
-    return peak[0] - base
+def call_peak():  # the most anonymous memory above the start while the model runs three times
+    def run():
+        with torch.inference_mode():
+            for _ in range(3):
+                model(sample, 10, text)
+    return peak_during(run)[0]
 
 activations = call_peak()  # the weights in memory already: what a call adds of its own
 loaded = anon()
@@ -149,10 +141,8 @@ def test_disk_offload_holds_about_one_group_in_cpu_memory(tmp_path: Path) -> Non
     from tests.memory.test_loading_peak import CONFIG
 
     UNet2DConditionModel.from_config(CONFIG).save_pretrained(tmp_path)  # float32, as it loads: mapped, not written
-    # a fixed mmap threshold: freed tensors go back to the system at once, so RssAnon shows what is held
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     done = subprocess.run([sys.executable, "-c", _PROBE, str(tmp_path), tempfile.gettempdir()], capture_output=True,
-                          text=True, check=True, env=env)
+                          text=True, check=True, env=probe_env())
     dropped, peak, activations, total, group = map(int, done.stdout.split()[-5:])
     assert total > 30 * 2**20 and group < total / 2
     assert dropped > 0.9 * total, f"mapping gave back {dropped / 2**20:.0f} MiB of a {total / 2**20:.0f} MiB model"

@@ -8,24 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.memory.anon_memory import probe_env
+
 _PROBE = r"""
-import sys, threading, time
+import sys
 import torch
 from diffblocks.components.models.unet import UNet2DConditionModel
+from tests.memory.anon_memory import peak_during
 
-def anon():
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon"):
-            return int(line.split()[1]) * 1024
-
-before = anon(); peak = [before]; done = [False]
-def sample():
-    while not done[0]:
-        peak[0] = max(peak[0], anon()); time.sleep(0.001)
-thread = threading.Thread(target=sample); thread.start()
-model = UNet2DConditionModel.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
-done[0] = True; thread.join()
-print(peak[0] - before, sum(p.numel() * p.element_size() for p in model.parameters()))
+peak, model = peak_during(lambda: UNet2DConditionModel.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[2])))
+print(peak, sum(p.numel() * p.element_size() for p in model.parameters()))
 """
 
 CONFIG = {"sample_size": 16, "block_out_channels": (128, 256), "layers_per_block": 2, "cross_attention_dim": 256,
@@ -41,7 +33,8 @@ def test_loading_peaks_near_the_model_size(tmp_path: Path, dtype: str) -> None:
     from diffblocks.components.models.unet import UNet2DConditionModel
 
     UNet2DConditionModel.from_config(CONFIG).to(torch.float16).save_pretrained(tmp_path)  # float32 loads cast every tensor
-    done = subprocess.run([sys.executable, "-c", _PROBE, str(tmp_path), dtype], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", _PROBE, str(tmp_path), dtype], capture_output=True, text=True, check=True,
+                          env=probe_env())
     peak, size = map(int, done.stdout.split()[-2:])
     assert size > 30 * 2**20
     assert peak < 1.25 * size + 16 * 2**20, f"loading peaked at {peak / 2**20:.0f} MiB above its start for a {size / 2**20:.0f} MiB model"

@@ -20,6 +20,7 @@ from diffblocks.components.memory.estimate import mapped_loading_peak
 from diffblocks.components.memory.planner import host_peak
 from diffblocks.components.models.unet import UNet2DConditionModel
 from tests.memory.test_planner import FLUX
+from tests.memory.anon_memory import probe_env
 
 SMALL = {"sample_size": 8, "block_out_channels": (32, 64), "layers_per_block": 1, "cross_attention_dim": 32,
          "attention_head_dim": 8, "norm_num_groups": 8, "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -199,32 +200,22 @@ def test_a_pipeline_loaded_into_maps_makes_the_same_image(tmp_path: Path) -> Non
 
 
 _PROBE = r"""
-import sys, threading, time
+import sys
 from diffblocks.components import ComponentsManager, ComponentSpec
 from diffblocks.components.memory import DiskOffload
 from diffblocks.components.memory.disk import is_mapped
 from diffblocks.components.memory.estimate import mapped_loading_peak
 from diffblocks.components.models.unet import UNet2DConditionModel
 from pathlib import Path
-
-def anon():
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon"):
-            return int(line.split()[1]) * 1024
+from tests.memory.anon_memory import peak_during
 
 manager = ComponentsManager(device="cpu", offload=DiskOffload(1, folder=sys.argv[3]))
 spec = ComponentSpec(name="unet", type_hint=("diffblocks", "UNet2DConditionModel"), repo=sys.argv[1], dtype=sys.argv[2])
 key = manager.add("unet", spec)
 manager.plan()
-before = anon(); peak = [before]; done = [False]
-def sample():
-    while not done[0]:
-        peak[0] = max(peak[0], anon()); time.sleep(0.0005)
-thread = threading.Thread(target=sample); thread.start()
-model = manager.get(key)  # loaded, and disk offload attached
-done[0] = True; thread.join()
+peak, model = peak_during(lambda: manager.get(key))  # loaded, and disk offload attached
 largest = mapped_loading_peak(UNet2DConditionModel, folder=Path(sys.argv[1]), dtype=spec.torch_dtype)
-print(peak[0] - before, sum(t.numel() * t.element_size() for t in model.state_dict().values()), largest, int(is_mapped(model)))
+print(peak, sum(t.numel() * t.element_size() for t in model.state_dict().values()), largest, int(is_mapped(model)))
 """
 
 
@@ -234,9 +225,8 @@ def test_loading_under_disk_offload_peaks_near_the_largest_tensor(tmp_path: Path
     from tests.memory.test_loading_peak import CONFIG
 
     UNet2DConditionModel.from_config(CONFIG).to(torch.float16).save_pretrained(tmp_path)  # float32 loads cast every tensor
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors go back to the system at once
     done = subprocess.run([sys.executable, "-c", _PROBE, str(tmp_path), dtype, tempfile.gettempdir()], capture_output=True,
-                          text=True, check=True, env=env)
+                          text=True, check=True, env=probe_env())
     peak, size, largest, mapped = map(int, done.stdout.split()[-4:])
     assert size > 30 * 2**20 and mapped == 1
     # the model through CPU memory would be 1.0x its size (tests/memory/test_loading_peak.py): here one cast tensor and change

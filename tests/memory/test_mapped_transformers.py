@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -14,6 +13,7 @@ import torch
 from diffblocks.components.loaders import load_transformers_mapped
 from diffblocks.components.memory.disk import MemoryMap, is_mapped, weight_files
 from diffblocks.components.memory.estimate import mapped_loading_peak
+from tests.memory.anon_memory import probe_env
 
 
 def _t5_config(d_model: int = 16, layers: int = 2):  # noqa: ANN202 - a transformers config
@@ -80,29 +80,18 @@ def test_what_loading_a_transformers_model_into_maps_needs_is_its_largest_tensor
 
 
 _PROBE = r"""
-import sys, threading, time
-import torch
+import sys
 from diffblocks.components import ComponentsManager, ComponentSpec
 from diffblocks.components.memory import DiskOffload
 from diffblocks.components.memory.disk import is_mapped
-
-def anon():
-    for line in open("/proc/self/status"):
-        if line.startswith("RssAnon"):
-            return int(line.split()[1]) * 1024
+from tests.memory.anon_memory import peak_during
 
 manager = ComponentsManager(device="cpu", offload=DiskOffload(1, folder=sys.argv[3]))
 spec = ComponentSpec(name="text_encoder_2", type_hint=("transformers", "T5EncoderModel"), repo=sys.argv[1], dtype=sys.argv[2])
 key = manager.add("text_encoder_2", spec)
 manager.plan()
-before = anon(); peak = [before]; done = [False]
-def sample():
-    while not done[0]:
-        peak[0] = max(peak[0], anon()); time.sleep(0.0005)
-thread = threading.Thread(target=sample); thread.start()
-model = manager.get(key)  # loaded, and disk offload attached
-done[0] = True; thread.join()
-print(peak[0] - before, sum(t.numel() * t.element_size() for t in model.state_dict().values()), int(is_mapped(model)))
+peak, model = peak_during(lambda: manager.get(key))  # loaded, and disk offload attached
+print(peak, sum(t.numel() * t.element_size() for t in model.state_dict().values()), int(is_mapped(model)))
 """
 
 
@@ -113,9 +102,8 @@ def test_a_t5_under_disk_offload_loads_without_reading_its_weights_into_memory(t
 
     torch.manual_seed(0)
     T5EncoderModel(_t5_config(d_model=512, layers=8)).to(torch.bfloat16).save_pretrained(tmp_path)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors go back to the system at once
     done = subprocess.run([sys.executable, "-c", _PROBE, str(tmp_path), dtype, tempfile.gettempdir()], capture_output=True,
-                          text=True, check=True, env=env)
+                          text=True, check=True, env=probe_env())
     peak, size, mapped = map(int, done.stdout.split()[-3:])
     assert size > 30 * 2**20 and mapped == 1
     # read into memory, loading would hold the whole model (and float32, twice the file); here a cast tensor at a time

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from diffblocks.components.memory.steps import StepShape, flux_shape, step_bytes, unet_shape
+from tests.memory.anon_memory import probe_env
 
 SDXL = {"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
         "block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20]}
@@ -67,8 +67,7 @@ def test_the_estimate_is_near_a_measured_step(size: int) -> None:
 
     config = json.loads((builtin_model_dir() / "unet" / "config.json").read_text())
     estimate = step_bytes(unet_shape(config, height=size, width=size), batch=2, itemsize=4)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors go back at once: RssAnon shows what is held
-    done = subprocess.run([sys.executable, str(_PROBE), str(size), "2"], capture_output=True, text=True, check=True, env=env)
+    done = subprocess.run([sys.executable, str(_PROBE), str(size), "2"], capture_output=True, text=True, check=True, env=probe_env())
     measured = int(done.stdout.split()[-1])
     # within 25% below and 2x above what the tiny UNet's forward held on the CPU (float32, batch 2)
     assert measured / 1.25 < estimate < 2 * measured, f"estimated {estimate / MIB:.1f} MiB, measured {measured / MIB:.1f} MiB"
