@@ -70,6 +70,26 @@ def test_two_slots_are_reused_grown_when_free_and_refused_when_busy() -> None:
     assert slots.slots == [] and slots.nbytes == 0
 
 
+def test_a_slot_grows_only_after_its_last_copy_and_an_allocation_that_fails_drops_it() -> None:
+    marks = Marks()
+    slots = DeviceSlots(torch.device("cpu"), count=1, mark=marks)
+    slot = slots.take(256)
+    assert slot is not None
+    slot.written = marks(torch.device("cpu"))  # a copy into it, fetched ahead and dropped before anyone waited for it
+    written = slot.written.number  # type: ignore[attr-defined]
+    slots.give_back(slot)
+    assert slots.take(1024) is slot and written in marks.waited and slot.written is None
+
+    def refuse(_nbytes: int) -> tuple[torch.Tensor, Marks.Mark]:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    slots.give_back(slot)
+    slots._allocate = refuse  # type: ignore[method-assign]
+    with pytest.raises(torch.OutOfMemoryError):
+        slots.take(4096)
+    assert slots.slots == []  # no slot left without a buffer: the next take makes a new one
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: a side stream and events")
 def test_on_cuda_every_group_goes_through_two_slots_and_the_output_is_unchanged() -> None:
     torch.manual_seed(0)

@@ -14,6 +14,11 @@ event recorded on the compute stream after the group's last kernel; the next cop
 waits for the event on the side stream (a wait on the GPU, not the host), so no copy overwrites
 weights a queued kernel has yet to read.
 
+Two things this asks of the code that runs a group: it runs on the device's current stream in the
+thread that fetched the group (the mark is recorded there), and it keeps no view of a group's
+weights past the group's last layer (a cached ``weight.t()``): the next copy writes over it.
+Our models do neither; the stream of a call is the default one.
+
 A group whose tensors cannot be views of bytes (a quantized tensor subclass, a strided tensor)
 or that finds every slot taken (calls in several threads running several groups at once) is
 copied into tensors of its own from the allocator, as before: correct, only not planned.
@@ -59,14 +64,15 @@ def cuda_mark(device: torch.device) -> Mark:
 
 @final
 class Slot:
-    """One device buffer, and the mark its last reader's kernels end at."""
+    """One device buffer, the mark its last reader's kernels end at, and the mark its last copy ends at."""
 
-    __slots__ = ("buffer", "busy", "free_after")
+    __slots__ = ("buffer", "busy", "free_after", "written")
 
     def __init__(self, buffer: torch.Tensor, free_after: Mark) -> None:
         self.buffer = buffer
         self.busy = False
         self.free_after = free_after
+        self.written: Mark | None = None  # set by the copy into it (a group fetched ahead and dropped may never be waited for)
 
     def views(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """A view of this slot for each of ``tensors`` (same shape and dtype), packed from the start."""
@@ -107,9 +113,17 @@ class DeviceSlots:
             self.slots.append(slot)
         elif free:
             slot = max(free, key=lambda each: each.buffer.numel())
-            slot.free_after.synchronize()  # its old buffer goes back to the allocator: nothing may still read it
+            # its old buffer goes back to the allocator: no kernel may still read it, no copy still write it
+            slot.free_after.synchronize()
+            if slot.written is not None:
+                slot.written.synchronize()
             del slot.buffer
-            slot.buffer, slot.free_after = self._allocate(nbytes)
+            try:
+                slot.buffer, slot.free_after = self._allocate(nbytes)
+            except BaseException:  # out of memory: the slot is gone, not left without a buffer
+                self.slots.remove(slot)
+                raise
+            slot.written = None
         else:
             return None
         slot.busy = True
@@ -127,6 +141,8 @@ class DeviceSlots:
         """Give every slot's memory back to the allocator (the caller has synchronized the copies into them)."""
         for slot in self.slots:
             slot.free_after.synchronize()
+            if slot.written is not None:
+                slot.written.synchronize()
         self.slots.clear()
 
     def _allocate(self, nbytes: int) -> tuple[torch.Tensor, Mark]:

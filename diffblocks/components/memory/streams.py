@@ -110,6 +110,8 @@ class CudaStreams(Synchronous):
                     copy.copy_(tensor, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(self.side)
+        if slot is not None:
+            slot.written = ready
         if slot is None:
             for each in copies:
                 each.record_stream(current)  # allocated on the side stream, read on the current one
