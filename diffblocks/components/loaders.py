@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from diffblocks.components.hub import resolve_folder
-from diffblocks.components.memory.disk import MemoryMap, mapped_views, record_mapped, register_weight_files
+from diffblocks.components.memory.disk import MemoryMap
 from diffblocks.components.specs import ComponentSpec
+from diffblocks.components.transformers_mapped import load_transformers_mapped
 
 
 def load_component(
@@ -101,30 +101,6 @@ def _load_transformers(cls: type, spec: ComponentSpec, device: torch.device | st
         model.eval()
         return model.to(device) if device is not None else model
     return cls.from_pretrained(folder, local_files_only=True)  # type: ignore[attr-defined]
-
-
-def load_transformers_mapped(cls: type, folder: Path, *, variant: str | None, dtype: torch.dtype | None, memory_map: MemoryMap) -> Any:
-    """A transformers model loaded from ``folder`` with its weights in memory maps, as disk offload keeps them.
-
-    Each tensor of the safetensors files becomes a view of its file (cast ones: of a file of the
-    loader's own, written one tensor at a time; see :func:`~diffblocks.components.models.loading.mapped_views`),
-    and transformers builds the model on the meta device around those views (``from_pretrained``
-    with a ``state_dict``), which it keeps where their dtype is the one it loads: its key
-    conversions, tied weights and defaults are its own. A tensor it casts (``_keep_in_fp32_modules``
-    under float16) is made in CPU memory, and disk offload writes it to a file when it attaches.
-    """
-    from diffblocks.components.quantizers.transformers_format import transformers_weight_files
-
-    files = transformers_weight_files(folder, variant)
-    views, _ = mapped_views(files, lambda _key, view: dtype if dtype is not None and view.is_floating_point() else view.dtype,
-                            memory_map=memory_map)
-    config = cls.config_class.from_pretrained(folder, local_files_only=True)  # type: ignore[attr-defined]
-    model = cls.from_pretrained(None, config=config, state_dict=views, **({"dtype": dtype} if dtype is not None else {}))  # type: ignore[attr-defined]
-    model.eval()
-    addresses = {view.data_ptr() for view in views.values() if view.numel()}
-    record_mapped(model, [key for key, tensor in model.state_dict().items() if tensor.data_ptr() in addresses])
-    register_weight_files(model, files)
-    return model
 
 
 def _has_safetensors(folder: Any, variant: str | None) -> bool:

@@ -19,6 +19,7 @@ from diffblocks.components.memory.estimate import mapped_loading_peak, size_befo
 from diffblocks.components.memory.oom import OffloadTightened, free_memory
 from diffblocks.components.memory.reserve import StepNeed
 from diffblocks.components.specs import ComponentSpec, read_index
+from diffblocks.components.transformers_mapped import is_transformers_model, transformers_loading_peak
 from diffblocks.registry import COMPONENTS, Registry, RegistryError
 
 
@@ -283,7 +284,10 @@ class ComponentsManager:
         if spec.repo is None or spec.quantization is not None or not isinstance(cls, type):
             return size
         folder = Path(spec.repo) / (spec.subfolder or "")  # a local folder; a Hub id counts whole, on the high side
-        peak = mapped_loading_peak(cls, folder=folder, variant=spec.variant, dtype=spec.torch_dtype)
+        if is_transformers_model(cls):
+            peak = transformers_loading_peak(cls, folder=folder, variant=spec.variant, dtype=spec.torch_dtype)
+        else:
+            peak = mapped_loading_peak(cls, folder=folder, variant=spec.variant, dtype=spec.torch_dtype)
         return replace(size, loading=peak) if peak is not None else size
 
     def unload(self, key: str) -> None:

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffblocks.components.loaders import load_transformers_mapped
+from diffblocks.components.transformers_mapped import load_transformers_mapped, transformers_load_dtype, transformers_loading_peak
 from diffblocks.components.memory.disk import MemoryMap, is_mapped, weight_files
-from diffblocks.components.memory.estimate import mapped_loading_peak
 from tests.memory.anon_memory import probe_env
 
 
@@ -30,41 +29,48 @@ def _saved_t5(folder: Path, dtype: torch.dtype = torch.bfloat16, **save: object)
     T5EncoderModel(_t5_config()).to(dtype).save_pretrained(folder, **save)
 
 
+@pytest.mark.parametrize("saved", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float32, torch.float16])
-def test_a_t5_loaded_into_maps_is_the_model_transformers_loads(tmp_path: Path, dtype: torch.dtype | None) -> None:
+def test_a_t5_loaded_into_maps_is_the_model_transformers_loads(tmp_path: Path, saved: torch.dtype, dtype: torch.dtype | None) -> None:
     from transformers import T5EncoderModel
 
-    _saved_t5(tmp_path)
+    _saved_t5(tmp_path, saved)
     mapped = load_transformers_mapped(T5EncoderModel, tmp_path, variant=None, dtype=dtype, memory_map=MemoryMap(aligned=False))
     plain = T5EncoderModel.from_pretrained(tmp_path, **({"dtype": dtype} if dtype is not None else {}))
     ours, theirs = mapped.state_dict(), plain.state_dict()
     assert list(ours) == list(theirs)
-    for key in ours:
+    for key in ours:  # float16 keeps T5's feed-forward outputs (wo) in float32, read from the file as they are
         assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
     ids = torch.tensor([[3, 17, 99, 1]])
     with torch.inference_mode():
         assert torch.equal(mapped(ids).last_hidden_state, plain(ids).last_hidden_state)
     assert mapped.shared.weight is mapped.encoder.embed_tokens.weight  # tied as transformers ties them
     assert weight_files(mapped) == (tmp_path / "model.safetensors",) and not mapped.training
-    # float16 keeps T5's feed-forward outputs in float32: transformers casts those in memory, disk offload maps them later
-    assert is_mapped(mapped) == (dtype != torch.float16)
+    assert is_mapped(mapped)  # every tensor a view of a map: nothing left in CPU memory
 
 
-def test_a_sharded_variant_maps_its_own_shards(tmp_path: Path) -> None:
+def test_a_sharded_variant_maps_the_shards_its_index_names(tmp_path: Path) -> None:
+    import shutil
+
     from transformers import T5EncoderModel
 
-    import shutil
+    from diffblocks.components.containment import RepositoryPathError
 
     _saved_t5(tmp_path / "plain", torch.float32)  # the plain file beside the shards is not read
     _saved_t5(tmp_path, max_shard_size="4KB", variant="fp16")
     shutil.copy(tmp_path / "plain" / "model.safetensors", tmp_path)
     shards = sorted(tmp_path.glob("model.fp16-*-of-*.safetensors"))
     assert len(shards) > 1
+    shutil.copy(shards[0], tmp_path / "model.fp16-00001-of-00009.safetensors")  # a stale shard of an earlier save
     mapped = load_transformers_mapped(T5EncoderModel, tmp_path, variant="fp16", dtype=None, memory_map=MemoryMap(aligned=False))
     assert weight_files(mapped) == tuple(shards) and is_mapped(mapped)
     assert next(mapped.parameters()).dtype == torch.bfloat16
     with pytest.raises(FileNotFoundError, match="no safetensors weights for variant 'int8' named as transformers names them"):
         load_transformers_mapped(T5EncoderModel, tmp_path, variant="int8", dtype=None, memory_map=MemoryMap())
+    index = tmp_path / "model.safetensors.index.fp16.json"
+    index.write_text(index.read_text().replace(shards[0].name, "../plain/model.safetensors"))
+    with pytest.raises(RepositoryPathError):
+        load_transformers_mapped(T5EncoderModel, tmp_path, variant="fp16", dtype=None, memory_map=MemoryMap())
 
 
 def test_what_loading_a_transformers_model_into_maps_needs_is_its_largest_tensor(tmp_path: Path) -> None:
@@ -72,11 +78,12 @@ def test_what_loading_a_transformers_model_into_maps_needs_is_its_largest_tensor
 
     _saved_t5(tmp_path)
     largest = 128 * 16  # the embedding, the largest tensor
-    assert mapped_loading_peak(T5EncoderModel, folder=tmp_path) == 2 * largest  # at the file's own bfloat16
-    assert mapped_loading_peak(T5EncoderModel, folder=tmp_path, dtype=torch.float32) == 4 * largest
-    assert mapped_loading_peak(T5EncoderModel, folder=tmp_path, dtype=torch.float16) is None  # casts in memory (keep-in-float32)
-    assert mapped_loading_peak(CLIPTextModel, folder=tmp_path, dtype=torch.float16) == 2 * largest
-    assert mapped_loading_peak(T5EncoderModel, folder=tmp_path, variant="fp16") is None  # no such files
+    assert transformers_loading_peak(T5EncoderModel, folder=tmp_path) == 2 * largest  # at the file's own bfloat16
+    assert transformers_loading_peak(T5EncoderModel, folder=tmp_path, dtype=torch.float32) == 4 * largest
+    assert transformers_loading_peak(CLIPTextModel, folder=tmp_path, dtype=torch.float16) == 2 * largest
+    assert transformers_loading_peak(T5EncoderModel, folder=tmp_path, variant="fp16") is None  # no such files
+    assert transformers_load_dtype(T5EncoderModel, torch.float16)("encoder.block.0.layer.1.DenseReluDense.wo.weight") == torch.float32
+    assert transformers_load_dtype(T5EncoderModel, torch.bfloat16)("encoder.block.0.layer.1.DenseReluDense.wo.weight") == torch.bfloat16
 
 
 _PROBE = r"""

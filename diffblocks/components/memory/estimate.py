@@ -78,55 +78,26 @@ def mapped_loading_peak(cls: type, *, folder: Path, variant: str | None = None, 
     That is its largest tensor at the dtype it loads as, on the high side: only a tensor cast to
     another dtype is ever made in memory, and one at a time (``MemoryMap`` in
     :mod:`~diffblocks.components.memory.disk`). None where the model cannot load so and is read
-    into CPU memory whole: a class that loads no other way (its ``from_pretrained`` takes no
-    ``memory_map`` and it is not a transformers model), a transformers model loaded as float16
-    that keeps modules in float32 (transformers casts those in memory), a folder without
-    safetensors (pickles) or saved quantized, a folder not on this machine.
+    into CPU memory whole: a class whose ``from_pretrained`` takes no ``memory_map`` (transformers'
+    models), a folder without safetensors (pickles) or saved quantized, a folder not on this machine.
     """
-    if not folder.is_dir() or _saved_quantized(folder):
-        return None
-    if _is_transformers_model(cls):
-        from diffblocks.components.quantizers.transformers_format import transformers_weight_files
-
-        if dtype == torch.float16 and (getattr(cls, "_keep_in_fp32_modules", None) or getattr(cls, "_keep_in_fp32_modules_strict", None)):
-            return None
-        try:
-            files = transformers_weight_files(folder, variant)
-        except FileNotFoundError:
-            return None
-        return _largest(files, dtype)  # without a dtype, transformers loads the file's own
     load = getattr(cls, "from_pretrained", None)
-    if load is None or "memory_map" not in inspect.signature(load).parameters:
+    if load is None or "memory_map" not in inspect.signature(load).parameters or not folder.is_dir():
+        return None
+    config = folder / "config.json"
+    try:
+        saved_quantized = config.is_file() and "quantization_config" in json.loads(config.read_text())
+    except (ValueError, TypeError):  # not a JSON object: loading says so, with the file's name
+        return None
+    if saved_quantized:
         return None
     files = [f for f in sorted(folder.glob("*.safetensors")) if variant is None or f".{variant}." in f.name]
-    return _largest(files, dtype or torch.float32) if files else None  # without a dtype, ours load as float32
-
-
-def _largest(files: list[Path], dtype: torch.dtype | None) -> int:
     largest = 0
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 piece = f.get_slice(name)
                 kind = piece.get_dtype()
-                floating = kind.startswith(("F", "BF"))
-                itemsize = dtype.itemsize if floating and dtype is not None else _ITEMSIZE.get(kind, 1)
+                itemsize = (dtype or torch.float32).itemsize if kind.startswith(("F", "BF")) else _ITEMSIZE.get(kind, 1)
                 largest = max(largest, math.prod(piece.get_shape()) * itemsize)
-    return largest
-
-
-def _saved_quantized(folder: Path) -> bool:
-    """Whether ``folder``'s config says its weights are saved quantized (or cannot be read: loading reports that)."""
-    config = folder / "config.json"
-    try:
-        return config.is_file() and "quantization_config" in json.loads(config.read_text())
-    except (ValueError, TypeError):  # not a JSON object: loading says so, with the file's name
-        return True
-
-
-def _is_transformers_model(cls: type) -> bool:
-    if cls.__module__.split(".")[0] != "transformers":
-        return False
-    from transformers import PreTrainedModel
-
-    return isinstance(cls, type) and issubclass(cls, PreTrainedModel)
+    return largest if files else None

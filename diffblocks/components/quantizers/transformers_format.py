@@ -161,7 +161,7 @@ def load_quantized_transformers(
     quantizer = quantizer_from_transformers(saved)
     device = torch.device(device if device is not None else "cpu")
     quantizer.check(device)
-    files = transformers_weight_files(path, variant)
+    files = _weight_files(path, variant)
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the model is built plain; the quantizer lays out its weights
@@ -199,8 +199,7 @@ def _read_safetensors(files: list[Path], device: torch.device) -> tuple[dict[str
     return tensors, metadata
 
 
-def transformers_weight_files(folder: Path, variant: str | None) -> list[Path]:
-    """The safetensors files transformers loads from ``folder`` for ``variant``: ``model[.variant].safetensors`` or its shards."""
+def _weight_files(folder: Path, variant: str | None) -> list[Path]:
     infix = f".{variant}" if variant else ""
     single = folder / f"model{infix}.safetensors"
     if single.is_file():
@@ -209,9 +208,8 @@ def transformers_weight_files(folder: Path, variant: str | None) -> list[Path]:
     if shards:
         return shards
     raise FileNotFoundError(
-        f"{folder} has no safetensors weights{f' for variant {variant!r}' if variant else ''} named as transformers names them "
-        "(model.safetensors or its shards); diffblocks loads text encoders from safetensors only "
-        "(transformers: model.save_pretrained(folder, safe_serialization=True))."
+        f"{folder} has no safetensors weights{f' for variant {variant!r}' if variant else ''}; diffblocks reads "
+        "quantized text encoders from safetensors only (transformers: save_pretrained(..., safe_serialization=True))."
     )
 
 
