@@ -126,6 +126,9 @@ def test_a_residual_handed_to_several_blocks_is_held_once() -> None:
     one, other = torch.zeros(2, 3), torch.zeros(4)
     assert held_bytes((one, one, other, one[:1])) == (6 + 4) * 4  # a view shares its base's storage
     assert held_bytes(None) == 0
+    meta = [torch.empty(10, device="meta"), torch.empty(20, device="meta")]  # no storage to tell them apart: each counts
+    assert held_bytes(meta) == 30 * 4
+    assert held_bytes([torch.nn.Parameter(torch.zeros(3))]) == 12  # a subclass counts its own bytes
 
 
 def test_the_flux_denoiser_counts_the_text_tokens_it_attends_over_jointly() -> None:

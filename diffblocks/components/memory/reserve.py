@@ -67,12 +67,19 @@ def watch_steps(model: nn.Module, name: str, grow: Grow | None) -> None:
 
 
 def held_bytes(tensors: Iterable[Tensor] | None) -> int:
-    """Bytes of the distinct storages under ``tensors`` (a ControlNet's residuals; one tensor handed to several blocks counts once)."""
-    seen: dict[int, int] = {}
+    """Bytes held by ``tensors`` (a ControlNet's residuals), each storage once: one tensor handed to several blocks counts once.
+
+    A tensor without a real storage to tell apart (on the meta device, a tensor subclass) counts its own bytes.
+    """
+    seen: dict[tuple[str, int], int] = {}
+    alone = 0
     for tensor in tensors or ():
+        if type(tensor) is not Tensor or tensor.device.type == "meta":
+            alone += tensor.numel() * tensor.element_size()
+            continue
         storage = tensor.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
+        seen[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values()) + alone
 
 
 def reserve_step(
