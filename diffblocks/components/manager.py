@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import threading
 import warnings
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -95,7 +97,7 @@ class ComponentsManager:
     ) -> None:
         # checks the budget first
         self.placement = Placement(budget=memory_budget, policy=offload, on_move=on_move, activations=activations,
-                                   cpu_budget=cpu_memory_budget, on_step=self._reserve_step)
+                                   cpu_budget=cpu_memory_budget, on_step=self._reserve_step, on_tensors=self._attach_again)
         self.device = device  # the setter checks and converts names
         self.registry = registry if registry is not None else COMPONENTS
         self._entries: dict[str, _Entry] = {}
@@ -230,6 +232,18 @@ class ComponentsManager:
                 return
             self.plan()
             for entry in self._entries.values():
+                if entry.obj is not None:
+                    self.placement.attach(entry.key, entry.name, entry.obj)
+
+    @contextmanager
+    def _attach_again(self, key: str) -> Iterator[None]:
+        """Around a change of a placed model's tensors (a LoRA): its policy off, every tensor home, then installed afresh."""
+        with self._lock:
+            entry = self._entry(key)
+            self.placement.detach(entry.key)
+            try:
+                yield
+            finally:
                 if entry.obj is not None:
                     self.placement.attach(entry.key, entry.name, entry.obj)
 

@@ -24,6 +24,7 @@ from diffblocks.components.lora.formats import PREFIXES, LoRAWeights, Naming, co
 from diffblocks.components.lora.layer import LoRALayer, lora_layers, replace_module, targets
 from diffblocks.components.lora.names import layer_names
 from diffblocks.components.lora.sources import LoRASource
+from diffblocks.components.memory.placement import changing_tensors
 
 _MSG_SHAPE = (
     "LoRA {name!r} does not fit {model}: layer {layer!r} has weight {weight}, but the LoRA's update is "
@@ -121,10 +122,11 @@ def inject(model: nn.Module, lora: LoRA) -> None:
         ValueError: the name is already attached, a layer is fused, or an update does not fit its layer.
     """
     check_injectable(model, lora)
-    targets = {name: model.get_submodule(name) for name in lora.layers}
-    for name, module in targets.items():
-        layer = module if isinstance(module, LoRALayer) else _wrap(model, name, module)
-        layer.add(lora.name, lora.layers[name])
+    with changing_tensors(model):  # under an offload policy, the new tensors move with their layers from now on
+        targets = {name: model.get_submodule(name) for name in lora.layers}
+        for name, module in targets.items():
+            layer = module if isinstance(module, LoRALayer) else _wrap(model, name, module)
+            layer.add(lora.name, lora.layers[name])
     record_source(model, lora.name, lora.source)
 
 
@@ -156,7 +158,7 @@ def hotswap(model: nn.Module, name: str, lora: LoRA) -> None:
         ValueError: the layers or ranks differ, or the model is fused; nothing is changed.
     """
     check_hotswappable(model, name, lora)
-    layers = {path: layer for path, layer in lora_layers(model) if name in layer.updates}
+    layers = {path: layer for path, layer in lora_layers(model) if name in layer.adapters}
     for path, layer in layers.items():
         layer.swap(name, lora.layers[path])
     record_source(model, name, lora.source)
@@ -164,7 +166,7 @@ def hotswap(model: nn.Module, name: str, lora: LoRA) -> None:
 
 def check_hotswappable(model: nn.Module, name: str, lora: LoRA) -> None:
     """Raise the error :func:`hotswap` would, changing nothing: so several models can be checked first."""
-    layers = {path: layer for path, layer in lora_layers(model) if name in layer.updates}
+    layers = {path: layer for path, layer in lora_layers(model) if name in layer.adapters}
     if not layers:
         raise KeyError(f"no LoRA named {name!r} is attached to {type(model).__name__}; attached: {adapter_names(model)}")
     if set(lora.layers) != set(layers):
@@ -186,14 +188,15 @@ def check_hotswappable(model: nn.Module, name: str, lora: LoRA) -> None:
 def eject(model: nn.Module, name: str) -> None:
     """Remove the LoRA ``name``; layers left with no adapter get their original module back."""
     layers = lora_layers(model)
-    if not any(name in layer.updates for _, layer in layers):
+    if not any(name in layer.adapters for _, layer in layers):
         raise KeyError(f"no LoRA named {name!r} is attached to {type(model).__name__}; attached: {adapter_names(model)}")
-    for path, layer in layers:
-        if name in layer.updates:
-            layer.unfuse()
-            del layer.updates[name], layer.weights[name]
-            if not layer.updates:
-                replace_module(model, path, layer.base)
+    with changing_tensors(model):
+        for path, layer in layers:
+            if name in layer.adapters:
+                layer.unfuse()
+                layer.remove(name)
+                if not layer.adapters:
+                    replace_module(model, path, layer.base)
     record_source(model, name, None)
 
 

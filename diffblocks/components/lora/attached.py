@@ -22,7 +22,7 @@ def adapter_names(model: nn.Module) -> list[str]:
     """The attached adapters, in the order they were attached."""
     names: dict[str, None] = {}
     for _, layer in lora_layers(model):
-        names.update(dict.fromkeys(layer.updates))
+        names.update(dict.fromkeys(layer.adapters))
     return list(names)
 
 
@@ -36,7 +36,7 @@ def set_weights(model: nn.Module, weights: Mapping[str, float]) -> None:
     if any(layer.original is not None for layer in layers):  # every layer checked before any changes
         raise ValueError(f"{type(model).__name__} is fused; unfuse it before changing adapter weights")
     for layer in layers:
-        for name in layer.updates:
+        for name in layer.adapters:
             layer.weights[name] = float(weights.get(name, 0.0))
 
 

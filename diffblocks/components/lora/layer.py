@@ -23,17 +23,21 @@ from diffblocks.components.lora.formats import LoRAWeights
 class LoRALayer(nn.Module):
     """A linear or convolution layer with LoRA updates added to its output, each at its own weight.
 
-    ``fuse`` adds the weighted updates into the base weight, keeping a copy of the original, and
-    ``unfuse`` copies it back, so the weight is bit-identical afterwards (subtracting the update
-    again, as PEFT does, leaves rounding errors).
+    Each update's ``down`` and ``up`` are buffers of the layer (not saved with the model's state),
+    so whatever moves the layer moves them: ``.to()``, and every offload policy, which streams a
+    module's parameters and buffers. ``fuse`` adds the weighted updates into the base weight,
+    keeping a copy of the original, and ``unfuse`` copies it back, so the weight is bit-identical
+    afterwards (subtracting the update again, as PEFT does, leaves rounding errors).
     """
 
     def __init__(self, base: Base) -> None:
         super().__init__()
         self.base = base
-        self.updates: dict[str, LoRAWeights] = {}
+        self._keys: dict[str, tuple[str, str]] = {}  # adapter name -> the names of its down and up buffers
+        self._alphas: dict[str, float] = {}
+        self._made = 0
         self.weights: dict[str, float] = {}
-        self.original: Tensor | None = None  # the base weight while fused
+        self.original: Tensor | None = None  # the base weight while fused; stays where it was made (it is read only by unfuse)
         self.enabled = True  # False: the base layer alone, the updates kept
 
     @property
@@ -45,14 +49,37 @@ class LoRALayer(nn.Module):
     def bias(self) -> Tensor | None:
         return self.base.bias
 
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """The adapters attached here, in the order they were attached."""
+        return tuple(self._keys)
+
+    @property
+    def updates(self) -> dict[str, LoRAWeights]:
+        """Each adapter's update as it is now (its tensors are this layer's buffers)."""
+        return {name: LoRAWeights(*self._tensors(name), self._alphas[name]) for name in self._keys}
+
+    def _tensors(self, name: str) -> tuple[Tensor, Tensor]:
+        down, up = self._keys[name]
+        return self._buffers[down], self._buffers[up]  # type: ignore[return-value]
+
     def add(self, name: str, update: LoRAWeights) -> None:
         fitted = self._fitted(update)
         # The layer owns its tensors: :meth:`swap` writes into them in place, which must not reach the
         # LoRA value they came from (``.to`` and ``flatten`` return it as it is when nothing changes),
         # nor another model or layer holding that value
         down, up = (_own(t, given) for t, given in ((fitted.down, update.down), (fitted.up, update.up)))
-        self.updates[name] = LoRAWeights(down, up, fitted.alpha)
+        keys, self._made = (f"lora_down_{self._made}", f"lora_up_{self._made}"), self._made + 1
+        self.register_buffer(keys[0], down, persistent=False)
+        self.register_buffer(keys[1], up, persistent=False)
+        self._keys[name], self._alphas[name] = keys, fitted.alpha
         self.weights[name] = 1.0
+
+    def remove(self, name: str) -> None:
+        """Drop adapter ``name`` (the layer must be unfused)."""
+        down, up = self._keys.pop(name)
+        del self._buffers[down], self._buffers[up]
+        del self._alphas[name], self.weights[name]
 
     @torch.no_grad()
     def swap(self, name: str, update: LoRAWeights) -> None:
@@ -60,17 +87,19 @@ class LoRALayer(nn.Module):
 
         An update of a lower rank is zero-padded to the attached one's first (the same update).
         """
-        current, new = self.updates[name], self._fitted(update.padded(self.updates[name].rank))
-        current.down.copy_(new.down)
-        current.up.copy_(new.up * (new.scale / current.scale))
+        down, up = self._tensors(name)
+        current_scale = self._alphas[name] / down.shape[0]
+        new = self._fitted(update.padded(down.shape[0]))
+        down.copy_(new.down)
+        up.copy_(new.up * (new.scale / current_scale))
 
     def fits_in_place(self, name: str, update: LoRAWeights) -> bool:
         """Whether ``update`` has the attached one's shapes, up to a rank no higher than the attached one's."""
-        current = self.updates[name]
-        if update.rank > current.rank:
+        down, up = self._tensors(name)
+        if update.rank > down.shape[0]:
             return False
-        new = self._fitted(update.padded(current.rank))
-        return current.down.shape == new.down.shape and current.up.shape == new.up.shape
+        new = self._fitted(update.padded(down.shape[0]))
+        return down.shape == new.down.shape and up.shape == new.up.shape
 
     def _fitted(self, update: LoRAWeights) -> LoRAWeights:
         """``update`` on the base weight's device and in its compute dtype, its matrices shaped for this layer's kind."""
@@ -84,37 +113,38 @@ class LoRALayer(nn.Module):
         return LoRAWeights(down, up, update.alpha)
 
     def _apply(self, fn: Any, recurse: bool = True) -> LoRALayer:
-        # The updates are plain tensors (not parameters, so they stay out of the state dict and of
-        # training); ``.to()``, ``.half()`` and ``.cuda()`` reach them through here.
+        # ``.to()``, ``.half()`` and ``.cuda()`` reach the saved original weight through here (the updates are buffers)
         super()._apply(fn, recurse)
-        self.updates = {name: LoRAWeights(fn(u.down), fn(u.up), u.alpha) for name, u in self.updates.items()}
         self.original = None if self.original is None else fn(self.original)
         return self
 
     def delta(self) -> Tensor:
         """The weighted sum of the updates, shaped like the base weight."""
         total = torch.zeros_like(self.base.weight)
-        for name, u in self.updates.items():
-            product = u.up.flatten(1) @ u.down.flatten(1)
-            total += (self.weights[name] * u.scale) * product.reshape(total.shape)
+        for name in self._keys:
+            down, up = self._tensors(name)
+            product = up.flatten(1) @ down.flatten(1)
+            total += (self.weights[name] * self._alphas[name] / down.shape[0]) * product.reshape(total.shape)
         return total
 
     def forward(self, x: Tensor) -> Tensor:
         result = self.base(x)
         if self.original is not None or not self.enabled:
             return result  # fused: the updates are in the weight; disabled: left out
-        for name, u in self.updates.items():
-            scale = self.weights[name] * u.scale
+        for name, (down_key, up_key) in self._keys.items():
+            down, up = self._buffers[down_key], self._buffers[up_key]
+            assert down is not None and up is not None
+            scale = self.weights[name] * self._alphas[name] / down.shape[0]
             if scale == 0.0:
                 continue
             # a quantized base may take and give another dtype than its compute dtype (GGUF, bitsandbytes)
-            h = x if x.dtype == u.down.dtype else x.to(u.down.dtype)
+            h = x if x.dtype == down.dtype else x.to(down.dtype)
             if isinstance(self.base, nn.Conv2d):
                 base = self.base
-                down = F.conv2d(h, u.down, stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups)
-                hidden = F.conv2d(down, u.up)
+                low = F.conv2d(h, down, stride=base.stride, padding=base.padding, dilation=base.dilation, groups=base.groups)
+                hidden = F.conv2d(low, up)
             else:
-                hidden = F.linear(F.linear(h, u.down), u.up)
+                hidden = F.linear(F.linear(h, down), up)
             hidden = hidden * scale
             result = result + (hidden if hidden.dtype == result.dtype else hidden.to(result.dtype))
         return result

@@ -7,7 +7,7 @@ from diffblocks.components.memory.disk import DiskOffload, MemoryMap
 from diffblocks.components.memory.measure import ModelSize, measure
 from diffblocks.components.memory.mover import Mover, OnMove
 from diffblocks.components.memory.oom import OffloadTightened
-from diffblocks.components.memory.placement import Placement
+from diffblocks.components.memory.placement import Placement, changing_tensors
 from diffblocks.components.memory.planner import LADDER, MemoryBudgetError, MemoryPlan, plan_memory
 from diffblocks.components.memory.policies import (
     AbstractOffload,
@@ -38,6 +38,7 @@ __all__ = [
     "OffloadTightened",
     "OnMove",
     "Placement",
+    "changing_tensors",
     "execution_device",
     "measure",
     "plan_memory",

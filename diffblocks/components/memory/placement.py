@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
+from functools import partial
 from typing import final
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
@@ -17,6 +20,20 @@ from diffblocks.components.memory.mover import Mover, OnMove
 from diffblocks.components.memory.policies import AbstractOffload, Attached, GroupOffload, ModelOffload, NoOffload
 from diffblocks.components.memory.reserve import Grow, StepNeed, watch_steps
 from diffblocks.components.memory.sizes import ByteSize
+
+
+_PLACED: WeakKeyDictionary[nn.Module, Callable[[], AbstractContextManager[None]]] = WeakKeyDictionary()
+
+
+def changing_tensors(model: nn.Module) -> AbstractContextManager[None]:
+    """Around a change of ``model``'s tensors (a LoRA attached or removed): its policy is taken off first and installed afresh after.
+
+    A policy moves the tensors it found when it was installed; taken off, every tensor is home
+    while they change, and installed again, the new ones move with the rest. A model no manager
+    places is changed as it is.
+    """
+    again = _PLACED.get(model)
+    return again() if again is not None else nullcontext()
 
 
 @final
@@ -38,6 +55,8 @@ class Placement:
         on_step: told when a denoiser step needs more activations than the plan reserves (under a
             budget without ``activations``; see :mod:`~diffblocks.components.memory.reserve`): the
             manager reserves it with :meth:`reserve` and places its loaded models afresh.
+        on_tensors: given the key of a placed model whose tensors are about to change, a context
+            around the change (:func:`changing_tensors`): the manager detaches the model, and attaches it again after.
     """
 
     def __init__(
@@ -49,6 +68,7 @@ class Placement:
         activations: str | int | None = None,
         cpu_budget: str | int | None = None,
         on_step: Grow | None = None,
+        on_tensors: Callable[[str], AbstractContextManager[None]] | None = None,
     ) -> None:
         if policy is not None and not isinstance(policy, AbstractOffload):
             raise TypeError(
@@ -63,6 +83,7 @@ class Placement:
         self.on_move = on_move
         # an explicit reservation wins; without one, the largest step a call has run is reserved
         self.on_step = on_step if self.budget is not None and activations is None else None
+        self.on_tensors = on_tensors
         self.step: StepNeed | None = None
         self.plan: MemoryPlan | None = None
         self._mover: Mover | None = None
@@ -162,6 +183,8 @@ class Placement:
         if key in self._attached or not isinstance(model, nn.Module) or self.plan is None or self._mover is None:
             return
         self._attached[key] = self.plan.policy.attach(name, model, self._mover)
+        if self.on_tensors is not None:
+            _PLACED[model] = partial(self.on_tensors, key)
         if self.on_step is not None:
             watch_steps(model, name, self.on_step)
         # what the weights leave of the budget at their peak: the room a decode sizes itself to
@@ -170,6 +193,7 @@ class Placement:
     def detach(self, key: str) -> None:
         attached = self._attached.pop(key, None)
         if attached is not None:
+            _PLACED.pop(attached.model, None)
             attached.detach()
             set_activation_room(attached.model, None)
             watch_steps(attached.model, attached.name, None)
