@@ -54,3 +54,19 @@ def test_only_kept_blocks_of_models_no_call_runs_are_lent() -> None:
     for each in attached:
         each.detach()
     assert all(p.device.type == "cpu" for p in a.parameters())
+
+
+def test_a_kept_block_run_outside_its_models_forward_comes_back_and_is_not_lent_under_it() -> None:
+    moves: list[str] = []
+    mover = Mover("cpu", on_move=lambda name, device, size: moves.append(name))
+    mover.keep = {"a": 2 * 2 * LINEAR}  # blocks 1 and 3, spread through the model
+    a = Toy()
+    attached = GroupOffload(1).attach("a", a, mover)
+    assert mover.make_room(10**6) == 2 * 2 * LINEAR  # both lent: a runs nothing now
+    moves.clear()
+    lent = []
+    a.blocks[1][1].register_forward_pre_hook(lambda *_: lent.append(mover.make_room(10**6)))
+    a.blocks[1](torch.ones(1, 4))  # as vae.decode runs its blocks: not through a's forward
+    assert moves == ["a/blocks.1", "a/blocks.3"] and lent == [0]  # every lent group back first; none lent while it runs
+    assert mover.make_room(10**6) == 2 * 2 * LINEAR  # once it has run, they may be lent again
+    attached.detach()

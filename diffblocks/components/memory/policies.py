@@ -66,11 +66,12 @@ class Attached:
         _RUNS_ON[model] = mover.device
 
     def detach(self) -> None:
-        _RUNS_ON.pop(self.model, None)
-        for handle in self.handles:
-            handle.remove()
         with self.mover.lock:
-            self.mover.wait_unused(self.model)  # a call running the model finishes its forward first
+            # a call running the model finishes its forward first, its hooks still in place to end it
+            self.mover.wait_unused(self.model)
+            _RUNS_ON.pop(self.model, None)
+            for handle in self.handles:
+                handle.remove()
             if self.prefetcher is not None:
                 self.prefetcher.release_all()
             kept = self.mover.kept.pop(self.model, None)
@@ -260,12 +261,18 @@ def attach_groups(
     mover.move(f"{name}/(outside blocks)", [m for m in model.modules() if id(m) not in grouped], mover.device, recurse=False)
     groups = [(group, StreamedGroup(label, group, streams)) for i, (label, group) in enumerate(every) if i not in kept]
     prefetcher = Prefetcher([streamed for _, streamed in groups], mover, prefetch=prefetch)
+    kept_groups = [group for i, (_, group) in enumerate(every) if i in kept]
     keeping = KeptGroups([StreamedGroup(label, group, streams.kept()) for i, (label, group) in enumerate(every) if i in kept],
                          prefetcher.moved, device=mover.device, home=mover.home)
     handles: list[RemovableHandle] = []
     for group, streamed in groups:
         handles.append(group[0].register_forward_pre_hook(lambda _m, _a, s=streamed: prefetcher.enter(s)))
         handles.append(group[-1].register_forward_hook(lambda _m, _a, _o, s=streamed: prefetcher.leave(s), always_call=True))
+    # A kept group pins its model while it runs, bringing back what was lent: a model entered by a
+    # method other than forward (vae.decode) is neither lent under it nor run with a group at home.
+    for group in kept_groups:
+        handles.append(group[0].register_forward_pre_hook(lambda _m, _a: mover.pin(model, lambda _holding: keeping.ensure())))
+        handles.append(group[-1].register_forward_hook(lambda _m, _a, _o: mover.unpin(model), always_call=True))
     if keeping.groups:
         with mover.lock:
             keeping.ensure()
