@@ -10,7 +10,7 @@ import torch
 from diffblocks.blocks import Pipeline
 from diffblocks.components import ComponentsManager
 from diffblocks.components.lora import LoRA, LoRAWeights, eject, inject
-from diffblocks.components.memory import GroupOffload, LeafOffload, ModelOffload
+from diffblocks.components.memory import DiskOffload, GroupOffload, LeafOffload, ModelOffload
 from diffblocks.components.memory.policies import AbstractOffload
 from tests.memory.test_policies import Toy
 
@@ -61,7 +61,7 @@ def test_the_tensors_a_lora_adds_move_with_the_model_and_leave_with_it(policy: A
     assert sum(moved) == (0 if isinstance(policy, ModelOffload) else before)
 
 
-@pytest.mark.parametrize("policy", [ModelOffload(), GroupOffload(1)], ids=repr)
+@pytest.mark.parametrize("policy", [ModelOffload(), GroupOffload(1), DiskOffload(1)], ids=repr)
 def test_a_pipeline_with_a_lora_under_a_policy_makes_the_image_it_makes_without(tmp_path: Path, policy: AbstractOffload) -> None:
     from diffusers import UNet2DConditionModel as RefUNet
 
@@ -78,3 +78,29 @@ def test_a_pipeline_with_a_lora_under_a_policy_makes_the_image_it_makes_without(
     placed(**kwargs, generator=torch.Generator().manual_seed(0))  # the models placed before the LoRA comes
     placed.load_lora_weights(lora, adapter_name="style")
     assert torch.equal(placed(**kwargs, generator=torch.Generator().manual_seed(0)).images, expected)
+
+
+def test_a_lora_fused_under_group_offload_changes_the_streamed_weights_and_unfuses_bit_for_bit(tmp_path: Path) -> None:
+    from diffusers import UNet2DConditionModel as RefUNet
+
+    from tests.lora.lora_files import peft_lora
+    from tests.presets.sd_fixtures import tiny_sd15
+
+    repo = tiny_sd15(tmp_path / "sd15")
+    lora = peft_lora(RefUNet.from_pretrained(repo / "unet"), tmp_path / "lora", seed=1)
+    kwargs = dict(prompt="a red circle", height=32, width=32, num_inference_steps=2, output_type="pt", progress=False)
+    plain = Pipeline.from_pretrained(str(repo))
+    without = plain(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    plain.load_lora_weights(lora, adapter_name="style")
+    plain.fuse_lora()
+    fused = plain(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    placed = Pipeline.from_pretrained(str(repo), manager=ComponentsManager(device="cpu", offload=GroupOffload(1)))
+    placed(**kwargs, generator=torch.Generator().manual_seed(0))
+    state = {k: v.clone() for k, v in placed.components["unet"].state_dict().items()}
+    placed.load_lora_weights(lora, adapter_name="style")
+    placed.fuse_lora()
+    assert torch.equal(placed(**kwargs, generator=torch.Generator().manual_seed(0)).images, fused)
+    placed.unfuse_lora()
+    placed.unload_lora_weights()
+    assert all(torch.equal(v, state[k]) for k, v in placed.components["unet"].state_dict().items())
+    assert torch.equal(placed(**kwargs, generator=torch.Generator().manual_seed(0)).images, without)
