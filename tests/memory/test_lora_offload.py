@@ -104,3 +104,24 @@ def test_a_lora_fused_under_group_offload_changes_the_streamed_weights_and_unfus
     placed.unload_lora_weights()
     assert all(torch.equal(v, state[k]) for k, v in placed.components["unet"].state_dict().items())
     assert torch.equal(placed(**kwargs, generator=torch.Generator().manual_seed(0)).images, without)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: tensors left at home fail there, not on the CPU")
+@pytest.mark.parametrize("policy", [ModelOffload(), GroupOffload(1), LeafOffload()], ids=repr)
+def test_on_cuda_a_lora_loaded_after_placement_runs_on_the_device(tmp_path: Path, policy: AbstractOffload) -> None:
+    from diffusers import UNet2DConditionModel as RefUNet
+
+    from tests.lora.lora_files import peft_lora
+    from tests.presets.sd_fixtures import tiny_sd15
+
+    repo = tiny_sd15(tmp_path / "sd15")
+    lora = peft_lora(RefUNet.from_pretrained(repo / "unet"), tmp_path / "lora", seed=1)
+    kwargs = dict(prompt="a red circle", height=32, width=32, num_inference_steps=2, output_type="pt", progress=False)
+    plain = Pipeline.from_pretrained(str(repo), manager=ComponentsManager(device="cuda"))
+    plain.load_lora_weights(lora, adapter_name="style")
+    expected = plain(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    placed = Pipeline.from_pretrained(str(repo), manager=ComponentsManager(device="cuda", offload=policy))
+    placed(**kwargs, generator=torch.Generator().manual_seed(0))  # placed, and (group offload) the order learned
+    placed.load_lora_weights(lora, adapter_name="style")
+    for _ in range(2):
+        torch.testing.assert_close(placed(**kwargs, generator=torch.Generator().manual_seed(0)).images, expected, atol=1e-5, rtol=0)
