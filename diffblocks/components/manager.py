@@ -18,6 +18,7 @@ from diffblocks.components.loaders import check_random_weights, load_component
 from diffblocks.components.memory import AbstractOffload, MemoryPlan, ModelSize, OnMove, Placement, measure
 from diffblocks.components.memory.disk import register_weight_files
 from diffblocks.components.memory.estimate import mapped_loading_peak, size_before_loading
+from diffblocks.components.memory.free import is_auto, measured_budget
 from diffblocks.components.memory.oom import OffloadTightened, free_memory
 from diffblocks.components.memory.reserve import StepNeed
 from diffblocks.components.specs import ComponentSpec, read_index
@@ -60,7 +61,8 @@ class ComponentsManager:
         registry: the allowlist used to resolve type hints (default: :data:`diffblocks.registry.COMPONENTS`).
         memory_budget: bytes of weights allowed on ``device`` (``"12GiB"``, ``"8 GB"``, an int): models
             then load on the CPU and the planner picks the cheapest offload policy that fits (see
-            :meth:`plan` and ``docs/memory.md``).
+            :meth:`plan` and ``docs/memory.md``). ``"auto"``: 90% of what ``device`` has free when
+            the manager is made (:mod:`~diffblocks.components.memory.free`).
         offload: an offload policy to use (``ModelOffload()``, ``GroupOffload(2)``, ...), instead of
             the planner's choice; checked against ``memory_budget`` when both are given.
         on_move: told of each move an offload policy makes (name, device, bytes): for logs and tests.
@@ -72,6 +74,7 @@ class ComponentsManager:
             whose home copies would not fit puts them in memory-mapped files (``DiskOffload``), and
             our models load straight into them; below what loading then needs (the largest model
             read through CPU memory, or the largest tensor cast on loading) it fails before loading.
+            ``"auto"``: 90% of the memory available when the manager is made.
 
     Example:
         >>> import torch
@@ -95,7 +98,11 @@ class ComponentsManager:
         activations: str | int | None = None,
         cpu_memory_budget: str | int | None = None,
     ) -> None:
-        # checks the budget first
+        # checks the budget first ("auto" reads the free memory of the device it is for: checked first then)
+        if is_auto(memory_budget):
+            memory_budget = measured_budget(usable_device(device if device is not None else "cpu"))
+        if is_auto(cpu_memory_budget):
+            cpu_memory_budget = measured_budget(torch.device("cpu"))
         self.placement = Placement(budget=memory_budget, policy=offload, on_move=on_move, activations=activations,
                                    cpu_budget=cpu_memory_budget, on_step=self._reserve_step, on_tensors=self._attach_again)
         self.device = device  # the setter checks and converts names
