@@ -137,6 +137,10 @@ def _add_generate(commands: Any) -> None:
     generate.add_argument(
         "--device", default=None, help='where to run, e.g. "cuda" (default: the first of CUDA, NPU, XPU, MPS, CPU found)'
     )
+    generate.add_argument(
+        "--memory-budget", default=None,
+        help='GPU memory the weights may take, e.g. "8GiB" or "auto" (90%% of what is free); models are offloaded to fit',
+    )
     generate.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     generate.set_defaults(run=_generate)
 
@@ -200,8 +204,13 @@ def _run_generate(args: argparse.Namespace) -> int:
         device = str(default_device())
         print(f"device: {device} (the first found of cuda, npu, xpu, mps, cpu; --device to choose)")
     request = _request(args)
+    manager = None
+    if args.memory_budget is not None:
+        from diffblocks.components import ComponentsManager
+
+        manager = ComponentsManager(device=device, memory_budget=args.memory_budget)
     with _quiet_transformers():
-        runner = RequestRunner(Pipeline.from_pretrained(model, device=device))
+        runner = RequestRunner(Pipeline.from_pretrained(model, device=device, manager=manager))
         out = runner.run(request, progress=not args.no_progress, **_image_inputs(args))
     _check_finite(out)
     paths = _output_paths(args.output, len(out.images))

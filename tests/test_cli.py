@@ -95,6 +95,15 @@ def test_generate_swaps_guider_and_scheduler_and_sizes(tmp_path: Path) -> None:
     assert _size(out) == (64, 32)
 
 
+def test_generate_under_a_memory_budget_makes_the_same_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plain, placed = tmp_path / "plain.png", tmp_path / "placed.png"
+    assert main(["generate", "a small red circle", "-o", str(plain), "--device", "cpu", *FAST]) == 0
+    # 80 MiB: group offload of the built-in model's 142 MiB of weights; "auto" measures what the CPU has free
+    for budget in ("80MiB", "auto"):
+        assert main(["generate", "a small red circle", "-o", str(placed), "--device", "cpu", "--memory-budget", budget, *FAST]) == 0
+        assert np.array_equal(_pixels(plain), _pixels(placed))
+
+
 def test_generate_from_an_image(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     start = tmp_path / "start.png"
     Image.new("RGB", (64, 64), (128, 128, 128)).save(start)
@@ -122,6 +131,8 @@ def test_generate_from_an_image(tmp_path: Path, capsys: pytest.CaptureFixture[st
         (["--guidance", "nan", "--guider", "AdaptiveProjectedGuidance"], "--guidance must be a finite number, got nan"),
         (["--seed", "-1"], "--seed: Input should be greater than or equal to 0"),
         (["--num-images", "65"], "--num-images: Input should be less than or equal to 64"),
+        (["--memory-budget", "lots"], "memory size 'lots' is not a size: write a number and a unit"),
+        (["--memory-budget", "1MiB", "--device", "cpu"], "memory budget 1.0 MiB on cpu is below the smallest placement"),
     ],
 )
 def test_generate_errors_are_one_line(args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
