@@ -6,8 +6,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,13 +15,11 @@ from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.devices import usable_device
 from diffblocks.components.loaders import check_random_weights, load_component
 from diffblocks.components.memory import AbstractOffload, MemoryPlan, ModelSize, OnMove, Placement, measure
-from diffblocks.components.memory.disk import register_weight_files
-from diffblocks.components.memory.estimate import mapped_loading_peak, size_before_loading
 from diffblocks.components.memory.free import is_auto, measured_budget
 from diffblocks.components.memory.oom import OffloadTightened, free_memory
 from diffblocks.components.memory.reserve import StepNeed
+from diffblocks.components.spec_memory import record_weight_files, size_of_spec, with_loading_peak
 from diffblocks.components.specs import ComponentSpec, read_index
-from diffblocks.components.transformers_mapped import is_transformers_model, transformers_loading_peak
 from diffblocks.registry import COMPONENTS, Registry, RegistryError
 
 
@@ -175,7 +172,7 @@ class ComponentsManager:
                     entry.obj = load_component(self.component_type(key) or object, entry.spec, device=device,
                                                memory_map=self.placement.memory_map() if placing else None)
                     if placing:
-                        _record_weight_files(entry.obj, entry.spec)
+                        record_weight_files(entry.obj, entry.spec)
         if placing:
             self.placement.attach(entry.key, entry.name, entry.obj)
         return entry.obj
@@ -261,14 +258,13 @@ class ComponentsManager:
             if entry.obj is not None and id(entry.obj) in seen:
                 continue
             seen.add(id(entry.obj))
+            size: ModelSize | None = None
             if isinstance(entry.obj, torch.nn.Module):
-                size: ModelSize | None = measure(entry.obj)
+                size = measure(entry.obj)
+                if entry.spec is not None:
+                    size = with_loading_peak(self.component_type(entry.key), entry.spec, size)
             elif entry.obj is None and entry.spec is not None:
-                size = self._size_before_loading(entry.key, entry.spec)
-            else:
-                size = None
-            if size is not None and entry.spec is not None:
-                size = self._with_loading_peak(entry.key, entry.spec, size)
+                size = size_of_spec(self.component_type(entry.key), entry.spec)
             if size is not None:
                 sizes[entry.name if entry.name not in sizes else entry.key] = size
         return sizes
@@ -289,27 +285,6 @@ class ComponentsManager:
     def loaded(self, key: str) -> Any:
         """The object for ``key`` if it is loaded, else None; never loads, places or counts a use."""
         return self._entry(key).obj
-
-    def _size_before_loading(self, key: str, spec: ComponentSpec) -> ModelSize | None:
-        cls = self.component_type(key)
-        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)) or spec.quantization is not None:
-            return None  # not a model, or quantized: measured once loaded
-        if spec.repo is None:
-            return size_before_loading(cls, config=spec.config, dtype=spec.torch_dtype)
-        folder = Path(spec.repo) / (spec.subfolder or "")  # a local folder; a Hub id is measured once loaded
-        return size_before_loading(cls, folder=folder, variant=spec.variant, dtype=spec.torch_dtype)
-
-    def _with_loading_peak(self, key: str, spec: ComponentSpec, size: ModelSize) -> ModelSize:
-        """``size`` with what loading it straight into memory maps would hold of CPU memory, where it can (disk offload)."""
-        cls = self.component_type(key)
-        if spec.repo is None or spec.quantization is not None or not isinstance(cls, type):
-            return size
-        folder = Path(spec.repo) / (spec.subfolder or "")  # a local folder; a Hub id counts whole, on the high side
-        if is_transformers_model(cls):
-            peak = transformers_loading_peak(cls, folder=folder, variant=spec.variant, dtype=spec.torch_dtype)
-        else:
-            peak = mapped_loading_peak(cls, folder=folder, variant=spec.variant, dtype=spec.torch_dtype)
-        return replace(size, loading=peak) if peak is not None else size
 
     def unload(self, key: str) -> None:
         """Drop the loaded object (a spec-backed component reloads on next use) and free its memory."""
@@ -387,16 +362,6 @@ class ComponentsManager:
             known = ", ".join(sorted({e.name for e in self._entries.values()}))
             raise KeyError(f"no component {key!r} in the manager; known names: {known or 'none'}")
         return entry
-
-
-def _record_weight_files(obj: Any, spec: ComponentSpec) -> None:
-    """Tell disk offload which local safetensors files a model came from, so it maps them rather than writing its own."""
-    if not isinstance(obj, torch.nn.Module) or spec.repo is None or spec.quantization is not None:
-        return
-    folder = Path(spec.repo) / (spec.subfolder or "")
-    if folder.is_dir():
-        files = sorted(folder.glob("*.safetensors"))
-        register_weight_files(obj, [f for f in files if (spec.variant is None) or f".{spec.variant}." in f.name])
 
 
 def _placement(obj: Any) -> tuple[str, str, int]:

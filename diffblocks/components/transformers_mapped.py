@@ -16,21 +16,18 @@ bfloat16), which load as float32.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from diffblocks.components.config_files import read_json_object
 from diffblocks.components.containment import check_shard_names
 from diffblocks.components.memory.disk import MemoryMap, mapped_views, record_mapped, register_weight_files
+from diffblocks.components.memory.estimate import largest_tensor
 
-_FLOATS = ("F", "BF")  # safetensors dtype names of floating-point tensors
-_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}  # others: 1 byte
 
 
 def is_transformers_model(cls: object) -> bool:
@@ -102,23 +99,18 @@ def transformers_load_dtype(cls: type, dtype: torch.dtype | None) -> Callable[[s
 def transformers_loading_peak(cls: type, *, folder: Path, variant: str | None = None, dtype: torch.dtype | None = None) -> int | None:
     """The most bytes of CPU memory :func:`load_transformers_mapped` holds: the largest tensor at the dtype it loads as, on the high side.
 
-    None where the folder cannot load so (no safetensors as transformers names them; an index naming files elsewhere).
+    None where the folder cannot load so: saved quantized (read into memory by the backend), no
+    safetensors as transformers names them, an index naming files elsewhere.
     """
+    from diffblocks.components.quantizers.transformers_format import saved_quantization
+
+    if not folder.is_dir() or saved_quantization(folder) is not None:
+        return None
     try:
         files = transformers_weight_files(folder, variant)
     except (FileNotFoundError, ValueError):
         return None
-    load_dtype = transformers_load_dtype(cls, dtype)
-    largest = 0
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                piece = f.get_slice(name)
-                kind = piece.get_dtype()
-                wanted = load_dtype(name) if kind.startswith(_FLOATS) else None
-                itemsize = wanted.itemsize if wanted is not None else _ITEMSIZE.get(kind, 1)
-                largest = max(largest, math.prod(piece.get_shape()) * itemsize)
-    return largest
+    return largest_tensor(files, transformers_load_dtype(cls, dtype))
 
 
 __all__ = ["is_transformers_model", "load_transformers_mapped", "transformers_loading_peak", "transformers_load_dtype", "transformers_weight_files"]

@@ -84,6 +84,9 @@ def test_what_loading_a_transformers_model_into_maps_needs_is_its_largest_tensor
     assert transformers_loading_peak(T5EncoderModel, folder=tmp_path, variant="fp16") is None  # no such files
     assert transformers_load_dtype(T5EncoderModel, torch.float16)("encoder.block.0.layer.1.DenseReluDense.wo.weight") == torch.float32
     assert transformers_load_dtype(T5EncoderModel, torch.bfloat16)("encoder.block.0.layer.1.DenseReluDense.wo.weight") == torch.bfloat16
+    config = tmp_path / "config.json"
+    config.write_text(config.read_text().replace('"model_type"', '"quantization_config": {"quant_method": "bitsandbytes"}, "model_type"'))
+    assert transformers_loading_peak(T5EncoderModel, folder=tmp_path) is None  # saved quantized: the backend reads it into memory
 
 
 _PROBE = r"""

@@ -6,7 +6,7 @@ import inspect
 import json
 import math
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,8 @@ def mapped_loading_peak(cls: type, *, folder: Path, variant: str | None = None, 
     another dtype is ever made in memory, and one at a time (``MemoryMap`` in
     :mod:`~diffblocks.components.memory.disk`). None where the model cannot load so and is read
     into CPU memory whole: a class whose ``from_pretrained`` takes no ``memory_map`` (transformers'
-    models), a folder without safetensors (pickles) or saved quantized, a folder not on this machine.
+    models have their own rule: ``diffblocks.components.transformers_mapped``), a folder without
+    safetensors (pickles) or saved quantized, a folder not on this machine.
     """
     load = getattr(cls, "from_pretrained", None)
     if load is None or "memory_map" not in inspect.signature(load).parameters or not folder.is_dir():
@@ -92,12 +93,19 @@ def mapped_loading_peak(cls: type, *, folder: Path, variant: str | None = None, 
     if saved_quantized:
         return None
     files = [f for f in sorted(folder.glob("*.safetensors")) if variant is None or f".{variant}." in f.name]
+    # without a dtype, our models load floating-point weights as float32, whatever the file holds
+    return largest_tensor(files, lambda _name: dtype or torch.float32) if files else None
+
+
+def largest_tensor(files: list[Path], dtype_of: Callable[[str], torch.dtype | None]) -> int:
+    """Bytes of the largest tensor in safetensors ``files``, a floating-point one at ``dtype_of(name)`` (None: its own), from the headers alone."""
     largest = 0
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 piece = f.get_slice(name)
                 kind = piece.get_dtype()
-                itemsize = (dtype or torch.float32).itemsize if kind.startswith(("F", "BF")) else _ITEMSIZE.get(kind, 1)
+                wanted = dtype_of(name) if kind.startswith(("F", "BF")) else None
+                itemsize = wanted.itemsize if wanted is not None else _ITEMSIZE.get(kind, 1)
                 largest = max(largest, math.prod(piece.get_shape()) * itemsize)
-    return largest if files else None
+    return largest
