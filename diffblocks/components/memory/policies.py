@@ -261,18 +261,27 @@ def attach_groups(
     mover.move(f"{name}/(outside blocks)", [m for m in model.modules() if id(m) not in grouped], mover.device, recurse=False)
     groups = [(group, StreamedGroup(label, group, streams)) for i, (label, group) in enumerate(every) if i not in kept]
     prefetcher = Prefetcher([streamed for _, streamed in groups], mover, prefetch=prefetch)
-    kept_groups = [group for i, (_, group) in enumerate(every) if i in kept]
-    keeping = KeptGroups([StreamedGroup(label, group, streams.kept()) for i, (label, group) in enumerate(every) if i in kept],
-                         prefetcher.moved, device=mover.device, home=mover.home)
+    held = [(label, group) for i, (label, group) in enumerate(every) if i in kept]
+    keeping = KeptGroups([StreamedGroup(label, group, streams.kept()) for label, group in held], prefetcher.moved,
+                         device=mover.device, home=mover.home)
     handles: list[RemovableHandle] = []
     for group, streamed in groups:
         handles.append(group[0].register_forward_pre_hook(lambda _m, _a, s=streamed: prefetcher.enter(s)))
         handles.append(group[-1].register_forward_hook(lambda _m, _a, _o, s=streamed: prefetcher.leave(s), always_call=True))
+
     # A kept group pins its model while it runs, bringing back what was lent: a model entered by a
     # method other than forward (vae.decode) is neither lent under it nor run with a group at home.
-    for group in kept_groups:
-        handles.append(group[0].register_forward_pre_hook(lambda _m, _a: mover.pin(model, lambda _holding: keeping.ensure())))
-        handles.append(group[-1].register_forward_hook(lambda _m, _a, _o: mover.unpin(model), always_call=True))
+    # Inside a compiled region the model's forward has pinned it already (and a lock cannot be traced).
+    def enter_kept(_module: nn.Module, _args: Any) -> None:
+        if not torch.compiler.is_compiling():
+            mover.pin(model, lambda _holding: keeping.ensure())
+
+    def leave_kept(_module: nn.Module, _args: Any, _output: Any) -> None:
+        if not torch.compiler.is_compiling():
+            mover.unpin(model)
+
+    for _, group in held:
+        handles += [group[0].register_forward_pre_hook(enter_kept), group[-1].register_forward_hook(leave_kept, always_call=True)]
     if keeping.groups:
         with mover.lock:
             keeping.ensure()
