@@ -29,7 +29,6 @@ from diffblocks.components.memory.disk import MemoryMap, mapped_views, record_ma
 from diffblocks.components.memory.estimate import largest_tensor
 
 
-
 def is_transformers_model(cls: object) -> bool:
     """Whether ``cls`` is a transformers ``PreTrainedModel`` class (checked without importing transformers for others)."""
     if not isinstance(cls, type) or cls.__module__.split(".")[0] != "transformers":
@@ -64,13 +63,14 @@ def transformers_weight_files(folder: Path, variant: str | None) -> list[Path]:
 
     Raises:
         FileNotFoundError: neither is there.
-        RepositoryPathError: the index names a file outside ``folder`` (or not a safetensors file).
+        ValueError: the index names no files; RepositoryPathError: it names one outside ``folder`` (or not a safetensors file).
     """
     index = folder / ("model.safetensors.index.json" if not variant else f"model.safetensors.index.{variant}.json")
     if index.is_file():
         weight_map = read_json_object(index).get("weight_map")
-        names = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
-        return check_shard_names(index, [str(name) for name in names], repository=str(folder))
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} names no weight files (its weight_map is missing or empty): is the folder complete?")
+        return check_shard_names(index, sorted({str(name) for name in weight_map.values()}), repository=str(folder))
     single = folder / ("model.safetensors" if not variant else f"model.{variant}.safetensors")
     if single.is_file():
         return [single]

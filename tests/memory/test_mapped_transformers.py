@@ -68,8 +68,12 @@ def test_a_sharded_variant_maps_the_shards_its_index_names(tmp_path: Path) -> No
     with pytest.raises(FileNotFoundError, match="no safetensors weights for variant 'int8' named as transformers names them"):
         load_transformers_mapped(T5EncoderModel, tmp_path, variant="int8", dtype=None, memory_map=MemoryMap())
     index = tmp_path / "model.safetensors.index.fp16.json"
-    index.write_text(index.read_text().replace(shards[0].name, "../plain/model.safetensors"))
+    saved = index.read_text()
+    index.write_text(saved.replace(shards[0].name, "../plain/model.safetensors"))
     with pytest.raises(RepositoryPathError):
+        load_transformers_mapped(T5EncoderModel, tmp_path, variant="fp16", dtype=None, memory_map=MemoryMap())
+    index.write_text('{"metadata": {}}')
+    with pytest.raises(ValueError, match="names no weight files"):
         load_transformers_mapped(T5EncoderModel, tmp_path, variant="fp16", dtype=None, memory_map=MemoryMap())
 
 
