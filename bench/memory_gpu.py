@@ -250,8 +250,8 @@ def _ours_pipe(models: Models, row: str, device: str) -> tuple[Pipeline, Callabl
 class _Phases:
     """The last call's denoise loop (first denoiser forward to the decode) and VAE decode, in seconds.
 
-    The device is synchronized three times a call, at those edges only: a synchronization inside
-    the loop would stall the copies that run ahead into the next step.
+    The device is synchronized at those edges only (and after each tile of a tiled decode): a
+    synchronization inside the loop would stall the copies that run ahead into the next step.
     """
 
     def __init__(self, models: Models, row: str) -> None:
@@ -261,18 +261,22 @@ class _Phases:
         self.marks: dict[str, float] = {}
         self.denoising = False
         self.handles = [denoiser.register_forward_pre_hook(self._denoise),
-                        decoder.register_forward_pre_hook(lambda *_: self._mark("decode_start")),
-                        decoder.register_forward_hook(lambda *_: self._mark("decode_end"))]
+                        decoder.register_forward_pre_hook(self._decode),
+                        decoder.register_forward_hook(lambda *_: self._mark("decode_end"))]  # a tiled decode: its last tile's end
 
     def _denoise(self, *_: Any) -> None:
         if not self.denoising:
             self.denoising = True
             self._mark("denoise_start")
 
+    def _decode(self, *_: Any) -> None:
+        if self.denoising:  # the first tile of a tiled decode: the loop has ended
+            self.denoising = False
+            self._mark("decode_start")
+
     def _mark(self, name: str) -> None:
         torch.cuda.synchronize()
         self.marks[name] = time.perf_counter()
-        self.denoising = self.denoising and name != "decode_start"
 
     def last(self) -> dict[str, float]:
         m = self.marks
