@@ -6,7 +6,7 @@ import inspect
 import json
 import math
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,19 +55,13 @@ def header_size(files: list[Path], *, dtype: torch.dtype | None = None) -> Model
     blocks: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     leaves: dict[str, int] = defaultdict(int)
     total = 0
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                piece = f.get_slice(name)
-                kind = piece.get_dtype()
-                itemsize = dtype.itemsize if dtype is not None and kind.startswith(("F", "BF")) else _ITEMSIZE.get(kind, 1)
-                size = math.prod(piece.get_shape()) * itemsize
-                total += size
-                leaves[name.rsplit(".", 1)[0]] += size
-                parts = name.split(".")
-                at = next((i for i, part in enumerate(parts) if part.isdigit()), None)
-                if at is not None and at > 0:
-                    blocks[".".join(parts[:at])][int(parts[at])] += size
+    for name, size in tensor_bytes(files, lambda _name: dtype):
+        total += size
+        leaves[name.rsplit(".", 1)[0]] += size
+        parts = name.split(".")
+        at = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        if at is not None and at > 0:
+            blocks[".".join(parts[:at])][int(parts[at])] += size
     grouped = tuple(sorted(tuple(entries[i] for i in sorted(entries)) for entries in blocks.values()))
     return ModelSize(total=total, blocks=grouped, largest_leaf=max(leaves.values(), default=0))
 
@@ -99,7 +93,11 @@ def mapped_loading_peak(cls: type, *, folder: Path, variant: str | None = None, 
 
 def largest_tensor(files: list[Path], dtype_of: Callable[[str], torch.dtype | None]) -> int:
     """Bytes of the largest tensor in safetensors ``files``, a floating-point one at ``dtype_of(name)`` (None: its own), from the headers alone."""
-    largest = 0
+    return max((size for _, size in tensor_bytes(files, dtype_of)), default=0)
+
+
+def tensor_bytes(files: list[Path], dtype_of: Callable[[str], torch.dtype | None]) -> Iterator[tuple[str, int]]:
+    """Each tensor's name in safetensors ``files`` and its bytes, a floating-point one at ``dtype_of(name)`` (None: its own), from the headers alone."""
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
@@ -107,5 +105,4 @@ def largest_tensor(files: list[Path], dtype_of: Callable[[str], torch.dtype | No
                 kind = piece.get_dtype()
                 wanted = dtype_of(name) if kind.startswith(("F", "BF")) else None
                 itemsize = wanted.itemsize if wanted is not None else _ITEMSIZE.get(kind, 1)
-                largest = max(largest, math.prod(piece.get_shape()) * itemsize)
-    return largest
+                yield name, math.prod(piece.get_shape()) * itemsize
