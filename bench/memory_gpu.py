@@ -435,6 +435,7 @@ def main() -> None:
                 result["vs_ours"] = result["seconds"] / base["seconds"]
                 result["max_abs_diff_vs_ours"] = float(np.abs(result["image"] - base["image"]).max() * (255 if result["image"].max() <= 1 else 1))
             results.append(result)
+            _save(setting, results)  # after every row: a run cut short keeps what it measured
             print(_line(result), flush=True)
             for message in result.get("tightened", []):
                 print(f"  tightened during the row: {message}", flush=True)
@@ -445,6 +446,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for result in results:
         print(_line(result))
+
+
+def _save(setting: dict[str, Any], results: list[dict[str, Any]]) -> None:
     out = os.environ.get("OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
