@@ -58,6 +58,12 @@ def test_the_plan_says_what_it_reserved_and_why() -> None:
     assert "-> ModelOffload(): 6.0 GiB at most on cpu, fits" in text
 
 
+def test_a_plan_before_any_call_says_when_the_step_will_be_reserved() -> None:
+    assert "  nothing reserved for activations yet: the first denoiser step of a call estimates its own" in str(_plan_with("8GiB", None))
+    assert "reserved for activations" not in str(Placement(policy=ModelOffload()).make_plan(lambda: SIZES, torch.device("cpu")))
+    assert "1.0 GiB of the budget reserved for activations: activations= given" in str(_plan_with("8GiB", None, activations="1GiB"))
+
+
 def test_a_step_no_placement_leaves_room_for_gets_what_the_smallest_leaves() -> None:
     plan = _plan_with("8GiB", 9)
     assert plan.policy == LeafOffload() and plan.activations == 8 * GiB - GiB // 8 and plan.needed == 9 * GiB

@@ -21,6 +21,10 @@ from diffblocks.components.memory.policies import AbstractOffload, Attached, Gro
 from diffblocks.components.memory.reserve import Grow, StepNeed, watch_steps
 from diffblocks.components.memory.sizes import ByteSize
 
+NONE_YET = ("yet: the first denoiser step of a call estimates its own at the call's size, "
+            "and the plan is made again with it before that step runs")
+"""Why a budget's plan reserves nothing before any call (``plan.reserved_for``)."""
+
 
 _PLACED: WeakKeyDictionary[nn.Module, Callable[[], AbstractContextManager[None]]] = WeakKeyDictionary()
 
@@ -113,6 +117,8 @@ class Placement:
                                activations=activations, cpu_budget=self.cpu_budget)
 
         step = self.step
+        if step is None and self.on_step is not None:
+            return replace(make(self.activations), reserved_for=NONE_YET)
         if step is None or self.budget is None:
             return make(self.activations)
         try:

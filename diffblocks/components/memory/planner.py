@@ -63,7 +63,8 @@ class MemoryPlan:
             the weights' home on disk instead (None: it did not).
         activations: the bytes of ``budget`` left to activations; the weights were planned in the rest.
         reserved_for: why (empty: none reserved, or ``activations=`` given): the step of the
-            largest call so far, see :mod:`~diffblocks.components.memory.reserve`.
+            largest call so far, see :mod:`~diffblocks.components.memory.reserve`; before any
+            call, under a budget alone, when the reservation will be made.
         needed: what that step is estimated to need, when no placement leaves that much and
             ``activations`` is less (0: it is all reserved).
     """
@@ -87,11 +88,13 @@ class MemoryPlan:
         budget = f"budget {self.budget}" if self.budget is not None else "no budget"
         lines = [f"{len(self.sizes)} model(s), {total} of weights, on {self.device} ({budget})"]
         lines += [f"  {name:<16} {ByteSize(size.total)!s:>10}" for name, size in sorted(self.sizes.items())]
-        if self.activations:
+        if self.activations or self.needed:
             lines.append(f"  {self.activations} of the budget reserved for activations: "
                          + (self.reserved_for or "activations= given"))
             if self.needed > self.activations:
                 lines.append(f"  (of {self.needed} estimated: no placement leaves more; an out-of-memory error tightens the plan further)")
+        elif self.reserved_for:
+            lines.append(f"  nothing reserved for activations {self.reserved_for}")
         weights = self.budget - self.activations if self.budget is not None else None
         for policy, peak in self.tried:
             mark = "->" if policy == self.policy else "  "
