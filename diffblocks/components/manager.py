@@ -13,6 +13,7 @@ import torch
 
 from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.devices import usable_device
+from diffblocks.components.inventory import ComponentInfo, component_info, format_table
 from diffblocks.components.loaders import check_random_weights, load_component
 from diffblocks.components.memory import AbstractOffload, MemoryPlan, ModelSize, OnMove, Placement, measure
 from diffblocks.components.memory.free import is_auto, measured_budget
@@ -33,25 +34,12 @@ class _Entry:
     cls: type | None = None
 
 
-@dataclass(frozen=True)
-class ComponentInfo:
-    """One row of :meth:`ComponentsManager.table`."""
-
-    key: str
-    name: str
-    class_name: str
-    loaded: bool
-    device: str
-    dtype: str
-    memory_bytes: int
-    users: tuple[str, ...]
-
-
 class ComponentsManager:
     """Resolves component specs through the registry, loads them on first use and shares them.
 
     Two pipelines that ask for the same spec (same repository, subfolder, variant, revision and
-    dtype) get the same object. Objects added directly are shared by identity.
+    dtype) get the same object. Objects added directly are shared by identity. The memory settings
+    below can be replaced later, loaded models included, with :meth:`place`.
 
     Args:
         device: where loaded models are placed (default: CPU).
@@ -95,17 +83,75 @@ class ComponentsManager:
         activations: str | int | None = None,
         cpu_memory_budget: str | int | None = None,
     ) -> None:
-        # checks the budget first ("auto" reads the free memory of the device it is for: checked first then)
-        if is_auto(memory_budget):
-            memory_budget = measured_budget(usable_device(device if device is not None else "cpu"))
-        if is_auto(cpu_memory_budget):
-            cpu_memory_budget = measured_budget(torch.device("cpu"))
-        self.placement = Placement(budget=memory_budget, policy=offload, on_move=on_move, activations=activations,
-                                   cpu_budget=cpu_memory_budget, on_step=self._reserve_step, on_tensors=self._attach_again)
-        self.device = device  # the setter checks and converts names
+        self._on_move = on_move
+        self._device = usable_device(device) if device is not None else None  # checked before the budget ("auto" reads its free memory)
+        self.placement = self._placement(memory_budget, offload, activations, cpu_memory_budget)
         self.registry = registry if registry is not None else COMPONENTS
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.RLock()
+
+    def _placement(
+        self, budget: str | int | None, policy: AbstractOffload | None, activations: str | int | None, cpu_budget: str | int | None
+    ) -> Placement:
+        if is_auto(budget):
+            budget = measured_budget(self._device if self._device is not None else torch.device("cpu"))
+        if is_auto(cpu_budget):
+            cpu_budget = measured_budget(torch.device("cpu"))
+        return Placement(budget=budget, policy=policy, on_move=self._on_move, activations=activations,
+                         cpu_budget=cpu_budget, on_step=self._reserve_step, on_tensors=self._attach_again)
+
+    def place(
+        self,
+        *,
+        memory_budget: str | int | None = None,
+        offload: AbstractOffload | None = None,
+        activations: str | int | None = None,
+        cpu_memory_budget: str | int | None = None,
+    ) -> ComponentsManager:
+        """Place the models anew: a budget, a policy, or neither (every model on the device); returns the manager.
+
+        The arguments mean what they mean to the constructor, and replace all of its memory
+        settings. The new plan is made first, so a budget too small (:class:`MemoryBudgetError`)
+        or a bad value leaves the placement as it was. Then every loaded model leaves its old
+        policy (a forward running it in another thread ends first) and takes the new one at once;
+        models not loaded yet load under it.
+
+        Example:
+            >>> import torch
+            >>> from diffblocks.components.memory import ModelOffload, NoOffload
+            >>> manager = ComponentsManager(device="cpu")
+            >>> key = manager.add("proj", torch.nn.Linear(1024, 1024))
+            >>> manager.place(memory_budget="8MiB").plan().policy
+            NoOffload()
+            >>> manager.place(offload=ModelOffload()).plan().policy
+            ModelOffload()
+        """
+        with self._lock:
+            placement = self._placement(memory_budget, offload, activations, cpu_memory_budget)
+            if placement.active:
+                placement.make_plan(self._model_sizes, self.device)  # refuses before anything moves
+            was_active = self.placement.active
+            self.placement.detach_all()  # every placed model home, its hooks removed
+            self.placement = placement
+            if placement.active:
+                self._place_loaded(from_device=not was_active)
+            elif self.device is not None:
+                self._move_loaded(self.device)
+            free_memory()
+        return self
+
+    def _place_loaded(self, *, from_device: bool = False) -> None:
+        """Give every loaded model the plan's policy (``from_device``: they were simply on the device, so home first)."""
+        if from_device:
+            self._move_loaded(torch.device("cpu"))
+        for entry in self._entries.values():
+            if entry.obj is not None:
+                self.placement.attach(entry.key, entry.name, entry.obj)
+
+    def _move_loaded(self, device: torch.device) -> None:
+        for entry in self._entries.values():
+            if isinstance(entry.obj, torch.nn.Module):
+                entry.obj.to(device)
 
     @property
     def device(self) -> torch.device | None:
@@ -207,14 +253,10 @@ class ComponentsManager:
             was_active = self.placement.active
             previous = self.placement.tighten(policy)
             if not was_active:  # every model was simply on the device: send them home before the policy places them
-                for entry in self._entries.values():
-                    if isinstance(entry.obj, torch.nn.Module):
-                        entry.obj.to("cpu")
+                self._move_loaded(torch.device("cpu"))
             free_memory()
             self.plan()
-            for entry in self._entries.values():
-                if entry.obj is not None:
-                    self.placement.attach(entry.key, entry.name, entry.obj)
+            self._place_loaded()
         change = f"{policy!r} ({policy.describe()})" if policy != previous else f"{policy!r}, its kept blocks streamed too"
         warnings.warn(
             f"out of memory in block {where!r} on {self.device} ({message}): offload policy {previous!r} -> {change}, "
@@ -235,9 +277,7 @@ class ComponentsManager:
             if not self.placement.reserve(need):
                 return
             self.plan()
-            for entry in self._entries.values():
-                if entry.obj is not None:
-                    self.placement.attach(entry.key, entry.name, entry.obj)
+            self._place_loaded()
 
     @contextmanager
     def _attach_again(self, key: str) -> Iterator[None]:
@@ -320,11 +360,8 @@ class ComponentsManager:
         the next plan places them for the new device.
         """
         self.device = device  # the setter checks and converts names
-        if self.placement.active:
-            return self
-        for entry in self._entries.values():
-            if isinstance(entry.obj, torch.nn.Module):
-                entry.obj.to(self.device)
+        if not self.placement.active:
+            self._move_loaded(self.device)
         return self
 
     def keys(self) -> list[str]:
@@ -332,26 +369,11 @@ class ComponentsManager:
 
     def table(self) -> list[ComponentInfo]:
         """What is known, what is loaded, where, and how much memory it holds."""
-        rows = []
-        for entry in self._entries.values():
-            obj = entry.obj
-            cls = entry.cls or (type(obj) if obj is not None else None)
-            class_name = cls.__name__ if cls else (entry.spec.type_hint[1] if entry.spec and entry.spec.type_hint else "?")
-            device, dtype, size = _placement(obj)
-            rows.append(
-                ComponentInfo(entry.key, entry.name, class_name, obj is not None, device, dtype, size, tuple(sorted(entry.users)))
-            )
-        return rows
+        return [component_info(entry.key, entry.name, entry.obj, cls=entry.cls, spec=entry.spec, users=entry.users)
+                for entry in self._entries.values()]
 
     def __repr__(self) -> str:
-        lines = [f"{'name':<16} {'class':<32} {'loaded':<6} {'device':<8} {'dtype':<10} {'MiB':>9}  users"]
-        for row in self.table():
-            mib = f"{row.memory_bytes / 2**20:9.1f}"
-            lines.append(
-                f"{row.name:<16} {row.class_name:<32} {str(row.loaded):<6} {row.device:<8} {row.dtype:<10} {mib}  "
-                f"{', '.join(row.users)}"
-            )
-        return "\n".join(lines)
+        return format_table(self.table())
 
     def _entry(self, key: str) -> _Entry:
         entry = self._entries.get(key)
@@ -363,14 +385,3 @@ class ComponentsManager:
             raise KeyError(f"no component {key!r} in the manager; known names: {known or 'none'}")
         return entry
 
-
-def _placement(obj: Any) -> tuple[str, str, int]:
-    if not isinstance(obj, torch.nn.Module):
-        return "-", "-", 0
-    tensors = [*obj.parameters(), *obj.buffers()]
-    if not tensors:
-        return "-", "-", 0
-    size = sum(t.numel() * t.element_size() for t in tensors)
-    devices = sorted({str(t.device) for t in tensors})
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors})
-    return ",".join(devices), ",".join(dtypes), size
