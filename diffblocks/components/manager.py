@@ -204,7 +204,9 @@ class ComponentsManager:
         """The object for ``key``, loading it now if it is not loaded yet.
 
         Under a memory budget or an offload policy, the plan is made first (so a budget too small
-        fails before anything loads), the model loads on the CPU, and the plan's policy is attached.
+        fails before anything loads), the model loads on the CPU, and the plan's policy is attached,
+        to it and to every loaded model a new plan took its old policy from (a call in another
+        thread may be running those).
         """
         entry = self._entry(key)
         placing = self.placement.active
@@ -220,7 +222,9 @@ class ComponentsManager:
                     if placing:
                         record_weight_files(entry.obj, entry.spec)
         if placing:
-            self.placement.attach(entry.key, entry.name, entry.obj)
+            with self._lock:
+                self.plan()  # again: another thread may have changed the models since
+                self._place_loaded()
         return entry.obj
 
     def plan(self) -> MemoryPlan:
