@@ -31,6 +31,7 @@ from tests.memory.test_planner import FLUX
         ("12GiB", "32GiB", GroupOffload(1), None),
         ("12GiB", "23GiB", DiskOffload(1), GroupOffload(1)),
         ("2.1GiB", "23GiB", DiskOffload(1, prefetch=False), GroupOffload(1, prefetch=False)),
+        ("1.5GiB", "23GiB", DiskOffload(leaf=True), LeafOffload()),  # no group fits beside the rest: a layer at a time
     ],
 )
 def test_policies_whose_homes_do_not_fit_cpu_memory_go_to_disk(
@@ -63,10 +64,9 @@ def test_a_fixed_policy_over_the_cpu_budget_is_refused() -> None:
     assert plan_memory(FLUX, device="cuda", policy=DiskOffload(2), cpu_budget=ByteSize.parse("24GiB")).policy == DiskOffload(2)
 
 
-def test_no_placement_fits_both_budgets() -> None:
-    # under 1.6 GiB only LeafOffload fits the device, and it keeps every weight in CPU memory
-    with pytest.raises(MemoryBudgetError, match=r"DiskOffload\(blocks_per_group=1, prefetch=False\), which keeps them on disk, needs at least 1.6 GiB on cuda"):
-        plan_memory(FLUX, device="cuda", budget=ByteSize.parse("1.5GiB"), cpu_budget=ByteSize.parse("23GiB"))
+def test_below_the_largest_layer_no_placement_fits_with_a_cpu_budget_either() -> None:
+    with pytest.raises(MemoryBudgetError, match=r"LeafOffload\(\) needs at least 235.5 MiB"):
+        plan_memory(FLUX, device="cuda", budget=ByteSize.parse("200MiB"), cpu_budget=ByteSize.parse("23GiB"))
 
 
 def test_a_manager_under_a_cpu_budget_maps_its_models_and_makes_the_same_image() -> None:
@@ -100,13 +100,16 @@ def test_a_manager_refuses_a_cpu_budget_below_what_loading_needs_before_loading(
         ComponentsManager(device="cpu", cpu_memory_budget="lots")
 
 
-def test_disk_offload_tightens_to_one_group_at_a_time_and_no_further() -> None:
+def test_disk_offload_tightens_to_one_group_then_one_layer_at_a_time_and_no_further() -> None:
     from diffblocks.components.memory import Placement
 
     placement = Placement(policy=DiskOffload(1))
     placement.make_plan(lambda: dict(FLUX), torch.device("cpu"))
     assert placement.tighter() == DiskOffload(1, prefetch=False)
     placement.tighten(DiskOffload(1, prefetch=False))
+    placement.make_plan(lambda: dict(FLUX), torch.device("cpu"))
+    assert placement.tighter() == DiskOffload(leaf=True)
+    placement.tighten(DiskOffload(leaf=True))
     placement.make_plan(lambda: dict(FLUX), torch.device("cpu"))
     assert placement.tighter() is None  # the rungs below keep their homes in CPU memory
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from diffblocks.components.memory import Mover, measure
-from diffblocks.components.memory.disk import DiskOffload, MappedFile, map_model, register_weight_files, write_aligned
+from diffblocks.components.memory.disk import DiskOffload, MappedFile, is_mapped, map_model, register_weight_files, write_aligned
 from tests.memory.anon_memory import probe_env
 from tests.memory.test_policies import Toy
 
@@ -73,13 +73,35 @@ def test_disk_offload_gives_the_same_outputs_and_detaches() -> None:
     assert torch.equal(model(x), expected)
 
 
+def test_disk_offload_a_layer_at_a_time_streams_every_layer_from_the_map_and_keeps_none() -> None:
+    torch.manual_seed(0)
+    model = Toy()
+    x = torch.randn(3, 4)
+    expected = model(x)
+    moves: list[tuple[str, str]] = []
+    mover = Mover("cpu", on_move=lambda name, device, size: moves.append((name, str(device))))
+    attached = DiskOffload(leaf=True).attach("m", model, mover)
+    assert is_mapped(model) and not moves  # attached: every weight a view of the map, none fetched yet
+    for _ in range(2):
+        moves.clear()
+        assert torch.equal(model(x), expected)
+        assert is_mapped(model)  # each layer went back to the very tensors of the map
+        layers = ["m/embed", *(f"m/blocks.{i}.{j}" for i in range(4) for j in range(2)), "m/head"]
+        assert moves == [move for name in layers for move in ((name, "cpu"), (name, "cpu"))]  # in, home, nothing ahead
+    attached.detach()
+    assert not model.blocks[0][0]._forward_pre_hooks and not model._forward_pre_hooks
+    assert torch.equal(model(x), expected)
+
+
 def test_disk_offload_plans_like_group_offload_on_the_device() -> None:
-    from diffblocks.components.memory import GroupOffload
+    from diffblocks.components.memory import GroupOffload, LeafOffload
 
     size = measure(Toy())
     assert DiskOffload(2).peak([size]) == GroupOffload(2).peak([size])
     assert DiskOffload(1, prefetch=False).peak([size]) == GroupOffload(1, prefetch=False).peak([size])
     assert repr(DiskOffload(1, prefetch=False)) == "DiskOffload(blocks_per_group=1, prefetch=False)"
+    assert DiskOffload(leaf=True).peak([size]) == LeafOffload().peak([size])
+    assert repr(DiskOffload(leaf=True)) == "DiskOffload(leaf=True)" and DiskOffload(leaf=True) == DiskOffload(prefetch=False, leaf=True)
 
 
 def test_disk_offload_refuses_bad_settings(tmp_path: Path) -> None:
@@ -87,15 +109,18 @@ def test_disk_offload_refuses_bad_settings(tmp_path: Path) -> None:
         DiskOffload(0)
     with pytest.raises(ValueError, match="is not a folder: give an existing folder"):
         DiskOffload(folder=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="leaf=True streams each layer alone: blocks_per_group 2 does not apply"):
+        DiskOffload(2, leaf=True)
 
 
-def test_a_pipeline_under_disk_offload_makes_the_same_image(tmp_path: Path) -> None:
+@pytest.mark.parametrize("leaf", [False, True])
+def test_a_pipeline_under_disk_offload_makes_the_same_image(tmp_path: Path, leaf: bool) -> None:
     from diffblocks.blocks import Pipeline
     from diffblocks.components import ComponentsManager
     from diffblocks.presets.tiny.preset import builtin_model_dir
 
     kwargs = {"prompt": "a small green cross in the center", "num_inference_steps": 3, "progress": False}
-    manager = ComponentsManager(device="cpu", offload=DiskOffload(folder=str(tmp_path)))
+    manager = ComponentsManager(device="cpu", offload=DiskOffload(folder=str(tmp_path), leaf=leaf))
     image = Pipeline.from_pretrained(builtin_model_dir(), manager=manager)(generator=torch.Generator().manual_seed(0), **kwargs)
     plain = Pipeline.from_pretrained(builtin_model_dir())(generator=torch.Generator().manual_seed(0), **kwargs)
     assert np.array_equal(np.asarray(image.images[0]), np.asarray(plain.images[0]))
@@ -129,26 +154,28 @@ def call_peak():  # the most anonymous memory above the start while the model ru
 
 activations = call_peak()  # the weights in memory already: what a call adds of its own
 loaded = anon()
-DiskOffload(1, prefetch=False, folder=sys.argv[2]).attach("unet", model, Mover("cpu", streams=Copying(torch.device("cpu"))))
+policy = DiskOffload(leaf=True, folder=sys.argv[2]) if sys.argv[3] == "leaf" else DiskOffload(1, prefetch=False, folder=sys.argv[2])
+policy.attach("unet", model, Mover("cpu", streams=Copying(torch.device("cpu"))))
 dropped = loaded - anon()
-print(dropped, call_peak(), activations, size.total, size.largest_group(1))
+print(dropped, call_peak(), activations, size.total, size.largest_leaf if sys.argv[3] == "leaf" else size.largest_group(1))
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RssAnon from /proc (Linux)")
-def test_disk_offload_holds_about_one_group_in_cpu_memory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unit", ["group", "leaf"])
+def test_disk_offload_holds_about_one_group_or_layer_in_cpu_memory(tmp_path: Path, unit: str) -> None:
     from diffblocks.components.models.unet import UNet2DConditionModel
     from tests.memory.test_loading_peak import CONFIG
 
     UNet2DConditionModel.from_config(CONFIG).save_pretrained(tmp_path)  # float32, as it loads: mapped, not written
-    done = subprocess.run([sys.executable, "-c", _PROBE, str(tmp_path), tempfile.gettempdir()], capture_output=True,
+    done = subprocess.run([sys.executable, "-c", _PROBE, str(tmp_path), tempfile.gettempdir(), unit], capture_output=True,
                           text=True, check=True, env=probe_env())
     dropped, peak, activations, total, group = map(int, done.stdout.split()[-5:])
     assert total > 30 * 2**20 and group < total / 2
     assert dropped > 0.9 * total, f"mapping gave back {dropped / 2**20:.0f} MiB of a {total / 2**20:.0f} MiB model"
-    # the one group on the "device" (a copy in memory) and the call's own activations, never the model
+    # the one group (or layer) on the "device" (a copy in memory) and the call's own activations, never the model
     assert peak < group + activations + 4 * 2**20, (
-        f"a call held {peak / 2**20:.0f} MiB for a {group / 2**20:.0f} MiB group and {activations / 2**20:.0f} MiB of activations"
+        f"a call held {peak / 2**20:.0f} MiB for a {group / 2**20:.0f} MiB {unit} and {activations / 2**20:.0f} MiB of activations"
     )
 
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from diffblocks.components.memory.measure import ModelSize
 from diffblocks.components.memory.mover import Mover
-from diffblocks.components.memory.policies import AbstractOffload, Attached, GroupOffload, attach_groups
+from diffblocks.components.memory.policies import AbstractOffload, Attached, GroupOffload, LeafOffload, attach_groups, attach_leaves
 from diffblocks.components.memory.streams import Synchronous
 
 _DTYPES = {
@@ -339,39 +339,53 @@ def _put(slot: _Slot, tensor: torch.Tensor) -> None:
 class DiskOffload(AbstractOffload):
     """Group offload whose home is a memory-mapped safetensors file: for machines with little CPU memory.
 
-    On the device it holds what :class:`~diffblocks.components.memory.GroupOffload` holds; in CPU
-    memory, none of the model's weights (their pages are the operating system's cache of the file).
-    Copies to the device read pageable memory (no pinning), so they overlap compute less than group
-    offload's.
+    On the device it holds what :class:`~diffblocks.components.memory.GroupOffload` holds (with
+    ``leaf``, what :class:`~diffblocks.components.memory.LeafOffload` holds: the largest layer); in
+    CPU memory, none of the model's weights (their pages are the operating system's cache of the
+    file). Copies to the device read pageable memory (no pinning), so they overlap compute less
+    than group offload's.
 
     Args:
         blocks_per_group: consecutive entries of one ``nn.ModuleList`` that move together (>= 1).
         prefetch: fetch the next group while one runs (two groups on the device at once).
         folder: where tensors no source file holds are written once (default: the system's temporary
             folder; if that is a RAM disk, ``tmpfs``, give a folder on a real disk).
+        leaf: each layer's tensors read in as it runs and dropped after, nothing kept on the device
+            (``blocks_per_group`` and ``prefetch`` then do not apply): for a device too small for one group.
     """
 
     blocks_per_group: int = 1
     prefetch: bool = field(default=True, repr=False)
     folder: str | None = field(default=None, repr=False)
+    leaf: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.blocks_per_group < 1:
             raise ValueError(f"DiskOffload: blocks_per_group {self.blocks_per_group} must be >= 1")
+        if self.leaf and self.blocks_per_group != 1:
+            raise ValueError(f"DiskOffload: leaf=True streams each layer alone: blocks_per_group {self.blocks_per_group} does not apply")
+        if self.leaf:
+            object.__setattr__(self, "prefetch", False)  # nothing is fetched ahead: equal however it was written
         if self.folder is not None and not Path(self.folder).is_dir():
             raise ValueError(f"DiskOffload: folder {self.folder!r} is not a folder: give an existing folder on a disk with room for the weights")
 
     def __repr__(self) -> str:
+        if self.leaf:
+            return "DiskOffload(leaf=True)"
         return f"DiskOffload(blocks_per_group={self.blocks_per_group}" + (")" if self.prefetch else ", prefetch=False)")
 
     def peak(self, sizes: Sequence[ModelSize]) -> int:
-        return GroupOffload(self.blocks_per_group, prefetch=self.prefetch).peak(sizes)
+        return LeafOffload().peak(sizes) if self.leaf else GroupOffload(self.blocks_per_group, prefetch=self.prefetch).peak(sizes)
 
     def attach(self, name: str, model: nn.Module, mover: Mover) -> Attached:
         map_model(model, folder=self.folder, aligned=mover.device.type == "cpu")
+        if self.leaf:
+            return attach_leaves(name, model, mover, streams=_FromDisk(mover.streams))
         return attach_groups(name, model, mover, blocks_per_group=self.blocks_per_group, prefetch=self.prefetch,
                              streams=_FromDisk(mover.streams))
 
     def describe(self) -> str:
+        if self.leaf:
+            return "each layer's tensors read in from a memory-mapped file as it runs and dropped after; nothing stays on the device"
         return (f"repeated blocks stream in {self.blocks_per_group} at a time from a memory-mapped file, not from CPU memory; "
                 "the rest stays on the device")

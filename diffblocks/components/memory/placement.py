@@ -17,7 +17,7 @@ from diffblocks.components.memory.disk import DiskOffload, MemoryMap
 from diffblocks.components.memory.measure import ModelSize
 from diffblocks.components.memory.planner import LADDER, MemoryBudgetError, MemoryPlan, host_peak, plan_memory
 from diffblocks.components.memory.mover import Mover, OnMove
-from diffblocks.components.memory.policies import AbstractOffload, Attached, GroupOffload, ModelOffload, NoOffload
+from diffblocks.components.memory.policies import AbstractOffload, Attached, GroupOffload, LeafOffload, ModelOffload, NoOffload
 from diffblocks.components.memory.reserve import Grow, StepNeed, watch_steps
 from diffblocks.components.memory.sizes import ByteSize
 
@@ -154,13 +154,17 @@ class Placement:
         by the first rung whose peak is smaller for the models planned. A plan that keeps blocks on
         the device in its spare budget is tightened first to the same policy, keeping none. Under a
         CPU budget, a rung whose home copies would not fit CPU memory becomes disk offload, and disk
-        offload tightens only to one group at a time.
+        offload tightens only to one group at a time, then to one layer at a time.
         """
         current = self.plan.policy if self.plan is not None and self.active else NoOffload()
         if self.plan is not None and self.plan.kept:
             return current  # the same policy, its kept blocks streamed too
         if isinstance(current, DiskOffload):  # the rungs below keep their homes in CPU memory, which disk offload was chosen to spare
-            return DiskOffload(current.blocks_per_group, prefetch=False, folder=current.folder) if current.prefetch else None
+            if current.leaf:
+                return None
+            if current.prefetch:
+                return DiskOffload(current.blocks_per_group, prefetch=False, folder=current.folder)
+            return DiskOffload(folder=current.folder, leaf=True)
         if current in LADDER:
             rungs = LADDER[LADDER.index(current) + 1 :]
         else:
@@ -169,6 +173,8 @@ class Placement:
         rung = rungs[0] if rungs else None
         if rung is not None and self.cpu_budget is not None and self.plan is not None:
             if host_peak(rung, list(self.plan.sizes.values())) > self.cpu_budget:  # its homes would not fit CPU memory
+                if isinstance(rung, LeafOffload):
+                    return DiskOffload(leaf=True)
                 return DiskOffload(1, prefetch=isinstance(rung, ModelOffload) or rung == GroupOffload(1))
         return rung
 

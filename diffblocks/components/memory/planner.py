@@ -152,31 +152,19 @@ def plan_memory(
         _check_cpu_budget(sizes, cpu_budget, policy)
     tried = tuple((each, ByteSize(each.peak(models))) for each in ((policy,) if policy is not None else ladder))
     weights = ByteSize(max(budget - activations, 0)) if budget is not None else None
-    over_cpu = False
     for each, peak in tried:
         if weights is None or peak <= weights:
             chosen, instead = each, None
             if cpu_budget is not None and host_peak(each, models) > cpu_budget:  # only a policy of the ladder gets here
                 chosen, instead = _on_disk(each, models, weights), each
-                if chosen is None:
-                    over_cpu = True
-                    continue  # the streamed groups of disk offload do not fit the device either: a smaller rung may
                 peak = ByteSize(chosen.peak(models))
                 tried += ((chosen, peak),)
-            streams = isinstance(chosen, (GroupOffload, DiskOffload))
+            streams = isinstance(chosen, GroupOffload) or (isinstance(chosen, DiskOffload) and not chosen.leaf)
             kept = _kept(sizes, weights - peak) if keep and weights is not None and streams else {}
             host = ByteSize(host_peak(chosen, models)) if cpu_budget is not None else None
             return MemoryPlan(device, budget, chosen, ByteSize(peak + sum(kept.values())), dict(sizes), tried, kept,
                               cpu_budget=cpu_budget, host=host, instead=instead,
                               activations=ByteSize(activations if budget is not None else 0))
-    if over_cpu:
-        least = ByteSize(DiskOffload(1, prefetch=False).peak(models) + activations)
-        raise MemoryBudgetError(
-            f"memory budget {budget} on {device} and cpu_memory_budget {cpu_budget} leave no placement: what fits {device} "
-            f"keeps more weights than {cpu_budget} in CPU memory, and DiskOffload(blocks_per_group=1, prefetch=False), which "
-            f"keeps them on disk, needs at least {least} on {device}. Raise memory_budget to at least {least} or "
-            "cpu_memory_budget, or quantize the largest model (pipe.quantize(...), see docs/quantization.md)"
-        )
     smallest, minimum = min(tried, key=lambda pair: pair[1])
     biggest = max(sizes.items(), key=lambda item: item[1].total)
     why = f" (largest model: {biggest[0]}, {ByteSize(biggest[1].total)})" if biggest else ""
@@ -205,14 +193,18 @@ def host_peak(policy: AbstractOffload, sizes: Sequence[ModelSize]) -> int:
     return sum(size.total for size in sizes)
 
 
-def _on_disk(policy: AbstractOffload, models: Sequence[ModelSize], weights: int | None) -> DiskOffload | None:
-    """Disk offload in place of ``policy``: prefetching if that fits the device, else one group at a time (None: neither)."""
+def _on_disk(policy: AbstractOffload, models: Sequence[ModelSize], weights: int | None) -> DiskOffload:
+    """Disk offload in place of ``policy`` (a rung that fits the device): prefetching if that fits, else one group at a time, else a layer at a time.
+
+    A layer at a time needs no more of the device than any rung (the largest layer lies in a
+    model, outside its blocks or in one of them), so it fits wherever ``policy`` does.
+    """
     for each in (DiskOffload(1), DiskOffload(1, prefetch=False)):
         if isinstance(policy, GroupOffload) and not policy.prefetch and each.prefetch:
             continue  # the device budget already ruled out prefetching
         if weights is None or each.peak(models) <= weights:
             return each
-    return None
+    return DiskOffload(leaf=True)
 
 
 def _check_cpu_budget(sizes: Mapping[str, ModelSize], cpu_budget: ByteSize, policy: AbstractOffload | None) -> None:

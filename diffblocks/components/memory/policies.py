@@ -291,6 +291,24 @@ def attach_groups(
     return Attached(name, model, mover, handles, prefetcher=prefetcher)
 
 
+def attach_leaves(name: str, model: nn.Module, mover: Mover, *, streams: Synchronous) -> Attached:
+    """Each layer's own tensors streamed through ``streams`` just before it runs and dropped after it: one group per layer.
+
+    As :class:`LeafOffload` (nothing stays on the device), but with the home left where
+    ``streams`` keeps it (a memory-mapped file under :class:`~diffblocks.components.memory.disk.DiskOffload`):
+    a dropped layer goes back to the same home tensors, so going home copies nothing.
+    """
+    layers = [(f"{name}/{sub_name or '(top)'}", sub) for sub_name, sub in model.named_modules()
+              if any(True for _ in tensors_of(sub, recurse=False))]
+    groups = [StreamedGroup(label, [sub], streams, recurse=False) for label, sub in layers]
+    prefetcher = Prefetcher(groups, mover, prefetch=False)
+    handles = _pinned_forward(model, mover, then=prefetcher.finish)  # first: pinned before the top layer's own tensors come in
+    for (_, sub), group in zip(layers, groups):
+        handles.append(sub.register_forward_pre_hook(lambda _m, _a, g=group: prefetcher.enter(g)))
+        handles.append(sub.register_forward_hook(lambda _m, _a, _o, g=group: prefetcher.leave(g), always_call=True))
+    return Attached(name, model, mover, handles, prefetcher=prefetcher)
+
+
 def _pinned_forward(
     model: nn.Module, mover: Mover, *, first: Callable[[], None] | None = None, then: Callable[[], None] | None = None
 ) -> list[RemovableHandle]:
