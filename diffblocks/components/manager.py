@@ -335,15 +335,17 @@ class ComponentsManager:
         entry = self._entry(key)
         if entry.spec is None:
             raise ValueError(f"{key!r} was added as an object, not a spec, so it could not be reloaded: use remove()")
-        self.placement.detach(entry.key)
-        entry.obj = None
+        with self._lock:  # not placed again by a get() in another thread between the two
+            self.placement.detach(entry.key)
+            entry.obj = None
         free_memory()
 
     def remove(self, key: str) -> None:
         """Forget a component entirely."""
-        entry = self._entries.pop(self._entry(key).key)
-        self.placement.detach(entry.key)
-        self.placement.outdated()
+        with self._lock:
+            entry = self._entries.pop(self._entry(key).key)
+            self.placement.detach(entry.key)
+            self.placement.outdated()
         free_memory()
 
     def release(self, key: str, *, user: str) -> None:
@@ -351,11 +353,12 @@ class ComponentsManager:
         entry = self._entries.get(key)
         if entry is None:
             return
-        entry.users.discard(user)
-        if not entry.users:
-            self._entries.pop(key)
-            self.placement.detach(key)
-            self.placement.outdated()
+        with self._lock:
+            entry.users.discard(user)
+            if not entry.users:
+                self._entries.pop(key)
+                self.placement.detach(key)
+                self.placement.outdated()
 
     def to(self, device: torch.device | str) -> ComponentsManager:
         """Move every loaded module to ``device`` (and load later ones there).
