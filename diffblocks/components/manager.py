@@ -15,11 +15,11 @@ from diffblocks.components.compiled import unwrap_compiled
 from diffblocks.components.devices import usable_device
 from diffblocks.components.inventory import ComponentInfo, component_info, format_table
 from diffblocks.components.loaders import check_random_weights, load_component
-from diffblocks.components.memory import AbstractOffload, MemoryPlan, ModelSize, OnMove, Placement, measure
-from diffblocks.components.memory.free import is_auto, measured_budget
+from diffblocks.components.memory import AbstractOffload, MemoryPlan, ModelSize, OnMove, Placement
+from diffblocks.components.memory.free import is_auto, measured_budget, own_bytes
 from diffblocks.components.memory.oom import OffloadTightened, free_memory
 from diffblocks.components.memory.reserve import StepNeed
-from diffblocks.components.spec_memory import record_weight_files, size_of_spec, with_loading_peak
+from diffblocks.components.spec_memory import component_sizes, record_weight_files
 from diffblocks.components.specs import ComponentSpec, read_index
 from diffblocks.registry import COMPONENTS, Registry, RegistryError
 
@@ -85,18 +85,20 @@ class ComponentsManager:
     ) -> None:
         self._on_move = on_move
         self._device = usable_device(device) if device is not None else None  # checked before the budget ("auto" reads its free memory)
-        self.placement = self._placement(memory_budget, offload, activations, cpu_memory_budget)
         self.registry = registry if registry is not None else COMPONENTS
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.RLock()
+        self.placement = self._placement(memory_budget, offload, activations, cpu_memory_budget)
 
     def _placement(
         self, budget: str | int | None, policy: AbstractOffload | None, activations: str | int | None, cpu_budget: str | int | None
     ) -> Placement:
+        models = [entry.obj for entry in self._entries.values() if isinstance(entry.obj, torch.nn.Module)]
+        for_device, cpu = self._device if self._device is not None else torch.device("cpu"), torch.device("cpu")
         if is_auto(budget):
-            budget = measured_budget(self._device if self._device is not None else torch.device("cpu"))
+            budget = measured_budget(for_device, held=own_bytes(models, for_device))
         if is_auto(cpu_budget):
-            cpu_budget = measured_budget(torch.device("cpu"))
+            cpu_budget = measured_budget(cpu, held=own_bytes(models, cpu))
         return Placement(budget=budget, policy=policy, on_move=self._on_move, activations=activations,
                          cpu_budget=cpu_budget, on_step=self._reserve_step, on_tensors=self._attach_again)
 
@@ -130,20 +132,23 @@ class ComponentsManager:
             placement = self._placement(memory_budget, offload, activations, cpu_memory_budget)
             if placement.active:
                 placement.make_plan(self._model_sizes, self.device)  # refuses before anything moves
-            was_active = self.placement.active
-            self.placement.detach_all()  # every placed model home, its hooks removed
-            self.placement = placement
-            if placement.active:
-                self._place_loaded(from_device=not was_active)
-            elif self.device is not None:
-                self._move_loaded(self.device)
+            old, self.placement = self.placement, placement
+            for entry in self._entries.values():  # one model at a time: the others keep a policy meanwhile
+                if not isinstance(entry.obj, torch.nn.Module):
+                    continue
+                old.detach(entry.key)  # home, its hooks removed (a forward running it in another thread ends first)
+                if placement.active:
+                    if not old.active:  # it was simply on the device: home first, where the policy places it from
+                        entry.obj.to("cpu")
+                    placement.attach(entry.key, entry.name, entry.obj)
+                elif self.device is not None:
+                    entry.obj.to(self.device)
+            old.detach_all()  # the buffers it kept for copying go back
             free_memory()
         return self
 
-    def _place_loaded(self, *, from_device: bool = False) -> None:
-        """Give every loaded model the plan's policy (``from_device``: they were simply on the device, so home first)."""
-        if from_device:
-            self._move_loaded(torch.device("cpu"))
+    def _place_loaded(self) -> None:
+        """Give every loaded model the plan's policy (one already placed keeps it)."""
         for entry in self._entries.values():
             if entry.obj is not None:
                 self.placement.attach(entry.key, entry.name, entry.obj)
@@ -296,22 +301,7 @@ class ComponentsManager:
                     self.placement.attach(entry.key, entry.name, entry.obj)
 
     def _model_sizes(self) -> dict[str, ModelSize]:
-        sizes: dict[str, ModelSize] = {}
-        seen: set[int] = set()  # one object under several names (or pipelines) counts once
-        for entry in self._entries.values():
-            if entry.obj is not None and id(entry.obj) in seen:
-                continue
-            seen.add(id(entry.obj))
-            size: ModelSize | None = None
-            if isinstance(entry.obj, torch.nn.Module):
-                size = measure(entry.obj)
-                if entry.spec is not None:
-                    size = with_loading_peak(self.component_type(entry.key), entry.spec, size)
-            elif entry.obj is None and entry.spec is not None:
-                size = size_of_spec(self.component_type(entry.key), entry.spec)
-            if size is not None:
-                sizes[entry.name if entry.name not in sizes else entry.key] = size
-        return sizes
+        return component_sizes([(e.name, e.key, e.obj, e.spec) for e in self._entries.values()], self.component_type)
 
     def component_type(self, key: str) -> type | None:
         """The component's class, resolved without loading it (None when the spec has no type hint)."""

@@ -9,17 +9,44 @@ are measured once loaded.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diffblocks.components.memory import ModelSize
+from diffblocks.components.memory import ModelSize, measure
 from diffblocks.components.memory.disk import register_weight_files
 from diffblocks.components.memory.estimate import mapped_loading_peak, size_before_loading
 from diffblocks.components.specs import ComponentSpec
 from diffblocks.components.transformers_mapped import is_transformers_model, transformers_loading_peak
+
+
+def component_sizes(
+    components: Iterable[tuple[str, str, Any, ComponentSpec | None]], component_type: Callable[[str], type | None]
+) -> dict[str, ModelSize]:
+    """The size of each model among ``components`` (name, key, the loaded object or None, its spec), by name.
+
+    A loaded model is measured as it is, a spec's model before it loads; one object under several
+    names (or pipelines) counts once, and a second component of one name is listed by its key.
+    """
+    sizes: dict[str, ModelSize] = {}
+    seen: set[int] = set()
+    for name, key, obj, spec in components:
+        if obj is not None and id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        size: ModelSize | None = None
+        if isinstance(obj, torch.nn.Module):
+            size = measure(obj)
+            if spec is not None:
+                size = with_loading_peak(component_type(key), spec, size)
+        elif obj is None and spec is not None:
+            size = size_of_spec(component_type(key), spec)
+        if size is not None:
+            sizes[name if name not in sizes else key] = size
+    return sizes
 
 
 def size_of_spec(cls: type | None, spec: ComponentSpec) -> ModelSize | None:

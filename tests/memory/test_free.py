@@ -36,3 +36,32 @@ def test_auto_where_free_memory_cannot_be_read_says_to_give_a_size() -> None:
         ComponentsManager(device="meta", memory_budget="auto")
     with pytest.raises(ValueError, match="is not a size"):
         ComponentsManager(device="cpu", memory_budget="automatic")
+
+
+def test_auto_measured_again_by_place_counts_the_managers_own_loaded_models_as_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(FREE, "cpu", lambda _device: 10 * GiB)  # what the machine reports, the loaded models already taken
+    manager = ComponentsManager(device="cpu")
+    model = torch.nn.Linear(1024, 1024)  # 4.0 MiB
+    manager.get(manager.add("proj", model))
+    tied = manager.add("again", model)  # the same storages under a second name count once
+    manager.place(memory_budget="auto", cpu_memory_budget="auto")
+    own = 1024 * 1025 * 4
+    assert manager.placement.budget == manager.placement.cpu_budget == int((10 * GiB + own) * 0.9)
+    assert manager.get(tied) is model
+
+
+def test_a_model_under_two_names_is_placed_once() -> None:
+    from diffblocks.components.memory import GroupOffload
+    from tests.memory.test_policies import Toy
+
+    moves: list[str] = []
+    manager = ComponentsManager(device="cpu", offload=GroupOffload(1), on_move=lambda name, device, size: moves.append(name))
+    model = Toy()
+    manager.add("a", model)
+    manager.add("b", model)
+    manager.get("a")
+    manager.get("b")
+    assert len(model._forward_pre_hooks) == 1 and len(model.blocks[0]._forward_pre_hooks) == 1
+    moves.clear()
+    model(torch.ones(1, 4))
+    assert moves == [f"a/blocks.{i}" for i in range(4) for _ in range(2)]  # each block in and home, once

@@ -6,7 +6,8 @@ model's tensors becomes a view of a memory map (``mmap``), which holds no memory
 operating system reads a page from disk when a copy to the device touches it, and may drop it
 again at will (it is page cache, not the process's memory). Everything else is group offload
 (:func:`~diffblocks.components.memory.policies.attach_groups`): the repeated blocks stream to the
-device as they run, the rest lives on the device.
+device as they run, the rest lives on the device; or, with ``leaf=True``, leaf offload
+(:func:`~diffblocks.components.memory.policies.attach_leaves`): every layer streams, none stays.
 
 The home of a tensor is, in this order:
 

@@ -4,15 +4,21 @@ The budget is what the device (or the CPU) has free when the manager is made, le
 :data:`SHARE` of it, as accelerate's ``get_balanced_memory`` leaves for a GPU. The rest is for
 what no plan counts: the CUDA context and the libraries' workspaces, the caching allocator's
 rounding, and other programs. It is measured once: a budget that followed free memory would
-shrink under the manager's own models.
+shrink under the manager's own models. Measured again later (``manager.place(memory_budget="auto")``),
+what the manager's loaded models hold there counts as free (:func:`own_bytes`): they are what
+the budget is for.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
+from torch import nn
 
+from diffblocks.components.memory.disk import is_mapped
+from diffblocks.components.memory.mover import tensors_of
+from diffblocks.components.memory.reserve import held_bytes
 from diffblocks.components.memory.sizes import ByteSize
 
 SHARE = 0.9
@@ -43,8 +49,16 @@ def is_auto(value: object) -> bool:
     return isinstance(value, str) and value.strip().lower() == "auto"
 
 
-def measured_budget(device: torch.device) -> ByteSize:
-    """:data:`SHARE` of the memory free on ``device`` now.
+def own_bytes(models: Iterable[nn.Module], device: torch.device) -> int:
+    """Bytes ``models`` hold in memory on ``device`` now, each storage once (a memory-mapped model holds none: its pages are cache)."""
+    index = device.index or 0
+    # detached: a parameter as the plain tensor over its storage, so a model met twice counts once
+    return held_bytes(t.detach() for model in models if not is_mapped(model) for t in tensors_of(model, recurse=True)
+                      if t.device.type == device.type and (t.device.index or 0) == index)
+
+
+def measured_budget(device: torch.device, *, held: int = 0) -> ByteSize:
+    """:data:`SHARE` of the memory free on ``device`` now, counting ``held`` bytes (the asker's own tensors there) as free.
 
     Raises:
         ValueError: a device whose free memory cannot be read (give the budget as a size instead).
@@ -56,7 +70,7 @@ def measured_budget(device: torch.device) -> ByteSize:
     read = FREE.get(device.type)
     if read is None:
         raise ValueError(f"memory budget 'auto' cannot read the free memory of {device}: give the budget as a size ('12GiB')")
-    return ByteSize(int(read(device) * SHARE))
+    return ByteSize(int((read(device) + held) * SHARE))
 
 
-__all__ = ["FREE", "SHARE", "is_auto", "measured_budget"]
+__all__ = ["FREE", "SHARE", "is_auto", "measured_budget", "own_bytes"]

@@ -191,8 +191,13 @@ class Placement:
         self.plan = None
 
     def attach(self, key: str, name: str, model: object) -> None:
-        """Give ``model`` the plan's policy, once (a model that is not an ``nn.Module`` has no weights to place)."""
+        """Give ``model`` the plan's policy, once (a model that is not an ``nn.Module`` has no weights to place).
+
+        One model under several keys (names, pipelines) is placed once, under the first: the plan counted it once.
+        """
         if key in self._attached or not isinstance(model, nn.Module) or self.plan is None or self._mover is None:
+            return
+        if any(attached.model is model for attached in self._attached.values()):
             return
         self._attached[key] = self.plan.policy.attach(name, model, self._mover)
         if self.on_tensors is not None:

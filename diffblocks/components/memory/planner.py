@@ -132,7 +132,7 @@ def plan_memory(
 
     With a ``cpu_budget``, a policy whose home copies of the weights would not fit CPU memory
     (:func:`host_peak`) is replaced by :class:`~diffblocks.components.memory.DiskOffload`, whose
-    home is a memory-mapped file, if its streamed groups fit the device.
+    home is a memory-mapped file: streaming groups where they fit the device, else one layer at a time.
 
     Raises:
         MemoryBudgetError: nothing fits; the message says the least any policy needs. Also a
