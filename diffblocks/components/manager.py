@@ -114,9 +114,11 @@ class ComponentsManager:
 
         The arguments mean what they mean to the constructor, and replace all of its memory
         settings. The new plan is made first, so a budget too small (:class:`MemoryBudgetError`)
-        or a bad value leaves the placement as it was. Then every loaded model leaves its old
-        policy (a forward running it in another thread ends first) and takes the new one at once;
-        models not loaded yet load under it.
+        or a bad value leaves the placement as it was. Then each loaded model in turn leaves its
+        old policy (a forward running it in another thread ends first) and takes the new one;
+        models not loaded yet load under it. What a step reserved for activations is estimated
+        again at the next call. An error while moving (out of memory) leaves the new placement
+        with the models placed so far; the next use places the rest, or ``place()`` again with less.
 
         Example:
             >>> import torch
@@ -356,9 +358,10 @@ class ComponentsManager:
         Under a memory budget or an offload policy the models stay where the policy keeps them;
         the next plan places them for the new device.
         """
-        self.device = device  # the setter checks and converts names
-        if not self.placement.active:
-            self._move_loaded(self.device)
+        with self._lock:
+            self.device = device  # the setter checks and converts names
+            if not self.placement.active:
+                self._move_loaded(self.device)
         return self
 
     def keys(self) -> list[str]:
