@@ -65,6 +65,8 @@ class Pipeline(AbstractLoRAMethods, AbstractTextualInversionMethods, AbstractIPA
         self.user_inputs = tuple(user_inputs)
         self.manager = manager if manager is not None else ComponentsManager()
         self._binding = threading.Lock()
+        self._running: list[Build] = []  # versions that calls are running now
+        self._retired: set[str] = set()  # keys replaced while a call still runs them: released after it
         self._originals: dict[str, Any] = {}  # float components given as objects, kept while a quantized copy is used
         keys = {name: self.manager.add(name, value, user=self.name) for name, value in (components or {}).items()}
         self._build = self._compile(blocks, keys)
@@ -193,13 +195,31 @@ class Pipeline(AbstractLoRAMethods, AbstractTextualInversionMethods, AbstractIPA
                 except BaseException:
                     build.bound.clear()
                     raise
+                self._running.append(build)
             build.callers += 1
 
     def _release(self, build: Build) -> None:
         with self._binding:
             build.callers -= 1
-            if build.callers == 0:
-                build.bound.clear()  # the manager, not the pipeline, keeps components alive between calls
+            if build.callers:
+                return
+            build.bound.clear()  # the manager, not the pipeline, keeps components alive between calls
+            self._running.remove(build)
+        self._retire(())
+
+    def _retire(self, keys: Iterable[str]) -> None:
+        """Release ``keys`` (replaced by a newer version) and those retired before, once no version a call runs uses them.
+
+        A released model leaves the manager's placement (its hooks removed, its weights home), which
+        must not happen under a call still running it; a key the current version uses again stays.
+        """
+        with self._binding:
+            self._retired.update(keys)
+            self._retired -= set(self._build.keys.values())
+            used = {key for build in self._running for key in build.keys.values()}
+            free, self._retired = self._retired - used, self._retired & used
+        for key in free:
+            self.manager.release(key, user=self.name)
 
     # --- changing -------------------------------------------------------------------------------------------
 
@@ -210,18 +230,16 @@ class Pipeline(AbstractLoRAMethods, AbstractTextualInversionMethods, AbstractIPA
         added = []
         for name, value in components.items():
             keys[name] = self.manager.add(name, value, user=self.name)
-            added.append(keys[name])
+            if keys[name] not in current.values():  # one given again is not dropped if the plan fails
+                added.append(keys[name])
         try:
             build = self._compile(self._build.root, keys)
         except PlanError:
             for key in added:
                 self.manager.release(key, user=self.name)
             raise
-        for name in components:
-            if name in current and current[name] != keys[name]:
-                # a call in flight holds the old object in its own binding until it ends
-                self.manager.release(current[name], user=self.name)
         self._build = build
+        self._retire(current[name] for name in components if name in current and current[name] != keys[name])
         return self
 
     def _change(self, root: AbstractBlock, components: Mapping[str, Any], *, drop: Iterable[str] = ()) -> None:
@@ -239,9 +257,8 @@ class Pipeline(AbstractLoRAMethods, AbstractTextualInversionMethods, AbstractIPA
             for key in added:
                 self.manager.release(key, user=self.name)
             raise
-        for key in set(current.values()) - set(keys.values()):
-            self.manager.release(key, user=self.name)
         self._build = build
+        self._retire(set(current.values()) - set(keys.values()))
 
     def quantize(self, quantization: Quantization) -> Pipeline:
         """Quantize components, or change or remove their quantizer, always from the original weights.

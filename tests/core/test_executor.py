@@ -296,3 +296,44 @@ def test_an_interrupt_in_an_inner_loop_stops_every_loop() -> None:
     out = nested()(rows=4, cols=5, callbacks=[stop], progress=False)
     assert out.interrupted and out.total == 0  # the first inner iteration ran (i=0, j=0), nothing after it
     assert (out.i_index, out.j_index) == (0, 0)
+
+
+def test_a_component_replaced_under_a_running_call_keeps_its_placement_until_that_call_ends() -> None:
+    import threading
+
+    from diffblocks.components import ComponentsManager
+    from diffblocks.components.memory import ModelOffload
+
+    started, finish = threading.Event(), threading.Event()
+
+    class Blocking(Denoiser):
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if threading.current_thread().name == "slow":
+                started.set()
+                assert finish.wait(timeout=10)
+            return super().forward(x, t)
+
+    old = Decoder()
+    pipe = Pipeline(toy_blocks(), {"denoiser": Blocking(), "decoder": old}, manager=ComponentsManager(device="cpu", offload=ModelOffload()))
+    expected = pipe(num_inference_steps=1, generator=torch.Generator().manual_seed(0), progress=False).images
+    errors: list[BaseException] = []
+    results: list[torch.Tensor] = []
+
+    def slow_call() -> None:
+        try:
+            results.append(pipe(num_inference_steps=1, generator=torch.Generator().manual_seed(0), progress=False).images)
+        except BaseException as err:  # noqa: BLE001 - asserted below
+            errors.append(err)
+
+    thread = threading.Thread(target=slow_call, name="slow")
+    thread.start()
+    assert started.wait(timeout=10)
+    pipe.update_components(decoder=Decoder())
+    assert old._forward_pre_hooks  # the slow call has yet to decode with it: still placed, still known to the manager
+    assert any(row.name == "decoder" and row.key.endswith(f"{id(old):x}") for row in pipe.manager.table())
+    finish.set()
+    thread.join(timeout=30)
+    assert not errors, errors
+    assert torch.allclose(results[0], expected)
+    assert not old._forward_pre_hooks  # released when the last call running it ended
+    assert [row.name for row in pipe.manager.table()].count("decoder") == 1
