@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -166,77 +167,87 @@ def test_components_are_not_held_between_calls() -> None:
     assert isinstance(Denoiser(), torch.nn.Module)
 
 
+class SlowCall:
+    """A call in a thread of its own that stays inside its denoiser until :meth:`end`, while others start and end."""
+
+    def __init__(self) -> None:
+        self.started, self.finish = threading.Event(), threading.Event()
+        self.results: list[torch.Tensor] = []
+        self.errors: list[BaseException] = []
+        self.thread: threading.Thread | None = None
+
+    def denoiser(self) -> Denoiser:
+        call = self
+
+        class Blocking(Denoiser):
+            def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                if threading.current_thread() is call.thread:
+                    call.started.set()
+                    assert call.finish.wait(timeout=10)
+                return super().forward(x, t)
+
+        return Blocking()
+
+    def start(self, pipe: Pipeline, **kwargs: Any) -> None:
+        def run() -> None:
+            try:
+                self.results.append(pipe(progress=False, **kwargs).images)
+            except BaseException as err:  # noqa: BLE001 - asserted in end()
+                self.errors.append(err)
+
+        self.thread = threading.Thread(target=run)
+        self.thread.start()
+        assert self.started.wait(timeout=10)
+
+    def end(self) -> torch.Tensor:
+        assert self.thread is not None
+        self.finish.set()
+        self.thread.join(timeout=30)
+        assert not self.errors, self.errors
+        return self.results[0]
+
+
 def test_concurrent_calls_share_the_components_safely() -> None:
-    import threading
-
-    started, finish = threading.Event(), threading.Event()
-
-    class Blocking(Denoiser):
-        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if threading.current_thread().name == "slow":
-                started.set()
-                assert finish.wait(timeout=10)  # stay inside the loop while another call starts and ends
-            return super().forward(x, t)
-
-    pipe = Pipeline(toy_blocks(), {"denoiser": Blocking(), "decoder": Decoder()})
-    results: list[torch.Tensor] = []
-    errors: list[BaseException] = []
-
-    def slow_call() -> None:
-        try:
-            results.append(pipe(num_inference_steps=2, progress=False).images)
-        except BaseException as err:  # noqa: BLE001 - asserted below
-            errors.append(err)
-
-    thread = threading.Thread(target=slow_call, name="slow")
-    thread.start()
-    assert started.wait(timeout=10)
+    slow = SlowCall()
+    pipe = Pipeline(toy_blocks(), {"denoiser": slow.denoiser(), "decoder": Decoder()})
+    slow.start(pipe, num_inference_steps=2)
     quick = pipe(num_inference_steps=1, progress=False).images  # starts and ends while the slow call runs
-    finish.set()
-    thread.join(timeout=30)
-    assert not errors, errors
-    assert len(results) == 1 and quick.shape == results[0].shape
+    assert quick.shape == slow.end().shape
     assert pipe._build.bound == {}
 
 
 def test_a_call_after_update_components_uses_the_new_components_while_an_older_call_runs() -> None:
-    import threading
-
-    started, finish = threading.Event(), threading.Event()
-
-    class Blocking(Denoiser):
-        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if threading.current_thread().name == "slow":
-                started.set()
-                assert finish.wait(timeout=10)
-            return super().forward(x, t)
-
     class Doubling(Decoder):
         def forward(self, latents: torch.Tensor) -> torch.Tensor:
             return super().forward(latents) * 2
 
-    pipe = Pipeline(toy_blocks(), {"denoiser": Blocking(), "decoder": Decoder()})
+    slow = SlowCall()
+    pipe = Pipeline(toy_blocks(), {"denoiser": slow.denoiser(), "decoder": Decoder()})
     expected = pipe(num_inference_steps=1, generator=torch.Generator().manual_seed(0), progress=False).images
-    results: list[torch.Tensor] = []
-    errors: list[BaseException] = []
-
-    def slow_call() -> None:
-        try:
-            results.append(pipe(num_inference_steps=1, generator=torch.Generator().manual_seed(0), progress=False).images)
-        except BaseException as err:  # noqa: BLE001 - asserted below
-            errors.append(err)
-
-    thread = threading.Thread(target=slow_call, name="slow")
-    thread.start()
-    assert started.wait(timeout=10)
+    slow.start(pipe, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
     pipe.update_components(decoder=Doubling())  # while the slow call is inside the loop
     quick = pipe(num_inference_steps=1, generator=torch.Generator().manual_seed(0), progress=False).images
-    finish.set()
-    thread.join(timeout=30)
-    assert not errors, errors
     assert torch.allclose(quick, expected * 2)  # the new decoder, though an older call was in flight
-    assert torch.allclose(results[0], expected)  # the call in flight kept the components it started with
+    assert torch.allclose(slow.end(), expected)  # the call in flight kept the components it started with
     assert pipe._build.bound == {}
+
+
+def test_a_component_replaced_under_a_running_call_keeps_its_placement_until_that_call_ends() -> None:
+    from diffblocks.components import ComponentsManager
+    from diffblocks.components.memory import ModelOffload
+
+    old, slow = Decoder(), SlowCall()
+    pipe = Pipeline(toy_blocks(), {"denoiser": slow.denoiser(), "decoder": old},
+                    manager=ComponentsManager(device="cpu", offload=ModelOffload()))
+    expected = pipe(num_inference_steps=1, generator=torch.Generator().manual_seed(0), progress=False).images
+    slow.start(pipe, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    pipe.update_components(decoder=Decoder())
+    assert old._forward_pre_hooks  # the slow call has yet to decode with it: still placed, still known to the manager
+    assert any(row.name == "decoder" and row.key.endswith(f"{id(old):x}") for row in pipe.manager.table())
+    assert torch.allclose(slow.end(), expected)
+    assert not old._forward_pre_hooks  # released when the last call running it ended
+    assert [row.name for row in pipe.manager.table()].count("decoder") == 1
+
 
 
 class Tally(Block):
@@ -297,43 +308,3 @@ def test_an_interrupt_in_an_inner_loop_stops_every_loop() -> None:
     assert out.interrupted and out.total == 0  # the first inner iteration ran (i=0, j=0), nothing after it
     assert (out.i_index, out.j_index) == (0, 0)
 
-
-def test_a_component_replaced_under_a_running_call_keeps_its_placement_until_that_call_ends() -> None:
-    import threading
-
-    from diffblocks.components import ComponentsManager
-    from diffblocks.components.memory import ModelOffload
-
-    started, finish = threading.Event(), threading.Event()
-
-    class Blocking(Denoiser):
-        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if threading.current_thread().name == "slow":
-                started.set()
-                assert finish.wait(timeout=10)
-            return super().forward(x, t)
-
-    old = Decoder()
-    pipe = Pipeline(toy_blocks(), {"denoiser": Blocking(), "decoder": old}, manager=ComponentsManager(device="cpu", offload=ModelOffload()))
-    expected = pipe(num_inference_steps=1, generator=torch.Generator().manual_seed(0), progress=False).images
-    errors: list[BaseException] = []
-    results: list[torch.Tensor] = []
-
-    def slow_call() -> None:
-        try:
-            results.append(pipe(num_inference_steps=1, generator=torch.Generator().manual_seed(0), progress=False).images)
-        except BaseException as err:  # noqa: BLE001 - asserted below
-            errors.append(err)
-
-    thread = threading.Thread(target=slow_call, name="slow")
-    thread.start()
-    assert started.wait(timeout=10)
-    pipe.update_components(decoder=Decoder())
-    assert old._forward_pre_hooks  # the slow call has yet to decode with it: still placed, still known to the manager
-    assert any(row.name == "decoder" and row.key.endswith(f"{id(old):x}") for row in pipe.manager.table())
-    finish.set()
-    thread.join(timeout=30)
-    assert not errors, errors
-    assert torch.allclose(results[0], expected)
-    assert not old._forward_pre_hooks  # released when the last call running it ended
-    assert [row.name for row in pipe.manager.table()].count("decoder") == 1
