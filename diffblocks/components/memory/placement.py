@@ -204,8 +204,16 @@ class Placement:
             _PLACED[model] = partial(self.on_tensors, key)
         if self.on_step is not None:
             watch_steps(model, name, self.on_step)
-        # what the weights leave of the budget at their peak: the room a decode sizes itself to
-        set_activation_room(model, self.budget - self.plan.peak if self.budget is not None else None, self._mover.make_room)
+        # what the weights leave of the budget while this model runs: the room a decode sizes itself to
+        set_activation_room(model, self._room(name), self._mover.make_room)
+
+    def _room(self, name: str) -> int | None:
+        if self.budget is None or self.plan is None:
+            return None
+        size, sizes = self.plan.sizes.get(name), list(self.plan.sizes.values())
+        kept = sum(self.plan.kept.values())  # counted in the plan's peak, not in the policy's own
+        resident = self.plan.policy.peak_while(size, sizes) + kept if size is not None else self.plan.peak
+        return self.budget - resident
 
     def detach(self, key: str) -> None:
         attached = self._attached.pop(key, None)

@@ -94,6 +94,10 @@ class AbstractOffload(ABC):
     def attach(self, name: str, model: nn.Module, mover: Mover) -> Attached:
         """Install this policy on ``model`` (named ``name`` in moves and errors)."""
 
+    def peak_while(self, size: ModelSize, sizes: Sequence[ModelSize]) -> int:
+        """The most bytes of weights on the device while the model of ``size`` (one of ``sizes``) runs: what its activations cannot use."""
+        return self.peak(sizes)
+
     def describe(self) -> str:
         return repr(self)
 
@@ -129,6 +133,9 @@ class ModelOffload(AbstractOffload):
 
     def peak(self, sizes: Sequence[ModelSize]) -> int:
         return max((size.total for size in sizes), default=0)
+
+    def peak_while(self, size: ModelSize, sizes: Sequence[ModelSize]) -> int:
+        return size.total  # the others went home when it came in
 
     def attach(self, name: str, model: nn.Module, mover: Mover) -> Attached:
         # the whole model as one group: its home pinned once, so moving in is a fast copy and going home copies nothing
