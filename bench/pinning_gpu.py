@@ -1,0 +1,102 @@
+"""What pinning offloaded weights costs: tensor by tensor, as one buffer per group, or registered in place.
+
+Group offload keeps each streamed weight's home in pinned CPU memory, pinned once when the policy
+is attached. This times the ways to get there for Flux-shaped weights (bf16 blocks of 3072x12288,
+3072x3072 and 12288x3072 matrices, about 0.6 GiB a block, ``--blocks`` of them):
+
+- ``per tensor``: ``tensor.pin_memory()`` for each weight (a copy into PyTorch's pinned host allocator);
+- ``one buffer per group``: ``torch.empty(group bytes, pin_memory=True)`` and each weight copied into a view;
+- ``registered``: ``cudaHostRegister`` on each weight's own pageable memory (no copy, no new memory).
+
+Reported per way: seconds, GiB/s over the weights' bytes, and the pinned host bytes the allocator
+holds afterwards (``torch.cuda.host_memory_stats``, where this torch has it). Run on a CUDA machine:
+``python bench/pinning_gpu.py [--blocks 8]``; JSON goes to ``$OUT/pinning_gpu.json`` when ``OUT`` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = [(3072, 12288), (12288, 3072), (3072, 3072), (3072, 3072), (3072, 3072), (3072, 3072), (9216, 3072)]
+
+
+def _block() -> list[torch.Tensor]:
+    return [torch.empty(shape, dtype=torch.bfloat16).fill_(1.0) for shape in SHAPES]
+
+
+def _host_bytes() -> int | None:
+    stats = getattr(torch.cuda, "host_memory_stats", None)
+    if stats is None:
+        return None
+    return int(stats().get("allocated_bytes.current", stats().get("reserved_bytes.current", 0)))
+
+
+def per_tensor(blocks: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    return [t.pin_memory() for block in blocks for t in block]
+
+
+def one_buffer_per_group(blocks: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    homes = []
+    for block in blocks:
+        nbytes = sum(t.numel() * t.element_size() for t in block)
+        buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        offset = 0
+        for t in block:
+            size = t.numel() * t.element_size()
+            view = buffer[offset : offset + size].view(t.dtype).view(t.shape)
+            view.copy_(t)
+            homes.append(view)
+            offset += size
+    return homes
+
+
+def registered(blocks: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    cudart = torch.cuda.cudart()
+    for block in blocks:
+        for t in block:
+            code = cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+            if int(code) != 0:
+                raise RuntimeError(f"cudaHostRegister failed: {code}")
+    return [t for block in blocks for t in block]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--blocks", type=int, default=8)
+    args = parser.parse_args()
+    torch.cuda.init()
+    results = []
+    for name, way in (("per tensor", per_tensor), ("one buffer per group", one_buffer_per_group), ("registered", registered)):
+        blocks = [_block() for _ in range(args.blocks)]
+        nbytes = sum(t.numel() * t.element_size() for block in blocks for t in block)
+        before = _host_bytes()
+        start = time.perf_counter()
+        homes = way(blocks)
+        seconds = time.perf_counter() - start
+        assert all(t.is_pinned() for t in homes)
+        after = _host_bytes()
+        held = after - before if after is not None and before is not None else None
+        results.append({"way": name, "seconds": seconds, "gib": nbytes / 2**30, "gib_per_s": nbytes / 2**30 / seconds,
+                        "pinned_bytes_added": held})
+        print(f"| {name} | {nbytes / 2**30:.2f} GiB | {seconds:.2f} s | {nbytes / 2**30 / seconds:.2f} GiB/s | "
+              f"{'-' if held is None else f'{held / 2**30:.2f} GiB'} |", flush=True)
+        if name == "registered":
+            for t in homes:
+                torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+        del homes, blocks
+    out = os.environ.get("OUT")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        setting = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "blocks": args.blocks,
+                   "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
+        (Path(out) / "pinning_gpu.json").write_text(json.dumps({"setting": setting, "rows": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
