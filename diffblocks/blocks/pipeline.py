@@ -205,7 +205,9 @@ class Pipeline(AbstractLoRAMethods, AbstractTextualInversionMethods, AbstractIPA
                 return
             build.bound.clear()  # the manager, not the pipeline, keeps components alive between calls
             self._running.remove(build)
-        self._retire(())
+            waiting = bool(self._retired)
+        if waiting:  # components replaced under this call: free now, unless another call still runs them
+            self._retire(())
 
     def _retire(self, keys: Iterable[str]) -> None:
         """Release ``keys`` (replaced by a newer version) and those retired before, once no version a call runs uses them.
