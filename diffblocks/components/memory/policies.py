@@ -305,8 +305,8 @@ def attach_leaves(name: str, model: nn.Module, mover: Mover, *, streams: Synchro
     ``streams`` keeps it (a memory-mapped file under :class:`~diffblocks.components.memory.disk.DiskOffload`):
     a dropped layer goes back to the same home tensors, so going home copies nothing.
     """
-    layers = [(f"{name}/{sub_name or '(top)'}", sub) for sub_name, sub in model.named_modules()
-              if any(True for _ in tensors_of(sub, recurse=False))]
+    names = {id(sub): sub_name for sub_name, sub in model.named_modules()}
+    layers = [(f"{name}/{names[id(sub)] or '(top)'}", sub) for sub in _holders(model)]
     groups = [StreamedGroup(label, [sub], streams, recurse=False) for label, sub in layers]
     prefetcher = Prefetcher(groups, mover, prefetch=False)
     handles = _pinned_forward(model, mover, then=prefetcher.finish)  # first: pinned before the top layer's own tensors come in
