@@ -6,10 +6,14 @@ is attached. This times the ways to get there for Flux-shaped weights (bf16 bloc
 
 - ``per tensor``: ``tensor.pin_memory()`` for each weight (a copy into PyTorch's pinned host allocator);
 - ``one buffer per group``: ``torch.empty(group bytes, pin_memory=True)`` and each weight copied into a view;
-- ``registered``: ``cudaHostRegister`` on each weight's own pageable memory (no copy, no new memory).
+- ``registered``: ``cudaHostRegister`` on each weight's own pageable memory (no copy, no new memory);
+- ``one registered buffer per group``: one pageable buffer per group (plain ``torch.empty``), each
+  weight copied into a view, then the buffer registered with ``cudaHostRegister``.
 
-Reported per way: seconds, GiB/s over the weights' bytes, and the pinned host bytes the allocator
-holds afterwards (``torch.cuda.host_memory_stats``, where this torch has it). Run on a CUDA machine:
+Reported per way: seconds, GiB/s over the weights' bytes, the pinned host bytes PyTorch's pinned
+allocator holds afterwards (``torch.cuda.host_memory_stats``, where this torch has it), and how
+fast one group then copies to the device: tensor by tensor, and (for the ways with one buffer per
+group) as one copy of the whole buffer. Run on a CUDA machine:
 ``python bench/pinning_gpu.py [--blocks 8]``; JSON goes to ``$OUT/pinning_gpu.json`` when ``OUT`` is set.
 """
 
@@ -18,7 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,46 +62,105 @@ def one_buffer_per_group(blocks: list[list[torch.Tensor]]) -> list[torch.Tensor]
     return homes
 
 
+def _register(tensor: torch.Tensor) -> None:
+    code = torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), tensor.numel() * tensor.element_size(), 0)
+    if int(code) != 0:
+        raise RuntimeError(f"cudaHostRegister failed: {code}")
+
+
+def one_registered_buffer_per_group(blocks: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    homes = []
+    for block in blocks:
+        nbytes = sum(t.numel() * t.element_size() for t in block)
+        buffer = torch.empty(nbytes, dtype=torch.uint8)
+        offset = 0
+        for t in block:
+            size = t.numel() * t.element_size()
+            view = buffer[offset : offset + size].view(t.dtype).view(t.shape)
+            view.copy_(t)
+            homes.append(view)
+            offset += size
+        _register(buffer)
+    return homes
+
+
 def registered(blocks: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-    cudart = torch.cuda.cudart()
     for block in blocks:
         for t in block:
-            code = cudart.cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
-            if int(code) != 0:
-                raise RuntimeError(f"cudaHostRegister failed: {code}")
+            _register(t)
     return [t for block in blocks for t in block]
+
+
+def _copy_speeds(group: list[torch.Tensor], *, flat: bool) -> tuple[float, float | None]:
+    """GiB/s copying one group to the device on a side stream: tensor by tensor, and as one copy of its buffer."""
+    nbytes = sum(t.numel() * t.element_size() for t in group)
+    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    side = torch.cuda.Stream()
+
+    def timed(copy: Callable[[], None]) -> float:
+        times = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            with torch.cuda.stream(side):
+                copy()
+            side.synchronize()
+            times.append(time.perf_counter() - start)
+        return nbytes / 2**30 / statistics.median(times)
+
+    def each() -> None:
+        offset = 0
+        for t in group:
+            size = t.numel() * t.element_size()
+            device[offset : offset + size].view(t.dtype).view(t.shape).copy_(t, non_blocking=True)
+            offset += size
+
+    def whole() -> None:
+        base = group[0]
+        source = torch.empty(0, dtype=torch.uint8).set_(base.untyped_storage(), 0, (nbytes,))
+        device.copy_(source, non_blocking=True)
+
+    return timed(each), (timed(whole) if flat else None)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, default=8)
+    parser.add_argument("--name", default="pinning_gpu", help="the JSON file's name under $OUT")
     args = parser.parse_args()
     torch.cuda.init()
     results = []
-    for name, way in (("per tensor", per_tensor), ("one buffer per group", one_buffer_per_group), ("registered", registered)):
+    ways = (("per tensor", per_tensor), ("one buffer per group", one_buffer_per_group), ("registered", registered),
+            ("one registered buffer per group", one_registered_buffer_per_group))
+    for name, way in ways:
         blocks = [_block() for _ in range(args.blocks)]
         nbytes = sum(t.numel() * t.element_size() for block in blocks for t in block)
         before = _host_bytes()
         start = time.perf_counter()
         homes = way(blocks)
         seconds = time.perf_counter() - start
-        assert all(t.is_pinned() for t in homes)
+        assert all(t.is_pinned() for t in homes), name
         after = _host_bytes()
         held = after - before if after is not None and before is not None else None
+        per_tensor_gib_s, flat_gib_s = _copy_speeds(homes[: len(SHAPES)], flat=name.startswith("one"))
         results.append({"way": name, "seconds": seconds, "gib": nbytes / 2**30, "gib_per_s": nbytes / 2**30 / seconds,
-                        "pinned_bytes_added": held})
+                        "pinned_bytes_added": held, "copy_per_tensor_gib_s": per_tensor_gib_s, "copy_flat_gib_s": flat_gib_s})
         print(f"| {name} | {nbytes / 2**30:.2f} GiB | {seconds:.2f} s | {nbytes / 2**30 / seconds:.2f} GiB/s | "
-              f"{'-' if held is None else f'{held / 2**30:.2f} GiB'} |", flush=True)
-        if name == "registered":
+              f"{'-' if held is None else f'{held / 2**30:.2f} GiB'} | {per_tensor_gib_s:.1f} GiB/s | "
+              f"{'-' if flat_gib_s is None else f'{flat_gib_s:.1f} GiB/s'} |", flush=True)
+        if name.startswith("registered"):
             for t in homes:
                 torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+        elif name == "one registered buffer per group":
+            for t in homes[:: len(SHAPES)]:
+                torch.cuda.cudart().cudaHostUnregister(t.untyped_storage().data_ptr())
         del homes, blocks
     out = os.environ.get("OUT")
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
         setting = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "blocks": args.blocks,
                    "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
-        (Path(out) / "pinning_gpu.json").write_text(json.dumps({"setting": setting, "rows": results}, indent=2))
+        (Path(out) / f"{args.name}.json").write_text(json.dumps({"setting": setting, "rows": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,32 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
 
+def packed_views(buffer: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """A view of the byte tensor ``buffer`` for each of ``tensors`` (same shape and dtype), packed from its start at aligned offsets."""
+    views, offset = [], 0
+    for tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        views.append(buffer[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape))
+        offset += _aligned(nbytes)
+    return views
+
+
+def packed_buffer(tensors: Sequence[torch.Tensor], nbytes: int) -> torch.Tensor | None:
+    """The one byte buffer ``tensors`` are the packed views of (as :func:`packed_views` lays them out), or None."""
+    if not tensors:
+        return None
+    storage = tensors[0].untyped_storage()
+    if storage.nbytes() != nbytes:
+        return None
+    offset = 0
+    for tensor in tensors:
+        if (tensor.untyped_storage().data_ptr() != storage.data_ptr() or not tensor.is_contiguous()
+                or tensor.storage_offset() * tensor.element_size() != offset):
+            return None
+        offset += _aligned(tensor.numel() * tensor.element_size())
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+
 class Mark(Protocol):
     """A point in the compute stream's queue (a ``torch.cuda.Event`` recorded there)."""
 
@@ -76,12 +102,7 @@ class Slot:
 
     def views(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """A view of this slot for each of ``tensors`` (same shape and dtype), packed from the start."""
-        views, offset = [], 0
-        for tensor in tensors:
-            nbytes = tensor.numel() * tensor.element_size()
-            views.append(self.buffer[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape))
-            offset += _aligned(nbytes)
-        return views
+        return packed_views(self.buffer, tensors)
 
 
 @final

@@ -3,8 +3,10 @@
 Group offload moves the same groups in the same order every step, so three things make it cheap:
 
 - Each group's home tensors live in pinned (page-locked) CPU memory, pinned once when the policy
-  is attached. A copy from pinned memory is a DMA the host does not wait for; from pageable memory
-  the driver stages it through a pinned buffer of its own, synchronously.
+  is attached, packed into one buffer per group (:mod:`~diffblocks.components.memory.pinned`).
+  A copy from pinned memory is a DMA the host does not wait for; from pageable memory the driver
+  stages it through a pinned buffer of its own, synchronously. A packed group goes to the device
+  as one copy.
 - While group k computes on the current stream, group k+1 is copied on a side stream, into one
   of two device buffers reused group after group (:mod:`~diffblocks.components.memory.slots`).
   The current stream waits for the copy's event before group k+1's first kernel (a wait on the
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Any, final
 import torch
 from torch import nn
 
+from diffblocks.components.memory.pinned import Put, pack
 from diffblocks.components.memory.slots import DeviceSlots, Slot, packed_bytes
 
 if TYPE_CHECKING:
@@ -48,8 +51,18 @@ class Synchronous:
         """``tensor`` as the home copy to stream from (pinned where that helps)."""
         return tensor
 
-    def copy(self, label: str, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
-        """Start copying ``tensors`` to the device; returns the copies and what to wait on before using them."""
+    def home(self, tensors: list[torch.Tensor], put: Put) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """A group's home copies to stream from, and the one byte buffer they are packed in (None: each apart).
+
+        Each home is given to ``put`` as soon as it exists, and replaces its original in ``tensors``.
+        """
+        for i, tensor in enumerate(tensors):
+            tensors[i] = self.pin(tensor)
+            put(i, tensors[i])
+        return tensors, None
+
+    def copy(self, label: str, tensors: list[torch.Tensor], packed: torch.Tensor | None = None) -> tuple[list[torch.Tensor], Any]:
+        """Start copying ``tensors`` (packed in ``packed``, if given) to the device; returns the copies and what to wait on before using them."""
         return [t.to(self.device, non_blocking=self.non_blocking) for t in tensors], None
 
     def kept(self) -> Synchronous:
@@ -96,9 +109,15 @@ class CudaStreams(Synchronous):
         except (RuntimeError, NotImplementedError):  # a tensor subclass without pin_memory: copied from pageable memory, still correct
             return tensor
 
-    def copy(self, label: str, tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Any]:
-        current = torch.cuda.current_stream(self.device)
+    def home(self, tensors: list[torch.Tensor], put: Put) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         nbytes = packed_bytes(tensors)
+        if nbytes is None or not tensors or any(t.device.type != "cpu" for t in tensors):
+            return super().home(tensors, put)
+        return pack(tensors, nbytes, put)
+
+    def copy(self, label: str, tensors: list[torch.Tensor], packed: torch.Tensor | None = None) -> tuple[list[torch.Tensor], Any]:
+        current = torch.cuda.current_stream(self.device)
+        nbytes = packed.numel() if packed is not None else packed_bytes(tensors)
         slot = self.slots.take(nbytes) if nbytes is not None else None
         with torch.cuda.stream(self.side):
             if slot is None:  # tensors of their own, from the allocator
@@ -106,8 +125,11 @@ class CudaStreams(Synchronous):
             else:
                 self.side.wait_event(slot.free_after)  # type: ignore[arg-type] - a cuda_mark: an event
                 copies = slot.views(tensors)
-                for copy, tensor in zip(copies, tensors):
-                    copy.copy_(tensor, non_blocking=True)
+                if packed is not None:  # the slot's layout is the home buffer's: one copy for the group
+                    slot.buffer[: packed.numel()].copy_(packed, non_blocking=True)
+                else:
+                    for copy, tensor in zip(copies, tensors):
+                        copy.copy_(tensor, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(self.side)
         if slot is not None:
@@ -136,7 +158,7 @@ class _PinnedCopies(Synchronous):
 
     def __init__(self, streams: CudaStreams) -> None:
         super().__init__(streams.device, non_blocking=True)
-        self.pin = streams.pin  # type: ignore[method-assign]
+        self.pin, self.home = streams.pin, streams.home  # type: ignore[method-assign]
 
 
 @final
@@ -177,8 +199,8 @@ class StreamedGroup:
                     if buffer is not None:
                         self.slots.append((sub, name, False))
         with torch.inference_mode(False), torch.no_grad():
-            self.home = [streams.pin(self._get(slot)) for slot in self.slots]
-            self._put(self.home)
+            self.home, self.packed = streams.home([self._get(slot) for slot in self.slots],
+                                                  lambda i, home: self._put_one(self.slots[i], home))
         self.nbytes = sum(t.numel() * t.element_size() for t in self.home)
         self.fetched: list[torch.Tensor] | None = None
         self.ready: Any = None  # what the streams returned for the copy in flight or done
@@ -196,7 +218,10 @@ class StreamedGroup:
                 if _replaced(current, self.home[i]):  # model.to(dtype) or a new weight since: that is home now
                     self.home[i] = self.streams.pin(current.to(self.home[i].device))
                     self.nbytes = sum(t.numel() * t.element_size() for t in self.home)
-            self.fetched, self.ready = self.streams.copy(self.label, self.home)
+                    self.packed = None  # no longer all in the one buffer: copied tensor by tensor
+            # packed is given only for homes the streams packed themselves (a stand-in's copy need not take it)
+            self.fetched, self.ready = (self.streams.copy(self.label, self.home) if self.packed is None
+                                        else self.streams.copy(self.label, self.home, self.packed))
             self._waited = False
             self._put(self.fetched)
         self._versions = [self._version(slot) for slot in self.slots]
@@ -217,6 +242,7 @@ class StreamedGroup:
                 current = self._get(slot)
                 if _replaced(current, fetched):  # replaced on the device (model.to(dtype) while running): keep the new one
                     self.home[i] = self.streams.pin(current.to(home.device))
+                    self.packed = None
                 elif fetched is not home and self._version(slot) != version:
                     home.copy_(fetched)
             self._put(self.home)
@@ -237,13 +263,18 @@ class StreamedGroup:
         return tensor._version  # noqa: SLF001 - bumped by every in-place change
 
     def _put(self, tensors: list[torch.Tensor]) -> None:
-        for (module, name, is_param), tensor in zip(self.slots, tensors):
-            if is_param:
-                param = module._parameters[name]  # noqa: SLF001
-                assert param is not None
-                param.data = tensor
-            else:
-                module._buffers[name] = tensor  # noqa: SLF001
+        for slot, tensor in zip(self.slots, tensors):
+            self._put_one(slot, tensor)
+
+    @staticmethod
+    def _put_one(slot: tuple[nn.Module, str, bool], tensor: torch.Tensor) -> None:
+        module, name, is_param = slot
+        if is_param:
+            param = module._parameters[name]  # noqa: SLF001
+            assert param is not None
+            param.data = tensor
+        else:
+            module._buffers[name] = tensor  # noqa: SLF001
 
 
 def _replaced(current: torch.Tensor, known: torch.Tensor) -> bool:
