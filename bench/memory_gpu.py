@@ -11,6 +11,8 @@ reserve instead), picks the policy and keeps what blocks it can in the rest. Row
 
 - ``ours``: every model on the GPU (no budget).
 - ``ours@12GiB`` / ``ours@8GiB`` (Flux), ``ours@6GiB`` (SDXL): under the cap, the planner's choice.
+- ``ours-group`` (asked for by name only): ``offload=GroupOffload(1)`` with no cap and no budget,
+  every repeated block streamed; it tells what streaming itself costs and changes from what a cap does.
 - ``diffusers``: every model on the GPU.
 - ``diffusers-model-offload``: ``enable_model_cpu_offload()``, no cap (the transformer alone is 22 GiB).
 - ``diffusers-group-offload@12GiB`` (Flux), ``@6GiB`` (SDXL): ``enable_group_offload(block_level,
@@ -205,6 +207,7 @@ def sdxl_models(*, tiny: bool, device: str) -> Models:
 FAMILIES = {"flux": (flux_models, ("ours", "ours@12GiB", "ours@8GiB", "diffusers", "diffusers-model-offload",
                                    "diffusers-group-offload@12GiB")),
             "sdxl": (sdxl_models, ("ours", "ours@6GiB", "diffusers", "diffusers-model-offload", "diffusers-group-offload@6GiB"))}
+BY_NAME_ONLY = ("ours-group",)  # rows run only when named: after ``ours``, before the others
 
 
 def _inputs(models: Models, steps: int) -> dict[str, Any]:
@@ -223,7 +226,9 @@ def _cap(row: str) -> int | None:
 
 def _ours_pipe(models: Models, row: str, device: str) -> tuple[Pipeline, Callable[[], None], str]:
     cap = _cap(row)
-    if cap is None:
+    if row == "ours-group":
+        manager = ComponentsManager(device=device, offload=GroupOffload(1))
+    elif cap is None:
         manager = ComponentsManager(device=device)
     elif device == "cuda":
         reserve = {} if models.reserve is None else {"activations": models.reserve}  # None: the planner's own step estimate
@@ -231,7 +236,9 @@ def _ours_pipe(models: Models, row: str, device: str) -> tuple[Pipeline, Callabl
     else:  # tiny, on the CPU: the tiny models are mostly embeddings, so the planner would not stream; the streaming path runs anyway
         manager = ComponentsManager(device=device, offload=GroupOffload(1))
     pipe = Pipeline(models.blocks, models.ours_components, manager=manager, name=f"{models.family}:{row}")
-    if cap is None:
+    if row == "ours-group":
+        policy = "GroupOffload(1), no cap"
+    elif cap is None:
         manager.to(device)
         policy = "every model on the device"
     else:
@@ -407,7 +414,7 @@ def main() -> None:
     wanted: dict[str, list[str]] = {}
     for item in args.rows.split(","):
         family, _, row = item.strip().partition("/")
-        if family not in FAMILIES or (row and row not in FAMILIES[family][1]):
+        if family not in FAMILIES or (row and row not in FAMILIES[family][1] + BY_NAME_ONLY):
             parser.error(f"unknown row {item!r}: families {sorted(FAMILIES)}, rows {[f'{f}/{r}' for f, (_, rs) in FAMILIES.items() for r in rs]}")
         wanted.setdefault(family, []).extend([row] if row else FAMILIES[family][1])
     import diffusers
@@ -424,6 +431,7 @@ def main() -> None:
         models.reserve = None if args.reserve == "planner" else int(ByteSize.parse(args.reserve))
         print(f"{family}: models built in {time.perf_counter() - start:.0f} s")
         base: dict[str, Any] | None = None
+        order = order[:1] + BY_NAME_ONLY + order[1:]
         for row in [r for r in order if r in rows]:
             if row.startswith("diffusers-") and device != "cuda":
                 results.append({"family": family, "row": row, "error": "skipped: diffusers' offloading needs an accelerator"})
