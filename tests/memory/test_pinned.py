@@ -11,8 +11,8 @@ import torch
 
 from diffblocks.components.memory import GroupOffload, ModelOffload, Mover
 from diffblocks.components.memory import pinned
-from diffblocks.components.memory.pinned import locked_buffer, pack
-from diffblocks.components.memory.slots import ALIGN, packed_bytes, packed_views
+from diffblocks.components.memory.pinned import locked_buffer, pack, read_until
+from diffblocks.components.memory.slots import ALIGN, packed_bytes, packed_run, packed_views
 from diffblocks.components.memory.streams import Synchronous
 from tests.memory.test_policies import Toy
 
@@ -35,12 +35,12 @@ class Locks:
         self.unlocked.append(ptr)
 
 
-def test_a_locked_buffer_is_exactly_its_size_and_unlocked_only_when_its_last_view_is_freed() -> None:
+def test_a_locked_buffer_is_exactly_its_size_on_its_own_pages_and_unlocked_only_when_its_last_view_is_freed() -> None:
     locks = Locks()
     buffer = locked_buffer(10_000, lock=locks.lock, unlock=locks.unlock)
     address = buffer.data_ptr()
     assert buffer.numel() == 10_000 and buffer.dtype == torch.uint8
-    assert locks.locked == {address: 10_000} and address % 4096 == 0  # page aligned: its own map
+    assert locks.locked == {address: 12_288} and address % 4096 == 0  # its own map: whole pages, locked whole
     view = buffer[256:512].view(torch.float32)
     del buffer
     gc.collect()
@@ -52,8 +52,22 @@ def test_a_locked_buffer_is_exactly_its_size_and_unlocked_only_when_its_last_vie
     assert locks.unlocked == [address]
 
 
+def test_the_memory_is_unlocked_only_after_the_last_copy_that_reads_it_is_complete() -> None:
+    order: list[str] = []
+    buffer = locked_buffer(4096, lock=lambda _p, _s: True, unlock=lambda _p: order.append("unlocked"))
+
+    class Event:  # a copy queued on a stream: complete once synchronized
+        def synchronize(self) -> None:
+            order.append("copy complete")
+
+    read_until(buffer[256:512], Event())  # bytes of the buffer, as a group's run is
+    del buffer
+    gc.collect()
+    assert order == ["copy complete", "unlocked"]
+
+
 def test_a_refused_lock_leaves_a_working_pageable_buffer_and_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pinned, "_refused", type(pinned._refused)())  # noqa: SLF001 - a fresh "warned once"
+    monkeypatch.setattr(pinned, "_refused", False)  # a fresh "warned once"
     locks = Locks(refuse=True)
     with pytest.warns(RuntimeWarning, match="refused to page-lock"):
         first = locked_buffer(64, lock=locks.lock, unlock=locks.unlock)
@@ -90,10 +104,21 @@ def test_pack_lays_tensors_out_as_a_slot_does_and_lets_each_original_go_before_t
     slot.copy_(buffer)
     assert all(torch.equal(a, b) for a, b in zip(packed_views(slot, tensors), expected))
 
-    allocated: list[int] = []
-    again, same = pack(list(tensors), nbytes, put, allocate=lambda n: allocated.append(n) or torch.empty(n, dtype=torch.uint8))
-    assert allocated == [] and same.data_ptr() == buffer.data_ptr()  # already packed: nothing copied twice
-    assert [t.data_ptr() for t in again] == [t.data_ptr() for t in tensors]
+
+
+def test_a_run_is_found_inside_a_larger_buffer_only_where_the_layout_is_a_slot_s() -> None:
+    whole = [torch.randn(3), torch.randn(70), torch.randn(2, 2), torch.randn(5)]
+    homes, buffer = pack(list(whole), packed_bytes(whole) or 0, lambda _i, _h: None, allocate=lambda n: torch.empty(n, dtype=torch.uint8))
+    middle = homes[1:3]  # a group of blocks inside a model packed whole
+    run = packed_run(middle, packed_bytes(middle) or 0)
+    assert run is not None and run.data_ptr() == middle[0].data_ptr() and run.numel() == packed_bytes(middle)
+    slot = run.clone()
+    assert all(torch.equal(a, b) for a, b in zip(packed_views(slot, middle), whole[1:3]))
+    assert packed_run([homes[2], homes[1]], packed_bytes(middle) or 0) is None  # out of order
+    assert packed_run([homes[0], homes[2]], packed_bytes(middle) or 0) is None  # a gap
+    assert packed_run([homes[1], torch.randn(2, 2)], packed_bytes(middle) or 0) is None  # another storage
+    assert packed_run(homes[3:], packed_bytes(homes[3:]) or 0) is not None  # the last, its padding inside the buffer
+    assert packed_run(homes[3:], buffer.numel()) is None  # past the end of the buffer
 
 
 class Packing(Synchronous):
@@ -103,11 +128,16 @@ class Packing(Synchronous):
         super().__init__(torch.device("cpu"))
         self.flat = 0
         self.apart = 0
+        self.packed = 0  # buffers made
 
     def home(self, tensors: list[torch.Tensor], put: Any) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         nbytes = packed_bytes(tensors)
         if nbytes is None or not tensors:
             return super().home(tensors, put)
+        run = packed_run(tensors, nbytes)  # CUDA asks for pinned memory too; here every buffer is one of ours
+        if run is not None:
+            return tensors, run
+        self.packed += 1
         return pack(tensors, nbytes, put, allocate=lambda n: torch.empty(n, dtype=torch.uint8))
 
     def copy(self, label: str, tensors: list[torch.Tensor], packed: torch.Tensor | None = None) -> tuple[list[torch.Tensor], Any]:
@@ -135,7 +165,7 @@ def test_packed_groups_go_as_one_copy_and_the_output_is_unchanged(policy: Any) -
     assert torch.equal(model(x), expected)
 
 
-def test_a_weight_replaced_while_attached_is_copied_apart_and_still_right() -> None:
+def test_a_weight_replaced_while_attached_is_packed_afresh_with_its_group_and_still_right() -> None:
     torch.manual_seed(0)
     model = Toy()
     streams = Packing()
@@ -144,9 +174,33 @@ def test_a_weight_replaced_while_attached_is_copied_apart_and_still_right() -> N
         model.blocks[0][0].weight = torch.nn.Parameter(model.blocks[0][0].weight * 2)  # a new tensor, outside the buffer
     expected = Toy()
     expected.load_state_dict(model.state_dict())
-    streams.flat = streams.apart = 0
-    assert torch.equal(model(torch.ones(2, 4)), expected(torch.ones(2, 4)))
-    assert streams.apart == 1  # that group only: its home is no longer all in the buffer
+    streams.flat = streams.apart = streams.packed = 0
+    for _ in range(2):
+        assert torch.equal(model(torch.ones(2, 4)), expected(torch.ones(2, 4)))
+    assert streams.packed == 1 and streams.apart == 0  # that group only, once, and still one copy
+    model.to(torch.float64)  # every weight replaced, as a VAE upcast for its decode
+    streams.packed = 0
+    assert torch.equal(model(torch.ones(2, 4, dtype=torch.float64)), expected.to(torch.float64)(torch.ones(2, 4, dtype=torch.float64)))
+    assert streams.packed == 4 and streams.apart == 0
+    attached.detach()
+
+
+def test_regrouping_a_model_packed_whole_copies_nothing() -> None:
+    torch.manual_seed(0)
+    model = Toy()
+    x = torch.ones(2, 4)
+    expected = model(x)
+    streams = Packing()
+    attached = ModelOffload().attach("m", model, Mover("cpu", streams=streams))
+    assert torch.equal(model(x), expected) and streams.packed == 1
+    attached.detach()  # the model home again, in its one buffer
+    whole = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert len(whole) == 1
+    attached = GroupOffload(1).attach("m", model, Mover("cpu", streams=streams))  # tightened: one block at a time
+    assert streams.packed == 1  # each block is a run of the model's buffer: streamed from there
+    assert {p.untyped_storage().data_ptr() for p in model.blocks.parameters()} == whole
+    streams.flat = 0
+    assert torch.equal(model(x), expected) and streams.flat == 4
     attached.detach()
 
 
@@ -160,9 +214,39 @@ def test_on_cuda_each_group_home_is_one_registered_buffer_kept_when_attached_aga
     attached = GroupOffload(1).attach("m", model, Mover("cuda"))
     homes = [{p.untyped_storage().data_ptr() for p in block.parameters()} for block in model.blocks]
     assert all(len(each) == 1 for each in homes) and all(p.is_pinned() for p in model.blocks.parameters())
+    assert attached.prefetcher is not None and all(group.packed is not None for group in attached.prefetcher.groups)
     assert torch.equal(model(x).cpu(), expected) and torch.equal(model(x).cpu(), expected)
     attached.detach()
     attached = GroupOffload(1).attach("m", model, Mover("cuda"))
     assert [{p.untyped_storage().data_ptr() for p in block.parameters()} for block in model.blocks] == homes
     assert torch.equal(model(x).cpu(), expected)
     attached.detach()
+
+
+def test_a_model_with_packed_homes_saves_in_the_same_shards(tmp_path: Any) -> None:
+    from safetensors.torch import load_file
+
+    from diffblocks.components.models.saving import save_weights
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(64, 64) for _ in range(6)))  # about 16.6 KB a layer
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    plain = save_weights(model.state_dict(), tmp_path / "plain", max_shard_size=40_000)
+    ModelOffload().attach("m", model, Mover("cpu", streams=Packing()))
+    assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 1  # one buffer: not one tied tensor
+    packed = save_weights(model.state_dict(), tmp_path / "packed", max_shard_size=40_000)
+    assert [p.name for p in packed] == [p.name for p in plain] and len(packed) > 2
+    loaded = {k: v for path in packed if path.suffix == ".safetensors" for k, v in load_file(path).items()}
+    assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: page-locked memory")
+def test_on_cuda_a_refused_lock_leaves_no_error_for_the_next_kernel() -> None:
+    buffer = locked_buffer(1 << 20)
+    assert buffer.is_pinned()
+    assert not pinned._cuda_lock(buffer.data_ptr(), 1 << 20)  # noqa: SLF001 - locked already: the driver refuses
+    assert float(torch.ones(4, device="cuda").mul_(2).sum()) == 8.0  # raised the refusal here, with the runtime's API
+    del buffer
+    gc.collect()
+    again = locked_buffer(1 << 20)  # unlocked when freed: the driver locks new memory again, wherever it lands
+    assert again.is_pinned()

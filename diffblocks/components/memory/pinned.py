@@ -14,44 +14,73 @@ So each group gets one buffer of its own, sized to the byte:
 - its tensors copied in at the offsets a device slot gives them
   (:func:`~diffblocks.components.memory.slots.packed_bytes`), so the whole group then goes to
   the device as one copy instead of one per tensor;
-- registered with the driver (``cudaHostRegister``), and unregistered when the last tensor
-  viewing the buffer is freed, just before the memory is unmapped.
+- page-locked with the driver (``cuMemHostRegister``), and unlocked when the last tensor viewing
+  the buffer is freed, after the last copy read from it is complete and before the memory is
+  unmapped.
 
-Tensors that are already the packed views of one buffer (a model attached again) keep it:
-nothing is copied or registered twice.
+The driver API rather than the runtime's ``cudaHostRegister``: a refusal from the runtime stays
+behind as the thread's "last error", which PyTorch then raises at the next unrelated kernel
+launch; the driver keeps no such state. A refusal leaves the buffer pageable (copies from it are
+still correct, only staged by the driver) and warns once.
+
+Tensors already packed this way (a model attached again, or regrouped: a group of blocks inside a
+model packed whole) keep their buffer: nothing is copied or locked twice
+(:func:`~diffblocks.components.memory.slots.packed_run`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
+import sys
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from diffblocks.components.memory.slots import packed_buffer, packed_views
+from diffblocks.components.memory.slots import packed_views
 
 Lock = Callable[[int, int], bool]
 """Page-lock ``size`` bytes at address ``ptr``; False if the driver refused."""
 Unlock = Callable[[int], None]
 
+_PORTABLE = 1  # CU_MEMHOSTREGISTER_PORTABLE: locked for every device's context, not only the current one's
+_driver: Any = None
 
-_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every device's context, not only the current one's
+
+def _libcuda() -> Any:
+    global _driver
+    if _driver is None:
+        _driver = ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+    return _driver
 
 
 def _cuda_lock(ptr: int, size: int) -> bool:
-    return int(torch.cuda.cudart().cudaHostRegister(ptr, size, _PORTABLE)) == 0
+    try:
+        torch.cuda.current_stream().query()  # a runtime call: binds the device's context to this thread for the driver's
+        driver = _libcuda()
+    except (OSError, RuntimeError):
+        return False
+    register = driver.cuMemHostRegister_v2
+    register.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+    return int(register(ptr, size, _PORTABLE)) == 0
 
 
 def _cuda_unlock(ptr: int) -> None:
     try:
-        torch.cuda.cudart().cudaHostUnregister(ptr)
+        torch.cuda.current_stream().query()
+        unregister = _libcuda().cuMemHostUnregister
     except Exception:  # noqa: BLE001 - at interpreter exit the driver may be gone before the last weight
-        pass
+        return
+    unregister.argtypes = [ctypes.c_void_p]
+    unregister(ptr)  # an error (already gone) leaves no state behind in the driver API
 
 
-_refused = threading.Event()  # warned once: every later group would be refused the same way
+_warned = threading.Lock()
+_refused = False  # warned once: every later group would be refused the same way
 
 
 def locked_buffer(nbytes: int, *, lock: Lock = _cuda_lock, unlock: Unlock = _cuda_unlock) -> torch.Tensor:
@@ -60,15 +89,22 @@ def locked_buffer(nbytes: int, *, lock: Lock = _cuda_lock, unlock: Unlock = _cud
     If the driver refuses to lock it, the buffer stays pageable (copies from it are still correct,
     only slower: the driver stages them) and a warning says so, once.
     """
+    global _refused
     if nbytes == 0:
         return torch.empty(0, dtype=torch.uint8)
-    memory = _LockedMap(-1, nbytes)
+    # private, as any other tensor's memory: a forked child's writes stay its own (Windows has no flags: private already)
+    private = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_PRIVATE") else {}
+    memory = _LockedMap(-1, nbytes, **private)
     buffer = torch.frombuffer(memory, dtype=torch.uint8)  # holds the map until the last view of it is freed
-    address = buffer.data_ptr()
-    if lock(address, nbytes):
-        memory.unlock = lambda: unlock(address)
-    elif not _refused.is_set():
-        _refused.set()
+    address, pages = buffer.data_ptr(), -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    memory.unlock = lambda: unlock(address)  # set first: nothing can leave the range locked and forgotten
+    if lock(address, pages):
+        memory.address, _MAPS[address] = address, weakref.ref(memory)
+        return buffer
+    memory.unlock = None
+    with _warned:
+        warn, _refused = not _refused, True
+    if warn:
         warnings.warn("the driver refused to page-lock memory for offloaded weights: they are copied to the device "
                       "from pageable memory, which is slower", RuntimeWarning, stacklevel=3)
     return buffer
@@ -78,10 +114,29 @@ class _LockedMap(mmap.mmap):
     """Anonymous memory that unlocks itself when the last tensor viewing it lets go of it."""
 
     unlock: Callable[[], None] | None = None
+    address = 0
+    last_read: Any = None  # a torch.cuda.Event after the last copy that reads from it
 
     def __del__(self) -> None:  # runs before mmap's own deallocation unmaps the memory
-        if self.unlock is not None:
+        if self.unlock is None:
+            return
+        _MAPS.pop(self.address, None)
+        try:
+            if self.last_read is not None:
+                self.last_read.synchronize()  # a copy still reading it (a group fetched ahead, then dropped) ends first
+        finally:
             self.unlock()
+
+
+_MAPS: dict[int, weakref.ref[_LockedMap]] = {}  # address -> locked map, to mark the copies that read it
+
+
+def read_until(buffer: torch.Tensor, event: Any) -> None:
+    """A copy out of ``buffer`` (a locked buffer, or bytes of one) is queued to end at ``event``: its memory waits for it."""
+    memory = _MAPS.get(buffer.untyped_storage().data_ptr())
+    found = memory() if memory is not None else None
+    if found is not None:
+        found.last_read = event
 
 
 Put = Callable[[int, torch.Tensor], None]
@@ -93,12 +148,8 @@ def pack(tensors: list[torch.Tensor], nbytes: int, put: Put, allocate: Callable[
 
     Each entry of ``tensors`` is replaced by its view as soon as it is copied, and ``put`` is told,
     so an original no one else holds is freed before the next is copied: packing a model needs
-    about its largest tensor beside it, not a second model. Tensors that are already the packed
-    views of one whole buffer are kept as they are, with that buffer.
+    about its largest tensor beside it, not a second model.
     """
-    found = packed_buffer(tensors, nbytes)
-    if found is not None:
-        return list(tensors), found
     buffer = allocate(nbytes)
     for i, view in enumerate(packed_views(buffer, tensors)):
         view.copy_(tensors[i])

@@ -59,20 +59,25 @@ def packed_views(buffer: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[
     return views
 
 
-def packed_buffer(tensors: Sequence[torch.Tensor], nbytes: int) -> torch.Tensor | None:
-    """The one byte buffer ``tensors`` are the packed views of (as :func:`packed_views` lays them out), or None."""
+def packed_run(tensors: Sequence[torch.Tensor], nbytes: int) -> torch.Tensor | None:
+    """The bytes of one storage that hold ``tensors`` as :func:`packed_views` lays them out (``nbytes`` of them), or None.
+
+    The run may start anywhere in the storage: a group of blocks inside a model packed whole, or
+    one layer's tensors inside its block's buffer, lie there in this order.
+    """
     if not tensors:
         return None
     storage = tensors[0].untyped_storage()
-    if storage.nbytes() != nbytes:
-        return None
-    offset = 0
+    start = tensors[0].storage_offset() * tensors[0].element_size()
+    offset = start
     for tensor in tensors:
         if (tensor.untyped_storage().data_ptr() != storage.data_ptr() or not tensor.is_contiguous()
                 or tensor.storage_offset() * tensor.element_size() != offset):
             return None
         offset += _aligned(tensor.numel() * tensor.element_size())
-    return torch.empty(0, dtype=torch.uint8).set_(storage)
+    if start + nbytes > storage.nbytes():  # the last tensor's padding is not there
+        return None
+    return torch.empty(0, dtype=torch.uint8).set_(storage)[start : start + nbytes]
 
 
 class Mark(Protocol):

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any, final
 import torch
 from torch import nn
 
-from diffblocks.components.memory.pinned import Put, pack
-from diffblocks.components.memory.slots import DeviceSlots, Slot, packed_bytes
+from diffblocks.components.memory.pinned import Put, pack, read_until
+from diffblocks.components.memory.slots import DeviceSlots, Slot, packed_bytes, packed_run
 
 if TYPE_CHECKING:
     from diffblocks.components.memory.mover import Mover
@@ -113,6 +113,9 @@ class CudaStreams(Synchronous):
         nbytes = packed_bytes(tensors)
         if nbytes is None or not tensors or any(t.device.type != "cpu" for t in tensors):
             return super().home(tensors, put)
+        run = packed_run(tensors, nbytes) if tensors[0].is_pinned() else None
+        if run is not None:  # packed so already (attached again, or regrouped): nothing copied, nothing locked twice
+            return tensors, run
         return pack(tensors, nbytes, put)
 
     def copy(self, label: str, tensors: list[torch.Tensor], packed: torch.Tensor | None = None) -> tuple[list[torch.Tensor], Any]:
@@ -132,6 +135,8 @@ class CudaStreams(Synchronous):
                         copy.copy_(tensor, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(self.side)
+        if packed is not None:
+            read_until(packed, ready)
         if slot is not None:
             slot.written = ready
         if slot is None:
@@ -159,6 +164,14 @@ class _PinnedCopies(Synchronous):
     def __init__(self, streams: CudaStreams) -> None:
         super().__init__(streams.device, non_blocking=True)
         self.pin, self.home = streams.pin, streams.home  # type: ignore[method-assign]
+
+    def copy(self, label: str, tensors: list[torch.Tensor], packed: torch.Tensor | None = None) -> tuple[list[torch.Tensor], Any]:
+        copies, ready = super().copy(label, tensors)
+        if packed is not None:  # the home buffer is not freed under these copies
+            read = torch.cuda.Event()
+            read.record(torch.cuda.current_stream(self.device))
+            read_until(packed, read)
+        return copies, ready
 
 
 @final
@@ -199,9 +212,7 @@ class StreamedGroup:
                     if buffer is not None:
                         self.slots.append((sub, name, False))
         with torch.inference_mode(False), torch.no_grad():
-            self.home, self.packed = streams.home([self._get(slot) for slot in self.slots],
-                                                  lambda i, home: self._put_one(self.slots[i], home))
-        self.nbytes = sum(t.numel() * t.element_size() for t in self.home)
+            self._rehome([self._get(slot) for slot in self.slots])
         self.fetched: list[torch.Tensor] | None = None
         self.ready: Any = None  # what the streams returned for the copy in flight or done
         self._waited = False
@@ -213,12 +224,10 @@ class StreamedGroup:
         if self.fetched is not None:
             return False
         with torch.inference_mode(False), torch.no_grad():
-            for i, slot in enumerate(self.slots):
-                current = self._get(slot)
-                if _replaced(current, self.home[i]):  # model.to(dtype) or a new weight since: that is home now
-                    self.home[i] = self.streams.pin(current.to(self.home[i].device))
-                    self.nbytes = sum(t.numel() * t.element_size() for t in self.home)
-                    self.packed = None  # no longer all in the one buffer: copied tensor by tensor
+            currents = [self._get(slot) for slot in self.slots]
+            if any(_replaced(current, home) for current, home in zip(currents, self.home)):
+                # model.to(dtype) or a new weight since: that is home now, packed afresh with the rest
+                self._rehome([current.to(home.device) for current, home in zip(currents, self.home)])
             # packed is given only for homes the streams packed themselves (a stand-in's copy need not take it)
             self.fetched, self.ready = (self.streams.copy(self.label, self.home) if self.packed is None
                                         else self.streams.copy(self.label, self.home, self.packed))
@@ -238,17 +247,25 @@ class StreamedGroup:
         if self.fetched is None:
             return False
         with torch.inference_mode(False), torch.no_grad():
+            homes, replaced = list(self.home), False
             for i, (slot, home, fetched, version) in enumerate(zip(self.slots, self.home, self.fetched, self._versions)):
                 current = self._get(slot)
                 if _replaced(current, fetched):  # replaced on the device (model.to(dtype) while running): keep the new one
-                    self.home[i] = self.streams.pin(current.to(home.device))
-                    self.packed = None
+                    homes[i], replaced = current.to(home.device), True
                 elif fetched is not home and self._version(slot) != version:
                     home.copy_(fetched)
-            self._put(self.home)
+            if replaced:
+                self._rehome(homes)
+            else:
+                self._put(self.home)
         self.streams.done(self.label, self.ready)
         self.fetched, self.ready = None, None
         return True
+
+    def _rehome(self, tensors: list[torch.Tensor]) -> None:
+        """Make ``tensors`` (on the home device) the group's home, as the streams keep it, each put in its slot."""
+        self.home, self.packed = self.streams.home(tensors, lambda i, home: self._put_one(self.slots[i], home))
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.home)
 
     def _get(self, slot: tuple[nn.Module, str, bool]) -> torch.Tensor:
         module, name, is_param = slot

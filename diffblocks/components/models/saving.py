@@ -9,7 +9,7 @@ from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub import get_torch_storage_id, get_torch_storage_size, split_state_dict_into_shards_factory
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -75,8 +75,10 @@ def save_weights(
     for path in _stale_weight_files(folder, variant):
         path.unlink()
     pattern = single_name("safetensors", variant).replace(".safetensors", "{suffix}.safetensors")
-    split = split_torch_state_dict_into_shards(
+    split = split_state_dict_into_shards_factory(
         dict(state_dict),
+        get_storage_size=_nbytes,
+        get_storage_id=_tie,
         max_shard_size=max_shard_size if max_shard_size is not None else 2**62,
         filename_pattern=pattern,
     )
@@ -91,6 +93,18 @@ def save_weights(
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         written.append(index_path)
     return written
+
+
+def _nbytes(tensor: Tensor) -> int:
+    return tensor.numel() * tensor.element_size() if type(tensor) is Tensor else get_torch_storage_size(tensor)
+
+
+def _tie(tensor: Tensor) -> object:
+    """What tied tensors share: the same bytes. Views side by side in one buffer (an offloaded model's
+    home, packed per group) are not tied, though huggingface_hub's storage id would say so."""
+    if type(tensor) is not Tensor or tensor.device.type == "meta":
+        return get_torch_storage_id(tensor)
+    return (tensor.device, tensor.data_ptr(), _nbytes(tensor))
 
 
 def save_config(config: Mapping[str, Any], folder: Path) -> Path:
