@@ -2,13 +2,13 @@
 
 Group offload keeps each streamed weight's home in pinned CPU memory, pinned once when the policy
 is attached. This times the ways to get there for Flux-shaped weights (bf16 blocks of 3072x12288,
-3072x3072 and 12288x3072 matrices, about 0.6 GiB a block, ``--blocks`` of them):
+3072x3072 and 9216x3072 matrices, 0.26 GiB a block, ``--blocks`` of them):
 
 - ``per tensor``: ``tensor.pin_memory()`` for each weight (a copy into PyTorch's pinned host allocator);
 - ``one buffer per group``: ``torch.empty(group bytes, pin_memory=True)`` and each weight copied into a view;
 - ``registered``: ``cudaHostRegister`` on each weight's own pageable memory (no copy, no new memory);
-- ``one registered buffer per group``: one pageable buffer per group (plain ``torch.empty``), each
-  weight copied into a view, then the buffer registered with ``cudaHostRegister``.
+- ``ours``: what group offload does (:mod:`diffblocks.components.memory.pinned`): one buffer per
+  group, exactly its size, mapped for it, each weight copied into a view, then locked with the driver.
 
 Reported per way: seconds, GiB/s over the weights' bytes, the pinned host bytes PyTorch's pinned
 allocator holds afterwards (``torch.cuda.host_memory_stats``, where this torch has it), and how
@@ -23,11 +23,16 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from diffblocks.components.memory.pinned import pack  # noqa: E402
+from diffblocks.components.memory.slots import packed_bytes, packed_views  # noqa: E402
 
 SHAPES = [(3072, 12288), (12288, 3072), (3072, 3072), (3072, 3072), (3072, 3072), (3072, 3072), (9216, 3072)]
 
@@ -50,15 +55,11 @@ def per_tensor(blocks: list[list[torch.Tensor]]) -> list[torch.Tensor]:
 def one_buffer_per_group(blocks: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     homes = []
     for block in blocks:
-        nbytes = sum(t.numel() * t.element_size() for t in block)
-        buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        offset = 0
-        for t in block:
-            size = t.numel() * t.element_size()
-            view = buffer[offset : offset + size].view(t.dtype).view(t.shape)
+        buffer = torch.empty(packed_bytes(block) or 0, dtype=torch.uint8, pin_memory=True)
+        views = packed_views(buffer, block)
+        for view, t in zip(views, block):
             view.copy_(t)
-            homes.append(view)
-            offset += size
+        homes += views
     return homes
 
 
@@ -68,19 +69,12 @@ def _register(tensor: torch.Tensor) -> None:
         raise RuntimeError(f"cudaHostRegister failed: {code}")
 
 
-def one_registered_buffer_per_group(blocks: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+def ours(blocks: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """What group offload does: one buffer per group, exactly its size, locked with the driver."""
     homes = []
     for block in blocks:
-        nbytes = sum(t.numel() * t.element_size() for t in block)
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
-        offset = 0
-        for t in block:
-            size = t.numel() * t.element_size()
-            view = buffer[offset : offset + size].view(t.dtype).view(t.shape)
-            view.copy_(t)
-            homes.append(view)
-            offset += size
-        _register(buffer)
+        views, _buffer = pack(list(block), packed_bytes(block) or 0, lambda _i, _home: None)
+        homes += views
     return homes
 
 
@@ -94,7 +88,8 @@ def registered(blocks: list[list[torch.Tensor]]) -> list[torch.Tensor]:
 def _copy_speeds(group: list[torch.Tensor], *, flat: bool) -> tuple[float, float | None]:
     """GiB/s copying one group to the device on a side stream: tensor by tensor, and as one copy of its buffer."""
     nbytes = sum(t.numel() * t.element_size() for t in group)
-    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    whole = group[0].untyped_storage().nbytes()  # a buffer per group: the group with its alignment padding
+    device = torch.empty(max(nbytes, whole), dtype=torch.uint8, device="cuda")
     side = torch.cuda.Stream()
 
     def timed(copy: Callable[[], None]) -> float:
@@ -115,12 +110,11 @@ def _copy_speeds(group: list[torch.Tensor], *, flat: bool) -> tuple[float, float
             device[offset : offset + size].view(t.dtype).view(t.shape).copy_(t, non_blocking=True)
             offset += size
 
-    def whole() -> None:
-        base = group[0]
-        source = torch.empty(0, dtype=torch.uint8).set_(base.untyped_storage(), 0, (nbytes,))
-        device.copy_(source, non_blocking=True)
+    def one_copy() -> None:
+        source = torch.empty(0, dtype=torch.uint8).set_(group[0].untyped_storage())
+        device[:whole].copy_(source, non_blocking=True)
 
-    return timed(each), (timed(whole) if flat else None)
+    return timed(each), (timed(one_copy) if flat else None)
 
 
 def main() -> None:
@@ -131,7 +125,7 @@ def main() -> None:
     torch.cuda.init()
     results = []
     ways = (("per tensor", per_tensor), ("one buffer per group", one_buffer_per_group), ("registered", registered),
-            ("one registered buffer per group", one_registered_buffer_per_group))
+            ("ours", ours))
     for name, way in ways:
         blocks = [_block() for _ in range(args.blocks)]
         nbytes = sum(t.numel() * t.element_size() for block in blocks for t in block)
@@ -142,7 +136,7 @@ def main() -> None:
         assert all(t.is_pinned() for t in homes), name
         after = _host_bytes()
         held = after - before if after is not None and before is not None else None
-        per_tensor_gib_s, flat_gib_s = _copy_speeds(homes[: len(SHAPES)], flat=name.startswith("one"))
+        per_tensor_gib_s, flat_gib_s = _copy_speeds(homes[: len(SHAPES)], flat=name in ("one buffer per group", "ours"))
         results.append({"way": name, "seconds": seconds, "gib": nbytes / 2**30, "gib_per_s": nbytes / 2**30 / seconds,
                         "pinned_bytes_added": held, "copy_per_tensor_gib_s": per_tensor_gib_s, "copy_flat_gib_s": flat_gib_s})
         print(f"| {name} | {nbytes / 2**30:.2f} GiB | {seconds:.2f} s | {nbytes / 2**30 / seconds:.2f} GiB/s | "
@@ -151,9 +145,6 @@ def main() -> None:
         if name.startswith("registered"):
             for t in homes:
                 torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
-        elif name == "one registered buffer per group":
-            for t in homes[:: len(SHAPES)]:
-                torch.cuda.cudart().cudaHostUnregister(t.untyped_storage().data_ptr())
         del homes, blocks
     out = os.environ.get("OUT")
     if out:
