@@ -11,8 +11,8 @@ import torch
 
 from diffblocks.components.memory import GroupOffload, ModelOffload, Mover
 from diffblocks.components.memory import pinned
-from diffblocks.components.memory.pinned import locked_buffer, pack, read_until
-from diffblocks.components.memory.slots import ALIGN, packed_bytes, packed_run, packed_views
+from diffblocks.components.memory.pinned import group_home, locked_buffer, pack, read_until
+from diffblocks.components.memory.slots import ALIGN, Runs, packed_bytes, packed_runs, packed_views
 from diffblocks.components.memory.streams import Synchronous
 from tests.memory.test_policies import Toy
 
@@ -106,46 +106,59 @@ def test_pack_lays_tensors_out_as_a_slot_does_and_lets_each_original_go_before_t
 
 
 
-def test_a_run_is_found_inside_a_larger_buffer_only_where_the_layout_is_a_slot_s() -> None:
-    whole = [torch.randn(3), torch.randn(70), torch.randn(2, 2), torch.randn(5)]
-    homes, buffer = pack(list(whole), packed_bytes(whole) or 0, lambda _i, _h: None, allocate=lambda n: torch.empty(n, dtype=torch.uint8))
-    middle = homes[1:3]  # a group of blocks inside a model packed whole
-    run = packed_run(middle, packed_bytes(middle) or 0)
-    assert run is not None and run.data_ptr() == middle[0].data_ptr() and run.numel() == packed_bytes(middle)
-    slot = run.clone()
-    assert all(torch.equal(a, b) for a, b in zip(packed_views(slot, middle), whole[1:3]))
-    assert packed_run([homes[2], homes[1]], packed_bytes(middle) or 0) is None  # out of order
-    assert packed_run([homes[0], homes[2]], packed_bytes(middle) or 0) is None  # a gap
-    assert packed_run([homes[1], torch.randn(2, 2)], packed_bytes(middle) or 0) is None  # another storage
-    assert packed_run(homes[3:], packed_bytes(homes[3:]) or 0) is not None  # the last, its padding inside the buffer
-    assert packed_run(homes[3:], buffer.numel()) is None  # past the end of the buffer
+def _plain(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def _slot_from(runs: Runs, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What a device slot holds after the runs are copied into it, viewed as ``tensors``."""
+    slot = torch.full((packed_bytes(tensors) or 0,), 255, dtype=torch.uint8)
+    for start, source in runs:
+        slot[start : start + source.numel()].copy_(source)
+    return packed_views(slot, tensors)
+
+
+def test_runs_are_stretches_laid_out_as_a_slot_wherever_they_lie() -> None:
+    whole = [torch.randn(3), torch.randn(70), torch.zeros(0), torch.randn(2, 2), torch.randn(5)]
+    homes, buffer = pack(list(whole), packed_bytes(whole) or 0, lambda _i, _h: None, allocate=_plain)
+    assert len(packed_runs(homes) or []) == 1  # packed whole: one run (the empty tensor takes no room)
+    middle = homes[1:4]  # a group of blocks inside a model packed whole
+    (run,) = packed_runs(middle) or []
+    assert run[0] == 0 and run[1].data_ptr() == middle[0].data_ptr()
+    assert all(torch.equal(a, b) for a, b in zip(_slot_from([run], middle), whole[1:4]))
+    # out of order, with a gap, or from another storage: a run each, still filling the slot right
+    for group in ([homes[3], homes[1]], [homes[0], homes[3]], [homes[1], torch.randn(2, 2)]):
+        runs = packed_runs(group) or []
+        assert len(runs) == 2 and all(torch.equal(a, b) for a, b in zip(_slot_from(runs, group), group))
+    assert packed_runs([torch.zeros(4, 4).t()]) is None  # not a view of bytes: copied tensor by tensor
 
 
 class Packing(Synchronous):
-    """A device stand-in that packs homes as CUDA does (without locking) and copies a packed group as one buffer."""
+    """A device stand-in that keeps homes as CUDA does (its own buffers count as pinned) and copies a group by its runs."""
 
     def __init__(self) -> None:
         super().__init__(torch.device("cpu"))
-        self.flat = 0
-        self.apart = 0
-        self.packed = 0  # buffers made
+        self.flat = self.apart = self.packed = 0  # groups copied by runs, tensor by tensor; buffers made
+        self.runs = 0
+        self.made: set[int] = set()
 
-    def home(self, tensors: list[torch.Tensor], put: Any) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        nbytes = packed_bytes(tensors)
-        if nbytes is None or not tensors:
-            return super().home(tensors, put)
-        run = packed_run(tensors, nbytes)  # CUDA asks for pinned memory too; here every buffer is one of ours
-        if run is not None:
-            return tensors, run
+    def _allocate(self, nbytes: int) -> torch.Tensor:
         self.packed += 1
-        return pack(tensors, nbytes, put, allocate=lambda n: torch.empty(n, dtype=torch.uint8))
+        buffer = _plain(nbytes)
+        self.made.add(buffer.untyped_storage().data_ptr())
+        return buffer
 
-    def copy(self, label: str, tensors: list[torch.Tensor], packed: torch.Tensor | None = None) -> tuple[list[torch.Tensor], Any]:
-        if packed is None:
+    def home(self, tensors: list[torch.Tensor], put: Any) -> tuple[list[torch.Tensor], Runs | None]:
+        if packed_bytes(tensors) is None:
+            return super().home(tensors, put)
+        return group_home(tensors, put, pinned=lambda t: t.untyped_storage().data_ptr() in self.made, allocate=self._allocate)
+
+    def copy(self, label: str, tensors: list[torch.Tensor], runs: Runs | None = None) -> tuple[list[torch.Tensor], Any]:
+        if runs is None:
             self.apart += 1
             return [t.clone() for t in tensors], None
-        self.flat += 1
-        return packed_views(packed.clone(), tensors), None
+        self.flat, self.runs = self.flat + 1, self.runs + len(runs)
+        return _slot_from(runs, tensors), None
 
 
 @pytest.mark.parametrize("policy", [GroupOffload(1), ModelOffload()], ids=repr)
@@ -158,14 +171,14 @@ def test_packed_groups_go_as_one_copy_and_the_output_is_unchanged(policy: Any) -
     attached = policy.attach("m", model, Mover("cpu", streams=streams))
     for _ in range(3):
         assert torch.equal(model(x), expected)
-    assert streams.flat > 0 and streams.apart == 0
+    assert streams.flat > 0 and streams.apart == 0 and streams.runs == streams.flat  # a group packed whole: one copy
     storages = {p.untyped_storage().data_ptr() for p in model.blocks[0].parameters()}
     assert len(storages) == 1  # the group's home is one buffer
     attached.detach()
     assert torch.equal(model(x), expected)
 
 
-def test_a_weight_replaced_while_attached_is_packed_afresh_with_its_group_and_still_right() -> None:
+def test_a_weight_replaced_while_attached_is_packed_alone_and_still_right() -> None:
     torch.manual_seed(0)
     model = Toy()
     streams = Packing()
@@ -177,11 +190,11 @@ def test_a_weight_replaced_while_attached_is_packed_afresh_with_its_group_and_st
     streams.flat = streams.apart = streams.packed = 0
     for _ in range(2):
         assert torch.equal(model(torch.ones(2, 4)), expected(torch.ones(2, 4)))
-    assert streams.packed == 1 and streams.apart == 0  # that group only, once, and still one copy
+    assert streams.packed == 1 and streams.apart == 0  # that weight only, once; its group copied by runs
     model.to(torch.float64)  # every weight replaced, as a VAE upcast for its decode
-    streams.packed = 0
+    streams.packed = streams.runs = streams.flat = 0
     assert torch.equal(model(torch.ones(2, 4, dtype=torch.float64)), expected.to(torch.float64)(torch.ones(2, 4, dtype=torch.float64)))
-    assert streams.packed == 4 and streams.apart == 0
+    assert streams.packed == 4 and streams.apart == 0 and streams.runs == streams.flat  # each group packed afresh, one copy
     attached.detach()
 
 
@@ -199,8 +212,27 @@ def test_regrouping_a_model_packed_whole_copies_nothing() -> None:
     attached = GroupOffload(1).attach("m", model, Mover("cpu", streams=streams))  # tightened: one block at a time
     assert streams.packed == 1  # each block is a run of the model's buffer: streamed from there
     assert {p.untyped_storage().data_ptr() for p in model.blocks.parameters()} == whole
-    streams.flat = 0
-    assert torch.equal(model(x), expected) and streams.flat == 4
+    streams.flat = streams.runs = 0
+    assert torch.equal(model(x), expected) and streams.flat == streams.runs == 4  # one copy a block
+    attached.detach()
+    attached = GroupOffload(2).attach("m", model, Mover("cpu", streams=streams))  # coarser again: still nothing copied
+    streams.flat = streams.runs = 0
+    assert torch.equal(model(x), expected) and streams.packed == 1 and streams.flat == 2
+    attached.detach()
+
+
+def test_a_weight_tied_into_two_groups_is_packed_once_and_stays() -> None:
+    torch.manual_seed(0)
+    model = Toy()
+    model.blocks[2][0].weight = model.blocks[0][0].weight  # tied across groups
+    x = torch.ones(2, 4)
+    expected = model(x)
+    streams = Packing()
+    attached = GroupOffload(1).attach("m", model, Mover("cpu", streams=streams))
+    for _ in range(3):
+        assert torch.equal(model(x), expected)
+    assert streams.packed == 4  # a buffer per group, made when attached; none made again while running
+    assert model.blocks[2][0].weight is model.blocks[0][0].weight
     attached.detach()
 
 
@@ -214,7 +246,7 @@ def test_on_cuda_each_group_home_is_one_registered_buffer_kept_when_attached_aga
     attached = GroupOffload(1).attach("m", model, Mover("cuda"))
     homes = [{p.untyped_storage().data_ptr() for p in block.parameters()} for block in model.blocks]
     assert all(len(each) == 1 for each in homes) and all(p.is_pinned() for p in model.blocks.parameters())
-    assert attached.prefetcher is not None and all(group.packed is not None for group in attached.prefetcher.groups)
+    assert attached.prefetcher is not None and all(group.runs is not None and len(group.runs) == 1 for group in attached.prefetcher.groups)
     assert torch.equal(model(x).cpu(), expected) and torch.equal(model(x).cpu(), expected)
     attached.detach()
     attached = GroupOffload(1).attach("m", model, Mover("cuda"))

@@ -12,7 +12,7 @@ So each group gets one buffer of its own, sized to the byte:
 
 - anonymous memory mapped for it (page aligned, nothing allocated until written);
 - its tensors copied in at the offsets a device slot gives them
-  (:func:`~diffblocks.components.memory.slots.packed_bytes`), so the whole group then goes to
+  (:func:`~diffblocks.components.memory.slots.packed_views`), so the whole group then goes to
   the device as one copy instead of one per tensor;
 - page-locked with the driver (``cuMemHostRegister``), and unlocked when the last tensor viewing
   the buffer is freed, after the last copy read from it is complete and before the memory is
@@ -23,9 +23,9 @@ behind as the thread's "last error", which PyTorch then raises at the next unrel
 launch; the driver keeps no such state. A refusal leaves the buffer pageable (copies from it are
 still correct, only staged by the driver) and warns once.
 
-Tensors already packed this way (a model attached again, or regrouped: a group of blocks inside a
-model packed whole) keep their buffer: nothing is copied or locked twice
-(:func:`~diffblocks.components.memory.slots.packed_run`).
+Tensors pinned already (a model attached again, or regrouped: a group of blocks inside a model
+packed whole) keep their buffer, and are copied from where they lie
+(:func:`~diffblocks.components.memory.slots.packed_runs`): nothing is copied or locked twice.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from diffblocks.components.memory.slots import packed_views
+from diffblocks.components.memory.slots import Runs, packed_bytes, packed_runs, packed_views
 
 Lock = Callable[[int, int], bool]
 """Page-lock ``size`` bytes at address ``ptr``; False if the driver refused."""
@@ -156,3 +156,29 @@ def pack(tensors: list[torch.Tensor], nbytes: int, put: Put, allocate: Callable[
         tensors[i] = view
         put(i, view)
     return tensors, buffer
+
+
+def group_home(
+    tensors: list[torch.Tensor],
+    put: Put,
+    *,
+    pinned: Callable[[torch.Tensor], bool] = torch.Tensor.is_pinned,
+    allocate: Callable[[int], torch.Tensor] = locked_buffer,
+) -> tuple[list[torch.Tensor], Runs | None]:
+    """A streamed group's home: the tensors not ``pinned`` yet packed into one new buffer, the rest left where they are.
+
+    Returns the homes (also put into ``tensors``, each given to ``put`` as it is made) and the runs
+    that copy them into a slot (:func:`~diffblocks.components.memory.slots.packed_runs`): one for a
+    group packed here whole; more where tensors were pinned already, say a group of blocks
+    packed one by one before, or a weight tied into another group. Nothing is copied or locked twice.
+    """
+    fresh = [i for i, tensor in enumerate(tensors) if tensor.numel() and not pinned(tensor)]
+
+    def placed(j: int, home: torch.Tensor) -> None:  # the original goes as soon as its home exists
+        tensors[fresh[j]] = home
+        put(fresh[j], home)
+
+    if fresh:
+        chosen = [tensors[i] for i in fresh]
+        pack(chosen, packed_bytes(chosen) or 0, placed, allocate)
+    return tensors, packed_runs(tensors)

@@ -59,25 +59,34 @@ def packed_views(buffer: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[
     return views
 
 
-def packed_run(tensors: Sequence[torch.Tensor], nbytes: int) -> torch.Tensor | None:
-    """The bytes of one storage that hold ``tensors`` as :func:`packed_views` lays them out (``nbytes`` of them), or None.
+Runs = list[tuple[int, torch.Tensor]]
+"""Where stretches of a group's home bytes go in a slot: (offset in the slot, the bytes to copy there)."""
 
-    The run may start anywhere in the storage: a group of blocks inside a model packed whole, or
-    one layer's tensors inside its block's buffer, lie there in this order.
+
+def packed_runs(tensors: Sequence[torch.Tensor]) -> Runs | None:
+    """``tensors`` as the few copies that fill a slot laid out by :func:`packed_views` (None: one cannot be a view of bytes).
+
+    Consecutive tensors that lie in one storage as a slot lays them out (each the next aligned
+    offset after the last) are one run, copied at once: a group packed into one buffer is one run,
+    wherever the buffer holds it (a group of blocks inside a model packed whole, one layer's tensors
+    inside its block's buffer); a group of blocks packed one by one is a run per block.
     """
-    if not tensors:
-        return None
-    storage = tensors[0].untyped_storage()
-    start = tensors[0].storage_offset() * tensors[0].element_size()
-    offset = start
+    runs: list[tuple[int, torch.UntypedStorage, int, int]] = []  # slot offset, storage, its byte offset, bytes
+    offset, after = 0, -1  # the slot's next offset; where in the last run's storage the next tensor would be
     for tensor in tensors:
-        if (tensor.untyped_storage().data_ptr() != storage.data_ptr() or not tensor.is_contiguous()
-                or tensor.storage_offset() * tensor.element_size() != offset):
+        if type(tensor) is not torch.Tensor or not tensor.is_contiguous():
             return None
-        offset += _aligned(tensor.numel() * tensor.element_size())
-    if start + nbytes > storage.nbytes():  # the last tensor's padding is not there
-        return None
-    return torch.empty(0, dtype=torch.uint8).set_(storage)[start : start + nbytes]
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes == 0:  # takes no room in the slot either
+            continue
+        storage, at = tensor.untyped_storage(), tensor.storage_offset() * tensor.element_size()
+        if runs and at == after and storage.data_ptr() == runs[-1][1].data_ptr():
+            start, _, first, _ = runs[-1]
+            runs[-1] = (start, storage, first, offset + nbytes - start)
+        else:
+            runs.append((offset, storage, at, nbytes))
+        offset, after = offset + _aligned(nbytes), at + _aligned(nbytes)
+    return [(start, torch.empty(0, dtype=torch.uint8).set_(storage)[first : first + nbytes]) for start, storage, first, nbytes in runs]
 
 
 class Mark(Protocol):

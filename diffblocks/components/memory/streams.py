@@ -5,8 +5,9 @@ Group offload moves the same groups in the same order every step, so three thing
 - Each group's home tensors live in pinned (page-locked) CPU memory, pinned once when the policy
   is attached, packed into one buffer per group (:mod:`~diffblocks.components.memory.pinned`).
   A copy from pinned memory is a DMA the host does not wait for; from pageable memory the driver
-  stages it through a pinned buffer of its own, synchronously. A packed group goes to the device
-  as one copy.
+  stages it through a pinned buffer of its own, synchronously. Tensors pinned already are left
+  where they are; a group goes to the device as one copy per run of its tensors that lie side by
+  side (:func:`~diffblocks.components.memory.slots.packed_runs`), one for a group packed whole.
 - While group k computes on the current stream, group k+1 is copied on a side stream, into one
   of two device buffers reused group after group (:mod:`~diffblocks.components.memory.slots`).
   The current stream waits for the copy's event before group k+1's first kernel (a wait on the
@@ -31,8 +32,8 @@ from typing import TYPE_CHECKING, Any, final
 import torch
 from torch import nn
 
-from diffblocks.components.memory.pinned import Put, pack, read_until
-from diffblocks.components.memory.slots import DeviceSlots, Slot, packed_bytes, packed_run
+from diffblocks.components.memory.pinned import Put, group_home, read_until
+from diffblocks.components.memory.slots import DeviceSlots, Runs, Slot, packed_bytes
 
 if TYPE_CHECKING:
     from diffblocks.components.memory.mover import Mover
@@ -51,8 +52,8 @@ class Synchronous:
         """``tensor`` as the home copy to stream from (pinned where that helps)."""
         return tensor
 
-    def home(self, tensors: list[torch.Tensor], put: Put) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """A group's home copies to stream from, and the one byte buffer they are packed in (None: each apart).
+    def home(self, tensors: list[torch.Tensor], put: Put) -> tuple[list[torch.Tensor], Runs | None]:
+        """A group's home copies to stream from, and the runs of bytes they lie in (None: copied tensor by tensor).
 
         Each home is given to ``put`` as soon as it exists, and replaces its original in ``tensors``.
         """
@@ -61,8 +62,8 @@ class Synchronous:
             put(i, tensors[i])
         return tensors, None
 
-    def copy(self, label: str, tensors: list[torch.Tensor], packed: torch.Tensor | None = None) -> tuple[list[torch.Tensor], Any]:
-        """Start copying ``tensors`` (packed in ``packed``, if given) to the device; returns the copies and what to wait on before using them."""
+    def copy(self, label: str, tensors: list[torch.Tensor], runs: Runs | None = None) -> tuple[list[torch.Tensor], Any]:
+        """Start copying ``tensors`` (lying in ``runs``, if given) to the device; returns the copies and what to wait on before using them."""
         return [t.to(self.device, non_blocking=self.non_blocking) for t in tensors], None
 
     def kept(self) -> Synchronous:
@@ -109,18 +110,14 @@ class CudaStreams(Synchronous):
         except (RuntimeError, NotImplementedError):  # a tensor subclass without pin_memory: copied from pageable memory, still correct
             return tensor
 
-    def home(self, tensors: list[torch.Tensor], put: Put) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        nbytes = packed_bytes(tensors)
-        if nbytes is None or not tensors or any(t.device.type != "cpu" for t in tensors):
+    def home(self, tensors: list[torch.Tensor], put: Put) -> tuple[list[torch.Tensor], Runs | None]:
+        if packed_bytes(tensors) is None or any(t.device.type != "cpu" for t in tensors):
             return super().home(tensors, put)
-        run = packed_run(tensors, nbytes) if tensors[0].is_pinned() else None
-        if run is not None:  # packed so already (attached again, or regrouped): nothing copied, nothing locked twice
-            return tensors, run
-        return pack(tensors, nbytes, put)
+        return group_home(tensors, put)
 
-    def copy(self, label: str, tensors: list[torch.Tensor], packed: torch.Tensor | None = None) -> tuple[list[torch.Tensor], Any]:
+    def copy(self, label: str, tensors: list[torch.Tensor], runs: Runs | None = None) -> tuple[list[torch.Tensor], Any]:
         current = torch.cuda.current_stream(self.device)
-        nbytes = packed.numel() if packed is not None else packed_bytes(tensors)
+        nbytes = packed_bytes(tensors)
         slot = self.slots.take(nbytes) if nbytes is not None else None
         with torch.cuda.stream(self.side):
             if slot is None:  # tensors of their own, from the allocator
@@ -128,15 +125,16 @@ class CudaStreams(Synchronous):
             else:
                 self.side.wait_event(slot.free_after)  # type: ignore[arg-type] - a cuda_mark: an event
                 copies = slot.views(tensors)
-                if packed is not None:  # the slot's layout is the home buffer's: one copy for the group
-                    slot.buffer[: packed.numel()].copy_(packed, non_blocking=True)
+                if runs is not None:  # the slot's layout is the runs': a copy per run, one for a group packed whole
+                    for start, source in runs:
+                        slot.buffer[start : start + source.numel()].copy_(source, non_blocking=True)
                 else:
                     for copy, tensor in zip(copies, tensors):
                         copy.copy_(tensor, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(self.side)
-        if packed is not None:
-            read_until(packed, ready)
+        for _, source in runs or ():
+            read_until(source, ready)
         if slot is not None:
             slot.written = ready
         if slot is None:
@@ -165,12 +163,13 @@ class _PinnedCopies(Synchronous):
         super().__init__(streams.device, non_blocking=True)
         self.pin, self.home = streams.pin, streams.home  # type: ignore[method-assign]
 
-    def copy(self, label: str, tensors: list[torch.Tensor], packed: torch.Tensor | None = None) -> tuple[list[torch.Tensor], Any]:
+    def copy(self, label: str, tensors: list[torch.Tensor], runs: Runs | None = None) -> tuple[list[torch.Tensor], Any]:
         copies, ready = super().copy(label, tensors)
-        if packed is not None:  # the home buffer is not freed under these copies
+        if runs:  # the home buffers are not freed under these copies
             read = torch.cuda.Event()
             read.record(torch.cuda.current_stream(self.device))
-            read_until(packed, read)
+            for _, source in runs:
+                read_until(source, read)
         return copies, ready
 
 
@@ -226,11 +225,11 @@ class StreamedGroup:
         with torch.inference_mode(False), torch.no_grad():
             currents = [self._get(slot) for slot in self.slots]
             if any(_replaced(current, home) for current, home in zip(currents, self.home)):
-                # model.to(dtype) or a new weight since: that is home now, packed afresh with the rest
+                # model.to(dtype) or a new weight since: that is home now (pinned as the streams pin)
                 self._rehome([current.to(home.device) for current, home in zip(currents, self.home)])
-            # packed is given only for homes the streams packed themselves (a stand-in's copy need not take it)
-            self.fetched, self.ready = (self.streams.copy(self.label, self.home) if self.packed is None
-                                        else self.streams.copy(self.label, self.home, self.packed))
+            # runs are given only for homes the streams laid out themselves (a stand-in's copy need not take them)
+            self.fetched, self.ready = (self.streams.copy(self.label, self.home) if self.runs is None
+                                        else self.streams.copy(self.label, self.home, self.runs))
             self._waited = False
             self._put(self.fetched)
         self._versions = [self._version(slot) for slot in self.slots]
@@ -264,7 +263,7 @@ class StreamedGroup:
 
     def _rehome(self, tensors: list[torch.Tensor]) -> None:
         """Make ``tensors`` (on the home device) the group's home, as the streams keep it, each put in its slot."""
-        self.home, self.packed = self.streams.home(tensors, lambda i, home: self._put_one(self.slots[i], home))
+        self.home, self.runs = self.streams.home(tensors, lambda i, home: self._put_one(self.slots[i], home))
         self.nbytes = sum(t.numel() * t.element_size() for t in self.home)
 
     def _get(self, slot: tuple[nn.Module, str, bool]) -> torch.Tensor:
