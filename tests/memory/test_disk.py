@@ -127,6 +127,27 @@ def test_a_pipeline_under_disk_offload_makes_the_same_image(tmp_path: Path, leaf
     assert os.listdir(tmp_path) == []  # the written file is unlinked: the map holds it, nothing is left behind
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: each layer copied from the map to a real device")
+@pytest.mark.parametrize("leaf", [False, True])
+def test_on_cuda_disk_offload_makes_the_same_image_and_streams_from_the_map(tmp_path: Path, leaf: bool) -> None:
+    from diffblocks.blocks import Pipeline
+    from diffblocks.components import ComponentsManager
+    from diffblocks.presets.tiny.preset import builtin_model_dir
+
+    kwargs = {"prompt": "a small green cross in the center", "num_inference_steps": 3, "progress": False}
+    plain = Pipeline.from_pretrained(builtin_model_dir(), manager=ComponentsManager(device="cuda"))
+    expected = np.asarray(plain(generator=torch.Generator().manual_seed(0), **kwargs).images[0])
+    del plain
+    manager = ComponentsManager(device="cuda", offload=DiskOffload(folder=str(tmp_path), leaf=leaf))
+    pipe = Pipeline.from_pretrained(builtin_model_dir(), manager=manager)
+    for _ in range(2):  # the second call runs with what the first learned (prefetch order)
+        image = np.asarray(pipe(generator=torch.Generator().manual_seed(0), **kwargs).images[0])
+        assert np.array_equal(image, expected)
+    unet = pipe.components["unet"]
+    assert all(p.device.type == "cpu" for p in unet.down_blocks.parameters())  # the streamed blocks went home
+    assert is_mapped(unet)  # home is the map itself: nothing was copied into CPU memory on the way
+
+
 _PROBE = r"""
 import sys
 import torch

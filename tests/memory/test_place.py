@@ -82,3 +82,22 @@ def test_settings_refused_leave_the_placement_as_it_was(
     assert pipe.manager.placement is before and _hooked(pipe) == hooked and not moved
     assert pipe.manager.plan().policy == ModelOffload()
     assert np.array_equal(_image(pipe), plain)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: models taken off a real device and put back")
+def test_on_cuda_place_takes_the_models_off_the_device_and_back() -> None:
+    pipe = Pipeline.from_pretrained(builtin_model_dir(), manager=ComponentsManager(device="cuda"))
+    plain = _image(pipe)
+    models = ("text_encoder", "unet", "vae")
+    on_device = torch.cuda.memory_allocated()
+    assert all(p.device.type == "cuda" for name in models for p in pipe.components[name].parameters())
+    pipe.manager.place(offload=ModelOffload())
+    assert all(p.device.type == "cpu" for name in models for p in pipe.components[name].parameters())  # home between calls
+    assert torch.cuda.memory_allocated() < on_device  # their device copies were freed, not kept beside the homes
+    assert np.array_equal(_image(pipe), plain)
+    pipe.manager.place(offload=GroupOffload(1))
+    assert np.array_equal(_image(pipe), plain)
+    pipe.manager.place()
+    assert not any(_hooked(pipe).values())
+    assert all(p.device.type == "cuda" for name in models for p in pipe.components[name].parameters())
+    assert np.array_equal(_image(pipe), plain)
