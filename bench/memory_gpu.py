@@ -22,7 +22,8 @@ Each row is called once with 2 steps (warm-up: kernels chosen, group order learn
 over ``--steps`` steps (the median of ``--repeat`` calls, wall clock around a synchronized call).
 Reported: seconds per call, the ratio to ``ours``, peak allocated and reserved GPU memory, the
 policy chosen, and the largest difference of the image (0-255) from ``ours``; the JSON adds the
-first (2-step) call's seconds, the
+seconds the row's setup took (``setup_s``: diffusers' ``enable_*`` pins its offloaded
+weights there; ours pins when a call first hands each model out) and the first (2-step) call's, the
 allocator's retries and refused requests over the timed calls and any ``OffloadTightened`` warning. JSON goes to
 ``$OUT/memory_gpu.json`` when ``OUT`` is set.
 
@@ -337,12 +338,16 @@ def run_row(models: Models, row: str, *, device: str, steps: int, repeat: int) -
     result: dict[str, Any] = {"family": models.family, "row": row, "steps": steps, "cap_gib": cap / GIB if cap else None}
     undo: Callable[[], None] = lambda: None  # noqa: E731
     try:
+        start = time.perf_counter()  # setup: diffusers pins its offloaded weights here, ours when a call first hands a model out
         if row.startswith("ours"):
             pipe, undo, policy = _ours_pipe(models, row, device)
             call = lambda n: pipe(**_inputs(models, n), generator=torch.Generator().manual_seed(0), progress=False).images  # noqa: E731
         else:
             pipe, undo, policy = _diffusers_pipe(models, row, device)
             call = lambda n: pipe(**_inputs(models, n), generator=torch.Generator().manual_seed(0)).images  # noqa: E731
+        if cuda:
+            torch.cuda.synchronize()
+        result["setup_s"] = time.perf_counter() - start
         result["policy"] = policy
         phases = _Phases(models, row) if cuda else None
         with warnings.catch_warnings(record=True) as caught:
@@ -445,6 +450,8 @@ def main() -> None:
             results.append(result)
             _save(setting, results)  # after every row: a run cut short keeps what it measured
             print(_line(result), flush=True)
+            if "first_call_s" in result:
+                print(f"  setup {result['setup_s']:.2f} s, first (2-step) call {result['first_call_s']:.2f} s", flush=True)
             for message in result.get("tightened", []):
                 print(f"  tightened during the row: {message}", flush=True)
         del models
