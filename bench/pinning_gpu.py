@@ -8,7 +8,8 @@ is attached. This times the ways to get there for Flux-shaped weights (bf16 bloc
 - ``one buffer per group``: ``torch.empty(group bytes, pin_memory=True)`` and each weight copied into a view;
 - ``registered``: ``cudaHostRegister`` on each weight's own pageable memory (no copy, no new memory);
 - ``ours``: what group offload does (:mod:`diffblocks.components.memory.pinned`): one buffer per
-  group, exactly its size, mapped for it, each weight copied into a view, then locked with the driver.
+  group, exactly its size, mapped for it (huge pages asked for), locked with the driver, then each
+  weight copied into a view; ``ours, 4 KiB pages`` without asking for huge pages.
 
 Reported per way: seconds, GiB/s over the weights' bytes, the pinned host bytes PyTorch's pinned
 allocator holds afterwards (``torch.cuda.host_memory_stats``, where this torch has it), and how
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from diffblocks.components.memory import pinned  # noqa: E402
 from diffblocks.components.memory.pinned import pack  # noqa: E402
 from diffblocks.components.memory.slots import packed_bytes, packed_views  # noqa: E402
 
@@ -76,6 +78,15 @@ def ours(blocks: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         views, _buffer = pack(list(block), packed_bytes(block) or 0, lambda _i, _home: None)
         homes += views
     return homes
+
+
+def ours_small_pages(blocks: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """As ``ours``, without asking the kernel for huge pages."""
+    advice, pinned.HUGE_PAGES = pinned.HUGE_PAGES, None
+    try:
+        return ours(blocks)
+    finally:
+        pinned.HUGE_PAGES = advice
 
 
 def registered(blocks: list[list[torch.Tensor]]) -> list[torch.Tensor]:
@@ -125,7 +136,7 @@ def main() -> None:
     torch.cuda.init()
     results = []
     ways = (("per tensor", per_tensor), ("one buffer per group", one_buffer_per_group), ("registered", registered),
-            ("ours", ours))
+            ("ours", ours), ("ours, 4 KiB pages", ours_small_pages))
     for name, way in ways:
         blocks = [_block() for _ in range(args.blocks)]
         nbytes = sum(t.numel() * t.element_size() for block in blocks for t in block)
@@ -136,7 +147,7 @@ def main() -> None:
         assert all(t.is_pinned() for t in homes), name
         after = _host_bytes()
         held = after - before if after is not None and before is not None else None
-        per_tensor_gib_s, flat_gib_s = _copy_speeds(homes[: len(SHAPES)], flat=name in ("one buffer per group", "ours"))
+        per_tensor_gib_s, flat_gib_s = _copy_speeds(homes[: len(SHAPES)], flat=name == "one buffer per group" or name.startswith("ours"))
         results.append({"way": name, "seconds": seconds, "gib": nbytes / 2**30, "gib_per_s": nbytes / 2**30 / seconds,
                         "pinned_bytes_added": held, "copy_per_tensor_gib_s": per_tensor_gib_s, "copy_flat_gib_s": flat_gib_s})
         print(f"| {name} | {nbytes / 2**30:.2f} GiB | {seconds:.2f} s | {nbytes / 2**30 / seconds:.2f} GiB/s | "

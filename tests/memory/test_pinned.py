@@ -83,6 +83,25 @@ def test_a_refused_lock_leaves_a_working_pageable_buffer_and_warns_once(monkeypa
     assert locks.unlocked == []  # nothing was locked, nothing is unlocked
 
 
+def test_huge_pages_are_asked_for_buffers_of_two_mib_or_more_and_a_refusal_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    advised: list[tuple[int, int]] = []
+
+    def madvise(self: Any, option: int, *_: Any) -> None:
+        advised.append((len(self), option))
+        raise OSError(22, "Invalid argument")  # a kernel without transparent huge pages
+
+    monkeypatch.setattr(pinned, "HUGE_PAGES", 14)  # Linux's MADV_HUGEPAGE, also where the platform has none
+    monkeypatch.setattr(pinned._LockedMap, "madvise", madvise)
+    small = locked_buffer(2**21 - 1, lock=lambda _p, _s: True, unlock=lambda _p: None)
+    large = locked_buffer(2**21, lock=lambda _p, _s: True, unlock=lambda _p: None)
+    assert advised == [(2**21, 14)]  # a smaller buffer cannot hold one huge page
+    large.fill_(3)
+    assert int(large[-1]) == 3 and large.numel() == 2**21 and small.numel() == 2**21 - 1
+    monkeypatch.setattr(pinned, "HUGE_PAGES", None)  # none asked for
+    locked_buffer(2**22, lock=lambda _p, _s: True, unlock=lambda _p: None)
+    assert len(advised) == 1
+
+
 def test_pack_lays_tensors_out_as_a_slot_does_and_lets_each_original_go_before_the_next() -> None:
     originals = [torch.randn(5, 3), torch.arange(7, dtype=torch.int64), torch.randn(2, dtype=torch.bfloat16)]
     expected = [t.clone() for t in originals]
