@@ -56,7 +56,10 @@ _driver: Any = None
 def _libcuda() -> Any:
     global _driver
     if _driver is None:
-        _driver = ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+        driver = ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+        driver.cuMemHostRegister_v2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+        driver.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
+        _driver = driver
     return _driver
 
 
@@ -66,19 +69,16 @@ def _cuda_lock(ptr: int, size: int) -> bool:
         driver = _libcuda()
     except (OSError, RuntimeError):
         return False
-    register = driver.cuMemHostRegister_v2
-    register.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
-    return int(register(ptr, size, _PORTABLE)) == 0
+    return int(driver.cuMemHostRegister_v2(ptr, size, _PORTABLE)) == 0
 
 
 def _cuda_unlock(ptr: int) -> None:
     try:
         torch.cuda.current_stream().query()
-        unregister = _libcuda().cuMemHostUnregister
+        driver = _libcuda()
     except Exception:  # noqa: BLE001 - at interpreter exit the driver may be gone before the last weight
         return
-    unregister.argtypes = [ctypes.c_void_p]
-    unregister(ptr)  # an error (already gone) leaves no state behind in the driver API
+    driver.cuMemHostUnregister(ptr)  # an error (already gone) leaves no state behind in the driver API
 
 
 HUGE_PAGES: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
